@@ -1,0 +1,12 @@
+//! The client API's shell (HTTPS serving, bearer tokens, JSON errors) and the handlers
+//! that master and edge both serve.
+
+mod error;
+mod health;
+mod https;
+mod token;
+
+pub use error::ApiError;
+pub use health::{Health, health};
+pub use https::serve_https;
+pub use token::{AdminToken, TokenError, require_token};

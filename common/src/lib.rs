@@ -1,0 +1,18 @@
+//! Tether's shared library. Each part is one concern:
+//!
+//! - [`protocol`]: message types and the frame codec; no I/O.
+//! - [`link`]: the thin tokio shell around the edge link: TLS, authentication,
+//!   multiplexing, heartbeats, reconnects.
+//! - [`pki`]: development certificates and secrets.
+//! - [`api`]: the HTTPS client API's shell and the handlers both servers serve.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod api;
+pub mod link;
+pub mod pki;
+pub mod protocol;
+pub mod shutdown;
+
+/// Tether's version, reported by `/api/v1/health`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,680 @@
+//! An authenticated link: request/response multiplexing with ids and deadlines, streamed
+//! answers, one-way notices and heartbeats with round-trip time, over any byte stream.
+//!
+//! Three tasks serve a link: a reader, a writer and a heartbeat. The reader never waits on
+//! anything but the socket: what it must send (pongs, refusals) it queues with `try_send`,
+//! and what it hands to the application goes through a bounded queue that refuses when
+//! full. So a slow application cannot stall heartbeats, and two peers that both write a
+//! lot cannot deadlock on each other's full buffers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{
+    Envelope, ErrorCode, FrameCodec, FrameError, Notice, RemoteError, Request, Response,
+    StreamItem,
+};
+
+/// Tunables of a link. Every queue has a limit.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Interval between pings.
+    pub heartbeat: Duration,
+    /// The link closes when nothing at all has arrived for this long.
+    pub dead_after: Duration,
+    /// Largest frame either way.
+    pub max_frame: usize,
+    /// Frames waiting for the writer.
+    pub out_queue: usize,
+    /// Requests and notices waiting for the application.
+    pub in_queue: usize,
+    /// Items of one streamed answer waiting for its reader.
+    pub stream_queue: usize,
+}
+
+impl LinkConfig {
+    /// Defaults for a heartbeat interval: dead after three missed heartbeats.
+    pub fn with_heartbeat(heartbeat: Duration, max_frame: usize) -> Self {
+        LinkConfig {
+            heartbeat,
+            dead_after: heartbeat * 3,
+            max_frame,
+            out_queue: 4096,
+            in_queue: 4096,
+            stream_queue: 256,
+        }
+    }
+}
+
+/// Why a request over the link did not get an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    /// The link is closed (or closed while waiting).
+    #[error("link closed: {0}")]
+    Closed(String),
+    /// No answer within the deadline.
+    #[error("no answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The peer answered with an error.
+    #[error("{0}")]
+    Remote(#[from] RemoteError),
+    /// A streamed answer arrived faster than it was read, and was cut off.
+    #[error("stream cut off: its reader fell more than the queue behind")]
+    Overflow,
+    /// The request does not fit in a frame.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// What the peer sends that the application must handle.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A request to answer through its [`Responder`].
+    Request(IncomingRequest),
+    /// A one-way notice.
+    Notice(Notice),
+}
+
+/// A request from the peer.
+#[derive(Debug)]
+pub struct IncomingRequest {
+    /// The request.
+    pub body: Request,
+    /// When the peer stops waiting.
+    pub deadline: Instant,
+    /// Where the answer goes.
+    pub responder: Responder,
+}
+
+/// Answers one incoming request: once with [`respond`](Self::respond), or as a stream of
+/// items closed by [`end`](Self::end). Dropped unanswered, it answers an internal error,
+/// so the peer never waits for nothing.
+#[derive(Debug)]
+pub struct Responder {
+    id: u64,
+    link: Link,
+    answered: bool,
+}
+
+impl Responder {
+    /// Sends the single answer.
+    pub async fn respond(mut self, result: Result<Response, RemoteError>) {
+        self.answered = true;
+        let _ = self
+            .link
+            .send(Envelope::Response {
+                id: self.id,
+                result,
+            })
+            .await;
+    }
+
+    /// Sends one item of a streamed answer.
+    pub async fn item(&self, item: StreamItem) -> Result<(), LinkError> {
+        self.link
+            .send(Envelope::StreamItem { id: self.id, item })
+            .await
+    }
+
+    /// Ends a streamed answer.
+    pub async fn end(mut self, result: Result<(), RemoteError>) {
+        self.answered = true;
+        let _ = self
+            .link
+            .send(Envelope::StreamEnd {
+                id: self.id,
+                result,
+            })
+            .await;
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.link.shared.out.try_send(Envelope::Response {
+                id: self.id,
+                result: Err(RemoteError::new(
+                    ErrorCode::Internal,
+                    "the request was dropped without an answer",
+                )),
+            });
+        }
+    }
+}
+
+enum Pending {
+    Unary(oneshot::Sender<Result<Response, LinkError>>),
+    Stream(mpsc::Sender<Result<StreamItem, LinkError>>),
+}
+
+struct Shared {
+    peer: String,
+    config: LinkConfig,
+    out: mpsc::Sender<Envelope>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    started: Instant,
+    /// Microseconds since `started` at which the last frame arrived.
+    last_frame_us: AtomicU64,
+    /// Unix milliseconds of the last frame, for people.
+    last_seen_unix_ms: AtomicU64,
+    /// Last measured round trip in microseconds; 0 until the first pong.
+    rtt_us: AtomicU64,
+    closed: CancellationToken,
+    close_reason: Mutex<Option<String>>,
+}
+
+/// A handle on a live link; cheap to clone. The link stays up while its tasks run, not
+/// while handles exist: call [`close`](Self::close) to end it.
+#[derive(Clone)]
+pub struct Link {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("peer", &self.shared.peer)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Link {
+    /// Starts the link's tasks over `stream`. `leftover` holds bytes already read past the
+    /// handshake. Returns the handle and the queue of what the peer sends.
+    pub fn start<S>(
+        stream: S,
+        leftover: BytesMut,
+        peer: impl Into<String>,
+        config: LinkConfig,
+    ) -> (Link, mpsc::Receiver<Incoming>)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (out_tx, out_rx) = mpsc::channel(config.out_queue);
+        let (in_tx, in_rx) = mpsc::channel(config.in_queue);
+        let link = Link {
+            shared: Arc::new(Shared {
+                peer: peer.into(),
+                config: config.clone(),
+                out: out_tx,
+                pending: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                started: Instant::now(),
+                last_frame_us: AtomicU64::new(0),
+                last_seen_unix_ms: AtomicU64::new(unix_ms()),
+                rtt_us: AtomicU64::new(0),
+                closed: CancellationToken::new(),
+                close_reason: Mutex::new(None),
+            }),
+        };
+        let (read_half, write_half) = tokio::io::split(stream);
+        let mut reader = FramedRead::new(read_half, FrameCodec::<Envelope>::new(config.max_frame));
+        reader.read_buffer_mut().extend_from_slice(&leftover);
+        let writer = FramedWrite::new(write_half, FrameCodec::<Envelope>::new(config.max_frame));
+        tokio::spawn(link.clone().read_loop(reader, in_tx));
+        tokio::spawn(link.clone().write_loop(writer, out_rx));
+        tokio::spawn(link.clone().heartbeat_loop());
+        (link, in_rx)
+    }
+
+    /// The peer's name (an edge id, or the master's address).
+    pub fn peer(&self) -> &str {
+        &self.shared.peer
+    }
+
+    /// The last measured round-trip time.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.shared.rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Unix milliseconds at which the last frame arrived.
+    pub fn last_seen_unix_ms(&self) -> u64 {
+        self.shared.last_seen_unix_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether the link has closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.is_cancelled()
+    }
+
+    /// Resolves when the link closes.
+    pub async fn closed(&self) {
+        self.shared.closed.cancelled().await
+    }
+
+    /// Why the link closed, once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.shared.close_reason.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Closes the link, telling the peer why. Waiting requests fail with the reason.
+    pub fn close(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        let _ = self.shared.out.try_send(Envelope::Close {
+            reason: reason.clone(),
+        });
+        self.shutdown(reason);
+    }
+
+    /// Sends a request and waits up to `timeout` for its answer.
+    pub async fn request(&self, body: Request, timeout: Duration) -> Result<Response, LinkError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.register(Pending::Unary(tx))?;
+        let exchange = async {
+            self.send(Envelope::Request {
+                id,
+                deadline_ms: deadline_ms(timeout),
+                body,
+            })
+            .await?;
+            match rx.await {
+                Ok(result) => result,
+                Err(_) => Err(self.closed_error()),
+            }
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.forget(id);
+                Err(LinkError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Sends a request whose answer is a stream. The peer must start within `timeout`'s
+    /// reach; the stream then lasts until the peer ends it or it is dropped.
+    pub async fn request_stream(
+        &self,
+        body: Request,
+        timeout: Duration,
+    ) -> Result<ResponseStream, LinkError> {
+        let (tx, rx) = mpsc::channel(self.shared.config.stream_queue.max(2));
+        let id = self.register(Pending::Stream(tx))?;
+        self.send(Envelope::Request {
+            id,
+            deadline_ms: deadline_ms(timeout),
+            body,
+        })
+        .await?;
+        Ok(ResponseStream {
+            id,
+            rx,
+            link: self.clone(),
+        })
+    }
+
+    /// Sends a one-way notice.
+    pub async fn notify(&self, notice: Notice) -> Result<(), LinkError> {
+        self.send(Envelope::Notice(notice)).await
+    }
+
+    async fn send(&self, envelope: Envelope) -> Result<(), LinkError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        self.shared
+            .out
+            .send(envelope)
+            .await
+            .map_err(|_| self.closed_error())
+    }
+
+    fn register(&self, pending: Pending) -> Result<u64, LinkError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock_pending().insert(id, pending);
+        // A close between the check and the insert would leave this entry unfailed.
+        if self.is_closed() {
+            self.lock_pending().remove(&id);
+            return Err(self.closed_error());
+        }
+        Ok(id)
+    }
+
+    /// Drops a request we no longer wait for, and tells the peer it may stop.
+    fn forget(&self, id: u64) {
+        if self.lock_pending().remove(&id).is_some() {
+            let _ = self.shared.out.try_send(Envelope::Cancel { id });
+        }
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
+        // The map holds no invariant a panic could break halfway; keep going.
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn closed_error(&self) -> LinkError {
+        LinkError::Closed(self.close_reason().unwrap_or_else(|| "closed".to_string()))
+    }
+
+    /// Marks the link closed (first reason wins) and fails everything waiting on it.
+    fn shutdown(&self, reason: String) {
+        {
+            let mut slot = self
+                .shared
+                .close_reason
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if slot.is_none() {
+                *slot = Some(reason);
+            }
+        }
+        self.shared.closed.cancel();
+        let error = self.closed_error();
+        let pending: Vec<Pending> = self.lock_pending().drain().map(|(_, p)| p).collect();
+        for waiter in pending {
+            match waiter {
+                Pending::Unary(tx) => {
+                    let _ = tx.send(Err(error.clone()));
+                }
+                Pending::Stream(tx) => {
+                    let _ = tx.try_send(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.shared.started.elapsed().as_micros() as u64
+    }
+
+    async fn read_loop<R: AsyncRead + Send + Unpin>(
+        self,
+        mut reader: FramedRead<R, FrameCodec<Envelope>>,
+        incoming: mpsc::Sender<Incoming>,
+    ) {
+        let reason = loop {
+            let frame = tokio::select! {
+                frame = reader.next() => frame,
+                _ = self.shared.closed.cancelled() => return,
+            };
+            match frame {
+                Some(Ok(envelope)) => {
+                    self.shared
+                        .last_frame_us
+                        .store(self.now_us(), Ordering::Relaxed);
+                    self.shared
+                        .last_seen_unix_ms
+                        .store(unix_ms(), Ordering::Relaxed);
+                    if let Some(reason) = self.dispatch(envelope, &incoming) {
+                        break reason;
+                    }
+                }
+                Some(Err(FrameError::Io(err))) => break format!("read failed: {err}"),
+                Some(Err(err)) => {
+                    tracing::error!(peer = %self.shared.peer, "closing link: {err}");
+                    break format!("bad frame from peer: {err}");
+                }
+                None => break "the peer closed the connection".to_string(),
+            }
+        };
+        self.shutdown(reason);
+    }
+
+    /// Handles one frame; returns a reason when the link must close.
+    fn dispatch(&self, envelope: Envelope, incoming: &mpsc::Sender<Incoming>) -> Option<String> {
+        match envelope {
+            Envelope::Request {
+                id,
+                deadline_ms,
+                body,
+            } => {
+                let request = IncomingRequest {
+                    body,
+                    deadline: Instant::now() + Duration::from_millis(u64::from(deadline_ms)),
+                    responder: Responder {
+                        id,
+                        link: self.clone(),
+                        answered: false,
+                    },
+                };
+                if let Err(err) = incoming.try_send(Incoming::Request(request)) {
+                    let (message, rejected) = match err {
+                        mpsc::error::TrySendError::Full(r) => ("too many requests waiting on this link", r),
+                        mpsc::error::TrySendError::Closed(r) => ("this side no longer takes requests", r),
+                    };
+                    if let Incoming::Request(mut request) = rejected {
+                        request.responder.answered = true;
+                        let _ = self.shared.out.try_send(Envelope::Response {
+                            id,
+                            result: Err(RemoteError::new(ErrorCode::Unavailable, message)),
+                        });
+                    }
+                }
+            }
+            Envelope::Response { id, result } => {
+                let waiter = self.lock_pending().remove(&id);
+                match waiter {
+                    Some(Pending::Unary(tx)) => {
+                        let _ = tx.send(result.map_err(LinkError::Remote));
+                    }
+                    Some(Pending::Stream(tx)) => {
+                        let error = match result {
+                            Err(remote) => LinkError::Remote(remote),
+                            Ok(_) => LinkError::Remote(RemoteError::new(
+                                ErrorCode::Internal,
+                                "the peer answered a stream request with a single response",
+                            )),
+                        };
+                        let _ = tx.try_send(Err(error));
+                    }
+                    // A late answer to a request we gave up on.
+                    None => tracing::trace!(peer = %self.shared.peer, id, "answer to a forgotten request"),
+                }
+            }
+            Envelope::StreamItem { id, item } => {
+                let mut pending = self.lock_pending();
+                if let Some(Pending::Stream(tx)) = pending.get(&id) {
+                    // Keep the last slot for the overflow error, so the reader learns why
+                    // its stream ended.
+                    if tx.capacity() > 1 {
+                        let _ = tx.try_send(Ok(item));
+                    } else {
+                        let _ = tx.try_send(Err(LinkError::Overflow));
+                        pending.remove(&id);
+                        let _ = self.shared.out.try_send(Envelope::Cancel { id });
+                    }
+                }
+            }
+            Envelope::StreamEnd { id, result } => {
+                if let Some(Pending::Stream(tx)) = self.lock_pending().remove(&id) {
+                    if let Err(remote) = result {
+                        let _ = tx.try_send(Err(LinkError::Remote(remote)));
+                    }
+                }
+            }
+            Envelope::Cancel { id } => {
+                tracing::trace!(peer = %self.shared.peer, id, "peer cancelled a request");
+            }
+            Envelope::Notice(notice) => {
+                if incoming.try_send(Incoming::Notice(notice)).is_err() {
+                    tracing::warn!(peer = %self.shared.peer, "notice dropped: the application queue is full");
+                }
+            }
+            Envelope::Ping { seq, sent_us } => {
+                let _ = self.shared.out.try_send(Envelope::Pong { seq, sent_us });
+            }
+            Envelope::Pong { sent_us, .. } => {
+                let rtt = self.now_us().saturating_sub(sent_us).max(1);
+                self.shared.rtt_us.store(rtt, Ordering::Relaxed);
+            }
+            Envelope::Close { reason } => return Some(format!("the peer closed the link: {reason}")),
+        }
+        None
+    }
+
+    async fn write_loop<W: AsyncWrite + Send + Unpin>(
+        self,
+        mut writer: FramedWrite<W, FrameCodec<Envelope>>,
+        mut out: mpsc::Receiver<Envelope>,
+    ) {
+        loop {
+            let envelope = tokio::select! {
+                envelope = out.recv() => envelope,
+                _ = self.shared.closed.cancelled() => None,
+            };
+            let Some(envelope) = envelope else { break };
+            // Batch whatever else is queued into one flush.
+            let mut batch = vec![envelope];
+            while batch.len() < 256 {
+                match out.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+            for envelope in batch {
+                if let Err(reason) = self.feed(&mut writer, envelope).await {
+                    self.shutdown(reason);
+                    return;
+                }
+            }
+            if let Err(err) = writer.flush().await {
+                self.shutdown(format!("write failed: {err}"));
+                return;
+            }
+        }
+        // Closing: send what is already queued (a `Close` frame, answers), briefly.
+        let drain = async {
+            while let Ok(envelope) = out.try_recv() {
+                if self.feed(&mut writer, envelope).await.is_err() {
+                    return;
+                }
+            }
+            let _ = writer.flush().await;
+            let _ = writer.get_mut().shutdown().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+    }
+
+    /// Writes one frame. An answer too large for a frame becomes an error answer; a request
+    /// too large fails its own waiter. Only an I/O error ends the link.
+    async fn feed<W: AsyncWrite + Send + Unpin>(
+        &self,
+        writer: &mut FramedWrite<W, FrameCodec<Envelope>>,
+        envelope: Envelope,
+    ) -> Result<(), String> {
+        let replacement = match writer.feed(&envelope).await {
+            Ok(()) => return Ok(()),
+            Err(FrameError::Io(err)) => return Err(format!("write failed: {err}")),
+            Err(err) => {
+                tracing::warn!(peer = %self.shared.peer, "frame not sent: {err}");
+                let too_large = RemoteError::new(ErrorCode::TooLarge, err.to_string());
+                match envelope {
+                    Envelope::Request { id, .. } => {
+                        if let Some(waiter) = self.lock_pending().remove(&id) {
+                            let error = LinkError::TooLarge(err.to_string());
+                            match waiter {
+                                Pending::Unary(tx) => {
+                                    let _ = tx.send(Err(error));
+                                }
+                                Pending::Stream(tx) => {
+                                    let _ = tx.try_send(Err(error));
+                                }
+                            }
+                        }
+                        None
+                    }
+                    Envelope::Response { id, .. } => Some(Envelope::Response {
+                        id,
+                        result: Err(too_large),
+                    }),
+                    Envelope::StreamItem { id, .. } => Some(Envelope::StreamEnd {
+                        id,
+                        result: Err(too_large),
+                    }),
+                    _ => None,
+                }
+            }
+        };
+        if let Some(replacement) = replacement {
+            if let Err(FrameError::Io(err)) = writer.feed(&replacement).await {
+                return Err(format!("write failed: {err}"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn heartbeat_loop(self) {
+        let heartbeat = self.shared.config.heartbeat;
+        let dead_after = self.shared.config.dead_after.as_micros() as u64;
+        let mut ticker = tokio::time::interval(heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.shared.closed.cancelled() => return,
+            }
+            let silent_for = self
+                .now_us()
+                .saturating_sub(self.shared.last_frame_us.load(Ordering::Relaxed));
+            if silent_for > dead_after {
+                let reason = format!(
+                    "nothing received for {} ms (missed heartbeats)",
+                    silent_for / 1000
+                );
+                tracing::warn!(peer = %self.shared.peer, "closing link: {reason}");
+                self.shutdown(reason);
+                return;
+            }
+            seq += 1;
+            let _ = self.shared.out.try_send(Envelope::Ping {
+                seq,
+                sent_us: self.now_us(),
+            });
+        }
+    }
+}
+
+fn deadline_ms(timeout: Duration) -> u32 {
+    timeout.as_millis().min(u128::from(u32::MAX)) as u32
+}
+
+/// A streamed answer. Dropping it tells the peer to stop.
+#[derive(Debug)]
+pub struct ResponseStream {
+    id: u64,
+    rx: mpsc::Receiver<Result<StreamItem, LinkError>>,
+    link: Link,
+}
+
+impl ResponseStream {
+    /// The next item; `None` when the peer ended the stream successfully.
+    pub async fn next(&mut self) -> Option<Result<StreamItem, LinkError>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        self.link.forget(self.id);
+    }
+}

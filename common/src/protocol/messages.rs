@@ -1,0 +1,269 @@
+//! Every request, answer and notice of the edge link (DESIGN.md, "Edge link").
+//!
+//! One enum for each kind of payload serves both directions; each variant's doc says who
+//! sends it. A side that receives a request it does not handle answers
+//! [`ErrorCode::Unsupported`](super::ErrorCode::Unsupported).
+
+use serde::{Deserialize, Serialize};
+
+use super::Json;
+
+/// Who runs an edge location's modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlOwner {
+    /// The edge server.
+    Edge,
+    /// The master server (failover).
+    Master,
+}
+
+/// A module addressed the way clients do: by control system, module name and index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRef {
+    /// Control system id.
+    pub system: String,
+    /// Module name within the system (`Display`).
+    pub name: String,
+    /// 1-based index among the system's modules of that name.
+    pub index: u32,
+}
+
+/// The kinds of data-model entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntityKind {
+    /// Edge location.
+    Edge,
+    /// Driver repository.
+    Repository,
+    /// Driver.
+    Driver,
+    /// Module.
+    Module,
+    /// Control system.
+    System,
+    /// User.
+    User,
+}
+
+/// One change of the data model: an entity written (with its record) or deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelChange {
+    /// The model version this change produced.
+    pub version: u64,
+    /// Entity kind.
+    pub kind: EntityKind,
+    /// Entity id.
+    pub id: String,
+    /// The new record, or `None` when deleted.
+    pub record: Option<Json>,
+}
+
+/// A file of a driver repository, named by its content hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path inside the repository.
+    pub path: String,
+    /// SHA-256 of the content.
+    pub hash: [u8; 32],
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What to do with a repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RepositoryAction {
+    /// Move the working copy to this commit.
+    ResetTo {
+        /// Commit id.
+        commit: String,
+    },
+    /// Fetch the newest commit.
+    Pull,
+}
+
+/// A change of owner or another auditable event, as the edge reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    /// Edge location id.
+    pub edge: String,
+    /// Owner before.
+    pub from: ControlOwner,
+    /// Owner after.
+    pub to: ControlOwner,
+    /// Epoch after.
+    pub epoch: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// Requests; each expects a [`Response`] (or, where noted, a stream of [`StreamItem`]s).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Master to edge: who owns this edge's modules now, under which epoch.
+    /// Answer: [`Response::ControlAck`] once the edge has acted on it.
+    ControlDecision {
+        /// The owner.
+        owner: ControlOwner,
+        /// The epoch of this decision.
+        epoch: u64,
+        /// Why, for the audit log.
+        reason: String,
+    },
+    /// Master to edge: the master has booted and serves requests.
+    MasterReady,
+    /// Either way: run a method on a module the receiver runs. Answer: [`Response::Value`].
+    Execute {
+        /// The module.
+        module: ModuleRef,
+        /// Method name.
+        method: String,
+        /// Arguments, a JSON array.
+        args: Json,
+        /// The sender's view of the target edge's epoch; stale ones are refused.
+        epoch: u64,
+    },
+    /// Master to edge: a module's status map. Answer: [`Response::Status`].
+    StatusRequest {
+        /// The module.
+        module: ModuleRef,
+    },
+    /// Master to edge: stream a module's debug log. Answer: a stream of
+    /// [`StreamItem::Debug`] until unsubscribed.
+    DebugSubscribe {
+        /// The module.
+        module: ModuleRef,
+    },
+    /// Master to edge: stop a debug stream.
+    DebugUnsubscribe {
+        /// The module.
+        module: ModuleRef,
+    },
+    /// Master to edge: data-model changes, or a full snapshot of the edge's slice.
+    ModelChanges {
+        /// The version the changes start from (ignored for a snapshot).
+        from_version: u64,
+        /// The version after applying them.
+        to_version: u64,
+        /// Whether `changes` replaces the whole slice.
+        snapshot: bool,
+        /// The changes.
+        changes: Vec<ModelChange>,
+    },
+    /// Master to edge: move a driver repository, and the files it should hold.
+    RepositoryUpdate {
+        /// Repository id.
+        repository: String,
+        /// What to do.
+        action: RepositoryAction,
+        /// The files after the update, by content hash.
+        files: Vec<FileEntry>,
+    },
+    /// Master to edge: reload the modules of a driver in place.
+    LiveReload {
+        /// Driver id.
+        driver: String,
+    },
+    /// Master to edge: drop cached data of a control system.
+    ExpireSystemCache {
+        /// System id.
+        system: String,
+    },
+    /// Master to edge: start a control system's modules.
+    StartSystem {
+        /// System id.
+        system: String,
+    },
+    /// Master to edge: stop a control system's modules.
+    StopSystem {
+        /// System id.
+        system: String,
+    },
+    /// Edge to master: data-model changes since `since_version`.
+    /// Answer: [`Response::ModelChanges`].
+    SyncRequest {
+        /// The edge's model version.
+        since_version: u64,
+    },
+    /// Edge to master: fetch blobs by content hash. Answer: a stream of [`StreamItem::Blob`].
+    FetchBlobs {
+        /// Hashes wanted.
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Edge to master: audit events to record. Answer: [`Response::Ack`].
+    AuditEvents {
+        /// The events.
+        events: Vec<AuditRecord>,
+    },
+}
+
+/// Answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Done, nothing to return.
+    Ack,
+    /// A control decision was acted on: the modules are stopped or started.
+    ControlAck {
+        /// The epoch acted on.
+        epoch: u64,
+    },
+    /// A method's result.
+    Value {
+        /// The result.
+        value: Json,
+        /// Who ran it: `edge:ID` or `master`.
+        executed_by: String,
+    },
+    /// A status map.
+    Status {
+        /// Key to value.
+        entries: Vec<(String, Json)>,
+    },
+    /// Data-model changes for a [`Request::SyncRequest`].
+    ModelChanges {
+        /// The version the changes start from.
+        from_version: u64,
+        /// The version after applying them.
+        to_version: u64,
+        /// Whether `changes` replaces the whole slice.
+        snapshot: bool,
+        /// The changes.
+        changes: Vec<ModelChange>,
+    },
+}
+
+/// Items of a streamed answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StreamItem {
+    /// A debug log line.
+    Debug {
+        /// Unix time in milliseconds.
+        time_ms: u64,
+        /// The line.
+        line: String,
+    },
+    /// A repository file's content.
+    Blob {
+        /// SHA-256 of `data`, as claimed by the sender.
+        hash: [u8; 32],
+        /// The content.
+        data: Vec<u8>,
+    },
+}
+
+/// One-way messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Notice {
+    /// Edge to master: a module's status value changed (runtime-state sync).
+    StatusChanged {
+        /// Module id.
+        module_id: String,
+        /// Status key.
+        key: String,
+        /// New value.
+        value: Json,
+        /// The epoch under which the edge ran the module.
+        epoch: u64,
+    },
+}

@@ -1,0 +1,27 @@
+//! The edge link's wire format: message types and the frame codec. No I/O lives here.
+//!
+//! A frame is a 4-byte big-endian length and a postcard-encoded value. Before
+//! authentication the values are [`Handshake`] messages (with a small frame bound);
+//! afterwards they are [`Envelope`]s.
+
+mod codec;
+mod envelope;
+mod handshake;
+mod json;
+mod messages;
+
+pub use codec::{FrameCodec, FrameError, decode_frame, encode_frame};
+pub use envelope::{Envelope, ErrorCode, RemoteError};
+pub use handshake::{Handshake, NONCE_LEN, Nonce};
+pub use json::Json;
+pub use messages::{
+    AuditRecord, ControlOwner, EntityKind, FileEntry, ModelChange, ModuleRef, Notice, Request,
+    RepositoryAction, Response, StreamItem,
+};
+
+/// The protocol version both sides must speak; checked in the handshake.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Frame bound while a peer is not yet authenticated: handshake messages are tiny, so an
+/// anonymous peer can make us buffer no more than this.
+pub const HANDSHAKE_MAX_FRAME: usize = 4096;

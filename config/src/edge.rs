@@ -1,0 +1,173 @@
+//! `edge.toml`: which site this edge serves, how it reaches its master, and its identity.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::load::{base_dir, check_id, check_range, load_file, resolve};
+use crate::{ConfigError, defaults};
+
+/// An edge's configuration, paths resolved against the file's folder.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// The edge location this server runs; must match an `[[edges]]` id on the master.
+    pub edge_id: String,
+    /// Folder for the local replica and the edge's admin token.
+    pub data_dir: PathBuf,
+    /// The client API (HTTPS) for this site's control systems.
+    pub api_listen: SocketAddr,
+    /// The master's link address, `host:port`.
+    pub master: String,
+    /// The name on the master's certificate (checked by TLS).
+    pub master_name: String,
+    /// File holding this edge's shared secret (hex), mode 0600.
+    pub secret_file: PathBuf,
+    /// Heartbeat interval on the link.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Period between reconnect attempts; each attempt adds up to a sixth of it as jitter.
+    #[serde(default = "default_reconnect_ms")]
+    pub reconnect_ms: u64,
+    /// Largest frame accepted from the master.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: u32,
+    /// A master that has not finished the handshake by then is given up on.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// TLS identity and trust.
+    pub tls: EdgeTls,
+}
+
+/// The edge's trust in the master (the CA) and its own client certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeTls {
+    /// PEM client certificate presented to the master (and served on the edge's API).
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA the master's certificate must chain to.
+    pub ca: PathBuf,
+    /// Create a development PKI where the files are missing (examples and tests only).
+    #[serde(default)]
+    pub create_dev_certs: bool,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    defaults::HEARTBEAT_MS
+}
+fn default_reconnect_ms() -> u64 {
+    defaults::RECONNECT_MS
+}
+fn default_max_frame_bytes() -> u32 {
+    defaults::MAX_FRAME_BYTES
+}
+fn default_handshake_timeout_ms() -> u64 {
+    defaults::HANDSHAKE_TIMEOUT_MS
+}
+
+impl EdgeConfig {
+    /// Reads, resolves and validates `edge.toml`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config: EdgeConfig = load_file(path)?;
+        let base = base_dir(path);
+        config.data_dir = resolve(&base, &config.data_dir);
+        config.secret_file = resolve(&base, &config.secret_file);
+        config.tls.cert = resolve(&base, &config.tls.cert);
+        config.tls.key = resolve(&base, &config.tls.key);
+        config.tls.ca = resolve(&base, &config.tls.ca);
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        check_id(file, "edge_id", &self.edge_id)?;
+        check_range(file, "heartbeat_ms", self.heartbeat_ms, 50..=60_000)?;
+        check_range(file, "reconnect_ms", self.reconnect_ms, 10..=600_000)?;
+        check_range(
+            file,
+            "max_frame_bytes",
+            u64::from(self.max_frame_bytes),
+            4096..=1 << 30,
+        )?;
+        check_range(
+            file,
+            "handshake_timeout_ms",
+            self.handshake_timeout_ms,
+            100..=60_000,
+        )?;
+        let port_ok = self
+            .master
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        if !port_ok {
+            return Err(ConfigError::invalid(
+                file,
+                "master",
+                format!("host:port of the master's link listener, not {:?}", self.master),
+            ));
+        }
+        if self.master_name.is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                "master_name",
+                "the name on the master's certificate",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+edge_id = "site-1"
+data_dir = "../data/site-1"
+api_listen = "127.0.0.1:8444"
+master = "127.0.0.1:17400"
+master_name = "localhost"
+secret_file = "site-1.secret"
+[tls]
+cert = "site-1.pem"
+key = "site-1.key"
+ca = "ca.pem"
+"#;
+
+    fn load(text: &str) -> Result<EdgeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, text).unwrap();
+        EdgeConfig::load(&path)
+    }
+
+    #[test]
+    fn good_file_loads_with_defaults() {
+        let config = load(GOOD).unwrap();
+        assert_eq!(config.reconnect_ms, 3000);
+        assert!(config.secret_file.ends_with("site-1.secret"));
+        assert!(config.secret_file.is_absolute());
+    }
+
+    #[test]
+    fn a_master_without_port_is_refused() {
+        let err = load(&GOOD.replace("127.0.0.1:17400", "127.0.0.1")).unwrap_err().to_string();
+        assert!(err.contains("key `master`: expected host:port"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_in_a_table_is_named() {
+        let err = load(&format!("{GOOD}cafile = \"x\"\n")).unwrap_err().to_string();
+        assert!(err.contains("cafile"), "{err}");
+        assert!(err.contains("edge.toml:12"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_edge_id_is_refused() {
+        let err = load(&GOOD.replace("\"site-1\"", "\"site 1/x\"")).unwrap_err().to_string();
+        assert!(err.contains("key `edge_id`"), "{err}");
+    }
+}

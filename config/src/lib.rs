@@ -1,0 +1,39 @@
+//! Tether's configuration file formats: `master.toml`, `edge.toml` and the site file.
+//!
+//! Every file is TOML. Unknown keys and bad values are errors that name the file, the key
+//! and what was expected, on one line, so an operator can fix them without reading code.
+//! Relative paths in a file are resolved against that file's folder, so a configuration
+//! works wherever it is started from.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+mod edge;
+mod error;
+mod load;
+mod master;
+mod site;
+
+pub use edge::{EdgeConfig, EdgeTls};
+pub use error::ConfigError;
+pub use load::load_file;
+pub use master::{MasterConfig, MasterTls};
+pub use site::{
+    Driver, DriverKind, Module, Repository, RestoreWindow, SiteEdge, SiteFile, Standby, System,
+    Transport,
+};
+
+/// The defaults DESIGN.md asks to keep, in one place.
+pub mod defaults {
+    /// Heartbeat interval of the edge link, each way.
+    pub const HEARTBEAT_MS: u64 = 1000;
+    /// How long the master waits for edges at boot before taking control of absent ones.
+    pub const BOOT_WAIT_MS: u64 = 6000;
+    /// How long an edge's link may be down before the master takes its modules.
+    pub const EDGE_TIMEOUT_MS: u64 = 20_000;
+    /// The edge's reconnect period (jitter is added on top).
+    pub const RECONNECT_MS: u64 = 3000;
+    /// Largest frame on an authenticated link.
+    pub const MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
+    /// A peer that has not authenticated by then is dropped.
+    pub const HANDSHAKE_TIMEOUT_MS: u64 = 5000;
+}

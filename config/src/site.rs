@@ -1,0 +1,363 @@
+//! The site file: the data model a new master starts with (repositories, drivers, edges,
+//! modules, control systems). For now the master uses its `[[edges]]` (ids and secrets);
+//! the whole model is checked so that a mistake is found when the file is written, not
+//! when the part that uses it arrives.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::load::{base_dir, check_id, check_range, load_file, resolve};
+use crate::{ConfigError, defaults};
+
+/// A parsed and checked site file, paths resolved against its folder.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteFile {
+    /// Driver repositories.
+    #[serde(default)]
+    pub repositories: Vec<Repository>,
+    /// Drivers, each a script in a repository.
+    #[serde(default)]
+    pub drivers: Vec<Driver>,
+    /// Edge locations (sites).
+    #[serde(default)]
+    pub edges: Vec<SiteEdge>,
+    /// Modules: driver instances for one device each.
+    #[serde(default)]
+    pub modules: Vec<Module>,
+    /// Control systems (rooms).
+    #[serde(default)]
+    pub systems: Vec<System>,
+}
+
+/// A folder (or git working copy) of driver scripts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repository {
+    /// Id.
+    pub id: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: String,
+    /// Folder, relative to the site file.
+    pub path: PathBuf,
+}
+
+/// What a driver drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// A device on the network.
+    #[default]
+    Device,
+    /// Pure logic (a room's behaviour).
+    Logic,
+}
+
+/// How a driver reaches its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// A TCP byte stream with framing.
+    #[default]
+    Tcp,
+    /// Modbus TCP.
+    Modbus,
+    /// No device (logic).
+    None,
+}
+
+/// A driver: a script in a repository plus metadata.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Driver {
+    /// Id.
+    pub id: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: String,
+    /// Repository id.
+    pub repository: String,
+    /// Script file inside the repository.
+    pub file: String,
+    /// Device or logic.
+    #[serde(default)]
+    pub kind: DriverKind,
+    /// Transport.
+    #[serde(default)]
+    pub transport: Transport,
+    /// Port used when a module names none.
+    pub default_port: Option<u16>,
+    /// Settings every module starts from.
+    #[serde(default)]
+    pub default_settings: toml::Table,
+}
+
+/// Who keeps an edge's modules ready on the master while the edge runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Standby {
+    /// Nothing runs on the master until it takes over.
+    #[default]
+    Cold,
+    /// Drivers compiled and last status kept, for a faster takeover.
+    Warm,
+}
+
+/// When control goes back to an edge by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreWindow {
+    /// 5-field cron expression for the window's start.
+    pub start: String,
+    /// How long the window stays open.
+    pub length_s: u64,
+}
+
+/// An edge location (a site).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteEdge {
+    /// Id; the edge's `edge_id`.
+    pub id: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// File holding the edge's shared secret (hex), relative to the site file.
+    pub secret_file: PathBuf,
+    /// Whether the master takes the edge's modules when the edge is gone.
+    #[serde(default = "default_true")]
+    pub failover: bool,
+    /// How long the edge may be unreachable before the master takes over.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Standby level on the master.
+    #[serde(default)]
+    pub standby: Standby,
+    /// Optional automatic restore window.
+    pub restore_window: Option<RestoreWindow>,
+    /// User ids allowed to restore this edge and start or stop its systems.
+    #[serde(default)]
+    pub admins: Vec<String>,
+}
+
+/// A module: one driver instance for one device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Module {
+    /// Id.
+    pub id: String,
+    /// Driver id.
+    pub driver: String,
+    /// Name within a system (`Display` is addressed as `Display 1`, `Display 2` ...).
+    pub name: String,
+    /// Device host.
+    pub host: Option<String>,
+    /// Device port.
+    pub port: Option<u16>,
+    /// Device URI, for drivers that use one.
+    pub uri: Option<String>,
+    /// Settings over the driver's defaults.
+    #[serde(default)]
+    pub settings: toml::Table,
+    /// Edge id, or none for a module of the master.
+    pub edge: Option<String>,
+}
+
+/// A control system (a room): an ordered list of modules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct System {
+    /// Id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Edge id, or none for a system of the master.
+    pub edge: Option<String>,
+    /// Module ids, in order.
+    #[serde(default)]
+    pub modules: Vec<String>,
+    /// Settings.
+    #[serde(default)]
+    pub settings: toml::Table,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_timeout_ms() -> u64 {
+    defaults::EDGE_TIMEOUT_MS
+}
+
+impl SiteFile {
+    /// Reads, resolves and checks a site file (types, ids, references, ranges).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut site: SiteFile = load_file(path)?;
+        let base = base_dir(path);
+        for repository in &mut site.repositories {
+            repository.path = resolve(&base, &repository.path);
+        }
+        for edge in &mut site.edges {
+            edge.secret_file = resolve(&base, &edge.secret_file);
+        }
+        site.validate(path)?;
+        Ok(site)
+    }
+
+    /// The edge with this id.
+    pub fn edge(&self, id: &str) -> Option<&SiteEdge> {
+        self.edges.iter().find(|edge| edge.id == id)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let repositories = unique_ids(file, "repositories", self.repositories.iter().map(|r| &r.id))?;
+        let drivers = unique_ids(file, "drivers", self.drivers.iter().map(|d| &d.id))?;
+        let edges = unique_ids(file, "edges", self.edges.iter().map(|e| &e.id))?;
+        let modules = unique_ids(file, "modules", self.modules.iter().map(|m| &m.id))?;
+        unique_ids(file, "systems", self.systems.iter().map(|s| &s.id))?;
+
+        let must_exist = |key: String, set: &HashSet<&str>, id: &str, what: &str| {
+            if set.contains(id) {
+                Ok(())
+            } else {
+                Err(ConfigError::invalid(file, key, format!("the id of one of the {what}, not {id:?}")))
+            }
+        };
+        for (i, driver) in self.drivers.iter().enumerate() {
+            must_exist(format!("drivers[{i}].repository"), &repositories, &driver.repository, "[[repositories]]")?;
+        }
+        for (i, edge) in self.edges.iter().enumerate() {
+            check_range(file, &format!("edges[{i}].timeout_ms"), edge.timeout_ms, 100..=86_400_000)?;
+            if let Some(window) = &edge.restore_window {
+                check_range(file, &format!("edges[{i}].restore_window.length_s"), window.length_s, 1..=86_400 * 7)?;
+                if window.start.split_whitespace().count() != 5 {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("edges[{i}].restore_window.start"),
+                        format!("a 5-field cron expression (minute hour day month weekday), not {:?}", window.start),
+                    ));
+                }
+            }
+        }
+        for (i, module) in self.modules.iter().enumerate() {
+            must_exist(format!("modules[{i}].driver"), &drivers, &module.driver, "[[drivers]]")?;
+            if let Some(edge) = &module.edge {
+                must_exist(format!("modules[{i}].edge"), &edges, edge, "[[edges]]")?;
+            }
+        }
+        for (i, system) in self.systems.iter().enumerate() {
+            if let Some(edge) = &system.edge {
+                must_exist(format!("systems[{i}].edge"), &edges, edge, "[[edges]]")?;
+            }
+            for (j, module) in system.modules.iter().enumerate() {
+                must_exist(format!("systems[{i}].modules[{j}]"), &modules, module, "[[modules]]")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks each id's form and that none repeats; returns the set for reference checks.
+fn unique_ids<'a>(
+    file: &Path,
+    section: &str,
+    ids: impl Iterator<Item = &'a String>,
+) -> Result<HashSet<&'a str>, ConfigError> {
+    let mut seen = HashSet::new();
+    for (i, id) in ids.enumerate() {
+        let key = format!("{section}[{i}].id");
+        check_id(file, &key, id)?;
+        if !seen.insert(id.as_str()) {
+            return Err(ConfigError::invalid(file, key, format!("an id not used before in [[{section}]], not {id:?} again")));
+        }
+    }
+    Ok(seen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[repositories]]
+id = "core"
+path = "../drivers"
+
+[[drivers]]
+id = "projector"
+repository = "core"
+file = "projector.rhai"
+
+[[edges]]
+id = "site-1"
+name = "North campus"
+secret_file = "site-1.secret"
+standby = "warm"
+restore_window = { start = "0 2 * * *", length_s = 3600 }
+
+[[modules]]
+id = "proj-101"
+driver = "projector"
+name = "Display"
+host = "127.0.0.1"
+port = 9101
+edge = "site-1"
+
+[[systems]]
+id = "room-101"
+name = "Room 101"
+edge = "site-1"
+modules = ["proj-101"]
+"#;
+
+    fn load(text: &str) -> Result<SiteFile, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.toml");
+        std::fs::write(&path, text).unwrap();
+        SiteFile::load(&path)
+    }
+
+    #[test]
+    fn the_design_example_loads() {
+        let site = load(GOOD).unwrap();
+        let edge = site.edge("site-1").unwrap();
+        assert!(edge.failover);
+        assert_eq!(edge.timeout_ms, 20_000);
+        assert_eq!(edge.standby, Standby::Warm);
+        assert!(edge.secret_file.is_absolute());
+        assert_eq!(site.systems[0].modules, vec!["proj-101"]);
+    }
+
+    #[test]
+    fn a_dangling_reference_is_named() {
+        let err = load(&GOOD.replace("modules = [\"proj-101\"]", "modules = [\"proj-102\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `systems[0].modules[0]`: expected the id of one of the [[modules]], not \"proj-102\""), "{err}");
+    }
+
+    #[test]
+    fn a_duplicate_id_is_refused() {
+        let text = format!("{GOOD}\n[[edges]]\nid = \"site-1\"\nsecret_file = \"x\"\n");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("key `edges[1].id`"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_standby_names_the_key() {
+        let err = load(&GOOD.replace("\"warm\"", "\"hot\"")).unwrap_err().to_string();
+        assert!(err.contains("key `edges[0].standby`"), "{err}");
+        assert!(err.contains("cold") && err.contains("warm"), "{err}");
+    }
+
+    #[test]
+    fn a_cron_without_five_fields_is_refused() {
+        let err = load(&GOOD.replace("0 2 * * *", "0 2 * *")).unwrap_err().to_string();
+        assert!(err.contains("edges[0].restore_window.start"), "{err}");
+    }
+}

@@ -1,0 +1,34 @@
+//! `tether-edge`: one per site; runs the site's modules and keeps a link to the master.
+#![forbid(unsafe_code)]
+
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "tether-edge", version, about = "Tether's edge server, one per site")]
+struct Cli {
+    /// The edge's configuration file (edge.toml).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match server::run(&cli.config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tether-edge: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

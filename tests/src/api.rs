@@ -1,0 +1,73 @@
+//! An HTTPS client for the client API that trusts the test CA and sends a bearer token.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// A client of one server's API.
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// A client for `https://host:port`, trusting `ca` (PEM), with `token` if given.
+    pub fn new(base: &str, ca: &Path, token: Option<String>) -> ApiClient {
+        tether_common::link::tls::install_crypto_provider();
+        let roots = tether_common::link::tls::load_roots(ca).expect("load test CA");
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("HTTP client");
+        ApiClient {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
+    }
+
+    /// The same server with another token (or none).
+    pub fn with_token(&self, token: Option<String>) -> ApiClient {
+        ApiClient {
+            token,
+            ..self.clone()
+        }
+    }
+
+    /// GET `path`: the status and the JSON body (Null when the body is not JSON or the
+    /// server could not be reached, with status 0).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let mut request = self.http.get(format!("{}{}", self.base, path));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (status, response.json().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    /// GET `/api/v1/edges` and find one edge's entry.
+    pub async fn edge(&self, id: &str) -> Option<Value> {
+        let (status, body) = self.get("/api/v1/edges").await;
+        if status != 200 {
+            return None;
+        }
+        body.as_array()?.iter().find(|e| e["id"] == id).cloned()
+    }
+
+    /// Whether the master shows the edge online.
+    pub async fn edge_online(&self, id: &str) -> Option<bool> {
+        self.edge(id).await.and_then(|e| e["online"].as_bool())
+    }
+}

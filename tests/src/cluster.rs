@@ -1,0 +1,205 @@
+//! A master and its edges as real processes in a temporary folder, on free ports, with
+//! certificates from `tether-master certs` and an optional fault proxy on each edge link.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::api::ApiClient;
+use crate::process::{Server, bin};
+use crate::proxy::FaultProxy;
+use crate::{free_port, wait_for};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Edge ids.
+    pub edges: Vec<String>,
+    /// Heartbeat interval on both sides.
+    pub heartbeat_ms: u64,
+    /// The master's handshake deadline.
+    pub handshake_timeout_ms: u64,
+    /// Route each edge's link through a [`FaultProxy`].
+    pub proxied: bool,
+}
+
+impl ClusterSpec {
+    /// `n` edges named `site-1` ... with default timings.
+    pub fn edges(n: usize) -> ClusterSpec {
+        ClusterSpec {
+            edges: (1..=n).map(|i| format!("site-{i}")).collect(),
+            heartbeat_ms: 1000,
+            handshake_timeout_ms: 5000,
+            proxied: false,
+        }
+    }
+}
+
+/// A running cluster. Dropping it kills every process and removes the folder.
+pub struct Cluster {
+    /// The master.
+    pub master: Server,
+    /// The edges, in spec order.
+    pub edges: Vec<Server>,
+    /// Each edge's proxy, when proxied.
+    pub proxies: Vec<FaultProxy>,
+    /// The master's link address.
+    pub link_addr: SocketAddr,
+    /// The master's API address.
+    pub api_addr: SocketAddr,
+    /// Each edge's API address.
+    pub edge_api_addrs: Vec<SocketAddr>,
+    /// The spec it was started from.
+    pub spec: ClusterSpec,
+    /// The temporary folder (certificates, configurations, data, logs). Last, so that it
+    /// is removed after the processes are killed and their logs printed.
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Writes certificates and configuration, starts the master, waits for its API, then
+    /// starts the edges.
+    pub async fn start(spec: ClusterSpec) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        let certs = root.join("certs");
+        run_certs(&certs, &spec.edges);
+
+        let link_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let api_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        std::fs::write(root.join("site.toml"), site_toml(&spec.edges)).unwrap();
+        std::fs::write(
+            root.join("master.toml"),
+            format!(
+                "data_dir = \"data/master\"\napi_listen = \"{api_addr}\"\nlink_listen = \"{link_addr}\"\n\
+                 seed = \"site.toml\"\nheartbeat_ms = {}\nhandshake_timeout_ms = {}\n\
+                 [tls]\ncert = \"certs/master.pem\"\nkey = \"certs/master.key\"\nca = \"certs/ca.pem\"\n",
+                spec.heartbeat_ms, spec.handshake_timeout_ms
+            ),
+        )
+        .unwrap();
+        let master = Server::start(
+            "master",
+            &bin("tether-master"),
+            &["--config", root.join("master.toml").to_str().unwrap()],
+            &root.join("master.log"),
+        );
+
+        let mut proxies = Vec::new();
+        let mut edge_api_addrs = Vec::new();
+        for edge in &spec.edges {
+            let master_addr = if spec.proxied {
+                let proxy = FaultProxy::start(0, link_addr).await;
+                let addr = proxy.addr();
+                proxies.push(proxy);
+                addr
+            } else {
+                link_addr
+            };
+            let edge_api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            edge_api_addrs.push(edge_api);
+            std::fs::write(
+                root.join(format!("{edge}.toml")),
+                format!(
+                    "edge_id = \"{edge}\"\ndata_dir = \"data/{edge}\"\napi_listen = \"{edge_api}\"\n\
+                     master = \"{master_addr}\"\nmaster_name = \"localhost\"\nsecret_file = \"certs/{edge}.secret\"\n\
+                     heartbeat_ms = {}\n\
+                     [tls]\ncert = \"certs/{edge}.pem\"\nkey = \"certs/{edge}.key\"\nca = \"certs/ca.pem\"\n",
+                    spec.heartbeat_ms
+                ),
+            )
+            .unwrap();
+        }
+
+        let mut cluster = Cluster {
+            dir,
+            master,
+            edges: Vec::new(),
+            proxies,
+            link_addr,
+            api_addr,
+            edge_api_addrs,
+            spec,
+        };
+        cluster.wait_master_up().await;
+        for edge in cluster.spec.edges.clone() {
+            let server = Server::start(
+                &edge,
+                &bin("tether-edge"),
+                &["--config", cluster.path(&format!("{edge}.toml")).to_str().unwrap()],
+                &cluster.path(&format!("{edge}.log")),
+            );
+            cluster.edges.push(server);
+        }
+        cluster
+    }
+
+    /// A path inside the cluster's folder.
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    /// The CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.path("certs/ca.pem")
+    }
+
+    /// An API client of the master with its admin token.
+    pub fn master_api(&self) -> ApiClient {
+        let token = std::fs::read_to_string(self.path("data/master/admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string());
+        ApiClient::new(&format!("https://localhost:{}", self.api_addr.port()), &self.ca(), token)
+    }
+
+    /// An API client of edge `index` (no token).
+    pub fn edge_api(&self, index: usize) -> ApiClient {
+        ApiClient::new(
+            &format!("https://localhost:{}", self.edge_api_addrs[index].port()),
+            &self.ca(),
+            None,
+        )
+    }
+
+    /// Waits until the master answers health.
+    pub async fn wait_master_up(&self) {
+        let api = ApiClient::new(&format!("https://localhost:{}", self.api_addr.port()), &self.ca(), None);
+        wait_for("the master's API", Duration::from_secs(20), || async {
+            let (status, body) = api.get("/api/v1/health").await;
+            (status == 200 && body["booted"] == true).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until the master shows `edge` online (or offline), within `limit`.
+    pub async fn wait_edge_online(&self, edge: &str, online: bool, limit: Duration) {
+        let api = self.master_api();
+        let what = format!("{edge} to be {}", if online { "online" } else { "offline" });
+        wait_for(&what, limit, || async {
+            (api.edge_online(edge).await == Some(online)).then_some(())
+        })
+        .await;
+    }
+}
+
+fn site_toml(edges: &[String]) -> String {
+    edges
+        .iter()
+        .map(|edge| {
+            format!(
+                "[[edges]]\nid = \"{edge}\"\nname = \"Test {edge}\"\nsecret_file = \"certs/{edge}.secret\"\n\n"
+            )
+        })
+        .collect()
+}
+
+/// Runs `tether-master certs` (the real command) into `dir`.
+pub fn run_certs(dir: &Path, edges: &[String]) {
+    let status = Command::new(bin("tether-master"))
+        .args(["certs", "--dir", dir.to_str().unwrap(), "--edges", &edges.join(",")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run tether-master certs");
+    assert!(status.success(), "tether-master certs failed");
+}

@@ -1,0 +1,141 @@
+//! Starting, killing and restarting the real binaries, with their output in a log file.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The folder holding the workspace's binaries: `TETHER_BIN_DIR`, or the cargo target
+/// folder this test binary was built into (`target/debug/deps/..`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TETHER_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test binary folder");
+    deps.parent().unwrap_or(deps).to_path_buf()
+}
+
+/// The path of a workspace binary; panics with the fix when it has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+/// A running (or stopped) server process. Dropping it SIGKILLs the process.
+pub struct Server {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts `program args`, appending stdout and stderr to `log`.
+    pub fn start(name: &str, program: &Path, args: &[&str], log: &Path) -> Server {
+        let mut server = Server {
+            name: name.to_string(),
+            program: program.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log: log.to_path_buf(),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let err = out.try_clone().expect("clone log handle");
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .env("RUST_LOG", std::env::var("TETHER_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.program.display()));
+        self.child = Some(child);
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process again with the same arguments and log.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the process has exited (reaping it if so), with its status.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Sends SIGINT (what Ctrl-C sends) and waits up to `limit` for the exit.
+    pub fn interrupt(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.pid()?;
+        let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.exited() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Everything the process has written so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; returns the matching line.
+    pub async fn wait_for_log(&self, needle: &str, limit: Duration) -> String {
+        crate::wait_for(&format!("{:?} in the log of {}", needle, self.name), limit, || async {
+            self.log_text()
+                .lines()
+                .find(|line| line.contains(needle))
+                .map(str::to_string)
+        })
+        .await
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count_in_log(&self, needle: &str) -> usize {
+        self.log_text().lines().filter(|l| l.contains(needle)).count()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            // The log is the best clue to why a test failed.
+            eprintln!("---- log of {} ({}) ----\n{}", self.name, self.log.display(), self.log_text());
+        }
+    }
+}
