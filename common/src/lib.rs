@@ -12,6 +12,7 @@ pub mod api;
 pub mod link;
 pub mod pki;
 pub mod protocol;
+pub mod report;
 pub mod shutdown;
 
 /// Tether's version, reported by `/api/v1/health`.

@@ -169,7 +169,9 @@ fn ensure_leaf(
         ),
     };
     let mut params = CertificateParams::new(names)?;
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.extended_key_usages = usages;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let key = KeyPair::generate()?;
@@ -267,7 +269,11 @@ impl DirLock {
         let path = dir.join(".tether-pki.lock");
         let give_up = SystemTime::now() + Duration::from_secs(10);
         loop {
-            match fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(_) => return Ok(DirLock(path)),
                 Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
                     // A lock older than a minute belongs to a process that died mid-way.
@@ -305,21 +311,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let created = write_dir(dir.path(), &["site-1".into(), "site-2".into()]).unwrap();
         for name in [
-            "ca.pem", "ca.key", "master.pem", "master.key", "site-1.pem", "site-1.key",
-            "site-1.secret", "site-2.pem", "site-2.key", "site-2.secret",
+            "ca.pem",
+            "ca.key",
+            "master.pem",
+            "master.key",
+            "site-1.pem",
+            "site-1.key",
+            "site-1.secret",
+            "site-2.pem",
+            "site-2.key",
+            "site-2.secret",
         ] {
-            assert!(created.contains(&dir.path().join(name)), "{name} not created");
+            assert!(
+                created.contains(&dir.path().join(name)),
+                "{name} not created"
+            );
         }
         #[cfg(unix)]
         for name in ["ca.key", "master.key", "site-1.key", "site-1.secret"] {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.path().join(name)).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{name}");
         }
         Secret::load(&dir.path().join("site-1.secret")).unwrap();
         // Running again creates nothing and changes nothing.
         let before = fs::read(dir.path().join("site-1.secret")).unwrap();
-        assert!(write_dir(dir.path(), &["site-1".into()]).unwrap().is_empty());
+        assert!(
+            write_dir(dir.path(), &["site-1".into()])
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(before, fs::read(dir.path().join("site-1.secret")).unwrap());
     }
 

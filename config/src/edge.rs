@@ -98,15 +98,17 @@ impl EdgeConfig {
             self.handshake_timeout_ms,
             100..=60_000,
         )?;
-        let port_ok = self
-            .master
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        let port_ok = self.master.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
         if !port_ok {
             return Err(ConfigError::invalid(
                 file,
                 "master",
-                format!("host:port of the master's link listener, not {:?}", self.master),
+                format!(
+                    "host:port of the master's link listener, not {:?}",
+                    self.master
+                ),
             ));
         }
         if self.master_name.is_empty() {
@@ -154,20 +156,26 @@ ca = "ca.pem"
 
     #[test]
     fn a_master_without_port_is_refused() {
-        let err = load(&GOOD.replace("127.0.0.1:17400", "127.0.0.1")).unwrap_err().to_string();
+        let err = load(&GOOD.replace("127.0.0.1:17400", "127.0.0.1"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("key `master`: expected host:port"), "{err}");
     }
 
     #[test]
     fn an_unknown_key_in_a_table_is_named() {
-        let err = load(&format!("{GOOD}cafile = \"x\"\n")).unwrap_err().to_string();
+        let err = load(&format!("{GOOD}cafile = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cafile"), "{err}");
         assert!(err.contains("edge.toml:12"), "{err}");
     }
 
     #[test]
     fn a_bad_edge_id_is_refused() {
-        let err = load(&GOOD.replace("\"site-1\"", "\"site 1/x\"")).unwrap_err().to_string();
+        let err = load(&GOOD.replace("\"site-1\"", "\"site 1/x\""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("key `edge_id`"), "{err}");
     }
 }

@@ -44,7 +44,11 @@ fn describe(key: &Option<String>, message: &str) -> String {
 }
 
 impl ConfigError {
-    pub(crate) fn invalid(file: &Path, key: impl Into<String>, expected: impl Into<String>) -> Self {
+    pub(crate) fn invalid(
+        file: &Path,
+        key: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
         ConfigError::Invalid {
             file: file.to_path_buf(),
             key: key.into(),

@@ -117,18 +117,24 @@ mod tests {
 
     #[test]
     fn a_wrong_type_names_file_line_and_key() {
-        let err = parse_str::<Outer>(Path::new("x.toml"), "name = \"a\"\n[inner]\nport = \"no\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse_str::<Outer>(
+            Path::new("x.toml"),
+            "name = \"a\"\n[inner]\nport = \"no\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("x.toml:3: key `inner.port`:"), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
     }
 
     #[test]
     fn an_unknown_key_is_named_with_the_expected_ones() {
-        let err = parse_str::<Outer>(Path::new("x.toml"), "name = \"a\"\nnmae = 1\n[inner]\nport = 1\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse_str::<Outer>(
+            Path::new("x.toml"),
+            "name = \"a\"\nnmae = 1\n[inner]\nport = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("nmae"), "{err}");
         assert!(err.contains("expected"), "{err}");
     }

@@ -161,7 +161,9 @@ ca = "/etc/tether/ca.pem"
     fn a_bad_address_names_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let text = GOOD.replace("127.0.0.1:8443", "localhost-8443");
-        let err = MasterConfig::load(&write(dir.path(), &text)).unwrap_err().to_string();
+        let err = MasterConfig::load(&write(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("master.toml:3: key `api_listen`"), "{err}");
     }
 
@@ -169,8 +171,13 @@ ca = "/etc/tether/ca.pem"
     fn an_out_of_range_value_says_what_was_expected() {
         let dir = tempfile::tempdir().unwrap();
         let text = format!("heartbeat_ms = 0\n{GOOD}");
-        let err = MasterConfig::load(&write(dir.path(), &text)).unwrap_err().to_string();
-        assert!(err.contains("key `heartbeat_ms`: expected a number from 50 to 60000, not 0"), "{err}");
+        let err = MasterConfig::load(&write(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key `heartbeat_ms`: expected a number from 50 to 60000, not 0"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -178,14 +185,19 @@ ca = "/etc/tether/ca.pem"
         let err = MasterConfig::load(Path::new("/nonexistent/master.toml"))
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("/nonexistent/master.toml: cannot read"), "{err}");
+        assert!(
+            err.starts_with("/nonexistent/master.toml: cannot read"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_missing_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let text = GOOD.replace("data_dir = \"data\"\n", "");
-        let err = MasterConfig::load(&write(dir.path(), &text)).unwrap_err().to_string();
+        let err = MasterConfig::load(&write(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("data_dir"), "{err}");
     }
 }

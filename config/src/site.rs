@@ -215,7 +215,11 @@ impl SiteFile {
     }
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
-        let repositories = unique_ids(file, "repositories", self.repositories.iter().map(|r| &r.id))?;
+        let repositories = unique_ids(
+            file,
+            "repositories",
+            self.repositories.iter().map(|r| &r.id),
+        )?;
         let drivers = unique_ids(file, "drivers", self.drivers.iter().map(|d| &d.id))?;
         let edges = unique_ids(file, "edges", self.edges.iter().map(|e| &e.id))?;
         let modules = unique_ids(file, "modules", self.modules.iter().map(|m| &m.id))?;
@@ -225,27 +229,54 @@ impl SiteFile {
             if set.contains(id) {
                 Ok(())
             } else {
-                Err(ConfigError::invalid(file, key, format!("the id of one of the {what}, not {id:?}")))
+                Err(ConfigError::invalid(
+                    file,
+                    key,
+                    format!("the id of one of the {what}, not {id:?}"),
+                ))
             }
         };
         for (i, driver) in self.drivers.iter().enumerate() {
-            must_exist(format!("drivers[{i}].repository"), &repositories, &driver.repository, "[[repositories]]")?;
+            must_exist(
+                format!("drivers[{i}].repository"),
+                &repositories,
+                &driver.repository,
+                "[[repositories]]",
+            )?;
         }
         for (i, edge) in self.edges.iter().enumerate() {
-            check_range(file, &format!("edges[{i}].timeout_ms"), edge.timeout_ms, 100..=86_400_000)?;
+            check_range(
+                file,
+                &format!("edges[{i}].timeout_ms"),
+                edge.timeout_ms,
+                100..=86_400_000,
+            )?;
             if let Some(window) = &edge.restore_window {
-                check_range(file, &format!("edges[{i}].restore_window.length_s"), window.length_s, 1..=86_400 * 7)?;
+                check_range(
+                    file,
+                    &format!("edges[{i}].restore_window.length_s"),
+                    window.length_s,
+                    1..=86_400 * 7,
+                )?;
                 if window.start.split_whitespace().count() != 5 {
                     return Err(ConfigError::invalid(
                         file,
                         format!("edges[{i}].restore_window.start"),
-                        format!("a 5-field cron expression (minute hour day month weekday), not {:?}", window.start),
+                        format!(
+                            "a 5-field cron expression (minute hour day month weekday), not {:?}",
+                            window.start
+                        ),
                     ));
                 }
             }
         }
         for (i, module) in self.modules.iter().enumerate() {
-            must_exist(format!("modules[{i}].driver"), &drivers, &module.driver, "[[drivers]]")?;
+            must_exist(
+                format!("modules[{i}].driver"),
+                &drivers,
+                &module.driver,
+                "[[drivers]]",
+            )?;
             if let Some(edge) = &module.edge {
                 must_exist(format!("modules[{i}].edge"), &edges, edge, "[[edges]]")?;
             }
@@ -255,7 +286,12 @@ impl SiteFile {
                 must_exist(format!("systems[{i}].edge"), &edges, edge, "[[edges]]")?;
             }
             for (j, module) in system.modules.iter().enumerate() {
-                must_exist(format!("systems[{i}].modules[{j}]"), &modules, module, "[[modules]]")?;
+                must_exist(
+                    format!("systems[{i}].modules[{j}]"),
+                    &modules,
+                    module,
+                    "[[modules]]",
+                )?;
             }
         }
         Ok(())
@@ -273,7 +309,11 @@ fn unique_ids<'a>(
         let key = format!("{section}[{i}].id");
         check_id(file, &key, id)?;
         if !seen.insert(id.as_str()) {
-            return Err(ConfigError::invalid(file, key, format!("an id not used before in [[{section}]], not {id:?} again")));
+            return Err(ConfigError::invalid(
+                file,
+                key,
+                format!("an id not used before in [[{section}]], not {id:?} again"),
+            ));
         }
     }
     Ok(seen)
@@ -350,14 +390,18 @@ modules = ["proj-101"]
 
     #[test]
     fn a_bad_standby_names_the_key() {
-        let err = load(&GOOD.replace("\"warm\"", "\"hot\"")).unwrap_err().to_string();
+        let err = load(&GOOD.replace("\"warm\"", "\"hot\""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("key `edges[0].standby`"), "{err}");
         assert!(err.contains("cold") && err.contains("warm"), "{err}");
     }
 
     #[test]
     fn a_cron_without_five_fields_is_refused() {
-        let err = load(&GOOD.replace("0 2 * * *", "0 2 * *")).unwrap_err().to_string();
+        let err = load(&GOOD.replace("0 2 * * *", "0 2 * *"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("edges[0].restore_window.start"), "{err}");
     }
 }

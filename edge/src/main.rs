@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "tether-edge", version, about = "Tether's edge server, one per site")]
+#[command(
+    name = "tether-edge",
+    version,
+    about = "Tether's edge server, one per site"
+)]
 struct Cli {
     /// The edge's configuration file (edge.toml).
     #[arg(long, value_name = "FILE")]
@@ -27,7 +31,10 @@ fn main() -> ExitCode {
     match server::run(&cli.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("tether-edge: {err:#}");
+            eprintln!(
+                "tether-edge: {}",
+                tether_common::report::one_line(err.as_ref())
+            );
             ExitCode::from(2)
         }
     }

@@ -32,13 +32,14 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
                 names: pki::loopback_names(),
             },
         };
-        for path in pki::ensure(&config.tls.ca, &[leaf], &[config.secret_file.clone()])? {
+        for path in pki::ensure(
+            &config.tls.ca,
+            &[leaf],
+            std::slice::from_ref(&config.secret_file),
+        )? {
             tracing::info!("created development file {}", path.display());
         }
     }
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let token = Arc::new(AdminToken::load_or_create(&config.data_dir)?);
     let secret = Secret::load(&config.secret_file)?;
     let connector = ConnectorConfig {
         master_addr: config.master.clone(),
@@ -54,6 +55,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         ),
     };
     let api_tls = tls::server_config(&config.tls.cert, &config.tls.key, None)?;
+    // Everything is checked; only now write to the data folder.
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let token = Arc::new(AdminToken::load_or_create(&config.data_dir)?);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(serve(config, token, connector, api_tls))
 }
@@ -66,7 +71,12 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let api_listener = TcpListener::bind(config.api_listen)
         .await
-        .with_context(|| format!("cannot listen for the API on {} (api_listen)", config.api_listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen for the API on {} (api_listen)",
+                config.api_listen
+            )
+        })?;
     let shutdown = CancellationToken::new();
     let health_state = Arc::new(Health {
         role: "edge",

@@ -10,7 +10,11 @@ use tether_common::api::{AdminToken, Health, health, require_token};
 use crate::edges::{EdgeRegistry, EdgeView};
 
 /// The router: health is open (for load balancers and probes); the rest needs the token.
-pub fn router(health_state: Arc<Health>, token: Arc<AdminToken>, edges: Arc<EdgeRegistry>) -> Router {
+pub fn router(
+    health_state: Arc<Health>,
+    token: Arc<AdminToken>,
+    edges: Arc<EdgeRegistry>,
+) -> Router {
     let protected = Router::new()
         .route("/api/v1/edges", get(list_edges))
         .with_state(edges)

@@ -107,13 +107,13 @@ impl EdgeRegistry {
         let Some(entry) = edges.get_mut(edge_id) else {
             return;
         };
-        if let Some((current, link)) = &entry.link {
-            if *current == generation {
-                entry.last_seen_ms = Some(link.last_seen_unix_ms());
-                entry.link = None;
-                entry.connected_since_ms = None;
-                tracing::warn!(edge = %edge_id, "edge offline: {reason}");
-            }
+        if let Some((current, link)) = &entry.link
+            && *current == generation
+        {
+            entry.last_seen_ms = Some(link.last_seen_unix_ms());
+            entry.link = None;
+            entry.connected_since_ms = None;
+            tracing::warn!(edge = %edge_id, "edge offline: {reason}");
         }
     }
 
@@ -156,6 +156,8 @@ impl EdgeRegistry {
 
 impl EdgeSecrets for EdgeRegistry {
     fn secret(&self, edge_id: &str) -> Option<Secret> {
-        self.lock().get(edge_id).and_then(|entry| entry.secret.clone())
+        self.lock()
+            .get(edge_id)
+            .and_then(|entry| entry.secret.clone())
     }
 }

@@ -50,7 +50,10 @@ fn main() -> ExitCode {
             match server::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("tether-master: {err:#}");
+                    eprintln!(
+                        "tether-master: {}",
+                        tether_common::report::one_line(err.as_ref())
+                    );
                     ExitCode::from(2)
                 }
             }
@@ -69,7 +72,9 @@ fn certs(dir: &std::path::Path, edges: &[String]) -> ExitCode {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !valid {
-            eprintln!("tether-master: --edges: {edge:?} is not an edge id (letters, digits, '-', '_', '.')");
+            eprintln!(
+                "tether-master: --edges: {edge:?} is not an edge id (letters, digits, '-', '_', '.')"
+            );
             return ExitCode::from(2);
         }
     }

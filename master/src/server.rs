@@ -45,13 +45,16 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             tracing::info!("created development file {}", path.display());
         }
     }
+    let client_ca = config
+        .tls
+        .require_client_cert
+        .then_some(config.tls.ca.as_path());
+    let link_tls = tls::link_server_config(&config.tls.cert, &config.tls.key, client_ca)?;
+    let api_tls = tls::server_config(&config.tls.cert, &config.tls.key, None)?;
+    // Everything is checked; only now write to the data folder.
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let token = Arc::new(AdminToken::load_or_create(&config.data_dir)?);
-
-    let client_ca = config.tls.require_client_cert.then_some(config.tls.ca.as_path());
-    let link_tls = tls::link_server_config(&config.tls.cert, &config.tls.key, client_ca)?;
-    let api_tls = tls::server_config(&config.tls.cert, &config.tls.key, None)?;
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(serve(config, site, token, link_tls, api_tls))
@@ -66,10 +69,20 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let link_listener = TcpListener::bind(config.link_listen)
         .await
-        .with_context(|| format!("cannot listen for edge links on {} (link_listen)", config.link_listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen for edge links on {} (link_listen)",
+                config.link_listen
+            )
+        })?;
     let api_listener = TcpListener::bind(config.api_listen)
         .await
-        .with_context(|| format!("cannot listen for the API on {} (api_listen)", config.api_listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen for the API on {} (api_listen)",
+                config.api_listen
+            )
+        })?;
 
     let shutdown = CancellationToken::new();
     let registry = EdgeRegistry::new(&site.edges);
@@ -119,7 +132,10 @@ async fn serve(
 }
 
 /// Registers each authenticated edge and serves what it sends until its link closes.
-async fn attach_links(registry: Arc<EdgeRegistry>, mut accepted: mpsc::Receiver<AuthenticatedEdge>) {
+async fn attach_links(
+    registry: Arc<EdgeRegistry>,
+    mut accepted: mpsc::Receiver<AuthenticatedEdge>,
+) {
     while let Some(edge) = accepted.recv().await {
         let Some(generation) = registry.attach(&edge.edge_id, edge.link.clone(), edge.addr) else {
             // Its entry vanished between the secret lookup and now; nothing to attach to.

@@ -127,7 +127,10 @@ impl Cluster {
             let server = Server::start(
                 &edge,
                 &bin("tether-edge"),
-                &["--config", cluster.path(&format!("{edge}.toml")).to_str().unwrap()],
+                &[
+                    "--config",
+                    cluster.path(&format!("{edge}.toml")).to_str().unwrap(),
+                ],
                 &cluster.path(&format!("{edge}.log")),
             );
             cluster.edges.push(server);
@@ -150,7 +153,11 @@ impl Cluster {
         let token = std::fs::read_to_string(self.path("data/master/admin.token"))
             .ok()
             .map(|t| t.trim().to_string());
-        ApiClient::new(&format!("https://localhost:{}", self.api_addr.port()), &self.ca(), token)
+        ApiClient::new(
+            &format!("https://localhost:{}", self.api_addr.port()),
+            &self.ca(),
+            token,
+        )
     }
 
     /// An API client of edge `index` (no token).
@@ -164,10 +171,23 @@ impl Cluster {
 
     /// Waits until the master answers health.
     pub async fn wait_master_up(&self) {
-        let api = ApiClient::new(&format!("https://localhost:{}", self.api_addr.port()), &self.ca(), None);
+        let api = ApiClient::new(
+            &format!("https://localhost:{}", self.api_addr.port()),
+            &self.ca(),
+            None,
+        );
         wait_for("the master's API", Duration::from_secs(20), || async {
             let (status, body) = api.get("/api/v1/health").await;
             (status == 200 && body["booted"] == true).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until edge `index` answers health on its own API.
+    pub async fn wait_edge_api_up(&self, index: usize) {
+        let api = self.edge_api(index);
+        wait_for("the edge's API", Duration::from_secs(20), || async {
+            (api.get("/api/v1/health").await.0 == 200).then_some(())
         })
         .await;
     }
@@ -197,7 +217,13 @@ fn site_toml(edges: &[String]) -> String {
 /// Runs `tether-master certs` (the real command) into `dir`.
 pub fn run_certs(dir: &Path, edges: &[String]) {
     let status = Command::new(bin("tether-master"))
-        .args(["certs", "--dir", dir.to_str().unwrap(), "--edges", &edges.join(",")])
+        .args([
+            "certs",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--edges",
+            &edges.join(","),
+        ])
         .stdout(std::process::Stdio::null())
         .status()
         .expect("run tether-master certs");

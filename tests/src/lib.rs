@@ -32,7 +32,10 @@ where
             return value;
         }
         if start.elapsed() > limit {
-            panic!("timed out after {} ms waiting for {what}", limit.as_millis());
+            panic!(
+                "timed out after {} ms waiting for {what}",
+                limit.as_millis()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -59,7 +59,10 @@ impl Server {
         let err = out.try_clone().expect("clone log handle");
         let child = Command::new(&self.program)
             .args(&self.args)
-            .env("RUST_LOG", std::env::var("TETHER_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TETHER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
@@ -90,13 +93,17 @@ impl Server {
 
     /// Whether the process has exited (reaping it if so), with its status.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Sends SIGINT (what Ctrl-C sends) and waits up to `limit` for the exit.
     pub fn interrupt(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let pid = self.pid()?;
-        let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
         let start = Instant::now();
         while start.elapsed() < limit {
             if let Some(status) = self.exited() {
@@ -115,18 +122,25 @@ impl Server {
 
     /// Waits until the log contains `needle`; returns the matching line.
     pub async fn wait_for_log(&self, needle: &str, limit: Duration) -> String {
-        crate::wait_for(&format!("{:?} in the log of {}", needle, self.name), limit, || async {
-            self.log_text()
-                .lines()
-                .find(|line| line.contains(needle))
-                .map(str::to_string)
-        })
+        crate::wait_for(
+            &format!("{:?} in the log of {}", needle, self.name),
+            limit,
+            || async {
+                self.log_text()
+                    .lines()
+                    .find(|line| line.contains(needle))
+                    .map(str::to_string)
+            },
+        )
         .await
     }
 
     /// How many log lines contain `needle`.
     pub fn count_in_log(&self, needle: &str) -> usize {
-        self.log_text().lines().filter(|l| l.contains(needle)).count()
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 }
 
@@ -135,7 +149,12 @@ impl Drop for Server {
         self.kill();
         if std::thread::panicking() {
             // The log is the best clue to why a test failed.
-            eprintln!("---- log of {} ({}) ----\n{}", self.name, self.log.display(), self.log_text());
+            eprintln!(
+                "---- log of {} ({}) ----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }

@@ -32,7 +32,9 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on `127.0.0.1:port` (0 for any) and forwards to `upstream`.
     pub async fn start(port: u16, upstream: std::net::SocketAddr) -> FaultProxy {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("proxy bind");
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("proxy bind");
         let addr = listener.local_addr().expect("proxy addr");
         let state = Arc::new(State {
             cut: watch::channel(false).0,
@@ -145,7 +147,11 @@ async fn pump(
                 Ok(n) => n,
             };
             let delay = Duration::from_millis(reader_state.delay_ms.load(Ordering::Relaxed));
-            if tx.send((Instant::now() + delay, buf[..n].to_vec())).await.is_err() {
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .await
+                .is_err()
+            {
                 return;
             }
         }

@@ -13,7 +13,9 @@ async fn edges_come_online_and_survive_kills_and_restarts_of_either_side() {
     // A master and two edges show online within 2 s of the edges starting.
     let started = Instant::now();
     for edge in ["site-1", "site-2"] {
-        cluster.wait_edge_online(edge, true, Duration::from_secs(2)).await;
+        cluster
+            .wait_edge_online(edge, true, Duration::from_secs(2))
+            .await;
     }
     assert!(started.elapsed() < Duration::from_secs(2));
     let site1 = api.edge("site-1").await.unwrap();
@@ -27,15 +29,22 @@ async fn edges_come_online_and_survive_kills_and_restarts_of_either_side() {
 
     // SIGKILL an edge: offline within three heartbeats (+1 s); the other stays online.
     cluster.edges[0].kill();
-    cluster.wait_edge_online("site-1", false, Duration::from_secs(4)).await;
+    cluster
+        .wait_edge_online("site-1", false, Duration::from_secs(4))
+        .await;
     assert_eq!(api.edge_online("site-2").await, Some(true));
     let offline = api.edge("site-1").await.unwrap();
-    assert!(offline["last_seen"].is_string(), "last_seen is kept: {offline}");
+    assert!(
+        offline["last_seen"].is_string(),
+        "last_seen is kept: {offline}"
+    );
     assert!(offline["rtt_ms"].is_null());
 
     // Restart it: online within 2 s (it connects at once on start).
     cluster.edges[0].restart();
-    cluster.wait_edge_online("site-1", true, Duration::from_secs(2)).await;
+    cluster
+        .wait_edge_online("site-1", true, Duration::from_secs(2))
+        .await;
 
     // SIGKILL the master and restart it: edges are back within 3 s plus jitter (0.5 s),
     // plus 1.5 s for the master's start and the handshakes.
@@ -63,30 +72,56 @@ async fn a_cut_link_goes_offline_on_missed_heartbeats_and_comes_back_when_healed
     let cluster = Cluster::start(spec).await;
     let api = cluster.master_api();
     for edge in ["site-1", "site-2"] {
-        cluster.wait_edge_online(edge, true, Duration::from_secs(3)).await;
+        cluster
+            .wait_edge_online(edge, true, Duration::from_secs(3))
+            .await;
     }
 
     // A partition sends no FIN: only the missing heartbeats tell, after 3 x 300 ms.
     cluster.proxies[0].cut();
     let cut = Instant::now();
-    cluster.wait_edge_online("site-1", false, Duration::from_secs(3)).await;
-    assert!(cut.elapsed() >= Duration::from_millis(600), "offline before heartbeats could be missed");
-    cluster.master.wait_for_log("missed heartbeats", Duration::from_secs(2)).await;
-    cluster.edges[0].wait_for_log("missed heartbeats", Duration::from_secs(2)).await;
-    assert_eq!(api.edge_online("site-2").await, Some(true), "the other edge is untouched");
+    cluster
+        .wait_edge_online("site-1", false, Duration::from_secs(3))
+        .await;
+    assert!(
+        cut.elapsed() >= Duration::from_millis(600),
+        "offline before heartbeats could be missed"
+    );
+    cluster
+        .master
+        .wait_for_log("missed heartbeats", Duration::from_secs(2))
+        .await;
+    cluster.edges[0]
+        .wait_for_log("missed heartbeats", Duration::from_secs(2))
+        .await;
+    assert_eq!(
+        api.edge_online("site-2").await,
+        Some(true),
+        "the other edge is untouched"
+    );
 
     // Heal: the edge reconnects on its next attempt (3 s + jitter).
     cluster.proxies[0].heal();
-    cluster.wait_edge_online("site-1", true, Duration::from_secs(6)).await;
+    cluster
+        .wait_edge_online("site-1", true, Duration::from_secs(6))
+        .await;
 
     // Latency shows in the RTT.
     cluster.proxies[1].delay(Duration::from_millis(100));
-    tether_tests::wait_for("site-2's RTT to show the delay", Duration::from_secs(5), || async {
-        let rtt = api.edge("site-2").await?["rtt_ms"].as_f64()?;
-        (rtt >= 190.0).then_some(())
-    })
+    tether_tests::wait_for(
+        "site-2's RTT to show the delay",
+        Duration::from_secs(5),
+        || async {
+            let rtt = api.edge("site-2").await?["rtt_ms"].as_f64()?;
+            (rtt >= 190.0).then_some(())
+        },
+    )
     .await;
-    assert_eq!(api.edge_online("site-2").await, Some(true), "a slow link is not a dead one");
+    assert_eq!(
+        api.edge_online("site-2").await,
+        Some(true),
+        "a slow link is not a dead one"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,16 +139,23 @@ async fn the_api_wants_the_admin_token_except_for_health() {
     let (status, body) = anonymous.get("/api/v1/edges").await;
     assert_eq!(status, 401);
     assert_eq!(body["error"], "unauthorized");
-    let (status, _) = api.with_token(Some("tth_not-the-token".into())).get("/api/v1/edges").await;
+    let (status, _) = api
+        .with_token(Some("tth_not-the-token".into()))
+        .get("/api/v1/edges")
+        .await;
     assert_eq!(status, 401);
     assert_eq!(api.get("/api/v1/edges").await.0, 200);
 
+    cluster.wait_edge_api_up(0).await;
     let (status, body) = cluster.edge_api(0).get("/api/v1/health").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["role"], "edge");
     assert_eq!(body["id"], "site-1");
     // The admin token was written 0600 on first start.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(cluster.path("data/master/admin.token")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(cluster.path("data/master/admin.token"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 }

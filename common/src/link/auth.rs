@@ -50,22 +50,32 @@ fn mac_for(secret: &Secret, label: &[u8], transcript: &Transcript<'_>) -> Hmac<S
 
 /// The edge's proof that it holds the secret.
 pub fn edge_proof(secret: &Secret, transcript: &Transcript<'_>) -> [u8; 32] {
-    mac_for(secret, EDGE_LABEL, transcript).finalize().into_bytes().into()
+    mac_for(secret, EDGE_LABEL, transcript)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// The master's proof that it holds the secret.
 pub fn master_proof(secret: &Secret, transcript: &Transcript<'_>) -> [u8; 32] {
-    mac_for(secret, MASTER_LABEL, transcript).finalize().into_bytes().into()
+    mac_for(secret, MASTER_LABEL, transcript)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// Checks the edge's proof in constant time.
 pub fn verify_edge_proof(secret: &Secret, transcript: &Transcript<'_>, proof: &[u8; 32]) -> bool {
-    mac_for(secret, EDGE_LABEL, transcript).verify_slice(proof).is_ok()
+    mac_for(secret, EDGE_LABEL, transcript)
+        .verify_slice(proof)
+        .is_ok()
 }
 
 /// Checks the master's proof in constant time.
 pub fn verify_master_proof(secret: &Secret, transcript: &Transcript<'_>, proof: &[u8; 32]) -> bool {
-    mac_for(secret, MASTER_LABEL, transcript).verify_slice(proof).is_ok()
+    mac_for(secret, MASTER_LABEL, transcript)
+        .verify_slice(proof)
+        .is_ok()
 }
 
 /// A fresh random nonce.
@@ -80,7 +90,12 @@ mod tests {
     use super::*;
 
     fn transcript<'a>(m: &'a Nonce, e: &'a Nonce, id: &'a str, x: &'a Exporter) -> Transcript<'a> {
-        Transcript { master_nonce: m, edge_nonce: e, edge_id: id, exporter: x }
+        Transcript {
+            master_nonce: m,
+            edge_nonce: e,
+            edge_id: id,
+            exporter: x,
+        }
     }
 
     #[test]
@@ -92,9 +107,21 @@ mod tests {
         assert!(verify_edge_proof(&secret, &t, &proof));
 
         let other_exporter = [8u8; 32];
-        assert!(!verify_edge_proof(&secret, &transcript(&m, &e, "site-1", &other_exporter), &proof));
-        assert!(!verify_edge_proof(&secret, &transcript(&new_nonce(), &e, "site-1", &x), &proof));
-        assert!(!verify_edge_proof(&secret, &transcript(&m, &e, "site-2", &x), &proof));
+        assert!(!verify_edge_proof(
+            &secret,
+            &transcript(&m, &e, "site-1", &other_exporter),
+            &proof
+        ));
+        assert!(!verify_edge_proof(
+            &secret,
+            &transcript(&new_nonce(), &e, "site-1", &x),
+            &proof
+        ));
+        assert!(!verify_edge_proof(
+            &secret,
+            &transcript(&m, &e, "site-2", &x),
+            &proof
+        ));
         assert!(!verify_edge_proof(&Secret::generate(), &t, &proof));
     }
 

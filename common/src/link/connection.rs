@@ -21,8 +21,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{
-    Envelope, ErrorCode, FrameCodec, FrameError, Notice, RemoteError, Request, Response,
-    StreamItem,
+    Envelope, ErrorCode, FrameCodec, FrameError, Notice, RemoteError, Request, Response, StreamItem,
 };
 
 /// Tunables of a link. Every queue has a limit.
@@ -458,8 +457,12 @@ impl Link {
                 };
                 if let Err(err) = incoming.try_send(Incoming::Request(request)) {
                     let (message, rejected) = match err {
-                        mpsc::error::TrySendError::Full(r) => ("too many requests waiting on this link", r),
-                        mpsc::error::TrySendError::Closed(r) => ("this side no longer takes requests", r),
+                        mpsc::error::TrySendError::Full(r) => {
+                            ("too many requests waiting on this link", r)
+                        }
+                        mpsc::error::TrySendError::Closed(r) => {
+                            ("this side no longer takes requests", r)
+                        }
                     };
                     if let Incoming::Request(mut request) = rejected {
                         request.responder.answered = true;
@@ -487,7 +490,9 @@ impl Link {
                         let _ = tx.try_send(Err(error));
                     }
                     // A late answer to a request we gave up on.
-                    None => tracing::trace!(peer = %self.shared.peer, id, "answer to a forgotten request"),
+                    None => {
+                        tracing::trace!(peer = %self.shared.peer, id, "answer to a forgotten request")
+                    }
                 }
             }
             Envelope::StreamItem { id, item } => {
@@ -505,10 +510,9 @@ impl Link {
                 }
             }
             Envelope::StreamEnd { id, result } => {
-                if let Some(Pending::Stream(tx)) = self.lock_pending().remove(&id) {
-                    if let Err(remote) = result {
-                        let _ = tx.try_send(Err(LinkError::Remote(remote)));
-                    }
+                let waiter = self.lock_pending().remove(&id);
+                if let (Some(Pending::Stream(tx)), Err(remote)) = (waiter, result) {
+                    let _ = tx.try_send(Err(LinkError::Remote(remote)));
                 }
             }
             Envelope::Cancel { id } => {
@@ -526,7 +530,9 @@ impl Link {
                 let rtt = self.now_us().saturating_sub(sent_us).max(1);
                 self.shared.rtt_us.store(rtt, Ordering::Relaxed);
             }
-            Envelope::Close { reason } => return Some(format!("the peer closed the link: {reason}")),
+            Envelope::Close { reason } => {
+                return Some(format!("the peer closed the link: {reason}"));
+            }
         }
         None
     }
@@ -614,10 +620,10 @@ impl Link {
                 }
             }
         };
-        if let Some(replacement) = replacement {
-            if let Err(FrameError::Io(err)) = writer.feed(&replacement).await {
-                return Err(format!("write failed: {err}"));
-            }
+        if let Some(replacement) = replacement
+            && let Err(FrameError::Io(err)) = writer.feed(&replacement).await
+        {
+            return Err(format!("write failed: {err}"));
         }
         Ok(())
     }

@@ -165,10 +165,17 @@ mod tests {
     fn the_delay_stays_within_the_period_and_a_sixth() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let period = Duration::from_secs(3);
-        let delays: Vec<_> = (0..1000).map(|_| reconnect_delay(period, &mut rng)).collect();
-        assert!(delays.iter().all(|d| *d >= period && *d <= Duration::from_millis(3500)));
+        let delays: Vec<_> = (0..1000)
+            .map(|_| reconnect_delay(period, &mut rng))
+            .collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= period && *d <= Duration::from_millis(3500))
+        );
         // Jitter really spreads the attempts.
-        let spread = delays.iter().max().unwrap().as_millis() - delays.iter().min().unwrap().as_millis();
+        let spread =
+            delays.iter().max().unwrap().as_millis() - delays.iter().min().unwrap().as_millis();
         assert!(spread > 400, "spread {spread} ms");
     }
 }

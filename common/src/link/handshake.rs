@@ -10,8 +10,8 @@ use tokio_util::codec::{Framed, FramedParts};
 
 use super::Secret;
 use super::auth::{
-    EXPORTER_LABEL, EXPORTER_LEN, Exporter, Transcript, edge_proof, master_proof, new_nonce, verify_edge_proof,
-    verify_master_proof,
+    EXPORTER_LABEL, EXPORTER_LEN, Exporter, Transcript, edge_proof, master_proof, new_nonce,
+    verify_edge_proof, verify_master_proof,
 };
 use crate::protocol::{FrameCodec, FrameError, HANDSHAKE_MAX_FRAME, Handshake, PROTOCOL_VERSION};
 
@@ -71,7 +71,9 @@ fn name(message: &Handshake) -> &'static str {
 }
 
 /// This connection's exporter value, on the master (TLS server) side.
-pub fn server_exporter<IO>(stream: &tokio_rustls::server::TlsStream<IO>) -> Result<Exporter, AuthError> {
+pub fn server_exporter<IO>(
+    stream: &tokio_rustls::server::TlsStream<IO>,
+) -> Result<Exporter, AuthError> {
     stream
         .get_ref()
         .1
@@ -80,7 +82,9 @@ pub fn server_exporter<IO>(stream: &tokio_rustls::server::TlsStream<IO>) -> Resu
 }
 
 /// This connection's exporter value, on the edge (TLS client) side.
-pub fn client_exporter<IO>(stream: &tokio_rustls::client::TlsStream<IO>) -> Result<Exporter, AuthError> {
+pub fn client_exporter<IO>(
+    stream: &tokio_rustls::client::TlsStream<IO>,
+) -> Result<Exporter, AuthError> {
     stream
         .get_ref()
         .1

@@ -66,7 +66,9 @@ pub fn decode_frame<T: DeserializeOwned>(
     if !rest.is_empty() {
         // A frame holds exactly one message; trailing bytes mean the peer and we disagree
         // on the format, and guessing would hide it.
-        return Err(FrameError::Malformed(postcard::Error::DeserializeBadEncoding));
+        return Err(FrameError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
     }
     Ok(Some((value, PREFIX + len)))
 }
@@ -157,15 +159,26 @@ mod tests {
     fn an_oversized_prefix_is_refused_before_the_body_arrives() {
         let input = [0x7f, 0xff, 0xff, 0xff];
         let err = decode_frame::<Handshake>(&input, 4096).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { claimed: 0x7fff_ffff, max: 4096 }));
+        assert!(matches!(
+            err,
+            FrameError::TooLarge {
+                claimed: 0x7fff_ffff,
+                max: 4096
+            }
+        ));
     }
 
     #[test]
     fn encoding_past_the_bound_fails_and_leaves_the_buffer_as_it_was() {
         let mut codec = FrameCodec::<Handshake>::new(16);
         let mut buf = BytesMut::from(&b"xy"[..]);
-        let big = Handshake::Refused { reason: "x".repeat(100) };
-        assert!(matches!(codec.encode(&big, &mut buf), Err(FrameError::TooLarge { .. })));
+        let big = Handshake::Refused {
+            reason: "x".repeat(100),
+        };
+        assert!(matches!(
+            codec.encode(&big, &mut buf),
+            Err(FrameError::TooLarge { .. })
+        ));
         assert_eq!(&buf[..], b"xy");
     }
 
@@ -175,6 +188,9 @@ mod tests {
         frame.push(0);
         let len = (frame.len() - 4) as u32;
         frame[..4].copy_from_slice(&len.to_be_bytes());
-        assert!(matches!(decode_frame::<Envelope>(&frame, 64), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode_frame::<Envelope>(&frame, 64),
+            Err(FrameError::Malformed(_))
+        ));
     }
 }

@@ -1,0 +1,412 @@
+//! The frame codec under property tests: every message round-trips, and hostile input
+//! (random bytes, truncated frames, oversized prefixes, length claims beyond the input)
+//! returns an error or "need more", never a panic and never a large allocation.
+//!
+//! A counting global allocator records the largest single allocation made while decoding,
+//! so "no large allocation" is measured, not assumed.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use proptest::prelude::*;
+use tether_common::protocol::*;
+
+struct Counting;
+
+static TRACKING: AtomicBool = AtomicBool::new(false);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+/// Allocation tracking is process-wide: the tests that measure it take turns.
+static MEASURE: Mutex<()> = Mutex::new(());
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if TRACKING.load(Ordering::Relaxed) {
+            LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        }
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if TRACKING.load(Ordering::Relaxed) {
+            LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        }
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f` and returns its result with the largest allocation it made.
+fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let _turn = MEASURE.lock().unwrap_or_else(|p| p.into_inner());
+    LARGEST.store(0, Ordering::Relaxed);
+    TRACKING.store(true, Ordering::Relaxed);
+    let result = f();
+    TRACKING.store(false, Ordering::Relaxed);
+    (result, LARGEST.load(Ordering::Relaxed))
+}
+
+/// The link's default bound, used as the decoder's limit for hostile input.
+const MAX: usize = 16 * 1024 * 1024;
+/// What decoding hostile input may allocate at once. serde caps a sequence's
+/// preallocation at 1 MiB, whatever length it claims.
+const ALLOWED: usize = 1024 * 1024 + 4096;
+
+fn text() -> impl Strategy<Value = String> {
+    ".{0,24}"
+}
+fn json() -> impl Strategy<Value = Json> {
+    prop_oneof![
+        Just(Json::null()),
+        any::<i64>().prop_map(|n| Json(n.to_string())),
+        text().prop_map(|s| Json::from_value(&serde_json::Value::String(s))),
+    ]
+}
+fn module() -> impl Strategy<Value = ModuleRef> {
+    (text(), text(), any::<u32>()).prop_map(|(system, name, index)| ModuleRef {
+        system,
+        name,
+        index,
+    })
+}
+fn owner() -> impl Strategy<Value = ControlOwner> {
+    prop_oneof![Just(ControlOwner::Edge), Just(ControlOwner::Master)]
+}
+fn entity() -> impl Strategy<Value = EntityKind> {
+    prop_oneof![
+        Just(EntityKind::Edge),
+        Just(EntityKind::Repository),
+        Just(EntityKind::Driver),
+        Just(EntityKind::Module),
+        Just(EntityKind::System),
+        Just(EntityKind::User),
+    ]
+}
+fn change() -> impl Strategy<Value = ModelChange> {
+    (any::<u64>(), entity(), text(), proptest::option::of(json())).prop_map(
+        |(version, kind, id, record)| ModelChange {
+            version,
+            kind,
+            id,
+            record,
+        },
+    )
+}
+fn file() -> impl Strategy<Value = FileEntry> {
+    (text(), any::<[u8; 32]>(), any::<u64>()).prop_map(|(path, hash, size)| FileEntry {
+        path,
+        hash,
+        size,
+    })
+}
+fn audit() -> impl Strategy<Value = AuditRecord> {
+    (any::<u64>(), text(), owner(), owner(), any::<u64>(), text()).prop_map(
+        |(time_ms, edge, from, to, epoch, reason)| AuditRecord {
+            time_ms,
+            edge,
+            from,
+            to,
+            epoch,
+            reason,
+        },
+    )
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (owner(), any::<u64>(), text()).prop_map(|(owner, epoch, reason)| {
+            Request::ControlDecision {
+                owner,
+                epoch,
+                reason,
+            }
+        }),
+        Just(Request::MasterReady),
+        (module(), text(), json(), any::<u64>()).prop_map(|(module, method, args, epoch)| {
+            Request::Execute {
+                module,
+                method,
+                args,
+                epoch,
+            }
+        }),
+        module().prop_map(|module| Request::StatusRequest { module }),
+        module().prop_map(|module| Request::DebugSubscribe { module }),
+        module().prop_map(|module| Request::DebugUnsubscribe { module }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            proptest::collection::vec(change(), 0..4)
+        )
+            .prop_map(|(from_version, to_version, snapshot, changes)| {
+                Request::ModelChanges {
+                    from_version,
+                    to_version,
+                    snapshot,
+                    changes,
+                }
+            }),
+        (
+            text(),
+            prop_oneof![
+                text().prop_map(|commit| RepositoryAction::ResetTo { commit }),
+                Just(RepositoryAction::Pull)
+            ],
+            proptest::collection::vec(file(), 0..4)
+        )
+            .prop_map(|(repository, action, files)| Request::RepositoryUpdate {
+                repository,
+                action,
+                files
+            }),
+        text().prop_map(|driver| Request::LiveReload { driver }),
+        text().prop_map(|system| Request::ExpireSystemCache { system }),
+        text().prop_map(|system| Request::StartSystem { system }),
+        text().prop_map(|system| Request::StopSystem { system }),
+        any::<u64>().prop_map(|since_version| Request::SyncRequest { since_version }),
+        proptest::collection::vec(any::<[u8; 32]>(), 0..4)
+            .prop_map(|hashes| Request::FetchBlobs { hashes }),
+        proptest::collection::vec(audit(), 0..4).prop_map(|events| Request::AuditEvents { events }),
+    ]
+}
+
+fn remote_error() -> impl Strategy<Value = RemoteError> {
+    let code = prop_oneof![
+        Just(ErrorCode::BadRequest),
+        Just(ErrorCode::NotFound),
+        Just(ErrorCode::StaleEpoch),
+        Just(ErrorCode::Unavailable),
+        Just(ErrorCode::Timeout),
+        Just(ErrorCode::Forbidden),
+        Just(ErrorCode::Unsupported),
+        Just(ErrorCode::TooLarge),
+        Just(ErrorCode::Internal),
+    ];
+    (code, text()).prop_map(|(code, message)| RemoteError { code, message })
+}
+
+fn response() -> impl Strategy<Value = Response> {
+    prop_oneof![
+        Just(Response::Ack),
+        any::<u64>().prop_map(|epoch| Response::ControlAck { epoch }),
+        (json(), text()).prop_map(|(value, executed_by)| Response::Value { value, executed_by }),
+        proptest::collection::vec((text(), json()), 0..4)
+            .prop_map(|entries| Response::Status { entries }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            proptest::collection::vec(change(), 0..4)
+        )
+            .prop_map(|(from_version, to_version, snapshot, changes)| {
+                Response::ModelChanges {
+                    from_version,
+                    to_version,
+                    snapshot,
+                    changes,
+                }
+            }),
+    ]
+}
+
+fn stream_item() -> impl Strategy<Value = StreamItem> {
+    prop_oneof![
+        (any::<u64>(), text()).prop_map(|(time_ms, line)| StreamItem::Debug { time_ms, line }),
+        (
+            any::<[u8; 32]>(),
+            proptest::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(hash, data)| StreamItem::Blob { hash, data }),
+    ]
+}
+
+fn envelope() -> impl Strategy<Value = Envelope> {
+    prop_oneof![
+        (any::<u64>(), any::<u32>(), request()).prop_map(|(id, deadline_ms, body)| {
+            Envelope::Request {
+                id,
+                deadline_ms,
+                body,
+            }
+        }),
+        (
+            any::<u64>(),
+            prop_oneof![response().prop_map(Ok), remote_error().prop_map(Err)]
+        )
+            .prop_map(|(id, result)| Envelope::Response { id, result }),
+        (any::<u64>(), stream_item()).prop_map(|(id, item)| Envelope::StreamItem { id, item }),
+        (
+            any::<u64>(),
+            prop_oneof![Just(Ok(())), remote_error().prop_map(Err)]
+        )
+            .prop_map(|(id, result)| Envelope::StreamEnd { id, result }),
+        any::<u64>().prop_map(|id| Envelope::Cancel { id }),
+        (text(), text(), json(), any::<u64>()).prop_map(|(module_id, key, value, epoch)| {
+            Envelope::Notice(Notice::StatusChanged {
+                module_id,
+                key,
+                value,
+                epoch,
+            })
+        }),
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_us)| Envelope::Ping { seq, sent_us }),
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_us)| Envelope::Pong { seq, sent_us }),
+        text().prop_map(|reason| Envelope::Close { reason }),
+    ]
+}
+
+fn handshake() -> impl Strategy<Value = Handshake> {
+    prop_oneof![
+        (any::<u16>(), any::<[u8; 32]>())
+            .prop_map(|(protocol, nonce)| Handshake::Challenge { protocol, nonce }),
+        (any::<u16>(), text(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(
+            |(protocol, edge_id, nonce, mac)| Handshake::Answer {
+                protocol,
+                edge_id,
+                nonce,
+                mac
+            }
+        ),
+        any::<[u8; 32]>().prop_map(|mac| Handshake::Accepted { mac }),
+        text().prop_map(|reason| Handshake::Refused { reason }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn every_envelope_round_trips(value in envelope()) {
+        let frame = encode_frame(&value, MAX).unwrap();
+        let (decoded, used) = decode_frame::<Envelope>(&frame, MAX).unwrap().unwrap();
+        prop_assert_eq!(used, frame.len());
+        prop_assert_eq!(decoded, value);
+    }
+
+    #[test]
+    fn every_handshake_message_round_trips(value in handshake()) {
+        let frame = encode_frame(&value, HANDSHAKE_MAX_FRAME).unwrap();
+        let (decoded, _) = decode_frame::<Handshake>(&frame, HANDSHAKE_MAX_FRAME).unwrap().unwrap();
+        prop_assert_eq!(decoded, value);
+    }
+
+    #[test]
+    fn every_prefix_of_a_frame_asks_for_more(value in envelope(), cut in any::<prop::sample::Index>()) {
+        let frame = encode_frame(&value, MAX).unwrap();
+        let cut = cut.index(frame.len());
+        prop_assert!(decode_frame::<Envelope>(&frame[..cut], MAX).unwrap().is_none());
+    }
+
+    #[test]
+    fn random_bytes_never_panic_nor_allocate_much(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        // As a frame body (the prefix is right, the content is noise) ...
+        let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&body);
+        let (_, largest) = largest_allocation(|| {
+            let _ = decode_frame::<Envelope>(&framed, MAX);
+            let _ = decode_frame::<Handshake>(&framed, HANDSHAKE_MAX_FRAME);
+            // ... and as raw bytes, prefix included.
+            let _ = decode_frame::<Envelope>(&body, MAX);
+        });
+        prop_assert!(largest <= ALLOWED, "allocated {largest} bytes at once");
+    }
+
+    #[test]
+    fn oversized_prefixes_are_refused_at_once(claim in (HANDSHAKE_MAX_FRAME as u32 + 1)..=u32::MAX) {
+        let mut input = claim.to_be_bytes().to_vec();
+        input.extend_from_slice(&[0u8; 16]);
+        let (result, largest) = largest_allocation(|| decode_frame::<Handshake>(&input, HANDSHAKE_MAX_FRAME));
+        let is_too_large = matches!(result, Err(FrameError::TooLarge { .. }));
+        prop_assert!(is_too_large);
+        prop_assert!(largest <= 1024);
+    }
+
+    #[test]
+    fn length_claims_beyond_the_input_are_refused(claim in 64u64..u64::MAX, tail in proptest::collection::vec(any::<u8>(), 0..32)) {
+        // An Execute whose method name claims `claim` bytes but holds only `tail`.
+        let mut body = vec![0u8, 1, 0]; // Request, id 1, deadline 0
+        body.push(2); // Request::Execute
+        body.extend_from_slice(&[0, 0, 1]); // system "", name "", index 1
+        let mut varint = claim;
+        loop {
+            let byte = (varint & 0x7f) as u8;
+            varint >>= 7;
+            if varint == 0 { body.push(byte); break; }
+            body.push(byte | 0x80);
+        }
+        body.extend_from_slice(&tail);
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        let (result, largest) = largest_allocation(|| decode_frame::<Envelope>(&frame, MAX));
+        prop_assert!(result.is_err());
+        prop_assert!(largest <= ALLOWED, "allocated {largest} bytes at once");
+    }
+}
+
+#[test]
+fn a_frame_that_claims_the_whole_bound_allocates_only_what_arrived() {
+    use bytes::BytesMut;
+    use tokio_util::codec::Decoder;
+    let mut codec = FrameCodec::<Envelope>::new(MAX);
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&(MAX as u32).to_be_bytes());
+    buf.extend_from_slice(&[1, 2, 3]);
+    let (result, largest) = largest_allocation(|| codec.decode(&mut buf));
+    assert!(result.unwrap().is_none(), "waits for the rest");
+    assert!(largest < 4096, "reserved {largest} bytes for a claim");
+}
+
+#[test]
+fn a_huge_sequence_claim_is_bounded_by_serde() {
+    // FetchBlobs claiming 2^40 hashes with none present.
+    let mut body = vec![0u8, 1, 0, 13];
+    let mut varint: u64 = 1 << 40;
+    loop {
+        let byte = (varint & 0x7f) as u8;
+        varint >>= 7;
+        if varint == 0 {
+            body.push(byte);
+            break;
+        }
+        body.push(byte | 0x80);
+    }
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let (result, largest) = largest_allocation(|| decode_frame::<Envelope>(&frame, MAX));
+    assert!(result.is_err());
+    assert!(largest <= ALLOWED, "allocated {largest}");
+}
+
+#[test]
+fn the_hand_made_prefix_above_is_what_postcard_writes() {
+    // Guards the hostile-input tests: their bytes must reach the field they aim at.
+    let value = Envelope::Request {
+        id: 1,
+        deadline_ms: 0,
+        body: Request::Execute {
+            module: ModuleRef {
+                system: String::new(),
+                name: String::new(),
+                index: 1,
+            },
+            method: "ab".into(),
+            args: Json::null(),
+            epoch: 0,
+        },
+    };
+    let frame = encode_frame(&value, MAX).unwrap();
+    assert_eq!(&frame[4..12], &[0, 1, 0, 2, 0, 0, 1, 2]);
+    let fetch = Envelope::Request {
+        id: 1,
+        deadline_ms: 0,
+        body: Request::FetchBlobs {
+            hashes: vec![[0; 32]],
+        },
+    };
+    assert_eq!(&encode_frame(&fetch, MAX).unwrap()[4..9], &[0, 1, 0, 13, 1]);
+}
