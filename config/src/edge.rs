@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::load::{base_dir, check_id, check_range, load_file, resolve};
+use crate::load::{base_dir, check_id, check_link_settings, check_range, load_file, resolve};
 use crate::{ConfigError, defaults};
 
 /// An edge's configuration, paths resolved against the file's folder.
@@ -84,20 +84,13 @@ impl EdgeConfig {
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         check_id(file, "edge_id", &self.edge_id)?;
-        check_range(file, "heartbeat_ms", self.heartbeat_ms, 50..=60_000)?;
-        check_range(file, "reconnect_ms", self.reconnect_ms, 10..=600_000)?;
-        check_range(
+        check_link_settings(
             file,
-            "max_frame_bytes",
-            u64::from(self.max_frame_bytes),
-            4096..=1 << 30,
-        )?;
-        check_range(
-            file,
-            "handshake_timeout_ms",
+            self.heartbeat_ms,
+            self.max_frame_bytes,
             self.handshake_timeout_ms,
-            100..=60_000,
         )?;
+        check_range(file, "reconnect_ms", self.reconnect_ms, 10..=600_000)?;
         let port_ok = self.master.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
         });

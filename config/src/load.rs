@@ -74,6 +74,28 @@ pub(crate) fn check_id(file: &Path, key: &str, id: &str) -> Result<(), ConfigErr
     }
 }
 
+/// Checks the link settings both sides share: heartbeat, frame bound, handshake deadline.
+pub(crate) fn check_link_settings(
+    file: &Path,
+    heartbeat_ms: u64,
+    max_frame_bytes: u32,
+    handshake_timeout_ms: u64,
+) -> Result<(), ConfigError> {
+    check_range(file, "heartbeat_ms", heartbeat_ms, 50..=60_000)?;
+    check_range(
+        file,
+        "max_frame_bytes",
+        u64::from(max_frame_bytes),
+        4096..=1 << 30,
+    )?;
+    check_range(
+        file,
+        "handshake_timeout_ms",
+        handshake_timeout_ms,
+        100..=60_000,
+    )
+}
+
 /// Checks that a number lies in `range`, naming the key and the range otherwise.
 pub(crate) fn check_range(
     file: &Path,

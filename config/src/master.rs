@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::load::{base_dir, check_id, check_range, load_file, resolve};
+use crate::load::{base_dir, check_id, check_link_settings, check_range, load_file, resolve};
 use crate::{ConfigError, defaults};
 
 /// The master's configuration, paths resolved against the file's folder.
@@ -94,18 +94,11 @@ impl MasterConfig {
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         check_id(file, "id", &self.id)?;
         check_range(file, "boot_wait_ms", self.boot_wait_ms, 0..=600_000)?;
-        check_range(file, "heartbeat_ms", self.heartbeat_ms, 50..=60_000)?;
-        check_range(
+        check_link_settings(
             file,
-            "max_frame_bytes",
-            u64::from(self.max_frame_bytes),
-            4096..=1 << 30,
-        )?;
-        check_range(
-            file,
-            "handshake_timeout_ms",
+            self.heartbeat_ms,
+            self.max_frame_bytes,
             self.handshake_timeout_ms,
-            100..=60_000,
         )?;
         if self.api_listen == self.link_listen {
             return Err(ConfigError::invalid(

@@ -10,10 +10,9 @@ use axum::Router;
 use axum::routing::get;
 use tether_common::api::{AdminToken, Health, health, serve_https};
 use tether_common::link::{
-    ConnectorConfig, Incoming, LinkConfig, LinkEvent, Secret, maintain_link, tls,
+    ConnectorConfig, LinkConfig, LinkEvent, Secret, maintain_link, refuse_all, tls,
 };
 use tether_common::pki;
-use tether_common::protocol::{ErrorCode, RemoteError};
 use tether_config::EdgeConfig;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -107,26 +106,11 @@ async fn serve(
 async fn follow_link(mut events: mpsc::Receiver<LinkEvent>) {
     while let Some(event) = events.recv().await {
         if let LinkEvent::Up { incoming, .. } = event {
-            tokio::spawn(serve_master(incoming));
-        }
-    }
-}
-
-/// What the master asks of this edge. Control, the replica and module execution come with
-/// their own issues; until then every request is answered `Unsupported` so none waits.
-async fn serve_master(mut incoming: mpsc::Receiver<Incoming>) {
-    while let Some(message) = incoming.recv().await {
-        match message {
-            Incoming::Request(request) => {
-                request
-                    .responder
-                    .respond(Err(RemoteError::new(
-                        ErrorCode::Unsupported,
-                        "this edge does not handle that request yet",
-                    )))
-                    .await;
-            }
-            Incoming::Notice(notice) => tracing::debug!(?notice, "notice from the master"),
+            // Control, the replica and execution handle what the master sends with later issues.
+            tokio::spawn(refuse_all(
+                incoming,
+                "this edge does not handle that request yet",
+            ));
         }
     }
 }

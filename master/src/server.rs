@@ -9,10 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tether_common::api::{AdminToken, Health, serve_https};
 use tether_common::link::{
-    AuthenticatedEdge, Incoming, LinkConfig, ListenerConfig, run_listener, tls,
+    AuthenticatedEdge, LinkConfig, ListenerConfig, refuse_all, run_listener, tls,
 };
 use tether_common::pki;
-use tether_common::protocol::{ErrorCode, RemoteError};
 use tether_config::{MasterConfig, SiteFile};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -144,29 +143,15 @@ async fn attach_links(
         };
         let registry = registry.clone();
         tokio::spawn(async move {
-            serve_edge(edge.incoming).await;
+            // The data model, control and proxying handle what edges send with later issues.
+            refuse_all(
+                edge.incoming,
+                "this master does not handle that request yet",
+            )
+            .await;
             edge.link.closed().await;
             let reason = edge.link.close_reason().unwrap_or_default();
             registry.detach(&edge.edge_id, generation, &reason);
         });
-    }
-}
-
-/// What an edge asks of the master. The data model, control and proxying come with their
-/// own issues; until then every request is answered `Unsupported` so no edge waits.
-async fn serve_edge(mut incoming: mpsc::Receiver<Incoming>) {
-    while let Some(message) = incoming.recv().await {
-        match message {
-            Incoming::Request(request) => {
-                request
-                    .responder
-                    .respond(Err(RemoteError::new(
-                        ErrorCode::Unsupported,
-                        "this master does not handle that request yet",
-                    )))
-                    .await;
-            }
-            Incoming::Notice(notice) => tracing::debug!(?notice, "notice from edge"),
-        }
     }
 }

@@ -84,6 +84,21 @@ pub enum Incoming {
     Notice(Notice),
 }
 
+/// Answers every request on `incoming` with `Unsupported` and logs every notice, until the
+/// link closes: for a side that handles none of what the peer may send yet, so that no
+/// peer waits for an answer that will not come.
+pub async fn refuse_all(mut incoming: mpsc::Receiver<Incoming>, message: &'static str) {
+    while let Some(item) = incoming.recv().await {
+        match item {
+            Incoming::Request(request) => {
+                let error = RemoteError::new(ErrorCode::Unsupported, message);
+                request.responder.respond(Err(error)).await;
+            }
+            Incoming::Notice(notice) => tracing::debug!(?notice, "notice not handled"),
+        }
+    }
+}
+
 /// A request from the peer.
 #[derive(Debug)]
 pub struct IncomingRequest {
