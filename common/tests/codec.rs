@@ -6,33 +6,36 @@
 //! so "no large allocation" is measured, not assumed.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::cell::Cell;
 
 use proptest::prelude::*;
 use tether_common::protocol::*;
 
 struct Counting;
 
-static TRACKING: AtomicBool = AtomicBool::new(false);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-/// Allocation tracking is process-wide: the tests that measure it take turns.
-static MEASURE: Mutex<()> = Mutex::new(());
+thread_local! {
+    // Per thread, so allocations of tests running in parallel do not count; `const`
+    // initialisation, so reading them never allocates inside the allocator.
+    static TRACKING: Cell<bool> = const { Cell::new(false) };
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn record(size: usize) {
+    if TRACKING.with(Cell::get) {
+        LARGEST.with(|largest| largest.set(largest.get().max(size)));
+    }
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if TRACKING.load(Ordering::Relaxed) {
-            LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        }
+        record(layout.size());
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if TRACKING.load(Ordering::Relaxed) {
-            LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        }
+        record(new_size);
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -40,14 +43,13 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Runs `f` and returns its result with the largest allocation it made.
+/// Runs `f` and returns its result with the largest allocation it made on this thread.
 fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let _turn = MEASURE.lock().unwrap_or_else(|p| p.into_inner());
-    LARGEST.store(0, Ordering::Relaxed);
-    TRACKING.store(true, Ordering::Relaxed);
+    LARGEST.with(|largest| largest.set(0));
+    TRACKING.with(|tracking| tracking.set(true));
     let result = f();
-    TRACKING.store(false, Ordering::Relaxed);
-    (result, LARGEST.load(Ordering::Relaxed))
+    TRACKING.with(|tracking| tracking.set(false));
+    (result, LARGEST.with(Cell::get))
 }
 
 /// The link's default bound, used as the decoder's limit for hostile input.
@@ -409,4 +411,20 @@ fn the_hand_made_prefix_above_is_what_postcard_writes() {
         },
     };
     assert_eq!(&encode_frame(&fetch, MAX).unwrap()[4..9], &[0, 1, 0, 13, 1]);
+}
+
+#[test]
+fn the_allocation_counter_sees_a_real_large_allocation() {
+    // Guards the tests above: a counter that saw nothing would pass them all.
+    let blob = Envelope::StreamItem {
+        id: 1,
+        item: StreamItem::Blob {
+            hash: [0; 32],
+            data: vec![7; 2 << 20],
+        },
+    };
+    let frame = encode_frame(&blob, MAX).unwrap();
+    let (decoded, largest) = largest_allocation(|| decode_frame::<Envelope>(&frame, MAX));
+    assert!(decoded.unwrap().is_some());
+    assert!(largest >= 2 << 20, "saw only {largest} bytes");
 }
