@@ -2,7 +2,10 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+
+use anyhow::Context;
 use std::time::SystemTime;
+use tokio::net::TcpListener;
 
 use serde_json::{Value, json};
 
@@ -23,4 +26,18 @@ pub(crate) fn emit(kind: &str, peer: Option<SocketAddr>, extra: Value) {
     // A closed stdout must not stop the device.
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+/// Binds `listen` and announces the address (a port of 0 is resolved) as `listening`.
+pub(crate) async fn listen(listen: SocketAddr, device: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    emit(
+        "listening",
+        None,
+        json!({ "device": device, "addr": addr.to_string() }),
+    );
+    Ok(listener)
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio_modbus::prelude::*;
 use tokio_modbus::server::tcp::{Server, accept_tcp_connection};
 
@@ -128,15 +127,7 @@ impl tokio_modbus::server::Service for Session {
 }
 
 pub(crate) async fn run(listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
-    emit(
-        "listening",
-        None,
-        json!({ "device": "modbus", "addr": addr.to_string() }),
-    );
+    let listener = crate::events::listen(listen, "modbus").await?;
     let meter = Arc::new(Mutex::new(Meter {
         holding: [0; SIZE],
         coils: [false; SIZE],

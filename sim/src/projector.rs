@@ -4,10 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use anyhow::Context;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use crate::events::emit;
@@ -44,15 +43,7 @@ fn answer(state: &mut State, command: &str) -> String {
 }
 
 pub(crate) async fn run(listen: SocketAddr, max_sessions: usize) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
-    emit(
-        "listening",
-        None,
-        json!({ "device": "projector", "addr": addr.to_string() }),
-    );
+    let listener = crate::events::listen(listen, "projector").await?;
     let state = Arc::new(Mutex::new(State::default()));
     let sessions = Arc::new(AtomicUsize::new(0));
     loop {

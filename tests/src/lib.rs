@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod inproc;
 pub mod process;
 pub mod proxy;
 

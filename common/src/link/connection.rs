@@ -571,15 +571,24 @@ impl Link {
                     Err(_) => break,
                 }
             }
-            for envelope in batch {
-                if let Err(reason) = self.feed(&mut writer, envelope).await {
+            let write = async {
+                for envelope in batch {
+                    self.feed(&mut writer, envelope).await?;
+                }
+                writer
+                    .flush()
+                    .await
+                    .map_err(|err| format!("write failed: {err}"))
+            };
+            // A peer that stops reading (a cut link) can stall a write forever; the close
+            // (from missed heartbeats, or on purpose) must still end this task, so that the
+            // queue's receiver goes and nothing waits on a full queue.
+            tokio::select! {
+                result = write => if let Err(reason) = result {
                     self.shutdown(reason);
                     return;
-                }
-            }
-            if let Err(err) = writer.flush().await {
-                self.shutdown(format!("write failed: {err}"));
-                return;
+                },
+                _ = self.shared.closed.cancelled() => return,
             }
         }
         // Closing: send what is already queued (a `Close` frame, answers), briefly.

@@ -1,95 +1,16 @@
-//! The link's multiplexing over real TLS on loopback, in process: a master listener and an
-//! edge connector with dev certificates.
+//! The link's multiplexing over real TLS on loopback, in process (see `inproc`), and what
+//! it does when the peer stops reading.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tether_common::link::{
-    ConnectorConfig, EdgeSecrets, Incoming, LinkConfig, LinkError, ListenerConfig, Secret,
-    connect_once, run_listener, tls,
-};
-use tether_common::pki;
+use tether_common::link::{Incoming, LinkError};
 use tether_common::protocol::{
     ErrorCode, Json, ModuleRef, RemoteError, Request, Response, StreamItem,
 };
+use tether_tests::inproc::pair;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-
-struct OneEdge(Secret);
-
-impl EdgeSecrets for OneEdge {
-    fn secret(&self, edge_id: &str) -> Option<Secret> {
-        (edge_id == "site-1").then(|| self.0.clone())
-    }
-}
-
-/// A master listener and a connected edge link; returns the edge's side of the link, the
-/// master's incoming queue, and what keeps the listener alive.
-async fn pair(
-    max_frame: usize,
-) -> (
-    tether_common::link::Link,
-    mpsc::Receiver<Incoming>,
-    tether_common::link::Link,
-    mpsc::Receiver<Incoming>,
-    tempfile::TempDir,
-    CancellationToken,
-) {
-    tls::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    pki::write_dir(dir.path(), &["site-1".into()]).unwrap();
-    let path = |name: &str| dir.path().join(name);
-    let secret = Secret::load(&path("site-1.secret")).unwrap();
-    let server_tls = tls::link_server_config(
-        &path("master.pem"),
-        &path("master.key"),
-        Some(&path("ca.pem")),
-    )
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (accepted_tx, mut accepted_rx) = mpsc::channel(4);
-    let shutdown = CancellationToken::new();
-    let link_config = LinkConfig::with_heartbeat(Duration::from_millis(200), max_frame);
-    tokio::spawn(run_listener(
-        listener,
-        server_tls,
-        Arc::new(OneEdge(secret.clone())),
-        ListenerConfig {
-            handshake_timeout: Duration::from_secs(2),
-            max_pending_handshakes: 8,
-            link: link_config.clone(),
-        },
-        accepted_tx,
-        shutdown.clone(),
-    ));
-    let connector = ConnectorConfig {
-        master_addr: addr.to_string(),
-        server_name: tls::server_name("localhost").unwrap(),
-        tls: tls::client_config(
-            &path("ca.pem"),
-            Some((&path("site-1.pem"), &path("site-1.key"))),
-        )
-        .unwrap(),
-        edge_id: "site-1".into(),
-        secret,
-        handshake_timeout: Duration::from_secs(2),
-        reconnect: Duration::from_secs(3),
-        link: link_config,
-    };
-    let (edge_link, edge_incoming) = connect_once(&connector).await.unwrap();
-    let master_side = accepted_rx.recv().await.unwrap();
-    assert_eq!(master_side.edge_id, "site-1");
-    (
-        edge_link,
-        edge_incoming,
-        master_side.link,
-        master_side.incoming,
-        dir,
-        shutdown,
-    )
-}
 
 fn execute(n: u64) -> Request {
     Request::Execute {
@@ -127,7 +48,7 @@ fn echo_with_random_delays(mut incoming: mpsc::Receiver<Incoming>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_requests_in_flight_complete_correctly_out_of_order() {
-    let (edge, edge_incoming, master, _master_incoming, _dir, _stop) = pair(1 << 20).await;
+    let (edge, edge_incoming, master, _master_incoming, _keep) = pair(1 << 20, false).await;
     echo_with_random_delays(edge_incoming);
 
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -168,7 +89,7 @@ async fn hundreds_of_requests_in_flight_complete_correctly_out_of_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_flow_both_ways_and_deadlines_streams_and_errors_hold() {
-    let (edge, mut edge_incoming, master, master_incoming, _dir, _stop) = pair(64 * 1024).await;
+    let (edge, mut edge_incoming, master, master_incoming, _keep) = pair(64 * 1024, false).await;
     echo_with_random_delays(master_incoming);
 
     // Edge to master works too.
@@ -280,4 +201,68 @@ async fn requests_flow_both_ways_and_deadlines_streams_and_errors_hold() {
             .unwrap()
             .contains("edge shutting down")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_cannot_hang_the_sender() {
+    // 200 ms heartbeats: the link is declared dead 600 ms into the silence.
+    let (edge, mut edge_incoming, master, _master_incoming, keep) = pair(1 << 20, true).await;
+    let module = ModuleRef {
+        system: "room".into(),
+        name: "Display".into(),
+        index: 1,
+    };
+    let mut stream = master
+        .request_stream(Request::DebugSubscribe { module }, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let Some(Incoming::Request(request)) = edge_incoming.recv().await else {
+        panic!()
+    };
+    keep.proxy.as_ref().unwrap().cut();
+
+    // The edge streams far more than the socket buffers and its queue hold: its writer
+    // blocks on a peer that reads nothing.
+    let started = std::time::Instant::now();
+    let writer = tokio::spawn(async move {
+        let line = "x".repeat(16 * 1024);
+        let mut sent = 0u64;
+        while request
+            .responder
+            .item(StreamItem::Debug {
+                time_ms: sent,
+                line: line.clone(),
+            })
+            .await
+            .is_ok()
+        {
+            sent += 1;
+        }
+        sent
+    });
+    // Missed heartbeats close the link, and the stalled sender is released with an error.
+    let sent = tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .expect("the sender hung on a link whose peer stopped reading")
+        .unwrap();
+    assert!(sent > 0);
+    assert!(edge.is_closed());
+    assert!(
+        edge.close_reason().unwrap().contains("missed heartbeats"),
+        "{:?}",
+        edge.close_reason()
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The other side sees the same silence and closes too.
+    tokio::time::timeout(Duration::from_secs(3), master.closed())
+        .await
+        .unwrap();
+    let mut outcome = None;
+    while let Some(item) = stream.next().await {
+        if let Err(err) = item {
+            outcome = Some(err);
+            break;
+        }
+    }
+    assert!(matches!(outcome, Some(LinkError::Closed(_)) | None));
 }
