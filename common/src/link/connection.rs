@@ -557,6 +557,9 @@ impl Link {
         mut writer: FramedWrite<W, FrameCodec<Envelope>>,
         mut out: mpsc::Receiver<Envelope>,
     ) {
+        // Outside the write future, so that frames not yet written when the link closes
+        // are still sent by the drain below.
+        let mut batch = std::collections::VecDeque::new();
         loop {
             let envelope = tokio::select! {
                 envelope = out.recv() => envelope,
@@ -564,15 +567,15 @@ impl Link {
             };
             let Some(envelope) = envelope else { break };
             // Batch whatever else is queued into one flush.
-            let mut batch = vec![envelope];
+            batch.push_back(envelope);
             while batch.len() < 256 {
                 match out.try_recv() {
-                    Ok(more) => batch.push(more),
+                    Ok(more) => batch.push_back(more),
                     Err(_) => break,
                 }
             }
             let write = async {
-                for envelope in batch {
+                while let Some(envelope) = batch.pop_front() {
                     self.feed(&mut writer, envelope).await?;
                 }
                 writer
@@ -584,16 +587,18 @@ impl Link {
             // (from missed heartbeats, or on purpose) must still end this task, so that the
             // queue's receiver goes and nothing waits on a full queue.
             tokio::select! {
+                biased;
                 result = write => if let Err(reason) = result {
                     self.shutdown(reason);
                     return;
                 },
-                _ = self.shared.closed.cancelled() => return,
+                _ = self.shared.closed.cancelled() => break,
             }
         }
-        // Closing: send what is already queued (a `Close` frame, answers), briefly.
+        // Closing: send what is already queued (a `Close` frame, answers), for at most
+        // half a second, since the peer may be the reason we close.
         let drain = async {
-            while let Ok(envelope) = out.try_recv() {
+            while let Some(envelope) = batch.pop_front().or_else(|| out.try_recv().ok()) {
                 if self.feed(&mut writer, envelope).await.is_err() {
                     return;
                 }
