@@ -4,7 +4,11 @@
 use std::process::Command;
 
 fn edge_with(text: &str) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
+    edge_in(&tempfile::tempdir().unwrap(), text)
+}
+
+/// Runs the edge on `text` written as `edge.toml` in `dir` (which may hold other files).
+fn edge_in(dir: &tempfile::TempDir, text: &str) -> (i32, String) {
     let path = dir.path().join("edge.toml");
     std::fs::write(&path, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tether-edge"))
@@ -62,13 +66,7 @@ fn a_missing_secret_file_is_named() {
 fn a_short_secret_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("s.secret"), "abcd\n").unwrap();
-    let path = dir.path().join("edge.toml");
-    std::fs::write(&path, GOOD).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tether-edge"))
-        .args(["--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
+    let (code, stderr) = edge_in(&dir, GOOD);
+    assert_ne!(code, 0);
     assert_one_line(&stderr, &["s.secret", "64 hex digits"]);
 }

@@ -48,6 +48,14 @@ fn range(address: u16, quantity: u16, len: usize) -> Result<std::ops::Range<usiz
     }
 }
 
+/// Writes `values` into `slots` from `address`; returns how many were written.
+fn write<T: Copy>(slots: &mut [T], address: u16, values: &[T]) -> Result<u16, ExceptionCode> {
+    let quantity = u16::try_from(values.len()).map_err(|_| ExceptionCode::IllegalDataValue)?;
+    let len = slots.len();
+    slots[range(address, quantity, len)?].copy_from_slice(values);
+    Ok(quantity)
+}
+
 /// One client's session; dropping it is the disconnect.
 struct Session {
     meter: Arc<Mutex<Meter>>,
@@ -87,28 +95,24 @@ impl Session {
                 Response::ReadCoils(meter.coils[range(address, quantity, SIZE)?].to_vec())
             }
             Request::WriteSingleRegister(address, value) => {
-                let slot = range(address, 1, SIZE)?.start;
-                meter.holding[slot] = value;
+                write(&mut meter.holding, address, &[value])?;
                 command("write_register", address, json!(value));
                 Response::WriteSingleRegister(address, value)
             }
             Request::WriteMultipleRegisters(address, values) => {
-                let slots = range(address, values.len() as u16, SIZE)?;
-                meter.holding[slots].copy_from_slice(&values);
+                let quantity = write(&mut meter.holding, address, &values)?;
                 command("write_registers", address, json!(values.to_vec()));
-                Response::WriteMultipleRegisters(address, values.len() as u16)
+                Response::WriteMultipleRegisters(address, quantity)
             }
             Request::WriteSingleCoil(address, value) => {
-                let slot = range(address, 1, SIZE)?.start;
-                meter.coils[slot] = value;
+                write(&mut meter.coils, address, &[value])?;
                 command("write_coil", address, json!(value));
                 Response::WriteSingleCoil(address, value)
             }
             Request::WriteMultipleCoils(address, values) => {
-                let slots = range(address, values.len() as u16, SIZE)?;
-                meter.coils[slots].copy_from_slice(&values);
+                let quantity = write(&mut meter.coils, address, &values)?;
                 command("write_coils", address, json!(values.to_vec()));
-                Response::WriteMultipleCoils(address, values.len() as u16)
+                Response::WriteMultipleCoils(address, quantity)
             }
             _ => return Err(ExceptionCode::IllegalFunction),
         })
