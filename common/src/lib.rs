@@ -10,10 +10,13 @@
 
 pub mod api;
 pub mod link;
+pub mod model;
 pub mod pki;
 pub mod protocol;
 pub mod report;
+pub mod runtime;
 pub mod shutdown;
+pub mod store;
 
 /// Tether's version, reported by `/api/v1/health`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

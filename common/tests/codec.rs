@@ -139,20 +139,7 @@ fn request() -> impl Strategy<Value = Request> {
         module().prop_map(|module| Request::StatusRequest { module }),
         module().prop_map(|module| Request::DebugSubscribe { module }),
         module().prop_map(|module| Request::DebugUnsubscribe { module }),
-        (
-            any::<u64>(),
-            any::<u64>(),
-            any::<bool>(),
-            proptest::collection::vec(change(), 0..4)
-        )
-            .prop_map(|(from_version, to_version, snapshot, changes)| {
-                Request::ModelChanges {
-                    from_version,
-                    to_version,
-                    snapshot,
-                    changes,
-                }
-            }),
+        batch().prop_map(Request::ModelChanges),
         (
             text(),
             prop_oneof![
@@ -170,11 +157,33 @@ fn request() -> impl Strategy<Value = Request> {
         text().prop_map(|system| Request::ExpireSystemCache { system }),
         text().prop_map(|system| Request::StartSystem { system }),
         text().prop_map(|system| Request::StopSystem { system }),
-        any::<u64>().prop_map(|since_version| Request::SyncRequest { since_version }),
+        (any::<u64>(), any::<u64>()).prop_map(|(model_id, since_version)| Request::SyncRequest {
+            model_id,
+            since_version
+        }),
         proptest::collection::vec(any::<[u8; 32]>(), 0..4)
             .prop_map(|hashes| Request::FetchBlobs { hashes }),
         proptest::collection::vec(audit(), 0..4).prop_map(|events| Request::AuditEvents { events }),
     ]
+}
+
+fn batch() -> impl Strategy<Value = ModelBatch> {
+    (
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<bool>(),
+        proptest::collection::vec(change(), 0..4),
+    )
+        .prop_map(
+            |(model_id, from_version, to_version, snapshot, changes)| ModelBatch {
+                model_id,
+                from_version,
+                to_version,
+                snapshot,
+                changes,
+            },
+        )
 }
 
 fn remote_error() -> impl Strategy<Value = RemoteError> {
@@ -199,20 +208,7 @@ fn response() -> impl Strategy<Value = Response> {
         (json(), text()).prop_map(|(value, executed_by)| Response::Value { value, executed_by }),
         proptest::collection::vec((text(), json()), 0..4)
             .prop_map(|entries| Response::Status { entries }),
-        (
-            any::<u64>(),
-            any::<u64>(),
-            any::<bool>(),
-            proptest::collection::vec(change(), 0..4)
-        )
-            .prop_map(|(from_version, to_version, snapshot, changes)| {
-                Response::ModelChanges {
-                    from_version,
-                    to_version,
-                    snapshot,
-                    changes,
-                }
-            }),
+        batch().prop_map(Response::ModelChanges),
     ]
 }
 

@@ -36,4 +36,10 @@ pub mod defaults {
     pub const MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
     /// A peer that has not authenticated by then is dropped.
     pub const HANDSHAKE_TIMEOUT_MS: u64 = 5000;
+    /// Model changes the master keeps in its change log.
+    pub const CHANGE_LOG_LIMIT: u64 = 10_000;
+    /// How long a module method may run before its caller gets a timeout.
+    pub const EXEC_TIMEOUT_MS: u64 = 30_000;
+    /// Requests a module runs at once, unless its driver says otherwise.
+    pub const MODULE_CONCURRENCY: u32 = 1;
 }

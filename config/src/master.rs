@@ -35,6 +35,10 @@ pub struct MasterConfig {
     /// A connection that has not authenticated by then is dropped.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// Model changes kept in the change log. An edge whose version is older than the log
+    /// reaches gets a full snapshot of its slice instead of the changes.
+    #[serde(default = "default_change_log_limit")]
+    pub change_log_limit: u64,
     /// TLS identity and trust.
     pub tls: MasterTls,
 }
@@ -73,6 +77,9 @@ fn default_max_frame_bytes() -> u32 {
 fn default_handshake_timeout_ms() -> u64 {
     defaults::HANDSHAKE_TIMEOUT_MS
 }
+fn default_change_log_limit() -> u64 {
+    defaults::CHANGE_LOG_LIMIT
+}
 fn default_true() -> bool {
     true
 }
@@ -94,6 +101,12 @@ impl MasterConfig {
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         check_id(file, "id", &self.id)?;
         check_range(file, "boot_wait_ms", self.boot_wait_ms, 0..=600_000)?;
+        check_range(
+            file,
+            "change_log_limit",
+            self.change_log_limit,
+            1..=10_000_000,
+        )?;
         check_link_settings(
             file,
             self.heartbeat_ms,

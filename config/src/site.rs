@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::{base_dir, check_id, check_range, load_file, resolve};
 use crate::{ConfigError, defaults};
@@ -46,7 +46,7 @@ pub struct Repository {
 }
 
 /// What a driver drives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DriverKind {
     /// A device on the network.
@@ -57,7 +57,7 @@ pub enum DriverKind {
 }
 
 /// How a driver reaches its device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// A TCP byte stream with framing.
@@ -93,10 +93,20 @@ pub struct Driver {
     /// Settings every module starts from.
     #[serde(default)]
     pub default_settings: toml::Table,
+    /// `tcp`: frames end with this string (`"\r"`, `"\r\n"`); the script gets them without it.
+    pub delimiter: Option<String>,
+    /// `tcp`: frames are this many bytes (instead of a delimiter).
+    pub frame_length: Option<u32>,
+    /// Requests a module of this driver runs at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// How long a method may run before its caller gets a timeout.
+    #[serde(default = "default_exec_timeout_ms")]
+    pub timeout_ms: u64,
 }
 
 /// Who keeps an edge's modules ready on the master while the edge runs them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Standby {
     /// Nothing runs on the master until it takes over.
@@ -107,7 +117,7 @@ pub enum Standby {
 }
 
 /// When control goes back to an edge by itself.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreWindow {
     /// 5-field cron expression for the window's start.
@@ -190,6 +200,12 @@ pub struct System {
 fn default_true() -> bool {
     true
 }
+fn default_concurrency() -> u32 {
+    defaults::MODULE_CONCURRENCY
+}
+fn default_exec_timeout_ms() -> u64 {
+    defaults::EXEC_TIMEOUT_MS
+}
 fn default_timeout_ms() -> u64 {
     defaults::EDGE_TIMEOUT_MS
 }
@@ -243,6 +259,42 @@ impl SiteFile {
                 &driver.repository,
                 "[[repositories]]",
             )?;
+        }
+        for (i, driver) in self.drivers.iter().enumerate() {
+            check_range(
+                file,
+                &format!("drivers[{i}].concurrency"),
+                driver.concurrency.into(),
+                1..=64,
+            )?;
+            check_range(
+                file,
+                &format!("drivers[{i}].timeout_ms"),
+                driver.timeout_ms,
+                10..=3_600_000,
+            )?;
+            if driver.delimiter.is_some() && driver.frame_length.is_some() {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("drivers[{i}].frame_length"),
+                    "either a delimiter or a frame_length, not both",
+                ));
+            }
+            if driver.delimiter.as_deref() == Some("") {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("drivers[{i}].delimiter"),
+                    "a non-empty delimiter",
+                ));
+            }
+            if let Some(length) = driver.frame_length {
+                check_range(
+                    file,
+                    &format!("drivers[{i}].frame_length"),
+                    length.into(),
+                    1..=65_536,
+                )?;
+            }
         }
         for (i, edge) in self.edges.iter().enumerate() {
             check_range(

@@ -1,7 +1,9 @@
 //! `tether-edge`: one per site; runs the site's modules and keeps a link to the master.
 #![forbid(unsafe_code)]
 
+mod replica;
 mod server;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -6,17 +6,21 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
+use axum::extract::State;
 use axum::routing::get;
-use tether_common::api::{AdminToken, Health, health, serve_https};
-use tether_common::link::{
-    ConnectorConfig, LinkConfig, LinkEvent, Secret, maintain_link, refuse_all, tls,
+use axum::{Json, Router, middleware};
+use tether_common::api::{
+    AdminToken, Health, health, module_routes, require_token, serve_https, system_routes,
 };
+use tether_common::link::{ConnectorConfig, LinkConfig, LinkEvent, Secret, maintain_link, tls};
 use tether_common::pki;
+use tether_common::runtime::{Runtime, ScriptLimits};
 use tether_config::EdgeConfig;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::replica::Replica;
 
 /// Runs the edge until SIGINT or SIGTERM.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -58,8 +62,18 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let token = Arc::new(AdminToken::load_or_create(&config.data_dir)?);
+    let replica = Arc::new(
+        Replica::open(&config.data_dir, &config.edge_id).map_err(|err| {
+            let text = err.to_string();
+            if text.contains("already open") {
+                anyhow::anyhow!("{text}: is an edge running with this data_dir? Stop it first")
+            } else {
+                anyhow::anyhow!(text)
+            }
+        })?,
+    );
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, token, connector, api_tls))
+    runtime.block_on(serve(config, token, connector, api_tls, replica))
 }
 
 async fn serve(
@@ -67,6 +81,7 @@ async fn serve(
     token: Arc<AdminToken>,
     connector: ConnectorConfig,
     api_tls: Arc<rustls::ServerConfig>,
+    replica: Arc<Replica>,
 ) -> anyhow::Result<()> {
     let api_listener = TcpListener::bind(config.api_listen)
         .await
@@ -82,35 +97,83 @@ async fn serve(
         id: config.edge_id.clone(),
         booted: false.into(),
     });
-    // The token guards the rest of the edge's API, which comes with the proxying issue.
-    let _ = token;
+    let runtime = Runtime::new(format!("edge:{}", config.edge_id), ScriptLimits::default());
+    // The replica alone is enough to run: the master may be down for the whole boot.
+    run_replica(&replica, &runtime, &config.edge_id).await;
+    tokio::spawn(follow_replica(
+        replica.clone(),
+        runtime.clone(),
+        config.edge_id.clone(),
+    ));
+
+    let protected = Router::new()
+        .route("/api/v1/replica", get(replica_dump))
+        .with_state(replica.clone())
+        .merge(system_routes(runtime.clone()))
+        .merge(module_routes(runtime.clone()))
+        .layer(middleware::from_fn_with_state(token, require_token));
     let router = Router::new()
         .route("/api/v1/health", get(health))
-        .with_state(health_state.clone());
+        .with_state(health_state.clone())
+        .merge(protected);
     tokio::spawn(serve_https(api_listener, api_tls, router, shutdown.clone()));
 
     let (events_tx, events_rx) = mpsc::channel(16);
     tokio::spawn(maintain_link(connector, events_tx, shutdown.clone()));
-    tokio::spawn(follow_link(events_rx));
+    tokio::spawn(follow_link(events_rx, replica.clone()));
 
     health_state.booted.store(true, Ordering::Relaxed);
-    tracing::info!(edge = %config.edge_id, api = %config.api_listen, master = %config.master, "edge booted");
+    let (_, at) = replica.snapshot();
+    tracing::info!(
+        edge = %config.edge_id,
+        api = %config.api_listen,
+        master = %config.master,
+        replica_version = at.version,
+        modules = runtime.running().len(),
+        "edge booted"
+    );
     tether_common::shutdown::wait_for_signal().await;
     tracing::info!("shutting down");
     shutdown.cancel();
+    runtime.stop_all().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }
 
-/// Serves what the master sends on each link as it comes up.
-async fn follow_link(mut events: mpsc::Receiver<LinkEvent>) {
+/// Runs the replica's modules that belong to this edge.
+async fn run_replica(replica: &Replica, runtime: &Runtime, edge_id: &str) {
+    let (model, _) = replica.snapshot();
+    let wanted = model.clone();
+    runtime
+        .reconcile(model, |module| {
+            wanted.module_edge(module).as_deref() == Some(edge_id)
+        })
+        .await;
+}
+
+/// Reconciles the modules after every applied batch (new host or settings: restart).
+async fn follow_replica(replica: Arc<Replica>, runtime: Runtime, edge_id: String) {
+    let mut changed = replica.watch();
+    while changed.changed().await.is_ok() {
+        run_replica(&replica, &runtime, &edge_id).await;
+    }
+}
+
+/// The replica: `{"model_id", "version", "records": {kind: {id: record}}}`.
+async fn replica_dump(State(replica): State<Arc<Replica>>) -> Json<serde_json::Value> {
+    let (model, at) = replica.snapshot();
+    Json(serde_json::json!({
+        "model_id": at.model_id.to_string(),
+        "version": at.version,
+        "records": model.dump(),
+    }))
+}
+
+/// Serves each link to the master as it comes up.
+async fn follow_link(mut events: mpsc::Receiver<LinkEvent>, replica: Arc<Replica>) {
     while let Some(event) = events.recv().await {
-        if let LinkEvent::Up { incoming, .. } = event {
-            // Control, the replica and execution handle what the master sends with later issues.
-            tokio::spawn(refuse_all(
-                incoming,
-                "this edge does not handle that request yet",
-            ));
+        if let LinkEvent::Up { link, incoming } = event {
+            tokio::spawn(crate::sync::serve_master(link, incoming, replica.clone()));
         }
     }
 }

@@ -1,17 +1,21 @@
-//! The master's view of its edges: their configuration and secrets, and which link is
-//! current for each. A newer authenticated link replaces the old one; only the current
-//! link's closing marks an edge offline.
+//! The master's view of its edges: their records and secrets (following the data model),
+//! and which link is current for each. A newer authenticated link replaces the old one;
+//! only the current link's closing marks an edge offline.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
 use serde::Serialize;
+use serde_json::Value;
 use tether_common::link::{EdgeSecrets, Link, Secret};
-use tether_config::SiteEdge;
+use tether_common::model::EdgeRecord;
 
 struct EdgeEntry {
-    config: SiteEdge,
+    record: EdgeRecord,
     secret: Option<Secret>,
     /// The current link and a number that tells it from the links it replaced.
     link: Option<(u64, Link)>,
@@ -20,23 +24,21 @@ struct EdgeEntry {
     last_seen_ms: Option<u64>,
 }
 
-/// Every configured edge and its link.
+/// Every edge of the model and its link.
 pub struct EdgeRegistry {
     edges: Mutex<HashMap<String, EdgeEntry>>,
+    /// Relative secret files are resolved against this folder (master.toml's).
+    base_dir: PathBuf,
     next_generation: std::sync::atomic::AtomicU64,
 }
 
-/// One edge as `GET /api/v1/edges` shows it.
+/// The link state `GET /api/v1/edges` adds to an edge's record.
 #[derive(Debug, Serialize)]
-pub struct EdgeView {
-    id: String,
-    name: String,
+struct LinkView {
     online: bool,
     last_seen: Option<String>,
     connected_since: Option<String>,
     rtt_ms: Option<f64>,
-    failover: bool,
-    timeout_ms: u64,
 }
 
 fn rfc3339(unix_ms: u64) -> String {
@@ -51,33 +53,62 @@ fn now_ms() -> u64 {
 }
 
 impl EdgeRegistry {
-    /// A registry of the site file's edges. An edge whose secret cannot be read is logged
-    /// and cannot authenticate; the others are unaffected.
-    pub fn new(edges: &[SiteEdge]) -> Arc<Self> {
-        let entries = edges
-            .iter()
-            .map(|config| {
-                let secret = match Secret::load(&config.secret_file) {
-                    Ok(secret) => Some(secret),
-                    Err(err) => {
-                        tracing::error!(edge = %config.id, "edge cannot authenticate: {err}");
-                        None
-                    }
-                };
-                let entry = EdgeEntry {
-                    config: config.clone(),
-                    secret,
-                    link: None,
-                    connected_since_ms: None,
-                    last_seen_ms: None,
-                };
-                (config.id.clone(), entry)
-            })
-            .collect();
+    /// An empty registry; [`sync`](Self::sync) fills it from the model.
+    pub fn new(base_dir: PathBuf) -> Arc<Self> {
         Arc::new(EdgeRegistry {
-            edges: Mutex::new(entries),
+            edges: Mutex::new(HashMap::new()),
+            base_dir,
             next_generation: 1.into(),
         })
+    }
+
+    fn load_secret(&self, record: &EdgeRecord) -> Option<Secret> {
+        let Some(file) = &record.secret_file else {
+            tracing::error!(edge = %record.id, "edge cannot authenticate: its record names no secret_file");
+            return None;
+        };
+        match Secret::load(&self.base_dir.join(file)) {
+            Ok(secret) => Some(secret),
+            Err(err) => {
+                tracing::error!(edge = %record.id, "edge cannot authenticate: {err}");
+                None
+            }
+        }
+    }
+
+    /// Follows the model's edges: new ones are added, changed ones updated (their secret
+    /// read again), deleted ones removed and their links closed. An edge whose secret
+    /// cannot be read is logged and cannot authenticate; the others are unaffected.
+    pub fn sync(&self, records: &BTreeMap<String, EdgeRecord>) {
+        let mut edges = self.lock();
+        edges.retain(|id, entry| {
+            let keep = records.contains_key(id);
+            if !keep && let Some((_, link)) = &entry.link {
+                link.close("the edge was deleted from the data model");
+            }
+            keep
+        });
+        for (id, record) in records {
+            match edges.get_mut(id) {
+                Some(entry) if entry.record == *record => {}
+                Some(entry) => {
+                    if entry.record.secret_file != record.secret_file {
+                        entry.secret = self.load_secret(record);
+                    }
+                    entry.record = record.clone();
+                }
+                None => {
+                    let entry = EdgeEntry {
+                        record: record.clone(),
+                        secret: self.load_secret(record),
+                        link: None,
+                        connected_since_ms: None,
+                        last_seen_ms: None,
+                    };
+                    edges.insert(id.clone(), entry);
+                }
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, EdgeEntry>> {
@@ -126,31 +157,30 @@ impl EdgeRegistry {
         }
     }
 
-    /// All edges, sorted by id.
-    pub fn views(&self) -> Vec<EdgeView> {
+    /// An edge's record with its link state, as `GET /api/v1/edges` shows it.
+    pub fn view(&self, record: &EdgeRecord) -> Option<Value> {
         let edges = self.lock();
-        let mut views: Vec<EdgeView> = edges
-            .values()
-            .map(|entry| {
-                let link = entry.link.as_ref().map(|(_, link)| link);
-                let online = link.is_some_and(|link| !link.is_closed());
-                let last_seen = link.map(|l| l.last_seen_unix_ms()).or(entry.last_seen_ms);
-                EdgeView {
-                    id: entry.config.id.clone(),
-                    name: entry.config.name.clone(),
-                    online,
-                    last_seen: last_seen.map(rfc3339),
-                    connected_since: entry.connected_since_ms.map(rfc3339),
-                    rtt_ms: link
-                        .and_then(|l| l.rtt())
-                        .map(|rtt| (rtt.as_secs_f64() * 1e6).round() / 1e3),
-                    failover: entry.config.failover,
-                    timeout_ms: entry.config.timeout_ms,
-                }
-            })
-            .collect();
-        views.sort_by(|a, b| a.id.cmp(&b.id));
-        views
+        let entry = edges.get(&record.id);
+        let link = entry.and_then(|e| e.link.as_ref()).map(|(_, link)| link);
+        let online = link.is_some_and(|link| !link.is_closed());
+        let last_seen = link
+            .map(|l| l.last_seen_unix_ms())
+            .or(entry.and_then(|e| e.last_seen_ms));
+        let state = LinkView {
+            online,
+            last_seen: last_seen.map(rfc3339),
+            connected_since: entry.and_then(|e| e.connected_since_ms).map(rfc3339),
+            rtt_ms: link
+                .and_then(|l| l.rtt())
+                .map(|rtt| (rtt.as_secs_f64() * 1e6).round() / 1e3),
+        };
+        let mut view = serde_json::to_value(record).ok()?;
+        if let (Value::Object(map), Ok(Value::Object(state))) =
+            (&mut view, serde_json::to_value(state))
+        {
+            map.extend(state);
+        }
+        Some(view)
     }
 }
 

@@ -3,7 +3,11 @@
 
 mod api;
 mod edges;
+mod import;
+mod model;
+mod seed;
 mod server;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,12 +37,35 @@ enum Command {
         #[arg(long, value_name = "ID,ID", value_delimiter = ',')]
         edges: Vec<String>,
     },
+    /// Load a site file into the data model of a stopped master: every record in the file
+    /// is created or replaced (nothing is deleted), each change logged for the edges.
+    Import {
+        /// The site file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The master's configuration file (for its data_dir).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match (cli.command, cli.config) {
         (Some(Command::Certs { dir, edges }), _) => certs(&dir, &edges),
+        (Some(Command::Import { file, config }), _) => match import::run(&config, &file) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!(
+                    "tether-master: {}",
+                    tether_common::report::one_line(err.as_ref())
+                );
+                ExitCode::from(2)
+            }
+        },
         (None, Some(config)) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

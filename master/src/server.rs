@@ -8,16 +8,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tether_common::api::{AdminToken, Health, serve_https};
-use tether_common::link::{
-    AuthenticatedEdge, LinkConfig, ListenerConfig, refuse_all, run_listener, tls,
-};
+use tether_common::link::{AuthenticatedEdge, LinkConfig, ListenerConfig, run_listener, tls};
 use tether_common::pki;
+use tether_common::runtime::{Runtime, ScriptLimits};
 use tether_config::{MasterConfig, SiteFile};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::edges::EdgeRegistry;
+use crate::model::ModelService;
 
 /// Handshakes in progress at once before new connections are dropped.
 const MAX_PENDING_HANDSHAKES: usize = 256;
@@ -25,13 +25,7 @@ const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Runs the master until SIGINT or SIGTERM.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = MasterConfig::load(config_path)?;
-    let site = match &config.seed {
-        Some(seed) => SiteFile::load(seed)?,
-        None => {
-            tracing::warn!("no seed site file is configured: no edge can connect");
-            SiteFile::default()
-        }
-    };
+    let seed = config.seed.as_deref().map(SiteFile::load).transpose()?;
     tls::install_crypto_provider();
     if config.tls.create_dev_certs {
         let leaf = pki::Leaf {
@@ -39,7 +33,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             key: config.tls.key.clone(),
             role: pki::Role::Master(pki::loopback_names()),
         };
-        let secrets: Vec<_> = site.edges.iter().map(|e| e.secret_file.clone()).collect();
+        let secrets: Vec<_> = seed
+            .iter()
+            .flat_map(|site| site.edges.iter().map(|e| e.secret_file.clone()))
+            .collect();
         for path in pki::ensure(&config.tls.ca, &[leaf], &secrets)? {
             tracing::info!("created development file {}", path.display());
         }
@@ -53,15 +50,52 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     // Everything is checked; only now write to the data folder.
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let model = Arc::new(open_model(&config)?);
     let token = Arc::new(AdminToken::load_or_create(&config.data_dir)?);
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, site, token, link_tls, api_tls))
+    runtime.block_on(async {
+        if let Some(site) = &seed {
+            seed_new_model(&model, site).await?;
+        }
+        serve(config_path, config, model, token, link_tls, api_tls).await
+    })
+}
+
+/// Opens the model database in the data folder, naming a master that holds it already.
+pub fn open_model(config: &MasterConfig) -> anyhow::Result<ModelService> {
+    ModelService::open(&config.data_dir, config.change_log_limit).map_err(|err| {
+        let text = err.to_string();
+        if text.contains("already open") {
+            anyhow::anyhow!("{text}: is a master running with this data_dir? Stop it first")
+        } else {
+            anyhow::anyhow!(text)
+        }
+    })
+}
+
+/// A model that has never been written is seeded from the site file.
+async fn seed_new_model(model: &ModelService, site: &SiteFile) -> anyhow::Result<()> {
+    let (_, version) = model.snapshot();
+    if version > 0 {
+        return Ok(());
+    }
+    let writes = crate::seed::site_writes(site)?;
+    let changes = model
+        .write(|_| Ok(writes))
+        .await
+        .context("the seed site file does not make a valid model")?;
+    tracing::info!(
+        changes = changes.len(),
+        "seeded a new data model from the site file"
+    );
+    Ok(())
 }
 
 async fn serve(
+    config_path: &Path,
     config: MasterConfig,
-    site: SiteFile,
+    model: Arc<ModelService>,
     token: Arc<AdminToken>,
     link_tls: Arc<rustls::ServerConfig>,
     api_tls: Arc<rustls::ServerConfig>,
@@ -84,7 +118,18 @@ async fn serve(
         })?;
 
     let shutdown = CancellationToken::new();
-    let registry = EdgeRegistry::new(&site.edges);
+    let base_dir = config_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let registry = EdgeRegistry::new(base_dir.clone());
+    let runtime = Runtime::new("master", ScriptLimits::default());
+    follow_model(model.clone(), registry.clone(), runtime.clone()).await;
+    tokio::spawn(follow_model_changes(
+        model.clone(),
+        registry.clone(),
+        runtime.clone(),
+    ));
     let health = Arc::new(Health {
         role: "master",
         id: config.id.clone(),
@@ -108,16 +153,24 @@ async fn serve(
         accepted_tx,
         shutdown.clone(),
     ));
-    tokio::spawn(attach_links(registry.clone(), accepted_rx));
+    tokio::spawn(attach_links(registry.clone(), model.clone(), accepted_rx));
 
-    let router = crate::api::router(health.clone(), token, registry.clone());
+    let state = crate::api::AppState {
+        model: model.clone(),
+        edges: registry.clone(),
+        runtime: runtime.clone(),
+        base_dir,
+    };
+    let router = crate::api::router(health.clone(), token, state);
     tokio::spawn(serve_https(api_listener, api_tls, router, shutdown.clone()));
 
     health.booted.store(true, Ordering::Relaxed);
+    let (snapshot, version) = model.snapshot();
     tracing::info!(
         api = %config.api_listen,
         link = %config.link_listen,
-        edges = site.edges.len(),
+        edges = snapshot.edges.len(),
+        version,
         "master booted"
     );
 
@@ -125,14 +178,39 @@ async fn serve(
     tracing::info!("shutting down");
     registry.close_all("the master is shutting down");
     shutdown.cancel();
+    runtime.stop_all().await;
     // Let the links flush their close frames.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }
 
+/// Applies the model to the edge registry and to the modules the master runs (those of
+/// no edge).
+async fn follow_model(model: Arc<ModelService>, registry: Arc<EdgeRegistry>, runtime: Runtime) {
+    let (snapshot, _) = model.snapshot();
+    registry.sync(&snapshot.edges);
+    let wanted = snapshot.clone();
+    runtime
+        .reconcile(snapshot, move |module| wanted.module_edge(module).is_none())
+        .await;
+}
+
+/// Runs [`follow_model`] after every committed write.
+async fn follow_model_changes(
+    model: Arc<ModelService>,
+    registry: Arc<EdgeRegistry>,
+    runtime: Runtime,
+) {
+    let mut version = model.watch_version();
+    while version.changed().await.is_ok() {
+        follow_model(model.clone(), registry.clone(), runtime.clone()).await;
+    }
+}
+
 /// Registers each authenticated edge and serves what it sends until its link closes.
 async fn attach_links(
     registry: Arc<EdgeRegistry>,
+    model: Arc<ModelService>,
     mut accepted: mpsc::Receiver<AuthenticatedEdge>,
 ) {
     while let Some(edge) = accepted.recv().await {
@@ -142,11 +220,13 @@ async fn attach_links(
             continue;
         };
         let registry = registry.clone();
+        let model = model.clone();
         tokio::spawn(async move {
-            // The data model, control and proxying handle what edges send with later issues.
-            refuse_all(
+            crate::sync::serve_edge(
+                edge.edge_id.clone(),
+                edge.link.clone(),
                 edge.incoming,
-                "this master does not handle that request yet",
+                model,
             )
             .await;
             edge.link.closed().await;

@@ -4,9 +4,11 @@
 mod error;
 mod health;
 mod https;
+mod modules;
 mod token;
 
 pub use error::ApiError;
 pub use health::{Health, health};
 pub use https::serve_https;
+pub use modules::{module_routes, system_routes, system_view};
 pub use token::{AdminToken, TokenError, require_token};

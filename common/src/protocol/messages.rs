@@ -29,7 +29,7 @@ pub struct ModuleRef {
 }
 
 /// The kinds of data-model entity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum EntityKind {
     /// Edge location.
     Edge,
@@ -56,6 +56,21 @@ pub struct ModelChange {
     pub id: String,
     /// The new record, or `None` when deleted.
     pub record: Option<Json>,
+}
+
+/// Data-model changes for one edge, or a full snapshot of its slice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelBatch {
+    /// The master model these belong to; a replica from another model gets a snapshot.
+    pub model_id: u64,
+    /// The version the changes start from (0 for a snapshot).
+    pub from_version: u64,
+    /// The version after applying them.
+    pub to_version: u64,
+    /// Whether `changes` replaces the whole slice.
+    pub snapshot: bool,
+    /// The records written or deleted, each as of `to_version`.
+    pub changes: Vec<ModelChange>,
 }
 
 /// A file of a driver repository, named by its content hash.
@@ -140,17 +155,9 @@ pub enum Request {
         /// The module.
         module: ModuleRef,
     },
-    /// Master to edge: data-model changes, or a full snapshot of the edge's slice.
-    ModelChanges {
-        /// The version the changes start from (ignored for a snapshot).
-        from_version: u64,
-        /// The version after applying them.
-        to_version: u64,
-        /// Whether `changes` replaces the whole slice.
-        snapshot: bool,
-        /// The changes.
-        changes: Vec<ModelChange>,
-    },
+    /// Master to edge: data-model changes pushed live, or a full snapshot of the edge's
+    /// slice. Answer: [`Response::Ack`] once applied.
+    ModelChanges(ModelBatch),
     /// Master to edge: move a driver repository, and the files it should hold.
     RepositoryUpdate {
         /// Repository id.
@@ -183,6 +190,8 @@ pub enum Request {
     /// Edge to master: data-model changes since `since_version`.
     /// Answer: [`Response::ModelChanges`].
     SyncRequest {
+        /// The master model the edge's replica came from (0 for none).
+        model_id: u64,
         /// The edge's model version.
         since_version: u64,
     },
@@ -221,16 +230,7 @@ pub enum Response {
         entries: Vec<(String, Json)>,
     },
     /// Data-model changes for a [`Request::SyncRequest`].
-    ModelChanges {
-        /// The version the changes start from.
-        from_version: u64,
-        /// The version after applying them.
-        to_version: u64,
-        /// Whether `changes` replaces the whole slice.
-        snapshot: bool,
-        /// The changes.
-        changes: Vec<ModelChange>,
-    },
+    ModelChanges(ModelBatch),
 }
 
 /// Items of a streamed answer.

@@ -15,7 +15,7 @@ pub use envelope::{Envelope, ErrorCode, RemoteError};
 pub use handshake::{Handshake, NONCE_LEN, Nonce};
 pub use json::Json;
 pub use messages::{
-    AuditRecord, ControlOwner, EntityKind, FileEntry, ModelChange, ModuleRef, Notice,
+    AuditRecord, ControlOwner, EntityKind, FileEntry, ModelBatch, ModelChange, ModuleRef, Notice,
     RepositoryAction, Request, Response, StreamItem,
 };
 

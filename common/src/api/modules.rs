@@ -1,0 +1,147 @@
+//! Control systems and module calls, as master and edge both serve them for what they
+//! run: `GET /api/v1/systems[/{id}]`, and per module `exec`, `status` and `debug`.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::model::Model;
+use crate::runtime::{ExecError, Runtime};
+
+impl From<ExecError> for ApiError {
+    fn from(err: ExecError) -> Self {
+        let message = err.to_string();
+        match err {
+            ExecError::NotFound(_) => ApiError::not_found(message),
+            ExecError::NotHere(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_here", message)
+            }
+            ExecError::Faulted(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "module_faulted", message)
+            }
+            ExecError::Busy(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message),
+            ExecError::Unavailable(_) => ApiError::unavailable(message),
+            ExecError::Timeout(_) => ApiError::timeout(message),
+            ExecError::BadArgs(_) => ApiError::unprocessable(message),
+            ExecError::Script(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "script_error", message)
+            }
+        }
+    }
+}
+
+/// A system record with its modules in order (`members`): name, index, driver, where each
+/// runs, and its state where it runs here.
+pub fn system_view(model: &Model, runtime: &Runtime, id: &str) -> Option<Value> {
+    let record = model.systems.get(id)?;
+    let mut view = serde_json::to_value(record).ok()?;
+    let members = serde_json::to_value(runtime.system_modules(model, id)).ok()?;
+    if let Value::Object(map) = &mut view {
+        map.insert("members".into(), members);
+    }
+    Some(view)
+}
+
+/// The body of an exec call.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    method: String,
+    #[serde(default)]
+    args: Vec<Value>,
+}
+
+type ModulePath = Path<(String, String, String)>;
+
+fn index(text: &str) -> Result<u32, ApiError> {
+    text.parse::<u32>().ok().filter(|i| *i >= 1).ok_or_else(|| {
+        ApiError::not_found(format!("a module index is a number from 1, not {text:?}"))
+    })
+}
+
+/// The per-module routes and the read-only system routes, over `runtime`.
+pub fn module_routes(runtime: Runtime) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/systems/{id}/modules/{name}/{index}/exec",
+            post(exec),
+        )
+        .route(
+            "/api/v1/systems/{id}/modules/{name}/{index}/status",
+            get(status),
+        )
+        .route(
+            "/api/v1/systems/{id}/modules/{name}/{index}/debug",
+            get(debug),
+        )
+        .with_state(runtime)
+}
+
+/// `GET /api/v1/systems` and `GET /api/v1/systems/{id}` from the runtime's model (an
+/// edge's replica). The master serves these from its full model instead.
+pub fn system_routes(runtime: Runtime) -> Router {
+    Router::new()
+        .route("/api/v1/systems", get(list_systems))
+        .route("/api/v1/systems/{id}", get(get_system))
+        .with_state(runtime)
+}
+
+async fn list_systems(State(runtime): State<Runtime>) -> Json<Vec<Value>> {
+    let model = runtime.model();
+    Json(
+        model
+            .systems
+            .keys()
+            .filter_map(|id| system_view(&model, &runtime, id))
+            .collect(),
+    )
+}
+
+async fn get_system(
+    State(runtime): State<Runtime>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    system_view(&runtime.model(), &runtime, &id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no system {id}")))
+}
+
+async fn exec(
+    State(runtime): State<Runtime>,
+    Path((system, name, index_text)): ModulePath,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let index = index(&index_text)?;
+    let body: ExecBody = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::unprocessable(format!(
+            "the body must be {{\"method\": NAME, \"args\": [...]}}: {err}"
+        ))
+    })?;
+    let (result, executed_by) = runtime
+        .exec(&system, &name, index, &body.method, body.args)
+        .await?;
+    Ok(Json(
+        json!({ "result": result, "executed_by": executed_by }),
+    ))
+}
+
+async fn status(
+    State(runtime): State<Runtime>,
+    Path((system, name, index_text)): ModulePath,
+) -> Result<Json<Value>, ApiError> {
+    let status = runtime.status(&system, &name, index(&index_text)?)?;
+    Ok(Json(Value::Object(status)))
+}
+
+async fn debug(
+    State(runtime): State<Runtime>,
+    Path((system, name, index_text)): ModulePath,
+) -> Result<Json<Value>, ApiError> {
+    let lines = runtime.debug(&system, &name, index(&index_text)?)?;
+    Ok(Json(serde_json::to_value(lines).unwrap_or_default()))
+}

@@ -1,0 +1,249 @@
+//! What a running module shares: with its script's host functions (the context) and with
+//! the API (status map, state, debug ring).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::modbus::{ModbusHandle, ModbusOp, ModbusReply};
+use super::module::{Job, JobKind};
+use super::spec::ModuleSpec;
+use super::tcp::TcpHandle;
+use super::{ExecError, Inner};
+
+/// Lines a module's debug ring keeps.
+const DEBUG_LINES: usize = 256;
+/// The shortest period `schedule_every` accepts.
+const MIN_PERIOD_MS: i64 = 10;
+
+/// One line of a module's debug log.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DebugLine {
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    /// The text.
+    pub line: String,
+}
+
+/// Where a module is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleState {
+    /// Compiling and running `on_load`.
+    Starting,
+    /// Serving requests.
+    Running,
+    /// Its script failed to compile or to load; it serves nothing until its driver or
+    /// settings change.
+    Faulted,
+    /// Stopped.
+    Stopped,
+}
+
+/// A module's state as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModuleHealth {
+    /// Life stage.
+    pub state: ModuleState,
+    /// Why it is faulted.
+    pub error: Option<String>,
+    /// The last error of a call or callback (the module carries on).
+    pub last_error: Option<String>,
+}
+
+/// The part of a module the API reads.
+#[derive(Debug)]
+pub(super) struct ModuleShared {
+    status: Mutex<Map<String, Value>>,
+    debug: Mutex<VecDeque<DebugLine>>,
+    health: Mutex<ModuleHealth>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ModuleShared {
+    pub(super) fn new() -> Self {
+        ModuleShared {
+            status: Mutex::new(Map::new()),
+            debug: Mutex::new(VecDeque::new()),
+            health: Mutex::new(ModuleHealth {
+                state: ModuleState::Starting,
+                error: None,
+                last_error: None,
+            }),
+        }
+    }
+
+    /// The status map.
+    pub(super) fn status(&self) -> Map<String, Value> {
+        lock(&self.status).clone()
+    }
+
+    /// The debug ring, oldest first.
+    pub(super) fn debug_lines(&self) -> Vec<DebugLine> {
+        lock(&self.debug).iter().cloned().collect()
+    }
+
+    /// State and errors.
+    pub(super) fn health(&self) -> ModuleHealth {
+        lock(&self.health).clone()
+    }
+
+    pub(super) fn set_state(&self, state: ModuleState, error: Option<String>) {
+        let mut health = lock(&self.health);
+        health.state = state;
+        health.error = error;
+    }
+
+    pub(super) fn record_error(&self, error: String) {
+        self.log(format!("error: {error}"));
+        lock(&self.health).last_error = Some(error);
+    }
+
+    pub(super) fn log(&self, line: impl Into<String>) {
+        let mut debug = lock(&self.debug);
+        if debug.len() == DEBUG_LINES {
+            debug.pop_front();
+        }
+        debug.push_back(DebugLine {
+            time_ms: now_ms(),
+            line: line.into(),
+        });
+    }
+}
+
+/// What a script's host functions reach.
+pub(super) struct ModuleContext {
+    pub(super) spec: ModuleSpec,
+    pub(super) shared: Arc<ModuleShared>,
+    pub(super) tcp: Option<TcpHandle>,
+    pub(super) modbus: Option<ModbusHandle>,
+    pub(super) jobs: mpsc::Sender<Job>,
+    pub(super) cancel: CancellationToken,
+    pub(super) runtime: Weak<Inner>,
+    pub(super) handle: tokio::runtime::Handle,
+}
+
+impl ModuleContext {
+    pub(super) fn log(&self, text: &str) {
+        tracing::debug!(module = %self.spec.id, "{text}");
+        self.shared.log(text);
+    }
+
+    pub(super) fn send(&self, data: Vec<u8>) -> Result<(), String> {
+        match &self.tcp {
+            Some(tcp) => tcp.send(data),
+            None => {
+                Err("send needs a driver with the tcp transport and a module with a host".into())
+            }
+        }
+    }
+
+    pub(super) fn set_status(&self, key: &str, value: Value) {
+        lock(&self.shared.status).insert(key.to_string(), value);
+    }
+
+    pub(super) fn status(&self, key: &str) -> Option<Value> {
+        lock(&self.shared.status).get(key).cloned()
+    }
+
+    pub(super) fn modbus(&self, op: ModbusOp) -> Result<ModbusReply, String> {
+        match &self.modbus {
+            Some(modbus) => modbus.call(op),
+            None => Err(
+                "Modbus calls need a driver with the modbus transport and a module with a host"
+                    .into(),
+            ),
+        }
+    }
+
+    /// Runs `function` after `ms`, once or every `ms`, through the module's queue, until
+    /// the module stops.
+    pub(super) fn schedule(&self, ms: i64, function: &str, repeat: bool) -> Result<(), String> {
+        if ms < MIN_PERIOD_MS {
+            return Err(format!(
+                "a schedule needs at least {MIN_PERIOD_MS} ms, not {ms}"
+            ));
+        }
+        let period = Duration::from_millis(ms as u64);
+        let jobs = self.jobs.clone();
+        let cancel = self.cancel.clone();
+        let function = function.to_string();
+        self.handle.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                let job = Job::callback(JobKind::Scheduled(function.clone()), Vec::new());
+                // A full queue skips this tick rather than pile up work.
+                let _ = jobs.try_send(job);
+                if !repeat {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn system(&self) -> Result<String, String> {
+        self.spec
+            .systems
+            .first()
+            .cloned()
+            .ok_or_else(|| format!("module {} is in no control system", self.spec.id))
+    }
+
+    /// Calls a method of another module of this module's (first) control system.
+    pub(super) fn exec_in_system(
+        &self,
+        name: &str,
+        index: u32,
+        method: &str,
+        args: Vec<Value>,
+    ) -> Result<Value, String> {
+        let system = self.system()?;
+        let runtime = self
+            .runtime
+            .upgrade()
+            .ok_or("the runtime is shutting down")?;
+        let runtime = super::Runtime::from_inner(runtime);
+        // Scripts run on blocking threads, where waiting for the runtime is allowed.
+        self.handle
+            .block_on(runtime.exec(&system, name, index, method, args))
+            .map(|(value, _)| value)
+            .map_err(|err: ExecError| format!("{name} {index}.{method}: {err}"))
+    }
+
+    /// A status value of another module of this module's control system.
+    pub(super) fn status_in_system(
+        &self,
+        name: &str,
+        index: u32,
+        key: &str,
+    ) -> Result<Value, String> {
+        let system = self.system()?;
+        let runtime = self
+            .runtime
+            .upgrade()
+            .ok_or("the runtime is shutting down")?;
+        let status = super::Runtime::from_inner(runtime)
+            .status(&system, name, index)
+            .map_err(|err| format!("{name} {index}: {err}"))?;
+        Ok(status.get(key).cloned().unwrap_or(Value::Null))
+    }
+}

@@ -1,0 +1,68 @@
+//! What a module instance is built from: its record, its driver's record, the settings
+//! that result. Two equal specs mean the running instance can stay; a different one (new
+//! host, port, settings or script) means a restart.
+
+use serde_json::Value;
+
+use crate::model::{DriverRecord, Model, ModuleRecord, Settings, Transport};
+
+/// Everything a module instance depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleSpec {
+    /// Module id.
+    pub id: String,
+    /// Driver id.
+    pub driver_id: String,
+    /// The script.
+    pub source: String,
+    /// Transport.
+    pub transport: Transport,
+    /// Device host and port (`None` when the module names no host).
+    pub address: Option<(String, u16)>,
+    /// `tcp` framing: delimiter.
+    pub delimiter: Option<Vec<u8>>,
+    /// `tcp` framing: fixed length.
+    pub frame_length: Option<usize>,
+    /// The driver's defaults overlaid by the module's settings.
+    pub settings: Settings,
+    /// Requests run at once.
+    pub concurrency: usize,
+    /// How long a request may run.
+    pub timeout_ms: u64,
+    /// The systems listing this module, by id (`system(...)` looks in the first).
+    pub systems: Vec<String>,
+}
+
+impl ModuleSpec {
+    /// The spec of `module`; `None` when its driver is missing from `model`.
+    pub fn new(model: &Model, module: &ModuleRecord) -> Option<ModuleSpec> {
+        let driver: &DriverRecord = model.drivers.get(&module.driver)?;
+        let mut settings = driver.default_settings.clone();
+        for (key, value) in &module.settings {
+            settings.insert(key.clone(), value.clone());
+        }
+        let port = module.port.or(driver.default_port);
+        let address = match (&module.host, port) {
+            (Some(host), Some(port)) => Some((host.clone(), port)),
+            _ => None,
+        };
+        Some(ModuleSpec {
+            id: module.id.clone(),
+            driver_id: driver.id.clone(),
+            source: driver.source.clone(),
+            transport: driver.transport,
+            address,
+            delimiter: driver.delimiter.as_ref().map(|d| d.as_bytes().to_vec()),
+            frame_length: driver.frame_length.map(|n| n as usize),
+            settings,
+            concurrency: driver.concurrency.max(1) as usize,
+            timeout_ms: driver.timeout_ms,
+            systems: model.systems_of(&module.id).map(|s| s.id.clone()).collect(),
+        })
+    }
+
+    /// A setting, or `Null`.
+    pub fn setting(&self, key: &str) -> Value {
+        self.settings.get(key).cloned().unwrap_or(Value::Null)
+    }
+}

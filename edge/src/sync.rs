@@ -1,0 +1,104 @@
+//! The edge's side of model sync on one link: ask for the changes since the replica's
+//! version when the link comes up (and again after a gap), and apply what the master
+//! pushes later.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_common::link::{Incoming, Link};
+use tether_common::protocol::{ErrorCode, RemoteError, Request, Response};
+use tokio::sync::mpsc;
+
+use crate::replica::{ApplyError, Replica};
+
+/// How long the master may take to answer a sync request.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Serves one link until it closes.
+pub async fn serve_master(link: Link, incoming: mpsc::Receiver<Incoming>, replica: Arc<Replica>) {
+    let (resync_tx, resync_rx) = mpsc::channel(1);
+    let sync = tokio::spawn(sync_loop(link.clone(), replica.clone(), resync_rx));
+    answer_requests(incoming, &replica, &resync_tx).await;
+    sync.abort();
+}
+
+/// Asks for changes now and whenever a pushed batch does not follow on.
+async fn sync_loop(link: Link, replica: Arc<Replica>, mut resync: mpsc::Receiver<()>) {
+    loop {
+        let (_, at) = replica.snapshot();
+        let request = Request::SyncRequest {
+            model_id: at.model_id,
+            since_version: at.version,
+        };
+        match link.request(request, SYNC_TIMEOUT).await {
+            Ok(Response::ModelChanges(batch)) => match replica.apply(&batch).await {
+                Ok(applied) => tracing::info!(
+                    from = at.version,
+                    to = batch.to_version,
+                    snapshot = batch.snapshot,
+                    records = batch.changes.len(),
+                    applied,
+                    "replica synced"
+                ),
+                Err(err) => {
+                    tracing::error!("replica sync: the master's answer was not applied: {err}")
+                }
+            },
+            Ok(other) => tracing::error!("replica sync: unexpected answer {other:?}"),
+            Err(err) => {
+                if link.is_closed() {
+                    return;
+                }
+                tracing::warn!("replica sync failed: {err}");
+            }
+        }
+        tokio::select! {
+            again = resync.recv() => if again.is_none() { return },
+            _ = link.closed() => return,
+        }
+    }
+}
+
+async fn answer_requests(
+    mut incoming: mpsc::Receiver<Incoming>,
+    replica: &Replica,
+    resync: &mpsc::Sender<()>,
+) {
+    while let Some(item) = incoming.recv().await {
+        let request = match item {
+            Incoming::Request(request) => request,
+            Incoming::Notice(notice) => {
+                tracing::debug!(?notice, "notice not handled");
+                continue;
+            }
+        };
+        let answer = match request.body {
+            Request::ModelChanges(batch) => match replica.apply(&batch).await {
+                Ok(_) => {
+                    tracing::debug!(
+                        to = batch.to_version,
+                        records = batch.changes.len(),
+                        "replica: applied pushed changes"
+                    );
+                    Ok(Response::Ack)
+                }
+                Err(ApplyError::Batch(err)) => {
+                    tracing::warn!(
+                        "replica: pushed changes do not follow on ({err}); asking again"
+                    );
+                    let _ = resync.try_send(());
+                    Err(RemoteError::new(ErrorCode::BadRequest, err.to_string()))
+                }
+                Err(ApplyError::Store(err)) => {
+                    tracing::error!("replica: cannot store pushed changes: {err}");
+                    Err(RemoteError::new(ErrorCode::Internal, err.to_string()))
+                }
+            },
+            _ => Err(RemoteError::new(
+                ErrorCode::Unsupported,
+                "this edge does not handle that request yet",
+            )),
+        };
+        request.responder.respond(answer).await;
+    }
+}

@@ -1,0 +1,58 @@
+//! The master's client API routes.
+
+mod records;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::{Router, middleware};
+use tether_common::api::{AdminToken, Health, health, module_routes, require_token};
+use tether_common::runtime::Runtime;
+
+use crate::edges::EdgeRegistry;
+use crate::model::ModelService;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The data model.
+    pub model: Arc<ModelService>,
+    /// The edges and their links.
+    pub edges: Arc<EdgeRegistry>,
+    /// The modules the master runs.
+    pub runtime: Runtime,
+    /// The folder of master.toml: relative paths in records are resolved against it.
+    pub base_dir: PathBuf,
+}
+
+/// The router: health is open (for load balancers and probes); the rest needs the token.
+pub fn router(health_state: Arc<Health>, token: Arc<AdminToken>, state: AppState) -> Router {
+    let protected = records::routes()
+        .route("/api/v1/edges/{id}/slice", axum::routing::get(edge_slice))
+        .with_state(state.clone())
+        .merge(module_routes(state.runtime.clone()))
+        .layer(middleware::from_fn_with_state(token, require_token));
+    Router::new()
+        .route("/api/v1/health", axum::routing::get(health))
+        .with_state(health_state)
+        .merge(protected)
+}
+
+/// An edge's slice of the model, in the shape the edge's `GET /api/v1/replica` has, so
+/// the two can be compared.
+async fn edge_slice(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::Json<serde_json::Value>, tether_common::api::ApiError> {
+    let (model, version) = state.model.snapshot();
+    if !model.edges.contains_key(&id) {
+        return Err(tether_common::api::ApiError::not_found(format!(
+            "no edge {id}"
+        )));
+    }
+    Ok(axum::Json(serde_json::json!({
+        "model_id": state.model.model_id().to_string(),
+        "version": version,
+        "records": model.slice(&id).dump(),
+    })))
+}

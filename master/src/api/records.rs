@@ -1,0 +1,274 @@
+//! Admin CRUD on the data model: `GET`, `POST`, `PUT`, `DELETE` on
+//! `/api/v1/{edges,systems,modules,drivers,repositories}`. A write answers only after it
+//! is durable; the answer carries the new model version in `Tether-Model-Version`.
+
+use std::path::Path;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Map, Value};
+use tether_common::api::{ApiError, system_view};
+use tether_common::model::{Model, ModelError, kind_name, kind_singular};
+use tether_common::protocol::EntityKind;
+
+use super::AppState;
+use crate::model::WriteError;
+use crate::seed::{read_source, source_hash};
+
+/// The kinds clients edit.
+const EDITABLE: [EntityKind; 5] = [
+    EntityKind::Edge,
+    EntityKind::System,
+    EntityKind::Module,
+    EntityKind::Driver,
+    EntityKind::Repository,
+];
+
+/// Keys that GET shows but the server computes; a write may carry them back and they are
+/// ignored, so GET, edit, PUT works.
+fn read_only_keys(kind: EntityKind) -> &'static [&'static str] {
+    match kind {
+        EntityKind::Edge => &[
+            "online",
+            "last_seen",
+            "connected_since",
+            "rtt_ms",
+            "owner",
+            "epoch",
+        ],
+        EntityKind::System => &["members"],
+        EntityKind::Driver => &["hash"],
+        _ => &[],
+    }
+}
+
+/// Every CRUD route.
+pub fn routes() -> Router<AppState> {
+    let mut router = Router::new();
+    for kind in EDITABLE {
+        let base = format!("/api/v1/{}", kind_name(kind));
+        router = router
+            .route(
+                &base,
+                get(move |state| list(kind, state))
+                    .post(move |state, body| create(kind, state, body)),
+            )
+            .route(
+                &format!("{base}/{{id}}"),
+                get(move |state, id| read(kind, state, id))
+                    .put(move |state, id, body| replace(kind, state, id, body))
+                    .delete(move |state, id| delete(kind, state, id)),
+            );
+    }
+    router
+}
+
+impl From<WriteError> for ApiError {
+    fn from(err: WriteError) -> Self {
+        match err {
+            WriteError::Model(ModelError::Invalid(message)) => ApiError::unprocessable(message),
+            WriteError::Model(ModelError::NotFound(message)) => ApiError::not_found(message),
+            WriteError::Model(ModelError::Conflict(message)) => ApiError::conflict(message),
+            WriteError::Store(err) => {
+                tracing::error!("model write failed: {err}");
+                ApiError::internal(format!("the write failed and was not applied: {err}"))
+            }
+        }
+    }
+}
+
+fn record_view(state: &AppState, model: &Model, kind: EntityKind, id: &str) -> Option<Value> {
+    match kind {
+        EntityKind::Edge => state.edges.view(model.edges.get(id)?),
+        EntityKind::System => system_view(model, &state.runtime, id),
+        _ => serde_json::from_str(&model.get_json(kind, id)?).ok(),
+    }
+}
+
+async fn list(kind: EntityKind, State(state): State<AppState>) -> Json<Vec<Value>> {
+    let (model, _) = state.model.snapshot();
+    Json(
+        model
+            .ids(kind)
+            .iter()
+            .filter_map(|id| record_view(&state, &model, kind, id))
+            .collect(),
+    )
+}
+
+fn not_found(kind: EntityKind, id: &str) -> ApiError {
+    ApiError::not_found(format!("no {} {id}", kind_singular(kind)))
+}
+
+async fn read(
+    kind: EntityKind,
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (model, _) = state.model.snapshot();
+    record_view(&state, &model, kind, &id)
+        .map(Json)
+        .ok_or_else(|| not_found(kind, &id))
+}
+
+/// The record a write body describes, as JSON text, with its id.
+fn prepare(
+    kind: EntityKind,
+    body: &[u8],
+    path_id: Option<&str>,
+    model: &Model,
+    base_dir: &Path,
+) -> Result<(String, String), ModelError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|err| ModelError::Invalid(format!("the body is not JSON: {err}")))?;
+    let Value::Object(mut record) = value else {
+        return Err(ModelError::Invalid(format!(
+            "the body must be a JSON object describing one {}",
+            kind_singular(kind)
+        )));
+    };
+    for key in read_only_keys(kind) {
+        record.remove(*key);
+    }
+    let id = match (record.get("id"), path_id) {
+        (Some(Value::String(id)), Some(path_id)) if id != path_id => {
+            return Err(ModelError::Invalid(format!(
+                "key `id`: the body says {id:?} but the path says {path_id:?}"
+            )));
+        }
+        (Some(Value::String(id)), _) => id.clone(),
+        (None, Some(path_id)) => path_id.to_string(),
+        (Some(_), _) => return Err(ModelError::Invalid("key `id`: expected a string".into())),
+        (None, None) => return Err(ModelError::Invalid("key `id`: missing".into())),
+    };
+    tether_common::model::check_id("id", &id)?;
+    record.insert("id".into(), Value::String(id.clone()));
+    if kind == EntityKind::Driver {
+        fill_source(&mut record, model, base_dir)?;
+    }
+    Ok((id, Value::Object(record).to_string()))
+}
+
+/// A driver written without its script gets it from its repository; either way the
+/// master sets the hash.
+fn fill_source(
+    record: &mut Map<String, Value>,
+    model: &Model,
+    base_dir: &Path,
+) -> Result<(), ModelError> {
+    let given = record
+        .get("source")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let source = if given.is_empty() {
+        let repository_id = record
+            .get("repository")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let file = record
+            .get("file")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let repository = model.repositories.get(repository_id).ok_or_else(|| {
+            ModelError::Invalid(format!(
+                "key `repository`: no repository with id {repository_id:?}"
+            ))
+        })?;
+        let folder = base_dir.join(&repository.path);
+        read_source(&folder, file)
+            .map_err(|err| ModelError::Invalid(format!("key `file`: {err}")))?
+    } else {
+        given.to_string()
+    };
+    record.insert("hash".into(), Value::String(source_hash(&source)));
+    record.insert("source".into(), Value::String(source));
+    Ok(())
+}
+
+fn written(state: &AppState, kind: EntityKind, id: &str, status: StatusCode) -> Response {
+    let (model, version) = state.model.snapshot();
+    let body = record_view(state, &model, kind, id).unwrap_or(Value::Null);
+    let mut response = (status, Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert("tether-model-version", HeaderValue::from(version));
+    response
+}
+
+async fn create(
+    kind: EntityKind,
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let base_dir = state.base_dir.clone();
+    let mut created = String::new();
+    state
+        .model
+        .write(|model| {
+            let (id, json) = prepare(kind, &body, None, model, &base_dir)?;
+            if model.contains(kind, &id) {
+                return Err(ModelError::Conflict(format!(
+                    "{} {id} exists already; PUT /api/v1/{}/{id} replaces it",
+                    kind_singular(kind),
+                    kind_name(kind)
+                )));
+            }
+            created = id.clone();
+            Ok(vec![(kind, id, Some(json))])
+        })
+        .await?;
+    Ok(written(&state, kind, &created, StatusCode::CREATED))
+}
+
+async fn replace(
+    kind: EntityKind,
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let base_dir = state.base_dir.clone();
+    state
+        .model
+        .write(|model| {
+            if !model.contains(kind, &id) {
+                return Err(ModelError::NotFound(format!(
+                    "no {} {id}",
+                    kind_singular(kind)
+                )));
+            }
+            let (id, json) = prepare(kind, &body, Some(&id), model, &base_dir)?;
+            Ok(vec![(kind, id, Some(json))])
+        })
+        .await?;
+    Ok(written(&state, kind, &id, StatusCode::OK))
+}
+
+async fn delete(
+    kind: EntityKind,
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    state
+        .model
+        .write(|model| {
+            if !model.contains(kind, &id) {
+                return Err(ModelError::NotFound(format!(
+                    "no {} {id}",
+                    kind_singular(kind)
+                )));
+            }
+            Ok(vec![(kind, id.clone(), None)])
+        })
+        .await?;
+    let (_, version) = state.model.snapshot();
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response
+        .headers_mut()
+        .insert("tether-model-version", HeaderValue::from(version));
+    Ok(response)
+}

@@ -1,0 +1,128 @@
+//! Turning a site file into model writes: for a new data dir (`seed` in master.toml) and
+//! for `tether-master import FILE`. Driver scripts are read from their repositories here,
+//! so the model (and every edge's replica) holds the code it runs.
+
+use std::path::Path;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use tether_common::model::{
+    DriverRecord, EdgeRecord, ModuleRecord, RepositoryRecord, Settings, SystemRecord,
+};
+use tether_common::protocol::EntityKind;
+use tether_common::store::Write;
+use tether_config::SiteFile;
+
+fn settings(table: &toml::Table) -> anyhow::Result<Settings> {
+    match serde_json::to_value(table)? {
+        serde_json::Value::Object(map) => Ok(map),
+        _ => Ok(Settings::new()),
+    }
+}
+
+fn write<R: serde::Serialize>(kind: EntityKind, id: &str, record: &R) -> anyhow::Result<Write> {
+    Ok((kind, id.to_string(), Some(serde_json::to_string(record)?)))
+}
+
+/// A path as the model stores it: absolute, so it means the same from any folder.
+fn absolute(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Reads a driver's script from its repository folder.
+pub fn read_source(repository_path: &Path, file: &str) -> Result<String, String> {
+    let path = repository_path.join(file);
+    if Path::new(file).is_absolute() || file.split(['/', '\\']).any(|part| part == "..") {
+        return Err(format!(
+            "driver file {file:?} must be a path inside its repository"
+        ));
+    }
+    std::fs::read_to_string(&path).map_err(|err| format!("cannot read {}: {err}", path.display()))
+}
+
+/// The hex SHA-256 of a script.
+pub fn source_hash(source: &str) -> String {
+    hex::encode(Sha256::digest(source.as_bytes()))
+}
+
+/// Every record of a site file, as writes (what it references first).
+pub fn site_writes(site: &SiteFile) -> anyhow::Result<Vec<Write>> {
+    let mut writes = Vec::new();
+    for repository in &site.repositories {
+        let record = RepositoryRecord {
+            id: repository.id.clone(),
+            name: repository.name.clone(),
+            path: absolute(&repository.path),
+            commit: None,
+        };
+        writes.push(write(EntityKind::Repository, &record.id, &record)?);
+    }
+    for driver in &site.drivers {
+        let repository = site
+            .repositories
+            .iter()
+            .find(|r| r.id == driver.repository)
+            .context("a driver's repository is checked when the site file loads")?;
+        let source = read_source(&repository.path, &driver.file)
+            .map_err(|err| anyhow::anyhow!("driver {}: {err}", driver.id))?;
+        let record = DriverRecord {
+            id: driver.id.clone(),
+            name: driver.name.clone(),
+            repository: driver.repository.clone(),
+            file: driver.file.clone(),
+            kind: driver.kind,
+            transport: driver.transport,
+            default_port: driver.default_port,
+            default_settings: settings(&driver.default_settings)?,
+            delimiter: driver.delimiter.clone(),
+            frame_length: driver.frame_length,
+            concurrency: driver.concurrency,
+            timeout_ms: driver.timeout_ms,
+            hash: source_hash(&source),
+            source,
+        };
+        writes.push(write(EntityKind::Driver, &record.id, &record)?);
+    }
+    for edge in &site.edges {
+        let record = EdgeRecord {
+            id: edge.id.clone(),
+            name: edge.name.clone(),
+            description: edge.description.clone(),
+            failover: edge.failover,
+            timeout_ms: edge.timeout_ms,
+            restore_window: edge.restore_window.clone(),
+            standby: edge.standby,
+            admins: edge.admins.clone(),
+            commit: None,
+            secret_file: Some(absolute(&edge.secret_file)),
+        };
+        writes.push(write(EntityKind::Edge, &record.id, &record)?);
+    }
+    for module in &site.modules {
+        let record = ModuleRecord {
+            id: module.id.clone(),
+            driver: module.driver.clone(),
+            name: module.name.clone(),
+            host: module.host.clone(),
+            port: module.port,
+            uri: module.uri.clone(),
+            settings: settings(&module.settings)?,
+            edge: module.edge.clone(),
+        };
+        writes.push(write(EntityKind::Module, &record.id, &record)?);
+    }
+    for system in &site.systems {
+        let record = SystemRecord {
+            id: system.id.clone(),
+            name: system.name.clone(),
+            edge: system.edge.clone(),
+            modules: system.modules.clone(),
+            settings: settings(&system.settings)?,
+        };
+        writes.push(write(EntityKind::System, &record.id, &record)?);
+    }
+    Ok(writes)
+}
