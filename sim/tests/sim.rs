@@ -1,70 +1,11 @@
 //! The simulators as real processes over real TCP: their protocols, their session limit,
 //! and the JSON events a test reads to see who controlled a device.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use serde_json::Value;
+use tether_tests::sim::Sim;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// A simulator process and its events; killed on drop.
-struct Sim {
-    child: Child,
-    events: mpsc::Receiver<Value>,
-    addr: String,
-}
-
-impl Sim {
-    fn start(args: &[&str]) -> Sim {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether-sim"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let event: Value = serde_json::from_str(&line).expect("every line is JSON");
-                if tx.send(event).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut sim = Sim {
-            child,
-            events,
-            addr: String::new(),
-        };
-        let listening = sim.next("listening");
-        sim.addr = listening["addr"].as_str().unwrap().to_string();
-        sim
-    }
-
-    /// The next event of `kind`, skipping others; panics after 5 s.
-    fn next(&self, kind: &str) -> Value {
-        loop {
-            let event = self
-                .events
-                .recv_timeout(Duration::from_secs(5))
-                .unwrap_or_else(|_| panic!("no {kind} event"));
-            assert!(event["time"].is_string(), "{event}");
-            if event["event"] == kind {
-                return event;
-            }
-        }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn ask(reader: &mut tokio::io::BufReader<TcpStream>, command: &str) -> String {
     reader

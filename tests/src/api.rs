@@ -44,9 +44,38 @@ impl ApiClient {
     /// GET `path`: the status and the JSON body (Null when the body is not JSON or the
     /// server could not be reached, with status 0).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let mut request = self.http.get(format!("{}{}", self.base, path));
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    /// POST a JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// PUT a JSON body.
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    /// DELETE.
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::DELETE, path, None).await
+    }
+
+    /// Any request: the status and the JSON body (Null when the body is not JSON or empty;
+    /// status 0 when the server could not be reached).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
         }
         match request.send().await {
             Ok(response) => {
@@ -54,6 +83,29 @@ impl ApiClient {
                 (status, response.json().await.unwrap_or(Value::Null))
             }
             Err(_) => (0, Value::Null),
+        }
+    }
+
+    /// Runs a module method: `POST /api/v1/systems/{system}/modules/{name}/{index}/exec`.
+    pub async fn exec(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+        method: &str,
+        args: Value,
+    ) -> (u16, Value) {
+        let path = format!("/api/v1/systems/{system}/modules/{name}/{index}/exec");
+        self.post(&path, serde_json::json!({ "method": method, "args": args }))
+            .await
+    }
+
+    /// A module's status map (Null unless 200).
+    pub async fn status(&self, system: &str, name: &str, index: u32) -> Value {
+        let path = format!("/api/v1/systems/{system}/modules/{name}/{index}/status");
+        match self.get(&path).await {
+            (200, body) => body,
+            _ => Value::Null,
         }
     }
 

@@ -22,6 +22,13 @@ pub struct ClusterSpec {
     pub handshake_timeout_ms: u64,
     /// Route each edge's link through a [`FaultProxy`].
     pub proxied: bool,
+    /// TOML appended to the site file (repositories, drivers, modules, systems).
+    pub site_extra: String,
+    /// Lines added to master.toml before its `[tls]` table.
+    pub master_extra: String,
+    /// Files written into the cluster's folder before anything starts (path, content),
+    /// such as a repository of test drivers.
+    pub files: Vec<(String, String)>,
 }
 
 impl ClusterSpec {
@@ -32,6 +39,9 @@ impl ClusterSpec {
             heartbeat_ms: 1000,
             handshake_timeout_ms: 5000,
             proxied: false,
+            site_extra: String::new(),
+            master_extra: String::new(),
+            files: Vec::new(),
         }
     }
 }
@@ -65,17 +75,28 @@ impl Cluster {
         let root = dir.path();
         let certs = root.join("certs");
         run_certs(&certs, &spec.edges);
+        for (path, content) in &spec.files {
+            let path = root.join(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).unwrap();
+            }
+            std::fs::write(path, content).unwrap();
+        }
 
         let link_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let api_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        std::fs::write(root.join("site.toml"), site_toml(&spec.edges)).unwrap();
+        std::fs::write(
+            root.join("site.toml"),
+            format!("{}{}", site_toml(&spec.edges), spec.site_extra),
+        )
+        .unwrap();
         std::fs::write(
             root.join("master.toml"),
             format!(
                 "data_dir = \"data/master\"\napi_listen = \"{api_addr}\"\nlink_listen = \"{link_addr}\"\n\
-                 seed = \"site.toml\"\nheartbeat_ms = {}\nhandshake_timeout_ms = {}\n\
+                 seed = \"site.toml\"\nheartbeat_ms = {}\nhandshake_timeout_ms = {}\n{}\n\
                  [tls]\ncert = \"certs/master.pem\"\nkey = \"certs/master.key\"\nca = \"certs/ca.pem\"\n",
-                spec.heartbeat_ms, spec.handshake_timeout_ms
+                spec.heartbeat_ms, spec.handshake_timeout_ms, spec.master_extra
             ),
         )
         .unwrap();
@@ -158,6 +179,15 @@ impl Cluster {
             &self.ca(),
             token,
         )
+    }
+
+    /// An API client of edge `index` with the edge's admin token.
+    pub fn edge_admin(&self, index: usize) -> ApiClient {
+        let edge = &self.spec.edges[index];
+        let token = std::fs::read_to_string(self.path(&format!("data/{edge}/admin.token")))
+            .ok()
+            .map(|t| t.trim().to_string());
+        self.edge_api(index).with_token(token)
     }
 
     /// An API client of edge `index` (no token).

@@ -8,8 +8,17 @@ pub mod cluster;
 pub mod inproc;
 pub mod process;
 pub mod proxy;
+pub mod sim;
 
 use std::time::{Duration, Instant};
+
+/// The workspace's example drivers (`drivers/`), for site files in tests.
+pub fn drivers_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace folder")
+        .join("drivers")
+}
 
 /// A free loopback port: bound, read and released. Another process could take it in the
 /// instant between, which on a test machine does not happen in practice.
