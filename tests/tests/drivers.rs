@@ -366,3 +366,57 @@ async fn faulty_drivers_fault_alone_and_say_why() {
     assert_eq!(status, 200);
     assert!(lines.to_string().contains("boom"), "{lines}");
 }
+
+#[tokio::test]
+async fn the_master_runs_the_modules_of_no_edge_and_names_the_runner() {
+    let projector = Sim::projector();
+    let meter = Sim::modbus();
+    let lobby = Sim::projector();
+    let mut spec = ClusterSpec::edges(1);
+    spec.site_extra = format!(
+        "{}\n[[modules]]\nid = \"lobby-proj\"\ndriver = \"projector\"\nname = \"Display\"\nhost = \"127.0.0.1\"\nport = {}\n\n\
+         [[systems]]\nid = \"lobby\"\nname = \"Lobby\"\nmodules = [\"lobby-proj\"]\n",
+        site(projector.port(), meter.port()),
+        lobby.port()
+    );
+    spec.files = vec![
+        ("bad-drivers/syntax.rhai".into(), SYNTAX_ERROR.into()),
+        ("bad-drivers/throws.rhai".into(), THROWS.into()),
+        ("bad-drivers/endless.rhai".into(), ENDLESS.into()),
+    ];
+    let cluster = Cluster::start(spec).await;
+    let master = cluster.master_api();
+    lobby.next("connect");
+    let (status, body) = wait_for(
+        "the lobby display to answer",
+        Duration::from_secs(10),
+        || async {
+            let answer = master
+                .exec("lobby", "Display", 1, "power", json!([true]))
+                .await;
+            (answer.0 == 200).then_some(answer)
+        },
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["executed_by"], "master");
+    assert_eq!(next_command(&lobby)["command"], "PWR ON");
+
+    // A room of an edge is run there; the master says so rather than guess.
+    let (status, body) = master
+        .exec("room", "Display", 1, "power", json!([true]))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("not_here")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("edge:site-1"),
+        "{body}"
+    );
+    let (_, system) = master.get("/api/v1/systems/lobby").await;
+    assert_eq!(system["members"][0]["runs_on"], "master", "{system}");
+    assert_eq!(system["members"][0]["state"], "running", "{system}");
+    assert_eq!(lobby.open_sessions(), 1);
+}

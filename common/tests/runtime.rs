@@ -1,0 +1,210 @@
+//! The driver runtime in process, against a TCP "device" the test plays: framing,
+//! reconnect after the device drops the connection, the per-module queue and concurrency,
+//! and a restart when the model changes the module's port.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tether_common::model::Model;
+use tether_common::protocol::EntityKind;
+use tether_common::runtime::{ExecError, Runtime, ScriptLimits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SCRIPT: &str = r#"
+fn received(frame) { status("last", frame); status("count", (status("count") ?? 0) + 1); }
+fn connected() { status("connections", (status("connections") ?? 0) + 1); }
+fn hello() { send("HELLO\n"); true }
+fn slow(ms) { let started = timestamp(); while started.elapsed * 1000.0 < ms { } ms }
+"#;
+
+fn model(port: u16, framing: &str, concurrency: u32) -> Arc<Model> {
+    let mut model = Model::default();
+    model
+        .set_json(
+            EntityKind::Repository,
+            "r",
+            Some(r#"{"id":"r","path":"/x"}"#),
+        )
+        .unwrap();
+    let driver = json!({
+        "id": "d", "repository": "r", "file": "d.rhai", "source": SCRIPT,
+        "concurrency": concurrency, "timeout_ms": 2000,
+    });
+    let mut driver = driver.as_object().unwrap().clone();
+    let framing: serde_json::Value = serde_json::from_str(framing).unwrap();
+    driver.extend(framing.as_object().unwrap().clone());
+    model
+        .set_json(
+            EntityKind::Driver,
+            "d",
+            Some(&serde_json::Value::Object(driver).to_string()),
+        )
+        .unwrap();
+    let module =
+        json!({"id": "m", "driver": "d", "name": "Dev", "host": "127.0.0.1", "port": port});
+    model
+        .set_json(EntityKind::Module, "m", Some(&module.to_string()))
+        .unwrap();
+    model
+        .set_json(
+            EntityKind::System,
+            "s",
+            Some(r#"{"id":"s","modules":["m"]}"#),
+        )
+        .unwrap();
+    Arc::new(model)
+}
+
+async fn status_of(runtime: &Runtime, key: &str, want: serde_json::Value) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(status) = runtime.status("s", "Dev", 1)
+                && status.get(key) == Some(&want)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "status {key} never became {want}: {:?}",
+            runtime.status("s", "Dev", 1)
+        )
+    });
+}
+
+async fn accept(listener: &TcpListener) -> TcpStream {
+    tokio::time::timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .expect("the module connects")
+        .unwrap()
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_by_delimiter_and_reconnects_after_the_device_drops_it() {
+    let device = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = device.local_addr().unwrap().port();
+    let runtime = Runtime::new("master", ScriptLimits::default());
+    runtime
+        .reconcile(model(port, r#"{"delimiter": "\r\n"}"#, 1), |_| true)
+        .await;
+    let mut session = accept(&device).await;
+    session.write_all(b"ONE\r\nTW").await.unwrap();
+    status_of(&runtime, "last", json!("ONE")).await;
+    session.write_all(b"O\r\n").await.unwrap();
+    status_of(&runtime, "last", json!("TWO")).await;
+
+    let (value, by) = runtime.exec("s", "Dev", 1, "hello", vec![]).await.unwrap();
+    assert_eq!((value, by.as_str()), (json!(true), "master"));
+    let mut buf = [0u8; 6];
+    session.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HELLO\n");
+
+    drop(session);
+    let _again = accept(&device).await;
+    status_of(&runtime, "connections", json!(2)).await;
+    runtime.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_length_frames_and_a_port_change_restarts_the_module() {
+    let first = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let runtime = Runtime::new("master", ScriptLimits::default());
+    let port = first.local_addr().unwrap().port();
+    runtime
+        .reconcile(model(port, r#"{"frame_length": 3}"#, 1), |_| true)
+        .await;
+    let mut session = accept(&first).await;
+    session.write_all(b"abcdefg").await.unwrap();
+    status_of(&runtime, "count", json!(2)).await;
+    status_of(&runtime, "last", json!("def")).await;
+
+    // The same model again: nothing restarts.
+    runtime
+        .reconcile(model(port, r#"{"frame_length": 3}"#, 1), |_| true)
+        .await;
+    // A new port: the old session is closed before the new one opens.
+    let new_port = second.local_addr().unwrap().port();
+    runtime
+        .reconcile(model(new_port, r#"{"frame_length": 3}"#, 1), |_| true)
+        .await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), session.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the old session was closed: {closed:?}"
+    );
+    let _new = accept(&second).await;
+    status_of(&runtime, "connections", json!(1)).await;
+    runtime.stop_all().await;
+    assert!(matches!(
+        runtime.exec("s", "Dev", 1, "hello", vec![]).await,
+        Err(ExecError::Unavailable(_))
+    ));
+}
+
+/// A runtime whose scripts may busy-wait (many operations), for timing tests.
+fn patient() -> Runtime {
+    let limits = ScriptLimits {
+        max_operations: 10_000_000_000,
+        ..ScriptLimits::default()
+    };
+    Runtime::new("master", limits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_their_turn_and_a_full_queue_says_busy() {
+    let device = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = device.local_addr().unwrap().port();
+    let runtime = patient();
+    runtime.reconcile(model(port, "{}", 1), |_| true).await;
+    // Concurrency 1: three 100 ms calls take at least 300 ms (a lower bound, so a busy
+    // machine cannot make it fail).
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let runtime = runtime.clone();
+            tokio::spawn(async move { runtime.exec("s", "Dev", 1, "slow", vec![json!(100)]).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().0, json!(100));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // 70 calls at once against a queue of 64: the overflow is told the module is busy at
+    // once; those that wait past the 2 s timeout are told so; none hangs.
+    let calls: Vec<_> = (0..70)
+        .map(|_| {
+            let runtime = runtime.clone();
+            tokio::spawn(async move { runtime.exec("s", "Dev", 1, "slow", vec![json!(300)]).await })
+        })
+        .collect();
+    let mut busy = 0;
+    let mut timed_out = 0;
+    let mut done = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => done += 1,
+            Err(ExecError::Busy(_)) => busy += 1,
+            Err(ExecError::Timeout(_)) => timed_out += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(busy >= 1, "busy {busy}, timed out {timed_out}, done {done}");
+    assert!(
+        done >= 1 && timed_out >= 1,
+        "busy {busy}, timed out {timed_out}, done {done}"
+    );
+    runtime.stop_all().await;
+}
