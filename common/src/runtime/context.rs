@@ -20,6 +20,9 @@ use super::{ExecError, Inner};
 const DEBUG_LINES: usize = 256;
 /// The shortest period `schedule_every` accepts.
 const MIN_PERIOD_MS: i64 = 10;
+/// Schedules a module may have pending at once (a script that schedules on every call
+/// must not pile up timers).
+const MAX_SCHEDULES: usize = 64;
 
 /// One line of a module's debug log.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -136,6 +139,8 @@ pub(super) struct ModuleContext {
     pub(super) cancel: CancellationToken,
     pub(super) runtime: Weak<Inner>,
     pub(super) handle: tokio::runtime::Handle,
+    /// Schedules pending now.
+    pub(super) schedules: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ModuleContext {
@@ -179,33 +184,49 @@ impl ModuleContext {
                 "a schedule needs at least {MIN_PERIOD_MS} ms, not {ms}"
             ));
         }
+        use std::sync::atomic::Ordering;
+        if self.schedules.fetch_add(1, Ordering::Relaxed) >= MAX_SCHEDULES {
+            self.schedules.fetch_sub(1, Ordering::Relaxed);
+            return Err(format!(
+                "a module may have at most {MAX_SCHEDULES} schedules pending"
+            ));
+        }
         let period = Duration::from_millis(ms as u64);
         let jobs = self.jobs.clone();
         let cancel = self.cancel.clone();
+        let schedules = self.schedules.clone();
         let function = function.to_string();
         self.handle.spawn(async move {
             loop {
                 tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(period) => {}
                 }
                 let job = Job::callback(JobKind::Scheduled(function.clone()), Vec::new());
                 // A full queue skips this tick rather than pile up work.
                 let _ = jobs.try_send(job);
                 if !repeat {
-                    return;
+                    break;
                 }
             }
+            schedules.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(())
     }
 
-    fn system(&self) -> Result<String, String> {
-        self.spec
+    /// The control system `system(...)` looks in, and the runtime that reaches it.
+    fn system_and_runtime(&self) -> Result<(String, super::Runtime), String> {
+        let system = self
+            .spec
             .systems
             .first()
             .cloned()
-            .ok_or_else(|| format!("module {} is in no control system", self.spec.id))
+            .ok_or_else(|| format!("module {} is in no control system", self.spec.id))?;
+        let runtime = self
+            .runtime
+            .upgrade()
+            .ok_or("the runtime is shutting down")?;
+        Ok((system, super::Runtime::from_inner(runtime)))
     }
 
     /// Calls a method of another module of this module's (first) control system.
@@ -216,12 +237,7 @@ impl ModuleContext {
         method: &str,
         args: Vec<Value>,
     ) -> Result<Value, String> {
-        let system = self.system()?;
-        let runtime = self
-            .runtime
-            .upgrade()
-            .ok_or("the runtime is shutting down")?;
-        let runtime = super::Runtime::from_inner(runtime);
+        let (system, runtime) = self.system_and_runtime()?;
         // Scripts run on blocking threads, where waiting for the runtime is allowed.
         self.handle
             .block_on(runtime.exec(&system, name, index, method, args))
@@ -236,12 +252,8 @@ impl ModuleContext {
         index: u32,
         key: &str,
     ) -> Result<Value, String> {
-        let system = self.system()?;
-        let runtime = self
-            .runtime
-            .upgrade()
-            .ok_or("the runtime is shutting down")?;
-        let status = super::Runtime::from_inner(runtime)
+        let (system, runtime) = self.system_and_runtime()?;
+        let status = runtime
             .status(&system, name, index)
             .map_err(|err| format!("{name} {index}: {err}"))?;
         Ok(status.get(key).cloned().unwrap_or(Value::Null))

@@ -193,6 +193,7 @@ async fn run(
         cancel: cancel.clone(),
         runtime,
         handle: tokio::runtime::Handle::current(),
+        schedules: Arc::default(),
     });
     let load_deadline = Instant::now() + Duration::from_millis(spec.timeout_ms);
     let loaded = tokio::task::spawn_blocking(move || {

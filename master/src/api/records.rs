@@ -101,6 +101,18 @@ async fn list(kind: EntityKind, State(state): State<AppState>) -> Json<Vec<Value
     )
 }
 
+/// A PUT or DELETE needs the record to exist.
+fn must_exist(model: &Model, kind: EntityKind, id: &str) -> Result<(), ModelError> {
+    if model.contains(kind, id) {
+        Ok(())
+    } else {
+        Err(ModelError::NotFound(format!(
+            "no {} {id}",
+            kind_singular(kind)
+        )))
+    }
+}
+
 fn not_found(kind: EntityKind, id: &str) -> ApiError {
     ApiError::not_found(format!("no {} {id}", kind_singular(kind)))
 }
@@ -235,12 +247,7 @@ async fn replace(
     state
         .model
         .write(|model| {
-            if !model.contains(kind, &id) {
-                return Err(ModelError::NotFound(format!(
-                    "no {} {id}",
-                    kind_singular(kind)
-                )));
-            }
+            must_exist(model, kind, &id)?;
             let (id, json) = prepare(kind, &body, Some(&id), model, &base_dir)?;
             Ok(vec![(kind, id, Some(json))])
         })
@@ -256,12 +263,7 @@ async fn delete(
     state
         .model
         .write(|model| {
-            if !model.contains(kind, &id) {
-                return Err(ModelError::NotFound(format!(
-                    "no {} {id}",
-                    kind_singular(kind)
-                )));
-            }
+            must_exist(model, kind, &id)?;
             Ok(vec![(kind, id.clone(), None)])
         })
         .await?;
