@@ -81,12 +81,15 @@ impl ModelService {
         }
         // Store the records as the model has them (defaults filled in), and only those
         // that change.
+        // A set, not a scan of `writes`: an import may plan thousands of records.
+        let mut seen = std::collections::BTreeSet::new();
         let mut writes: Vec<Write> = Vec::new();
         for (kind, id, _) in planned {
+            if !seen.insert((kind, id.clone())) {
+                continue;
+            }
             let new = next.get_json(kind, &id);
-            if new != current.get_json(kind, &id)
-                && !writes.iter().any(|w| w.0 == kind && w.1 == id)
-            {
+            if new != current.get_json(kind, &id) {
                 writes.push((kind, id, new));
             }
         }
