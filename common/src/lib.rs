@@ -1,6 +1,8 @@
 //! Tether's shared library. Each part is one concern:
 //!
 //! - [`protocol`]: message types and the frame codec; no I/O.
+//! - [`control`]: who runs an edge's modules: negotiation, failover, restore windows,
+//!   epochs, as sans-I/O state machines.
 //! - [`link`]: the thin tokio shell around the edge link: TLS, authentication,
 //!   multiplexing, heartbeats, reconnects.
 //! - [`pki`]: development certificates and secrets.
@@ -9,6 +11,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
+pub mod control;
 pub mod link;
 pub mod model;
 pub mod pki;

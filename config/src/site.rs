@@ -126,6 +126,29 @@ pub struct RestoreWindow {
     pub length_s: u64,
 }
 
+impl RestoreWindow {
+    /// Parses `start` as exactly five cron fields (minute hour day month weekday); the
+    /// error says what is wrong with it, for the caller to prefix with the key.
+    pub fn schedule(&self) -> Result<croner::Cron, String> {
+        parse_cron(&self.start)
+    }
+}
+
+/// Parses a 5-field cron expression (no seconds, no year), as restore windows use.
+fn parse_cron(text: &str) -> Result<croner::Cron, String> {
+    use croner::parser::{CronParser, Seconds, Year};
+    let expected = "a 5-field cron expression (minute hour day month weekday)";
+    if text.split_whitespace().count() != 5 {
+        return Err(format!("{expected}, not {text:?}"));
+    }
+    CronParser::builder()
+        .seconds(Seconds::Disallowed)
+        .year(Year::Disallowed)
+        .build()
+        .parse(text)
+        .map_err(|err| format!("{expected}; {text:?} is not one: {err}"))
+}
+
 /// An edge location (a site).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -310,14 +333,11 @@ impl SiteFile {
                     window.length_s,
                     1..=86_400 * 7,
                 )?;
-                if window.start.split_whitespace().count() != 5 {
+                if let Err(expected) = window.schedule() {
                     return Err(ConfigError::invalid(
                         file,
                         format!("edges[{i}].restore_window.start"),
-                        format!(
-                            "a 5-field cron expression (minute hour day month weekday), not {:?}",
-                            window.start
-                        ),
+                        expected,
                     ));
                 }
             }
@@ -455,5 +475,14 @@ modules = ["proj-101"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("edges[0].restore_window.start"), "{err}");
+    }
+
+    #[test]
+    fn a_cron_with_a_field_out_of_range_is_refused() {
+        let err = load(&GOOD.replace("0 2 * * *", "0 25 * * *"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("edges[0].restore_window.start"), "{err}");
+        assert!(err.contains("0 25 * * *"), "{err}");
     }
 }

@@ -90,10 +90,9 @@ impl Model {
                 check_range("timeout_ms", edge.timeout_ms, 100..=86_400_000)?;
                 if let Some(window) = &edge.restore_window {
                     check_range("restore_window.length_s", window.length_s, 1..=86_400 * 7)?;
-                    if window.start.split_whitespace().count() != 5 {
+                    if let Err(expected) = window.schedule() {
                         return Err(ModelError::Invalid(format!(
-                            "key `restore_window.start`: expected a 5-field cron expression (minute hour day month weekday), not {:?}",
-                            window.start
+                            "key `restore_window.start`: expected {expected}"
                         )));
                     }
                 }
