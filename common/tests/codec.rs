@@ -164,6 +164,13 @@ fn request() -> impl Strategy<Value = Request> {
         proptest::collection::vec(any::<[u8; 32]>(), 0..4)
             .prop_map(|hashes| Request::FetchBlobs { hashes }),
         proptest::collection::vec(audit(), 0..4).prop_map(|events| Request::AuditEvents { events }),
+        (owner(), any::<u64>(), any::<bool>()).prop_map(|(owner, epoch, controlling)| {
+            Request::ControlReport {
+                owner,
+                epoch,
+                controlling,
+            }
+        }),
     ]
 }
 

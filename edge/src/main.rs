@@ -1,6 +1,8 @@
 //! `tether-edge`: one per site; runs the site's modules and keeps a link to the master.
 #![forbid(unsafe_code)]
 
+mod api;
+mod control;
 mod replica;
 mod server;
 mod sync;

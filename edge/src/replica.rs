@@ -49,6 +49,11 @@ impl Replica {
         })
     }
 
+    /// The database, which also holds this edge's control state and audit log.
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
     /// The replica's model and where it stands.
     pub fn snapshot(&self) -> (Arc<Model>, ReplicaPosition) {
         let guard = self.state.read().unwrap_or_else(|p| p.into_inner());

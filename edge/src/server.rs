@@ -20,7 +20,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::control::EdgeControl;
 use crate::replica::Replica;
+use tether_common::control::EdgeEvent;
 
 /// Runs the edge until SIGINT or SIGTERM.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -98,17 +100,18 @@ async fn serve(
         booted: false.into(),
     });
     let runtime = Runtime::new(format!("edge:{}", config.edge_id), ScriptLimits::default());
-    // The replica alone is enough to run: the master may be down for the whole boot.
-    run_replica(&replica, &runtime, &config.edge_id).await;
-    tokio::spawn(follow_replica(
-        replica.clone(),
-        runtime.clone(),
-        config.edge_id.clone(),
-    ));
+    // The replica alone is enough to run: if the master cannot be reached, control
+    // starts the modules from it after one more attempt.
+    let control = EdgeControl::start(&config.edge_id, replica.clone(), runtime.clone())?;
 
     let protected = Router::new()
         .route("/api/v1/replica", get(replica_dump))
         .with_state(replica.clone())
+        .merge(crate::api::control_routes(
+            control.clone(),
+            replica.clone(),
+            config.edge_id.clone(),
+        ))
         .merge(system_routes(runtime.clone()))
         .merge(module_routes(runtime.clone()))
         .layer(middleware::from_fn_with_state(token, require_token));
@@ -120,7 +123,7 @@ async fn serve(
 
     let (events_tx, events_rx) = mpsc::channel(16);
     tokio::spawn(maintain_link(connector, events_tx, shutdown.clone()));
-    tokio::spawn(follow_link(events_rx, replica.clone()));
+    tokio::spawn(follow_link(events_rx, replica.clone(), control.clone()));
 
     health_state.booted.store(true, Ordering::Relaxed);
     let (_, at) = replica.snapshot();
@@ -140,25 +143,6 @@ async fn serve(
     Ok(())
 }
 
-/// Runs the replica's modules that belong to this edge.
-async fn run_replica(replica: &Replica, runtime: &Runtime, edge_id: &str) {
-    let (model, _) = replica.snapshot();
-    let wanted = model.clone();
-    runtime
-        .reconcile(model, |module| {
-            wanted.module_edge(module).as_deref() == Some(edge_id)
-        })
-        .await;
-}
-
-/// Reconciles the modules after every applied batch (new host or settings: restart).
-async fn follow_replica(replica: Arc<Replica>, runtime: Runtime, edge_id: String) {
-    let mut changed = replica.watch();
-    while changed.changed().await.is_ok() {
-        run_replica(&replica, &runtime, &edge_id).await;
-    }
-}
-
 /// The replica: `{"model_id", "version", "records": {kind: {id: record}}}`.
 async fn replica_dump(State(replica): State<Arc<Replica>>) -> Json<serde_json::Value> {
     let (model, at) = replica.snapshot();
@@ -169,11 +153,25 @@ async fn replica_dump(State(replica): State<Arc<Replica>>) -> Json<serde_json::V
     }))
 }
 
-/// Serves each link to the master as it comes up.
-async fn follow_link(mut events: mpsc::Receiver<LinkEvent>, replica: Arc<Replica>) {
+/// Serves each link to the master as it comes up, and tells control what the link does.
+async fn follow_link(
+    mut events: mpsc::Receiver<LinkEvent>,
+    replica: Arc<Replica>,
+    control: EdgeControl,
+) {
     while let Some(event) = events.recv().await {
-        if let LinkEvent::Up { link, incoming } = event {
-            tokio::spawn(crate::sync::serve_master(link, incoming, replica.clone()));
+        match event {
+            LinkEvent::Up { link, incoming } => {
+                control.link_event(EdgeEvent::LinkUp, Some(link.clone()));
+                tokio::spawn(crate::sync::serve_master(
+                    link,
+                    incoming,
+                    replica.clone(),
+                    control.clone(),
+                ));
+            }
+            LinkEvent::Down { .. } => control.link_event(EdgeEvent::LinkDown, None),
+            LinkEvent::AttemptFailed { .. } => control.link_event(EdgeEvent::AttemptFailed, None),
         }
     }
 }

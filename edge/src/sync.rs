@@ -1,6 +1,6 @@
-//! The edge's side of model sync on one link: ask for the changes since the replica's
-//! version when the link comes up (and again after a gap), and apply what the master
-//! pushes later.
+//! The edge's side of one link: ask for the model changes since the replica's version
+//! when the link comes up (and again after a gap), apply what the master pushes later,
+//! and pass the master's control decisions to control.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,16 +9,23 @@ use tether_common::link::{Incoming, Link};
 use tether_common::protocol::{ErrorCode, RemoteError, Request, Response};
 use tokio::sync::mpsc;
 
+use crate::control::EdgeControl;
 use crate::replica::{ApplyError, Replica};
+use tether_common::control::EdgeEvent;
 
 /// How long the master may take to answer a sync request.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves one link until it closes.
-pub async fn serve_master(link: Link, incoming: mpsc::Receiver<Incoming>, replica: Arc<Replica>) {
+pub async fn serve_master(
+    link: Link,
+    incoming: mpsc::Receiver<Incoming>,
+    replica: Arc<Replica>,
+    control: EdgeControl,
+) {
     let (resync_tx, resync_rx) = mpsc::channel(1);
     let sync = tokio::spawn(sync_loop(link.clone(), replica.clone(), resync_rx));
-    answer_requests(incoming, &replica, &resync_tx).await;
+    answer_requests(incoming, &replica, &control, &resync_tx).await;
     sync.abort();
 }
 
@@ -62,6 +69,7 @@ async fn sync_loop(link: Link, replica: Arc<Replica>, mut resync: mpsc::Receiver
 async fn answer_requests(
     mut incoming: mpsc::Receiver<Incoming>,
     replica: &Replica,
+    control: &EdgeControl,
     resync: &mpsc::Sender<()>,
 ) {
     while let Some(item) = incoming.recv().await {
@@ -94,6 +102,18 @@ async fn answer_requests(
                     Err(RemoteError::new(ErrorCode::Internal, err.to_string()))
                 }
             },
+            Request::ControlDecision {
+                owner,
+                epoch,
+                reason,
+            } => match control.decide(owner, epoch, reason).await {
+                Ok(epoch) => Ok(Response::ControlAck { epoch }),
+                Err(stale) => Err(RemoteError::new(ErrorCode::StaleEpoch, stale.to_string())),
+            },
+            Request::MasterReady => {
+                control.link_event(EdgeEvent::MasterReady, None);
+                Ok(Response::Ack)
+            }
             _ => Err(RemoteError::new(
                 ErrorCode::Unsupported,
                 "this edge does not handle that request yet",

@@ -4,13 +4,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Serialize;
 use serde_json::Value;
+use tether_common::control::{ControlState, owner_name};
 use tether_common::link::{EdgeSecrets, Link, Secret};
 use tether_common::model::EdgeRecord;
 
@@ -41,16 +41,7 @@ struct LinkView {
     rtt_ms: Option<f64>,
 }
 
-fn rfc3339(unix_ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::control::{now_ms, rfc3339};
 
 impl EdgeRegistry {
     /// An empty registry; [`sync`](Self::sync) fills it from the model.
@@ -132,20 +123,39 @@ impl EdgeRegistry {
         Some(generation)
     }
 
-    /// Marks the edge offline if `generation` is still its current link.
-    pub fn detach(&self, edge_id: &str, generation: u64, reason: &str) {
+    /// Marks the edge offline if `generation` is still its current link; answers when it
+    /// was last heard, or `None` when a newer link had replaced this one.
+    pub fn detach(&self, edge_id: &str, generation: u64, reason: &str) -> Option<u64> {
         let mut edges = self.lock();
-        let Some(entry) = edges.get_mut(edge_id) else {
-            return;
-        };
-        if let Some((current, link)) = &entry.link
-            && *current == generation
-        {
-            entry.last_seen_ms = Some(link.last_seen_unix_ms());
-            entry.link = None;
-            entry.connected_since_ms = None;
-            tracing::warn!(edge = %edge_id, "edge offline: {reason}");
+        let entry = edges.get_mut(edge_id)?;
+        match &entry.link {
+            Some((current, link)) if *current == generation => {
+                let last_seen = link.last_seen_unix_ms();
+                entry.last_seen_ms = Some(last_seen);
+                entry.link = None;
+                entry.connected_since_ms = None;
+                tracing::warn!(edge = %edge_id, "edge offline: {reason}");
+                Some(last_seen)
+            }
+            _ => None,
         }
+    }
+
+    /// The edge's current link, if it is connected.
+    pub fn link(&self, edge_id: &str) -> Option<Link> {
+        let edges = self.lock();
+        let (_, link) = edges.get(edge_id)?.link.as_ref()?;
+        (!link.is_closed()).then(|| link.clone())
+    }
+
+    /// How many of the model's edges are connected now.
+    pub fn connected(&self) -> (usize, usize) {
+        let edges = self.lock();
+        let online = edges
+            .values()
+            .filter(|e| e.link.as_ref().is_some_and(|(_, l)| !l.is_closed()))
+            .count();
+        (online, edges.len())
     }
 
     /// Closes every link (shutdown).
@@ -157,8 +167,9 @@ impl EdgeRegistry {
         }
     }
 
-    /// An edge's record with its link state, as `GET /api/v1/edges` shows it.
-    pub fn view(&self, record: &EdgeRecord) -> Option<Value> {
+    /// An edge's record with its link state and its owner and epoch, as
+    /// `GET /api/v1/edges` shows it.
+    pub fn view(&self, record: &EdgeRecord, control: Option<ControlState>) -> Option<Value> {
         let edges = self.lock();
         let entry = edges.get(&record.id);
         let link = entry.and_then(|e| e.link.as_ref()).map(|(_, link)| link);
@@ -179,6 +190,9 @@ impl EdgeRegistry {
             (&mut view, serde_json::to_value(state))
         {
             map.extend(state);
+            let control = control.unwrap_or_default();
+            map.insert("owner".into(), owner_name(control.owner).into());
+            map.insert("epoch".into(), control.epoch.into());
         }
         Some(view)
     }

@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod control;
+mod edge_link;
 mod edges;
 mod import;
 mod model;

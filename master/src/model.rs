@@ -55,6 +55,11 @@ impl ModelService {
         (guard.0.clone(), guard.1)
     }
 
+    /// The database, which also holds the control states and the audit log.
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
     /// Tells this model's history from another's.
     pub fn model_id(&self) -> u64 {
         self.model_id

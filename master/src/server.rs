@@ -16,7 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::control::Control;
 use crate::edges::EdgeRegistry;
+use tether_common::control::MasterEvent;
 use crate::model::ModelService;
 
 /// Handshakes in progress at once before new connections are dropped.
@@ -122,13 +124,15 @@ async fn serve(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
+    // Boot, in DESIGN.md's order. Load edges and systems, and every module but the edges'.
     let registry = EdgeRegistry::new(base_dir.clone());
     let runtime = Runtime::new("master", ScriptLimits::default());
-    follow_model(model.clone(), registry.clone(), runtime.clone()).await;
+    let control = Control::start(model.store(), runtime.clone(), registry.clone())?;
+    follow_model(&model, &registry, &control);
     tokio::spawn(follow_model_changes(
         model.clone(),
         registry.clone(),
-        runtime.clone(),
+        control.clone(),
     ));
     let health = Arc::new(Health {
         role: "master",
@@ -136,6 +140,8 @@ async fn serve(
         booted: false.into(),
     });
 
+    // Edges may connect from now on; while the master boots they keep their modules
+    // (rule 3).
     let (accepted_tx, accepted_rx) = mpsc::channel(64);
     let listener_config = ListenerConfig {
         handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
@@ -153,23 +159,34 @@ async fn serve(
         accepted_tx,
         shutdown.clone(),
     ));
-    tokio::spawn(attach_links(registry.clone(), model.clone(), accepted_rx));
+    tokio::spawn(attach_links(
+        registry.clone(),
+        model.clone(),
+        control.clone(),
+        accepted_rx,
+    ));
 
+    wait_for_edges(&registry, Duration::from_millis(config.boot_wait_ms)).await;
+    // Take control of absent edges that had failed over before, tell the connected ones
+    // the master is ready; then serve the API.
+    control.booted();
     let state = crate::api::AppState {
         model: model.clone(),
         edges: registry.clone(),
         runtime: runtime.clone(),
+        control: control.clone(),
         base_dir,
     };
     let router = crate::api::router(health.clone(), token, state);
     tokio::spawn(serve_https(api_listener, api_tls, router, shutdown.clone()));
-
     health.booted.store(true, Ordering::Relaxed);
-    let (snapshot, version) = model.snapshot();
+    let (_, version) = model.snapshot();
+    let (online, edges) = registry.connected();
     tracing::info!(
         api = %config.api_listen,
         link = %config.link_listen,
-        edges = snapshot.edges.len(),
+        edges,
+        online,
         version,
         "master booted"
     );
@@ -184,26 +201,36 @@ async fn serve(
     Ok(())
 }
 
-/// Applies the model to the edge registry and to the modules the master runs (those of
-/// no edge).
-async fn follow_model(model: Arc<ModelService>, registry: Arc<EdgeRegistry>, runtime: Runtime) {
+/// Applies the model to the edge registry and to control (which runs the modules of no
+/// edge, and those of the edges it controls).
+fn follow_model(model: &ModelService, registry: &EdgeRegistry, control: &Control) {
     let (snapshot, _) = model.snapshot();
     registry.sync(&snapshot.edges);
-    let wanted = snapshot.clone();
-    runtime
-        .reconcile(snapshot, move |module| wanted.module_edge(module).is_none())
-        .await;
+    control.model_changed(snapshot);
 }
 
 /// Runs [`follow_model`] after every committed write.
 async fn follow_model_changes(
     model: Arc<ModelService>,
     registry: Arc<EdgeRegistry>,
-    runtime: Runtime,
+    control: Control,
 ) {
     let mut version = model.watch_version();
     while version.changed().await.is_ok() {
-        follow_model(model.clone(), registry.clone(), runtime.clone()).await;
+        follow_model(&model, &registry, &control);
+    }
+}
+
+/// The boot wait: until every edge of the model is connected, or `boot_wait` has passed.
+async fn wait_for_edges(registry: &EdgeRegistry, boot_wait: Duration) {
+    let deadline = tokio::time::Instant::now() + boot_wait;
+    loop {
+        let (online, all) = registry.connected();
+        if online == all || tokio::time::Instant::now() >= deadline {
+            tracing::info!(online, edges = all, "boot wait over");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -211,6 +238,7 @@ async fn follow_model_changes(
 async fn attach_links(
     registry: Arc<EdgeRegistry>,
     model: Arc<ModelService>,
+    control: Control,
     mut accepted: mpsc::Receiver<AuthenticatedEdge>,
 ) {
     while let Some(edge) = accepted.recv().await {
@@ -219,19 +247,24 @@ async fn attach_links(
             edge.link.close("unknown edge");
             continue;
         };
+        control.event(&edge.edge_id, MasterEvent::LinkUp);
         let registry = registry.clone();
         let model = model.clone();
+        let control = control.clone();
         tokio::spawn(async move {
-            crate::sync::serve_edge(
+            crate::edge_link::serve_edge(
                 edge.edge_id.clone(),
                 edge.link.clone(),
                 edge.incoming,
                 model,
+                control.clone(),
             )
             .await;
             edge.link.closed().await;
             let reason = edge.link.close_reason().unwrap_or_default();
-            registry.detach(&edge.edge_id, generation, &reason);
+            if let Some(last_heard_ms) = registry.detach(&edge.edge_id, generation, &reason) {
+                control.event(&edge.edge_id, MasterEvent::LinkDown { last_heard_ms });
+            }
         });
     }
 }

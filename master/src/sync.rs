@@ -1,106 +1,59 @@
 //! Keeping each connected edge's replica current: answer its `SyncRequest` (changes since
 //! its version, or a snapshot), then push every later change as it commits.
+//!
+//! The position a `SyncRequest` reports is set before its answer goes out; the push task
+//! then sends only what is newer, so a change committed meanwhile is sent once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_common::link::{Incoming, Link};
+use tether_common::link::Link;
 use tether_common::model::sync::ReplicaPosition;
 use tether_common::protocol::{ErrorCode, RemoteError, Request, Response};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::model::ModelService;
 
 /// How long an edge may take to apply a pushed batch.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves what an edge sends on one link and pushes model changes to it, until the link
-/// closes.
-pub async fn serve_edge(
-    edge_id: String,
-    link: Link,
-    incoming: mpsc::Receiver<Incoming>,
-    model: Arc<ModelService>,
-) {
-    // Where the edge's replica stands, once it has synced on this link.
-    let (position_tx, position_rx) = watch::channel(None::<ReplicaPosition>);
-    let push = tokio::spawn(push_changes(
-        edge_id.clone(),
-        link.clone(),
-        model.clone(),
-        position_rx,
-    ));
-    answer_requests(&edge_id, incoming, &model, &position_tx).await;
-    push.abort();
-}
-
-async fn answer_requests(
+/// Answers an edge's `SyncRequest`: the changes since its version, or a snapshot. The
+/// replica's position after it goes to `position`, for [`push_changes`].
+pub async fn answer_sync(
     edge_id: &str,
-    mut incoming: mpsc::Receiver<Incoming>,
     model: &ModelService,
+    at: ReplicaPosition,
     position: &watch::Sender<Option<ReplicaPosition>>,
-) {
-    while let Some(item) = incoming.recv().await {
-        let request = match item {
-            Incoming::Request(request) => request,
-            Incoming::Notice(notice) => {
-                tracing::debug!(edge = %edge_id, ?notice, "notice not handled yet");
-                continue;
-            }
-        };
-        match request.body {
-            Request::SyncRequest {
-                model_id,
-                since_version,
-            } => {
-                let at = ReplicaPosition {
-                    model_id,
-                    version: since_version,
-                };
-                match model.batch_for(edge_id, at).await {
-                    Ok(batch) => {
-                        tracing::info!(
-                            edge = %edge_id,
-                            from = since_version,
-                            to = batch.to_version,
-                            snapshot = batch.snapshot,
-                            records = batch.changes.len(),
-                            "edge sync: sending {}",
-                            if batch.snapshot { "a snapshot" } else { "changes" }
-                        );
-                        let after = ReplicaPosition {
-                            model_id: batch.model_id,
-                            version: batch.to_version,
-                        };
-                        request
-                            .responder
-                            .respond(Ok(Response::ModelChanges(batch)))
-                            .await;
-                        position.send_replace(Some(after));
-                    }
-                    Err(err) => {
-                        tracing::error!(edge = %edge_id, "edge sync failed: {err}");
-                        let error = RemoteError::new(
-                            ErrorCode::Internal,
-                            format!("the master cannot read its model: {err}"),
-                        );
-                        request.responder.respond(Err(error)).await;
-                    }
-                }
-            }
-            _ => {
-                let error = RemoteError::new(
-                    ErrorCode::Unsupported,
-                    "this master does not handle that request yet",
-                );
-                request.responder.respond(Err(error)).await;
-            }
+) -> Result<Response, RemoteError> {
+    match model.batch_for(edge_id, at).await {
+        Ok(batch) => {
+            tracing::info!(
+                edge = %edge_id,
+                from = at.version,
+                to = batch.to_version,
+                snapshot = batch.snapshot,
+                records = batch.changes.len(),
+                "edge sync: sending {}",
+                if batch.snapshot { "a snapshot" } else { "changes" }
+            );
+            position.send_replace(Some(ReplicaPosition {
+                model_id: batch.model_id,
+                version: batch.to_version,
+            }));
+            Ok(Response::ModelChanges(batch))
+        }
+        Err(err) => {
+            tracing::error!(edge = %edge_id, "edge sync failed: {err}");
+            Err(RemoteError::new(
+                ErrorCode::Internal,
+                format!("the master cannot read its model: {err}"),
+            ))
         }
     }
 }
 
 /// Pushes each new model version to the edge, from where its replica stands.
-async fn push_changes(
+pub async fn push_changes(
     edge_id: String,
     link: Link,
     model: Arc<ModelService>,

@@ -24,6 +24,9 @@ pub struct ClusterSpec {
     pub proxied: bool,
     /// TOML appended to the site file (repositories, drivers, modules, systems).
     pub site_extra: String,
+    /// How long the master waits for absent edges at boot (the cluster starts the edges
+    /// after the master has booted, so the default is short).
+    pub boot_wait_ms: u64,
     /// Lines added to master.toml before its `[tls]` table.
     pub master_extra: String,
     /// Files written into the cluster's folder before anything starts (path, content),
@@ -39,6 +42,7 @@ impl ClusterSpec {
             heartbeat_ms: 1000,
             handshake_timeout_ms: 5000,
             proxied: false,
+            boot_wait_ms: 300,
             site_extra: String::new(),
             master_extra: String::new(),
             files: Vec::new(),
@@ -94,9 +98,9 @@ impl Cluster {
             root.join("master.toml"),
             format!(
                 "data_dir = \"data/master\"\napi_listen = \"{api_addr}\"\nlink_listen = \"{link_addr}\"\n\
-                 seed = \"site.toml\"\nheartbeat_ms = {}\nhandshake_timeout_ms = {}\n{}\n\
+                 seed = \"site.toml\"\nheartbeat_ms = {}\nhandshake_timeout_ms = {}\nboot_wait_ms = {}\n{}\n\
                  [tls]\ncert = \"certs/master.pem\"\nkey = \"certs/master.key\"\nca = \"certs/ca.pem\"\n",
-                spec.heartbeat_ms, spec.handshake_timeout_ms, spec.master_extra
+                spec.heartbeat_ms, spec.handshake_timeout_ms, spec.boot_wait_ms, spec.master_extra
             ),
         )
         .unwrap();

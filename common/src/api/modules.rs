@@ -31,6 +31,7 @@ impl From<ExecError> for ApiError {
             ExecError::Script(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "script_error", message)
             }
+            ExecError::StaleEpoch(_) => ApiError::new(StatusCode::CONFLICT, "stale_epoch", message),
         }
     }
 }
@@ -54,6 +55,11 @@ struct ExecBody {
     method: String,
     #[serde(default)]
     args: Vec<Value>,
+    /// The epoch the client last saw for the module's edge location; an older one than
+    /// this side's is refused (409), so a client acting on a stale view of who controls
+    /// the room finds out.
+    #[serde(default)]
+    epoch: Option<u64>,
 }
 
 type ModulePath = Path<(String, String, String)>;
@@ -122,12 +128,15 @@ async fn exec(
             "the body must be {{\"method\": NAME, \"args\": [...]}}: {err}"
         ))
     })?;
+    let epoch = runtime.fence(&system, &name, index, body.epoch)?;
     let (result, executed_by) = runtime
         .exec(&system, &name, index, &body.method, body.args)
         .await?;
-    Ok(Json(
-        json!({ "result": result, "executed_by": executed_by }),
-    ))
+    let mut answer = json!({ "result": result, "executed_by": executed_by });
+    if let Some(epoch) = epoch {
+        answer["epoch"] = json!(epoch);
+    }
+    Ok(Json(answer))
 }
 
 async fn status(

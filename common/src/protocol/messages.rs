@@ -205,6 +205,16 @@ pub enum Request {
         /// The events.
         events: Vec<AuditRecord>,
     },
+    /// Edge to master, first on every link: where the edge stands, for the negotiation
+    /// rules. Answer: [`Response::Ack`]; the master's [`Request::ControlDecision`] follows.
+    ControlReport {
+        /// The edge's persisted owner.
+        owner: ControlOwner,
+        /// The edge's persisted epoch.
+        epoch: u64,
+        /// Whether its modules are loaded and running now.
+        controlling: bool,
+    },
 }
 
 /// Answers.

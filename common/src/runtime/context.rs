@@ -79,9 +79,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ModuleShared {
-    pub(super) fn new() -> Self {
+    /// A module's shared part, starting from `status` (the last status synced from the
+    /// other side, under warm standby; else empty).
+    pub(super) fn new(status: Map<String, Value>) -> Self {
         ModuleShared {
-            status: Mutex::new(Map::new()),
+            status: Mutex::new(status),
             debug: Mutex::new(VecDeque::new()),
             health: Mutex::new(ModuleHealth {
                 state: ModuleState::Starting,
@@ -158,8 +160,20 @@ impl ModuleContext {
         }
     }
 
+    /// Sets a status value; a change is announced to the runtime's subscribers
+    /// (runtime-state sync to the master, and clients bound to the status).
     pub(super) fn set_status(&self, key: &str, value: Value) {
-        lock(&self.shared.status).insert(key.to_string(), value);
+        let previous = lock(&self.shared.status).insert(key.to_string(), value.clone());
+        if previous.as_ref() != Some(&value)
+            && let Some(runtime) = self.runtime.upgrade()
+        {
+            // No subscriber is fine.
+            let _ = runtime.status_changes.send(super::StatusChange {
+                module_id: self.spec.id.clone(),
+                key: key.to_string(),
+                value,
+            });
+        }
     }
 
     pub(super) fn status(&self, key: &str) -> Option<Value> {

@@ -7,6 +7,7 @@ mod modbus;
 mod module;
 mod script;
 mod spec;
+mod standby;
 mod tcp;
 mod transport;
 
@@ -49,6 +50,9 @@ pub enum ExecError {
     /// The script threw or broke a limit (500).
     #[error("{0}")]
     Script(String),
+    /// The caller's epoch is older than the module's edge location's (409).
+    #[error("{0}")]
+    StaleEpoch(String),
 }
 
 /// One module as the API lists it.
@@ -69,9 +73,28 @@ pub struct ModuleView {
     pub health: Option<ModuleHealth>,
 }
 
+/// A module's status value changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusChange {
+    /// Module id.
+    pub module_id: String,
+    /// Status key.
+    pub key: String,
+    /// New value.
+    pub value: Value,
+}
+
+/// Status changes a subscriber may fall behind by before it misses some (and should
+/// re-read whole maps).
+const STATUS_CHANGES: usize = 4096;
+
 pub(crate) struct Inner {
     executed_by: String,
     limits: ScriptLimits,
+    status_changes: tokio::sync::broadcast::Sender<StatusChange>,
+    standby: standby::Standby,
+    /// Each edge location's epoch as this side knows it, for fencing calls.
+    epochs: RwLock<HashMap<String, u64>>,
     model: RwLock<Arc<Model>>,
     modules: Mutex<HashMap<String, Arc<ModuleInstance>>>,
     reconciling: tokio::sync::Mutex<()>,
@@ -87,7 +110,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Who runs a module: `edge:ID` for a module of an edge, else `master`.
+/// Where a module belongs: `edge:ID` for a module of an edge, else `master`. During a
+/// failover the master runs an edge's modules; [`Runtime::system_modules`] says so.
 pub fn runs_on(model: &Model, module: &ModuleRecord) -> String {
     match model.module_edge(module) {
         Some(edge) => format!("edge:{edge}"),
@@ -102,6 +126,9 @@ impl Runtime {
             inner: Arc::new(Inner {
                 executed_by: executed_by.into(),
                 limits,
+                status_changes: tokio::sync::broadcast::channel(STATUS_CHANGES).0,
+                standby: standby::Standby::default(),
+                epochs: RwLock::default(),
                 model: RwLock::new(Arc::new(Model::default())),
                 modules: Mutex::new(HashMap::new()),
                 reconciling: tokio::sync::Mutex::new(()),
@@ -164,11 +191,116 @@ impl Runtime {
         for (id, spec) in desired {
             if let std::collections::hash_map::Entry::Vacant(slot) = modules.entry(id) {
                 tracing::info!(module = %spec.id, driver = %spec.driver_id, "starting module");
-                let instance =
-                    ModuleInstance::start(spec, self.inner.limits, Arc::downgrade(&self.inner));
+                let warm = self.inner.standby.warm(&spec);
+                let instance = ModuleInstance::start(
+                    spec,
+                    warm,
+                    self.inner.limits,
+                    Arc::downgrade(&self.inner),
+                );
                 slot.insert(Arc::new(instance));
             }
         }
+    }
+
+    /// Records an edge location's current epoch (the control shell calls this on every
+    /// change of owner).
+    pub fn set_epoch(&self, edge: &str, epoch: u64) {
+        self.inner
+            .epochs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(edge.to_string(), epoch);
+    }
+
+    /// Fences a call: the epoch of the module's edge location, refusing a caller that
+    /// claims an older one. `None` for a module of no edge.
+    pub fn fence(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+        claimed: Option<u64>,
+    ) -> Result<Option<u64>, ExecError> {
+        let model = self.model();
+        let Some(edge) = model
+            .system_module(system, name, index)
+            .and_then(|module| model.module_edge(module))
+        else {
+            return Ok(None);
+        };
+        let current = self
+            .inner
+            .epochs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&edge)
+            .copied();
+        match (claimed, current) {
+            (Some(claimed), Some(current)) if claimed < current => {
+                Err(ExecError::StaleEpoch(format!(
+                    "stale epoch {claimed}: edge {edge} is at epoch {current} (its owner changed)"
+                )))
+            }
+            _ => Ok(current),
+        }
+    }
+
+    /// Every status change of the modules running here, from now on.
+    pub fn subscribe_status(&self) -> tokio::sync::broadcast::Receiver<StatusChange> {
+        self.inner.status_changes.subscribe()
+    }
+
+    /// The status maps of the modules running here, by module id.
+    pub fn statuses(&self) -> Vec<(String, Map<String, Value>)> {
+        let mut all: Vec<_> = lock(&self.inner.modules)
+            .iter()
+            .map(|(id, module)| (id.clone(), module.shared.status()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Warm standby: keeps the modules `wanted` picks compiled (those not running here),
+    /// with the status [`standby_status`](Self::standby_status) feeds them, so that
+    /// starting them later begins from that state. Others are forgotten.
+    pub async fn keep_warm(&self, model: &Model, wanted: impl Fn(&ModuleRecord) -> bool) {
+        let specs: Vec<ModuleSpec> = model
+            .modules
+            .values()
+            .filter(|module| wanted(module))
+            .filter_map(|module| ModuleSpec::new(model, module))
+            .collect();
+        let to_compile = self.inner.standby.retain(&specs);
+        if to_compile.is_empty() {
+            return;
+        }
+        let limits = self.inner.limits;
+        let compiled = tokio::task::spawn_blocking(move || {
+            to_compile
+                .into_iter()
+                .map(|spec| {
+                    let ast = script::compile_only(&spec.source, limits).ok();
+                    (spec, ast)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (spec, ast) in compiled {
+            self.inner.standby.compiled(&spec, ast);
+        }
+    }
+
+    /// A status value synced from the side that runs the module; kept only for a module
+    /// kept warm. Answers whether it was kept.
+    pub fn standby_status(&self, module_id: &str, key: &str, value: Value) -> bool {
+        self.inner.standby.set_status(module_id, key, value)
+    }
+
+    /// The modules kept warm, with the number of status keys each holds.
+    pub fn warm_modules(&self) -> Vec<(String, usize)> {
+        self.inner.standby.summary()
     }
 
     /// Stops every module.
@@ -254,7 +386,13 @@ impl Runtime {
                     name: module.name.clone(),
                     index: *index,
                     driver: module.driver.clone(),
-                    runs_on: runs_on(model, module),
+                    runs_on: match modules.get(&module.id) {
+                        Some(_) => self.inner.executed_by.clone(),
+                        None if self.inner.executed_by.starts_with("edge:") => {
+                            "master".to_string()
+                        }
+                        None => runs_on(model, module),
+                    },
                     health: modules.get(&module.id).map(|m| m.shared.health()),
                 }
             })

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::context::{ModuleContext, ModuleShared, ModuleState};
 use super::script::{CALLBACKS, CallError, Script, ScriptLimits, with_deadline};
 use super::spec::ModuleSpec;
+use super::standby::Warm;
 use super::transport::TransportEvent;
 use super::{ExecError, Inner, modbus, tcp};
 use crate::model::Transport;
@@ -63,12 +64,23 @@ pub(super) struct ModuleInstance {
 
 impl ModuleInstance {
     /// Starts a module: its transport, its script, `on_load`, then its queue.
-    pub(super) fn start(spec: ModuleSpec, limits: ScriptLimits, runtime: Weak<Inner>) -> Self {
-        let shared = Arc::new(ModuleShared::new());
+    /// `warm` is what warm standby kept: the compiled script and the last status.
+    pub(super) fn start(
+        spec: ModuleSpec,
+        warm: Option<Warm>,
+        limits: ScriptLimits,
+        runtime: Weak<Inner>,
+    ) -> Self {
+        let (compiled, status) = match warm {
+            Some(warm) => (warm.ast, warm.status),
+            None => (None, serde_json::Map::new()),
+        };
+        let shared = Arc::new(ModuleShared::new(status));
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run(
             spec.clone(),
+            compiled,
             limits,
             shared.clone(),
             jobs_tx.clone(),
@@ -138,8 +150,10 @@ impl ModuleInstance {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     spec: ModuleSpec,
+    compiled: Option<rhai::AST>,
     limits: ScriptLimits,
     shared: Arc<ModuleShared>,
     jobs_tx: mpsc::Sender<Job>,
@@ -197,7 +211,7 @@ async fn run(
     });
     let load_deadline = Instant::now() + Duration::from_millis(spec.timeout_ms);
     let loaded = tokio::task::spawn_blocking(move || {
-        let script = Script::compile(&context.spec.source, limits, context.clone())?;
+        let script = Script::compile(&context.spec.source, compiled, limits, context.clone())?;
         if script.has_function("on_load") {
             with_deadline(load_deadline, || script.call("on_load", &[]))
                 .map_err(|err| err.to_string())?;

@@ -84,15 +84,20 @@ pub(super) struct Script {
 
 impl Script {
     /// Compiles `source` for a module; the error names the line.
+    /// `compiled` is the same source compiled earlier (warm standby), to skip parsing.
     pub(super) fn compile(
         source: &str,
+        compiled: Option<AST>,
         limits: ScriptLimits,
         context: Arc<ModuleContext>,
     ) -> Result<Script, String> {
         let engine = engine(limits, context);
-        let ast = engine
-            .compile(source)
-            .map_err(|err| format!("the script does not compile: {err}"))?;
+        let ast = match compiled {
+            Some(ast) => ast,
+            None => engine
+                .compile(source)
+                .map_err(|err| format!("the script does not compile: {err}"))?,
+        };
         Ok(Script { engine, ast })
     }
 
@@ -155,7 +160,16 @@ fn describe(name: &str, err: &EvalAltResult) -> String {
 }
 
 /// An engine with the limits and this module's host functions.
-fn engine(limits: ScriptLimits, context: Arc<ModuleContext>) -> Engine {
+/// Compiles a driver without a module (warm standby keeps drivers compiled ahead of a
+/// takeover); the parse limits are those of [`Script::compile`].
+pub(super) fn compile_only(source: &str, limits: ScriptLimits) -> Result<AST, String> {
+    base_engine(limits)
+        .compile(source)
+        .map_err(|err| format!("the script does not compile: {err}"))
+}
+
+/// An engine with the sandbox and its limits, but no host functions.
+fn base_engine(limits: ScriptLimits) -> Engine {
     let mut engine = Engine::new();
     // No `import` of files: a driver reaches nothing but what the host gives it.
     engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
@@ -173,6 +187,11 @@ fn engine(limits: ScriptLimits, context: Arc<ModuleContext>) -> Engine {
             .is_some_and(|d| Instant::now() >= d);
         late.then(|| Dynamic::from("deadline"))
     });
+    engine
+}
+
+fn engine(limits: ScriptLimits, context: Arc<ModuleContext>) -> Engine {
+    let mut engine = base_engine(limits);
     let ctx = context.clone();
     engine.on_print(move |text| ctx.log(text));
     let ctx = context.clone();

@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod control;
+
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::model::{KINDS, Model, ModelError, kind_name};

@@ -1,5 +1,6 @@
 //! The master's client API routes.
 
+mod control;
 mod records;
 
 use std::path::PathBuf;
@@ -21,6 +22,8 @@ pub struct AppState {
     pub edges: Arc<EdgeRegistry>,
     /// The modules the master runs.
     pub runtime: Runtime,
+    /// Who controls each edge location.
+    pub control: crate::control::Control,
     /// The folder of master.toml: relative paths in records are resolved against it.
     pub base_dir: PathBuf,
 }
@@ -28,6 +31,7 @@ pub struct AppState {
 /// The router: health is open (for load balancers and probes); the rest needs the token.
 pub fn router(health_state: Arc<Health>, token: Arc<AdminToken>, state: AppState) -> Router {
     let protected = records::routes()
+        .merge(control::routes())
         .route("/api/v1/edges/{id}/slice", axum::routing::get(edge_slice))
         .with_state(state.clone())
         .merge(module_routes(state.runtime.clone()))

@@ -1,0 +1,148 @@
+//! Control state on disk, beside the model in the same database: each edge location's
+//! owner and epoch, and the audit log of changes of owner. Both sides keep their own.
+
+use std::collections::BTreeMap;
+
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use super::{META, Store, StoreError};
+use crate::control::{AuditRecord, ControlState};
+
+/// Edge location id to its postcard [`ControlState`].
+const CONTROL: TableDefinition<&str, &[u8]> = TableDefinition::new("control");
+/// Sequence number to a postcard [`AuditRecord`], oldest first.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// The newest audit sequence number the master has acknowledged (on an edge).
+const AUDIT_REPORTED: &str = "audit_reported";
+
+impl Store {
+    /// Every edge location's persisted owner and epoch.
+    pub fn control_states(&self) -> Result<BTreeMap<String, ControlState>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = match txn.open_table(CONTROL) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+            Err(err) => return Err(self.db_error(err)),
+        };
+        let mut states = BTreeMap::new();
+        for entry in table.iter().map_err(|e| self.db_error(e))? {
+            let (id, bytes) = entry.map_err(|e| self.db_error(e))?;
+            let state = postcard::from_bytes(bytes.value()).map_err(|err| {
+                self.corrupt(format!("control state of {} does not decode: {err}", id.value()))
+            })?;
+            states.insert(id.value().to_string(), state);
+        }
+        Ok(states)
+    }
+
+    /// Stores an edge location's owner and epoch durably.
+    pub fn set_control_state(&self, edge: &str, state: ControlState) -> Result<(), StoreError> {
+        // A ControlState always encodes: an enum and an integer.
+        let bytes = postcard::to_stdvec(&state).unwrap_or_default();
+        self.write_txn(|txn| {
+            txn.open_table(CONTROL)?.insert(edge, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Appends to the audit log, which then keeps its newest `keep` records. Returns the
+    /// record's sequence number.
+    pub fn append_audit(&self, record: &AuditRecord, keep: u64) -> Result<u64, StoreError> {
+        let bytes = postcard::to_stdvec(record).unwrap_or_default();
+        self.write_txn(|txn| {
+            let mut audit = txn.open_table(AUDIT)?;
+            let seq = audit.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            audit.insert(seq, bytes.as_slice())?;
+            if audit.len()? > keep {
+                let floor = seq.saturating_sub(keep);
+                audit.retain_in(..=floor, |_, _| false)?;
+            }
+            Ok(seq)
+        })
+    }
+
+    /// The audit records after sequence number `after`, oldest first.
+    pub fn audit_after(&self, after: u64) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let audit = match txn.open_table(AUDIT) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(err) => return Err(self.db_error(err)),
+        };
+        let mut records = Vec::new();
+        for entry in audit.range(after + 1..).map_err(|e| self.db_error(e))? {
+            let (seq, bytes) = entry.map_err(|e| self.db_error(e))?;
+            let record = postcard::from_bytes(bytes.value()).map_err(|err| {
+                self.corrupt(format!("audit record {} does not decode: {err}", seq.value()))
+            })?;
+            records.push((seq.value(), record));
+        }
+        Ok(records)
+    }
+
+    /// The newest audit sequence number the master has acknowledged.
+    pub fn audit_reported(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
+        Ok(meta
+            .get(AUDIT_REPORTED)
+            .map_err(|e| self.db_error(e))?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    /// Records that the master has the audit records up to `seq`.
+    pub fn set_audit_reported(&self, seq: u64) -> Result<(), StoreError> {
+        self.write_txn(|txn| {
+            txn.open_table(META)?.insert(AUDIT_REPORTED, seq)?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Owner;
+
+    fn record(epoch: u64) -> AuditRecord {
+        AuditRecord {
+            time_ms: 1,
+            edge: "site-1".into(),
+            from: Owner::Edge,
+            to: Owner::Master,
+            epoch,
+            reason: "test".into(),
+        }
+    }
+
+    #[test]
+    fn control_states_and_audit_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            assert!(store.control_states().unwrap().is_empty());
+            let state = ControlState {
+                owner: Owner::Master,
+                epoch: 4,
+            };
+            store.set_control_state("site-1", state).unwrap();
+            for epoch in 1..=5 {
+                store.append_audit(&record(epoch), 3).unwrap();
+            }
+            store.set_audit_reported(4).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.control_states().unwrap()["site-1"].epoch, 4);
+        let kept: Vec<u64> = store
+            .audit_after(0)
+            .unwrap()
+            .iter()
+            .map(|(_, r)| r.epoch)
+            .collect();
+        assert_eq!(kept, vec![3, 4, 5], "the newest three are kept, in order");
+        assert_eq!(store.audit_reported().unwrap(), 4);
+        assert_eq!(store.audit_after(4).unwrap().len(), 1);
+    }
+}

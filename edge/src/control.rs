@@ -1,0 +1,394 @@
+//! The edge's control shell: one task that owns the [`EdgeSide`] machine, feeds it link
+//! events and the master's decisions, and carries out its actions in order: persist,
+//! start or stop this site's modules (a stop completes, devices disconnected, before the
+//! decision is acknowledged), report to the master.
+//!
+//! On every new link it also streams the modules' status changes to the master
+//! (runtime-state sync, for warm standby) and reports the changes of owner it decided
+//! alone while the master was out of reach.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tether_common::control::{
+    AuditRecord, ControlState, EdgeAction, EdgeEvent, EdgeSide, Owner, StaleDecision,
+    owner_name,
+};
+use tether_common::link::Link;
+use tether_common::protocol::{Json, Notice, Request};
+use tether_common::runtime::Runtime;
+use tether_common::store::Store;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::replica::Replica;
+
+/// How long the master may take to take a report.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Audit records kept on an edge.
+const AUDIT_KEEP: u64 = 10_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What the API shows of this edge's control.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ControlView {
+    /// Owner and epoch.
+    pub state: ControlState,
+    /// Whether this edge runs its modules now.
+    pub active: bool,
+    /// Whether the link to the master is up.
+    pub online: bool,
+    /// Whether the master said it has booted.
+    pub master_ready: bool,
+}
+
+enum Command {
+    Link(EdgeEvent, Option<Link>),
+    Decision {
+        owner: Owner,
+        epoch: u64,
+        reason: String,
+        reply: oneshot::Sender<Result<u64, StaleDecision>>,
+    },
+    ReplicaChanged,
+}
+
+/// A handle on the control task.
+#[derive(Clone)]
+pub struct EdgeControl {
+    commands: mpsc::UnboundedSender<Command>,
+    view: Arc<RwLock<ControlView>>,
+    store: Arc<Store>,
+}
+
+impl EdgeControl {
+    /// Starts the control task from the state persisted in the replica's database. No
+    /// module runs until the master decides, or the master is found unreachable.
+    pub fn start(
+        edge_id: &str,
+        replica: Arc<Replica>,
+        runtime: Runtime,
+    ) -> anyhow::Result<EdgeControl> {
+        let store = replica.store();
+        let persisted = store
+            .control_states()?
+            .get(edge_id)
+            .copied()
+            .unwrap_or_default();
+        runtime.set_epoch(edge_id, persisted.epoch);
+        let view = Arc::new(RwLock::new(ControlView {
+            state: persisted,
+            ..ControlView::default()
+        }));
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let task = Task {
+            edge_id: edge_id.to_string(),
+            machine: EdgeSide::new(edge_id, persisted),
+            replica: replica.clone(),
+            runtime,
+            store: store.clone(),
+            link: None,
+            view: view.clone(),
+        };
+        tokio::spawn(task.run(receiver));
+        let control = EdgeControl {
+            commands,
+            view,
+            store,
+        };
+        tokio::spawn(follow_replica(replica, control.clone()));
+        Ok(control)
+    }
+
+    /// The link came up (with it), went down, or an attempt failed.
+    pub fn link_event(&self, event: EdgeEvent, link: Option<Link>) {
+        let _ = self.commands.send(Command::Link(event, link));
+    }
+
+    /// A decision of the master; answers the epoch acted on once the modules are stopped
+    /// or started, or why it was refused.
+    pub async fn decide(
+        &self,
+        owner: Owner,
+        epoch: u64,
+        reason: String,
+    ) -> Result<u64, StaleDecision> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.commands.send(Command::Decision {
+            owner,
+            epoch,
+            reason,
+            reply,
+        });
+        answer.await.unwrap_or(Err(StaleDecision { got: epoch, seen: u64::MAX }))
+    }
+
+    /// What the API shows.
+    pub fn view(&self) -> ControlView {
+        *self.view.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The changes of owner this edge decided alone, oldest first.
+    pub async fn audit(&self) -> anyhow::Result<Vec<Value>> {
+        let store = self.store.clone();
+        let records = tokio::task::spawn_blocking(move || store.audit_after(0)).await??;
+        Ok(records.iter().map(|(_, r)| audit_json(r)).collect())
+    }
+}
+
+fn audit_json(record: &AuditRecord) -> Value {
+    json!({
+        "time": humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + Duration::from_millis(record.time_ms)
+        ).to_string(),
+        "edge": record.edge,
+        "from": owner_name(record.from),
+        "to": owner_name(record.to),
+        "epoch": record.epoch,
+        "reason": record.reason,
+    })
+}
+
+/// Reconciles the modules after every applied batch (new host or settings: restart).
+async fn follow_replica(replica: Arc<Replica>, control: EdgeControl) {
+    let mut changed = replica.watch();
+    while changed.changed().await.is_ok() {
+        if control.commands.send(Command::ReplicaChanged).is_err() {
+            return;
+        }
+    }
+}
+
+struct Task {
+    edge_id: String,
+    machine: EdgeSide,
+    replica: Arc<Replica>,
+    runtime: Runtime,
+    store: Arc<Store>,
+    link: Option<Link>,
+    view: Arc<RwLock<ControlView>>,
+}
+
+impl Task {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        while let Some(command) = commands.recv().await {
+            match command {
+                Command::Link(event, link) => {
+                    match event {
+                        EdgeEvent::LinkUp => self.link = link,
+                        EdgeEvent::LinkDown | EdgeEvent::AttemptFailed => self.link = None,
+                        EdgeEvent::MasterReady => {}
+                    }
+                    let actions = self.machine.handle(now_ms(), event);
+                    self.carry_out(actions).await;
+                    if event == EdgeEvent::LinkUp
+                        && let Some(link) = &self.link
+                    {
+                        tokio::spawn(report_audits(link.clone(), self.store.clone()));
+                        tokio::spawn(stream_status(
+                            link.clone(),
+                            self.runtime.clone(),
+                            self.view.clone(),
+                        ));
+                    }
+                }
+                Command::Decision {
+                    owner,
+                    epoch,
+                    reason,
+                    reply,
+                } => {
+                    let result = self.machine.decide(now_ms(), owner, epoch, &reason);
+                    let answer = match result {
+                        Ok(actions) => {
+                            tracing::info!(owner = owner_name(owner), epoch, "control decision: {reason}");
+                            self.carry_out(actions).await;
+                            Ok(epoch)
+                        }
+                        Err(stale) => {
+                            tracing::warn!("control decision refused: {stale}");
+                            Err(stale)
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
+                Command::ReplicaChanged => self.reconcile().await,
+            }
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = ControlView {
+            state: self.machine.state(),
+            active: self.machine.is_active(),
+            online: self.link.is_some(),
+            master_ready: self.machine.master_ready(),
+        };
+    }
+
+    /// Runs this edge's modules of the replica while it controls them; none otherwise.
+    async fn reconcile(&self) {
+        let (model, _) = self.replica.snapshot();
+        let wanted = model.clone();
+        let active = self.machine.is_active();
+        let edge_id = self.edge_id.clone();
+        self.runtime
+            .reconcile(model, move |module| {
+                active && wanted.module_edge(module).as_deref() == Some(edge_id.as_str())
+            })
+            .await;
+    }
+
+    async fn carry_out(&mut self, actions: Vec<EdgeAction>) {
+        for action in actions {
+            match action {
+                EdgeAction::Persist(state) => {
+                    let store = self.store.clone();
+                    let id = self.edge_id.clone();
+                    let stored =
+                        tokio::task::spawn_blocking(move || store.set_control_state(&id, state))
+                            .await;
+                    if !matches!(stored, Ok(Ok(()))) {
+                        tracing::error!(?state, "cannot store the control state: {stored:?}");
+                    }
+                    self.runtime.set_epoch(&self.edge_id, state.epoch);
+                }
+                EdgeAction::StartModules { epoch } => {
+                    tracing::info!(epoch, "this edge runs its modules");
+                    self.publish();
+                    self.reconcile().await;
+                }
+                EdgeAction::StopModules => {
+                    tracing::info!("this edge stops its modules (the master controls them)");
+                    self.publish();
+                    self.reconcile().await;
+                }
+                EdgeAction::SendReport(report) => {
+                    if let Some(link) = self.link.clone() {
+                        tokio::spawn(async move {
+                            let request = Request::ControlReport {
+                                owner: report.state.owner,
+                                epoch: report.state.epoch,
+                                controlling: report.controlling,
+                            };
+                            if let Err(err) = link.request(request, REPORT_TIMEOUT).await {
+                                tracing::warn!("control report not taken: {err}");
+                            }
+                        });
+                    }
+                }
+                EdgeAction::Audit { record, report } => {
+                    tracing::warn!(
+                        from = owner_name(record.from),
+                        to = owner_name(record.to),
+                        epoch = record.epoch,
+                        "change of owner: {}",
+                        record.reason
+                    );
+                    // The edge's log holds what it decided alone; the master logs its own
+                    // decisions.
+                    if report {
+                        let store = self.store.clone();
+                        let stored = tokio::task::spawn_blocking(move || {
+                            store.append_audit(&record, AUDIT_KEEP)
+                        })
+                        .await;
+                        if !matches!(stored, Ok(Ok(_))) {
+                            tracing::error!("cannot store an audit record: {stored:?}");
+                        }
+                        if let Some(link) = self.link.clone() {
+                            tokio::spawn(report_audits(link, self.store.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends the master the audit records it has not acknowledged yet.
+async fn report_audits(link: Link, store: Arc<Store>) {
+    let pending = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let reported = store.audit_reported()?;
+            store.audit_after(reported)
+        })
+        .await
+    };
+    let Ok(Ok(pending)) = pending else {
+        tracing::error!("cannot read the audit log: {pending:?}");
+        return;
+    };
+    let Some(&(last, _)) = pending.last() else {
+        return;
+    };
+    let events = pending.into_iter().map(|(_, record)| record).collect();
+    match link
+        .request(Request::AuditEvents { events }, REPORT_TIMEOUT)
+        .await
+    {
+        Ok(_) => {
+            let _ = tokio::task::spawn_blocking(move || store.set_audit_reported(last)).await;
+        }
+        Err(err) => tracing::warn!("audit events not taken (sent again on the next link): {err}"),
+    }
+}
+
+/// Streams every status change of the modules running here to the master, starting with
+/// their whole maps, until the link closes. A subscriber that falls behind sends the
+/// whole maps again.
+async fn stream_status(link: Link, runtime: Runtime, view: Arc<RwLock<ControlView>>) {
+    let epoch = || view.read().unwrap_or_else(|p| p.into_inner()).state.epoch;
+    let mut changes = runtime.subscribe_status();
+    'resend: loop {
+        for (module_id, status) in runtime.statuses() {
+            for (key, value) in status {
+                if send_status(&link, &module_id, key, &value, epoch()).await.is_err() {
+                    return;
+                }
+            }
+        }
+        loop {
+            let change = tokio::select! {
+                change = changes.recv() => change,
+                _ = link.closed() => return,
+            };
+            match change {
+                Ok(change) => {
+                    if send_status(&link, &change.module_id, change.key, &change.value, epoch())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue 'resend,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+async fn send_status(
+    link: &Link,
+    module_id: &str,
+    key: String,
+    value: &Value,
+    epoch: u64,
+) -> Result<(), ()> {
+    let notice = Notice::StatusChanged {
+        module_id: module_id.to_string(),
+        key,
+        value: Json(value.to_string()),
+        epoch,
+    };
+    link.notify(notice).await.map_err(|_| ())
+}

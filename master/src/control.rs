@@ -1,0 +1,488 @@
+//! The master's control shell: one task that owns every edge location's [`MasterSide`]
+//! machine, feeds it link events, reports, acknowledgements and the time, and carries out
+//! its actions in order: persist, audit, start or stop the edge's modules here (a stop
+//! completes, devices disconnected, before anything after it), send decisions.
+//!
+//! One task, so that the actions of one machine never interleave with another's
+//! reconcile of the runtime.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tether_common::control::{
+    AuditRecord, ControlState, EdgeSettings, MasterAction, MasterEvent, MasterSide, Owner,
+    RestoreRefused, Window, owner_name,
+};
+use tether_common::link::LinkError;
+use tether_common::model::{EdgeRecord, Model, Standby};
+use tether_common::protocol::{ErrorCode, Request, Response};
+use tether_common::runtime::Runtime;
+use tether_common::store::Store;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::edges::EdgeRegistry;
+
+/// How long an edge may take to act on a decision (stop or start its modules).
+const DECISION_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest the shell sleeps between polls of the machines.
+const MAX_POLL: Duration = Duration::from_secs(1);
+/// Audit records kept.
+pub const AUDIT_KEEP: u64 = 100_000;
+
+/// Unix time in milliseconds: the control machines' clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An RFC 3339 time from unix milliseconds.
+pub fn rfc3339(unix_ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
+}
+
+/// An audit record as the API shows it.
+pub fn audit_json(record: &AuditRecord) -> Value {
+    json!({
+        "time": rfc3339(record.time_ms),
+        "edge": record.edge,
+        "from": owner_name(record.from),
+        "to": owner_name(record.to),
+        "epoch": record.epoch,
+        "reason": record.reason,
+    })
+}
+
+/// Why a restore did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// No such edge location.
+    #[error("no edge {0}")]
+    NotFound(String),
+    /// The machine refused.
+    #[error(transparent)]
+    Refused(#[from] RestoreRefused),
+    /// The control task has stopped (shutdown).
+    #[error("the master is shutting down")]
+    Stopped,
+}
+
+enum Command {
+    Model(Arc<Model>),
+    Event(String, MasterEvent),
+    Booted,
+    Restore(String, oneshot::Sender<Result<ControlState, RestoreError>>),
+    Status {
+        edge: String,
+        module_id: String,
+        key: String,
+        value: Value,
+        epoch: u64,
+    },
+}
+
+/// A handle on the control task.
+#[derive(Clone)]
+pub struct Control {
+    commands: mpsc::UnboundedSender<Command>,
+    states: Arc<RwLock<HashMap<String, ControlState>>>,
+    store: Arc<Store>,
+}
+
+impl Control {
+    /// Starts the control task over the persisted states in `store`; the master is
+    /// booting until [`booted`](Self::booted).
+    pub fn start(
+        store: Arc<Store>,
+        runtime: Runtime,
+        registry: Arc<EdgeRegistry>,
+    ) -> anyhow::Result<Control> {
+        let persisted = store.control_states()?;
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let control = Control {
+            commands: commands.clone(),
+            states: Arc::new(RwLock::new(HashMap::new())),
+            store: store.clone(),
+        };
+        let task = Task {
+            machines: HashMap::new(),
+            persisted,
+            model: Arc::new(Model::default()),
+            runtime,
+            store,
+            registry,
+            running: HashSet::new(),
+            booted: false,
+            commands,
+            states: control.states.clone(),
+        };
+        tokio::spawn(task.run(receiver));
+        Ok(control)
+    }
+
+    fn send(&self, command: Command) {
+        // The task ends only with the process.
+        let _ = self.commands.send(command);
+    }
+
+    /// The model changed: edges added, removed or edited, modules moved.
+    pub fn model_changed(&self, model: Arc<Model>) {
+        self.send(Command::Model(model));
+    }
+
+    /// Something happened on an edge's link.
+    pub fn event(&self, edge: &str, event: MasterEvent) {
+        self.send(Command::Event(edge.to_string(), event));
+    }
+
+    /// The boot wait is over.
+    pub fn booted(&self) {
+        self.send(Command::Booted);
+    }
+
+    /// A status change the edge streamed (runtime-state sync).
+    pub fn status(&self, edge: &str, module_id: String, key: String, value: Value, epoch: u64) {
+        self.send(Command::Status {
+            edge: edge.to_string(),
+            module_id,
+            key,
+            value,
+            epoch,
+        });
+    }
+
+    /// A manual restore; answers the new state once the decision is sent.
+    pub async fn restore(&self, edge: &str) -> Result<ControlState, RestoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Restore(edge.to_string(), reply));
+        answer.await.unwrap_or(Err(RestoreError::Stopped))
+    }
+
+    /// An edge location's owner and epoch.
+    pub fn state(&self, edge: &str) -> Option<ControlState> {
+        self.states
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(edge)
+            .copied()
+    }
+
+    /// Records audit events an edge reports (its own takeovers while the master was out
+    /// of reach).
+    pub async fn record_edge_audits(&self, events: Vec<AuditRecord>) -> anyhow::Result<()> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            for event in &events {
+                tracing::warn!(
+                    edge = %event.edge,
+                    from = owner_name(event.from),
+                    to = owner_name(event.to),
+                    epoch = event.epoch,
+                    "the edge reports a change of owner: {}",
+                    event.reason
+                );
+                store.append_audit(event, AUDIT_KEEP)?;
+            }
+            Ok(())
+        })
+        .await?
+    }
+
+    /// The audit log, oldest first, optionally of one edge.
+    pub async fn audit(&self, edge: Option<String>) -> anyhow::Result<Vec<Value>> {
+        let store = self.store.clone();
+        let records = tokio::task::spawn_blocking(move || store.audit_after(0)).await??;
+        Ok(records
+            .iter()
+            .filter(|(_, r)| edge.as_ref().is_none_or(|e| &r.edge == e))
+            .map(|(_, r)| audit_json(r))
+            .collect())
+    }
+}
+
+fn settings(record: &EdgeRecord) -> EdgeSettings {
+    EdgeSettings {
+        failover: record.failover,
+        timeout_ms: record.timeout_ms,
+        window: record.restore_window.as_ref().and_then(|w| {
+            Window::new(w)
+                .map_err(|err| tracing::error!(edge = %record.id, "restore window ignored: {err}"))
+                .ok()
+        }),
+    }
+}
+
+struct Task {
+    machines: HashMap<String, MasterSide>,
+    /// States read at start, for edges whose machine is not made yet.
+    persisted: std::collections::BTreeMap<String, ControlState>,
+    model: Arc<Model>,
+    runtime: Runtime,
+    store: Arc<Store>,
+    registry: Arc<EdgeRegistry>,
+    /// Edge locations whose modules the master runs now.
+    running: HashSet<String>,
+    booted: bool,
+    commands: mpsc::UnboundedSender<Command>,
+    states: Arc<RwLock<HashMap<String, ControlState>>>,
+}
+
+impl Task {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            let now = now_ms();
+            let next = self
+                .machines
+                .values()
+                .filter_map(|m| m.next_poll(now))
+                .min()
+                .map(|at| Duration::from_millis(at.saturating_sub(now)))
+                .unwrap_or(MAX_POLL)
+                .min(MAX_POLL);
+            let command = tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => Some(command),
+                    None => return,
+                },
+                _ = tokio::time::sleep(next) => None,
+            };
+            match command {
+                Some(command) => self.command(command).await,
+                None => self.poll_all().await,
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Model(model) => self.follow_model(model).await,
+            Command::Event(edge, event) => {
+                let Some(machine) = self.machines.get_mut(&edge) else {
+                    return;
+                };
+                let actions = machine.handle(now_ms(), event);
+                self.carry_out(&edge, actions).await;
+            }
+            Command::Booted => {
+                self.booted = true;
+                let edges: Vec<String> = self.machines.keys().cloned().collect();
+                for edge in edges {
+                    let actions = self
+                        .machines
+                        .get_mut(&edge)
+                        .map(|m| m.handle(now_ms(), MasterEvent::Booted))
+                        .unwrap_or_default();
+                    self.carry_out(&edge, actions).await;
+                }
+            }
+            Command::Restore(edge, reply) => {
+                let result = match self.machines.get_mut(&edge) {
+                    None => Err(RestoreError::NotFound(edge.clone())),
+                    Some(machine) => machine.restore(now_ms()).map_err(RestoreError::from),
+                };
+                match result {
+                    Ok(actions) => {
+                        self.carry_out(&edge, actions).await;
+                        let state = self.machines.get(&edge).map(|m| m.state());
+                        let _ = reply.send(state.ok_or(RestoreError::NotFound(edge)));
+                    }
+                    Err(err) => {
+                        let _ = reply.send(Err(err));
+                    }
+                }
+            }
+            Command::Status {
+                edge,
+                module_id,
+                key,
+                value,
+                epoch,
+            } => {
+                // Only from the edge that controls, under the current epoch; kept only
+                // for modules the runtime keeps warm (standby = "warm").
+                let current = self.machines.get(&edge).map(|m| m.state());
+                if current.is_some_and(|s| s.owner == Owner::Edge && epoch >= s.epoch) {
+                    self.runtime.standby_status(&module_id, &key, value);
+                }
+            }
+        }
+    }
+
+    async fn poll_all(&mut self) {
+        let now = now_ms();
+        let edges: Vec<String> = self.machines.keys().cloned().collect();
+        for edge in edges {
+            let actions = self
+                .machines
+                .get_mut(&edge)
+                .map(|m| m.poll(now))
+                .unwrap_or_default();
+            if !actions.is_empty() {
+                self.carry_out(&edge, actions).await;
+            }
+        }
+    }
+
+    async fn follow_model(&mut self, model: Arc<Model>) {
+        self.model = model.clone();
+        let now = now_ms();
+        self.machines.retain(|id, _| model.edges.contains_key(id));
+        self.running.retain(|id| model.edges.contains_key(id));
+        for (id, record) in &model.edges {
+            match self.machines.get_mut(id) {
+                Some(machine) => machine.set_settings(settings(record)),
+                None => {
+                    let persisted = self.persisted.get(id).copied().unwrap_or_default();
+                    let mut machine = MasterSide::new(id, settings(record), persisted, now);
+                    let mut actions = Vec::new();
+                    if self.booted {
+                        // An edge added after boot: the master has nothing of it to load.
+                        actions = machine.handle(now, MasterEvent::Booted);
+                    }
+                    self.runtime.set_epoch(id, persisted.epoch);
+                    self.publish(id, persisted);
+                    self.machines.insert(id.clone(), machine);
+                    self.carry_out(id, actions).await;
+                }
+            }
+        }
+        self.states
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| model.edges.contains_key(id));
+        self.reconcile().await;
+    }
+
+    /// Runs the modules of no edge and of the edges the master controls; keeps the
+    /// others of warm-standby edges compiled.
+    async fn reconcile(&self) {
+        let model = self.model.clone();
+        let running = self.running.clone();
+        let wanted = model.clone();
+        self.runtime
+            .reconcile(model.clone(), move |module| {
+                match wanted.module_edge(module) {
+                    None => true,
+                    Some(edge) => running.contains(&edge),
+                }
+            })
+            .await;
+        let running = &self.running;
+        self.runtime
+            .keep_warm(&model, |module| {
+                model.module_edge(module).is_some_and(|edge| {
+                    !running.contains(&edge)
+                        && model
+                            .edges
+                            .get(&edge)
+                            .is_some_and(|e| e.standby == Standby::Warm)
+                })
+            })
+            .await;
+    }
+
+    fn publish(&self, edge: &str, state: ControlState) {
+        self.states
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(edge.to_string(), state);
+    }
+
+    async fn carry_out(&mut self, edge: &str, actions: Vec<MasterAction>) {
+        for action in actions {
+            match action {
+                MasterAction::Persist(state) => {
+                    let store = self.store.clone();
+                    let id = edge.to_string();
+                    let stored =
+                        tokio::task::spawn_blocking(move || store.set_control_state(&id, state))
+                            .await;
+                    if !matches!(stored, Ok(Ok(()))) {
+                        tracing::error!(edge, ?state, "cannot store the control state: {stored:?}");
+                    }
+                    self.runtime.set_epoch(edge, state.epoch);
+                    self.publish(edge, state);
+                }
+                MasterAction::Audit(record) => {
+                    tracing::warn!(
+                        edge,
+                        from = owner_name(record.from),
+                        to = owner_name(record.to),
+                        epoch = record.epoch,
+                        "change of owner: {}",
+                        record.reason
+                    );
+                    let store = self.store.clone();
+                    let stored =
+                        tokio::task::spawn_blocking(move || store.append_audit(&record, AUDIT_KEEP))
+                            .await;
+                    if !matches!(stored, Ok(Ok(_))) {
+                        tracing::error!(edge, "cannot store an audit record: {stored:?}");
+                    }
+                }
+                MasterAction::StartModules { epoch } => {
+                    tracing::info!(edge, epoch, "the master starts the edge's modules");
+                    self.running.insert(edge.to_string());
+                    self.reconcile().await;
+                }
+                MasterAction::StopModules => {
+                    tracing::info!(edge, "the master stops the edge's modules");
+                    self.running.remove(edge);
+                    self.reconcile().await;
+                }
+                MasterAction::SendDecision {
+                    owner,
+                    epoch,
+                    reason,
+                } => self.send_decision(edge, owner, epoch, reason),
+                MasterAction::SendReady => {
+                    if let Some(link) = self.registry.link(edge) {
+                        tokio::spawn(async move {
+                            let _ = link.request(Request::MasterReady, DECISION_TIMEOUT).await;
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a decision without waiting: the acknowledgement comes back as an event. An
+    /// edge that refuses it (a stale epoch) or does not answer loses its link, and the
+    /// next link negotiates afresh.
+    fn send_decision(&self, edge: &str, owner: Owner, epoch: u64, reason: String) {
+        let Some(link) = self.registry.link(edge) else {
+            return;
+        };
+        let commands = self.commands.clone();
+        let edge = edge.to_string();
+        tokio::spawn(async move {
+            let request = Request::ControlDecision {
+                owner,
+                epoch,
+                reason,
+            };
+            match link.request(request, DECISION_TIMEOUT).await {
+                Ok(Response::ControlAck { epoch }) => {
+                    let _ = commands.send(Command::Event(edge, MasterEvent::Acked { epoch }));
+                }
+                Ok(other) => {
+                    tracing::error!(edge, "the edge answered a decision with {other:?}");
+                    link.close("unexpected answer to a control decision");
+                }
+                Err(LinkError::Remote(err)) if err.code == ErrorCode::StaleEpoch => {
+                    tracing::warn!(edge, "the edge refused a decision: {}", err.message);
+                    link.close(format!("control decision refused: {}", err.message));
+                }
+                Err(err) => {
+                    if !link.is_closed() {
+                        tracing::warn!(edge, "control decision failed: {err}");
+                        link.close(format!("control decision failed: {err}"));
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,94 @@
+//! The life of one edge link on the master: what the edge sends (sync requests, its
+//! control report, audit events, status changes) goes to the part that handles it, and
+//! model changes are pushed to it until the link closes.
+
+use std::sync::Arc;
+
+use tether_common::control::{ControlState, EdgeReport, MasterEvent};
+use tether_common::link::{Incoming, Link};
+use tether_common::model::sync::ReplicaPosition;
+use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request, Response};
+use tokio::sync::{mpsc, watch};
+
+use crate::control::Control;
+use crate::model::ModelService;
+use crate::sync::{answer_sync, push_changes};
+
+/// Serves one link until it closes.
+pub async fn serve_edge(
+    edge_id: String,
+    link: Link,
+    mut incoming: mpsc::Receiver<Incoming>,
+    model: Arc<ModelService>,
+    control: Control,
+) {
+    // Where the edge's replica stands, once it has synced on this link.
+    let (position_tx, position_rx) = watch::channel(None::<ReplicaPosition>);
+    let push = tokio::spawn(push_changes(
+        edge_id.clone(),
+        link.clone(),
+        model.clone(),
+        position_rx,
+    ));
+    while let Some(item) = incoming.recv().await {
+        let request = match item {
+            Incoming::Request(request) => request,
+            Incoming::Notice(Notice::StatusChanged {
+                module_id,
+                key,
+                value,
+                epoch,
+            }) => {
+                match serde_json::from_str(&value.0) {
+                    Ok(value) => control.status(&edge_id, module_id, key, value, epoch),
+                    Err(err) => tracing::warn!(edge = %edge_id, module = %module_id, "a status change that is not JSON is ignored: {err}"),
+                }
+                continue;
+            }
+        };
+        let answer = match request.body {
+            Request::SyncRequest {
+                model_id,
+                since_version,
+            } => {
+                let at = ReplicaPosition {
+                    model_id,
+                    version: since_version,
+                };
+                answer_sync(&edge_id, &model, at, &position_tx).await
+            }
+            Request::ControlReport {
+                owner,
+                epoch,
+                controlling,
+            } => {
+                let report = EdgeReport {
+                    state: ControlState { owner, epoch },
+                    controlling,
+                };
+                tracing::info!(edge = %edge_id, ?owner, epoch, controlling, "edge reports its control state");
+                control.event(&edge_id, MasterEvent::Report(report));
+                Ok(Response::Ack)
+            }
+            Request::AuditEvents { events } => {
+                let foreign = events.iter().any(|e| e.edge != edge_id);
+                if foreign {
+                    Err(RemoteError::new(
+                        ErrorCode::Forbidden,
+                        "an edge may report audit events of its own location only",
+                    ))
+                } else {
+                    control.record_edge_audits(events).await.map(|()| Response::Ack).map_err(
+                        |err| RemoteError::new(ErrorCode::Internal, format!("not stored: {err}")),
+                    )
+                }
+            }
+            _ => Err(RemoteError::new(
+                ErrorCode::Unsupported,
+                "this master does not handle that request yet",
+            )),
+        };
+        request.responder.respond(answer).await;
+    }
+    push.abort();
+}
