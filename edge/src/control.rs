@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tether_common::control::{
-    AuditRecord, ControlState, EdgeAction, EdgeEvent, EdgeSide, Owner, StaleDecision,
-    owner_name,
+    AuditRecord, ControlState, EdgeAction, EdgeEvent, EdgeSide, Owner, StaleDecision, owner_name,
 };
 use tether_common::link::Link;
 use tether_common::protocol::{Json, Notice, Request};
@@ -102,6 +101,8 @@ impl EdgeControl {
             view,
             store,
         };
+        // Load the replica's systems (no module runs yet), so the API can answer for them.
+        let _ = control.commands.send(Command::ReplicaChanged);
         tokio::spawn(follow_replica(replica, control.clone()));
         Ok(control)
     }
@@ -126,7 +127,10 @@ impl EdgeControl {
             reason,
             reply,
         });
-        answer.await.unwrap_or(Err(StaleDecision { got: epoch, seen: u64::MAX }))
+        answer.await.unwrap_or(Err(StaleDecision {
+            got: epoch,
+            seen: u64::MAX,
+        }))
     }
 
     /// What the API shows.
@@ -207,7 +211,11 @@ impl Task {
                     let result = self.machine.decide(now_ms(), owner, epoch, &reason);
                     let answer = match result {
                         Ok(actions) => {
-                            tracing::info!(owner = owner_name(owner), epoch, "control decision: {reason}");
+                            tracing::info!(
+                                owner = owner_name(owner),
+                                epoch,
+                                "control decision: {reason}"
+                            );
                             self.carry_out(actions).await;
                             Ok(epoch)
                         }
@@ -351,7 +359,10 @@ async fn stream_status(link: Link, runtime: Runtime, view: Arc<RwLock<ControlVie
     'resend: loop {
         for (module_id, status) in runtime.statuses() {
             for (key, value) in status {
-                if send_status(&link, &module_id, key, &value, epoch()).await.is_err() {
+                if send_status(&link, &module_id, key, &value, epoch())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

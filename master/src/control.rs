@@ -416,9 +416,10 @@ impl Task {
                         record.reason
                     );
                     let store = self.store.clone();
-                    let stored =
-                        tokio::task::spawn_blocking(move || store.append_audit(&record, AUDIT_KEEP))
-                            .await;
+                    let stored = tokio::task::spawn_blocking(move || {
+                        store.append_audit(&record, AUDIT_KEEP)
+                    })
+                    .await;
                     if !matches!(stored, Ok(Ok(_))) {
                         tracing::error!(edge, "cannot store an audit record: {stored:?}");
                     }

@@ -41,7 +41,9 @@ pub async fn serve_edge(
             }) => {
                 match serde_json::from_str(&value.0) {
                     Ok(value) => control.status(&edge_id, module_id, key, value, epoch),
-                    Err(err) => tracing::warn!(edge = %edge_id, module = %module_id, "a status change that is not JSON is ignored: {err}"),
+                    Err(err) => {
+                        tracing::warn!(edge = %edge_id, module = %module_id, "a status change that is not JSON is ignored: {err}")
+                    }
                 }
                 continue;
             }
@@ -78,9 +80,13 @@ pub async fn serve_edge(
                         "an edge may report audit events of its own location only",
                     ))
                 } else {
-                    control.record_edge_audits(events).await.map(|()| Response::Ack).map_err(
-                        |err| RemoteError::new(ErrorCode::Internal, format!("not stored: {err}")),
-                    )
+                    control
+                        .record_edge_audits(events)
+                        .await
+                        .map(|()| Response::Ack)
+                        .map_err(|err| {
+                            RemoteError::new(ErrorCode::Internal, format!("not stored: {err}"))
+                        })
                 }
             }
             _ => Err(RemoteError::new(

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::Control;
 use crate::edges::EdgeRegistry;
-use tether_common::control::MasterEvent;
 use crate::model::ModelService;
+use tether_common::control::MasterEvent;
 
 /// Handshakes in progress at once before new connections are dropped.
 const MAX_PENDING_HANDSHAKES: usize = 256;

@@ -22,6 +22,8 @@ pub struct ClusterSpec {
     pub handshake_timeout_ms: u64,
     /// Route each edge's link through a [`FaultProxy`].
     pub proxied: bool,
+    /// TOML keys added to every `[[edges]]` table of the site file (`failover = false`).
+    pub edge_settings: String,
     /// TOML appended to the site file (repositories, drivers, modules, systems).
     pub site_extra: String,
     /// How long the master waits for absent edges at boot (the cluster starts the edges
@@ -43,6 +45,7 @@ impl ClusterSpec {
             handshake_timeout_ms: 5000,
             proxied: false,
             boot_wait_ms: 300,
+            edge_settings: String::new(),
             site_extra: String::new(),
             master_extra: String::new(),
             files: Vec::new(),
@@ -91,7 +94,11 @@ impl Cluster {
         let api_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         std::fs::write(
             root.join("site.toml"),
-            format!("{}{}", site_toml(&spec.edges), spec.site_extra),
+            format!(
+                "{}{}",
+                site_toml(&spec.edges, &spec.edge_settings),
+                spec.site_extra
+            ),
         )
         .unwrap();
         std::fs::write(
@@ -237,12 +244,12 @@ impl Cluster {
     }
 }
 
-fn site_toml(edges: &[String]) -> String {
+fn site_toml(edges: &[String], settings: &str) -> String {
     edges
         .iter()
         .map(|edge| {
             format!(
-                "[[edges]]\nid = \"{edge}\"\nname = \"Test {edge}\"\nsecret_file = \"certs/{edge}.secret\"\n\n"
+                "[[edges]]\nid = \"{edge}\"\nname = \"Test {edge}\"\nsecret_file = \"certs/{edge}.secret\"\n{settings}\n\n"
             )
         })
         .collect()

@@ -97,6 +97,8 @@ pub(crate) struct Inner {
     epochs: RwLock<HashMap<String, u64>>,
     model: RwLock<Arc<Model>>,
     modules: Mutex<HashMap<String, Arc<ModuleInstance>>>,
+    /// The modules the last reconcile wanted here (running, or not for want of a driver).
+    wanted: RwLock<std::collections::HashSet<String>>,
     reconciling: tokio::sync::Mutex<()>,
 }
 
@@ -131,6 +133,7 @@ impl Runtime {
                 epochs: RwLock::default(),
                 model: RwLock::new(Arc::new(Model::default())),
                 modules: Mutex::new(HashMap::new()),
+                wanted: RwLock::default(),
                 reconciling: tokio::sync::Mutex::new(()),
             }),
         }
@@ -161,10 +164,16 @@ impl Runtime {
     pub async fn reconcile(&self, model: Arc<Model>, wanted: impl Fn(&ModuleRecord) -> bool) {
         let _one_at_a_time = self.inner.reconciling.lock().await;
         *self.inner.model.write().unwrap_or_else(|p| p.into_inner()) = model.clone();
-        let desired: HashMap<String, ModuleSpec> = model
+        let wanted_here: std::collections::HashSet<String> = model
             .modules
             .values()
             .filter(|module| wanted(module))
+            .map(|module| module.id.clone())
+            .collect();
+        let desired: HashMap<String, ModuleSpec> = model
+            .modules
+            .values()
+            .filter(|module| wanted_here.contains(&module.id))
             .filter_map(|module| {
                 let spec = ModuleSpec::new(&model, module);
                 if spec.is_none() {
@@ -187,6 +196,7 @@ impl Runtime {
             tracing::info!(module = %module.spec.id, "stopping module");
             module.stop().await;
         }
+        *self.inner.wanted.write().unwrap_or_else(|p| p.into_inner()) = wanted_here;
         let mut modules = lock(&self.inner.modules);
         for (id, spec) in desired {
             if let std::collections::hash_map::Entry::Vacant(slot) = modules.entry(id) {
@@ -326,14 +336,28 @@ impl Runtime {
         })?;
         let running = lock(&self.inner.modules).get(&module.id).cloned();
         running.ok_or_else(|| {
-            let owner = runs_on(&model, module);
-            if owner == self.inner.executed_by {
+            let wanted_here = self
+                .inner
+                .wanted
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&module.id);
+            if wanted_here {
                 ExecError::Unavailable(format!(
                     "module {} is not running (its driver is missing)",
                     module.id
                 ))
             } else {
-                ExecError::NotHere(format!("module {} runs on {owner}, not here", module.id))
+                let home = runs_on(&model, module);
+                let other = if home == self.inner.executed_by {
+                    "the master".to_string()
+                } else {
+                    home
+                };
+                ExecError::NotHere(format!(
+                    "module {} does not run here: {other} controls it",
+                    module.id
+                ))
             }
         })
     }
@@ -388,9 +412,7 @@ impl Runtime {
                     driver: module.driver.clone(),
                     runs_on: match modules.get(&module.id) {
                         Some(_) => self.inner.executed_by.clone(),
-                        None if self.inner.executed_by.starts_with("edge:") => {
-                            "master".to_string()
-                        }
+                        None if self.inner.executed_by.starts_with("edge:") => "master".to_string(),
                         None => runs_on(model, module),
                     },
                     health: modules.get(&module.id).map(|m| m.shared.health()),

@@ -28,7 +28,10 @@ impl Store {
         for entry in table.iter().map_err(|e| self.db_error(e))? {
             let (id, bytes) = entry.map_err(|e| self.db_error(e))?;
             let state = postcard::from_bytes(bytes.value()).map_err(|err| {
-                self.corrupt(format!("control state of {} does not decode: {err}", id.value()))
+                self.corrupt(format!(
+                    "control state of {} does not decode: {err}",
+                    id.value()
+                ))
             })?;
             states.insert(id.value().to_string(), state);
         }
@@ -73,7 +76,10 @@ impl Store {
         for entry in audit.range(after + 1..).map_err(|e| self.db_error(e))? {
             let (seq, bytes) = entry.map_err(|e| self.db_error(e))?;
             let record = postcard::from_bytes(bytes.value()).map_err(|err| {
-                self.corrupt(format!("audit record {} does not decode: {err}", seq.value()))
+                self.corrupt(format!(
+                    "audit record {} does not decode: {err}",
+                    seq.value()
+                ))
             })?;
             records.push((seq.value(), record));
         }

@@ -84,7 +84,9 @@ impl From<WriteError> for ApiError {
 
 fn record_view(state: &AppState, model: &Model, kind: EntityKind, id: &str) -> Option<Value> {
     match kind {
-        EntityKind::Edge => state.edges.view(model.edges.get(id)?, state.control.state(id)),
+        EntityKind::Edge => state
+            .edges
+            .view(model.edges.get(id)?, state.control.state(id)),
         EntityKind::System => system_view(model, &state.runtime, id),
         _ => serde_json::from_str(&model.get_json(kind, id)?).ok(),
     }
