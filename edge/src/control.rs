@@ -10,9 +10,10 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use tether_common::api::audit_json;
 use tether_common::control::{
-    AuditRecord, ControlState, EdgeAction, EdgeEvent, EdgeSide, Owner, StaleDecision, owner_name,
+    ControlState, EdgeAction, EdgeEvent, EdgeSide, Owner, StaleDecision, owner_name,
 };
 use tether_common::link::Link;
 use tether_common::protocol::{Json, Notice, Request};
@@ -144,19 +145,6 @@ impl EdgeControl {
         let records = tokio::task::spawn_blocking(move || store.audit_after(0)).await??;
         Ok(records.iter().map(|(_, r)| audit_json(r)).collect())
     }
-}
-
-fn audit_json(record: &AuditRecord) -> Value {
-    json!({
-        "time": humantime::format_rfc3339_millis(
-            std::time::UNIX_EPOCH + Duration::from_millis(record.time_ms)
-        ).to_string(),
-        "edge": record.edge,
-        "from": owner_name(record.from),
-        "to": owner_name(record.to),
-        "epoch": record.epoch,
-        "reason": record.reason,
-    })
 }
 
 /// Reconciles the modules after every applied batch (new host or settings: restart).

@@ -10,7 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use tether_common::api::audit_json;
 use tether_common::control::{
     AuditRecord, ControlState, EdgeSettings, MasterAction, MasterEvent, MasterSide, Owner,
     RestoreRefused, Window, owner_name,
@@ -37,23 +38,6 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// An RFC 3339 time from unix milliseconds.
-pub fn rfc3339(unix_ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
-}
-
-/// An audit record as the API shows it.
-pub fn audit_json(record: &AuditRecord) -> Value {
-    json!({
-        "time": rfc3339(record.time_ms),
-        "edge": record.edge,
-        "from": owner_name(record.from),
-        "to": owner_name(record.to),
-        "epoch": record.epoch,
-        "reason": record.reason,
-    })
 }
 
 /// Why a restore did not happen.

@@ -41,7 +41,8 @@ struct LinkView {
     rtt_ms: Option<f64>,
 }
 
-use crate::control::{now_ms, rfc3339};
+use crate::control::now_ms;
+use tether_common::api::rfc3339;
 
 impl EdgeRegistry {
     /// An empty registry; [`sync`](Self::sync) fills it from the model.

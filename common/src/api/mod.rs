@@ -1,12 +1,14 @@
 //! The client API's shell (HTTPS serving, bearer tokens, JSON errors) and the handlers
 //! that master and edge both serve.
 
+mod audit;
 mod error;
 mod health;
 mod https;
 mod modules;
 mod token;
 
+pub use audit::{audit_json, rfc3339};
 pub use error::ApiError;
 pub use health::{Health, health};
 pub use https::serve_https;
