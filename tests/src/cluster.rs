@@ -193,11 +193,19 @@ impl Cluster {
     }
 
     /// An API client of edge `index` with the edge's admin token.
+    /// An edge that was just started may not have written its token yet: this waits for
+    /// the file (up to 10 s), so that a client made early does not stay without one.
     pub fn edge_admin(&self, index: usize) -> ApiClient {
         let edge = &self.spec.edges[index];
-        let token = std::fs::read_to_string(self.path(&format!("data/{edge}/admin.token")))
-            .ok()
-            .map(|t| t.trim().to_string());
+        let path = self.path(&format!("data/{edge}/admin.token"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let token = loop {
+            match std::fs::read_to_string(&path) {
+                Ok(text) if !text.trim().is_empty() => break Some(text.trim().to_string()),
+                _ if std::time::Instant::now() >= deadline => break None,
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
         self.edge_api(index).with_token(token)
     }
 
