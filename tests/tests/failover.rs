@@ -129,6 +129,21 @@ async fn audit(api: &ApiClient) -> Vec<Value> {
     body.as_array().cloned().unwrap_or_default()
 }
 
+/// Restarts the (killed) edge and waits until it is online and agrees the master holds
+/// its modules (rule 4).
+async fn restart_edge_under_master(cluster: &mut Cluster, edge: &ApiClient) {
+    cluster.edges[0].restart();
+    cluster
+        .wait_edge_online("site-1", true, Duration::from_secs(10))
+        .await;
+    wait_for(
+        "the edge to agree the master controls",
+        Duration::from_secs(5),
+        || async { (control_of(edge).await.0 == "master").then_some(()) },
+    )
+    .await;
+}
+
 /// The peer of the device session that is open now (the last connect).
 fn session_peer(sim: &Sim) -> String {
     let connects = sim.events_of("connect");
@@ -208,16 +223,7 @@ async fn an_edge_killed_is_taken_over_and_restored_by_hand_and_by_window() {
     );
 
     // (b) restart the edge: the master keeps control (rule 4).
-    cluster.edges[0].restart();
-    cluster
-        .wait_edge_online("site-1", true, Duration::from_secs(10))
-        .await;
-    wait_for(
-        "the edge to agree the master controls",
-        Duration::from_secs(5),
-        || async { (control_of(&edge).await.0 == "master").then_some(()) },
-    )
-    .await;
+    restart_edge_under_master(&mut cluster, &edge).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let (status, body) = edge.exec("room", "Note", 1, "ping", json!([])).await;
     assert_eq!(status, 503, "the edge does not run its modules: {body}");
@@ -311,16 +317,7 @@ async fn the_edge_runs_on_when_the_master_dies_and_takes_control_if_it_had_not()
     wait_executor(&master, "master", Duration::from_millis(TIMEOUT_MS + 1000)).await;
     // Cold standby: nothing was kept of the edge's state.
     assert!(master.status("room", "Note", 1).await.get("note").is_none());
-    cluster.edges[0].restart();
-    cluster
-        .wait_edge_online("site-1", true, Duration::from_secs(10))
-        .await;
-    wait_for(
-        "the edge to agree the master controls",
-        Duration::from_secs(5),
-        || async { (control_of(&edge).await.0 == "master").then_some(()) },
-    )
-    .await;
+    restart_edge_under_master(&mut cluster, &edge).await;
 
     // (c) SIGKILL the master: the edge, not in control, takes it within 3 s plus one
     // reconnect attempt.
