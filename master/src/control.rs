@@ -59,21 +59,17 @@ enum Command {
     Event(String, MasterEvent),
     Booted,
     Restore(String, oneshot::Sender<Result<ControlState, RestoreError>>),
-    Status {
-        edge: String,
-        module_id: String,
-        key: String,
-        value: Value,
-        epoch: u64,
-    },
 }
 
 /// A handle on the control task.
 #[derive(Clone)]
 pub struct Control {
+    /// Rare events only (links, reports, acks, model changes, restores): the high-volume
+    /// status notices never queue here.
     commands: mpsc::UnboundedSender<Command>,
     states: Arc<RwLock<HashMap<String, ControlState>>>,
     store: Arc<Store>,
+    runtime: Runtime,
 }
 
 impl Control {
@@ -90,6 +86,7 @@ impl Control {
             commands: commands.clone(),
             states: Arc::new(RwLock::new(HashMap::new())),
             store: store.clone(),
+            runtime: runtime.clone(),
         };
         let task = Task {
             machines: HashMap::new(),
@@ -127,15 +124,15 @@ impl Control {
         self.send(Command::Booted);
     }
 
-    /// A status change the edge streamed (runtime-state sync).
-    pub fn status(&self, edge: &str, module_id: String, key: String, value: Value, epoch: u64) {
-        self.send(Command::Status {
-            edge: edge.to_string(),
-            module_id,
-            key,
-            value,
-            epoch,
-        });
+    /// A status change the edge streamed (runtime-state sync): taken only from the edge
+    /// that controls, under the current epoch, and kept only for modules the runtime keeps
+    /// warm (standby = "warm"). Handled here, not by the control task, so that a chatty
+    /// edge cannot grow its queue.
+    pub fn status(&self, edge: &str, module_id: &str, key: &str, value: Value, epoch: u64) {
+        let current = self.state(edge);
+        if current.is_some_and(|s| s.owner == Owner::Edge && epoch >= s.epoch) {
+            self.runtime.standby_status(module_id, key, value);
+        }
     }
 
     /// A manual restore; answers the new state once the decision is sent.
@@ -276,20 +273,6 @@ impl Task {
                     Err(err) => {
                         let _ = reply.send(Err(err));
                     }
-                }
-            }
-            Command::Status {
-                edge,
-                module_id,
-                key,
-                value,
-                epoch,
-            } => {
-                // Only from the edge that controls, under the current epoch; kept only
-                // for modules the runtime keeps warm (standby = "warm").
-                let current = self.machines.get(&edge).map(|m| m.state());
-                if current.is_some_and(|s| s.owner == Owner::Edge && epoch >= s.epoch) {
-                    self.runtime.standby_status(&module_id, &key, value);
                 }
             }
         }

@@ -40,7 +40,7 @@ pub async fn serve_edge(
                 epoch,
             }) => {
                 match serde_json::from_str(&value.0) {
-                    Ok(value) => control.status(&edge_id, module_id, key, value, epoch),
+                    Ok(value) => control.status(&edge_id, &module_id, &key, value, epoch),
                     Err(err) => {
                         tracing::warn!(edge = %edge_id, module = %module_id, "a status change that is not JSON is ignored: {err}")
                     }
