@@ -16,6 +16,7 @@ pub mod link;
 pub mod model;
 pub mod pki;
 pub mod protocol;
+pub mod proxy;
 pub mod report;
 pub mod runtime;
 pub mod shutdown;

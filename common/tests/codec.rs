@@ -171,6 +171,9 @@ fn request() -> impl Strategy<Value = Request> {
                 controlling,
             }
         }),
+        text().prop_map(|api_url| Request::Hello { api_url }),
+        module().prop_map(|module| Request::StatusSubscribe { module }),
+        module().prop_map(|module| Request::DebugRead { module }),
     ]
 }
 
@@ -204,6 +207,10 @@ fn remote_error() -> impl Strategy<Value = RemoteError> {
         Just(ErrorCode::Unsupported),
         Just(ErrorCode::TooLarge),
         Just(ErrorCode::Internal),
+        Just(ErrorCode::NotHere),
+        Just(ErrorCode::Faulted),
+        Just(ErrorCode::Busy),
+        Just(ErrorCode::Script),
     ];
     (code, text()).prop_map(|(code, message)| RemoteError { code, message })
 }
@@ -216,6 +223,9 @@ fn response() -> impl Strategy<Value = Response> {
         proptest::collection::vec((text(), json()), 0..4)
             .prop_map(|entries| Response::Status { entries }),
         batch().prop_map(Response::ModelChanges),
+        proptest::collection::vec((any::<u64>(), text()), 0..4)
+            .prop_map(|lines| Response::DebugLines { lines }),
+        text().prop_map(|side| Response::DoneBy { side }),
     ]
 }
 
@@ -227,6 +237,9 @@ fn stream_item() -> impl Strategy<Value = StreamItem> {
             proptest::collection::vec(any::<u8>(), 0..64)
         )
             .prop_map(|(hash, data)| StreamItem::Blob { hash, data }),
+        proptest::collection::vec((text(), json()), 0..4)
+            .prop_map(|entries| StreamItem::StatusMap { entries }),
+        (text(), json()).prop_map(|(key, value)| StreamItem::StatusValue { key, value }),
     ]
 }
 

@@ -60,7 +60,7 @@ fn model(port: u16, framing: &str, concurrency: u32) -> Arc<Model> {
 async fn status_of(runtime: &Runtime, key: &str, want: serde_json::Value) {
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if let Ok(status) = runtime.status("s", "Dev", 1)
+            if let Ok(status) = runtime.status_from("s", "Dev", 1, None).await
                 && status.get(key) == Some(&want)
             {
                 return;
@@ -69,12 +69,7 @@ async fn status_of(runtime: &Runtime, key: &str, want: serde_json::Value) {
         }
     })
     .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "status {key} never became {want}: {:?}",
-            runtime.status("s", "Dev", 1)
-        )
-    });
+    .unwrap_or_else(|_| panic!("status {key} never became {want}"));
 }
 
 async fn accept(listener: &TcpListener) -> TcpStream {

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::load::{base_dir, check_id, check_link_settings, check_range, load_file, resolve};
+use crate::load::{
+    base_dir, check_api_url, check_id, check_link_settings, check_range, load_file, resolve,
+};
 use crate::{ConfigError, defaults};
 
 /// An edge's configuration, paths resolved against the file's folder.
@@ -18,6 +20,10 @@ pub struct EdgeConfig {
     pub data_dir: PathBuf,
     /// The client API (HTTPS) for this site's control systems.
     pub api_listen: SocketAddr,
+    /// The API's address as clients reach it (`https://host:port`), sent to the other side
+    /// for its `Tether-Preferred-Server` hints; `https://` + `api_listen` when unset.
+    #[serde(default)]
+    pub api_url: Option<String>,
     /// The master's link address, `host:port`.
     pub master: String,
     /// The name on the master's certificate (checked by TLS).
@@ -82,7 +88,17 @@ impl EdgeConfig {
         Ok(config)
     }
 
+    /// The API's address as clients reach it.
+    pub fn public_api_url(&self) -> String {
+        self.api_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.api_listen))
+    }
+
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if let Some(url) = &self.api_url {
+            check_api_url(file, url)?;
+        }
         check_id(file, "edge_id", &self.edge_id)?;
         check_link_settings(
             file,

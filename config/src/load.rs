@@ -118,6 +118,19 @@ pub(crate) fn check_range(
     }
 }
 
+/// Checks a public API address: `https://` and a host, with nothing that breaks a header.
+pub(crate) fn check_api_url(file: &Path, url: &str) -> Result<(), ConfigError> {
+    let host = url.strip_prefix("https://").unwrap_or_default();
+    if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::invalid(
+            file,
+            "api_url",
+            format!("an address such as \"https://tether.example.org:8443\", not {url:?}"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

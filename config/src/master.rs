@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::load::{base_dir, check_id, check_link_settings, check_range, load_file, resolve};
+use crate::load::{
+    base_dir, check_api_url, check_id, check_link_settings, check_range, load_file, resolve,
+};
 use crate::{ConfigError, defaults};
 
 /// The master's configuration, paths resolved against the file's folder.
@@ -19,6 +21,10 @@ pub struct MasterConfig {
     pub data_dir: PathBuf,
     /// The client API (HTTPS).
     pub api_listen: SocketAddr,
+    /// The API's address as clients reach it (`https://host:port`), sent to the other side
+    /// for its `Tether-Preferred-Server` hints; `https://` + `api_listen` when unset.
+    #[serde(default)]
+    pub api_url: Option<String>,
     /// The edge link listener (TLS).
     pub link_listen: SocketAddr,
     /// The site file a new data folder is seeded from; it also names the edges and their secrets.
@@ -98,7 +104,17 @@ impl MasterConfig {
         Ok(config)
     }
 
+    /// The API's address as clients reach it.
+    pub fn public_api_url(&self) -> String {
+        self.api_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.api_listen))
+    }
+
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if let Some(url) = &self.api_url {
+            check_api_url(file, url)?;
+        }
         check_id(file, "id", &self.id)?;
         check_range(file, "boot_wait_ms", self.boot_wait_ms, 0..=600_000)?;
         check_range(

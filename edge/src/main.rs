@@ -3,6 +3,7 @@
 
 mod api;
 mod control;
+mod proxy;
 mod replica;
 mod server;
 mod sync;

@@ -21,8 +21,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::EdgeControl;
+use crate::proxy::EdgeLinks;
 use crate::replica::Replica;
 use tether_common::control::EdgeEvent;
+use tether_common::proxy::LinkRemote;
 
 /// Runs the edge until SIGINT or SIGTERM.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -103,6 +105,9 @@ async fn serve(
     // The replica alone is enough to run: if the master cannot be reached, control
     // starts the modules from it after one more attempt.
     let control = EdgeControl::start(&config.edge_id, replica.clone(), runtime.clone())?;
+    // Calls for modules the edge does not run go to the master.
+    let links = Arc::new(EdgeLinks::new(control.clone()));
+    runtime.set_remote(Arc::new(LinkRemote::new(links.clone())));
 
     let protected = Router::new()
         .route("/api/v1/replica", get(replica_dump))
@@ -123,7 +128,16 @@ async fn serve(
 
     let (events_tx, events_rx) = mpsc::channel(16);
     tokio::spawn(maintain_link(connector, events_tx, shutdown.clone()));
-    tokio::spawn(follow_link(events_rx, replica.clone(), control.clone()));
+    tokio::spawn(follow_link(
+        events_rx,
+        MasterContext {
+            replica: replica.clone(),
+            control: control.clone(),
+            runtime: runtime.clone(),
+            links,
+            api_url: config.public_api_url(),
+        },
+    ));
 
     health_state.booted.store(true, Ordering::Relaxed);
     let (_, at) = replica.snapshot();
@@ -153,25 +167,39 @@ async fn replica_dump(State(replica): State<Arc<Replica>>) -> Json<serde_json::V
     }))
 }
 
+/// What serving the link to the master needs.
+#[derive(Clone)]
+pub struct MasterContext {
+    /// The local replica of the edge's slice.
+    pub replica: Arc<Replica>,
+    /// The edge's control.
+    pub control: EdgeControl,
+    /// The modules the edge runs, for the master's calls.
+    pub runtime: Runtime,
+    /// The link to the master, for proxying.
+    pub links: Arc<EdgeLinks>,
+    /// The edge's client API, announced to the master.
+    pub api_url: String,
+}
+
 /// Serves each link to the master as it comes up, and tells control what the link does.
-async fn follow_link(
-    mut events: mpsc::Receiver<LinkEvent>,
-    replica: Arc<Replica>,
-    control: EdgeControl,
-) {
+async fn follow_link(mut events: mpsc::Receiver<LinkEvent>, context: MasterContext) {
     while let Some(event) = events.recv().await {
         match event {
             LinkEvent::Up { link, incoming } => {
-                control.link_event(EdgeEvent::LinkUp, Some(link.clone()));
-                tokio::spawn(crate::sync::serve_master(
-                    link,
-                    incoming,
-                    replica.clone(),
-                    control.clone(),
-                ));
+                context.links.set_link(Some(link.clone()));
+                context
+                    .control
+                    .link_event(EdgeEvent::LinkUp, Some(link.clone()));
+                tokio::spawn(crate::sync::serve_master(link, incoming, context.clone()));
             }
-            LinkEvent::Down { .. } => control.link_event(EdgeEvent::LinkDown, None),
-            LinkEvent::AttemptFailed { .. } => control.link_event(EdgeEvent::AttemptFailed, None),
+            LinkEvent::Down { .. } => {
+                context.links.set_link(None);
+                context.control.link_event(EdgeEvent::LinkDown, None)
+            }
+            LinkEvent::AttemptFailed { .. } => {
+                context.control.link_event(EdgeEvent::AttemptFailed, None)
+            }
         }
     }
 }

@@ -9,24 +9,33 @@ use tether_common::link::{Incoming, Link};
 use tether_common::protocol::{ErrorCode, RemoteError, Request, Response};
 use tokio::sync::mpsc;
 
-use crate::control::EdgeControl;
+use crate::proxy::FROM_MASTER;
 use crate::replica::{ApplyError, Replica};
+use crate::server::MasterContext;
 use tether_common::control::EdgeEvent;
+use tether_common::proxy::serve_call;
 
 /// How long the master may take to answer a sync request.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves one link until it closes.
-pub async fn serve_master(
-    link: Link,
-    incoming: mpsc::Receiver<Incoming>,
-    replica: Arc<Replica>,
-    control: EdgeControl,
-) {
+pub async fn serve_master(link: Link, incoming: mpsc::Receiver<Incoming>, context: MasterContext) {
     let (resync_tx, resync_rx) = mpsc::channel(1);
-    let sync = tokio::spawn(sync_loop(link.clone(), replica.clone(), resync_rx));
-    answer_requests(incoming, &replica, &control, &resync_tx).await;
+    let sync = tokio::spawn(sync_loop(link.clone(), context.replica.clone(), resync_rx));
+    announce(&link, context.api_url.clone());
+    answer_requests(incoming, &context, &resync_tx).await;
     sync.abort();
+}
+
+/// Tells the master where this edge's API is, for its `Tether-Preferred-Server` hints.
+fn announce(link: &Link, api_url: String) {
+    let link = link.clone();
+    tokio::spawn(async move {
+        let hello = Request::Hello { api_url };
+        if let Err(err) = link.request(hello, Duration::from_secs(10)).await {
+            tracing::debug!("the API address was not announced: {err}");
+        }
+    });
 }
 
 /// Asks for changes now and whenever a pushed batch does not follow on.
@@ -68,13 +77,18 @@ async fn sync_loop(link: Link, replica: Arc<Replica>, mut resync: mpsc::Receiver
 
 async fn answer_requests(
     mut incoming: mpsc::Receiver<Incoming>,
-    replica: &Replica,
-    control: &EdgeControl,
+    context: &MasterContext,
     resync: &mpsc::Sender<()>,
 ) {
+    let (replica, control) = (&context.replica, &context.control);
     while let Some(item) = incoming.recv().await {
         let request = match item {
-            Incoming::Request(request) => request,
+            Incoming::Request(request) => {
+                match serve_call(&context.runtime, request, FROM_MASTER) {
+                    None => continue,
+                    Some(request) => request,
+                }
+            }
             Incoming::Notice(notice) => {
                 tracing::debug!(?notice, "notice not handled");
                 continue;
@@ -112,6 +126,10 @@ async fn answer_requests(
             },
             Request::MasterReady => {
                 control.link_event(EdgeEvent::MasterReady, None);
+                Ok(Response::Ack)
+            }
+            Request::Hello { api_url } => {
+                context.links.set_master_api(api_url);
                 Ok(Response::Ack)
             }
             _ => Err(RemoteError::new(

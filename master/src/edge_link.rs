@@ -1,8 +1,6 @@
 //! The life of one edge link on the master: what the edge sends (sync requests, its
-//! control report, audit events, status changes) goes to the part that handles it, and
-//! model changes are pushed to it until the link closes.
-
-use std::sync::Arc;
+//! control report, audit events, status changes, calls on modules) goes to the part that
+//! handles it, and model changes are pushed to it until the link closes.
 
 use tether_common::control::{ControlState, EdgeReport, MasterEvent};
 use tether_common::link::{Incoming, Link};
@@ -10,18 +8,25 @@ use tether_common::model::sync::ReplicaPosition;
 use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request, Response};
 use tokio::sync::{mpsc, watch};
 
-use crate::control::Control;
-use crate::model::ModelService;
+use crate::server::LinkContext;
 use crate::sync::{answer_sync, push_changes};
+use tether_common::proxy::serve_call;
 
 /// Serves one link until it closes.
 pub async fn serve_edge(
     edge_id: String,
     link: Link,
     mut incoming: mpsc::Receiver<Incoming>,
-    model: Arc<ModelService>,
-    control: Control,
+    context: LinkContext,
 ) {
+    let LinkContext {
+        registry,
+        model,
+        control,
+        runtime,
+        api_url,
+    } = context;
+    announce(&link, api_url);
     // Where the edge's replica stands, once it has synced on this link.
     let (position_tx, position_rx) = watch::channel(None::<ReplicaPosition>);
     let push = tokio::spawn(push_changes(
@@ -32,7 +37,10 @@ pub async fn serve_edge(
     ));
     while let Some(item) = incoming.recv().await {
         let request = match item {
-            Incoming::Request(request) => request,
+            Incoming::Request(request) => match serve_call(&runtime, request, &edge_id) {
+                None => continue,
+                Some(request) => request,
+            },
             Incoming::Notice(Notice::StatusChanged {
                 module_id,
                 key,
@@ -89,6 +97,10 @@ pub async fn serve_edge(
                         })
                 }
             }
+            Request::Hello { api_url } => {
+                registry.set_api_url(&edge_id, api_url);
+                Ok(Response::Ack)
+            }
             _ => Err(RemoteError::new(
                 ErrorCode::Unsupported,
                 "this master does not handle that request yet",
@@ -97,4 +109,18 @@ pub async fn serve_edge(
         request.responder.respond(answer).await;
     }
     push.abort();
+}
+
+/// Tells the edge where the master's API is, for its `Tether-Preferred-Server` hints.
+pub fn announce(link: &Link, api_url: String) {
+    let link = link.clone();
+    tokio::spawn(async move {
+        let hello = Request::Hello { api_url };
+        if let Err(err) = link
+            .request(hello, std::time::Duration::from_secs(10))
+            .await
+        {
+            tracing::debug!(peer = %link.peer(), "the API address was not announced: {err}");
+        }
+    });
 }

@@ -22,6 +22,9 @@ struct EdgeEntry {
     connected_since_ms: Option<u64>,
     /// Last frame from the last link, kept after it closes.
     last_seen_ms: Option<u64>,
+    /// The edge's client API as it announced it; kept while it is offline, because a
+    /// client may reach an edge the master cannot.
+    api_url: Option<String>,
 }
 
 /// Every edge of the model and its link.
@@ -39,6 +42,7 @@ struct LinkView {
     last_seen: Option<String>,
     connected_since: Option<String>,
     rtt_ms: Option<f64>,
+    api_url: Option<String>,
 }
 
 use crate::control::now_ms;
@@ -96,6 +100,7 @@ impl EdgeRegistry {
                         link: None,
                         connected_since_ms: None,
                         last_seen_ms: None,
+                        api_url: None,
                     };
                     edges.insert(id.clone(), entry);
                 }
@@ -149,6 +154,18 @@ impl EdgeRegistry {
         (!link.is_closed()).then(|| link.clone())
     }
 
+    /// Records the API address the edge announced.
+    pub fn set_api_url(&self, edge_id: &str, url: String) {
+        if let Some(entry) = self.lock().get_mut(edge_id) {
+            entry.api_url = Some(url);
+        }
+    }
+
+    /// The API address the edge announced last.
+    pub fn api_url(&self, edge_id: &str) -> Option<String> {
+        self.lock().get(edge_id)?.api_url.clone()
+    }
+
     /// How many of the model's edges are connected now.
     pub fn connected(&self) -> (usize, usize) {
         let edges = self.lock();
@@ -185,6 +202,7 @@ impl EdgeRegistry {
             rtt_ms: link
                 .and_then(|l| l.rtt())
                 .map(|rtt| (rtt.as_secs_f64() * 1e6).round() / 1e3),
+            api_url: entry.and_then(|e| e.api_url.clone()),
         };
         let mut view = serde_json::to_value(record).ok()?;
         if let (Value::Object(map), Ok(Value::Object(state))) =

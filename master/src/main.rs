@@ -7,6 +7,7 @@ mod edge_link;
 mod edges;
 mod import;
 mod model;
+mod proxy;
 mod seed;
 mod server;
 mod sync;

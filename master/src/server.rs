@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::control::Control;
 use crate::edges::EdgeRegistry;
 use crate::model::ModelService;
+use crate::proxy::MasterLinks;
 use tether_common::control::MasterEvent;
+use tether_common::proxy::LinkRemote;
 
 /// Handshakes in progress at once before new connections are dropped.
 const MAX_PENDING_HANDSHAKES: usize = 256;
@@ -128,6 +130,12 @@ async fn serve(
     let registry = EdgeRegistry::new(base_dir.clone());
     let runtime = Runtime::new("master", ScriptLimits::default());
     let control = Control::start(model.store(), runtime.clone(), registry.clone())?;
+    // Calls for modules the master does not run go to their edge.
+    runtime.set_remote(Arc::new(LinkRemote::new(Arc::new(MasterLinks {
+        registry: registry.clone(),
+        control: control.clone(),
+        model: model.clone(),
+    }))));
     follow_model(&model, &registry, &control);
     tokio::spawn(follow_model_changes(
         model.clone(),
@@ -160,9 +168,13 @@ async fn serve(
         shutdown.clone(),
     ));
     tokio::spawn(attach_links(
-        registry.clone(),
-        model.clone(),
-        control.clone(),
+        LinkContext {
+            registry: registry.clone(),
+            model: model.clone(),
+            control: control.clone(),
+            runtime: runtime.clone(),
+            api_url: config.public_api_url(),
+        },
         accepted_rx,
     ));
 
@@ -234,30 +246,39 @@ async fn wait_for_edges(registry: &EdgeRegistry, boot_wait: Duration) {
     }
 }
 
+/// What serving an edge link needs.
+#[derive(Clone)]
+pub struct LinkContext {
+    /// The edges and their links.
+    pub registry: Arc<EdgeRegistry>,
+    /// The data model.
+    pub model: Arc<ModelService>,
+    /// Who controls each edge location.
+    pub control: Control,
+    /// The modules the master runs, for the edges' calls.
+    pub runtime: Runtime,
+    /// The master's client API, announced to each edge.
+    pub api_url: String,
+}
+
 /// Registers each authenticated edge and serves what it sends until its link closes.
-async fn attach_links(
-    registry: Arc<EdgeRegistry>,
-    model: Arc<ModelService>,
-    control: Control,
-    mut accepted: mpsc::Receiver<AuthenticatedEdge>,
-) {
+async fn attach_links(context: LinkContext, mut accepted: mpsc::Receiver<AuthenticatedEdge>) {
     while let Some(edge) = accepted.recv().await {
+        let registry = context.registry.clone();
         let Some(generation) = registry.attach(&edge.edge_id, edge.link.clone(), edge.addr) else {
             // Its entry vanished between the secret lookup and now; nothing to attach to.
             edge.link.close("unknown edge");
             continue;
         };
-        control.event(&edge.edge_id, MasterEvent::LinkUp);
-        let registry = registry.clone();
-        let model = model.clone();
-        let control = control.clone();
+        context.control.event(&edge.edge_id, MasterEvent::LinkUp);
+        let context = context.clone();
         tokio::spawn(async move {
+            let control = context.control.clone();
             crate::edge_link::serve_edge(
                 edge.edge_id.clone(),
                 edge.link.clone(),
                 edge.incoming,
-                model,
-                control.clone(),
+                context,
             )
             .await;
             edge.link.closed().await;

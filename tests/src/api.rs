@@ -5,6 +5,17 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// An answer with what the tests look at.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// HTTP status (0: unreachable).
+    pub status: u16,
+    /// The `Tether-Preferred-Server` header.
+    pub preferred_server: Option<String>,
+    /// The JSON body (Null when not JSON).
+    pub body: Value,
+}
+
 /// A client of one server's API.
 #[derive(Clone)]
 pub struct ApiClient {
@@ -62,6 +73,18 @@ impl ApiClient {
         self.send(reqwest::Method::DELETE, path, None).await
     }
 
+    /// The server's address, `https://host:port`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Whether `url` (a `Tether-Preferred-Server` hint) names this server: the same port on
+    /// loopback (the servers announce `https://127.0.0.1:PORT`, the tests dial `localhost`).
+    pub fn is_at(&self, url: Option<&str>) -> bool {
+        let port = |url: &str| url.rsplit(':').next().map(str::to_string);
+        url.is_some_and(|url| url.starts_with("https://") && port(url) == port(&self.base))
+    }
+
     /// Any request: the status and the JSON body (Null when the body is not JSON or empty;
     /// status 0 when the server could not be reached).
     pub async fn send(
@@ -70,6 +93,17 @@ impl ApiClient {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
+        let answer = self.send_full(method, path, body).await;
+        (answer.status, answer.body)
+    }
+
+    /// Any request, with the answer's headers.
+    pub async fn send_full(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Answer {
         let mut request = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -80,10 +114,38 @@ impl ApiClient {
         match request.send().await {
             Ok(response) => {
                 let status = response.status().as_u16();
-                (status, response.json().await.unwrap_or(Value::Null))
+                let preferred_server = response
+                    .headers()
+                    .get("tether-preferred-server")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Answer {
+                    status,
+                    preferred_server,
+                    body: response.json().await.unwrap_or(Value::Null),
+                }
             }
-            Err(_) => (0, Value::Null),
+            Err(_) => Answer {
+                status: 0,
+                preferred_server: None,
+                body: Value::Null,
+            },
         }
+    }
+
+    /// Runs a module method, with the answer's hint.
+    pub async fn exec_full(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+        method: &str,
+        args: Value,
+    ) -> Answer {
+        let path = format!("/api/v1/systems/{system}/modules/{name}/{index}/exec");
+        let body = serde_json::json!({ "method": method, "args": args });
+        self.send_full(reqwest::Method::POST, &path, Some(body))
+            .await
     }
 
     /// Runs a module method: `POST /api/v1/systems/{system}/modules/{name}/{index}/exec`.

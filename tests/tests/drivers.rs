@@ -406,19 +406,21 @@ async fn the_master_runs_the_modules_of_no_edge_and_names_the_runner() {
     assert_eq!(body["executed_by"], "master");
     assert_eq!(next_command(&lobby)["command"], "PWR ON");
 
-    // A room of an edge is run there; the master says so rather than guess.
-    let (status, body) = master
-        .exec("room", "Display", 1, "power", json!([true]))
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (503, Some("not_here")),
-        "{body}"
-    );
-    assert!(
-        body["message"].as_str().unwrap().contains("edge:site-1"),
-        "{body}"
-    );
+    // A room of an edge is run there: the master serves it by proxy, and hints where.
+    let edge = cluster.edge_api(0);
+    let answer = wait_for(
+        "the edge's display to answer",
+        Duration::from_secs(10),
+        || async {
+            let answer = master
+                .exec_full("room", "Display", 1, "power", json!([true]))
+                .await;
+            (answer.status == 200).then_some(answer)
+        },
+    )
+    .await;
+    assert_eq!(answer.body["executed_by"], "edge:site-1", "{answer:?}");
+    assert!(edge.is_at(answer.preferred_server.as_deref()), "{answer:?}");
     let (_, system) = master.get("/api/v1/systems/lobby").await;
     assert_eq!(system["members"][0]["runs_on"], "master", "{system}");
     assert_eq!(system["members"][0]["state"], "running", "{system}");

@@ -225,8 +225,14 @@ async fn an_edge_killed_is_taken_over_and_restored_by_hand_and_by_window() {
     // (b) restart the edge: the master keeps control (rule 4).
     restart_edge_under_master(&mut cluster, &edge).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let (status, body) = edge.exec("room", "Note", 1, "ping", json!([])).await;
-    assert_eq!(status, 503, "the edge does not run its modules: {body}");
+    // The edge does not run its modules; it serves them by proxy, and says who controls.
+    let answer = edge.exec_full("room", "Note", 1, "ping", json!([])).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.body["executed_by"], "master", "{answer:?}");
+    assert!(
+        master.is_at(answer.preferred_server.as_deref()),
+        "{answer:?}"
+    );
     wait_executor(&master, "master", Duration::from_secs(1)).await;
     assert_eq!(
         session_peer(&projector),
@@ -439,8 +445,10 @@ async fn a_cut_link_fails_over_and_heals_to_the_edge() {
         link_up.elapsed().as_millis()
     );
     assert_eq!(control_of(&master).await.0, "edge");
-    let (status, body) = master.exec("room", "Note", 1, "ping", json!([])).await;
-    assert_eq!(status, 503, "{body}");
+    let answer = master.exec_full("room", "Note", 1, "ping", json!([])).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.body["executed_by"], "edge:site-1", "{answer:?}");
+    assert!(edge.is_at(answer.preferred_server.as_deref()), "{answer:?}");
     assert!(
         position(&projector, "disconnect", &edge_peer).is_none(),
         "the edge never let go"
@@ -475,7 +483,11 @@ async fn failover_off_keeps_the_master_out() {
     cluster.edges[0].kill();
     tokio::time::sleep(Duration::from_millis(2 * TIMEOUT_MS + 500)).await;
     let (status, body) = master.exec("room", "Note", 1, "ping", json!([])).await;
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("unavailable")),
+        "the owner is unreachable: {body}"
+    );
     assert_eq!(control_of(&master).await, ("edge".into(), 0));
     assert_eq!(projector.events_of("connect").len(), connects);
     assert!(audit(&master).await.is_empty());

@@ -12,5 +12,5 @@ pub use audit::{audit_json, rfc3339};
 pub use error::ApiError;
 pub use health::{Health, health};
 pub use https::serve_https;
-pub use modules::{module_routes, system_routes, system_view};
+pub use modules::{PREFERRED_SERVER, module_routes, system_routes, system_view};
 pub use token::{AdminToken, TokenError, require_token};

@@ -4,13 +4,15 @@
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::ApiError;
 use crate::model::Model;
+use crate::protocol::ModuleRef;
 use crate::runtime::{ExecError, Runtime};
 
 impl From<ExecError> for ApiError {
@@ -117,40 +119,93 @@ async fn get_system(
         .ok_or_else(|| ApiError::not_found(format!("no system {id}")))
 }
 
+/// The header naming the side that controls a system, when this side serves it by proxy.
+pub const PREFERRED_SERVER: &str = "tether-preferred-server";
+
+/// `answer`, with the `Tether-Preferred-Server` hint when the other side controls
+/// `system`: the client was served, and may go there next time.
+fn hinted(runtime: &Runtime, system: &str, answer: Value) -> Response {
+    let mut response = Json(answer).into_response();
+    if let Some(server) = runtime.preferred_server(system)
+        && let Ok(value) = HeaderValue::from_str(&server)
+    {
+        response.headers_mut().insert(PREFERRED_SERVER, value);
+    }
+    response
+}
+
+/// An error, with the hint too: a client told 503 may do better at the other side.
+fn hinted_error(runtime: &Runtime, system: &str, err: ApiError) -> Response {
+    let mut response = err.into_response();
+    if let Some(server) = runtime.preferred_server(system)
+        && let Ok(value) = HeaderValue::from_str(&server)
+    {
+        response.headers_mut().insert(PREFERRED_SERVER, value);
+    }
+    response
+}
+
 async fn exec(
     State(runtime): State<Runtime>,
     Path((system, name, index_text)): ModulePath,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let index = index(&index_text)?;
-    let body: ExecBody = serde_json::from_slice(&body).map_err(|err| {
-        ApiError::unprocessable(format!(
-            "the body must be {{\"method\": NAME, \"args\": [...]}}: {err}"
-        ))
-    })?;
-    let epoch = runtime.fence(&system, &name, index, body.epoch)?;
-    let (result, executed_by) = runtime
-        .exec(&system, &name, index, &body.method, body.args)
-        .await?;
-    let mut answer = json!({ "result": result, "executed_by": executed_by });
-    if let Some(epoch) = epoch {
-        answer["epoch"] = json!(epoch);
+) -> Response {
+    let answer = async {
+        let index = index(&index_text)?;
+        let body: ExecBody = serde_json::from_slice(&body).map_err(|err| {
+            ApiError::unprocessable(format!(
+                "the body must be {{\"method\": NAME, \"args\": [...]}}: {err}"
+            ))
+        })?;
+        let epoch = runtime.fence(&system, &name, index, body.epoch)?;
+        let module = ModuleRef {
+            system: system.clone(),
+            name: name.clone(),
+            index,
+        };
+        let done = runtime
+            .exec_from(&module, &body.method, body.args, body.epoch, None)
+            .await?;
+        let mut answer = json!({ "result": done.value, "executed_by": done.executed_by });
+        if let Some(epoch) = epoch {
+            answer["epoch"] = json!(epoch);
+        }
+        Ok::<_, ApiError>(answer)
+    };
+    match answer.await {
+        Ok(answer) => hinted(&runtime, &system, answer),
+        Err(err) => hinted_error(&runtime, &system, err),
     }
-    Ok(Json(answer))
 }
 
 async fn status(
     State(runtime): State<Runtime>,
     Path((system, name, index_text)): ModulePath,
-) -> Result<Json<Value>, ApiError> {
-    let status = runtime.status(&system, &name, index(&index_text)?)?;
-    Ok(Json(Value::Object(status)))
+) -> Response {
+    let answer = async {
+        let status = runtime
+            .status_from(&system, &name, index(&index_text)?, None)
+            .await?;
+        Ok::<_, ApiError>(Value::Object(status))
+    };
+    match answer.await {
+        Ok(answer) => hinted(&runtime, &system, answer),
+        Err(err) => hinted_error(&runtime, &system, err),
+    }
 }
 
 async fn debug(
     State(runtime): State<Runtime>,
     Path((system, name, index_text)): ModulePath,
-) -> Result<Json<Value>, ApiError> {
-    let lines = runtime.debug(&system, &name, index(&index_text)?)?;
-    Ok(Json(serde_json::to_value(lines).unwrap_or_default()))
+) -> Response {
+    let answer = async {
+        let lines = runtime
+            .debug_from(&system, &name, index(&index_text)?, None)
+            .await?;
+        Ok::<_, ApiError>(serde_json::to_value(lines).unwrap_or_default())
+    };
+    match answer.await {
+        Ok(answer) => hinted(&runtime, &system, answer),
+        Err(err) => hinted_error(&runtime, &system, err),
+    }
 }

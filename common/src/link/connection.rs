@@ -118,9 +118,20 @@ pub struct Responder {
     id: u64,
     link: Link,
     answered: bool,
+    /// Cancelled when the peer cancels the request (it dropped a stream, or gave up).
+    cancelled: CancellationToken,
 }
 
 impl Responder {
+    /// Resolves when the peer no longer wants the answer: it cancelled the request, or
+    /// the link closed. A long stream (a status binding, a debug log) ends on it.
+    pub async fn cancelled(&self) {
+        tokio::select! {
+            _ = self.cancelled.cancelled() => {}
+            _ = self.link.closed() => {}
+        }
+    }
+
     /// Sends the single answer.
     pub async fn respond(mut self, result: Result<Response, RemoteError>) {
         self.answered = true;
@@ -155,6 +166,7 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
+        self.link.lock_cancels().remove(&self.id);
         if !self.answered {
             let _ = self.link.shared.out.try_send(Envelope::Response {
                 id: self.id,
@@ -177,6 +189,8 @@ struct Shared {
     config: LinkConfig,
     out: mpsc::Sender<Envelope>,
     pending: Mutex<HashMap<u64, Pending>>,
+    /// The peer's requests still being answered, to pass on its cancels.
+    cancels: Mutex<HashMap<u64, CancellationToken>>,
     next_id: AtomicU64,
     started: Instant,
     /// Microseconds since `started` at which the last frame arrived.
@@ -232,6 +246,7 @@ impl Link {
                 config: config.clone(),
                 out: out_tx,
                 pending: Mutex::new(HashMap::new()),
+                cancels: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 started: Instant::now(),
                 last_frame_us: AtomicU64::new(0),
@@ -377,6 +392,13 @@ impl Link {
         }
     }
 
+    fn lock_cancels(&self) -> std::sync::MutexGuard<'_, HashMap<u64, CancellationToken>> {
+        self.shared
+            .cancels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
         // The map holds no invariant a panic could break halfway; keep going.
         self.shared
@@ -461,6 +483,9 @@ impl Link {
                 deadline_ms,
                 body,
             } => {
+                let cancelled = CancellationToken::new();
+                // A peer reusing an id it still waits on gets the newer request's cancel.
+                self.lock_cancels().insert(id, cancelled.clone());
                 let request = IncomingRequest {
                     body,
                     deadline: Instant::now() + Duration::from_millis(u64::from(deadline_ms)),
@@ -468,6 +493,7 @@ impl Link {
                         id,
                         link: self.clone(),
                         answered: false,
+                        cancelled,
                     },
                 };
                 if let Err(err) = incoming.try_send(Incoming::Request(request)) {
@@ -532,6 +558,9 @@ impl Link {
             }
             Envelope::Cancel { id } => {
                 tracing::trace!(peer = %self.shared.peer, id, "peer cancelled a request");
+                if let Some(token) = self.lock_cancels().remove(&id) {
+                    token.cancel();
+                }
             }
             Envelope::Notice(notice) => {
                 if incoming.try_send(Incoming::Notice(notice)).is_err() {

@@ -106,4 +106,12 @@ pub enum ErrorCode {
     TooLarge,
     /// A fault inside the receiver (500).
     Internal,
+    /// The module runs on neither side, or the call would go back where it came from.
+    NotHere,
+    /// The module's script failed to compile or load (503).
+    Faulted,
+    /// The module's queue is full (503).
+    Busy,
+    /// The module's script threw or broke a limit (500).
+    Script,
 }

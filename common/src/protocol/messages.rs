@@ -139,18 +139,19 @@ pub enum Request {
         /// The sender's view of the target edge's epoch; stale ones are refused.
         epoch: u64,
     },
-    /// Master to edge: a module's status map. Answer: [`Response::Status`].
+    /// Either way: a module's status map. Answer: [`Response::Status`].
     StatusRequest {
         /// The module.
         module: ModuleRef,
     },
-    /// Master to edge: stream a module's debug log. Answer: a stream of
-    /// [`StreamItem::Debug`] until unsubscribed.
+    /// Either way: stream a module's debug log, its recent lines first. Answer: a stream
+    /// of [`StreamItem::Debug`] until cancelled, or until the module stops there.
     DebugSubscribe {
         /// The module.
         module: ModuleRef,
     },
-    /// Master to edge: stop a debug stream.
+    /// Master to edge: stop a debug stream (cancelling the stream's request does the
+    /// same; kept for older peers).
     DebugUnsubscribe {
         /// The module.
         module: ModuleRef,
@@ -172,17 +173,17 @@ pub enum Request {
         /// Driver id.
         driver: String,
     },
-    /// Master to edge: drop cached data of a control system.
+    /// Either way: drop cached data of a control system. Answer: [`Response::DoneBy`].
     ExpireSystemCache {
         /// System id.
         system: String,
     },
-    /// Master to edge: start a control system's modules.
+    /// Either way: start a control system's modules. Answer: [`Response::DoneBy`].
     StartSystem {
         /// System id.
         system: String,
     },
-    /// Master to edge: stop a control system's modules.
+    /// Either way: stop a control system's modules. Answer: [`Response::DoneBy`].
     StopSystem {
         /// System id.
         system: String,
@@ -215,6 +216,24 @@ pub enum Request {
         /// Whether its modules are loaded and running now.
         controlling: bool,
     },
+    /// Either way, on every link: where the sender serves its client API, for the
+    /// `Tether-Preferred-Server` hints the receiver gives. Answer: [`Response::Ack`].
+    Hello {
+        /// The sender's client API, as clients should reach it (`https://host:port`).
+        api_url: String,
+    },
+    /// Either way: a module's status map and then every change, for a client's binding.
+    /// Answer: a stream of [`StreamItem::StatusMap`] (first, and again after a gap) and
+    /// [`StreamItem::StatusValue`], ended when the module stops running on the receiver.
+    StatusSubscribe {
+        /// The module.
+        module: ModuleRef,
+    },
+    /// Either way: a module's recent debug lines. Answer: [`Response::DebugLines`].
+    DebugRead {
+        /// The module.
+        module: ModuleRef,
+    },
 }
 
 /// Answers.
@@ -241,6 +260,16 @@ pub enum Response {
     },
     /// Data-model changes for a [`Request::SyncRequest`].
     ModelChanges(ModelBatch),
+    /// Debug lines, oldest first, as (Unix milliseconds, text).
+    DebugLines {
+        /// The lines.
+        lines: Vec<(u64, String)>,
+    },
+    /// Who carried out a request for a control system: `edge:ID` or `master`.
+    DoneBy {
+        /// The side.
+        side: String,
+    },
 }
 
 /// Items of a streamed answer.
@@ -259,6 +288,18 @@ pub enum StreamItem {
         hash: [u8; 32],
         /// The content.
         data: Vec<u8>,
+    },
+    /// A module's whole status map (a binding's start, or after changes were missed).
+    StatusMap {
+        /// Key to value.
+        entries: Vec<(String, Json)>,
+    },
+    /// One status value changed.
+    StatusValue {
+        /// Status key.
+        key: String,
+        /// New value.
+        value: Json,
     },
 }
 

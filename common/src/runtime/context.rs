@@ -64,6 +64,8 @@ pub struct ModuleHealth {
 pub(super) struct ModuleShared {
     status: Mutex<Map<String, Value>>,
     debug: Mutex<VecDeque<DebugLine>>,
+    /// New debug lines, for clients watching the module's log.
+    debug_live: tokio::sync::broadcast::Sender<DebugLine>,
     health: Mutex<ModuleHealth>,
 }
 
@@ -85,6 +87,7 @@ impl ModuleShared {
         ModuleShared {
             status: Mutex::new(status),
             debug: Mutex::new(VecDeque::new()),
+            debug_live: tokio::sync::broadcast::channel(DEBUG_LINES).0,
             health: Mutex::new(ModuleHealth {
                 state: ModuleState::Starting,
                 error: None,
@@ -101,6 +104,14 @@ impl ModuleShared {
     /// The debug ring, oldest first.
     pub(super) fn debug_lines(&self) -> Vec<DebugLine> {
         lock(&self.debug).iter().cloned().collect()
+    }
+
+    /// The debug ring and, from the same instant, every new line.
+    pub(super) fn follow_debug(
+        &self,
+    ) -> (Vec<DebugLine>, tokio::sync::broadcast::Receiver<DebugLine>) {
+        let ring = lock(&self.debug);
+        (ring.iter().cloned().collect(), self.debug_live.subscribe())
     }
 
     /// State and errors.
@@ -124,10 +135,14 @@ impl ModuleShared {
         if debug.len() == DEBUG_LINES {
             debug.pop_front();
         }
-        debug.push_back(DebugLine {
+        let line = DebugLine {
             time_ms: now_ms(),
             line: line.into(),
-        });
+        };
+        // Sent under the ring's lock, so a follower sees each line once: in the ring it
+        // read, or live. No follower is fine.
+        let _ = self.debug_live.send(line.clone());
+        debug.push_back(line);
     }
 }
 
@@ -267,8 +282,10 @@ impl ModuleContext {
         key: &str,
     ) -> Result<Value, String> {
         let (system, runtime) = self.system_and_runtime()?;
-        let status = runtime
-            .status(&system, name, index)
+        // Scripts run on blocking threads, where waiting for the runtime is allowed.
+        let status = self
+            .handle
+            .block_on(runtime.status_from(&system, name, index, None))
             .map_err(|err| format!("{name} {index}: {err}"))?;
         Ok(status.get(key).cloned().unwrap_or(Value::Null))
     }

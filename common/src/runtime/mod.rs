@@ -2,21 +2,24 @@
 //! supervision: [`Runtime::reconcile`] starts the modules this side should run, restarts
 //! those whose host, port, settings or script changed, and stops the rest.
 
+mod calls;
 mod context;
 mod modbus;
 mod module;
+mod remote;
 mod script;
 mod spec;
 mod standby;
 mod tcp;
 mod transport;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::{Map, Value};
 
 pub use context::{DebugLine, ModuleHealth, ModuleState};
+pub use remote::{Executed, Remote, RemoteCall, StatusEvent, SystemAction};
 pub use script::ScriptLimits;
 pub use spec::ModuleSpec;
 
@@ -29,7 +32,7 @@ pub enum ExecError {
     /// No such system, module or method (404).
     #[error("{0}")]
     NotFound(String),
-    /// The module runs on the other side (503 until proxying reaches it).
+    /// The module runs on the other side, and the call may not go there (503).
     #[error("{0}")]
     NotHere(String),
     /// The module's script failed to compile or load (503).
@@ -98,7 +101,16 @@ pub(crate) struct Inner {
     model: RwLock<Arc<Model>>,
     modules: Mutex<HashMap<String, Arc<ModuleInstance>>>,
     /// The modules the last reconcile wanted here (running, or not for want of a driver).
-    wanted: RwLock<std::collections::HashSet<String>>,
+    wanted: RwLock<HashSet<String>>,
+    /// What the server asked this side to run, before stopped systems are taken out.
+    requested: RwLock<HashSet<String>>,
+    /// Systems stopped by an operator: their modules do not run until started.
+    stopped_systems: Mutex<HashSet<String>>,
+    /// Module lookups by system, name and index (a system's cache; see
+    /// [`SystemAction::ExpireCache`]).
+    lookups: Mutex<HashMap<(String, String, u32), String>>,
+    /// Where calls for modules not run here go.
+    remote: RwLock<Option<Arc<dyn Remote>>>,
     reconciling: tokio::sync::Mutex<()>,
 }
 
@@ -134,6 +146,10 @@ impl Runtime {
                 model: RwLock::new(Arc::new(Model::default())),
                 modules: Mutex::new(HashMap::new()),
                 wanted: RwLock::default(),
+                requested: RwLock::default(),
+                stopped_systems: Mutex::default(),
+                lookups: Mutex::default(),
+                remote: RwLock::new(None),
                 reconciling: tokio::sync::Mutex::new(()),
             }),
         }
@@ -164,12 +180,23 @@ impl Runtime {
     pub async fn reconcile(&self, model: Arc<Model>, wanted: impl Fn(&ModuleRecord) -> bool) {
         let _one_at_a_time = self.inner.reconciling.lock().await;
         *self.inner.model.write().unwrap_or_else(|p| p.into_inner()) = model.clone();
-        let wanted_here: std::collections::HashSet<String> = model
+        lock(&self.inner.lookups).clear();
+        let requested: HashSet<String> = model
             .modules
             .values()
             .filter(|module| wanted(module))
             .map(|module| module.id.clone())
             .collect();
+        let wanted_here: HashSet<String> = requested
+            .iter()
+            .filter(|id| self.stopped_here(id).is_none())
+            .cloned()
+            .collect();
+        *self
+            .inner
+            .requested
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = requested;
         let desired: HashMap<String, ModuleSpec> = model
             .modules
             .values()
@@ -321,6 +348,7 @@ impl Runtime {
         }
     }
 
+    /// The module a client means, if it runs here.
     fn resolve(
         &self,
         system: &str,
@@ -328,21 +356,35 @@ impl Runtime {
         index: u32,
     ) -> Result<Arc<ModuleInstance>, ExecError> {
         let model = self.model();
-        if !model.systems.contains_key(system) {
-            return Err(ExecError::NotFound(format!("no system {system}")));
-        }
-        let module = model.system_module(system, name, index).ok_or_else(|| {
-            ExecError::NotFound(format!("system {system} has no module {name} {index}"))
-        })?;
+        let key = (system.to_string(), name.to_string(), index);
+        let cached = lock(&self.inner.lookups).get(&key).cloned();
+        let module = match cached.and_then(|id| model.modules.get(&id)) {
+            Some(module) => module,
+            None => {
+                if !model.systems.contains_key(system) {
+                    return Err(ExecError::NotFound(format!("no system {system}")));
+                }
+                let module = model.system_module(system, name, index).ok_or_else(|| {
+                    ExecError::NotFound(format!("system {system} has no module {name} {index}"))
+                })?;
+                lock(&self.inner.lookups).insert(key, module.id.clone());
+                module
+            }
+        };
         let running = lock(&self.inner.modules).get(&module.id).cloned();
         running.ok_or_else(|| {
-            let wanted_here = self
+            let requested = self
                 .inner
-                .wanted
+                .requested
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(&module.id);
-            if wanted_here {
+            if let Some(stopped) = self.stopped_here(&module.id).filter(|_| requested) {
+                ExecError::Unavailable(format!(
+                    "module {} is not running: system {stopped} is stopped",
+                    module.id
+                ))
+            } else if requested {
                 ExecError::Unavailable(format!(
                     "module {} is not running (its driver is missing)",
                     module.id
@@ -362,33 +404,38 @@ impl Runtime {
         })
     }
 
-    /// Runs a method of a module of `system`; answers the result and who ran it.
-    pub async fn exec(
-        &self,
-        system: &str,
-        name: &str,
-        index: u32,
-        method: &str,
-        args: Vec<Value>,
-    ) -> Result<(Value, String), ExecError> {
-        let module = self.resolve(system, name, index)?;
-        let value = module.call(method, args).await?;
-        Ok((value, self.inner.executed_by.clone()))
+    /// Stops or starts a system's modules here, or drops its cached lookups.
+    async fn apply_system_action(&self, system: &str, action: SystemAction) {
+        match action {
+            SystemAction::ExpireCache => {
+                lock(&self.inner.lookups).retain(|(cached, _, _), _| cached != system);
+                tracing::info!(system, "system cache expired");
+                return;
+            }
+            SystemAction::Stop => {
+                lock(&self.inner.stopped_systems).insert(system.to_string());
+                tracing::info!(system, "system stopped");
+            }
+            SystemAction::Start => {
+                lock(&self.inner.stopped_systems).remove(system);
+                tracing::info!(system, "system started");
+            }
+        }
+        let requested = self
+            .inner
+            .requested
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.reconcile(self.model(), |module| requested.contains(&module.id))
+            .await;
     }
 
-    /// A module's status map.
-    pub fn status(
-        &self,
-        system: &str,
-        name: &str,
-        index: u32,
-    ) -> Result<Map<String, Value>, ExecError> {
-        Ok(self.resolve(system, name, index)?.shared.status())
-    }
-
-    /// A module's debug ring.
-    pub fn debug(&self, system: &str, name: &str, index: u32) -> Result<Vec<DebugLine>, ExecError> {
-        Ok(self.resolve(system, name, index)?.shared.debug_lines())
+    /// The systems stopped on this side.
+    pub fn stopped_systems(&self) -> Vec<String> {
+        let mut all: Vec<String> = lock(&self.inner.stopped_systems).iter().cloned().collect();
+        all.sort();
+        all
     }
 
     /// A system's modules in order, with name, index, where they run and (here) their state.

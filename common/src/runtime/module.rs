@@ -138,6 +138,11 @@ impl ModuleInstance {
         }
     }
 
+    /// Cancelled when the module stops (watches of its status and log end on it).
+    pub(super) fn stopping(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
     /// Stops the module and waits until its device connection is closed.
     pub(super) async fn stop(&self) {
         self.cancel.cancel();

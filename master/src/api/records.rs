@@ -40,6 +40,7 @@ fn read_only_keys(kind: EntityKind) -> &'static [&'static str] {
             "rtt_ms",
             "owner",
             "epoch",
+            "api_url",
         ],
         EntityKind::System => &["members"],
         EntityKind::Driver => &["hash"],

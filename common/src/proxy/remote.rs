@@ -1,0 +1,292 @@
+//! The runtime's way to the other side: each call becomes a request on the link to the
+//! side that runs the module.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use super::errors::from_link;
+use crate::link::{Link, LinkError, ResponseStream};
+use crate::protocol::{Json, Request, Response, StreamItem};
+use crate::runtime::{
+    DebugLine, ExecError, Executed, Remote, RemoteCall, StatusEvent, SystemAction,
+};
+
+/// How long the far side may take to start a stream or act on a system.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events a proxied watch may queue for a slow reader.
+const WATCH_QUEUE: usize = 256;
+
+/// What a server knows about its links.
+pub trait Links: Send + Sync + 'static {
+    /// The link to the side that runs the modules of `edge` (`None`: the master's own)
+    /// for a call that came in over `via`; fails fast when there is none (unreachable),
+    /// and when it would lead back over `via`.
+    fn link_to(&self, edge: Option<&str>, via: Option<&str>) -> Result<Link, ExecError>;
+
+    /// The other side's API address when it controls `system`.
+    fn preferred_server(&self, system: &str) -> Option<String>;
+}
+
+/// A [`Remote`] over a server's [`Links`].
+pub struct LinkRemote<L> {
+    links: Arc<L>,
+}
+
+impl<L: Links> LinkRemote<L> {
+    /// A remote over `links`.
+    pub fn new(links: Arc<L>) -> Self {
+        LinkRemote { links }
+    }
+
+    fn link(&self, call: &RemoteCall) -> Result<Link, ExecError> {
+        self.links
+            .link_to(call.edge.as_deref(), call.via.as_deref())
+    }
+}
+
+/// The far side for people: an edge's link is named by its id, the master's by its
+/// address.
+fn describe(link: &Link) -> String {
+    let peer = link.peer();
+    if peer.contains(':') {
+        format!("the master ({peer})")
+    } else {
+        format!("edge {peer}")
+    }
+}
+
+fn unexpected(link: &Link, answer: &Response) -> ExecError {
+    ExecError::Script(format!(
+        "{} answered with something unexpected: {answer:?}",
+        describe(link)
+    ))
+}
+
+fn decode(link: &Link, json: &Json) -> Result<Value, ExecError> {
+    json.to_value().map_err(|err| {
+        ExecError::Script(format!(
+            "{} sent a value that is not JSON: {err}",
+            describe(link)
+        ))
+    })
+}
+
+async fn request(link: &Link, body: Request, timeout: Duration) -> Result<Response, ExecError> {
+    link.request(body, timeout)
+        .await
+        .map_err(|err| from_link(&describe(link), err))
+}
+
+/// Opens a stream and waits for its first item, so that a refusal is the caller's error
+/// and not an empty stream.
+async fn open_stream(
+    link: &Link,
+    body: Request,
+) -> Result<(ResponseStream, Option<StreamItem>), ExecError> {
+    let mut stream = link
+        .request_stream(body, START_TIMEOUT)
+        .await
+        .map_err(|err| from_link(&describe(link), err))?;
+    match tokio::time::timeout(START_TIMEOUT, stream.next()).await {
+        Ok(Some(Ok(first))) => Ok((stream, Some(first))),
+        Ok(Some(Err(err))) => Err(from_link(&describe(link), err)),
+        Ok(None) => Ok((stream, None)),
+        Err(_) => Err(from_link(
+            &describe(link),
+            LinkError::Timeout(START_TIMEOUT),
+        )),
+    }
+}
+
+/// Feeds a stream's items, converted, into a channel until either end goes.
+fn pump<T: Send + 'static>(
+    mut stream: ResponseStream,
+    first: Option<T>,
+    convert: impl Fn(StreamItem) -> Option<T> + Send + 'static,
+) -> mpsc::Receiver<T> {
+    let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+    tokio::spawn(async move {
+        if let Some(first) = first
+            && tx.send(first).await.is_err()
+        {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                item = stream.next() => match item {
+                    Some(Ok(item)) => {
+                        if let Some(event) = convert(item)
+                            && tx.send(event).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    // The stream ended (the module stopped there) or the link went.
+                    _ => return,
+                },
+            }
+        }
+    });
+    rx
+}
+
+fn status_event(item: StreamItem) -> Option<StatusEvent> {
+    match item {
+        StreamItem::StatusMap { entries } => Some(StatusEvent::Map(
+            entries
+                .into_iter()
+                .filter_map(|(key, value)| Some((key, value.to_value().ok()?)))
+                .collect(),
+        )),
+        StreamItem::StatusValue { key, value } => {
+            Some(StatusEvent::Value(key, value.to_value().ok()?))
+        }
+        _ => None,
+    }
+}
+
+fn debug_line(item: StreamItem) -> Option<DebugLine> {
+    match item {
+        StreamItem::Debug { time_ms, line } => Some(DebugLine { time_ms, line }),
+        _ => None,
+    }
+}
+
+impl<L: Links> Remote for LinkRemote<L> {
+    fn exec(
+        &self,
+        call: RemoteCall,
+        method: String,
+        args: Vec<Value>,
+    ) -> BoxFuture<'static, Result<Executed, ExecError>> {
+        let link = self.link(&call);
+        async move {
+            let link = link?;
+            let body = Request::Execute {
+                module: call.module,
+                method,
+                args: Json::from_value(&Value::Array(args)),
+                epoch: call.epoch.unwrap_or(0),
+            };
+            match request(&link, body, call.timeout).await? {
+                Response::Value { value, executed_by } => Ok(Executed {
+                    value: decode(&link, &value)?,
+                    executed_by,
+                }),
+                other => Err(unexpected(&link, &other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn status(
+        &self,
+        call: RemoteCall,
+    ) -> BoxFuture<'static, Result<Map<String, Value>, ExecError>> {
+        let link = self.link(&call);
+        async move {
+            let link = link?;
+            let body = Request::StatusRequest {
+                module: call.module,
+            };
+            match request(&link, body, call.timeout).await? {
+                Response::Status { entries } => entries
+                    .into_iter()
+                    .map(|(key, value)| Ok((key, decode(&link, &value)?)))
+                    .collect(),
+                other => Err(unexpected(&link, &other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn debug_lines(
+        &self,
+        call: RemoteCall,
+    ) -> BoxFuture<'static, Result<Vec<DebugLine>, ExecError>> {
+        let link = self.link(&call);
+        async move {
+            let link = link?;
+            let body = Request::DebugRead {
+                module: call.module,
+            };
+            match request(&link, body, call.timeout).await? {
+                Response::DebugLines { lines } => Ok(lines
+                    .into_iter()
+                    .map(|(time_ms, line)| DebugLine { time_ms, line })
+                    .collect()),
+                other => Err(unexpected(&link, &other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn watch_status(
+        &self,
+        call: RemoteCall,
+    ) -> BoxFuture<'static, Result<mpsc::Receiver<StatusEvent>, ExecError>> {
+        let link = self.link(&call);
+        async move {
+            let link = link?;
+            let body = Request::StatusSubscribe {
+                module: call.module,
+            };
+            let (stream, first) = open_stream(&link, body).await?;
+            Ok(pump(stream, first.and_then(status_event), status_event))
+        }
+        .boxed()
+    }
+
+    fn watch_debug(
+        &self,
+        call: RemoteCall,
+    ) -> BoxFuture<'static, Result<mpsc::Receiver<DebugLine>, ExecError>> {
+        let link = self.link(&call);
+        async move {
+            let link = link?;
+            let body = Request::DebugSubscribe {
+                module: call.module,
+            };
+            let stream = link
+                .request_stream(body, START_TIMEOUT)
+                .await
+                .map_err(|err| from_link(&describe(&link), err))?;
+            // A quiet module sends nothing at first, so nothing is awaited here.
+            Ok(pump(stream, None, debug_line))
+        }
+        .boxed()
+    }
+
+    fn system_action(
+        &self,
+        system: String,
+        edge: Option<String>,
+        via: Option<String>,
+        action: SystemAction,
+    ) -> BoxFuture<'static, Result<String, ExecError>> {
+        let link = self.links.link_to(edge.as_deref(), via.as_deref());
+        async move {
+            let link = link?;
+            let body = match action {
+                SystemAction::Start => Request::StartSystem { system },
+                SystemAction::Stop => Request::StopSystem { system },
+                SystemAction::ExpireCache => Request::ExpireSystemCache { system },
+            };
+            match request(&link, body, START_TIMEOUT).await? {
+                Response::DoneBy { side } => Ok(side),
+                other => Err(unexpected(&link, &other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn preferred_server(&self, system: &str) -> Option<String> {
+        self.links.preferred_server(system)
+    }
+}

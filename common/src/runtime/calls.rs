@@ -1,0 +1,411 @@
+//! Calls on a module wherever it runs: here, through the module's queue, or on the other
+//! side through the [`Remote`]. Clients, the link's proxy and `system(...)` in scripts all
+//! come through here, so they all behave alike.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio::sync::{broadcast, mpsc};
+
+use super::module::ModuleInstance;
+use super::remote::{Executed, Remote, RemoteCall, StatusEvent, SystemAction};
+use super::{DebugLine, ExecError, Runtime, lock};
+use crate::protocol::ModuleRef;
+
+/// What a proxied call waits beyond the driver's own timeout, so that the far side's
+/// timeout answer (504) arrives before the link's.
+const LINK_GRACE: Duration = Duration::from_secs(2);
+/// How long the far side may take to answer a status or log read.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events a watch may queue for a slow reader before it is cut off.
+const WATCH_QUEUE: usize = 256;
+/// How often a binding looks for its module again after losing it (a change of owner,
+/// a link down).
+const REBIND_EVERY: Duration = Duration::from_millis(250);
+
+/// A module, found.
+enum Located {
+    Here(Arc<ModuleInstance>),
+    There(RemoteCall),
+}
+
+impl Runtime {
+    /// Sets where calls for modules not run here go.
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        *self.inner.remote.write().unwrap_or_else(|p| p.into_inner()) = Some(remote);
+    }
+
+    fn remote(&self) -> Option<Arc<dyn Remote>> {
+        self.inner
+            .remote
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn locate(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+        via: Option<&str>,
+        read_only: bool,
+    ) -> Result<Located, ExecError> {
+        match self.resolve(system, name, index) {
+            Ok(module) => Ok(Located::Here(module)),
+            Err(ExecError::NotHere(message)) => {
+                if self.remote().is_none() {
+                    return Err(ExecError::NotHere(message));
+                }
+                let model = self.model();
+                let module = model
+                    .system_module(system, name, index)
+                    .ok_or_else(|| ExecError::NotFound(format!("no module {name} {index}")))?;
+                let timeout = if read_only {
+                    READ_TIMEOUT
+                } else {
+                    let driver_timeout = model
+                        .drivers
+                        .get(&module.driver)
+                        .map(|driver| driver.timeout_ms)
+                        .unwrap_or(30_000);
+                    Duration::from_millis(driver_timeout) + LINK_GRACE
+                };
+                Ok(Located::There(RemoteCall {
+                    module: ModuleRef {
+                        system: system.to_string(),
+                        name: name.to_string(),
+                        index,
+                    },
+                    edge: model.module_edge(module),
+                    via: via.map(str::to_string),
+                    epoch: None,
+                    timeout,
+                }))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    fn remote_or_not_here(&self) -> Result<Arc<dyn Remote>, ExecError> {
+        self.remote()
+            .ok_or_else(|| ExecError::NotHere("no other side is reachable".into()))
+    }
+
+    /// Runs a method of a module of `system`, here or where it runs. `epoch` is the
+    /// caller's view of the module's edge location (fenced here and where it runs);
+    /// `via` the link the call came in on.
+    pub async fn exec_from(
+        &self,
+        module: &ModuleRef,
+        method: &str,
+        args: Vec<Value>,
+        epoch: Option<u64>,
+        via: Option<&str>,
+    ) -> Result<Executed, ExecError> {
+        let (system, name, index) = (module.system.as_str(), module.name.as_str(), module.index);
+        self.fence(system, name, index, epoch)?;
+        match self.locate(system, name, index, via, false)? {
+            Located::Here(module) => Ok(Executed {
+                value: module.call(method, args).await?,
+                executed_by: self.inner.executed_by.clone(),
+            }),
+            Located::There(mut call) => {
+                call.epoch = epoch;
+                let remote = self.remote_or_not_here()?;
+                remote.exec(call, method.to_string(), args).await
+            }
+        }
+    }
+
+    /// Runs a method of a module of `system` wherever it runs; answers the result and
+    /// who ran it.
+    pub async fn exec(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+        method: &str,
+        args: Vec<Value>,
+    ) -> Result<(Value, String), ExecError> {
+        let module = ModuleRef {
+            system: system.to_string(),
+            name: name.to_string(),
+            index,
+        };
+        let done = self.exec_from(&module, method, args, None, None).await?;
+        Ok((done.value, done.executed_by))
+    }
+
+    /// A module's status map, wherever it runs.
+    pub async fn status_from(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+        via: Option<&str>,
+    ) -> Result<Map<String, Value>, ExecError> {
+        match self.locate(system, name, index, via, true)? {
+            Located::Here(module) => Ok(module.shared.status()),
+            Located::There(call) => self.remote_or_not_here()?.status(call).await,
+        }
+    }
+
+    /// A module's recent debug lines, wherever it runs.
+    pub async fn debug_from(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+        via: Option<&str>,
+    ) -> Result<Vec<DebugLine>, ExecError> {
+        match self.locate(system, name, index, via, true)? {
+            Located::Here(module) => Ok(module.shared.debug_lines()),
+            Located::There(call) => self.remote_or_not_here()?.debug_lines(call).await,
+        }
+    }
+
+    /// A module's status map and then its changes, for as long as it runs where it runs
+    /// now: the receiver ends when it stops there (or the link to it goes).
+    pub async fn watch_status(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+        via: Option<&str>,
+    ) -> Result<mpsc::Receiver<StatusEvent>, ExecError> {
+        let module = match self.locate(system, name, index, via, true)? {
+            Located::Here(module) => module,
+            Located::There(call) => return self.remote_or_not_here()?.watch_status(call).await,
+        };
+        // Subscribe before reading the map, so no change falls between the two.
+        let mut changes = self.subscribe_status();
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let stopping = module.stopping();
+        tokio::spawn(async move {
+            if tx
+                .send(StatusEvent::Map(module.shared.status()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            loop {
+                let event = tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    _ = tx.closed() => return,
+                    change = changes.recv() => match change {
+                        Ok(change) if change.module_id == module.spec.id => {
+                            StatusEvent::Value(change.key, change.value)
+                        }
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            StatusEvent::Map(module.shared.status())
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                if tx.try_send(event).is_err() {
+                    tracing::debug!(module = %module.spec.id, "a status watcher fell behind; cut off");
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// A module's recent debug lines and then every new one, for as long as it runs where
+    /// it runs now.
+    pub async fn watch_debug(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+        via: Option<&str>,
+    ) -> Result<mpsc::Receiver<DebugLine>, ExecError> {
+        let module = match self.locate(system, name, index, via, true)? {
+            Located::Here(module) => module,
+            Located::There(call) => return self.remote_or_not_here()?.watch_debug(call).await,
+        };
+        let (ring, mut live) = module.shared.follow_debug();
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let stopping = module.stopping();
+        tokio::spawn(async move {
+            for line in ring {
+                if tx.send(line).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let line = tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    _ = tx.closed() => return,
+                    line = live.recv() => match line {
+                        Ok(line) => line,
+                        Err(broadcast::error::RecvError::Lagged(missed)) => DebugLine {
+                            time_ms: 0,
+                            line: format!("({missed} lines missed: the reader fell behind)"),
+                        },
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                if tx.try_send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// A client's binding to a module's status: the map, then every change, and the map
+    /// again whenever the module moves (a change of owner) or comes back (a link up), until
+    /// the receiver is dropped. Only an unknown module is an error.
+    pub async fn bind_status(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+    ) -> Result<mpsc::Receiver<StatusEvent>, ExecError> {
+        let first = self.watch_status(system, name, index, None).await;
+        let runtime = self.clone();
+        let (system, name) = (system.to_string(), name.to_string());
+        follow(first, move || {
+            let runtime = runtime.clone();
+            let (system, name) = (system.clone(), name.clone());
+            async move { runtime.watch_status(&system, &name, index, None).await }
+        })
+    }
+
+    /// A client's watch of a module's debug log that follows the module wherever it runs.
+    pub async fn bind_debug(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+    ) -> Result<mpsc::Receiver<DebugLine>, ExecError> {
+        let first = self.watch_debug(system, name, index, None).await;
+        let runtime = self.clone();
+        let (system, name) = (system.to_string(), name.to_string());
+        follow(first, move || {
+            let runtime = runtime.clone();
+            let (system, name) = (system.clone(), name.clone());
+            async move { runtime.watch_debug(&system, &name, index, None).await }
+        })
+    }
+
+    /// The other side's API address when it controls `system` (for the
+    /// `Tether-Preferred-Server` hint).
+    pub fn preferred_server(&self, system: &str) -> Option<String> {
+        self.remote()?.preferred_server(system)
+    }
+
+    /// Starts, stops or expires a system on the side that runs it (here when this side
+    /// runs any of its modules, or none runs anywhere); answers who did it.
+    pub async fn system_action(
+        &self,
+        system: &str,
+        action: SystemAction,
+        via: Option<&str>,
+    ) -> Result<String, ExecError> {
+        let model = self.model();
+        let Some(record) = model.systems.get(system) else {
+            return Err(ExecError::NotFound(format!("no system {system}")));
+        };
+        let runs_here = {
+            let requested = self
+                .inner
+                .requested
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            record.modules.is_empty() || record.modules.iter().any(|id| requested.contains(id))
+        };
+        let remote = self.remote();
+        match remote {
+            Some(remote) if !runs_here => {
+                let edge = record.edge.clone().or_else(|| {
+                    record
+                        .modules
+                        .iter()
+                        .filter_map(|id| model.modules.get(id))
+                        .find_map(|module| model.module_edge(module))
+                });
+                remote
+                    .system_action(system.to_string(), edge, via.map(str::to_string), action)
+                    .await
+            }
+            _ => {
+                self.apply_system_action(system, action).await;
+                Ok(self.inner.executed_by.clone())
+            }
+        }
+    }
+
+    /// The ids of modules that are wanted here but whose every system is stopped.
+    pub(super) fn stopped_here(&self, module_id: &str) -> Option<String> {
+        let model = self.model();
+        let stopped = lock(&self.inner.stopped_systems);
+        let mut systems = model.systems_of(module_id).peekable();
+        systems.peek()?;
+        let mut first = None;
+        for system in systems {
+            if !stopped.contains(&system.id) {
+                return None;
+            }
+            first.get_or_insert_with(|| system.id.clone());
+        }
+        first
+    }
+}
+
+/// Keeps a watch going across moves: forwards `first`'s events, and when its source ends
+/// asks `again` for a new one every [`REBIND_EVERY`] until the receiver is dropped. A
+/// first attempt that finds no such module is the caller's error; any other failure
+/// (owner unreachable for now) is retried.
+fn follow<T, F, Fut>(
+    first: Result<mpsc::Receiver<T>, ExecError>,
+    again: F,
+) -> Result<mpsc::Receiver<T>, ExecError>
+where
+    T: Send + 'static,
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<mpsc::Receiver<T>, ExecError>> + Send,
+{
+    let mut source = match first {
+        Err(ExecError::NotFound(message)) => return Err(ExecError::NotFound(message)),
+        Err(other) => {
+            tracing::debug!("binding waits for its module: {other}");
+            None
+        }
+        Ok(source) => Some(source),
+    };
+    let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            if let Some(mut current) = source.take() {
+                loop {
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        item = current.recv() => match item {
+                            Some(item) => {
+                                if tx.send(item).await.is_err() {
+                                    return;
+                                }
+                            }
+                            None => break,
+                        },
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(REBIND_EVERY) => {}
+            }
+            match again().await {
+                Ok(next) => source = Some(next),
+                Err(err) => tracing::trace!("binding still waits for its module: {err}"),
+            }
+        }
+    });
+    Ok(rx)
+}

@@ -1,0 +1,113 @@
+//! The other side: where a call goes when its module does not run here.
+//!
+//! A runtime answers for the modules it runs. For any other module of its model it asks
+//! its [`Remote`] (set by the server: the edge link, seen from either end; see
+//! [`crate::proxy`]), so that a client's call, a binding, and a logic module's `system(...)`
+//! call all reach the module wherever it runs. A call that arrived over a link names that
+//! link in `via`, and is never sent back over it: a call crosses at most two links
+//! (edge → master → another edge), and two sides that disagree for a moment about who runs
+//! a module answer "not here" instead of passing the call back and forth.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use super::{DebugLine, ExecError};
+use crate::protocol::ModuleRef;
+
+/// A call for a module that runs on the other side.
+#[derive(Debug, Clone)]
+pub struct RemoteCall {
+    /// The module, as clients address it.
+    pub module: ModuleRef,
+    /// The module's edge location (`None`: a module of the master).
+    pub edge: Option<String>,
+    /// The link the call arrived on (an edge id, or `master`), if it did.
+    pub via: Option<String>,
+    /// The epoch the caller claims for the module's edge location, to be fenced where it
+    /// runs.
+    pub epoch: Option<u64>,
+    /// How long the caller waits.
+    pub timeout: Duration,
+}
+
+/// A method's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Executed {
+    /// The result.
+    pub value: Value,
+    /// `master` or `edge:ID`: the side whose module ran it.
+    pub executed_by: String,
+}
+
+/// What a status watch delivers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatusEvent {
+    /// The whole map: first, and again whenever changes may have been missed (a lag, or
+    /// the module started running somewhere else).
+    Map(Map<String, Value>),
+    /// One value changed.
+    Value(String, Value),
+}
+
+/// What can be done to a control system as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemAction {
+    /// Run its modules again.
+    Start,
+    /// Stop its modules (their devices disconnected) until started.
+    Stop,
+    /// Drop what is cached about it (module lookups), so it is read afresh.
+    ExpireCache,
+}
+
+/// The other side, as the runtime reaches it. Every method fails fast with
+/// [`ExecError::Unavailable`] when the other side cannot be reached, and with
+/// [`ExecError::NotHere`] when the call would go back where it came from.
+pub trait Remote: Send + Sync {
+    /// Runs a method.
+    fn exec(
+        &self,
+        call: RemoteCall,
+        method: String,
+        args: Vec<Value>,
+    ) -> BoxFuture<'static, Result<Executed, ExecError>>;
+
+    /// A status map.
+    fn status(&self, call: RemoteCall)
+    -> BoxFuture<'static, Result<Map<String, Value>, ExecError>>;
+
+    /// The recent debug lines.
+    fn debug_lines(
+        &self,
+        call: RemoteCall,
+    ) -> BoxFuture<'static, Result<Vec<DebugLine>, ExecError>>;
+
+    /// The status map and its changes until the module stops running there (or the link
+    /// goes): the receiver then ends.
+    fn watch_status(
+        &self,
+        call: RemoteCall,
+    ) -> BoxFuture<'static, Result<mpsc::Receiver<StatusEvent>, ExecError>>;
+
+    /// The recent debug lines and the new ones, until the module stops running there.
+    fn watch_debug(
+        &self,
+        call: RemoteCall,
+    ) -> BoxFuture<'static, Result<mpsc::Receiver<DebugLine>, ExecError>>;
+
+    /// Starts, stops or expires a system on the side that runs it; answers that side.
+    fn system_action(
+        &self,
+        system: String,
+        edge: Option<String>,
+        via: Option<String>,
+        action: SystemAction,
+    ) -> BoxFuture<'static, Result<String, ExecError>>;
+
+    /// The other side's client API address, when it controls `system` and a client
+    /// would do better to ask it directly.
+    fn preferred_server(&self, system: &str) -> Option<String>;
+}
