@@ -69,11 +69,14 @@ fn json() -> impl Strategy<Value = Json> {
     ]
 }
 fn module() -> impl Strategy<Value = ModuleRef> {
-    (text(), text(), any::<u32>()).prop_map(|(system, name, index)| ModuleRef {
-        system,
-        name,
-        index,
-    })
+    (text(), text(), any::<u32>(), proptest::option::of(text())).prop_map(
+        |(system, name, index, id)| ModuleRef {
+            system,
+            name,
+            index,
+            id,
+        },
+    )
 }
 fn owner() -> impl Strategy<Value = ControlOwner> {
     prop_oneof![Just(ControlOwner::Edge), Just(ControlOwner::Master)]
@@ -349,7 +352,7 @@ proptest! {
         // An Execute whose method name claims `claim` bytes but holds only `tail`.
         let mut body = vec![0u8, 1, 0]; // Request, id 1, deadline 0
         body.push(2); // Request::Execute
-        body.extend_from_slice(&[0, 0, 1]); // system "", name "", index 1
+        body.extend_from_slice(&[0, 0, 1, 0]); // system "", name "", index 1, id None
         let mut varint = claim;
         loop {
             let byte = (varint & 0x7f) as u8;
@@ -411,6 +414,7 @@ fn the_hand_made_prefix_above_is_what_postcard_writes() {
                 system: String::new(),
                 name: String::new(),
                 index: 1,
+                id: None,
             },
             method: "ab".into(),
             args: Json::null(),
@@ -418,7 +422,7 @@ fn the_hand_made_prefix_above_is_what_postcard_writes() {
         },
     };
     let frame = encode_frame(&value, MAX).unwrap();
-    assert_eq!(&frame[4..12], &[0, 1, 0, 2, 0, 0, 1, 2]);
+    assert_eq!(&frame[4..13], &[0, 1, 0, 2, 0, 0, 1, 0, 2]);
     let fetch = Envelope::Request {
         id: 1,
         deadline_ms: 0,

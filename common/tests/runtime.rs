@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tether_common::protocol::ModuleRef;
 
 use serde_json::json;
 use tether_common::model::Model;
@@ -60,7 +61,9 @@ fn model(port: u16, framing: &str, concurrency: u32) -> Arc<Model> {
 async fn status_of(runtime: &Runtime, key: &str, want: serde_json::Value) {
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if let Ok(status) = runtime.status_from("s", "Dev", 1, None).await
+            if let Ok(status) = runtime
+                .status_from(&ModuleRef::new("s", "Dev", 1), None)
+                .await
                 && status.get(key) == Some(&want)
             {
                 return;

@@ -2,7 +2,7 @@
 //! its link (the master runs it, or passes it on to the edge that does). And where a client
 //! of this edge's systems would do better to go while the master controls them.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tether_common::link::Link;
 use tether_common::protocol::ControlOwner;
@@ -10,12 +10,14 @@ use tether_common::proxy::Links;
 use tether_common::runtime::ExecError;
 
 use crate::control::EdgeControl;
+use crate::replica::Replica;
 
 /// The edge's link to the master, as it comes and goes.
 pub struct EdgeLinks {
     link: Mutex<Option<Link>>,
     master_api: Mutex<Option<String>>,
     control: EdgeControl,
+    replica: Arc<Replica>,
 }
 
 /// The `via` of calls that came from the master.
@@ -23,11 +25,12 @@ pub const FROM_MASTER: &str = "master";
 
 impl EdgeLinks {
     /// No link yet.
-    pub fn new(control: EdgeControl) -> Self {
+    pub fn new(control: EdgeControl, replica: Arc<Replica>) -> Self {
         EdgeLinks {
             link: Mutex::new(None),
             master_api: Mutex::new(None),
             control,
+            replica,
         }
     }
 
@@ -64,15 +67,20 @@ impl Links for EdgeLinks {
             })
     }
 
-    fn preferred_server(&self, _system: &str) -> Option<String> {
-        // The replica holds this edge's systems only; the master controls them all or none.
-        (self.control.view().state.owner == ControlOwner::Master)
-            .then(|| {
-                self.master_api
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-            })
-            .flatten()
+    fn preferred_server(&self, system: &str) -> Option<String> {
+        // The replica holds this edge's systems only, and the master controls them all
+        // or none; any other system is the master's.
+        let ours = self.replica.snapshot().0.systems.contains_key(system);
+        if ours && self.control.view().state.owner != ControlOwner::Master {
+            return None;
+        }
+        self.master_api
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn holds_every_system(&self) -> bool {
+        true
     }
 }

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router, middleware};
 use tether_common::api::{
-    AdminToken, Health, health, module_routes, require_token, serve_https, system_routes,
+    Access, AdminToken, Health, authorize, health, module_routes, serve_https, system_routes,
 };
 use tether_common::link::{ConnectorConfig, LinkConfig, LinkEvent, Secret, maintain_link, tls};
 use tether_common::pki;
@@ -106,9 +106,12 @@ async fn serve(
     // starts the modules from it after one more attempt.
     let control = EdgeControl::start(&config.edge_id, replica.clone(), runtime.clone())?;
     // Calls for modules the edge does not run go to the master.
-    let links = Arc::new(EdgeLinks::new(control.clone()));
+    let links = Arc::new(EdgeLinks::new(control.clone(), replica.clone()));
     runtime.set_remote(Arc::new(LinkRemote::new(links.clone())));
 
+    // The admin token of this edge, and the users replicated from the master.
+    let users = replica.clone();
+    let access = Access::new(token, move || users.snapshot().0);
     let protected = Router::new()
         .route("/api/v1/replica", get(replica_dump))
         .with_state(replica.clone())
@@ -119,7 +122,7 @@ async fn serve(
         ))
         .merge(system_routes(runtime.clone()))
         .merge(module_routes(runtime.clone()))
-        .layer(middleware::from_fn_with_state(token, require_token));
+        .layer(middleware::from_fn_with_state(access, authorize));
     let router = Router::new()
         .route("/api/v1/health", get(health))
         .with_state(health_state.clone())

@@ -56,4 +56,8 @@ impl Links for MasterLinks {
             Some(_) => None,
         }
     }
+
+    fn holds_every_system(&self) -> bool {
+        false
+    }
 }

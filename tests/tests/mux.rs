@@ -18,6 +18,7 @@ fn execute(n: u64) -> Request {
             system: "room".into(),
             name: "Display".into(),
             index: 1,
+            id: None,
         },
         method: "echo".into(),
         args: Json(n.to_string()),
@@ -138,6 +139,7 @@ async fn requests_flow_both_ways_and_deadlines_streams_and_errors_hold() {
         system: "room".into(),
         name: "Display".into(),
         index: 1,
+        id: None,
     };
     let mut stream = master
         .request_stream(Request::DebugSubscribe { module }, Duration::from_secs(5))
@@ -211,6 +213,7 @@ async fn a_peer_that_stops_reading_cannot_hang_the_sender() {
         system: "room".into(),
         name: "Display".into(),
         index: 1,
+        id: None,
     };
     let mut stream = master
         .request_stream(Request::DebugSubscribe { module }, Duration::from_secs(30))

@@ -23,6 +23,16 @@ impl ApiError {
         }
     }
 
+    /// The machine-readable code and the message.
+    pub fn parts(&self) -> (&str, &str) {
+        (self.code, &self.message)
+    }
+
+    /// 403: a valid token without the right.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
     /// 404.
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError {

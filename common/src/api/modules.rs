@@ -1,5 +1,6 @@
-//! Control systems and module calls, as master and edge both serve them for what they
-//! run: `GET /api/v1/systems[/{id}]`, and per module `exec`, `status` and `debug`.
+//! Control systems and module calls, as master and edge both serve them, wherever the
+//! module runs: `GET /api/v1/systems[/{id}]`, per module `exec`, `status` and `debug`,
+//! and per system `start`, `stop` and `expire`.
 
 use axum::Json;
 use axum::Router;
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 use super::ApiError;
 use crate::model::Model;
 use crate::protocol::ModuleRef;
-use crate::runtime::{ExecError, Runtime};
+use crate::runtime::{ExecError, Runtime, SystemAction};
 
 impl From<ExecError> for ApiError {
     fn from(err: ExecError) -> Self {
@@ -87,6 +88,19 @@ pub fn module_routes(runtime: Runtime) -> Router {
             "/api/v1/systems/{id}/modules/{name}/{index}/debug",
             get(debug),
         )
+        .route("/api/v1/ws", get(super::ws::ws))
+        .route(
+            "/api/v1/systems/{id}/start",
+            post(|state, id| system_action(state, id, SystemAction::Start)),
+        )
+        .route(
+            "/api/v1/systems/{id}/stop",
+            post(|state, id| system_action(state, id, SystemAction::Stop)),
+        )
+        .route(
+            "/api/v1/systems/{id}/expire",
+            post(|state, id| system_action(state, id, SystemAction::ExpireCache)),
+        )
         .with_state(runtime)
 }
 
@@ -157,12 +171,8 @@ async fn exec(
                 "the body must be {{\"method\": NAME, \"args\": [...]}}: {err}"
             ))
         })?;
-        let epoch = runtime.fence(&system, &name, index, body.epoch)?;
-        let module = ModuleRef {
-            system: system.clone(),
-            name: name.clone(),
-            index,
-        };
+        let module = ModuleRef::new(system.clone(), name.clone(), index);
+        let epoch = runtime.fence(&module, body.epoch)?;
         let done = runtime
             .exec_from(&module, &body.method, body.args, body.epoch, None)
             .await?;
@@ -178,13 +188,37 @@ async fn exec(
     }
 }
 
+/// Starts, stops or expires a system where it runs: `{"system", "action", "done_by"}`.
+async fn system_action(
+    State(runtime): State<Runtime>,
+    Path(system): Path<String>,
+    action: SystemAction,
+) -> Response {
+    let name = match action {
+        SystemAction::Start => "start",
+        SystemAction::Stop => "stop",
+        SystemAction::ExpireCache => "expire",
+    };
+    match runtime.system_action(&system, action, None).await {
+        Ok(side) => hinted(
+            &runtime,
+            &system,
+            json!({ "system": system, "action": name, "done_by": side }),
+        ),
+        Err(err) => hinted_error(&runtime, &system, err.into()),
+    }
+}
+
 async fn status(
     State(runtime): State<Runtime>,
     Path((system, name, index_text)): ModulePath,
 ) -> Response {
     let answer = async {
         let status = runtime
-            .status_from(&system, &name, index(&index_text)?, None)
+            .status_from(
+                &ModuleRef::new(system.clone(), name, index(&index_text)?),
+                None,
+            )
             .await?;
         Ok::<_, ApiError>(Value::Object(status))
     };
@@ -200,7 +234,10 @@ async fn debug(
 ) -> Response {
     let answer = async {
         let lines = runtime
-            .debug_from(&system, &name, index(&index_text)?, None)
+            .debug_from(
+                &ModuleRef::new(system.clone(), name, index(&index_text)?),
+                None,
+            )
             .await?;
         Ok::<_, ApiError>(serde_json::to_value(lines).unwrap_or_default())
     };

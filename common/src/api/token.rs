@@ -2,15 +2,9 @@
 //! read; the server keeps only its SHA-256 and compares in constant time.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-use super::ApiError;
 use crate::pki::{PkiError, write_atomic};
 
 /// The admin token file could not be read or created.
@@ -81,25 +75,6 @@ impl AdminToken {
             .zip(other.iter())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
-    }
-}
-
-/// Middleware: 401 unless the request carries `Authorization: Bearer <admin token>`.
-pub async fn require_token(
-    State(token): State<Arc<AdminToken>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let presented = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    match presented {
-        Some(presented) if token.matches(presented.trim()) => next.run(request).await,
-        Some(_) => ApiError::unauthorized("the bearer token is not valid").into_response(),
-        None => ApiError::unauthorized("an `Authorization: Bearer TOKEN` header is required")
-            .into_response(),
     }
 }
 

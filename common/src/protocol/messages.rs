@@ -26,6 +26,22 @@ pub struct ModuleRef {
     pub name: String,
     /// 1-based index among the system's modules of that name.
     pub index: u32,
+    /// The module's id, when the sender has resolved the address: the receiver runs that
+    /// module, even if its replica does not hold the system (a master system may list an
+    /// edge's module).
+    pub id: Option<String>,
+}
+
+impl ModuleRef {
+    /// A client's address, not yet resolved.
+    pub fn new(system: impl Into<String>, name: impl Into<String>, index: u32) -> Self {
+        ModuleRef {
+            system: system.into(),
+            name: name.into(),
+            index,
+            id: None,
+        }
+    }
 }
 
 /// The kinds of data-model entity.

@@ -30,6 +30,9 @@ pub trait Links: Send + Sync + 'static {
 
     /// The other side's API address when it controls `system`.
     fn preferred_server(&self, system: &str) -> Option<String>;
+
+    /// Whether the other side holds every system (true on an edge: the master does).
+    fn holds_every_system(&self) -> bool;
 }
 
 /// A [`Remote`] over a server's [`Links`].
@@ -288,5 +291,9 @@ impl<L: Links> Remote for LinkRemote<L> {
 
     fn preferred_server(&self, system: &str) -> Option<String> {
         self.links.preferred_server(system)
+    }
+
+    fn holds_every_system(&self) -> bool {
+        self.links.holds_every_system()
     }
 }

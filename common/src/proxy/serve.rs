@@ -39,7 +39,7 @@ pub fn serve_call(
         Request::StatusRequest { module } => {
             tokio::spawn(async move {
                 let answer = runtime
-                    .status_from(&module.system, &module.name, module.index, Some(&via))
+                    .status_from(&module, Some(&via))
                     .await
                     .map(|status| Response::Status {
                         entries: status
@@ -52,12 +52,11 @@ pub fn serve_call(
         }
         Request::DebugRead { module } => {
             tokio::spawn(async move {
-                let answer = runtime
-                    .debug_from(&module.system, &module.name, module.index, Some(&via))
-                    .await
-                    .map(|lines| Response::DebugLines {
+                let answer = runtime.debug_from(&module, Some(&via)).await.map(|lines| {
+                    Response::DebugLines {
                         lines: lines.into_iter().map(|l| (l.time_ms, l.line)).collect(),
-                    });
+                    }
+                });
                 responder.respond(answer.map_err(to_remote)).await;
             });
         }
@@ -145,9 +144,7 @@ fn system_action(
 }
 
 async fn stream_status(runtime: Runtime, module: ModuleRef, via: String, responder: Responder) {
-    let watch = runtime
-        .watch_status(&module.system, &module.name, module.index, Some(&via))
-        .await;
+    let watch = runtime.watch_status(&module, Some(&via)).await;
     let mut events = match watch {
         Ok(events) => events,
         Err(err) => return responder.end(Err(to_remote(err))).await,
@@ -178,9 +175,7 @@ async fn stream_status(runtime: Runtime, module: ModuleRef, via: String, respond
 }
 
 async fn stream_debug(runtime: Runtime, module: ModuleRef, via: String, responder: Responder) {
-    let watch = runtime
-        .watch_debug(&module.system, &module.name, module.index, Some(&via))
-        .await;
+    let watch = runtime.watch_debug(&module, Some(&via)).await;
     let mut lines = match watch {
         Ok(lines) => lines,
         Err(err) => return responder.end(Err(to_remote(err))).await,

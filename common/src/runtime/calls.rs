@@ -16,6 +16,8 @@ use crate::protocol::ModuleRef;
 /// What a proxied call waits beyond the driver's own timeout, so that the far side's
 /// timeout answer (504) arrives before the link's.
 const LINK_GRACE: Duration = Duration::from_secs(2);
+/// A method's timeout when its driver is not known here (DESIGN.md's default).
+const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the far side may take to answer a status or log read.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events a watch may queue for a slow reader before it is cut off.
@@ -46,37 +48,52 @@ impl Runtime {
 
     fn locate(
         &self,
-        system: &str,
-        name: &str,
-        index: u32,
+        at: &ModuleRef,
         via: Option<&str>,
         read_only: bool,
     ) -> Result<Located, ExecError> {
-        match self.resolve(system, name, index) {
+        match self.resolve(at) {
             Ok(module) => Ok(Located::Here(module)),
+            // A system this side does not hold (an edge's replica holds its own systems
+            // only): the master holds them all. A call from the master is not sent back.
+            Err(ExecError::NotFound(message)) => {
+                let wider = self.remote().filter(|remote| remote.holds_every_system());
+                match wider {
+                    Some(_) if via.is_none() && !self.model().systems.contains_key(&at.system) => {
+                        Ok(Located::There(RemoteCall {
+                            module: at.clone(),
+                            edge: None,
+                            via: None,
+                            epoch: None,
+                            // The driver is not known here; the design's default.
+                            timeout: DEFAULT_EXEC_TIMEOUT + LINK_GRACE,
+                        }))
+                    }
+                    _ => Err(ExecError::NotFound(message)),
+                }
+            }
             Err(ExecError::NotHere(message)) => {
                 if self.remote().is_none() {
                     return Err(ExecError::NotHere(message));
                 }
                 let model = self.model();
-                let module = model
-                    .system_module(system, name, index)
-                    .ok_or_else(|| ExecError::NotFound(format!("no module {name} {index}")))?;
+                let module = super::find(&model, at).ok_or_else(|| {
+                    ExecError::NotFound(format!("no module {} {}", at.name, at.index))
+                })?;
                 let timeout = if read_only {
                     READ_TIMEOUT
                 } else {
                     let driver_timeout = model
                         .drivers
                         .get(&module.driver)
-                        .map(|driver| driver.timeout_ms)
-                        .unwrap_or(30_000);
-                    Duration::from_millis(driver_timeout) + LINK_GRACE
+                        .map(|driver| Duration::from_millis(driver.timeout_ms))
+                        .unwrap_or(DEFAULT_EXEC_TIMEOUT);
+                    driver_timeout + LINK_GRACE
                 };
                 Ok(Located::There(RemoteCall {
                     module: ModuleRef {
-                        system: system.to_string(),
-                        name: name.to_string(),
-                        index,
+                        id: Some(module.id.clone()),
+                        ..at.clone()
                     },
                     edge: model.module_edge(module),
                     via: via.map(str::to_string),
@@ -104,9 +121,8 @@ impl Runtime {
         epoch: Option<u64>,
         via: Option<&str>,
     ) -> Result<Executed, ExecError> {
-        let (system, name, index) = (module.system.as_str(), module.name.as_str(), module.index);
-        self.fence(system, name, index, epoch)?;
-        match self.locate(system, name, index, via, false)? {
+        self.fence(module, epoch)?;
+        match self.locate(module, via, false)? {
             Located::Here(module) => Ok(Executed {
                 value: module.call(method, args).await?,
                 executed_by: self.inner.executed_by.clone(),
@@ -129,11 +145,7 @@ impl Runtime {
         method: &str,
         args: Vec<Value>,
     ) -> Result<(Value, String), ExecError> {
-        let module = ModuleRef {
-            system: system.to_string(),
-            name: name.to_string(),
-            index,
-        };
+        let module = ModuleRef::new(system, name, index);
         let done = self.exec_from(&module, method, args, None, None).await?;
         Ok((done.value, done.executed_by))
     }
@@ -141,12 +153,10 @@ impl Runtime {
     /// A module's status map, wherever it runs.
     pub async fn status_from(
         &self,
-        system: &str,
-        name: &str,
-        index: u32,
+        at: &ModuleRef,
         via: Option<&str>,
     ) -> Result<Map<String, Value>, ExecError> {
-        match self.locate(system, name, index, via, true)? {
+        match self.locate(at, via, true)? {
             Located::Here(module) => Ok(module.shared.status()),
             Located::There(call) => self.remote_or_not_here()?.status(call).await,
         }
@@ -155,12 +165,10 @@ impl Runtime {
     /// A module's recent debug lines, wherever it runs.
     pub async fn debug_from(
         &self,
-        system: &str,
-        name: &str,
-        index: u32,
+        at: &ModuleRef,
         via: Option<&str>,
     ) -> Result<Vec<DebugLine>, ExecError> {
-        match self.locate(system, name, index, via, true)? {
+        match self.locate(at, via, true)? {
             Located::Here(module) => Ok(module.shared.debug_lines()),
             Located::There(call) => self.remote_or_not_here()?.debug_lines(call).await,
         }
@@ -170,12 +178,10 @@ impl Runtime {
     /// now: the receiver ends when it stops there (or the link to it goes).
     pub async fn watch_status(
         &self,
-        system: &str,
-        name: &str,
-        index: u32,
+        at: &ModuleRef,
         via: Option<&str>,
     ) -> Result<mpsc::Receiver<StatusEvent>, ExecError> {
-        let module = match self.locate(system, name, index, via, true)? {
+        let module = match self.locate(at, via, true)? {
             Located::Here(module) => module,
             Located::There(call) => return self.remote_or_not_here()?.watch_status(call).await,
         };
@@ -219,12 +225,10 @@ impl Runtime {
     /// it runs now.
     pub async fn watch_debug(
         &self,
-        system: &str,
-        name: &str,
-        index: u32,
+        at: &ModuleRef,
         via: Option<&str>,
     ) -> Result<mpsc::Receiver<DebugLine>, ExecError> {
-        let module = match self.locate(system, name, index, via, true)? {
+        let module = match self.locate(at, via, true)? {
             Located::Here(module) => module,
             Located::There(call) => return self.remote_or_not_here()?.watch_debug(call).await,
         };
@@ -263,34 +267,25 @@ impl Runtime {
     /// the receiver is dropped. Only an unknown module is an error.
     pub async fn bind_status(
         &self,
-        system: &str,
-        name: &str,
-        index: u32,
+        at: &ModuleRef,
     ) -> Result<mpsc::Receiver<StatusEvent>, ExecError> {
-        let first = self.watch_status(system, name, index, None).await;
+        let first = self.watch_status(at, None).await;
         let runtime = self.clone();
-        let (system, name) = (system.to_string(), name.to_string());
+        let at = at.clone();
         follow(first, move || {
-            let runtime = runtime.clone();
-            let (system, name) = (system.clone(), name.clone());
-            async move { runtime.watch_status(&system, &name, index, None).await }
+            let (runtime, at) = (runtime.clone(), at.clone());
+            async move { runtime.watch_status(&at, None).await }
         })
     }
 
     /// A client's watch of a module's debug log that follows the module wherever it runs.
-    pub async fn bind_debug(
-        &self,
-        system: &str,
-        name: &str,
-        index: u32,
-    ) -> Result<mpsc::Receiver<DebugLine>, ExecError> {
-        let first = self.watch_debug(system, name, index, None).await;
+    pub async fn bind_debug(&self, at: &ModuleRef) -> Result<mpsc::Receiver<DebugLine>, ExecError> {
+        let first = self.watch_debug(at, None).await;
         let runtime = self.clone();
-        let (system, name) = (system.to_string(), name.to_string());
+        let at = at.clone();
         follow(first, move || {
-            let runtime = runtime.clone();
-            let (system, name) = (system.clone(), name.clone());
-            async move { runtime.watch_debug(&system, &name, index, None).await }
+            let (runtime, at) = (runtime.clone(), at.clone());
+            async move { runtime.watch_debug(&at, None).await }
         })
     }
 

@@ -285,7 +285,9 @@ impl ModuleContext {
         // Scripts run on blocking threads, where waiting for the runtime is allowed.
         let status = self
             .handle
-            .block_on(runtime.status_from(&system, name, index, None))
+            .block_on(
+                runtime.status_from(&crate::protocol::ModuleRef::new(system, name, index), None),
+            )
             .map_err(|err| format!("{name} {index}: {err}"))?;
         Ok(status.get(key).cloned().unwrap_or(Value::Null))
     }

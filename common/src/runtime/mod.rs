@@ -24,6 +24,7 @@ pub use script::ScriptLimits;
 pub use spec::ModuleSpec;
 
 use crate::model::{Model, ModuleRecord};
+use crate::protocol::ModuleRef;
 use module::ModuleInstance;
 
 /// Why a call to a module failed. Each maps to an HTTP status in the API.
@@ -122,6 +123,14 @@ pub struct Runtime {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The module `at` names: by id when the sender resolved it, else by system, name, index.
+fn find<'m>(model: &'m Model, at: &ModuleRef) -> Option<&'m ModuleRecord> {
+    match &at.id {
+        Some(id) => model.modules.get(id),
+        None => model.system_module(&at.system, &at.name, at.index),
+    }
 }
 
 /// Where a module belongs: `edge:ID` for a module of an edge, else `master`. During a
@@ -252,18 +261,9 @@ impl Runtime {
 
     /// Fences a call: the epoch of the module's edge location, refusing a caller that
     /// claims an older one. `None` for a module of no edge.
-    pub fn fence(
-        &self,
-        system: &str,
-        name: &str,
-        index: u32,
-        claimed: Option<u64>,
-    ) -> Result<Option<u64>, ExecError> {
+    pub fn fence(&self, at: &ModuleRef, claimed: Option<u64>) -> Result<Option<u64>, ExecError> {
         let model = self.model();
-        let Some(edge) = model
-            .system_module(system, name, index)
-            .and_then(|module| model.module_edge(module))
-        else {
+        let Some(edge) = find(&model, at).and_then(|module| model.module_edge(module)) else {
             return Ok(None);
         };
         let current = self
@@ -349,17 +349,22 @@ impl Runtime {
     }
 
     /// The module a client means, if it runs here.
-    fn resolve(
-        &self,
-        system: &str,
-        name: &str,
-        index: u32,
-    ) -> Result<Arc<ModuleInstance>, ExecError> {
+    fn resolve(&self, at: &ModuleRef) -> Result<Arc<ModuleInstance>, ExecError> {
         let model = self.model();
+        let (system, name, index) = (at.system.as_str(), at.name.as_str(), at.index);
         let key = (system.to_string(), name.to_string(), index);
-        let cached = lock(&self.inner.lookups).get(&key).cloned();
+        let cached = match &at.id {
+            Some(id) => Some(id.clone()),
+            None => lock(&self.inner.lookups).get(&key).cloned(),
+        };
         let module = match cached.and_then(|id| model.modules.get(&id)) {
             Some(module) => module,
+            None if at.id.is_some() => {
+                return Err(ExecError::NotFound(format!(
+                    "no module {}",
+                    at.id.as_deref().unwrap_or_default()
+                )));
+            }
             None => {
                 if !model.systems.contains_key(system) {
                     return Err(ExecError::NotFound(format!("no system {system}")));

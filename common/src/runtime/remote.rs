@@ -110,4 +110,8 @@ pub trait Remote: Send + Sync {
     /// The other side's client API address, when it controls `system` and a client
     /// would do better to ask it directly.
     fn preferred_server(&self, system: &str) -> Option<String>;
+
+    /// Whether the other side holds every system (the master, seen from an edge): calls
+    /// for systems this side does not know go there.
+    fn holds_every_system(&self) -> bool;
 }

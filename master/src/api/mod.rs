@@ -2,12 +2,13 @@
 
 mod control;
 mod records;
+mod users;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::{Router, middleware};
-use tether_common::api::{AdminToken, Health, health, module_routes, require_token};
+use tether_common::api::{Access, AdminToken, Health, authorize, health, module_routes};
 use tether_common::runtime::Runtime;
 
 use crate::edges::EdgeRegistry;
@@ -30,12 +31,15 @@ pub struct AppState {
 
 /// The router: health is open (for load balancers and probes); the rest needs the token.
 pub fn router(health_state: Arc<Health>, token: Arc<AdminToken>, state: AppState) -> Router {
+    let model = state.model.clone();
+    let access = Access::new(token, move || model.snapshot().0);
     let protected = records::routes()
         .merge(control::routes())
+        .merge(users::routes())
         .route("/api/v1/edges/{id}/slice", axum::routing::get(edge_slice))
         .with_state(state.clone())
         .merge(module_routes(state.runtime.clone()))
-        .layer(middleware::from_fn_with_state(token, require_token));
+        .layer(middleware::from_fn_with_state(access, authorize));
     Router::new()
         .route("/api/v1/health", axum::routing::get(health))
         .with_state(health_state)

@@ -1,0 +1,271 @@
+//! Who may do what: users and roles, and the one table of what each call needs.
+//!
+//! A request's bearer token is the admin token (the `admin.token` file of this server), or
+//! the token of a user of the data model, which keeps only its SHA-256 (`token_hash`).
+//! Roles are ordered: a **viewer** reads, an **operator** also runs methods, an **admin**
+//! also writes the data model and restores edges. An edge's `admins` (user ids) may,
+//! whatever their role, restore that edge and start, stop or expire its systems.
+//! No valid token: 401. A valid token without the right: 403.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::Method;
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use super::{AdminToken, ApiError};
+use crate::model::Model;
+
+/// A user's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads.
+    Viewer,
+    /// Reads and runs methods.
+    Operator,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    /// A role by its name in the data model.
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// User id (`admin` for the admin token).
+    pub user: String,
+    /// Role.
+    pub role: Role,
+}
+
+impl Principal {
+    /// Whether this principal may run methods.
+    pub fn may_exec(&self) -> bool {
+        self.role >= Role::Operator
+    }
+
+    fn refuse(&self, what: &str) -> ApiError {
+        ApiError::forbidden(format!(
+            "user {} ({}) may not {what}",
+            self.user,
+            self.role.name()
+        ))
+    }
+}
+
+/// What a call needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Need {
+    /// At least this role.
+    Role(Role),
+    /// An admin, or one of this edge's admins.
+    EdgeAdmin(String),
+    /// An admin, or one of the admins of this system's edge.
+    SystemAdmin(String),
+}
+
+/// The policy: what each call needs. Reads need a viewer; exec (HTTP, or a WebSocket's
+/// exec message, checked by its handler) an operator; restore and a system's start, stop
+/// and expire an admin or the edge's admins; everything else (data-model writes, users)
+/// an admin.
+pub fn need(method: &Method, path: &str) -> Need {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let reading = method == Method::GET || method == Method::HEAD;
+    match parts.as_slice() {
+        ["api", "v1", "users", ..] => Need::Role(Role::Admin),
+        _ if reading => Need::Role(Role::Viewer),
+        ["api", "v1", "systems", _, "modules", _, _, "exec"] => Need::Role(Role::Operator),
+        ["api", "v1", "edges", edge, "restore"] => Need::EdgeAdmin(edge.to_string()),
+        ["api", "v1", "systems", system, "start" | "stop" | "expire"] => {
+            Need::SystemAdmin(system.to_string())
+        }
+        _ => Need::Role(Role::Admin),
+    }
+}
+
+/// A token's SHA-256 in hex, as a user record keeps it.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A new random user token.
+pub fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut bytes[..]);
+    format!("ttu_{}", hex::encode(bytes))
+}
+
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What the access check reads: the admin token and the current model (users, edges'
+/// admins, systems' edges).
+#[derive(Clone)]
+pub struct Access {
+    admin: Arc<AdminToken>,
+    model: Arc<dyn Fn() -> Arc<Model> + Send + Sync>,
+}
+
+impl Access {
+    /// Checks against `admin` and the users of the model `model` gives.
+    pub fn new(
+        admin: Arc<AdminToken>,
+        model: impl Fn() -> Arc<Model> + Send + Sync + 'static,
+    ) -> Self {
+        Access {
+            admin,
+            model: Arc::new(model),
+        }
+    }
+
+    /// The principal a token stands for.
+    pub fn authenticate(&self, token: &str) -> Option<Principal> {
+        if self.admin.matches(token) {
+            return Some(Principal {
+                user: "admin".into(),
+                role: Role::Admin,
+            });
+        }
+        let hash = token_hash(token);
+        let model = (self.model)();
+        let user = model
+            .users
+            .values()
+            .find(|user| same(user.token_hash.as_bytes(), hash.as_bytes()))?;
+        Some(Principal {
+            user: user.id.clone(),
+            role: Role::parse(&user.role)?,
+        })
+    }
+
+    /// Whether `principal` has what `need` asks.
+    pub fn authorize(&self, principal: &Principal, need: &Need) -> Result<(), ApiError> {
+        if principal.role == Role::Admin {
+            return Ok(());
+        }
+        let model = (self.model)();
+        let edge_admin = |edge: &str| {
+            model
+                .edges
+                .get(edge)
+                .is_some_and(|record| record.admins.contains(&principal.user))
+        };
+        match need {
+            Need::Role(role) if principal.role >= *role => Ok(()),
+            Need::Role(Role::Operator) => Err(principal.refuse("run methods")),
+            Need::Role(_) => Err(principal.refuse("change the data model or users")),
+            Need::EdgeAdmin(edge) if edge_admin(edge) => Ok(()),
+            Need::EdgeAdmin(edge) => Err(principal.refuse(&format!("restore edge {edge}"))),
+            Need::SystemAdmin(system) => {
+                let edge = model.systems.get(system).and_then(|s| s.edge.clone());
+                match edge {
+                    Some(edge) if edge_admin(&edge) => Ok(()),
+                    _ => Err(principal.refuse(&format!("start or stop system {system}"))),
+                }
+            }
+        }
+    }
+}
+
+/// The bearer token of a request; on the WebSocket route also `?access_token=`, since a
+/// browser cannot set headers on a WebSocket.
+fn presented(request: &Request) -> Option<String> {
+    if let Some(header) = request.headers().get(AUTHORIZATION) {
+        return header
+            .to_str()
+            .ok()
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(|token| token.trim().to_string());
+    }
+    if request.uri().path() == "/api/v1/ws" {
+        return request.uri().query().and_then(|query| {
+            query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("access_token="))
+                .map(str::to_string)
+        });
+    }
+    None
+}
+
+/// Middleware: 401 without a valid token, 403 without the right; otherwise the request
+/// goes on with its [`Principal`] in its extensions.
+pub async fn authorize(State(access): State<Access>, mut request: Request, next: Next) -> Response {
+    let Some(token) = presented(&request) else {
+        return ApiError::unauthorized("an `Authorization: Bearer TOKEN` header is required")
+            .into_response();
+    };
+    let Some(principal) = access.authenticate(&token) else {
+        return ApiError::unauthorized("the bearer token is not valid").into_response();
+    };
+    let need = need(request.method(), request.uri().path());
+    if let Err(refused) = access.authorize(&principal, &need) {
+        return refused.into_response();
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_table() {
+        let get = Method::GET;
+        let post = Method::POST;
+        let cases = [
+            (&get, "/api/v1/edges", Need::Role(Role::Viewer)),
+            (&get, "/api/v1/ws", Need::Role(Role::Viewer)),
+            (&get, "/api/v1/users", Need::Role(Role::Admin)),
+            (
+                &post,
+                "/api/v1/systems/r/modules/Display/1/exec",
+                Need::Role(Role::Operator),
+            ),
+            (
+                &post,
+                "/api/v1/edges/e/restore",
+                Need::EdgeAdmin("e".into()),
+            ),
+            (
+                &post,
+                "/api/v1/systems/r/stop",
+                Need::SystemAdmin("r".into()),
+            ),
+            (&post, "/api/v1/modules", Need::Role(Role::Admin)),
+            (&Method::PUT, "/api/v1/edges/e", Need::Role(Role::Admin)),
+            (
+                &Method::DELETE,
+                "/api/v1/systems/r",
+                Need::Role(Role::Admin),
+            ),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(need(method, path), want, "{method} {path}");
+        }
+    }
+}
