@@ -9,6 +9,7 @@ pub mod inproc;
 pub mod process;
 pub mod proxy;
 pub mod sim;
+pub mod ws;
 
 use std::time::{Duration, Instant};
 
