@@ -420,6 +420,16 @@ async fn the_websocket_api_binds_execs_debugs_and_redirects() {
     assert_eq!(on_master.answer(5, 5 * SECOND).await["type"], "success");
 }
 
+/// One row of the authorization matrix: what, method, path, body, and the status expected
+/// for no token, a bad one, a viewer, an operator, an admin and an edge's admin.
+type Call = (
+    &'static str,
+    reqwest::Method,
+    &'static str,
+    Option<Value>,
+    [u16; 6],
+);
+
 /// Creates a user through the master; answers its token.
 async fn create_user(master: &ApiClient, id: &str, role: &str) -> String {
     let (status, body) = master
@@ -461,8 +471,7 @@ async fn each_role_gets_what_it_may_on_master_and_edge() {
     ];
     let exec = "/api/v1/systems/room/modules/Note/1/exec";
     let ping = json!({"method": "ping"});
-    // (what, method, path, body, expected status for none, bad, viewer, operator, admin, edge admin)
-    let calls: Vec<(&str, reqwest::Method, &str, Option<Value>, [u16; 6])> = vec![
+    let calls: Vec<Call> = vec![
         (
             "list edges",
             reqwest::Method::GET,
