@@ -1,0 +1,164 @@
+//! Readable tables of the API's answers.
+
+use serde_json::Value;
+
+/// Left-aligned columns, a header, and a dash for missing values.
+fn render(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        format!("{}\n", padded.join("  ").trim_end())
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn rows(value: &Value, keys: &[&str]) -> Vec<Vec<String>> {
+    value
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| keys.iter().map(|key| cell(&item[*key])).collect())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn edges(value: &Value) -> String {
+    let keys = [
+        "id",
+        "name",
+        "online",
+        "owner",
+        "epoch",
+        "rtt_ms",
+        "last_seen",
+        "failover",
+    ];
+    render(
+        &[
+            "ID",
+            "NAME",
+            "ONLINE",
+            "OWNER",
+            "EPOCH",
+            "RTT MS",
+            "LAST SEEN",
+            "FAILOVER",
+        ],
+        rows(value, &keys),
+    )
+}
+
+pub fn systems(value: &Value) -> String {
+    let rows = value
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|system| {
+                    vec![
+                        cell(&system["id"]),
+                        cell(&system["name"]),
+                        cell(&system["edge"]),
+                        system["modules"].as_array().map_or(0, Vec::len).to_string(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    render(&["ID", "NAME", "EDGE", "MODULES"], rows)
+}
+
+pub fn system(value: &Value) -> String {
+    let mut out = format!("{} ({})\n", cell(&value["name"]), cell(&value["id"]));
+    let keys = ["name", "index", "id", "driver", "runs_on", "state"];
+    out.push_str(&render(
+        &["MODULE", "INDEX", "ID", "DRIVER", "RUNS ON", "STATE"],
+        rows(&value["members"], &keys),
+    ));
+    out
+}
+
+pub fn executed(value: &Value) -> String {
+    format!(
+        "{}\n(executed by {})\n",
+        cell(&value["result"]),
+        cell(&value["executed_by"])
+    )
+}
+
+pub fn status(value: &Value) -> String {
+    let rows = value
+        .as_object()
+        .map(|map| {
+            map.iter()
+                .map(|(key, value)| vec![key.clone(), value.to_string()])
+                .collect()
+        })
+        .unwrap_or_default();
+    render(&["KEY", "VALUE"], rows)
+}
+
+pub fn restored(value: &Value) -> String {
+    format!(
+        "edge {} is controlled by the {} (epoch {})\n",
+        cell(&value["edge"]),
+        cell(&value["owner"]),
+        cell(&value["epoch"])
+    )
+}
+
+pub fn audit(value: &Value) -> String {
+    let keys = ["time", "edge", "from", "to", "epoch", "reason"];
+    render(
+        &["TIME", "EDGE", "FROM", "TO", "EPOCH", "REASON"],
+        rows(value, &keys),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn columns_line_up_and_missing_values_show_a_dash() {
+        let table = edges(&json!([
+            {"id": "site-1", "name": "North", "online": true, "owner": "edge", "epoch": 3,
+             "rtt_ms": 0.4, "last_seen": "2026-11-22T10:00:00Z", "failover": true},
+            {"id": "s2", "name": "South campus", "online": false, "owner": "master", "epoch": 12}
+        ]));
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let column = |line: &str| {
+            line.find("OWNER")
+                .or_else(|| line.find("edge"))
+                .or_else(|| line.find("master"))
+        };
+        assert_eq!(column(lines[0]), column(lines[1]));
+        assert_eq!(column(lines[1]), column(lines[2]));
+        assert!(lines[2].contains(" - "), "{table}");
+    }
+}
