@@ -311,6 +311,14 @@ async fn the_websocket_api_binds_execs_debugs_and_redirects() {
     assert_eq!(answer["result"], "first");
     assert_eq!(answer["executed_by"], "edge:site-1");
 
+    // Status and the debug ring over HTTP, through the master, of the edge's module.
+    assert_eq!(master.status("room", "Note", 1).await["note"], "first");
+    let (status, lines) = master
+        .get("/api/v1/systems/room/modules/Note/1/debug")
+        .await;
+    assert_eq!(status, 200, "{lines}");
+    assert!(lines.to_string().contains("remembering first"), "{lines}");
+
     // Bind: the current value at once, then each change; unbind: no more.
     on_edge
         .send(json!({"id": 2, "cmd": "bind", "sys": "room", "mod": "Note", "index": 1, "key": "note"}))
