@@ -658,7 +658,11 @@ async fn an_unreachable_owner_is_503_at_once_and_a_hung_device_504_at_its_timeou
         body["message"].as_str().unwrap().contains("site-1"),
         "{body}"
     );
-    assert!(took < 500 * Duration::from_millis(1), "503 took {took:?}");
+    eprintln!(
+        "503 from the master (edge unreachable) after {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_millis(500), "503 took {took:?}");
     let (status, _) = master
         .get("/api/v1/systems/room/modules/Note/1/status")
         .await;
@@ -687,7 +691,11 @@ async fn an_unreachable_owner_is_503_at_once_and_a_hung_device_504_at_its_timeou
         body["message"].as_str().unwrap().contains("master"),
         "{body}"
     );
-    assert!(took < 500 * Duration::from_millis(1), "503 took {took:?}");
+    eprintln!(
+        "503 from the edge (master unreachable) after {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_millis(500), "503 took {took:?}");
     // Its own room carries on.
     let (status, body) = edge.exec("room", "Note", 1, "ping", json!([])).await;
     assert_eq!((status, &body["executed_by"]), (200, &json!("edge:site-1")));
