@@ -593,6 +593,27 @@ async fn each_role_gets_what_it_may_on_master_and_edge() {
     })
     .await;
 
+    // A role changed by PUT takes effect at once; a new token retires the old one.
+    let (status, body) = master
+        .put(
+            "/api/v1/users/otto",
+            json!({"name": "Otto", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!((status, &body["role"]), (200, &json!("viewer")), "{body}");
+    let otto = master.with_token(Some(operator.clone()));
+    assert_eq!(otto.post(exec, ping.clone()).await.0, 403);
+    let (status, body) = master.post("/api/v1/users/otto/token", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let fresh = body["token"].as_str().unwrap().to_string();
+    assert_eq!(
+        otto.get("/api/v1/edges").await.0,
+        401,
+        "the old token is retired"
+    );
+    let otto = master.with_token(Some(fresh));
+    assert_eq!(otto.get("/api/v1/edges").await.0, 200);
+
     // On the WebSocket, a viewer binds but may not exec.
     let mut ws = WsClient::connect(master.base(), &setup.cluster.ca(), &viewer)
         .await
@@ -621,6 +642,27 @@ async fn each_role_gets_what_it_may_on_master_and_edge() {
     }
 }
 
+/// Execs `(system, name, method, args)` (index 1) on `api`: 503 `unavailable` within
+/// 500 ms, its message naming `names`; prints the time.
+async fn assert_prompt_503(
+    api: &ApiClient,
+    (system, name, method, args): (&str, &str, &str, Value),
+    names: &str,
+    who: &str,
+) {
+    let asked = Instant::now();
+    let (status, body) = api.exec(system, name, 1, method, args).await;
+    let took = asked.elapsed();
+    assert_eq!(
+        (status, &body["error"]),
+        (503, &json!("unavailable")),
+        "{body}"
+    );
+    assert!(body["message"].as_str().unwrap().contains(names), "{body}");
+    eprintln!("503 from {who} after {} ms", took.as_millis());
+    assert!(took < Duration::from_millis(500), "503 took {took:?}");
+}
+
 #[tokio::test]
 async fn an_unreachable_owner_is_503_at_once_and_a_hung_device_504_at_its_timeout() {
     let mut setup = start(false).await;
@@ -646,23 +688,13 @@ async fn an_unreachable_owner_is_503_at_once_and_a_hung_device_504_at_its_timeou
         .cluster
         .wait_edge_online("site-1", false, 5 * SECOND)
         .await;
-    let asked = Instant::now();
-    let (status, body) = master.exec("room", "Note", 1, "ping", json!([])).await;
-    let took = asked.elapsed();
-    assert_eq!(
-        (status, &body["error"]),
-        (503, &json!("unavailable")),
-        "{body}"
-    );
-    assert!(
-        body["message"].as_str().unwrap().contains("site-1"),
-        "{body}"
-    );
-    eprintln!(
-        "503 from the master (edge unreachable) after {} ms",
-        took.as_millis()
-    );
-    assert!(took < Duration::from_millis(500), "503 took {took:?}");
+    assert_prompt_503(
+        &master,
+        ("room", "Note", "ping", json!([])),
+        "site-1",
+        "the master (edge unreachable)",
+    )
+    .await;
     let (status, _) = master
         .get("/api/v1/systems/room/modules/Note/1/status")
         .await;
@@ -677,25 +709,13 @@ async fn an_unreachable_owner_is_503_at_once_and_a_hung_device_504_at_its_timeou
     .await;
     setup.cluster.master.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let asked = Instant::now();
-    let (status, body) = edge
-        .exec("hall", "Display", 1, "power", json!([true]))
-        .await;
-    let took = asked.elapsed();
-    assert_eq!(
-        (status, &body["error"]),
-        (503, &json!("unavailable")),
-        "{body}"
-    );
-    assert!(
-        body["message"].as_str().unwrap().contains("master"),
-        "{body}"
-    );
-    eprintln!(
-        "503 from the edge (master unreachable) after {} ms",
-        took.as_millis()
-    );
-    assert!(took < Duration::from_millis(500), "503 took {took:?}");
+    assert_prompt_503(
+        &edge,
+        ("hall", "Display", "power", json!([true])),
+        "master",
+        "the edge (master unreachable)",
+    )
+    .await;
     // Its own room carries on.
     let (status, body) = edge.exec("room", "Note", 1, "ping", json!([])).await;
     assert_eq!((status, &body["executed_by"]), (200, &json!("edge:site-1")));

@@ -125,25 +125,36 @@ async fn replace(
             body.id.unwrap_or_default()
         )));
     }
+    let user = update(&state, &id, |current| UserRecord {
+        name: body.name.clone(),
+        role: body.role.clone(),
+        ..current.clone()
+    })
+    .await?;
+    Ok(Json(view(&user)))
+}
+
+/// Rewrites an existing user in one model write; answers the user as written.
+async fn update(
+    state: &AppState,
+    id: &str,
+    change: impl Fn(&UserRecord) -> UserRecord,
+) -> Result<UserRecord, ApiError> {
     let mut changed = None;
     state
         .model
         .write(|model| {
             let current = model
                 .users
-                .get(&id)
+                .get(id)
                 .ok_or_else(|| ModelError::NotFound(format!("no user {id}")))?;
-            let user = UserRecord {
-                name: body.name.clone(),
-                role: body.role.clone(),
-                ..current.clone()
-            };
+            let user = change(current);
             let json = record_json(&user)?;
             changed = Some(user);
-            Ok(vec![(EntityKind::User, id.clone(), Some(json))])
+            Ok(vec![(EntityKind::User, id.to_string(), Some(json))])
         })
         .await?;
-    Ok(Json(changed.as_ref().map(view).unwrap_or_default()))
+    changed.ok_or_else(|| ApiError::internal("the user was not written"))
 }
 
 async fn delete(
@@ -168,24 +179,12 @@ async fn new_user_token(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let token = new_token();
-    let mut changed = None;
-    state
-        .model
-        .write(|model| {
-            let current = model
-                .users
-                .get(&id)
-                .ok_or_else(|| ModelError::NotFound(format!("no user {id}")))?;
-            let user = UserRecord {
-                token_hash: token_hash(&token),
-                ..current.clone()
-            };
-            let json = record_json(&user)?;
-            changed = Some(user);
-            Ok(vec![(EntityKind::User, id.clone(), Some(json))])
-        })
-        .await?;
-    let mut answer = changed.as_ref().map(view).unwrap_or_default();
+    let user = update(&state, &id, |current| UserRecord {
+        token_hash: token_hash(&token),
+        ..current.clone()
+    })
+    .await?;
+    let mut answer = view(&user);
     answer["token"] = json!(token);
     Ok(Json(answer))
 }
