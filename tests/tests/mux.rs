@@ -14,12 +14,7 @@ use tokio::sync::mpsc;
 
 fn execute(n: u64) -> Request {
     Request::Execute {
-        module: ModuleRef {
-            system: "room".into(),
-            name: "Display".into(),
-            index: 1,
-            id: None,
-        },
+        module: ModuleRef::new("room", "Display", 1),
         method: "echo".into(),
         args: Json(n.to_string()),
         epoch: 0,
@@ -135,12 +130,7 @@ async fn requests_flow_both_ways_and_deadlines_streams_and_errors_hold() {
     }
 
     // A streamed answer arrives in order and ends.
-    let module = ModuleRef {
-        system: "room".into(),
-        name: "Display".into(),
-        index: 1,
-        id: None,
-    };
+    let module = ModuleRef::new("room", "Display", 1);
     let mut stream = master
         .request_stream(Request::DebugSubscribe { module }, Duration::from_secs(5))
         .await
@@ -209,12 +199,7 @@ async fn requests_flow_both_ways_and_deadlines_streams_and_errors_hold() {
 async fn a_peer_that_stops_reading_cannot_hang_the_sender() {
     // 200 ms heartbeats: the link is declared dead 600 ms into the silence.
     let (edge, mut edge_incoming, master, _master_incoming, keep) = pair(1 << 20, true).await;
-    let module = ModuleRef {
-        system: "room".into(),
-        name: "Display".into(),
-        index: 1,
-        id: None,
-    };
+    let module = ModuleRef::new("room", "Display", 1);
     let mut stream = master
         .request_stream(Request::DebugSubscribe { module }, Duration::from_secs(30))
         .await

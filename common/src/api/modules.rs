@@ -136,21 +136,14 @@ async fn get_system(
 /// The header naming the side that controls a system, when this side serves it by proxy.
 pub const PREFERRED_SERVER: &str = "tether-preferred-server";
 
-/// `answer`, with the `Tether-Preferred-Server` hint when the other side controls
-/// `system`: the client was served, and may go there next time.
-fn hinted(runtime: &Runtime, system: &str, answer: Value) -> Response {
-    let mut response = Json(answer).into_response();
-    if let Some(server) = runtime.preferred_server(system)
-        && let Ok(value) = HeaderValue::from_str(&server)
-    {
-        response.headers_mut().insert(PREFERRED_SERVER, value);
-    }
-    response
-}
-
-/// An error, with the hint too: a client told 503 may do better at the other side.
-fn hinted_error(runtime: &Runtime, system: &str, err: ApiError) -> Response {
-    let mut response = err.into_response();
+/// `answer` (or its error: a client told 503 may do better at the other side), with the
+/// `Tether-Preferred-Server` hint when the other side controls `system`: the client was
+/// served, and may go there next time.
+fn hinted(runtime: &Runtime, system: &str, answer: Result<Value, ApiError>) -> Response {
+    let mut response = match answer {
+        Ok(answer) => Json(answer).into_response(),
+        Err(err) => err.into_response(),
+    };
     if let Some(server) = runtime.preferred_server(system)
         && let Ok(value) = HeaderValue::from_str(&server)
     {
@@ -182,10 +175,7 @@ async fn exec(
         }
         Ok::<_, ApiError>(answer)
     };
-    match answer.await {
-        Ok(answer) => hinted(&runtime, &system, answer),
-        Err(err) => hinted_error(&runtime, &system, err),
-    }
+    hinted(&runtime, &system, answer.await)
 }
 
 /// Starts, stops or expires a system where it runs: `{"system", "action", "done_by"}`.
@@ -199,14 +189,12 @@ async fn system_action(
         SystemAction::Stop => "stop",
         SystemAction::ExpireCache => "expire",
     };
-    match runtime.system_action(&system, action, None).await {
-        Ok(side) => hinted(
-            &runtime,
-            &system,
-            json!({ "system": system, "action": name, "done_by": side }),
-        ),
-        Err(err) => hinted_error(&runtime, &system, err.into()),
-    }
+    let answer = runtime
+        .system_action(&system, action, None)
+        .await
+        .map(|side| json!({ "system": system, "action": name, "done_by": side }))
+        .map_err(ApiError::from);
+    hinted(&runtime, &system, answer)
 }
 
 async fn status(
@@ -222,10 +210,7 @@ async fn status(
             .await?;
         Ok::<_, ApiError>(Value::Object(status))
     };
-    match answer.await {
-        Ok(answer) => hinted(&runtime, &system, answer),
-        Err(err) => hinted_error(&runtime, &system, err),
-    }
+    hinted(&runtime, &system, answer.await)
 }
 
 async fn debug(
@@ -241,8 +226,5 @@ async fn debug(
             .await?;
         Ok::<_, ApiError>(serde_json::to_value(lines).unwrap_or_default())
     };
-    match answer.await {
-        Ok(answer) => hinted(&runtime, &system, answer),
-        Err(err) => hinted_error(&runtime, &system, err),
-    }
+    hinted(&runtime, &system, answer.await)
 }
