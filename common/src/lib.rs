@@ -11,6 +11,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
+pub mod code;
 pub mod control;
 pub mod link;
 pub mod model;

@@ -108,17 +108,45 @@ fn file() -> impl Strategy<Value = FileEntry> {
         size,
     })
 }
-fn audit() -> impl Strategy<Value = AuditRecord> {
-    (any::<u64>(), text(), owner(), owner(), any::<u64>(), text()).prop_map(
-        |(time_ms, edge, from, to, epoch, reason)| AuditRecord {
-            time_ms,
-            edge,
-            from,
-            to,
-            epoch,
-            reason,
-        },
+fn code_audit() -> impl Strategy<Value = Option<CodeAudit>> {
+    proptest::option::of(
+        (
+            text(),
+            proptest::option::of(text()),
+            text(),
+            proptest::option::of((text(), text())),
+            any::<bool>(),
+        )
+            .prop_map(|(repository, from, to, module, refused)| CodeAudit {
+                repository,
+                from,
+                to,
+                module,
+                refused,
+            }),
     )
+}
+fn audit() -> impl Strategy<Value = AuditRecord> {
+    (
+        any::<u64>(),
+        text(),
+        owner(),
+        owner(),
+        any::<u64>(),
+        text(),
+        code_audit(),
+    )
+        .prop_map(
+            |(time_ms, edge, from, to, epoch, reason, code)| AuditRecord {
+                time_ms,
+                edge,
+                from,
+                to,
+                epoch,
+                reason,
+                code,
+            },
+        )
 }
 
 fn request() -> impl Strategy<Value = Request> {
@@ -145,17 +173,22 @@ fn request() -> impl Strategy<Value = Request> {
         batch().prop_map(Request::ModelChanges),
         (
             text(),
+            text(),
             prop_oneof![
-                text().prop_map(|commit| RepositoryAction::ResetTo { commit }),
-                Just(RepositoryAction::Pull)
+                Just(RepositoryAction::Reset),
+                Just(RepositoryAction::Pull),
+                Just(RepositoryAction::CatchUp)
             ],
             proptest::collection::vec(file(), 0..4)
         )
-            .prop_map(|(repository, action, files)| Request::RepositoryUpdate {
-                repository,
-                action,
-                files
-            }),
+            .prop_map(
+                |(repository, commit, action, files)| Request::RepositoryUpdate {
+                    repository,
+                    commit,
+                    action,
+                    files
+                }
+            ),
         text().prop_map(|driver| Request::LiveReload { driver }),
         text().prop_map(|system| Request::ExpireSystemCache { system }),
         text().prop_map(|system| Request::StartSystem { system }),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tether_common::protocol::ModuleRef;
 
 use serde_json::json;
+use tether_common::code::{Code, RepoCode};
 use tether_common::model::Model;
 use tether_common::protocol::EntityKind;
 use tether_common::runtime::{ExecError, Runtime, ScriptLimits};
@@ -30,7 +31,7 @@ fn model(port: u16, framing: &str, concurrency: u32) -> Arc<Model> {
         )
         .unwrap();
     let driver = json!({
-        "id": "d", "repository": "r", "file": "d.rhai", "source": SCRIPT,
+        "id": "d", "repository": "r", "file": "d.rhai",
         "concurrency": concurrency, "timeout_ms": 2000,
     });
     let mut driver = driver.as_object().unwrap().clone();
@@ -56,6 +57,19 @@ fn model(port: u16, framing: &str, concurrency: u32) -> Arc<Model> {
         )
         .unwrap();
     Arc::new(model)
+}
+
+/// A master runtime whose repository `r` holds `script` as `d.rhai`.
+fn new_runtime(limits: ScriptLimits, script: &str) -> Runtime {
+    let runtime = Runtime::new("master", limits);
+    set_script(&runtime, script);
+    runtime
+}
+
+fn set_script(runtime: &Runtime, script: &str) {
+    let commit = hex::encode(tether_common::code::content_hash(script.as_bytes()));
+    let repo = RepoCode::from_texts(&commit, &[("d.rhai", script)]);
+    runtime.set_code(Arc::new(Code::default().with("r", repo)));
 }
 
 async fn status_of(runtime: &Runtime, key: &str, want: serde_json::Value) {
@@ -87,7 +101,7 @@ async fn accept(listener: &TcpListener) -> TcpStream {
 async fn frames_by_delimiter_and_reconnects_after_the_device_drops_it() {
     let device = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = device.local_addr().unwrap().port();
-    let runtime = Runtime::new("master", ScriptLimits::default());
+    let runtime = new_runtime(ScriptLimits::default(), SCRIPT);
     runtime
         .reconcile(model(port, r#"{"delimiter": "\r\n"}"#, 1), |_| true)
         .await;
@@ -113,7 +127,7 @@ async fn frames_by_delimiter_and_reconnects_after_the_device_drops_it() {
 async fn fixed_length_frames_and_a_port_change_restarts_the_module() {
     let first = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let second = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let runtime = Runtime::new("master", ScriptLimits::default());
+    let runtime = new_runtime(ScriptLimits::default(), SCRIPT);
     let port = first.local_addr().unwrap().port();
     runtime
         .reconcile(model(port, r#"{"frame_length": 3}"#, 1), |_| true)
@@ -153,7 +167,7 @@ fn patient() -> Runtime {
         max_operations: 10_000_000_000,
         ..ScriptLimits::default()
     };
-    Runtime::new("master", limits)
+    new_runtime(limits, SCRIPT)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,5 +218,73 @@ async fn calls_wait_their_turn_and_a_full_queue_says_busy() {
         done >= 1 && timed_out >= 1,
         "busy {busy}, timed out {timed_out}, done {done}"
     );
+    runtime.stop_all().await;
+}
+
+const V1: &str = r#"
+fn connected() { status("connections", (status("connections") ?? 0) + 1); }
+fn on_load() { schedule_every(20, "tick"); }
+fn tick() { status("ticks", (status("ticks") ?? 0) + 1); }
+fn version() { 1 }
+"#;
+const V2: &str = r#"
+fn connected() { status("connections", (status("connections") ?? 0) + 1); }
+fn on_load() { status("loaded", 2); }
+fn version() { 2 }
+"#;
+const BROKEN: &str = "fn version( { 3 }";
+const THROWS: &str = r#"fn on_load() { throw "no device map" } fn version() { 4 }"#;
+
+async fn version(runtime: &Runtime) -> serde_json::Value {
+    runtime.exec("s", "Dev", 1, "version", vec![]).await.unwrap().0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_script_reloads_in_place_and_a_failing_one_is_refused() {
+    let device = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = device.local_addr().unwrap().port();
+    let runtime = new_runtime(ScriptLimits::default(), V1);
+    let model = model(port, "{}", 1);
+    assert!(runtime.reconcile(model.clone(), |_| true).await.is_empty());
+    let _session = accept(&device).await;
+    status_of(&runtime, "connections", json!(1)).await;
+    assert_eq!(version(&runtime).await, json!(1));
+    status_of(&runtime, "ticks", json!(2)).await;
+
+    // The new version runs in the same module: same session, same status map, and the
+    // old version's schedule has ended.
+    set_script(&runtime, V2);
+    assert!(runtime.reconcile(model.clone(), |_| true).await.is_empty());
+    assert_eq!(version(&runtime).await, json!(2));
+    status_of(&runtime, "loaded", json!(2)).await;
+    let at = ModuleRef::new("s", "Dev", 1);
+    let ticks = runtime.status_from(&at, None).await.unwrap()["ticks"].clone();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let status = runtime.status_from(&at, None).await.unwrap();
+    assert_eq!(status["ticks"], ticks, "the old schedule ended");
+    assert_eq!(status["connections"], json!(1), "no reconnect");
+    let reconnected = tokio::time::timeout(Duration::from_millis(300), device.accept()).await;
+    assert!(reconnected.is_err(), "the device saw no new connection");
+
+    // A version that does not compile, and one whose on_load throws: refused, the
+    // running version keeps answering.
+    for (bad, why) in [(BROKEN, "does not compile"), (THROWS, "no device map")] {
+        set_script(&runtime, bad);
+        let refused = runtime.reconcile(model.clone(), |_| true).await;
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!((refused[0].module.as_str(), refused[0].driver.as_str()), ("m", "d"));
+        assert!(refused[0].error.contains(why), "{}", refused[0].error);
+        assert_eq!(version(&runtime).await, json!(2));
+    }
+    let lines: Vec<String> = runtime
+        .debug_from(&at, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.line)
+        .collect();
+    for expected in ["reloading: new driver code", "reloaded: the new code runs", "reload refused, the old code keeps running"] {
+        assert!(lines.iter().any(|l| l.contains(expected)), "{expected:?} not in {lines:?}");
+    }
     runtime.stop_all().await;
 }

@@ -16,7 +16,7 @@ use tether_common::control::{
     ControlState, EdgeAction, EdgeEvent, EdgeSide, Owner, StaleDecision, owner_name,
 };
 use tether_common::link::Link;
-use tether_common::protocol::{Json, Notice, Request};
+use tether_common::protocol::{AuditRecord, Json, Notice, Request};
 use tether_common::runtime::Runtime;
 use tether_common::store::Store;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -235,11 +235,39 @@ impl Task {
         let wanted = model.clone();
         let active = self.machine.is_active();
         let edge_id = self.edge_id.clone();
-        self.runtime
-            .reconcile(model, move |module| {
+        let code = self.replica.code();
+        self.runtime.set_code(code.clone());
+        let refused = self
+            .runtime
+            .reconcile(model.clone(), move |module| {
                 active && wanted.module_edge(module).as_deref() == Some(edge_id.as_str())
             })
             .await;
+        if !refused.is_empty() {
+            let state = self.machine.state();
+            let records: Vec<AuditRecord> = refused
+                .iter()
+                .map(|r| r.audit(&model, &code, (&self.edge_id, state.owner, state.epoch), now_ms()))
+                .collect();
+            self.store_audits(records).await;
+            if let Some(link) = &self.link {
+                tokio::spawn(report_audits(link.clone(), self.store.clone()));
+            }
+        }
+    }
+
+    /// Appends to this edge's audit log (reported to the master on every link).
+    async fn store_audits(&self, records: Vec<AuditRecord>) {
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            records
+                .iter()
+                .try_for_each(|r| store.append_audit(r, AUDIT_KEEP).map(|_| ()))
+        })
+        .await;
+        if !matches!(stored, Ok(Ok(()))) {
+            tracing::error!("cannot store an audit record: {stored:?}");
+        }
     }
 
     async fn carry_out(&mut self, actions: Vec<EdgeAction>) {
@@ -291,14 +319,7 @@ impl Task {
                     // The edge's log holds what it decided alone; the master logs its own
                     // decisions.
                     if report {
-                        let store = self.store.clone();
-                        let stored = tokio::task::spawn_blocking(move || {
-                            store.append_audit(&record, AUDIT_KEEP)
-                        })
-                        .await;
-                        if !matches!(stored, Ok(Ok(_))) {
-                            tracing::error!("cannot store an audit record: {stored:?}");
-                        }
+                        self.store_audits(vec![record]).await;
                         if let Some(link) = self.link.clone() {
                             tokio::spawn(report_audits(link, self.store.clone()));
                         }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod code;
 mod control;
 mod proxy;
 mod replica;

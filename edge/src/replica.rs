@@ -1,11 +1,17 @@
 //! The edge's replica of its slice of the model: in redb, so that the edge boots and runs
 //! its modules with no master, and in memory for reads. A batch and the version it brings
 //! are committed in one transaction; the in-memory model changes only after that.
+//!
+//! Beside the model it holds the driver code the master sent: each repository's commit,
+//! its manifest and blobs. A commit becomes the one the edge runs only once every blob
+//! is stored.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+use tether_common::code::{Code, RepoCode};
 use tether_common::model::Model;
+use tether_common::protocol::FileEntry;
 use tether_common::model::sync::{BatchError, ReplicaPosition, apply_batch};
 use tether_common::protocol::ModelBatch;
 use tether_common::store::{Store, StoreError};
@@ -27,7 +33,10 @@ pub struct Replica {
     edge_id: String,
     store: Arc<Store>,
     state: RwLock<(Arc<Model>, ReplicaPosition)>,
+    code: RwLock<Arc<Code>>,
     writer: Mutex<()>,
+    /// One repository update at a time.
+    code_writer: Mutex<()>,
     changed: watch::Sender<ReplicaPosition>,
 }
 
@@ -36,6 +45,7 @@ impl Replica {
     pub fn open(data_dir: &Path, edge_id: &str) -> Result<Self, StoreError> {
         let store = Store::open(&data_dir.join("replica.redb"))?;
         let (model, state) = store.load()?;
+        let code = store.load_code()?;
         let position = ReplicaPosition {
             model_id: state.model_id,
             version: state.version,
@@ -44,7 +54,9 @@ impl Replica {
             edge_id: edge_id.to_string(),
             store: Arc::new(store),
             state: RwLock::new((Arc::new(model), position)),
+            code: RwLock::new(Arc::new(code)),
             writer: Mutex::new(()),
+            code_writer: Mutex::new(()),
             changed: watch::channel(position).0,
         })
     }
@@ -60,7 +72,52 @@ impl Replica {
         (guard.0.clone(), guard.1)
     }
 
-    /// Changes whenever a batch is applied.
+    /// The driver code the edge runs.
+    pub fn code(&self) -> Arc<Code> {
+        self.code.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Holds repository updates off while one runs.
+    pub async fn lock_code(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.code_writer.lock().await
+    }
+
+    /// Makes `commit` the one the edge runs for `repository`; every blob of `files` must
+    /// be stored already. Durable before it returns; then the watch fires.
+    pub async fn set_commit(
+        &self,
+        repository: &str,
+        commit: &str,
+        files: Vec<FileEntry>,
+    ) -> Result<(), String> {
+        let store = self.store.clone();
+        let (repo, at) = (repository.to_string(), commit.to_string());
+        let code = tokio::task::spawn_blocking(move || {
+            // The head moves only once the whole commit reads back.
+            store
+                .put_commit(&repo, &at, &files, false)
+                .map_err(|e| e.to_string())?;
+            let code = store
+                .repo_code(&repo, &at)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("the manifest of {repo} at {at} was not stored"))?;
+            store
+                .put_commit(&repo, &at, &files, true)
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(code)
+        })
+        .await
+        .map_err(|err| format!("the store task failed: {err}"))??;
+        let next: RepoCode = code;
+        {
+            let mut current = self.code.write().unwrap_or_else(|p| p.into_inner());
+            *current = Arc::new(current.with(repository, next));
+        }
+        self.changed.send_modify(|_| {});
+        Ok(())
+    }
+
+    /// Changes whenever a batch is applied or the code changes.
     pub fn watch(&self) -> watch::Receiver<ReplicaPosition> {
         self.changed.subscribe()
     }

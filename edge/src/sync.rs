@@ -1,6 +1,6 @@
 //! The edge's side of one link: ask for the model changes since the replica's version
-//! when the link comes up (and again after a gap), apply what the master pushes later,
-//! and pass the master's control decisions to control.
+//! when the link comes up (and again after a gap), apply what the master pushes later (model changes, repository updates), and pass the
+//! master's control decisions to control.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +9,7 @@ use tether_common::link::{Incoming, Link};
 use tether_common::protocol::{ErrorCode, RemoteError, Request, Response};
 use tokio::sync::mpsc;
 
+use crate::code::update_repository;
 use crate::proxy::FROM_MASTER;
 use crate::replica::{ApplyError, Replica};
 use crate::server::MasterContext;
@@ -23,7 +24,7 @@ pub async fn serve_master(link: Link, incoming: mpsc::Receiver<Incoming>, contex
     let (resync_tx, resync_rx) = mpsc::channel(1);
     let sync = tokio::spawn(sync_loop(link.clone(), context.replica.clone(), resync_rx));
     announce(&link, context.api_url.clone());
-    answer_requests(incoming, &context, &resync_tx).await;
+    answer_requests(&link, incoming, &context, &resync_tx).await;
     sync.abort();
 }
 
@@ -76,6 +77,7 @@ async fn sync_loop(link: Link, replica: Arc<Replica>, mut resync: mpsc::Receiver
 }
 
 async fn answer_requests(
+    link: &Link,
     mut incoming: mpsc::Receiver<Incoming>,
     context: &MasterContext,
     resync: &mpsc::Sender<()>,
@@ -95,6 +97,22 @@ async fn answer_requests(
             }
         };
         let answer = match request.body {
+            Request::RepositoryUpdate {
+                repository,
+                commit,
+                action,
+                files,
+            } => {
+                // Fetching takes round trips on this link: not in this loop.
+                let (link, replica) = (link.clone(), replica.clone());
+                tokio::spawn(async move {
+                    let done =
+                        update_repository(&link, &replica, repository, commit, action, files)
+                            .await;
+                    request.responder.respond(done.map(|()| Response::Ack)).await;
+                });
+                continue;
+            }
             Request::ModelChanges(batch) => match replica.apply(&batch).await {
                 Ok(_) => {
                     tracing::debug!(

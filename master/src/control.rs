@@ -19,7 +19,7 @@ use tether_common::control::{
 use tether_common::link::LinkError;
 use tether_common::model::{EdgeRecord, Model, Standby};
 use tether_common::protocol::{ErrorCode, Request, Response};
-use tether_common::runtime::Runtime;
+use tether_common::runtime::{ReloadRefused, Runtime};
 use tether_common::store::Store;
 use tokio::sync::{mpsc, oneshot};
 
@@ -151,20 +151,29 @@ impl Control {
             .copied()
     }
 
-    /// Records audit events an edge reports (its own takeovers while the master was out
-    /// of reach).
-    pub async fn record_edge_audits(&self, events: Vec<AuditRecord>) -> anyhow::Result<()> {
+    /// Records audit events: an edge's (its own takeovers while the master was out of
+    /// reach, its refused reloads), or the master's changes of driver code.
+    pub async fn record_audits(&self, events: Vec<AuditRecord>) -> anyhow::Result<()> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             for event in &events {
-                tracing::warn!(
-                    edge = %event.edge,
-                    from = owner_name(event.from),
-                    to = owner_name(event.to),
-                    epoch = event.epoch,
-                    "the edge reports a change of owner: {}",
-                    event.reason
-                );
+                match &event.code {
+                    Some(code) => tracing::warn!(
+                        edge = %event.edge,
+                        repository = %code.repository,
+                        refused = code.refused,
+                        "the edge reports a change of driver code: {}",
+                        event.reason
+                    ),
+                    None => tracing::warn!(
+                        edge = %event.edge,
+                        from = owner_name(event.from),
+                        to = owner_name(event.to),
+                        epoch = event.epoch,
+                        "the edge reports a change of owner: {}",
+                        event.reason
+                    ),
+                }
                 store.append_audit(event, AUDIT_KEEP)?;
             }
             Ok(())
@@ -329,7 +338,8 @@ impl Task {
         let model = self.model.clone();
         let running = self.running.clone();
         let wanted = model.clone();
-        self.runtime
+        let refused = self
+            .runtime
             .reconcile(model.clone(), move |module| {
                 match wanted.module_edge(module) {
                     None => true,
@@ -337,6 +347,7 @@ impl Task {
                 }
             })
             .await;
+        self.audit_refused_reloads(&model, refused).await;
         let running = &self.running;
         self.runtime
             .keep_warm(&model, |module| {
@@ -349,6 +360,46 @@ impl Task {
                 })
             })
             .await;
+    }
+
+    /// Reloads the master refused (a new script whose `on_load` failed) go to the audit
+    /// log, under the module's edge location.
+    async fn audit_refused_reloads(&self, model: &Model, refused: Vec<ReloadRefused>) {
+        if refused.is_empty() {
+            return;
+        }
+        let code = self.runtime.code();
+        let records: Vec<AuditRecord> = refused
+            .iter()
+            .map(|r| {
+                let edge = model
+                    .modules
+                    .get(&r.module)
+                    .and_then(|m| model.module_edge(m))
+                    .unwrap_or_default();
+                let epoch = self.persisted_epoch(&edge);
+                r.audit(model, &code, (&edge, Owner::Master, epoch), now_ms())
+            })
+            .collect();
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            records
+                .iter()
+                .try_for_each(|r| store.append_audit(r, AUDIT_KEEP).map(|_| ()))
+        })
+        .await;
+        if !matches!(stored, Ok(Ok(()))) {
+            tracing::error!("cannot store an audit record: {stored:?}");
+        }
+    }
+
+    fn persisted_epoch(&self, edge: &str) -> u64 {
+        self.states
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(edge)
+            .map(|s| s.epoch)
+            .unwrap_or(0)
     }
 
     fn publish(&self, edge: &str, state: ControlState) {

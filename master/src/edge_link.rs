@@ -1,6 +1,6 @@
 //! The life of one edge link on the master: what the edge sends (sync requests, its
 //! control report, audit events, status changes, calls on modules) goes to the part that
-//! handles it, and model changes are pushed to it until the link closes.
+//! handles it, and model changes and driver code are pushed to it until the link closes.
 
 use tether_common::control::{ControlState, EdgeReport, MasterEvent};
 use tether_common::link::{Incoming, Link};
@@ -8,7 +8,9 @@ use tether_common::model::sync::ReplicaPosition;
 use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request, Response};
 use tokio::sync::{mpsc, watch};
 
+use crate::repos::push_code;
 use crate::server::LinkContext;
+use tether_common::code::fetch::serve_blobs;
 use crate::sync::{answer_sync, push_changes};
 use tether_common::proxy::serve_call;
 
@@ -25,8 +27,10 @@ pub async fn serve_edge(
         control,
         runtime,
         api_url,
+        repos,
     } = context;
     announce(&link, api_url);
+    let code = tokio::spawn(push_code(edge_id.clone(), link.clone(), repos.clone()));
     // Where the edge's replica stands, once it has synced on this link.
     let (position_tx, position_rx) = watch::channel(None::<ReplicaPosition>);
     let push = tokio::spawn(push_changes(
@@ -57,6 +61,10 @@ pub async fn serve_edge(
             }
         };
         let answer = match request.body {
+            Request::FetchBlobs { hashes } => {
+                tokio::spawn(serve_blobs(model.store(), hashes, request.responder));
+                continue;
+            }
             Request::SyncRequest {
                 model_id,
                 since_version,
@@ -89,7 +97,7 @@ pub async fn serve_edge(
                     ))
                 } else {
                     control
-                        .record_edge_audits(events)
+                        .record_audits(events)
                         .await
                         .map(|()| Response::Ack)
                         .map_err(|err| {
@@ -109,6 +117,7 @@ pub async fn serve_edge(
         request.responder.respond(answer).await;
     }
     push.abort();
+    code.abort();
 }
 
 /// Tells the edge where the master's API is, for its `Tether-Preferred-Server` hints.

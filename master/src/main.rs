@@ -8,6 +8,7 @@ mod edges;
 mod import;
 mod model;
 mod proxy;
+mod repos;
 mod seed;
 mod server;
 mod sync;

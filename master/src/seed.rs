@@ -1,11 +1,10 @@
 //! Turning a site file into model writes: for a new data dir (`seed` in master.toml) and
-//! for `tether-master import FILE`. Driver scripts are read from their repositories here,
-//! so the model (and every edge's replica) holds the code it runs.
+//! for `tether-master import FILE`. Each driver's file is checked here; the code itself is
+//! read when the master starts (see `crate::repos`).
 
 use std::path::Path;
 
 use anyhow::Context;
-use sha2::{Digest, Sha256};
 use tether_common::model::{
     DriverRecord, EdgeRecord, ModuleRecord, RepositoryRecord, Settings, SystemRecord,
 };
@@ -32,20 +31,17 @@ fn absolute(path: &Path) -> String {
         .to_string()
 }
 
-/// Reads a driver's script from its repository folder.
-pub fn read_source(repository_path: &Path, file: &str) -> Result<String, String> {
+/// Checks that a driver's script is a readable file inside its repository folder.
+pub fn check_source(repository_path: &Path, file: &str) -> Result<(), String> {
     let path = repository_path.join(file);
     if Path::new(file).is_absolute() || file.split(['/', '\\']).any(|part| part == "..") {
         return Err(format!(
             "driver file {file:?} must be a path inside its repository"
         ));
     }
-    std::fs::read_to_string(&path).map_err(|err| format!("cannot read {}: {err}", path.display()))
-}
-
-/// The hex SHA-256 of a script.
-pub fn source_hash(source: &str) -> String {
-    hex::encode(Sha256::digest(source.as_bytes()))
+    std::fs::metadata(&path)
+        .map(|_| ())
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))
 }
 
 /// Every record of a site file, as writes (what it references first).
@@ -66,7 +62,7 @@ pub fn site_writes(site: &SiteFile) -> anyhow::Result<Vec<Write>> {
             .iter()
             .find(|r| r.id == driver.repository)
             .context("a driver's repository is checked when the site file loads")?;
-        let source = read_source(&repository.path, &driver.file)
+        check_source(&repository.path, &driver.file)
             .map_err(|err| anyhow::anyhow!("driver {}: {err}", driver.id))?;
         let record = DriverRecord {
             id: driver.id.clone(),
@@ -81,8 +77,6 @@ pub fn site_writes(site: &SiteFile) -> anyhow::Result<Vec<Write>> {
             frame_length: driver.frame_length,
             concurrency: driver.concurrency,
             timeout_ms: driver.timeout_ms,
-            hash: source_hash(&source),
-            source,
         };
         writes.push(write(EntityKind::Driver, &record.id, &record)?);
     }

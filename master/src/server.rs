@@ -136,6 +136,14 @@ async fn serve(
         control: control.clone(),
         model: model.clone(),
     }))));
+    // The code before the model: the first reconcile already has the drivers' scripts.
+    let repos = crate::repos::Repositories::open(
+        model.clone(),
+        runtime.clone(),
+        control.clone(),
+        base_dir.clone(),
+    )
+    .await?;
     follow_model(&model, &registry, &control);
     tokio::spawn(follow_model_changes(
         model.clone(),
@@ -174,6 +182,7 @@ async fn serve(
             control: control.clone(),
             runtime: runtime.clone(),
             api_url: config.public_api_url(),
+            repos: repos.clone(),
         },
         accepted_rx,
     ));
@@ -187,6 +196,7 @@ async fn serve(
         edges: registry.clone(),
         runtime: runtime.clone(),
         control: control.clone(),
+        repos,
         base_dir,
     };
     let router = crate::api::router(health.clone(), token, state);
@@ -259,6 +269,8 @@ pub struct LinkContext {
     pub runtime: Runtime,
     /// The master's client API, announced to each edge.
     pub api_url: String,
+    /// The driver repositories, whose commits each edge is kept on.
+    pub repos: Arc<crate::repos::Repositories>,
 }
 
 /// Registers each authenticated edge and serves what it sends until its link closes.

@@ -11,9 +11,30 @@ pub fn rfc3339(unix_ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
 }
 
-/// An audit record: `{time, edge, from, to, epoch, reason}`.
+/// An audit record: `{time, event: "owner", edge, from, to, epoch, reason}` for a change
+/// of owner; `{time, event: "code", edge, repository, from, to, driver, module, refused,
+/// reason}` for a change of driver code (`from` and `to` are commits then).
 pub fn audit_json(record: &AuditRecord) -> Value {
+    if let Some(code) = &record.code {
+        let (driver, module) = match &code.module {
+            Some((driver, module)) => (Some(driver), Some(module)),
+            None => (None, None),
+        };
+        return json!({
+            "time": rfc3339(record.time_ms),
+            "event": "code",
+            "edge": (!record.edge.is_empty()).then_some(&record.edge),
+            "repository": code.repository,
+            "from": code.from,
+            "to": code.to,
+            "driver": driver,
+            "module": module,
+            "refused": code.refused,
+            "reason": record.reason,
+        });
+    }
     json!({
+        "event": "owner",
         "time": rfc3339(record.time_ms),
         "edge": record.edge,
         "from": owner_name(record.from),

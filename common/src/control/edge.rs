@@ -192,6 +192,7 @@ impl EdgeSide {
             to: self.state.owner,
             epoch: self.state.epoch,
             reason: reason.to_string(),
+            code: None,
         }
     }
 }

@@ -337,6 +337,7 @@ impl MasterSide {
                 to: owner,
                 epoch,
                 reason: reason.to_string(),
+                code: None,
             }));
         }
     }

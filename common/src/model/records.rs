@@ -47,7 +47,8 @@ pub struct EdgeRecord {
     /// User ids allowed to restore this edge and start or stop its systems.
     #[serde(default)]
     pub admins: Vec<String>,
-    /// The driver commit the edge should run.
+    /// The driver code the edge runs, as it last reported it: its repository's commit
+    /// (`id@commit,...` for several repositories). Set by the master.
     #[serde(default)]
     pub commit: Option<String>,
     /// The master-side file holding the edge's shared secret (hex). The secret itself
@@ -56,7 +57,7 @@ pub struct EdgeRecord {
     pub secret_file: Option<String>,
 }
 
-/// A driver repository: a folder of scripts.
+/// A driver repository: a folder of scripts, or a git working copy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryRecord {
@@ -67,12 +68,14 @@ pub struct RepositoryRecord {
     pub name: String,
     /// Folder on the master.
     pub path: String,
-    /// Commit, for repositories under version control.
+    /// The commit the master serves: git's commit hash, or for a plain folder the
+    /// SHA-256 of its files' paths and contents. Set by the master.
     #[serde(default)]
     pub commit: Option<String>,
 }
 
-/// A driver: script metadata plus the script itself, so that a replica holds the code.
+/// A driver: a script's metadata. The script is `file` of `repository` at the
+/// repository's commit; the code travels apart from the model (see `crate::code`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriverRecord {
@@ -109,12 +112,6 @@ pub struct DriverRecord {
     /// How long a method may run before its caller gets a timeout.
     #[serde(default = "exec_timeout_ms")]
     pub timeout_ms: u64,
-    /// The script. Read from the repository when a write leaves it out.
-    #[serde(default)]
-    pub source: String,
-    /// SHA-256 of `source` (hex), set by the master.
-    #[serde(default)]
-    pub hash: String,
 }
 
 /// A module: one driver instance for one device.

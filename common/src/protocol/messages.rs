@@ -100,16 +100,15 @@ pub struct FileEntry {
     pub size: u64,
 }
 
-/// What to do with a repository.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Why a repository update is sent (the edge logs it; the update is the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RepositoryAction {
-    /// Move the working copy to this commit.
-    ResetTo {
-        /// Commit id.
-        commit: String,
-    },
-    /// Fetch the newest commit.
+    /// An operator reset the repository to a commit (perhaps an older one).
+    Reset,
+    /// An operator pulled the repository's newest commit.
     Pull,
+    /// The edge is not on the master's commit (it was away, or is new): catch up.
+    CatchUp,
 }
 
 /// A change of owner or another auditable event, as the edge reports it.
@@ -127,6 +126,24 @@ pub struct AuditRecord {
     pub epoch: u64,
     /// Why.
     pub reason: String,
+    /// For a change of driver code rather than of owner: what changed (`from`, `to` and
+    /// `epoch` then hold the owner of the moment).
+    pub code: Option<CodeAudit>,
+}
+
+/// A change of driver code, for the audit log: applied, or refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeAudit {
+    /// Repository id.
+    pub repository: String,
+    /// The commit before.
+    pub from: Option<String>,
+    /// The commit asked for.
+    pub to: String,
+    /// The driver and module a refused reload concerns (none: the whole update).
+    pub module: Option<(String, String)>,
+    /// Whether the change was refused (the old code keeps running).
+    pub refused: bool,
 }
 
 /// Requests; each expects a [`Response`] (or, where noted, a stream of [`StreamItem`]s).
@@ -175,11 +192,15 @@ pub enum Request {
     /// Master to edge: data-model changes pushed live, or a full snapshot of the edge's
     /// slice. Answer: [`Response::Ack`] once applied.
     ModelChanges(ModelBatch),
-    /// Master to edge: move a driver repository, and the files it should hold.
+    /// Master to edge: run a driver repository at `commit`, whose files are `files`. The
+    /// edge fetches the blobs it lacks ([`Request::FetchBlobs`]), then reloads the modules
+    /// whose script changed. Answer: [`Response::Ack`] once it runs that commit.
     RepositoryUpdate {
         /// Repository id.
         repository: String,
-        /// What to do.
+        /// The commit.
+        commit: String,
+        /// Why.
         action: RepositoryAction,
         /// The files after the update, by content hash.
         files: Vec<FileEntry>,

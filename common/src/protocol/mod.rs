@@ -15,12 +15,12 @@ pub use envelope::{Envelope, ErrorCode, RemoteError};
 pub use handshake::{Handshake, NONCE_LEN, Nonce};
 pub use json::Json;
 pub use messages::{
-    AuditRecord, ControlOwner, EntityKind, FileEntry, ModelBatch, ModelChange, ModuleRef, Notice,
+    AuditRecord, CodeAudit, ControlOwner, EntityKind, FileEntry, ModelBatch, ModelChange, ModuleRef, Notice,
     RepositoryAction, Request, Response, StreamItem,
 };
 
 /// The protocol version both sides must speak; checked in the handshake.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Frame bound while a peer is not yet authenticated: handshake messages are tiny, so an
 /// anonymous peer can make us buffer no more than this.

@@ -1,6 +1,7 @@
 //! The driver runtime: module instances (a Rhai script, a transport, a queue), and their
-//! supervision: [`Runtime::reconcile`] starts the modules this side should run, restarts
-//! those whose host, port, settings or script changed, and stops the rest.
+//! supervision: [`Runtime::reconcile`] starts the modules this side should run, reloads in
+//! place those whose script changed, restarts those whose host, port or settings changed,
+//! and stops the rest.
 
 mod calls;
 mod context;
@@ -23,8 +24,9 @@ pub use remote::{Executed, Remote, RemoteCall, StatusEvent, SystemAction};
 pub use script::ScriptLimits;
 pub use spec::ModuleSpec;
 
+use crate::code::Code;
 use crate::model::{Model, ModuleRecord};
-use crate::protocol::ModuleRef;
+use crate::protocol::{AuditRecord, CodeAudit, ControlOwner, ModuleRef};
 use module::ModuleInstance;
 
 /// Why a call to a module failed. Each maps to an HTTP status in the API.
@@ -57,6 +59,57 @@ pub enum ExecError {
     /// The caller's epoch is older than the module's edge location's (409).
     #[error("{0}")]
     StaleEpoch(String),
+}
+
+/// A module that kept its old script because the new version failed to compile or load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadRefused {
+    /// Module id.
+    pub module: String,
+    /// Driver id.
+    pub driver: String,
+    /// Why.
+    pub error: String,
+}
+
+impl ReloadRefused {
+    /// The audit record of this refusal, on `edge`'s side (`""` for the master's own
+    /// modules), under the given owner and epoch.
+    pub fn audit(
+        &self,
+        model: &Model,
+        code: &Code,
+        (edge, owner, epoch): (&str, ControlOwner, u64),
+        time_ms: u64,
+    ) -> AuditRecord {
+        let repository = model
+            .drivers
+            .get(&self.driver)
+            .map(|d| d.repository.clone())
+            .unwrap_or_default();
+        let to = code
+            .repo(&repository)
+            .map(|r| r.commit.clone())
+            .unwrap_or_default();
+        AuditRecord {
+            time_ms,
+            edge: edge.to_string(),
+            from: owner,
+            to: owner,
+            epoch,
+            reason: format!(
+                "module {} kept its old code: {}",
+                self.module, self.error
+            ),
+            code: Some(CodeAudit {
+                repository,
+                from: None,
+                to,
+                module: Some((self.driver.clone(), self.module.clone())),
+                refused: true,
+            }),
+        }
+    }
 }
 
 /// One module as the API lists it.
@@ -100,6 +153,8 @@ pub(crate) struct Inner {
     /// Each edge location's epoch as this side knows it, for fencing calls.
     epochs: RwLock<HashMap<String, u64>>,
     model: RwLock<Arc<Model>>,
+    /// The driver code modules are built from.
+    code: RwLock<Arc<Code>>,
     modules: Mutex<HashMap<String, Arc<ModuleInstance>>>,
     /// The modules the last reconcile wanted here (running, or not for want of a driver).
     wanted: RwLock<HashSet<String>>,
@@ -153,6 +208,7 @@ impl Runtime {
                 standby: standby::Standby::default(),
                 epochs: RwLock::default(),
                 model: RwLock::new(Arc::new(Model::default())),
+                code: RwLock::default(),
                 modules: Mutex::new(HashMap::new()),
                 wanted: RwLock::default(),
                 requested: RwLock::default(),
@@ -182,11 +238,36 @@ impl Runtime {
             .clone()
     }
 
-    /// Brings the running modules in line with `model`: those `wanted` runs, started or
-    /// restarted where their spec changed; the others stopped. A stop completes (the
-    /// device connection closed) before the replacement starts, because many devices
-    /// take a single session.
-    pub async fn reconcile(&self, model: Arc<Model>, wanted: impl Fn(&ModuleRecord) -> bool) {
+    /// The driver code the next [`reconcile`](Self::reconcile) builds modules from.
+    pub fn set_code(&self, code: Arc<Code>) {
+        *self.inner.code.write().unwrap_or_else(|p| p.into_inner()) = code;
+    }
+
+    /// Whether a script compiles in this runtime's sandbox; the error names the line.
+    /// Blocks for as long as the parse takes.
+    pub fn check_script(&self, source: &str) -> Result<(), String> {
+        script::compile_only(source, self.inner.limits).map(|_| ())
+    }
+
+    /// The driver code modules are built from.
+    pub fn code(&self) -> Arc<Code> {
+        self.inner
+            .code
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Brings the running modules in line with `model` and the code: those `wanted` runs,
+    /// started, reloaded in place where only their script changed, or restarted where
+    /// anything else did; the others stopped. A stop completes (the device connection
+    /// closed) before the replacement starts, because many devices take a single
+    /// session. Answers the reloads that were refused (those modules keep their old code).
+    pub async fn reconcile(
+        &self,
+        model: Arc<Model>,
+        wanted: impl Fn(&ModuleRecord) -> bool,
+    ) -> Vec<ReloadRefused> {
         let _one_at_a_time = self.inner.reconciling.lock().await;
         *self.inner.model.write().unwrap_or_else(|p| p.into_inner()) = model.clone();
         lock(&self.inner.lookups).clear();
@@ -206,32 +287,46 @@ impl Runtime {
             .requested
             .write()
             .unwrap_or_else(|p| p.into_inner()) = requested;
+        let code = self.code();
         let desired: HashMap<String, ModuleSpec> = model
             .modules
             .values()
             .filter(|module| wanted_here.contains(&module.id))
-            .filter_map(|module| {
-                let spec = ModuleSpec::new(&model, module);
-                if spec.is_none() {
-                    tracing::warn!(module = %module.id, driver = %module.driver, "module's driver is missing; not started");
+            .filter_map(|module| match ModuleSpec::new(&model, &code, module) {
+                Ok(spec) => Some(spec),
+                Err(why) => {
+                    tracing::warn!(module = %module.id, "module not started: {why}");
+                    None
                 }
-                spec
             })
             .map(|spec| (spec.id.clone(), spec))
             .collect();
-        let stale: Vec<Arc<ModuleInstance>> = {
+        let (stale, reloads) = {
             let mut modules = lock(&self.inner.modules);
-            let ids: Vec<String> = modules
-                .iter()
-                .filter(|(id, running)| desired.get(*id) != Some(&running.spec))
-                .map(|(id, _)| id.clone())
-                .collect();
-            ids.iter().filter_map(|id| modules.remove(id)).collect()
+            let mut stale = Vec::new();
+            let mut reloads = Vec::new();
+            for (id, running) in modules.iter() {
+                match desired.get(id) {
+                    Some(want)
+                        if running.spec.same_but_source(want)
+                            && running.shared.health().state != ModuleState::Faulted =>
+                    {
+                        if *running.source() != *want.source {
+                            reloads.push((running.clone(), want.source.clone()));
+                        }
+                    }
+                    _ => stale.push(id.clone()),
+                }
+            }
+            let stale: Vec<Arc<ModuleInstance>> =
+                stale.iter().filter_map(|id| modules.remove(id)).collect();
+            (stale, reloads)
         };
         for module in stale {
             tracing::info!(module = %module.spec.id, "stopping module");
             module.stop().await;
         }
+        let refused = self.reload(reloads).await;
         *self.inner.wanted.write().unwrap_or_else(|p| p.into_inner()) = wanted_here;
         let mut modules = lock(&self.inner.modules);
         for (id, spec) in desired {
@@ -247,6 +342,29 @@ impl Runtime {
                 slot.insert(Arc::new(instance));
             }
         }
+        refused
+    }
+
+    /// Loads new scripts into running modules, all at once.
+    async fn reload(&self, reloads: Vec<(Arc<ModuleInstance>, Arc<str>)>) -> Vec<ReloadRefused> {
+        let outcomes = futures::future::join_all(reloads.into_iter().map(|(module, source)| async move {
+            tracing::info!(module = %module.spec.id, driver = %module.spec.driver_id, "reloading module with new driver code");
+            let outcome = module.reload(source).await;
+            (module, outcome)
+        }))
+        .await;
+        outcomes
+            .into_iter()
+            .filter_map(|(module, outcome)| {
+                let error = outcome.err()?;
+                tracing::warn!(module = %module.spec.id, "reload refused, the old code keeps running: {error}");
+                Some(ReloadRefused {
+                    module: module.spec.id.clone(),
+                    driver: module.spec.driver_id.clone(),
+                    error,
+                })
+            })
+            .collect()
     }
 
     /// Records an edge location's current epoch (the control shell calls this on every
@@ -302,11 +420,12 @@ impl Runtime {
     /// with the status [`standby_status`](Self::standby_status) feeds them, so that
     /// starting them later begins from that state. Others are forgotten.
     pub async fn keep_warm(&self, model: &Model, wanted: impl Fn(&ModuleRecord) -> bool) {
+        let code = self.code();
         let specs: Vec<ModuleSpec> = model
             .modules
             .values()
             .filter(|module| wanted(module))
-            .filter_map(|module| ModuleSpec::new(model, module))
+            .filter_map(|module| ModuleSpec::new(model, &code, module).ok())
             .collect();
         let to_compile = self.inner.standby.retain(&specs);
         if to_compile.is_empty() {
@@ -432,7 +551,10 @@ impl Runtime {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        self.reconcile(self.model(), |module| requested.contains(&module.id))
+        // A reload this happens to carry out is logged there; the side that changed the
+        // code reports refusals from its own reconcile.
+        let _ = self
+            .reconcile(self.model(), |module| requested.contains(&module.id))
             .await;
     }
 

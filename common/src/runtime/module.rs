@@ -1,5 +1,10 @@
 //! One running module: its transport, its compiled script, and a task that feeds the
 //! script one job at a time per permit (the driver's concurrency), from a bounded queue.
+//!
+//! A new version of the driver's script is loaded in place (a live reload): the device
+//! connection, the status map and the queue stay; the new script is compiled and its
+//! `on_load` run, and only if both succeed does it replace the old one (whose schedules
+//! then end). A version that fails is refused and the old one keeps running.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -53,11 +58,18 @@ impl Job {
     }
 }
 
+/// A request to load another version of the script; answered with the outcome.
+type Reload = (Arc<str>, oneshot::Sender<Result<(), String>>);
+
 /// A running module.
 pub(super) struct ModuleInstance {
+    /// What it was started from (its script may since have been reloaded).
     pub(super) spec: ModuleSpec,
     pub(super) shared: Arc<ModuleShared>,
+    /// The script it runs now.
+    source: std::sync::Mutex<Arc<str>>,
     jobs: mpsc::Sender<Job>,
+    reloads: mpsc::Sender<Reload>,
     cancel: CancellationToken,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -77,21 +89,24 @@ impl ModuleInstance {
         };
         let shared = Arc::new(ModuleShared::new(status));
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE);
+        let (reloads_tx, reloads_rx) = mpsc::channel(1);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run(
             spec.clone(),
             compiled,
             limits,
             shared.clone(),
-            jobs_tx.clone(),
-            jobs_rx,
+            (jobs_tx.clone(), jobs_rx),
+            reloads_rx,
             cancel.clone(),
             runtime,
         ));
         ModuleInstance {
+            source: std::sync::Mutex::new(spec.source.clone()),
             spec,
             shared,
             jobs: jobs_tx,
+            reloads: reloads_tx,
             cancel,
             task: std::sync::Mutex::new(Some(task)),
         }
@@ -138,6 +153,36 @@ impl ModuleInstance {
         }
     }
 
+    /// The script it runs now.
+    pub(super) fn source(&self) -> Arc<str> {
+        self.source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Loads another version of its script in place; the error says why it was refused
+    /// (the old version keeps running then).
+    pub(super) async fn reload(&self, source: Arc<str>) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.reloads
+            .send((source.clone(), reply))
+            .await
+            .map_err(|_| format!("module {} is stopping", self.spec.id))?;
+        // Compiling and `on_load` run within the driver's timeout; a little more for the
+        // jobs already running.
+        let wait = Duration::from_millis(self.spec.timeout_ms) + STOP_TIMEOUT;
+        let outcome = match tokio::time::timeout(wait, answer).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(format!("module {} stopped while reloading", self.spec.id)),
+            Err(_) => Err(format!("module {} did not reload in time", self.spec.id)),
+        };
+        if outcome.is_ok() {
+            *self.source.lock().unwrap_or_else(|p| p.into_inner()) = source;
+        }
+        outcome
+    }
+
     /// Cancelled when the module stops (watches of its status and log end on it).
     pub(super) fn stopping(&self) -> CancellationToken {
         self.cancel.clone()
@@ -161,8 +206,8 @@ async fn run(
     compiled: Option<rhai::AST>,
     limits: ScriptLimits,
     shared: Arc<ModuleShared>,
-    jobs_tx: mpsc::Sender<Job>,
-    mut jobs: mpsc::Receiver<Job>,
+    (jobs_tx, mut jobs): (mpsc::Sender<Job>, mpsc::Receiver<Job>),
+    mut reloads: mpsc::Receiver<Reload>,
     cancel: CancellationToken,
     runtime: Weak<Inner>,
 ) {
@@ -203,35 +248,37 @@ async fn run(
         (Transport::None, _) => {}
     }
     drop(events_tx);
-    let context = Arc::new(ModuleContext {
-        spec: spec.clone(),
-        shared: shared.clone(),
-        tcp: tcp_handle,
-        modbus: modbus_handle,
-        jobs: jobs_tx,
-        cancel: cancel.clone(),
-        runtime,
-        handle: tokio::runtime::Handle::current(),
-        schedules: Arc::default(),
-    });
-    let load_deadline = Instant::now() + Duration::from_millis(spec.timeout_ms);
-    let loaded = tokio::task::spawn_blocking(move || {
-        let script = Script::compile(&context.spec.source, compiled, limits, context.clone())?;
-        if script.has_function("on_load") {
-            with_deadline(load_deadline, || script.call("on_load", &[]))
-                .map_err(|err| err.to_string())?;
-        }
-        Ok::<_, String>(script)
-    })
-    .await
-    .unwrap_or_else(|panic| Err(format!("the script engine panicked: {panic}")));
-    let script = match loaded {
+    let schedules = Arc::default();
+    // Each version of the script gets a context of its own, whose token ends the
+    // schedules that version made.
+    let context_for = |source: Arc<str>, version: CancellationToken| {
+        Arc::new(ModuleContext {
+            spec: ModuleSpec {
+                source,
+                ..spec.clone()
+            },
+            shared: shared.clone(),
+            tcp: tcp_handle.clone(),
+            modbus: modbus_handle.clone(),
+            jobs: jobs_tx.clone(),
+            cancel: version,
+            runtime: runtime.clone(),
+            handle: tokio::runtime::Handle::current(),
+            schedules: Arc::clone(&schedules),
+        })
+    };
+    let mut version = cancel.child_token();
+    let context = context_for(spec.source.clone(), version.clone());
+    let loaded = load(context, compiled, limits).await;
+    let mut script = match loaded {
         Ok(script) => Arc::new(script),
         Err(error) => {
             tracing::warn!(module = %spec.id, "module faulted: {error}");
             shared.log(format!("faulted: {error}"));
             shared.set_state(ModuleState::Faulted, Some(error.clone()));
             transport_cancel.cancel();
+            // A faulted module is restarted, not reloaded, when its code changes.
+            drop(reloads);
             serve_faulted(&mut jobs, &cancel, &spec.id, &error).await;
             shared.set_state(ModuleState::Stopped, Some(error));
             return;
@@ -245,6 +292,28 @@ async fn run(
     loop {
         let job = tokio::select! {
             _ = cancel.cancelled() => break,
+            Some((source, reply)) = reloads.recv() => {
+                let next = cancel.child_token();
+                let hash = hex::encode(crate::code::content_hash(source.as_bytes()));
+                shared.log(format!("reloading: new driver code {}", &hash[..12]));
+                let outcome = match load(context_for(source, next.clone()), None, limits).await {
+                    Ok(new) => {
+                        version.cancel();
+                        version = next;
+                        script = Arc::new(new);
+                        shared.log("reloaded: the new code runs");
+                        Ok(())
+                    }
+                    Err(error) => {
+                        next.cancel();
+                        shared.log(format!("reload refused, the old code keeps running: {error}"));
+                        shared.record_error(format!("reload refused: {error}"));
+                        Err(error)
+                    }
+                };
+                let _ = reply.send(outcome);
+                continue;
+            }
             Some(job) = jobs.recv() => job,
             Some(event) = events.recv() => match event {
                 TransportEvent::Connected => Job::callback(JobKind::Callback("connected"), Vec::new()),
@@ -282,6 +351,26 @@ async fn run(
     }
     shared.set_state(ModuleState::Stopped, None);
     shared.log("stopped");
+}
+
+/// Compiles a version of the script for `context` (or takes the one compiled ahead) and
+/// runs its `on_load`, within the driver's timeout.
+async fn load(
+    context: Arc<ModuleContext>,
+    compiled: Option<rhai::AST>,
+    limits: ScriptLimits,
+) -> Result<Script, String> {
+    let load_deadline = Instant::now() + Duration::from_millis(context.spec.timeout_ms);
+    tokio::task::spawn_blocking(move || {
+        let script = Script::compile(&context.spec.source, compiled, limits, context.clone())?;
+        if script.has_function("on_load") {
+            with_deadline(load_deadline, || script.call("on_load", &[]))
+                .map_err(|err| err.to_string())?;
+        }
+        Ok::<_, String>(script)
+    })
+    .await
+    .unwrap_or_else(|panic| Err(format!("the script engine panicked: {panic}")))
 }
 
 /// Runs one job on this (blocking) thread and answers it.

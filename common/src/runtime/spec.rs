@@ -1,9 +1,13 @@
-//! What a module instance is built from: its record, its driver's record, the settings
-//! that result. Two equal specs mean the running instance can stay; a different one (new
-//! host, port, settings or script) means a restart.
+//! What a module instance is built from: its record, its driver's record and script, the
+//! settings that result. Two equal specs mean the running instance can stay; specs that
+//! differ in the script alone mean a reload in place; any other difference (new host,
+//! port, settings) means a restart.
+
+use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::code::Code;
 use crate::model::{DriverRecord, Model, ModuleRecord, Settings, Transport};
 
 /// Everything a module instance depends on.
@@ -14,7 +18,7 @@ pub struct ModuleSpec {
     /// Driver id.
     pub driver_id: String,
     /// The script.
-    pub source: String,
+    pub source: Arc<str>,
     /// Transport.
     pub transport: Transport,
     /// Device host and port (`None` when the module names no host).
@@ -34,9 +38,16 @@ pub struct ModuleSpec {
 }
 
 impl ModuleSpec {
-    /// The spec of `module`; `None` when its driver is missing from `model`.
-    pub fn new(model: &Model, module: &ModuleRecord) -> Option<ModuleSpec> {
-        let driver: &DriverRecord = model.drivers.get(&module.driver)?;
+    /// The spec of `module`, with its driver's script from `code`; an error says why
+    /// there is none (no such driver, or its code is not here).
+    pub fn new(model: &Model, code: &Code, module: &ModuleRecord) -> Result<ModuleSpec, String> {
+        let driver: &DriverRecord = model
+            .drivers
+            .get(&module.driver)
+            .ok_or_else(|| format!("there is no driver {}", module.driver))?;
+        let source = code
+            .source(&driver.repository, &driver.file)
+            .map_err(|err| format!("driver {}: {err}", driver.id))?;
         let mut settings = driver.default_settings.clone();
         for (key, value) in &module.settings {
             settings.insert(key.clone(), value.clone());
@@ -46,10 +57,10 @@ impl ModuleSpec {
             (Some(host), Some(port)) => Some((host.clone(), port)),
             _ => None,
         };
-        Some(ModuleSpec {
+        Ok(ModuleSpec {
             id: module.id.clone(),
             driver_id: driver.id.clone(),
-            source: driver.source.clone(),
+            source,
             transport: driver.transport,
             address,
             delimiter: driver.delimiter.as_ref().map(|d| d.as_bytes().to_vec()),
@@ -59,6 +70,14 @@ impl ModuleSpec {
             timeout_ms: driver.timeout_ms,
             systems: model.systems_of(&module.id).map(|s| s.id.clone()).collect(),
         })
+    }
+
+    /// Whether `other` is this spec with (at most) another script: a reload in place
+    /// brings a running module from one to the other.
+    pub fn same_but_source(&self, other: &ModuleSpec) -> bool {
+        let mut with_other_source = self.clone();
+        with_other_source.source = other.source.clone();
+        with_other_source == *other
     }
 
     /// A setting, or `Null`.

@@ -3,7 +3,7 @@
 //! that state instead of an empty map and skips parsing the script.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rhai::AST;
 use serde_json::{Map, Value};
@@ -20,7 +20,7 @@ pub(super) struct Warm {
 }
 
 struct Entry {
-    source: String,
+    source: Arc<str>,
     ast: Option<AST>,
     status: Map<String, Value>,
 }
@@ -55,7 +55,7 @@ impl Standby {
     pub(super) fn compiled(&self, spec: &ModuleSpec, ast: Option<AST>) {
         let mut entries = self.lock();
         let entry = entries.entry(spec.id.clone()).or_insert_with(|| Entry {
-            source: String::new(),
+            source: Arc::from(""),
             ast: None,
             status: Map::new(),
         });

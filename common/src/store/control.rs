@@ -75,7 +75,7 @@ impl Store {
         let mut records = Vec::new();
         for entry in audit.range(after + 1..).map_err(|e| self.db_error(e))? {
             let (seq, bytes) = entry.map_err(|e| self.db_error(e))?;
-            let record = postcard::from_bytes(bytes.value()).map_err(|err| {
+            let record = decode_audit(bytes.value()).map_err(|err| {
                 self.corrupt(format!(
                     "audit record {} does not decode: {err}",
                     seq.value()
@@ -106,6 +106,34 @@ impl Store {
     }
 }
 
+/// An audit record as stored before code changes were audited.
+#[derive(serde::Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct AuditRecordV1 {
+    time_ms: u64,
+    edge: String,
+    from: crate::control::Owner,
+    to: crate::control::Owner,
+    epoch: u64,
+    reason: String,
+}
+
+/// A stored audit record, in the current layout or the one before it.
+fn decode_audit(bytes: &[u8]) -> Result<AuditRecord, postcard::Error> {
+    postcard::from_bytes(bytes).or_else(|err| {
+        let old: AuditRecordV1 = postcard::from_bytes(bytes).map_err(|_| err)?;
+        Ok(AuditRecord {
+            time_ms: old.time_ms,
+            edge: old.edge,
+            from: old.from,
+            to: old.to,
+            epoch: old.epoch,
+            reason: old.reason,
+            code: None,
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +147,7 @@ mod tests {
             to: Owner::Master,
             epoch,
             reason: "test".into(),
+            code: None,
         }
     }
 
@@ -150,5 +179,25 @@ mod tests {
         assert_eq!(kept, vec![3, 4, 5], "the newest three are kept, in order");
         assert_eq!(store.audit_reported().unwrap(), 4);
         assert_eq!(store.audit_after(4).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn audit_records_of_the_layout_before_code_audits_still_read() {
+        let old = AuditRecordV1 {
+            time_ms: 7,
+            edge: "site-1".into(),
+            from: Owner::Edge,
+            to: Owner::Master,
+            epoch: 3,
+            reason: "edge link down".into(),
+        };
+        let bytes = postcard::to_stdvec(&old).unwrap();
+        let read = decode_audit(&bytes).unwrap();
+        assert_eq!((read.epoch, read.code), (3, None));
+        assert_eq!(read.reason, "edge link down");
+        let current = record(9);
+        let bytes = postcard::to_stdvec(&current).unwrap();
+        assert_eq!(decode_audit(&bytes).unwrap(), current);
+        assert!(decode_audit(&[1, 2]).is_err());
     }
 }

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+mod code;
 mod control;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};

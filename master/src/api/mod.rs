@@ -2,6 +2,7 @@
 
 mod control;
 mod records;
+mod repos;
 mod users;
 
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub runtime: Runtime,
     /// Who controls each edge location.
     pub control: crate::control::Control,
+    /// The driver repositories.
+    pub repos: Arc<crate::repos::Repositories>,
     /// The folder of master.toml: relative paths in records are resolved against it.
     pub base_dir: PathBuf,
 }
@@ -36,6 +39,7 @@ pub fn router(health_state: Arc<Health>, token: Arc<AdminToken>, state: AppState
     let protected = records::routes()
         .merge(control::routes())
         .merge(users::routes())
+        .merge(repos::routes())
         .route("/api/v1/edges/{id}/slice", axum::routing::get(edge_slice))
         .with_state(state.clone())
         .merge(module_routes(state.runtime.clone()))

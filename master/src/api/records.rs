@@ -18,7 +18,7 @@ use tether_common::protocol::EntityKind;
 
 use super::AppState;
 use crate::model::WriteError;
-use crate::seed::{read_source, source_hash};
+use tether_common::code::Code;
 
 /// The kinds clients edit.
 const EDITABLE: [EntityKind; 5] = [
@@ -43,7 +43,7 @@ fn read_only_keys(kind: EntityKind) -> &'static [&'static str] {
             "api_url",
         ],
         EntityKind::System => &["members"],
-        EntityKind::Driver => &["hash"],
+        EntityKind::Driver => &["hash", "commit"],
         _ => &[],
     }
 }
@@ -89,8 +89,23 @@ fn record_view(state: &AppState, model: &Model, kind: EntityKind, id: &str) -> O
             .edges
             .view(model.edges.get(id)?, state.control.state(id)),
         EntityKind::System => system_view(model, &state.runtime, id),
+        EntityKind::Driver => driver_view(state, model, id),
         _ => serde_json::from_str(&model.get_json(kind, id)?).ok(),
     }
+}
+
+/// A driver, with the content hash and commit of the script the master serves for it.
+fn driver_view(state: &AppState, model: &Model, id: &str) -> Option<Value> {
+    let driver = model.drivers.get(id)?;
+    let mut view = serde_json::to_value(driver).ok()?;
+    let code = state.runtime.code();
+    let repo = code.repo(&driver.repository);
+    view["hash"] = repo
+        .and_then(|r| r.hash(&driver.file))
+        .map(hex::encode)
+        .into();
+    view["commit"] = repo.map(|r| r.commit.clone()).into();
+    Some(view)
 }
 
 async fn list(kind: EntityKind, State(state): State<AppState>) -> Json<Vec<Value>> {
@@ -137,7 +152,7 @@ fn prepare(
     body: &[u8],
     path_id: Option<&str>,
     model: &Model,
-    base_dir: &Path,
+    (base_dir, code): (&Path, &Code),
 ) -> Result<(String, String), ModelError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|err| ModelError::Invalid(format!("the body is not JSON: {err}")))?;
@@ -163,46 +178,87 @@ fn prepare(
     };
     tether_common::model::check_id("id", &id)?;
     record.insert("id".into(), Value::String(id.clone()));
-    if kind == EntityKind::Driver {
-        fill_source(&mut record, model, base_dir)?;
+    keep_server_keys(kind, &id, &mut record, model);
+    match kind {
+        EntityKind::Driver => check_driver_file(&record, model, code)?,
+        EntityKind::Repository => check_repository_path(&record, base_dir)?,
+        _ => {}
     }
     Ok((id, Value::Object(record).to_string()))
 }
 
-/// A driver written without its script gets it from its repository; either way the
-/// master sets the hash.
-fn fill_source(
+/// A driver's file must be in its repository's code: a relative path inside it that the
+/// current commit holds.
+fn check_driver_file(
+    record: &Map<String, Value>,
+    model: &Model,
+    code: &Code,
+) -> Result<(), ModelError> {
+    let text = |key: &str| record.get(key).and_then(Value::as_str).unwrap_or_default();
+    let (repository, file) = (text("repository"), text("file"));
+    if !model.repositories.contains_key(repository) {
+        return Err(ModelError::Invalid(format!(
+            "key `repository`: no repository with id {repository:?}"
+        )));
+    }
+    if Path::new(file).is_absolute() || file.split(['/', '\\']).any(|part| part == "..") {
+        return Err(ModelError::Invalid(format!(
+            "key `file`: {file:?} must be a path inside its repository"
+        )));
+    }
+    let repo = code.repo(repository).ok_or_else(|| {
+        ModelError::Invalid(format!(
+            "key `repository`: repository {repository} has no code yet (POST /api/v1/repositories/{repository}/pull)"
+        ))
+    })?;
+    repo.text(file)
+        .map(|_| ())
+        .map_err(|err| ModelError::Invalid(format!("key `file`: {err}")))
+}
+
+/// A repository's folder must exist on the master.
+fn check_repository_path(record: &Map<String, Value>, base_dir: &Path) -> Result<(), ModelError> {
+    let path = record.get("path").and_then(Value::as_str).unwrap_or_default();
+    if path.is_empty() || !base_dir.join(path).is_dir() {
+        return Err(ModelError::Invalid(format!(
+            "key `path`: {path:?} is not a folder on the master"
+        )));
+    }
+    Ok(())
+}
+
+/// Stored keys the server sets (a repository's and an edge's commit): a write keeps the
+/// current value.
+fn keep_server_keys(
+    kind: EntityKind,
+    id: &str,
     record: &mut Map<String, Value>,
     model: &Model,
-    base_dir: &Path,
-) -> Result<(), ModelError> {
-    let given = record
-        .get("source")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let source = if given.is_empty() {
-        let repository_id = record
-            .get("repository")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let file = record
-            .get("file")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let repository = model.repositories.get(repository_id).ok_or_else(|| {
-            ModelError::Invalid(format!(
-                "key `repository`: no repository with id {repository_id:?}"
-            ))
-        })?;
-        let folder = base_dir.join(&repository.path);
-        read_source(&folder, file)
-            .map_err(|err| ModelError::Invalid(format!("key `file`: {err}")))?
-    } else {
-        given.to_string()
+) {
+    if !matches!(kind, EntityKind::Repository | EntityKind::Edge) {
+        return;
+    }
+    let current: Option<Map<String, Value>> = model
+        .get_json(kind, id)
+        .and_then(|json| serde_json::from_str(&json).ok());
+    match current.and_then(|mut c| c.remove("commit")) {
+        Some(commit) => record.insert("commit".into(), commit),
+        None => record.remove("commit"),
     };
-    record.insert("hash".into(), Value::String(source_hash(&source)));
-    record.insert("source".into(), Value::String(source));
-    Ok(())
+}
+
+/// After a repository is created or moved to another folder, the master reads it.
+async fn read_repository(state: &AppState, id: &str, old_path: Option<String>) {
+    let (model, _) = state.model.snapshot();
+    let Some(record) = model.repositories.get(id) else {
+        return;
+    };
+    if old_path.as_deref() == Some(record.path.as_str()) {
+        return;
+    }
+    if let Err(err) = state.repos.pull(id).await {
+        tracing::warn!(repository = %id, "the repository was written but not read: {err}");
+    }
 }
 
 fn written(state: &AppState, kind: EntityKind, id: &str, status: StatusCode) -> Response {
@@ -221,11 +277,12 @@ async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let base_dir = state.base_dir.clone();
+    let code = state.runtime.code();
     let mut created = String::new();
     state
         .model
         .write(|model| {
-            let (id, json) = prepare(kind, &body, None, model, &base_dir)?;
+            let (id, json) = prepare(kind, &body, None, model, (&base_dir, &code))?;
             if model.contains(kind, &id) {
                 return Err(ModelError::Conflict(format!(
                     "{} {id} exists already; PUT /api/v1/{}/{id} replaces it",
@@ -237,6 +294,9 @@ async fn create(
             Ok(vec![(kind, id, Some(json))])
         })
         .await?;
+    if kind == EntityKind::Repository {
+        read_repository(&state, &created, None).await;
+    }
     Ok(written(&state, kind, &created, StatusCode::CREATED))
 }
 
@@ -247,14 +307,20 @@ async fn replace(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let base_dir = state.base_dir.clone();
+    let code = state.runtime.code();
+    let (before, _) = state.model.snapshot();
     state
         .model
         .write(|model| {
             must_exist(model, kind, &id)?;
-            let (id, json) = prepare(kind, &body, Some(&id), model, &base_dir)?;
+            let (id, json) = prepare(kind, &body, Some(&id), model, (&base_dir, &code))?;
             Ok(vec![(kind, id, Some(json))])
         })
         .await?;
+    if kind == EntityKind::Repository {
+        let old_path = before.repositories.get(&id).map(|r| r.path.clone());
+        read_repository(&state, &id, old_path).await;
+    }
     Ok(written(&state, kind, &id, StatusCode::OK))
 }
 

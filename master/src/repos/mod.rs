@@ -1,0 +1,458 @@
+//! Driver repositories on the master: reading a folder or a git working copy into a
+//! commit ([`scan`]), keeping every commit read (blobs by content hash, manifests, the
+//! head) in the model's database, checking that a new commit's drivers compile before
+//! anything runs it, and telling the edges ([`push`]).
+//!
+//! A new commit is refused when one of the repository's drivers does not compile: the
+//! old commit keeps running everywhere, and the refusal is in the API's answer and the
+//! audit log. A repository's first commit is taken as it is (there is nothing older to
+//! keep); a driver of it that does not compile faults its modules.
+
+mod push;
+pub mod scan;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tether_common::code::{Hash, RepoCode, short};
+use tether_common::model::{EdgeRecord, Model, ModelError, RepositoryRecord};
+use tether_common::protocol::{AuditRecord, CodeAudit, ControlOwner, EntityKind, RepositoryAction};
+use tether_common::runtime::Runtime;
+use tokio::sync::watch;
+
+use crate::control::Control;
+use crate::model::{ModelService, WriteError};
+pub use push::push_code;
+use scan::Scanned;
+
+/// Why a pull or reset did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// No such repository, or no such commit (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The repository cannot be read: a missing folder, a git error (422).
+    #[error("{0}")]
+    Unreadable(String),
+    /// A driver of the new commit does not compile; the old commit keeps running (422).
+    #[error("{0}")]
+    Refused(String),
+    /// The database failed (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<WriteError> for RepoError {
+    fn from(err: WriteError) -> Self {
+        RepoError::Internal(err.to_string())
+    }
+}
+
+/// What a pull or reset did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Moved {
+    /// Repository id.
+    pub repository: String,
+    /// The commit it is at now.
+    pub commit: String,
+    /// The commit before.
+    pub previous: Option<String>,
+    /// Whether the commit changed.
+    pub changed: bool,
+    /// Files added, changed or removed.
+    pub files: Vec<String>,
+    /// Drivers whose script changed (their modules reload in place).
+    pub drivers: Vec<String>,
+}
+
+/// The repositories, their code, and the edges' view of it.
+pub struct Repositories {
+    model: Arc<ModelService>,
+    runtime: Runtime,
+    control: Control,
+    base_dir: PathBuf,
+    /// One pull or reset at a time.
+    updating: tokio::sync::Mutex<()>,
+    /// Why each repository last moved, for the updates sent to edges.
+    actions: Mutex<HashMap<String, RepositoryAction>>,
+    /// Raised whenever a repository moves; each edge's push task follows it.
+    generation: watch::Sender<u64>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|err| Err(format!("the task failed: {err}")))
+}
+
+impl Repositories {
+    /// Loads the code of every repository's head into `runtime`, then reads each
+    /// repository that has none yet (a new data dir, an import).
+    pub async fn open(
+        model: Arc<ModelService>,
+        runtime: Runtime,
+        control: Control,
+        base_dir: PathBuf,
+    ) -> anyhow::Result<Arc<Repositories>> {
+        let store = model.store();
+        let code = tokio::task::spawn_blocking(move || store.load_code()).await??;
+        runtime.set_code(Arc::new(code));
+        let repos = Arc::new(Repositories {
+            model,
+            runtime,
+            control,
+            base_dir,
+            updating: tokio::sync::Mutex::new(()),
+            actions: Mutex::default(),
+            generation: watch::channel(0).0,
+        });
+        let (model, _) = repos.model.snapshot();
+        for id in model.repositories.keys() {
+            if let Err(err) = repos.ensure(id).await {
+                tracing::error!(repository = %id, "the repository's code is not loaded: {err}");
+            }
+        }
+        Ok(repos)
+    }
+
+    /// Makes sure a repository has code and that its record names the head: reads it
+    /// when it has no head yet (a new repository).
+    pub async fn ensure(&self, id: &str) -> Result<(), RepoError> {
+        let head = self.runtime.code().repo(id).map(|r| r.commit.clone());
+        match head {
+            Some(head) => self.record_commit(id, &head).await,
+            None => self.pull(id).await.map(|_| ()),
+        }
+    }
+
+    /// Raised whenever a repository moves.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Why a repository last moved (`CatchUp` when it has not moved since boot).
+    pub fn last_action(&self, id: &str) -> RepositoryAction {
+        self.actions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or(RepositoryAction::CatchUp)
+    }
+
+    /// The model service (for the push tasks).
+    pub fn model(&self) -> &Arc<ModelService> {
+        &self.model
+    }
+
+    /// The code the master serves.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    fn record(&self, id: &str) -> Result<RepositoryRecord, RepoError> {
+        let (model, _) = self.model.snapshot();
+        model
+            .repositories
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RepoError::NotFound(format!("no repository {id}")))
+    }
+
+    fn folder(&self, record: &RepositoryRecord) -> PathBuf {
+        self.base_dir.join(&record.path)
+    }
+
+    /// Reads the repository's newest commit (a git working copy is pulled from its
+    /// upstream first, when it has one) and runs it.
+    pub async fn pull(&self, id: &str) -> Result<Moved, RepoError> {
+        let _one = self.updating.lock().await;
+        let record = self.record(id)?;
+        let folder = self.folder(&record);
+        let scanned = blocking(move || {
+            if scan::is_git(&folder) {
+                scan::git_pull(&folder)?;
+            }
+            scan::scan(&folder, None)
+        })
+        .await
+        .map_err(|err| RepoError::Unreadable(format!("repository {id}: {err}")))?;
+        self.apply(id, scanned, RepositoryAction::Pull).await
+    }
+
+    /// Runs the repository at `commit`: any commit of a git working copy (read from git,
+    /// the working copy is left alone), or a commit of a folder the master read before.
+    pub async fn reset(&self, id: &str, commit: &str) -> Result<Moved, RepoError> {
+        let _one = self.updating.lock().await;
+        let record = self.record(id)?;
+        let folder = self.folder(&record);
+        if scan::is_git(&folder) {
+            let at = commit.to_string();
+            let scanned = blocking(move || scan::scan(&folder, Some(&at)))
+                .await
+                .map_err(|err| RepoError::NotFound(format!("repository {id}: {err}")))?;
+            return self.apply(id, scanned, RepositoryAction::Reset).await;
+        }
+        let store = self.model.store();
+        let (repo, at) = (id.to_string(), commit.to_string());
+        let stored = blocking(move || {
+            let Some(files) = store.manifest(&repo, &at).map_err(|e| e.to_string())? else {
+                return Ok(None);
+            };
+            let hashes: Vec<Hash> = files.iter().map(|f| f.hash).collect();
+            let blobs = store.blobs(&hashes).map_err(|e| e.to_string())?;
+            Ok(Some(Scanned {
+                commit: at,
+                files,
+                blobs: blobs.into_iter().collect(),
+            }))
+        })
+        .await
+        .map_err(RepoError::Internal)?;
+        let scanned = stored.ok_or_else(|| {
+            RepoError::NotFound(format!(
+                "repository {id} is a folder, and the master has never read it at commit {commit}"
+            ))
+        })?;
+        self.apply(id, scanned, RepositoryAction::Reset).await
+    }
+
+    /// Checks a new commit, stores it, makes it the head, and lets everything run it.
+    async fn apply(
+        &self,
+        id: &str,
+        scanned: Scanned,
+        action: RepositoryAction,
+    ) -> Result<Moved, RepoError> {
+        let code = self.runtime.code();
+        let old = code.repo(id).cloned();
+        let blobs: HashMap<Hash, Vec<u8>> = scanned.blobs.into_iter().collect();
+        let new = RepoCode::new(scanned.commit.clone(), scanned.files.clone(), |h| {
+            blobs.get(h).cloned()
+        })
+        .map_err(RepoError::Internal)?;
+        let previous = old.as_ref().map(|o| o.commit.clone());
+        let (model, _) = self.model.snapshot();
+        let moved = Moved {
+            repository: id.to_string(),
+            commit: new.commit.clone(),
+            previous: previous.clone(),
+            changed: previous.as_deref() != Some(new.commit.as_str()),
+            files: changed_files(old.as_ref(), &new),
+            drivers: changed_drivers(&model, id, old.as_ref(), &new),
+        };
+        if !moved.changed {
+            self.record_commit(id, &new.commit).await?;
+            return Ok(moved);
+        }
+        if old.is_some()
+            && let Err(errors) = self.check_drivers(&model, id, &new).await
+        {
+            let reason = format!(
+                "repository {id}: commit {} refused, {} keeps running: {errors}",
+                short(&new.commit),
+                previous.as_deref().map(short).unwrap_or("nothing")
+            );
+            tracing::warn!("{reason}");
+            self.audit(id, previous, &new.commit, true, reason.clone()).await;
+            return Err(RepoError::Refused(reason));
+        }
+        let store = self.model.store();
+        let (repo, commit, files) = (id.to_string(), new.commit.clone(), new.files.clone());
+        let to_store: Vec<(Hash, Vec<u8>)> = blobs.into_iter().collect();
+        blocking(move || {
+            let hashes: Vec<Hash> = to_store.iter().map(|(h, _)| *h).collect();
+            let missing = store.missing_blobs(&hashes).map_err(|e| e.to_string())?;
+            let fresh: Vec<(Hash, Vec<u8>)> = to_store
+                .into_iter()
+                .filter(|(h, _)| missing.contains(h))
+                .collect();
+            store.put_blobs(&fresh).map_err(|e| e.to_string())?;
+            store
+                .put_commit(&repo, &commit, &files, true)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(RepoError::Internal)?;
+        self.runtime.set_code(Arc::new(code.with(id, new)));
+        // The model's commit changes: control reconciles, and the modules using a changed
+        // driver reload.
+        self.record_commit(id, &moved.commit).await?;
+        let reason = format!(
+            "repository {id}: {} {} -> {} ({} file(s) changed; drivers changed: {})",
+            match action {
+                RepositoryAction::Reset => "reset",
+                _ => "pulled",
+            },
+            previous.as_deref().map(short).unwrap_or("nothing"),
+            short(&moved.commit),
+            moved.files.len(),
+            if moved.drivers.is_empty() {
+                "none".to_string()
+            } else {
+                moved.drivers.join(", ")
+            }
+        );
+        tracing::info!("{reason}");
+        self.audit(id, previous, &moved.commit, false, reason).await;
+        self.actions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), action);
+        self.generation.send_modify(|g| *g += 1);
+        Ok(moved)
+    }
+
+    /// Every driver of the repository must be in the new commit and compile there.
+    async fn check_drivers(&self, model: &Model, id: &str, new: &RepoCode) -> Result<(), String> {
+        let mut scripts = Vec::new();
+        let mut errors = Vec::new();
+        for driver in model.drivers.values().filter(|d| d.repository == id) {
+            match new.text(&driver.file) {
+                Ok(source) => scripts.push((driver.id.clone(), driver.file.clone(), source)),
+                Err(err) => errors.push(format!("driver {}: {err}", driver.id)),
+            }
+        }
+        let runtime = self.runtime.clone();
+        let compiled = blocking(move || {
+            Ok(scripts
+                .into_iter()
+                .filter_map(|(driver, file, source)| {
+                    runtime
+                        .check_script(&source)
+                        .err()
+                        .map(|err| format!("driver {driver} ({file}): {err}"))
+                })
+                .collect::<Vec<_>>())
+        })
+        .await?;
+        errors.extend(compiled);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    async fn audit(
+        &self,
+        id: &str,
+        from: Option<String>,
+        to: &str,
+        refused: bool,
+        reason: String,
+    ) {
+        let record = AuditRecord {
+            time_ms: now_ms(),
+            edge: String::new(),
+            from: ControlOwner::Master,
+            to: ControlOwner::Master,
+            epoch: 0,
+            reason,
+            code: Some(CodeAudit {
+                repository: id.to_string(),
+                from,
+                to: to.to_string(),
+                module: None,
+                refused,
+            }),
+        };
+        if let Err(err) = self.control.record_audits(vec![record]).await {
+            tracing::error!("cannot store an audit record: {err}");
+        }
+    }
+
+    /// Sets the repository record's commit, if it differs.
+    async fn record_commit(&self, id: &str, commit: &str) -> Result<(), RepoError> {
+        let commit = commit.to_string();
+        let id = id.to_string();
+        self.model
+            .write(|model| {
+                let Some(record) = model.repositories.get(&id) else {
+                    return Ok(Vec::new());
+                };
+                let record = RepositoryRecord {
+                    commit: Some(commit),
+                    ..record.clone()
+                };
+                Ok(vec![write(EntityKind::Repository, &id, &record)?])
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Records the code an edge reported running, in its edge record.
+    pub async fn record_edge_commit(&self, edge: &str, commit: Option<String>) {
+        let edge = edge.to_string();
+        let written = self
+            .model
+            .write(|model| {
+                let Some(record) = model.edges.get(&edge) else {
+                    return Ok(Vec::new());
+                };
+                let record = EdgeRecord {
+                    commit,
+                    ..record.clone()
+                };
+                Ok(vec![write(EntityKind::Edge, &edge, &record)?])
+            })
+            .await;
+        if let Err(err) = written {
+            tracing::error!(edge = %edge, "cannot record the edge's commit: {err}");
+        }
+    }
+}
+
+fn write<R: Serialize>(
+    kind: EntityKind,
+    id: &str,
+    record: &R,
+) -> Result<tether_common::store::Write, ModelError> {
+    let json =
+        serde_json::to_string(record).map_err(|err| ModelError::Invalid(err.to_string()))?;
+    Ok((kind, id.to_string(), Some(json)))
+}
+
+/// The paths whose content differs between two commits.
+fn changed_files(old: Option<&RepoCode>, new: &RepoCode) -> Vec<String> {
+    let old_files: HashMap<&str, Hash> = old
+        .map(|o| o.files.iter().map(|f| (f.path.as_str(), f.hash)).collect())
+        .unwrap_or_default();
+    let mut changed: Vec<String> = new
+        .files
+        .iter()
+        .filter(|f| old_files.get(f.path.as_str()) != Some(&f.hash))
+        .map(|f| f.path.clone())
+        .collect();
+    changed.extend(
+        old_files
+            .keys()
+            .filter(|path| new.hash(path).is_none())
+            .map(|path| path.to_string()),
+    );
+    changed.sort();
+    changed
+}
+
+/// The drivers of repository `id` whose script differs between two commits.
+fn changed_drivers(model: &Model, id: &str, old: Option<&RepoCode>, new: &RepoCode) -> Vec<String> {
+    model
+        .drivers
+        .values()
+        .filter(|d| d.repository == id)
+        .filter(|d| old.and_then(|o| o.hash(&d.file)) != new.hash(&d.file))
+        .map(|d| d.id.clone())
+        .collect()
+}
