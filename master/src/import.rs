@@ -19,7 +19,7 @@ pub fn run(config_path: &Path, file: &Path) -> anyhow::Result<String> {
         .build()
         .context("cannot start the async runtime")?;
     let changes = runtime
-        .block_on(model.write(|_| Ok(writes)))
+        .block_on(model.write(|current| Ok(crate::seed::keep_commits(current, writes))))
         .with_context(|| format!("{} does not fit the model", file.display()))?;
     let (_, version) = model.snapshot();
     Ok(format!(

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use tether_common::model::{
-    DriverRecord, EdgeRecord, ModuleRecord, RepositoryRecord, Settings, SystemRecord,
+    DriverRecord, Model, EdgeRecord, ModuleRecord, RepositoryRecord, Settings, SystemRecord,
 };
 use tether_common::protocol::EntityKind;
 use tether_common::store::Write;
@@ -42,6 +42,34 @@ pub fn check_source(repository_path: &Path, file: &str) -> Result<(), String> {
     std::fs::metadata(&path)
         .map(|_| ())
         .map_err(|err| format!("cannot read {}: {err}", path.display()))
+}
+
+/// Site-file writes that keep what the master set in the current model: an edge's
+/// reported commit, and a repository's commit while its folder stays the same.
+pub fn keep_commits(model: &Model, writes: Vec<Write>) -> Vec<Write> {
+    writes
+        .into_iter()
+        .map(|(kind, id, json)| {
+            let kept = match kind {
+                EntityKind::Edge => model.edges.get(&id).and_then(|e| e.commit.clone()),
+                EntityKind::Repository => model.repositories.get(&id).and_then(|current| {
+                    let new: RepositoryRecord = serde_json::from_str(json.as_deref()?).ok()?;
+                    (new.path == current.path).then(|| current.commit.clone())?
+                }),
+                _ => None,
+            };
+            let json = match (kept, json) {
+                (Some(commit), Some(json)) => {
+                    let mut record: serde_json::Value =
+                        serde_json::from_str(&json).unwrap_or_default();
+                    record["commit"] = serde_json::Value::String(commit);
+                    Some(record.to_string())
+                }
+                (_, json) => json,
+            };
+            (kind, id, json)
+        })
+        .collect()
 }
 
 /// Every record of a site file, as writes (what it references first).

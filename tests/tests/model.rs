@@ -69,7 +69,7 @@ async fn every_entity_has_crud_with_validation() {
             "drivers",
             json!({"id": "meter", "repository": "core", "file": "meter.rhai", "transport": "modbus"}),
             json!({"repository": "core", "file": "meter.rhai", "transport": "modbus", "concurrency": 2}),
-            json!({"id": "bad", "repository": "nope", "file": "x.rhai", "source": "fn a() {}"}),
+            json!({"id": "bad", "repository": "nope", "file": "x.rhai"}),
             "repository",
         ),
         (
@@ -190,10 +190,12 @@ async fn every_entity_has_crud_with_validation() {
         assert_eq!(write(&api, "DELETE", &item, None).await.0, 404);
     }
 
-    // A driver's script is read from its repository, and its hash set by the master.
+    // A driver shows the hash of its script at its repository's commit.
     let (_, driver) = api.get("/api/v1/drivers/projector").await;
-    assert!(driver["source"].as_str().unwrap().contains("fn power(on)"));
-    assert_eq!(driver["hash"].as_str().unwrap().len(), 64);
+    let (_, repository) = api.get("/api/v1/repositories/core").await;
+    assert_eq!(driver["hash"].as_str().unwrap().len(), 64, "{driver}");
+    assert_eq!(driver["commit"], repository["commit"], "{driver} {repository}");
+    assert_eq!(repository["commit"].as_str().unwrap().len(), 64);
     let (status, body) = write(
         &api,
         "POST",

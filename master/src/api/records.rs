@@ -152,7 +152,7 @@ fn prepare(
     body: &[u8],
     path_id: Option<&str>,
     model: &Model,
-    (base_dir, code): (&Path, &Code),
+    (base_dir, code, commit): (&Path, &Code, Option<&str>),
 ) -> Result<(String, String), ModelError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|err| ModelError::Invalid(format!("the body is not JSON: {err}")))?;
@@ -178,7 +178,12 @@ fn prepare(
     };
     tether_common::model::check_id("id", &id)?;
     record.insert("id".into(), Value::String(id.clone()));
-    keep_server_keys(kind, &id, &mut record, model);
+    match commit {
+        Some(commit) => {
+            record.insert("commit".into(), Value::String(commit.to_string()));
+        }
+        None => keep_server_keys(kind, &id, &mut record, model),
+    }
     match kind {
         EntityKind::Driver => check_driver_file(&record, model, code)?,
         EntityKind::Repository => check_repository_path(&record, base_dir)?,
@@ -247,18 +252,38 @@ fn keep_server_keys(
     };
 }
 
-/// After a repository is created or moved to another folder, the master reads it.
-async fn read_repository(state: &AppState, id: &str, old_path: Option<String>) {
-    let (model, _) = state.model.snapshot();
-    let Some(record) = model.repositories.get(id) else {
-        return;
+/// A repository being created, or moved to another folder, is read before its record is
+/// written, so that the one write names its commit. `None`: nothing to read (the body is
+/// not such a record; `prepare` says what is wrong with it).
+async fn read_repository_first(
+    state: &AppState,
+    kind: EntityKind,
+    body: &[u8],
+    path_id: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    if kind != EntityKind::Repository {
+        return Ok(None);
+    }
+    let Ok(Value::Object(record)) = serde_json::from_slice::<Value>(body) else {
+        return Ok(None);
     };
-    if old_path.as_deref() == Some(record.path.as_str()) {
-        return;
+    let id = record.get("id").and_then(Value::as_str).or(path_id);
+    let path = record.get("path").and_then(Value::as_str);
+    let (Some(id), Some(path)) = (id, path) else {
+        return Ok(None);
+    };
+    if check_repository_path(&record, &state.base_dir).is_err() {
+        return Ok(None);
     }
-    if let Err(err) = state.repos.pull(id).await {
-        tracing::warn!(repository = %id, "the repository was written but not read: {err}");
+    let (model, _) = state.model.snapshot();
+    match (model.repositories.get(id), path_id) {
+        // A PUT keeping the folder; a PUT of a missing record (404 follows); a POST of an
+        // existing id (409 follows).
+        (Some(current), Some(_)) if current.path == path => return Ok(None),
+        (None, Some(_)) | (Some(_), None) => return Ok(None),
+        _ => {}
     }
+    Ok(Some(state.repos.adopt(id, path).await?))
 }
 
 fn written(state: &AppState, kind: EntityKind, id: &str, status: StatusCode) -> Response {
@@ -277,12 +302,14 @@ async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let base_dir = state.base_dir.clone();
+    let commit = read_repository_first(&state, kind, &body, None).await?;
     let code = state.runtime.code();
     let mut created = String::new();
     state
         .model
         .write(|model| {
-            let (id, json) = prepare(kind, &body, None, model, (&base_dir, &code))?;
+            let read = (base_dir.as_path(), code.as_ref(), commit.as_deref());
+            let (id, json) = prepare(kind, &body, None, model, read)?;
             if model.contains(kind, &id) {
                 return Err(ModelError::Conflict(format!(
                     "{} {id} exists already; PUT /api/v1/{}/{id} replaces it",
@@ -294,9 +321,6 @@ async fn create(
             Ok(vec![(kind, id, Some(json))])
         })
         .await?;
-    if kind == EntityKind::Repository {
-        read_repository(&state, &created, None).await;
-    }
     Ok(written(&state, kind, &created, StatusCode::CREATED))
 }
 
@@ -307,20 +331,17 @@ async fn replace(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let base_dir = state.base_dir.clone();
+    let commit = read_repository_first(&state, kind, &body, Some(&id)).await?;
     let code = state.runtime.code();
-    let (before, _) = state.model.snapshot();
     state
         .model
         .write(|model| {
             must_exist(model, kind, &id)?;
-            let (id, json) = prepare(kind, &body, Some(&id), model, (&base_dir, &code))?;
+            let read = (base_dir.as_path(), code.as_ref(), commit.as_deref());
+            let (id, json) = prepare(kind, &body, Some(&id), model, read)?;
             Ok(vec![(kind, id, Some(json))])
         })
         .await?;
-    if kind == EntityKind::Repository {
-        let old_path = before.repositories.get(&id).map(|r| r.path.clone());
-        read_repository(&state, &id, old_path).await;
-    }
     Ok(written(&state, kind, &id, StatusCode::OK))
 }
 

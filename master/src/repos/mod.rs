@@ -128,12 +128,14 @@ impl Repositories {
     }
 
     /// Makes sure a repository has code and that its record names the head: reads it
-    /// when it has no head yet (a new repository).
+    /// when it has no head yet, or its record names no commit (a new repository, a
+    /// seeded or imported one).
     pub async fn ensure(&self, id: &str) -> Result<(), RepoError> {
         let head = self.runtime.code().repo(id).map(|r| r.commit.clone());
-        match head {
-            Some(head) => self.record_commit(id, &head).await,
-            None => self.pull(id).await.map(|_| ()),
+        let named = self.record(id)?.commit;
+        match (head, named) {
+            (Some(head), Some(_)) => self.record_commit(id, &head).await,
+            _ => self.pull(id).await.map(|_| ()),
         }
     }
 
@@ -189,7 +191,19 @@ impl Repositories {
         })
         .await
         .map_err(|err| RepoError::Unreadable(format!("repository {id}: {err}")))?;
-        self.apply(id, scanned, RepositoryAction::Pull).await
+        self.apply(id, scanned, RepositoryAction::Pull, true).await
+    }
+
+    /// Reads a repository that is being created, or moved to another folder, before its
+    /// record is written: the answer is the commit the record should name.
+    pub async fn adopt(&self, id: &str, path: &str) -> Result<String, RepoError> {
+        let _one = self.updating.lock().await;
+        let folder = self.base_dir.join(path);
+        let scanned = blocking(move || scan::scan(&folder, None))
+            .await
+            .map_err(|err| RepoError::Unreadable(format!("repository {id}: {err}")))?;
+        let moved = self.apply(id, scanned, RepositoryAction::Pull, false).await?;
+        Ok(moved.commit)
     }
 
     /// Runs the repository at `commit`: any commit of a git working copy (read from git,
@@ -203,7 +217,7 @@ impl Repositories {
             let scanned = blocking(move || scan::scan(&folder, Some(&at)))
                 .await
                 .map_err(|err| RepoError::NotFound(format!("repository {id}: {err}")))?;
-            return self.apply(id, scanned, RepositoryAction::Reset).await;
+            return self.apply(id, scanned, RepositoryAction::Reset, true).await;
         }
         let store = self.model.store();
         let (repo, at) = (id.to_string(), commit.to_string());
@@ -226,15 +240,18 @@ impl Repositories {
                 "repository {id} is a folder, and the master has never read it at commit {commit}"
             ))
         })?;
-        self.apply(id, scanned, RepositoryAction::Reset).await
+        self.apply(id, scanned, RepositoryAction::Reset, true).await
     }
 
-    /// Checks a new commit, stores it, makes it the head, and lets everything run it.
+    /// Checks a new commit, stores it, makes it the head, and lets everything run it;
+    /// with `write_record`, the repository's record is set to name it (else the caller
+    /// writes the record).
     async fn apply(
         &self,
         id: &str,
         scanned: Scanned,
         action: RepositoryAction,
+        write_record: bool,
     ) -> Result<Moved, RepoError> {
         let code = self.runtime.code();
         let old = code.repo(id).cloned();
@@ -254,7 +271,9 @@ impl Repositories {
             drivers: changed_drivers(&model, id, old.as_ref(), &new),
         };
         if !moved.changed {
-            self.record_commit(id, &new.commit).await?;
+            if write_record {
+                self.record_commit(id, &new.commit).await?;
+            }
             return Ok(moved);
         }
         if old.is_some()
@@ -289,7 +308,9 @@ impl Repositories {
         self.runtime.set_code(Arc::new(code.with(id, new)));
         // The model's commit changes: control reconciles, and the modules using a changed
         // driver reload.
-        self.record_commit(id, &moved.commit).await?;
+        if write_record {
+            self.record_commit(id, &moved.commit).await?;
+        }
         let reason = format!(
             "repository {id}: {} {} -> {} ({} file(s) changed; drivers changed: {})",
             match action {
@@ -306,7 +327,10 @@ impl Repositories {
             }
         );
         tracing::info!("{reason}");
-        self.audit(id, previous, &moved.commit, false, reason).await;
+        // A repository's first read changes no running code: only moves are audited.
+        if previous.is_some() {
+            self.audit(id, previous, &moved.commit, false, reason).await;
+        }
         self.actions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
