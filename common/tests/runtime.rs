@@ -236,7 +236,11 @@ const BROKEN: &str = "fn version( { 3 }";
 const THROWS: &str = r#"fn on_load() { throw "no device map" } fn version() { 4 }"#;
 
 async fn version(runtime: &Runtime) -> serde_json::Value {
-    runtime.exec("s", "Dev", 1, "version", vec![]).await.unwrap().0
+    runtime
+        .exec("s", "Dev", 1, "version", vec![])
+        .await
+        .unwrap()
+        .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +276,10 @@ async fn a_new_script_reloads_in_place_and_a_failing_one_is_refused() {
         set_script(&runtime, bad);
         let refused = runtime.reconcile(model.clone(), |_| true).await;
         assert_eq!(refused.len(), 1, "{refused:?}");
-        assert_eq!((refused[0].module.as_str(), refused[0].driver.as_str()), ("m", "d"));
+        assert_eq!(
+            (refused[0].module.as_str(), refused[0].driver.as_str()),
+            ("m", "d")
+        );
         assert!(refused[0].error.contains(why), "{}", refused[0].error);
         assert_eq!(version(&runtime).await, json!(2));
     }
@@ -283,8 +290,15 @@ async fn a_new_script_reloads_in_place_and_a_failing_one_is_refused() {
         .into_iter()
         .map(|l| l.line)
         .collect();
-    for expected in ["reloading: new driver code", "reloaded: the new code runs", "reload refused, the old code keeps running"] {
-        assert!(lines.iter().any(|l| l.contains(expected)), "{expected:?} not in {lines:?}");
+    for expected in [
+        "reloading: new driver code",
+        "reloaded: the new code runs",
+        "reload refused, the old code keeps running",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(expected)),
+            "{expected:?} not in {lines:?}"
+        );
     }
     runtime.stop_all().await;
 }

@@ -1,4 +1,5 @@
-//! The edge's control routes: `GET /api/v1/edges` (this edge: owner, epoch, online) and
+//! The edge's control routes: `GET /api/v1/edges` (this edge: owner, epoch, online, the
+//! driver commit it runs) and
 //! `GET /api/v1/audit` (the changes of owner it decided alone). A restore is the
 //! master's to do.
 
@@ -9,6 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use tether_common::api::ApiError;
+use tether_common::code::commit_label;
 use tether_common::control::owner_name;
 
 use crate::control::EdgeControl;
@@ -47,6 +49,9 @@ async fn edges(State(state): State<ControlState>) -> Json<Vec<Value>> {
         map.insert("epoch".into(), view.state.epoch.into());
         map.insert("controlling".into(), view.active.into());
         map.insert("master_ready".into(), view.master_ready.into());
+        // What it runs, which the master's record shows once the edge has reported it.
+        let commit = commit_label(&state.replica.code().commits());
+        map.insert("commit".into(), commit.into());
     }
     Json(vec![edge])
 }

@@ -247,7 +247,14 @@ impl Task {
             let state = self.machine.state();
             let records: Vec<AuditRecord> = refused
                 .iter()
-                .map(|r| r.audit(&model, &code, (&self.edge_id, state.owner, state.epoch), now_ms()))
+                .map(|r| {
+                    r.audit(
+                        &model,
+                        &code,
+                        (&self.edge_id, state.owner, state.epoch),
+                        now_ms(),
+                    )
+                })
                 .collect();
             self.store_audits(records).await;
             if let Some(link) = &self.link {

@@ -11,8 +11,8 @@ use std::sync::{Arc, RwLock};
 
 use tether_common::code::{Code, RepoCode};
 use tether_common::model::Model;
-use tether_common::protocol::FileEntry;
 use tether_common::model::sync::{BatchError, ReplicaPosition, apply_batch};
+use tether_common::protocol::FileEntry;
 use tether_common::protocol::ModelBatch;
 use tether_common::store::{Store, StoreError};
 use tokio::sync::{Mutex, watch};

@@ -107,9 +107,11 @@ async fn answer_requests(
                 let (link, replica) = (link.clone(), replica.clone());
                 tokio::spawn(async move {
                     let done =
-                        update_repository(&link, &replica, repository, commit, action, files)
-                            .await;
-                    request.responder.respond(done.map(|()| Response::Ack)).await;
+                        update_repository(&link, &replica, repository, commit, action, files).await;
+                    request
+                        .responder
+                        .respond(done.map(|()| Response::Ack))
+                        .await;
                 });
                 continue;
             }

@@ -10,8 +10,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::repos::push_code;
 use crate::server::LinkContext;
-use tether_common::code::fetch::serve_blobs;
 use crate::sync::{answer_sync, push_changes};
+use tether_common::code::fetch::serve_blobs;
 use tether_common::proxy::serve_call;
 
 /// Serves one link until it closes.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use tether_common::model::{
-    DriverRecord, Model, EdgeRecord, ModuleRecord, RepositoryRecord, Settings, SystemRecord,
+    DriverRecord, EdgeRecord, Model, ModuleRecord, RepositoryRecord, Settings, SystemRecord,
 };
 use tether_common::protocol::EntityKind;
 use tether_common::store::Write;

@@ -194,7 +194,10 @@ async fn every_entity_has_crud_with_validation() {
     let (_, driver) = api.get("/api/v1/drivers/projector").await;
     let (_, repository) = api.get("/api/v1/repositories/core").await;
     assert_eq!(driver["hash"].as_str().unwrap().len(), 64, "{driver}");
-    assert_eq!(driver["commit"], repository["commit"], "{driver} {repository}");
+    assert_eq!(
+        driver["commit"], repository["commit"],
+        "{driver} {repository}"
+    );
     assert_eq!(repository["commit"].as_str().unwrap().len(), 64);
     let (status, body) = write(
         &api,

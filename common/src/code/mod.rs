@@ -78,8 +78,7 @@ impl RepoCode {
             .iter()
             .map(|(_, text)| (content_hash(text.as_bytes()), text.as_bytes().to_vec()))
             .collect();
-        RepoCode::new(commit.to_string(), files, |h| by_hash.get(h).cloned())
-            .unwrap_or_default()
+        RepoCode::new(commit.to_string(), files, |h| by_hash.get(h).cloned()).unwrap_or_default()
     }
 
     /// The text of a file.
@@ -88,9 +87,15 @@ impl RepoCode {
             return Ok(text.clone());
         }
         if self.files.iter().any(|f| f.path == path) {
-            Err(format!("{path} at {} is not UTF-8 text", short(&self.commit)))
+            Err(format!(
+                "{path} at {} is not UTF-8 text",
+                short(&self.commit)
+            ))
         } else {
-            Err(format!("there is no file {path} at commit {}", short(&self.commit)))
+            Err(format!(
+                "there is no file {path} at commit {}",
+                short(&self.commit)
+            ))
         }
     }
 
@@ -170,13 +175,28 @@ mod tests {
             (content_hash(&[0xff, 0xfe]), vec![0xff, 0xfe]),
         ]
         .into();
-        let files = vec![entry("a.rhai", b"fn a() {}"), entry("logo.bin", &[0xff, 0xfe])];
+        let files = vec![
+            entry("a.rhai", b"fn a() {}"),
+            entry("logo.bin", &[0xff, 0xfe]),
+        ];
         let repo = RepoCode::new("c1".into(), files, |h| blobs.get(h).cloned()).unwrap();
         let code = Code::default().with("core", repo);
         assert_eq!(&*code.source("core", "a.rhai").unwrap(), "fn a() {}");
-        assert!(code.source("core", "logo.bin").unwrap_err().contains("not UTF-8"));
-        assert!(code.source("core", "b.rhai").unwrap_err().contains("no file b.rhai"));
-        assert!(code.source("extra", "a.rhai").unwrap_err().contains("not here"));
+        assert!(
+            code.source("core", "logo.bin")
+                .unwrap_err()
+                .contains("not UTF-8")
+        );
+        assert!(
+            code.source("core", "b.rhai")
+                .unwrap_err()
+                .contains("no file b.rhai")
+        );
+        assert!(
+            code.source("extra", "a.rhai")
+                .unwrap_err()
+                .contains("not here")
+        );
         let missing = RepoCode::new("c2".into(), vec![entry("x", b"x")], |_| None);
         assert!(missing.unwrap_err().contains("content of x"));
     }
@@ -188,6 +208,9 @@ mod tests {
         commits.insert("core".to_string(), "abc".to_string());
         assert_eq!(commit_label(&commits).as_deref(), Some("abc"));
         commits.insert("extra".to_string(), "def".to_string());
-        assert_eq!(commit_label(&commits).as_deref(), Some("core@abc,extra@def"));
+        assert_eq!(
+            commit_label(&commits).as_deref(),
+            Some("core@abc,extra@def")
+        );
     }
 }

@@ -15,8 +15,8 @@ pub use envelope::{Envelope, ErrorCode, RemoteError};
 pub use handshake::{Handshake, NONCE_LEN, Nonce};
 pub use json::Json;
 pub use messages::{
-    AuditRecord, CodeAudit, ControlOwner, EntityKind, FileEntry, ModelBatch, ModelChange, ModuleRef, Notice,
-    RepositoryAction, Request, Response, StreamItem,
+    AuditRecord, CodeAudit, ControlOwner, EntityKind, FileEntry, ModelBatch, ModelChange,
+    ModuleRef, Notice, RepositoryAction, Request, Response, StreamItem,
 };
 
 /// The protocol version both sides must speak; checked in the handshake.

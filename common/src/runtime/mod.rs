@@ -97,10 +97,7 @@ impl ReloadRefused {
             from: owner,
             to: owner,
             epoch,
-            reason: format!(
-                "module {} kept its old code: {}",
-                self.module, self.error
-            ),
+            reason: format!("module {} kept its old code: {}", self.module, self.error),
             code: Some(CodeAudit {
                 repository,
                 from: None,

@@ -106,15 +106,21 @@ impl Store {
         else {
             return Ok(None);
         };
-        postcard::from_bytes(bytes.value()).map(Some).map_err(|err| {
-            self.corrupt(format!(
-                "manifest of {repository} at {commit} does not decode: {err}"
-            ))
-        })
+        postcard::from_bytes(bytes.value())
+            .map(Some)
+            .map_err(|err| {
+                self.corrupt(format!(
+                    "manifest of {repository} at {commit} does not decode: {err}"
+                ))
+            })
     }
 
     /// A commit's code, if this store has its manifest and every blob.
-    pub fn repo_code(&self, repository: &str, commit: &str) -> Result<Option<RepoCode>, StoreError> {
+    pub fn repo_code(
+        &self,
+        repository: &str,
+        commit: &str,
+    ) -> Result<Option<RepoCode>, StoreError> {
         let Some(files) = self.manifest(repository, commit)? else {
             return Ok(None);
         };
@@ -181,7 +187,10 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert!(store.missing_blobs(&[hash]).unwrap().is_empty());
         let code = store.load_code().unwrap();
-        assert_eq!(&*code.source("core", "d.rhai").unwrap(), "fn version() { 1 }");
+        assert_eq!(
+            &*code.source("core", "d.rhai").unwrap(),
+            "fn version() { 1 }"
+        );
         assert_eq!(store.manifest("core", "c1").unwrap(), Some(files));
         assert_eq!(store.manifest("core", "c2").unwrap(), None);
     }

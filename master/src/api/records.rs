@@ -223,7 +223,10 @@ fn check_driver_file(
 
 /// A repository's folder must exist on the master.
 fn check_repository_path(record: &Map<String, Value>, base_dir: &Path) -> Result<(), ModelError> {
-    let path = record.get("path").and_then(Value::as_str).unwrap_or_default();
+    let path = record
+        .get("path")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if path.is_empty() || !base_dir.join(path).is_dir() {
         return Err(ModelError::Invalid(format!(
             "key `path`: {path:?} is not a folder on the master"
@@ -234,12 +237,7 @@ fn check_repository_path(record: &Map<String, Value>, base_dir: &Path) -> Result
 
 /// Stored keys the server sets (a repository's and an edge's commit): a write keeps the
 /// current value.
-fn keep_server_keys(
-    kind: EntityKind,
-    id: &str,
-    record: &mut Map<String, Value>,
-    model: &Model,
-) {
+fn keep_server_keys(kind: EntityKind, id: &str, record: &mut Map<String, Value>, model: &Model) {
     if !matches!(kind, EntityKind::Repository | EntityKind::Edge) {
         return;
     }

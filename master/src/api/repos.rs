@@ -34,7 +34,10 @@ impl From<RepoError> for ApiError {
     }
 }
 
-async fn pull(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Moved>, ApiError> {
+async fn pull(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Moved>, ApiError> {
     Ok(Json(state.repos.pull(&id).await?))
 }
 

@@ -202,7 +202,9 @@ impl Repositories {
         let scanned = blocking(move || scan::scan(&folder, None))
             .await
             .map_err(|err| RepoError::Unreadable(format!("repository {id}: {err}")))?;
-        let moved = self.apply(id, scanned, RepositoryAction::Pull, false).await?;
+        let moved = self
+            .apply(id, scanned, RepositoryAction::Pull, false)
+            .await?;
         Ok(moved.commit)
     }
 
@@ -285,7 +287,8 @@ impl Repositories {
                 previous.as_deref().map(short).unwrap_or("nothing")
             );
             tracing::warn!("{reason}");
-            self.audit(id, previous, &new.commit, true, reason.clone()).await;
+            self.audit(id, previous, &new.commit, true, reason.clone())
+                .await;
             return Err(RepoError::Refused(reason));
         }
         let store = self.model.store();
@@ -370,14 +373,7 @@ impl Repositories {
         }
     }
 
-    async fn audit(
-        &self,
-        id: &str,
-        from: Option<String>,
-        to: &str,
-        refused: bool,
-        reason: String,
-    ) {
+    async fn audit(&self, id: &str, from: Option<String>, to: &str, refused: bool, reason: String) {
         let record = AuditRecord {
             time_ms: now_ms(),
             edge: String::new(),
@@ -444,8 +440,7 @@ fn write<R: Serialize>(
     id: &str,
     record: &R,
 ) -> Result<tether_common::store::Write, ModelError> {
-    let json =
-        serde_json::to_string(record).map_err(|err| ModelError::Invalid(err.to_string()))?;
+    let json = serde_json::to_string(record).map_err(|err| ModelError::Invalid(err.to_string()))?;
     Ok((kind, id.to_string(), Some(json)))
 }
 

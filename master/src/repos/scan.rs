@@ -159,7 +159,12 @@ pub fn git(repo: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
 /// Brings a working copy up to its upstream, when it has one (a local repository that
 /// is committed to in place has none, and its HEAD is already the newest).
 pub fn git_pull(repo: &Path) -> Result<(), String> {
-    if git(repo, &["rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{u}"]).is_err() {
+    if git(
+        repo,
+        &["rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{u}"],
+    )
+    .is_err()
+    {
         return Ok(());
     }
     git(repo, &["pull", "--ff-only", "--quiet"]).map(|_| ())
@@ -169,8 +174,16 @@ fn scan_git(repo: &Path, at: &str) -> Result<Scanned, String> {
     if at.starts_with('-') {
         return Err(format!("{at:?} is not a commit"));
     }
-    let commit = git(repo, &["rev-parse", "--verify", "--quiet", &format!("{at}^{{commit}}")])
-        .map_err(|_| format!("{at:?} is not a commit of {}", repo.display()))?;
+    let commit = git(
+        repo,
+        &[
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("{at}^{{commit}}"),
+        ],
+    )
+    .map_err(|_| format!("{at:?} is not a commit of {}", repo.display()))?;
     let commit = String::from_utf8_lossy(&commit).trim().to_string();
     // `mode type object<TAB>path`, NUL-terminated; submodules (type commit) are skipped.
     let listing = git(repo, &["ls-tree", "-r", "-z", "--long", &commit])?;
@@ -189,7 +202,10 @@ fn scan_git(repo: &Path, at: &str) -> Result<Scanned, String> {
         objects.push((path.to_string(), fields[2].to_string()));
     }
     if objects.len() > MAX_FILES {
-        return Err(format!("{} holds more than {MAX_FILES} files", repo.display()));
+        return Err(format!(
+            "{} holds more than {MAX_FILES} files",
+            repo.display()
+        ));
     }
     let contents = read_git_objects(repo, &objects)?;
     Ok(Scanned::new(commit, contents))
@@ -258,7 +274,11 @@ mod tests {
         assert_eq!(scan(dir.path(), None).unwrap().commit, first.commit);
         std::fs::write(dir.path().join("sub/b.rhai"), "fn b() { 3 }").unwrap();
         assert_ne!(scan(dir.path(), None).unwrap().commit, first.commit);
-        assert!(scan(&dir.path().join("nope"), None).unwrap_err().contains("not a folder"));
+        assert!(
+            scan(&dir.path().join("nope"), None)
+                .unwrap_err()
+                .contains("not a folder")
+        );
     }
 
     #[test]
@@ -282,8 +302,16 @@ mod tests {
         let back = scan(repo, Some(&one.commit[..10])).unwrap();
         assert_eq!(back.commit, one.commit);
         assert_eq!(back.blobs[0].1, b"fn a() { 1 }");
-        assert!(scan(repo, Some("no-such-commit")).unwrap_err().contains("not a commit"));
-        assert!(scan(repo, Some("--help")).unwrap_err().contains("not a commit"));
+        assert!(
+            scan(repo, Some("no-such-commit"))
+                .unwrap_err()
+                .contains("not a commit")
+        );
+        assert!(
+            scan(repo, Some("--help"))
+                .unwrap_err()
+                .contains("not a commit")
+        );
         git_pull(repo).unwrap();
     }
 }
