@@ -1,5 +1,6 @@
 //! `tether`: the client API from a shell. Edges, systems, exec, status, watch (a status
-//! binding), debug (a module's log), restore and audit, against a master or an edge.
+//! binding), debug (a module's log), restore and audit, against a master or an edge; pull
+//! and reset of driver repositories on the master.
 //! Readable tables by default; `--json` prints the API's JSON for scripts.
 #![forbid(unsafe_code)]
 
@@ -107,7 +108,19 @@ enum Command {
         /// Edge id.
         edge: String,
     },
-    /// Changes of owner, oldest first.
+    /// Read a driver repository's newest commit and run it (master).
+    Pull {
+        /// Repository id.
+        repository: String,
+    },
+    /// Run a driver repository at an earlier (or any) commit (master).
+    Reset {
+        /// Repository id.
+        repository: String,
+        /// The commit (git: a unique prefix will do).
+        commit: String,
+    },
+    /// Changes of owner and of driver code, oldest first.
     Audit {
         /// Only this edge's.
         #[arg(long)]
@@ -224,6 +237,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .post(&format!("/api/v1/edges/{edge}/restore"), json!({}))
                 .await?,
             table::restored,
+        ),
+        Command::Pull { repository } => show(
+            &client
+                .post(
+                    &format!("/api/v1/repositories/{repository}/pull"),
+                    json!({}),
+                )
+                .await?,
+            table::moved,
+        ),
+        Command::Reset { repository, commit } => show(
+            &client
+                .post(
+                    &format!("/api/v1/repositories/{repository}/reset"),
+                    json!({ "commit": commit }),
+                )
+                .await?,
+            table::moved,
         ),
         Command::Audit { edge } => {
             let path = match edge {

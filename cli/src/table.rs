@@ -131,10 +131,40 @@ pub fn restored(value: &Value) -> String {
 }
 
 pub fn audit(value: &Value) -> String {
-    let keys = ["time", "edge", "from", "to", "epoch", "reason"];
+    let keys = ["time", "event", "edge", "from", "to", "epoch", "reason"];
     render(
-        &["TIME", "EDGE", "FROM", "TO", "EPOCH", "REASON"],
+        &["TIME", "EVENT", "EDGE", "FROM", "TO", "EPOCH", "REASON"],
         rows(value, &keys),
+    )
+}
+
+/// A pull's or reset's answer.
+pub fn moved(value: &Value) -> String {
+    let list = |key: &str| {
+        let items: Vec<String> = value[key]
+            .as_array()
+            .map(|a| a.iter().map(cell).collect())
+            .unwrap_or_default();
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
+    if value["changed"] == false {
+        return format!(
+            "repository {} stays at {}\n",
+            cell(&value["repository"]),
+            cell(&value["commit"])
+        );
+    }
+    format!(
+        "repository {} moved {} -> {}\nfiles changed: {}\ndrivers reloaded: {}\n",
+        cell(&value["repository"]),
+        cell(&value["previous"]),
+        cell(&value["commit"]),
+        list("files"),
+        list("drivers")
     )
 }
 

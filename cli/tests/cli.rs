@@ -162,12 +162,40 @@ async fn the_command_line_client_covers_the_api() {
         "{}",
         text(&out.stderr)
     );
-    let out = cli.run(&["audit"]);
+    // Pull: unchanged, then a changed driver; reset back; audit lists the code change.
+    let out = cli.run(&["pull", "extra"]);
     assert!(
-        text(&out.stdout).starts_with("TIME"),
+        text(&out.stdout).contains("stays at"),
         "{}",
         text(&out.stdout)
     );
+    let (_, repository) = cluster.master_api().get("/api/v1/repositories/extra").await;
+    let first = repository["commit"].as_str().unwrap().to_string();
+    std::fs::write(
+        cluster.path("extra-drivers/note.rhai"),
+        format!("{NOTE}\nfn added() {{ 1 }}\n"),
+    )
+    .unwrap();
+    let out = cli.run(&["pull", "extra"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let moved = text(&out.stdout);
+    assert!(moved.contains(&format!("moved {first} -> ")), "{moved}");
+    assert!(moved.contains("drivers reloaded: note"), "{moved}");
+    let out = cli.run(&["reset", "extra", &first]);
+    assert!(
+        text(&out.stdout).ends_with(&format!(
+            "-> {first}\nfiles changed: note.rhai\ndrivers reloaded: note\n"
+        )),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = cli.run(&["reset", "extra", "f00d"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("404"), "{}", text(&out.stderr));
+    let out = cli.run(&["audit"]);
+    let audit = text(&out.stdout);
+    assert!(audit.starts_with("TIME"), "{audit}");
+    assert!(audit.contains("repository extra: pulled"), "{audit}");
 
     // The environment instead of flags; a wrong token is 401; no server is exit 3.
     let token = std::fs::read_to_string(&cli.token_file).unwrap();

@@ -282,6 +282,8 @@ async fn a_new_script_reloads_in_place_and_a_failing_one_is_refused() {
         );
         assert!(refused[0].error.contains(why), "{}", refused[0].error);
         assert_eq!(version(&runtime).await, json!(2));
+        // A refused version is not tried again on the next reconcile.
+        assert!(runtime.reconcile(model.clone(), |_| true).await.is_empty());
     }
     let lines: Vec<String> = runtime
         .debug_from(&at, None)

@@ -20,6 +20,8 @@ fn display(version: u32) -> String {
 }
 const OTHER: &str = "fn connected() { status(\"connected\", true); }\nfn ping() { \"pong\" }\n";
 const BROKEN: &str = "fn version( { 99 }\n";
+/// Compiles (the master accepts it), but cannot load on the edge.
+const THROWS_ON_LOAD: &str = "fn on_load() { throw \"no lamp hours\" }\nfn version() { 5 }\n";
 
 fn site(repository: &Path, display_port: u16, other_port: u16) -> String {
     format!(
@@ -263,6 +265,35 @@ async fn a_folder_change_reloads_in_place_and_a_broken_one_is_refused() {
         .filter(|e| e["event"] == "code" && e["refused"] == false)
         .count();
     assert_eq!(applied, 1, "the pull to version 2: {audit}");
+
+    // A version that compiles but whose on_load throws: the master takes the commit, the
+    // edge refuses to load it, keeps the old code, and reports the refusal.
+    std::fs::write(repo.path().join("display.rhai"), THROWS_ON_LOAD).unwrap();
+    let (status, body) = pull(&master).await;
+    assert_eq!(status, 200, "{body}");
+    let refusal = wait_for(
+        "the edge's refusal in the master's audit",
+        Duration::from_secs(10),
+        || async {
+            let (_, audit) = master.get("/api/v1/audit?edge=site-1").await;
+            audit
+                .as_array()?
+                .iter()
+                .find(|e| e["event"] == "code" && e["module"] == "disp")
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(refusal["refused"], true, "{refusal}");
+    assert_eq!(refusal["driver"], "display", "{refusal}");
+    assert!(
+        refusal["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no lamp hours"),
+        "{refusal}"
+    );
+    assert_eq!(version_on(&edge).await, Some(2));
 
     // A folder's earlier commit, kept by the master, can be reset to.
     let (status, body) = master

@@ -308,7 +308,7 @@ impl Runtime {
                         if running.spec.same_but_source(want)
                             && running.shared.health().state != ModuleState::Faulted =>
                     {
-                        if *running.source() != *want.source {
+                        if running.wants(&want.source) {
                             reloads.push((running.clone(), want.source.clone()));
                         }
                     }

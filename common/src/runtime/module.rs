@@ -68,6 +68,8 @@ pub(super) struct ModuleInstance {
     pub(super) shared: Arc<ModuleShared>,
     /// The script it runs now.
     source: std::sync::Mutex<Arc<str>>,
+    /// The last script it refused to load, not tried again.
+    refused: std::sync::Mutex<Option<Arc<str>>>,
     jobs: mpsc::Sender<Job>,
     reloads: mpsc::Sender<Reload>,
     cancel: CancellationToken,
@@ -103,6 +105,7 @@ impl ModuleInstance {
         ));
         ModuleInstance {
             source: std::sync::Mutex::new(spec.source.clone()),
+            refused: std::sync::Mutex::default(),
             spec,
             shared,
             jobs: jobs_tx,
@@ -177,10 +180,18 @@ impl ModuleInstance {
             Ok(Err(_)) => Err(format!("module {} stopped while reloading", self.spec.id)),
             Err(_) => Err(format!("module {} did not reload in time", self.spec.id)),
         };
-        if outcome.is_ok() {
-            *self.source.lock().unwrap_or_else(|p| p.into_inner()) = source;
+        match &outcome {
+            Ok(()) => *self.source.lock().unwrap_or_else(|p| p.into_inner()) = source,
+            Err(_) => *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(source),
         }
         outcome
+    }
+
+    /// Whether `source` should be loaded: it is not the script running, nor one this
+    /// module refused already (a refused version is reported once, not on every change).
+    pub(super) fn wants(&self, source: &Arc<str>) -> bool {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        *self.source() != **source && refused.as_deref() != Some(&**source)
     }
 
     /// Cancelled when the module stops (watches of its status and log end on it).
