@@ -256,24 +256,10 @@ impl Task {
                     )
                 })
                 .collect();
-            self.store_audits(records).await;
+            self.store.record_audits(records, AUDIT_KEEP).await;
             if let Some(link) = &self.link {
                 tokio::spawn(report_audits(link.clone(), self.store.clone()));
             }
-        }
-    }
-
-    /// Appends to this edge's audit log (reported to the master on every link).
-    async fn store_audits(&self, records: Vec<AuditRecord>) {
-        let store = self.store.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            records
-                .iter()
-                .try_for_each(|r| store.append_audit(r, AUDIT_KEEP).map(|_| ()))
-        })
-        .await;
-        if !matches!(stored, Ok(Ok(()))) {
-            tracing::error!("cannot store an audit record: {stored:?}");
         }
     }
 
@@ -326,7 +312,7 @@ impl Task {
                     // The edge's log holds what it decided alone; the master logs its own
                     // decisions.
                     if report {
-                        self.store_audits(vec![record]).await;
+                        self.store.record_audits(vec![record], AUDIT_KEEP).await;
                         if let Some(link) = self.link.clone() {
                             tokio::spawn(report_audits(link, self.store.clone()));
                         }

@@ -151,9 +151,9 @@ impl Control {
             .copied()
     }
 
-    /// Records audit events: an edge's (its own takeovers while the master was out of
-    /// reach, its refused reloads), or the master's changes of driver code.
-    pub async fn record_audits(&self, events: Vec<AuditRecord>) -> anyhow::Result<()> {
+    /// Records audit events an edge reports: its own takeovers while the master was out
+    /// of reach, its refused reloads.
+    pub async fn record_edge_audits(&self, events: Vec<AuditRecord>) -> anyhow::Result<()> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             for event in &events {
@@ -174,8 +174,8 @@ impl Control {
                         event.reason
                     ),
                 }
-                store.append_audit(event, AUDIT_KEEP)?;
             }
+            store.append_audits(&events, AUDIT_KEEP)?;
             Ok(())
         })
         .await?
@@ -381,16 +381,7 @@ impl Task {
                 r.audit(model, &code, (&edge, Owner::Master, epoch), now_ms())
             })
             .collect();
-        let store = self.store.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            records
-                .iter()
-                .try_for_each(|r| store.append_audit(r, AUDIT_KEEP).map(|_| ()))
-        })
-        .await;
-        if !matches!(stored, Ok(Ok(()))) {
-            tracing::error!("cannot store an audit record: {stored:?}");
-        }
+        self.store.record_audits(records, AUDIT_KEEP).await;
     }
 
     fn persisted_epoch(&self, edge: &str) -> u64 {
@@ -433,14 +424,7 @@ impl Task {
                         "change of owner: {}",
                         record.reason
                     );
-                    let store = self.store.clone();
-                    let stored = tokio::task::spawn_blocking(move || {
-                        store.append_audit(&record, AUDIT_KEEP)
-                    })
-                    .await;
-                    if !matches!(stored, Ok(Ok(_))) {
-                        tracing::error!(edge, "cannot store an audit record: {stored:?}");
-                    }
+                    self.store.record_audits(vec![record], AUDIT_KEEP).await;
                 }
                 MasterAction::StartModules { epoch } => {
                     tracing::info!(edge, epoch, "the master starts the edge's modules");

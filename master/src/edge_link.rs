@@ -97,7 +97,7 @@ pub async fn serve_edge(
                     ))
                 } else {
                     control
-                        .record_audits(events)
+                        .record_edge_audits(events)
                         .await
                         .map(|()| Response::Ack)
                         .map_err(|err| {

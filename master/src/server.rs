@@ -137,13 +137,8 @@ async fn serve(
         model: model.clone(),
     }))));
     // The code before the model: the first reconcile already has the drivers' scripts.
-    let repos = crate::repos::Repositories::open(
-        model.clone(),
-        runtime.clone(),
-        control.clone(),
-        base_dir.clone(),
-    )
-    .await?;
+    let repos =
+        crate::repos::Repositories::open(model.clone(), runtime.clone(), base_dir.clone()).await?;
     follow_model(&model, &registry, &control);
     tokio::spawn(follow_model_changes(
         model.clone(),

@@ -100,6 +100,36 @@ async fn start(repository: &Path, devices: &Devices, proxied: bool) -> Cluster {
     Cluster::start(spec).await
 }
 
+/// A folder repository with version 1 of the display driver, and the other driver.
+fn folder_repo() -> tempfile::TempDir {
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::write(repo.path().join("display.rhai"), display(1)).unwrap();
+    std::fs::write(repo.path().join("other.rhai"), OTHER).unwrap();
+    repo
+}
+
+/// Starts a cluster on `repository` and waits until the edge runs version 1, reports the
+/// repository's commit, and both devices are connected. Answers the cluster, clients of
+/// the master and the edge, and that commit.
+async fn start_on_v1(
+    repository: &Path,
+    devices: &Devices,
+    proxied: bool,
+) -> (Cluster, ApiClient, ApiClient, String) {
+    let cluster = start(repository, devices, proxied).await;
+    let (master, edge) = (cluster.master_api(), cluster.edge_admin(0));
+    wait_version(&edge, 1, Duration::from_secs(20)).await;
+    let commit = repository_commit(&master).await;
+    wait_edge_commit(&master, &edge, &commit).await;
+    wait_for(
+        "both devices connected",
+        Duration::from_secs(10),
+        || async { (devices.connects() == (1, 1)).then_some(()) },
+    )
+    .await;
+    (cluster, master, edge, commit)
+}
+
 async fn version_on(api: &ApiClient) -> Option<i64> {
     let (status, body) = api.exec("room", "Display", 1, "version", json!([])).await;
     (status == 200).then(|| body["result"].as_i64()).flatten()
@@ -177,20 +207,8 @@ async fn pull_and_reload(
 #[tokio::test]
 async fn a_folder_change_reloads_in_place_and_a_broken_one_is_refused() {
     let devices = Devices::new();
-    let repo = tempfile::tempdir().unwrap();
-    std::fs::write(repo.path().join("display.rhai"), display(1)).unwrap();
-    std::fs::write(repo.path().join("other.rhai"), OTHER).unwrap();
-    let cluster = start(repo.path(), &devices, false).await;
-    let (master, edge) = (cluster.master_api(), cluster.edge_admin(0));
-    wait_version(&edge, 1, Duration::from_secs(20)).await;
-    let first = repository_commit(&master).await;
-    wait_edge_commit(&master, &edge, &first).await;
-    wait_for(
-        "both devices connected",
-        Duration::from_secs(10),
-        || async { (devices.connects() == (1, 1)).then_some(()) },
-    )
-    .await;
+    let repo = folder_repo();
+    let (cluster, master, edge, first) = start_on_v1(repo.path(), &devices, false).await;
 
     // A client watches the display module's debug log through the master.
     let mut ws = WsClient::connect(master.base(), &cluster.ca(), &admin_token(&cluster))
@@ -343,17 +361,8 @@ async fn a_git_commit_reloads_in_place_and_an_old_one_can_be_reset_to() {
     git(repo.path(), &["config", "user.name", "test"]);
     std::fs::write(repo.path().join("other.rhai"), OTHER).unwrap();
     let first = commit_display(repo.path(), 1);
-    let cluster = start(repo.path(), &devices, false).await;
-    let (master, edge) = (cluster.master_api(), cluster.edge_admin(0));
-    wait_version(&edge, 1, Duration::from_secs(20)).await;
-    assert_eq!(repository_commit(&master).await, first);
-    wait_edge_commit(&master, &edge, &first).await;
-    wait_for(
-        "both devices connected",
-        Duration::from_secs(10),
-        || async { (devices.connects() == (1, 1)).then_some(()) },
-    )
-    .await;
+    let (_cluster, master, edge, commit) = start_on_v1(repo.path(), &devices, false).await;
+    assert_eq!(commit, first, "the git commit");
 
     // An uncommitted edit is not code: a pull takes the commit.
     let second = commit_display(repo.path(), 2);
@@ -378,13 +387,8 @@ async fn a_git_commit_reloads_in_place_and_an_old_one_can_be_reset_to() {
 #[tokio::test]
 async fn an_edge_away_during_two_updates_catches_up_on_reconnect() {
     let devices = Devices::new();
-    let repo = tempfile::tempdir().unwrap();
-    std::fs::write(repo.path().join("display.rhai"), display(1)).unwrap();
-    std::fs::write(repo.path().join("other.rhai"), OTHER).unwrap();
-    let cluster = start(repo.path(), &devices, true).await;
-    let (master, edge) = (cluster.master_api(), cluster.edge_admin(0));
-    wait_version(&edge, 1, Duration::from_secs(20)).await;
-    wait_edge_commit(&master, &edge, &repository_commit(&master).await).await;
+    let repo = folder_repo();
+    let (cluster, master, edge, _) = start_on_v1(repo.path(), &devices, true).await;
 
     cluster.proxies[0].cut();
     wait_for("the edge offline", Duration::from_secs(15), || async {

@@ -51,17 +51,36 @@ impl Store {
     /// Appends to the audit log, which then keeps its newest `keep` records. Returns the
     /// record's sequence number.
     pub fn append_audit(&self, record: &AuditRecord, keep: u64) -> Result<u64, StoreError> {
-        let bytes = postcard::to_stdvec(record).unwrap_or_default();
+        self.append_audits(std::slice::from_ref(record), keep)
+    }
+
+    /// Appends records to the audit log in one transaction, as
+    /// [`append_audit`](Self::append_audit) does one; returns the last sequence number.
+    pub fn append_audits(&self, records: &[AuditRecord], keep: u64) -> Result<u64, StoreError> {
         self.write_txn(|txn| {
             let mut audit = txn.open_table(AUDIT)?;
-            let seq = audit.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-            audit.insert(seq, bytes.as_slice())?;
+            let mut seq = audit.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+            for record in records {
+                seq += 1;
+                let bytes = postcard::to_stdvec(record).unwrap_or_default();
+                audit.insert(seq, bytes.as_slice())?;
+            }
             if audit.len()? > keep {
                 let floor = seq.saturating_sub(keep);
                 audit.retain_in(..=floor, |_, _| false)?;
             }
             Ok(seq)
         })
+    }
+
+    /// Appends audit records from async code; a failure is logged (an audit record never
+    /// holds up the decision it records).
+    pub async fn record_audits(self: &std::sync::Arc<Self>, records: Vec<AuditRecord>, keep: u64) {
+        let store = self.clone();
+        let stored = tokio::task::spawn_blocking(move || store.append_audits(&records, keep)).await;
+        if !matches!(stored, Ok(Ok(_))) {
+            tracing::error!("cannot store an audit record: {stored:?}");
+        }
     }
 
     /// The audit records after sequence number `after`, oldest first.

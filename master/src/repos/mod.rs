@@ -23,7 +23,6 @@ use tether_common::protocol::{AuditRecord, CodeAudit, ControlOwner, EntityKind, 
 use tether_common::runtime::Runtime;
 use tokio::sync::watch;
 
-use crate::control::Control;
 use crate::model::{ModelService, WriteError};
 pub use push::push_code;
 use scan::Scanned;
@@ -72,7 +71,6 @@ pub struct Moved {
 pub struct Repositories {
     model: Arc<ModelService>,
     runtime: Runtime,
-    control: Control,
     base_dir: PathBuf,
     /// One pull or reset at a time.
     updating: tokio::sync::Mutex<()>,
@@ -103,7 +101,6 @@ impl Repositories {
     pub async fn open(
         model: Arc<ModelService>,
         runtime: Runtime,
-        control: Control,
         base_dir: PathBuf,
     ) -> anyhow::Result<Arc<Repositories>> {
         let store = model.store();
@@ -112,7 +109,6 @@ impl Repositories {
         let repos = Arc::new(Repositories {
             model,
             runtime,
-            control,
             base_dir,
             updating: tokio::sync::Mutex::new(()),
             actions: Mutex::default(),
@@ -389,9 +385,10 @@ impl Repositories {
                 refused,
             }),
         };
-        if let Err(err) = self.control.record_audits(vec![record]).await {
-            tracing::error!("cannot store an audit record: {err}");
-        }
+        self.model
+            .store()
+            .record_audits(vec![record], crate::control::AUDIT_KEEP)
+            .await;
     }
 
     /// Sets the repository record's commit, if it differs.
