@@ -21,13 +21,29 @@ pub fn drivers_dir() -> std::path::PathBuf {
         .join("drivers")
 }
 
-/// A free loopback port: bound, read and released. Another process could take it in the
-/// instant between, which on a test machine does not happen in practice.
+/// A free loopback port for a server a test starts, from below the kernel's ephemeral
+/// range (32768 and up on Linux), so that no outgoing connection of a running test (an
+/// edge's link, a client) can take it between this check and the server's bind; each
+/// call in a process gets another port, from a random start so that test processes
+/// rarely meet.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("no free loopback port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        rand::random_range(0..SPAN),
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or fails after `limit` saying what
