@@ -16,6 +16,8 @@ use crate::store::Store;
 pub const FETCH_ATTEMPTS: u32 = 3;
 /// How long the master may take to start a blob stream.
 const STREAM_START: Duration = Duration::from_secs(30);
+/// How long a blob stream may stall before the edge gives this request up.
+const STREAM_IDLE: Duration = Duration::from_secs(30);
 /// Blobs held in memory before they are stored.
 const BATCH_BYTES: usize = 4 << 20;
 /// Blobs the master reads from its store at once.
@@ -75,7 +77,15 @@ pub async fn fetch_blobs(
         let mut batch: Vec<(Hash, Vec<u8>)> = Vec::new();
         let mut batch_bytes = 0;
         let mut failure = None;
-        while let Some(item) = stream.next().await {
+        loop {
+            let item = match tokio::time::timeout(STREAM_IDLE, stream.next()).await {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(_) => {
+                    failure = Some(format!("the file stream stalled for {STREAM_IDLE:?}"));
+                    break;
+                }
+            };
             let (hash, data) = match item {
                 Ok(StreamItem::Blob { hash, data }) => (hash, data),
                 Ok(other) => {
