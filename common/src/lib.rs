@@ -14,6 +14,7 @@ pub mod api;
 pub mod code;
 pub mod control;
 pub mod link;
+pub mod logging;
 pub mod model;
 pub mod pki;
 pub mod protocol;

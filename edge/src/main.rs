@@ -1,18 +1,12 @@
 //! `tether-edge`: one per site; runs the site's modules and keeps a link to the master.
 #![forbid(unsafe_code)]
 
-mod api;
-mod code;
-mod control;
-mod proxy;
-mod replica;
-mod server;
-mod sync;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tether_common::logging::{self, LogFormat};
+use tether_common::shutdown::StopOn;
 
 #[derive(Parser)]
 #[command(
@@ -24,17 +18,15 @@ struct Cli {
     /// The edge's configuration file (edge.toml).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+    /// Log lines as `text` or `json` (one object per line), on stderr.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match server::run(&cli.config) {
+    logging::init(cli.log_format);
+    match tether_edge::run(&cli.config, StopOn::Signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!(

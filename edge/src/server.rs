@@ -25,9 +25,10 @@ use crate::proxy::EdgeLinks;
 use crate::replica::Replica;
 use tether_common::control::EdgeEvent;
 use tether_common::proxy::LinkRemote;
+use tether_common::shutdown::StopOn;
 
-/// Runs the edge until SIGINT or SIGTERM.
-pub fn run(config_path: &Path) -> anyhow::Result<()> {
+/// Runs the edge until `stop` says so.
+pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     let config = EdgeConfig::load(config_path)?;
     tls::install_crypto_provider();
     if config.tls.create_dev_certs {
@@ -77,7 +78,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         })?,
     );
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, token, connector, api_tls, replica))
+    runtime.block_on(serve(config, token, connector, api_tls, replica, stop))
 }
 
 async fn serve(
@@ -86,6 +87,7 @@ async fn serve(
     connector: ConnectorConfig,
     api_tls: Arc<rustls::ServerConfig>,
     replica: Arc<Replica>,
+    stop: StopOn,
 ) -> anyhow::Result<()> {
     let api_listener = TcpListener::bind(config.api_listen)
         .await
@@ -152,7 +154,7 @@ async fn serve(
         modules = runtime.running().len(),
         "edge booted"
     );
-    tether_common::shutdown::wait_for_signal().await;
+    tether_common::shutdown::wait(stop).await;
     tracing::info!("shutting down");
     shutdown.cancel();
     runtime.stop_all().await;

@@ -3,6 +3,7 @@
 
 mod api;
 mod control;
+mod demo;
 mod edge_link;
 mod edges;
 mod import;
@@ -17,6 +18,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tether_common::logging::{self, LogFormat};
+use tether_common::shutdown::StopOn;
 
 #[derive(Parser)]
 #[command(name = "tether-master", version, about = "Tether's master server")]
@@ -25,6 +28,9 @@ struct Cli {
     /// The master's configuration file (master.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Log lines as `text` or `json` (one object per line), on stderr.
+    #[arg(long, value_name = "FORMAT", default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -51,6 +57,13 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Tether in one command: a master, two edges and simulated devices as child
+    /// processes, two sites seeded with rooms; prints the dashboard address, the admin
+    /// token and commands to try. Ctrl-C stops everything it started.
+    Demo(demo::DemoArgs),
+    /// A process of the demo (started by `demo`; it ends when the demo's pipe closes).
+    #[command(hide = true, subcommand)]
+    DemoChild(demo::Child),
 }
 
 fn main() -> ExitCode {
@@ -70,15 +83,23 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        (Some(Command::Demo(args)), _) => demo::run(args, cli.log_format),
+        (Some(Command::DemoChild(child)), _) => {
+            logging::init(cli.log_format);
+            match demo::run_child(child) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!(
+                        "tether-master demo-child: {}",
+                        tether_common::report::one_line(err.as_ref())
+                    );
+                    ExitCode::from(2)
+                }
+            }
+        }
         (None, Some(config)) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
-            match server::run(&config) {
+            logging::init(cli.log_format);
+            match server::run(&config, StopOn::Signals) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!(

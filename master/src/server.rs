@@ -22,12 +22,13 @@ use crate::model::ModelService;
 use crate::proxy::MasterLinks;
 use tether_common::control::MasterEvent;
 use tether_common::proxy::LinkRemote;
+use tether_common::shutdown::StopOn;
 
 /// Handshakes in progress at once before new connections are dropped.
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
-/// Runs the master until SIGINT or SIGTERM.
-pub fn run(config_path: &Path) -> anyhow::Result<()> {
+/// Runs the master until `stop` says so.
+pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     let config = MasterConfig::load(config_path)?;
     let seed = config.seed.as_deref().map(SiteFile::load).transpose()?;
     tls::install_crypto_provider();
@@ -62,7 +63,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         if let Some(site) = &seed {
             seed_new_model(&model, site).await?;
         }
-        serve(config_path, config, model, token, link_tls, api_tls).await
+        serve(config_path, config, model, token, (link_tls, api_tls), stop).await
     })
 }
 
@@ -101,8 +102,8 @@ async fn serve(
     config: MasterConfig,
     model: Arc<ModelService>,
     token: Arc<AdminToken>,
-    link_tls: Arc<rustls::ServerConfig>,
-    api_tls: Arc<rustls::ServerConfig>,
+    (link_tls, api_tls): (Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>),
+    stop: StopOn,
 ) -> anyhow::Result<()> {
     let link_listener = TcpListener::bind(config.link_listen)
         .await
@@ -208,7 +209,7 @@ async fn serve(
         "master booted"
     );
 
-    tether_common::shutdown::wait_for_signal().await;
+    tether_common::shutdown::wait(stop).await;
     tracing::info!("shutting down");
     registry.close_all("the master is shutting down");
     shutdown.cancel();

@@ -1,46 +1,16 @@
 //! `tether-sim`: device simulators for the demo, the tests and driver writers.
-//!
-//! Each prints one JSON line per event on stdout (`listening`, `connect`, `disconnect`,
-//! `refused`, `command`), with the peer address and a timestamp, so a test can see who
-//! controlled a device and when two controllers overlapped.
 #![forbid(unsafe_code)]
 
-mod events;
-mod modbus;
-mod projector;
-
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use tether_sim::Device;
 
 #[derive(Parser)]
 #[command(name = "tether-sim", version, about = "Tether's device simulators")]
 struct Cli {
     #[command(subcommand)]
     device: Device,
-}
-
-#[derive(Subcommand)]
-enum Device {
-    /// A projector with a line protocol (commands and replies end in `\r`):
-    /// `PWR ON`, `PWR OFF`, `PWR?`, `INPUT n`, `INPUT?`; anything else gets `ERR`.
-    Projector {
-        /// Address to listen on (`127.0.0.1:0` picks a port; see the `listening` event).
-        #[arg(long, value_name = "ADDR")]
-        listen: SocketAddr,
-        /// Sessions allowed at once; a further connection is refused (closed at once).
-        #[arg(long, value_name = "N", default_value_t = 1)]
-        max_sessions: usize,
-    },
-    /// A Modbus TCP energy meter: holding registers and coils 0..=9 (read/write); input
-    /// registers 0 voltage (0.1 V), 1 current (0.01 A), 2-3 energy (Wh, high word first,
-    /// growing every second).
-    Modbus {
-        /// Address to listen on.
-        #[arg(long, value_name = "ADDR")]
-        listen: SocketAddr,
-    },
 }
 
 fn main() -> ExitCode {
@@ -52,16 +22,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = runtime.block_on(async {
-        match cli.device {
-            Device::Projector {
-                listen,
-                max_sessions,
-            } => projector::run(listen, max_sessions.max(1)).await,
-            Device::Modbus { listen } => modbus::run(listen).await,
-        }
-    });
-    match result {
+    match runtime.block_on(tether_sim::run(cli.device)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tether-sim: {err:#}");

@@ -1,0 +1,13 @@
+//! `tether-edge`: one per site; runs the site's modules and keeps a link to the master.
+//! A library too, so that `tether-master demo` can start edges from its own binary.
+#![forbid(unsafe_code)]
+
+mod api;
+mod code;
+mod control;
+mod proxy;
+mod replica;
+mod server;
+mod sync;
+
+pub use server::run;
