@@ -15,6 +15,7 @@ pub mod code;
 pub mod control;
 pub mod link;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod protocol;

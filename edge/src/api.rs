@@ -9,54 +9,74 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tether_common::api::ApiError;
+use tether_common::api::{ApiError, Overview};
 use tether_common::code::commit_label;
 use tether_common::control::owner_name;
+use tether_common::store::Store;
 
 use crate::control::EdgeControl;
 use crate::replica::Replica;
 
+/// This edge's control and replica, as its API shows them.
 #[derive(Clone)]
-struct ControlState {
-    control: EdgeControl,
-    replica: Arc<Replica>,
-    edge_id: String,
+pub struct EdgeOverview {
+    pub control: EdgeControl,
+    pub replica: Arc<Replica>,
+    pub edge_id: String,
 }
 
 /// The routes, over this edge's control and replica.
-pub fn control_routes(control: EdgeControl, replica: Arc<Replica>, edge_id: String) -> Router {
+pub fn control_routes(state: EdgeOverview) -> Router {
     Router::new()
         .route("/api/v1/edges", get(edges))
         .route("/api/v1/audit", get(audit))
-        .with_state(ControlState {
-            control,
-            replica,
-            edge_id,
-        })
+        .with_state(state)
 }
 
-async fn edges(State(state): State<ControlState>) -> Json<Vec<Value>> {
-    let view = state.control.view();
-    let (model, _) = state.replica.snapshot();
-    let mut edge = model
-        .edges
-        .get(&state.edge_id)
-        .and_then(|record| serde_json::to_value(record).ok())
-        .unwrap_or_else(|| json!({ "id": state.edge_id }));
-    if let Value::Object(map) = &mut edge {
-        map.insert("online".into(), view.online.into());
-        map.insert("owner".into(), owner_name(view.state.owner).into());
-        map.insert("epoch".into(), view.state.epoch.into());
-        map.insert("controlling".into(), view.active.into());
-        map.insert("master_ready".into(), view.master_ready.into());
-        // What it runs, which the master's record shows once the edge has reported it.
-        let commit = commit_label(&state.replica.code().commits());
-        map.insert("commit".into(), commit.into());
+async fn edges(State(state): State<EdgeOverview>) -> Json<Vec<Value>> {
+    Json(state.edges())
+}
+
+impl Overview for EdgeOverview {
+    fn edges(&self) -> Vec<Value> {
+        vec![self.edge_view()]
     }
-    Json(vec![edge])
+
+    fn model_version(&self) -> u64 {
+        self.replica.snapshot().1.version
+    }
+
+    fn store(&self) -> Arc<Store> {
+        self.replica.store()
+    }
 }
 
-async fn audit(State(state): State<ControlState>) -> Result<Json<Vec<Value>>, ApiError> {
+impl EdgeOverview {
+    /// This edge: its record with its link and control state and the commit it runs.
+    fn edge_view(&self) -> Value {
+        let state = self;
+        let view = state.control.view();
+        let (model, _) = state.replica.snapshot();
+        let mut edge = model
+            .edges
+            .get(&state.edge_id)
+            .and_then(|record| serde_json::to_value(record).ok())
+            .unwrap_or_else(|| json!({ "id": state.edge_id }));
+        if let Value::Object(map) = &mut edge {
+            map.insert("online".into(), view.online.into());
+            map.insert("owner".into(), owner_name(view.state.owner).into());
+            map.insert("epoch".into(), view.state.epoch.into());
+            map.insert("controlling".into(), view.active.into());
+            map.insert("master_ready".into(), view.master_ready.into());
+            // What it runs, which the master's record shows once the edge has reported it.
+            let commit = commit_label(&state.replica.code().commits());
+            map.insert("commit".into(), commit.into());
+        }
+        edge
+    }
+}
+
+async fn audit(State(state): State<EdgeOverview>) -> Result<Json<Vec<Value>>, ApiError> {
     state
         .control
         .audit()

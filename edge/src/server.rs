@@ -10,9 +10,12 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router, middleware};
 use tether_common::api::{
-    Access, AdminToken, Health, authorize, health, module_routes, serve_https, system_routes,
+    Access, AdminToken, Health, Live, authorize, health, live_routes, module_routes, serve_https,
+    system_routes,
 };
-use tether_common::link::{ConnectorConfig, LinkConfig, LinkEvent, Secret, maintain_link, tls};
+use tether_common::link::{
+    ConnectorConfig, LinkConfig, LinkEvent, RttObserver, Secret, maintain_link, tls,
+};
 use tether_common::pki;
 use tether_common::runtime::{Runtime, ScriptLimits};
 use tether_config::EdgeConfig;
@@ -84,7 +87,7 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
 async fn serve(
     config: EdgeConfig,
     token: Arc<AdminToken>,
-    connector: ConnectorConfig,
+    mut connector: ConnectorConfig,
     api_tls: Arc<rustls::ServerConfig>,
     replica: Arc<Replica>,
     stop: StopOn,
@@ -104,6 +107,11 @@ async fn serve(
         booted: false.into(),
     });
     let runtime = Runtime::new(format!("edge:{}", config.edge_id), ScriptLimits::default());
+    // Round trips to the master, in the metrics under this edge's id.
+    let (metrics, edge_id) = (runtime.metrics().clone(), config.edge_id.clone());
+    connector.link.on_rtt = Some(RttObserver(Arc::new(move |_, rtt| {
+        metrics.observe_rtt(&edge_id, rtt)
+    })));
     // The replica alone is enough to run: if the master cannot be reached, control
     // starts the modules from it after one more attempt.
     let control = EdgeControl::start(&config.edge_id, replica.clone(), runtime.clone())?;
@@ -114,16 +122,19 @@ async fn serve(
     // The admin token of this edge, and the users replicated from the master.
     let users = replica.clone();
     let access = Access::new(token, move || users.snapshot().0);
+    let overview = crate::api::EdgeOverview {
+        control: control.clone(),
+        replica: replica.clone(),
+        edge_id: config.edge_id.clone(),
+    };
+    let live = Live::new(runtime.clone(), Arc::new(overview.clone()));
     let protected = Router::new()
         .route("/api/v1/replica", get(replica_dump))
         .with_state(replica.clone())
-        .merge(crate::api::control_routes(
-            control.clone(),
-            replica.clone(),
-            config.edge_id.clone(),
-        ))
+        .merge(crate::api::control_routes(overview))
         .merge(system_routes(runtime.clone()))
         .merge(module_routes(runtime.clone()))
+        .merge(live_routes(live))
         .layer(middleware::from_fn_with_state(access, authorize));
     let router = Router::new()
         .route("/api/v1/health", get(health))

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tether_common::api::{AdminToken, Health, serve_https};
-use tether_common::link::{AuthenticatedEdge, LinkConfig, ListenerConfig, run_listener, tls};
+use tether_common::link::{
+    AuthenticatedEdge, LinkConfig, ListenerConfig, RttObserver, run_listener, tls,
+};
 use tether_common::pki;
 use tether_common::runtime::{Runtime, ScriptLimits};
 use tether_config::{MasterConfig, SiteFile};
@@ -65,6 +67,12 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
         }
         serve(config_path, config, model, token, (link_tls, api_tls), stop).await
     })
+}
+
+/// Each heartbeat's round trip into the metrics, under the edge's id (the link's peer).
+fn rtt_metrics(runtime: &Runtime) -> RttObserver {
+    let metrics = runtime.metrics().clone();
+    RttObserver(Arc::new(move |edge, rtt| metrics.observe_rtt(edge, rtt)))
 }
 
 /// Opens the model database in the data folder, naming a master that holds it already.
@@ -158,10 +166,13 @@ async fn serve(
     let listener_config = ListenerConfig {
         handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
         max_pending_handshakes: MAX_PENDING_HANDSHAKES,
-        link: LinkConfig::with_heartbeat(
-            Duration::from_millis(config.heartbeat_ms),
-            config.max_frame_bytes as usize,
-        ),
+        link: LinkConfig {
+            on_rtt: Some(rtt_metrics(&runtime)),
+            ..LinkConfig::with_heartbeat(
+                Duration::from_millis(config.heartbeat_ms),
+                config.max_frame_bytes as usize,
+            )
+        },
     };
     tokio::spawn(run_listener(
         link_listener,

@@ -88,7 +88,6 @@ pub fn module_routes(runtime: Runtime) -> Router {
             "/api/v1/systems/{id}/modules/{name}/{index}/debug",
             get(debug),
         )
-        .route("/api/v1/ws", get(super::ws::ws))
         .route(
             "/api/v1/systems/{id}/start",
             post(|state, id| system_action(state, id, SystemAction::Start)),
@@ -166,9 +165,7 @@ async fn exec(
         })?;
         let module = ModuleRef::new(system.clone(), name.clone(), index);
         let epoch = runtime.fence(&module, body.epoch)?;
-        let done = runtime
-            .exec_from(&module, &body.method, body.args, body.epoch, None)
-            .await?;
+        let done = client_exec(&runtime, &module, &body.method, body.args, body.epoch).await?;
         let mut answer = json!({ "result": done.value, "executed_by": done.executed_by });
         if let Some(epoch) = epoch {
             answer["epoch"] = json!(epoch);
@@ -176,6 +173,23 @@ async fn exec(
         Ok::<_, ApiError>(answer)
     };
     hinted(&runtime, &system, answer.await)
+}
+
+/// A client's method call, wherever the module runs, counted and timed in the metrics.
+pub(super) async fn client_exec(
+    runtime: &Runtime,
+    module: &ModuleRef,
+    method: &str,
+    args: Vec<Value>,
+    epoch: Option<u64>,
+) -> Result<crate::runtime::Executed, ExecError> {
+    let started = std::time::Instant::now();
+    let done = runtime.exec_from(module, method, args, epoch, None).await;
+    let by = done.as_ref().ok().map(|done| done.executed_by.as_str());
+    runtime
+        .metrics()
+        .observe_exec(by, done.is_ok(), started.elapsed());
+    done
 }
 
 /// Starts, stops or expires a system where it runs: `{"system", "action", "done_by"}`.

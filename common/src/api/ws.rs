@@ -1,5 +1,6 @@
 //! The WebSocket API at `/api/v1/ws`: bindings to modules' status, exec, debug streams,
-//! and redirect hints, as JSON text messages (the README lists them).
+//! redirect hints, and watches of the edges and of control changes, as JSON text
+//! messages (the README lists them).
 //!
 //! Every command carries an `id` that its answer (`success` or `error`) repeats. Bindings
 //! and debug streams follow a module wherever it runs, across changes of owner, until
@@ -18,6 +19,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::Live;
 use super::{ApiError, Principal};
 use crate::protocol::ModuleRef;
 use crate::runtime::{ExecError, Runtime, StatusEvent};
@@ -33,9 +35,14 @@ const OUT_QUEUE: usize = 1024;
 struct Command {
     id: Value,
     cmd: String,
-    sys: String,
-    #[serde(rename = "mod")]
-    module: String,
+    /// The module's system and name (every command but `watch` and `unwatch`).
+    #[serde(default)]
+    sys: Option<String>,
+    #[serde(rename = "mod", default)]
+    module: Option<String>,
+    /// `watch`/`unwatch`: `edges` or `audit`.
+    #[serde(default)]
+    topic: Option<String>,
     #[serde(default = "one")]
     index: u32,
     /// `bind`/`unbind`: one status key; all keys when absent.
@@ -57,13 +64,13 @@ fn one() -> u32 {
 
 /// `GET /api/v1/ws`: upgrades to the WebSocket API.
 pub(super) async fn ws(
-    State(runtime): State<Runtime>,
+    State(live): State<Live>,
     Extension(principal): Extension<Principal>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     upgrade
         .max_message_size(MAX_MESSAGE)
-        .on_upgrade(move |socket| session(socket, runtime, principal))
+        .on_upgrade(move |socket| session(socket, live, principal))
 }
 
 /// One module's status binding on a socket: the keys bound, the values last sent.
@@ -77,6 +84,9 @@ type Key = (String, String, u32);
 
 struct Session {
     runtime: Runtime,
+    live: Live,
+    /// Watches by topic.
+    watches: HashMap<String, JoinHandle<()>>,
     principal: Principal,
     out: mpsc::Sender<Value>,
     bindings: HashMap<Key, Binding>,
@@ -87,7 +97,7 @@ struct Session {
     events: mpsc::Sender<(Key, StatusEvent)>,
 }
 
-async fn session(socket: WebSocket, runtime: Runtime, principal: Principal) {
+async fn session(socket: WebSocket, live: Live, principal: Principal) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<Value>(OUT_QUEUE);
     let writer = tokio::spawn(async move {
@@ -103,7 +113,9 @@ async fn session(socket: WebSocket, runtime: Runtime, principal: Principal) {
     });
     let (events, mut events_rx) = mpsc::channel(OUT_QUEUE);
     let mut session = Session {
-        runtime,
+        runtime: live.runtime.clone(),
+        live,
+        watches: HashMap::new(),
         principal,
         out,
         bindings: HashMap::new(),
@@ -140,7 +152,8 @@ async fn session(socket: WebSocket, runtime: Runtime, principal: Principal) {
     for (_, binding) in session.bindings.drain() {
         binding.task.abort();
     }
-    for (_, task) in session.debugs.drain() {
+    let debugs = session.debugs.drain().map(|(_, task)| task);
+    for task in debugs.chain(session.watches.drain().map(|(_, task)| task)) {
         task.abort();
     }
     drop(session);
@@ -196,18 +209,67 @@ impl Session {
                 ));
             }
         };
-        let key: Key = (command.sys.clone(), command.module.clone(), command.index);
         let answer = match command.cmd.as_str() {
-            "bind" => self.bind(key, command.key).await,
-            "unbind" => {
-                self.unbind(&key, command.key);
+            "watch" => self.watch(command.topic.as_deref()),
+            "unwatch" => {
+                if let Some(task) = command.topic.as_ref().and_then(|t| self.watches.remove(t)) {
+                    task.abort();
+                }
                 Ok(json!({}))
             }
-            "exec" => match self.exec(&command) {
-                // The answer follows when the method returns.
-                Ok(()) => return self.hint(&command.sys),
-                Err(err) => Err(err),
-            },
+            _ => self.module_command(&command).await,
+        };
+        let message = match answer {
+            // An exec: its answer follows when the method returns.
+            Ok(Value::Null) => None,
+            Ok(mut body) => {
+                body["type"] = json!("success");
+                body["id"] = command.id.clone();
+                Some(body)
+            }
+            Err(err) => Some(error_json(&command.id, err)),
+        };
+        let sent = message.is_none_or(|message| self.send(message));
+        sent && command.sys.as_ref().is_none_or(|system| self.hint(system))
+    }
+
+    /// Starts a watch of `edges` or `audit`; its messages follow this command's answer.
+    fn watch(&mut self, topic: Option<&str>) -> Result<Value, ApiError> {
+        let topic = topic.ok_or_else(|| ApiError::unprocessable("watch needs a `topic`"))?;
+        if self.watches.contains_key(topic) {
+            return Ok(json!({}));
+        }
+        let (live, out) = (self.live.clone(), self.out.clone());
+        let task = match topic {
+            "edges" => tokio::spawn(super::live::watch_edges(live, out)),
+            "audit" => tokio::spawn(super::live::watch_audit(live, out)),
+            other => {
+                return Err(ApiError::unprocessable(format!(
+                    "unknown topic {other:?}: expected edges or audit"
+                )));
+            }
+        };
+        self.watches.insert(topic.to_string(), task);
+        Ok(json!({}))
+    }
+
+    /// A command about one module: bind, unbind, exec, debug, ignore.
+    async fn module_command(&mut self, command: &Command) -> Result<Value, ApiError> {
+        let (Some(sys), Some(module)) = (&command.sys, &command.module) else {
+            return Err(ApiError::unprocessable(format!(
+                "{:?} needs `sys` and `mod`",
+                command.cmd
+            )));
+        };
+        let key: Key = (sys.clone(), module.clone(), command.index);
+        match command.cmd.as_str() {
+            "bind" => self.bind(key, command.key.clone()).await,
+            "unbind" => {
+                self.unbind(&key, command.key.clone());
+                Ok(json!({}))
+            }
+            // The answer follows when the method returns: an empty success is not sent.
+            "exec" => self.exec(command, &key).map(|()| Value::Null),
             "debug" => self.debug(key).await,
             "ignore" => {
                 if let Some(task) = self.debugs.remove(&key) {
@@ -216,18 +278,9 @@ impl Session {
                 Ok(json!({}))
             }
             other => Err(ApiError::unprocessable(format!(
-                "unknown cmd {other:?}: expected bind, unbind, exec, debug or ignore"
+                "unknown cmd {other:?}: expected bind, unbind, exec, debug, ignore, watch or unwatch"
             ))),
-        };
-        let message = match answer {
-            Ok(mut body) => {
-                body["type"] = json!("success");
-                body["id"] = command.id.clone();
-                body
-            }
-            Err(err) => error_json(&command.id, err),
-        };
-        self.send(message) && self.hint(&command.sys)
+        }
     }
 
     async fn bind(&mut self, key: Key, status_key: Option<String>) -> Result<Value, ApiError> {
@@ -317,7 +370,7 @@ impl Session {
 
     /// Starts a method call in its own task, so the session keeps reading; its answer
     /// comes through the out queue.
-    fn exec(&mut self, command: &Command) -> Result<(), ApiError> {
+    fn exec(&mut self, command: &Command, key: &Key) -> Result<(), ApiError> {
         if !self.principal.may_exec() {
             return Err(ApiError::forbidden(format!(
                 "user {} (viewer) may not run methods",
@@ -328,13 +381,13 @@ impl Session {
             .method
             .as_deref()
             .ok_or_else(|| ApiError::unprocessable("exec needs a `method`"))?;
-        let module = ModuleRef::new(command.sys.clone(), command.module.clone(), command.index);
+        let module = at(key);
         let runtime = self.runtime.clone();
         let (args, epoch, id) = (command.args.clone(), command.epoch, command.id.clone());
         let method = method.to_string();
         let out = self.out.clone();
         tokio::spawn(async move {
-            let answer = runtime.exec_from(&module, &method, args, epoch, None).await;
+            let answer = super::modules::client_exec(&runtime, &module, &method, args, epoch).await;
             let message = match answer {
                 Ok(done) => json!({"type": "success", "id": id, "result": done.value,
                     "executed_by": done.executed_by}),

@@ -39,6 +39,18 @@ pub struct LinkConfig {
     pub in_queue: usize,
     /// Items of one streamed answer waiting for its reader.
     pub stream_queue: usize,
+    /// Told every measured round trip (the metrics).
+    pub on_rtt: Option<RttObserver>,
+}
+
+/// A function told each heartbeat's round trip, with the peer's name.
+#[derive(Clone)]
+pub struct RttObserver(pub Arc<dyn Fn(&str, Duration) + Send + Sync>);
+
+impl std::fmt::Debug for RttObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RttObserver")
+    }
 }
 
 impl LinkConfig {
@@ -51,6 +63,7 @@ impl LinkConfig {
             out_queue: 4096,
             in_queue: 4096,
             stream_queue: 256,
+            on_rtt: None,
         }
     }
 }
@@ -573,6 +586,9 @@ impl Link {
             Envelope::Pong { sent_us, .. } => {
                 let rtt = self.now_us().saturating_sub(sent_us).max(1);
                 self.shared.rtt_us.store(rtt, Ordering::Relaxed);
+                if let Some(RttObserver(observe)) = &self.shared.config.on_rtt {
+                    observe(&self.shared.peer, Duration::from_micros(rtt));
+                }
             }
             Envelope::Close { reason } => {
                 return Some(format!("the peer closed the link: {reason}"));

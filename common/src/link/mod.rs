@@ -11,7 +11,8 @@ mod secret;
 pub mod tls;
 
 pub use connection::{
-    Incoming, IncomingRequest, Link, LinkConfig, LinkError, Responder, ResponseStream, refuse_all,
+    Incoming, IncomingRequest, Link, LinkConfig, LinkError, Responder, ResponseStream, RttObserver,
+    refuse_all,
 };
 pub use connector::{ConnectorConfig, LinkEvent, connect_once, maintain_link, reconnect_delay};
 pub use handshake::{

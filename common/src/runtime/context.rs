@@ -57,6 +57,9 @@ pub struct ModuleHealth {
     pub error: Option<String>,
     /// The last error of a call or callback (the module carries on).
     pub last_error: Option<String>,
+    /// Whether its device connection is up; absent for a logic module (no device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
 }
 
 /// The part of a module the API reads.
@@ -83,7 +86,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ModuleShared {
     /// A module's shared part, starting from `status` (the last status synced from the
     /// other side, under warm standby; else empty).
-    pub(super) fn new(status: Map<String, Value>) -> Self {
+    pub(super) fn new(status: Map<String, Value>, has_device: bool) -> Self {
         ModuleShared {
             status: Mutex::new(status),
             debug: Mutex::new(VecDeque::new()),
@@ -92,6 +95,7 @@ impl ModuleShared {
                 state: ModuleState::Starting,
                 error: None,
                 last_error: None,
+                connected: has_device.then_some(false),
             }),
         }
     }
@@ -123,6 +127,11 @@ impl ModuleShared {
         let mut health = lock(&self.health);
         health.state = state;
         health.error = error;
+    }
+
+    /// The device connection came up or went down.
+    pub(super) fn set_connected(&self, connected: bool) {
+        lock(&self.health).connected = Some(connected);
     }
 
     pub(super) fn record_error(&self, error: String) {

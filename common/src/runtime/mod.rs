@@ -165,6 +165,8 @@ pub(crate) struct Inner {
     /// Where calls for modules not run here go.
     remote: RwLock<Option<Arc<dyn Remote>>>,
     reconciling: tokio::sync::Mutex<()>,
+    /// This server's metrics (the runtime is what every part of a server holds).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The modules one side runs.
@@ -213,6 +215,7 @@ impl Runtime {
                 lookups: Mutex::default(),
                 remote: RwLock::new(None),
                 reconciling: tokio::sync::Mutex::new(()),
+                metrics: Arc::default(),
             }),
         }
     }
@@ -588,6 +591,28 @@ impl Runtime {
                     },
                     health: modules.get(&module.id).map(|m| m.shared.health()),
                 }
+            })
+            .collect()
+    }
+
+    /// This server's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Per module running here: the location it belongs to (`edge:ID` or `master`) and,
+    /// for one with a device, whether its connection is up.
+    pub fn module_connections(&self) -> Vec<(String, Option<bool>)> {
+        let model = self.model();
+        lock(&self.inner.modules)
+            .iter()
+            .map(|(id, module)| {
+                let location = model
+                    .modules
+                    .get(id)
+                    .map(|record| runs_on(&model, record))
+                    .unwrap_or_else(|| "master".to_string());
+                (location, module.shared.health().connected)
             })
             .collect()
     }

@@ -89,7 +89,8 @@ impl ModuleInstance {
             Some(warm) => (warm.ast, warm.status),
             None => (None, serde_json::Map::new()),
         };
-        let shared = Arc::new(ModuleShared::new(status));
+        let has_device = spec.transport != tether_config::Transport::None;
+        let shared = Arc::new(ModuleShared::new(status, has_device));
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE);
         let (reloads_tx, reloads_rx) = mpsc::channel(1);
         let cancel = CancellationToken::new();
@@ -327,8 +328,12 @@ async fn run(
             }
             Some(job) = jobs.recv() => job,
             Some(event) = events.recv() => match event {
-                TransportEvent::Connected => Job::callback(JobKind::Callback("connected"), Vec::new()),
+                TransportEvent::Connected => {
+                    shared.set_connected(true);
+                    Job::callback(JobKind::Callback("connected"), Vec::new())
+                }
                 TransportEvent::Disconnected(reason) => {
+                    shared.set_connected(false);
                     shared.log(format!("disconnected: {reason}"));
                     Job::callback(JobKind::Callback("disconnected"), Vec::new())
                 }

@@ -57,7 +57,7 @@ impl Store {
     /// Appends records to the audit log in one transaction, as
     /// [`append_audit`](Self::append_audit) does one; returns the last sequence number.
     pub fn append_audits(&self, records: &[AuditRecord], keep: u64) -> Result<u64, StoreError> {
-        self.write_txn(|txn| {
+        let last = self.write_txn(|txn| {
             let mut audit = txn.open_table(AUDIT)?;
             let mut seq = audit.last()?.map(|(k, _)| k.value()).unwrap_or(0);
             for record in records {
@@ -70,7 +70,19 @@ impl Store {
                 audit.retain_in(..=floor, |_, _| false)?;
             }
             Ok(seq)
-        })
+        })?;
+        let first = last + 1 - records.len() as u64;
+        for (seq, record) in (first..).zip(records) {
+            // No one listening is fine.
+            let _ = self.audit_appended.send((seq, record.clone()));
+        }
+        Ok(last)
+    }
+
+    /// Every audit record appended from now on, with its sequence number; a receiver that
+    /// lags reads the missed ones with [`audit_after`](Self::audit_after).
+    pub fn subscribe_audit(&self) -> tokio::sync::broadcast::Receiver<(u64, AuditRecord)> {
+        self.audit_appended.subscribe()
     }
 
     /// Appends audit records from async code; a failure is logged (an audit record never

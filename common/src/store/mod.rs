@@ -62,6 +62,8 @@ pub enum StoreError {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    /// Each audit record once it is durable, with its sequence number, for live views.
+    audit_appended: tokio::sync::broadcast::Sender<(u64, crate::control::AuditRecord)>,
 }
 
 impl std::fmt::Debug for Store {
@@ -73,6 +75,9 @@ impl std::fmt::Debug for Store {
 fn kind_from_name(name: &str) -> Option<EntityKind> {
     KINDS.into_iter().find(|&kind| kind_name(kind) == name)
 }
+
+/// Audit records a live view may fall behind by before it must read the log again.
+const AUDIT_LIVE: usize = 1024;
 
 impl Store {
     /// Opens (or creates) the database at `path`. A second process opening the same file
@@ -86,6 +91,7 @@ impl Store {
         let store = Store {
             db,
             path: path.to_path_buf(),
+            audit_appended: tokio::sync::broadcast::channel(AUDIT_LIVE).0,
         };
         // Create the tables, so that readers find them in a new file.
         store.write_txn(|txn| {

@@ -9,8 +9,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::{Router, middleware};
-use tether_common::api::{Access, AdminToken, Health, authorize, health, module_routes};
+use serde_json::Value;
+use tether_common::api::{
+    Access, AdminToken, Health, Live, Overview, authorize, health, live_routes, module_routes,
+};
 use tether_common::runtime::Runtime;
+use tether_common::store::Store;
 
 use crate::edges::EdgeRegistry;
 use crate::model::ModelService;
@@ -36,6 +40,7 @@ pub struct AppState {
 pub fn router(health_state: Arc<Health>, token: Arc<AdminToken>, state: AppState) -> Router {
     let model = state.model.clone();
     let access = Access::new(token, move || model.snapshot().0);
+    let live = Live::new(state.runtime.clone(), Arc::new(state.clone()));
     let protected = records::routes()
         .merge(control::routes())
         .merge(users::routes())
@@ -43,11 +48,33 @@ pub fn router(health_state: Arc<Health>, token: Arc<AdminToken>, state: AppState
         .route("/api/v1/edges/{id}/slice", axum::routing::get(edge_slice))
         .with_state(state.clone())
         .merge(module_routes(state.runtime.clone()))
+        .merge(live_routes(live))
         .layer(middleware::from_fn_with_state(access, authorize));
     Router::new()
         .route("/api/v1/health", axum::routing::get(health))
         .with_state(health_state)
         .merge(protected)
+}
+
+/// The master's account for the live routes: every edge of the model with its link and
+/// control state, the model version, the audit log in the model's store.
+impl Overview for AppState {
+    fn edges(&self) -> Vec<Value> {
+        let (model, _) = self.model.snapshot();
+        model
+            .edges
+            .values()
+            .filter_map(|record| self.edges.view(record, self.control.state(&record.id)))
+            .collect()
+    }
+
+    fn model_version(&self) -> u64 {
+        self.model.snapshot().1
+    }
+
+    fn store(&self) -> Arc<Store> {
+        self.model.store()
+    }
 }
 
 /// An edge's slice of the model, in the shape the edge's `GET /api/v1/replica` has, so

@@ -12,7 +12,10 @@ const MARKER: &str = ".tether-demo";
 
 /// The example drivers, carried in the binary so the demo needs no checkout.
 const DRIVERS: [(&str, &str); 3] = [
-    ("projector.rhai", include_str!("../../../drivers/projector.rhai")),
+    (
+        "projector.rhai",
+        include_str!("../../../drivers/projector.rhai"),
+    ),
     ("meter.rhai", include_str!("../../../drivers/meter.rhai")),
     ("room.rhai", include_str!("../../../drivers/room.rhai")),
 ];
@@ -108,7 +111,10 @@ impl Layout {
             }
             .with_context(|| format!("cannot clear {}", path.display()))?;
         }
-        fs::write(&marker, "made by tether-master demo; emptied at its next start\n")?;
+        fs::write(
+            &marker,
+            "made by tether-master demo; emptied at its next start\n",
+        )?;
         Ok(Layout { dir })
     }
 

@@ -151,12 +151,7 @@ fn plan(layout: &Layout, ports: &Ports, log_format: LogFormat) -> Vec<Process> {
         sim("room-102", "projector", ports.projectors[1]),
         sim("store-201", "projector", ports.projectors[2]),
         sim("room-101", "modbus", ports.meter),
-        server(
-            "master".into(),
-            "master",
-            layout.master_config(),
-            "master",
-        ),
+        server("master".into(), "master", layout.master_config(), "master"),
     ];
     for edge in EDGES {
         all.push(server(
