@@ -85,6 +85,27 @@ impl ApiClient {
         url.is_some_and(|url| url.starts_with("https://") && port(url) == port(&self.base))
     }
 
+    /// GET `path` as text: the status, the content type and the body.
+    pub async fn get_text(&self, path: &str) -> (u16, String, String) {
+        let mut request = self.http.get(format!("{}{}", self.base, path));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let kind = response
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                (status, kind, response.text().await.unwrap_or_default())
+            }
+            Err(_) => (0, String::new(), String::new()),
+        }
+    }
+
     /// Any request: the status and the JSON body (Null when the body is not JSON or empty;
     /// status 0 when the server could not be reached).
     pub async fn send(

@@ -4,6 +4,7 @@
 //! leaves nothing behind.
 
 pub mod api;
+pub mod browser;
 pub mod cluster;
 pub mod inproc;
 pub mod process;

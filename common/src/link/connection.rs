@@ -43,9 +43,12 @@ pub struct LinkConfig {
     pub on_rtt: Option<RttObserver>,
 }
 
+/// What an [`RttObserver`] calls: the peer's name and the round trip.
+pub type ObserveRtt = dyn Fn(&str, Duration) + Send + Sync;
+
 /// A function told each heartbeat's round trip, with the peer's name.
 #[derive(Clone)]
-pub struct RttObserver(pub Arc<dyn Fn(&str, Duration) + Send + Sync>);
+pub struct RttObserver(pub Arc<ObserveRtt>);
 
 impl std::fmt::Debug for RttObserver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

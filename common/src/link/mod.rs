@@ -11,8 +11,8 @@ mod secret;
 pub mod tls;
 
 pub use connection::{
-    Incoming, IncomingRequest, Link, LinkConfig, LinkError, Responder, ResponseStream, RttObserver,
-    refuse_all,
+    Incoming, IncomingRequest, Link, LinkConfig, LinkError, ObserveRtt, Responder, ResponseStream,
+    RttObserver, refuse_all,
 };
 pub use connector::{ConnectorConfig, LinkEvent, connect_once, maintain_link, reconnect_delay};
 pub use handshake::{

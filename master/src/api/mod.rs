@@ -1,6 +1,7 @@
 //! The master's client API routes.
 
 mod control;
+mod dashboard;
 mod records;
 mod repos;
 mod users;
@@ -53,6 +54,7 @@ pub fn router(health_state: Arc<Health>, token: Arc<AdminToken>, state: AppState
     Router::new()
         .route("/api/v1/health", axum::routing::get(health))
         .with_state(health_state)
+        .merge(dashboard::routes())
         .merge(protected)
 }
 

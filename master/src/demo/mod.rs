@@ -254,7 +254,7 @@ fn print_banner(layout: &Layout, ports: &Ports, token: &str, processes: &[Proces
 Tether is running: a master, edges site-1 (North campus: room-101, room-102) and site-2
 (South store: store-201), four simulated devices.
 
-  Dashboard    https://localhost:{api}/#token={token}
+  Dashboard    https://localhost:{api}/dashboard/#token={token}
                (signed by the demo's own CA: accept the browser's warning, or trust {ca})
   Admin token  {token}
   Metrics      https://localhost:{api}/metrics (the same token)

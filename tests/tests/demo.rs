@@ -1,0 +1,454 @@
+//! `tether-master demo` end to end: it starts from a clean folder, answers an exec through
+//! the master, serves a dashboard that follows a takeover live in headless Chromium, and
+//! `/metrics` that changes as the test acts; SIGINT stops every process it started.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tether_tests::api::ApiClient;
+use tether_tests::browser::Browser;
+use tether_tests::process::{Server, bin};
+
+/// A running demo and what its banner said.
+struct Demo {
+    process: Server,
+    dir: PathBuf,
+    api: ApiClient,
+    dashboard: String,
+    /// Process name to pid, as the banner lists them.
+    pids: HashMap<String, u32>,
+    _tmp: tempfile::TempDir,
+}
+
+/// The word after `label` on the first line that holds it.
+fn after<'a>(text: &'a str, label: &str) -> &'a str {
+    text.lines()
+        .find_map(|line| line.split_once(label))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {label:?} in the demo's output:\n{text}"))
+}
+
+impl Demo {
+    async fn start() -> Demo {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("demo");
+        let log = tmp.path().join("demo.log");
+        let process = Server::start(
+            "demo",
+            &bin("tether-master"),
+            &["demo", "--dir", dir.to_str().unwrap(), "--base-port", "0"],
+            &log,
+        );
+        process
+            .wait_for_log("Ctrl-C stops everything", Duration::from_secs(90))
+            .await;
+        let text = process.log_text();
+        let token = after(&text, "Admin token").to_string();
+        let dashboard = after(&text, "Dashboard").to_string();
+        let base = dashboard.split("/dashboard/").next().unwrap().to_string();
+        let api = ApiClient::new(&base, &dir.join("certs/ca.pem"), Some(token));
+        let list = after(&text, "Processes:");
+        let list = text[text.find(list).unwrap()..]
+            .split_once('.')
+            .map(|(list, _)| list)
+            .unwrap_or_default()
+            .replace('\n', " ");
+        let pids = list
+            .split(", ")
+            .filter_map(|entry| {
+                let (name, pid) = entry.trim().rsplit_once(' ')?;
+                Some((name.to_string(), pid.parse().ok()?))
+            })
+            .collect();
+        Demo {
+            process,
+            dir,
+            api,
+            dashboard,
+            pids,
+            _tmp: tmp,
+        }
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        *self
+            .pids
+            .get(name)
+            .unwrap_or_else(|| panic!("no process {name:?} in {:?}", self.pids))
+    }
+}
+
+/// Whether a process with this pid is alive (a zombie, dead but not reaped, is not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+            !matches!(state, Some(Some('Z' | 'X')))
+        })
+        .unwrap_or(false)
+}
+
+/// Processes whose command line mentions `dir`.
+fn processes_using(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) && alive(pid) {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
+fn metrics(text: &str) -> prometheus_parse::Scrape {
+    let lines = text.lines().map(|line| Ok(line.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("the metrics parse as Prometheus text")
+}
+
+/// A sample's value: `name` with exactly these labels (`None`: no such sample).
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(buckets) => {
+                buckets.last().map(|b| b.count).unwrap_or(0.0)
+            }
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+}
+
+async fn scrape(api: &ApiClient) -> prometheus_parse::Scrape {
+    let (status, kind, text) = api.get_text("/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        // Every line is a HELP or TYPE comment or a sample: name{labels} value.
+        let ok = line.starts_with("# HELP tether_")
+            || line.starts_with("# TYPE tether_")
+            || (line.starts_with("tether_")
+                && line
+                    .rsplit_once(' ')
+                    .is_some_and(|(_, v)| v.parse::<f64>().is_ok()));
+        assert!(ok, "not Prometheus text: {line:?}");
+    }
+    metrics(&text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_starts_clean_answers_through_the_master_and_stops_on_sigint() {
+    let mut demo = Demo::start().await;
+    let started: Vec<u32> = demo.pids.values().copied().collect();
+    assert_eq!(
+        started.len(),
+        7,
+        "four devices, a master, two edges: {:?}",
+        demo.pids
+    );
+    assert!(started.iter().all(|pid| alive(*pid)));
+
+    // A room of site-1, through the master: the edge runs it and the projector obeys.
+    let (status, answer) = demo
+        .api
+        .exec("room-101", "Room", 1, "present", json!([2]))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["executed_by"], "edge:site-1");
+    assert_eq!(answer["result"], 2);
+    let display = tether_tests::wait_for("the display on input 2", Duration::from_secs(10), || {
+        let api = demo.api.clone();
+        async move {
+            let (_, status) = api
+                .get("/api/v1/systems/room-101/modules/Display/1/status")
+                .await;
+            (status["input"] == 2 && status["power"] == true).then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(display["connected"], true);
+    // A room of the other site too.
+    let (status, answer) = demo
+        .api
+        .exec("store-201", "Display", 1, "power", json!([true]))
+        .await;
+    assert_eq!(
+        (status, &answer["executed_by"]),
+        (200, &json!("edge:site-2"))
+    );
+
+    // Ctrl-C: the demo stops everything it started, and exits cleanly.
+    let exit = demo
+        .process
+        .interrupt(Duration::from_secs(30))
+        .expect("the demo exits within 30 s of SIGINT");
+    assert!(exit.success(), "{exit:?}\n{}", demo.process.log_text());
+    let log = demo.process.log_text();
+    assert!(
+        log.contains("Stopped every process the demo started."),
+        "{log}"
+    );
+    let left: Vec<u32> = started.into_iter().filter(|pid| alive(*pid)).collect();
+    assert!(left.is_empty(), "still running: {left:?}");
+    assert_eq!(processes_using(&demo.dir), Vec::<String>::new());
+    // A clean stop: the servers shut down on their own (stdin closed), not killed.
+    let master_log = std::fs::read_to_string(demo.dir.join("logs/master.log")).unwrap();
+    assert!(master_log.contains("shutting down"), "{master_log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_metrics_follow_a_takeover_live() {
+    let demo = Demo::start().await;
+    let before = scrape(&demo.api).await;
+    for edge in ["site-1", "site-2"] {
+        assert_eq!(
+            sample(&before, "tether_link_up", &[("edge", edge)]),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &before,
+                "tether_edge_owner",
+                &[("edge", edge), ("owner", "edge")]
+            ),
+            Some(1.0)
+        );
+    }
+    let version = sample(&before, "tether_model_version", &[]).unwrap();
+    assert!(version > 0.0);
+    let execs_before = sample(
+        &before,
+        "tether_exec_total",
+        &[("side", "edge"), ("result", "ok")],
+    )
+    .unwrap_or(0.0);
+
+    let mut browser = Browser::open(&demo.dashboard).await;
+    let owners = r#"Object.fromEntries([...document.querySelectorAll('#edges tbody tr')]
+        .map(tr => [tr.dataset.edge, tr.querySelector('.owner').textContent + '/' +
+            tr.querySelector('.online').textContent]))"#;
+    browser
+        .wait_for(
+            "both edges online, each its own owner",
+            Duration::from_secs(20),
+            owners,
+            |v| *v == json!({"site-1": "edge/online", "site-2": "edge/online"}),
+        )
+        .await;
+    // A marker that a reload would wipe.
+    browser.eval("window.__tether_test_marker = 42").await;
+    // The rooms and their modules, with live status from the edges.
+    browser
+        .wait_for(
+            "room-101's projector connected",
+            Duration::from_secs(20),
+            "document.querySelector('[data-system=\"room-101\"] [data-module=\"Display/1\"] .connected').textContent",
+            |v| v == "yes",
+        )
+        .await;
+    // The token is not left in the address bar.
+    assert_eq!(browser.eval("location.hash").await, "");
+
+    // Run a method from the page.
+    browser
+        .eval(
+            r#"document.getElementById('exec-system').value = 'room-102';
+               document.getElementById('exec-system').onchange();
+               document.getElementById('exec-module').value = 'Room/1';
+               document.getElementById('exec-method').value = 'present';
+               document.getElementById('exec-args').value = '[4]';
+               document.querySelector('#exec button').click(); true"#,
+        )
+        .await;
+    let result = browser
+        .wait_for(
+            "the method's answer",
+            Duration::from_secs(10),
+            "document.getElementById('exec-result').textContent",
+            |v| v.as_str().is_some_and(|t| t.starts_with("result")),
+        )
+        .await;
+    assert!(
+        result
+            .as_str()
+            .unwrap()
+            .contains("result 4, executed by edge:site-1"),
+        "{result}"
+    );
+    browser
+        .wait_for(
+            "room-102's display on input 4 in the page",
+            Duration::from_secs(10),
+            "document.querySelector('[data-system=\"room-102\"] [data-module=\"Display/1\"] .status').textContent",
+            |v| v.as_str().is_some_and(|t| t.contains("input: 4")),
+        )
+        .await;
+
+    // Kill site-1's edge: after its 5 s timeout the master owns it, on the page as it is.
+    let killed_at = Instant::now();
+    let edge = demo.pid("edge site-1");
+    std::process::Command::new("kill")
+        .args(["-9", &edge.to_string()])
+        .status()
+        .unwrap();
+    browser
+        .wait_for(
+            "site-1 offline and owned by the master",
+            Duration::from_secs(20),
+            owners,
+            |v| *v == json!({"site-1": "master/offline", "site-2": "edge/online"}),
+        )
+        .await;
+    let shown_after = killed_at.elapsed();
+    assert!(
+        shown_after >= Duration::from_secs(4),
+        "the master took over before the timeout: {shown_after:?}"
+    );
+    let timeline = browser
+        .wait_for(
+            "the takeover in the timeline",
+            Duration::from_secs(5),
+            "[...document.querySelectorAll('#timeline li')].map(li => li.dataset.edge + '>' + li.dataset.to + ' ' + li.textContent)",
+            |v| {
+                v.as_array().is_some_and(|items| {
+                    items.iter().any(|i| i.as_str().unwrap_or("").starts_with("site-1>master"))
+                })
+            },
+        )
+        .await;
+    assert!(
+        timeline.to_string().contains("failover"),
+        "the reason is shown: {timeline}"
+    );
+    assert_eq!(
+        browser.eval("window.__tether_test_marker").await,
+        42,
+        "the page was not reloaded"
+    );
+    // The RTT chart has points for both edges.
+    let legend = browser
+        .eval("document.getElementById('rtt-legend').textContent")
+        .await;
+    assert!(legend.to_string().contains("site-1") && legend.to_string().contains("site-2"));
+    if let Some(path) = std::env::var_os("TETHER_SCREENSHOT") {
+        browser.screenshot(Path::new(&path)).await;
+    }
+    println!("the dashboard showed the takeover {shown_after:?} after the kill (timeout 5 s)");
+
+    // The master now runs site-1's rooms; the metrics say so.
+    let (status, answer) = demo
+        .api
+        .exec("room-101", "Room", 1, "present", json!([1]))
+        .await;
+    assert_eq!(
+        (status, &answer["executed_by"]),
+        (200, &json!("master")),
+        "{answer}"
+    );
+    let after = scrape(&demo.api).await;
+    assert_eq!(
+        sample(&after, "tether_link_up", &[("edge", "site-1")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&after, "tether_link_up", &[("edge", "site-2")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "tether_edge_owner",
+            &[("edge", "site-1"), ("owner", "master")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "tether_takeovers_total",
+            &[("edge", "site-1"), ("to", "master")]
+        ),
+        Some(1.0)
+    );
+    let epoch_before = sample(&before, "tether_edge_epoch", &[("edge", "site-1")]).unwrap();
+    let epoch_after = sample(&after, "tether_edge_epoch", &[("edge", "site-1")]).unwrap();
+    assert!(
+        epoch_after > epoch_before,
+        "{epoch_before} -> {epoch_after}"
+    );
+    let execs_edge = sample(
+        &after,
+        "tether_exec_total",
+        &[("side", "edge"), ("result", "ok")],
+    )
+    .unwrap();
+    assert!(
+        execs_edge > execs_before,
+        "the page's exec went through the master"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "tether_exec_total",
+            &[("side", "master"), ("result", "ok")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "tether_exec_duration_seconds_count",
+            &[("side", "master")]
+        ),
+        Some(1.0)
+    );
+    // Room 101 and 102 (logic, projectors, meter) run on the master, their devices connected.
+    let running = sample(
+        &after,
+        "tether_modules_running",
+        &[("location", "edge:site-1")],
+    );
+    assert_eq!(running, Some(5.0));
+    let connected = tether_tests::wait_for(
+        "site-1's three devices connected to the master",
+        Duration::from_secs(10),
+        || {
+            let api = demo.api.clone();
+            async move {
+                let scrape = scrape(&api).await;
+                let n = sample(
+                    &scrape,
+                    "tether_modules_connected",
+                    &[("location", "edge:site-1")],
+                )?;
+                (n == 3.0).then_some(n)
+            }
+        },
+    )
+    .await;
+    assert_eq!(connected, 3.0);
+    let rtt_count = sample(
+        &after,
+        "tether_link_rtt_seconds_count",
+        &[("edge", "site-2")],
+    )
+    .unwrap();
+    assert!(rtt_count >= 1.0);
+    // Without the token, no metrics.
+    let (status, _, _) = demo.api.with_token(None).get_text("/metrics").await;
+    assert_eq!(status, 401);
+}
