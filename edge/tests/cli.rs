@@ -70,3 +70,19 @@ fn a_short_secret_is_refused() {
     assert_ne!(code, 0);
     assert_one_line(&stderr, &["s.secret", "64 hex digits"]);
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // No master to reach: the edge boots from its (empty) replica all the same.
+    let config = GOOD.replace("127.0.0.1:17400", "127.0.0.1:1") + "create_dev_certs = true\n";
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, config).unwrap();
+    let program = std::path::Path::new(env!("CARGO_BIN_EXE_tether-edge"));
+    let lines = tether_tests::process::stderr_until(
+        program,
+        &["--config", path.to_str().unwrap(), "--log-format", "json"],
+        "edge booted",
+    );
+    tether_tests::process::assert_json_logs(&lines, "edge booted");
+}

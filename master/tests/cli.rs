@@ -135,3 +135,21 @@ fn certs_writes_a_dev_pki_and_refuses_bad_edge_ids() {
     assert_ne!(code, 0);
     assert_one_line_error(&stderr, &["--edges", "bad id"]);
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = format!("127.0.0.1:{}", tether_tests::free_port());
+    let config = GOOD.replace("127.0.0.1:1", &link) + "create_dev_certs = true\n";
+    let file = write(dir.path(), "master.toml", &config);
+    let program = Path::new(env!("CARGO_BIN_EXE_tether-master"));
+    let lines = tether_tests::process::stderr_until(
+        program,
+        &["--config", &file, "--log-format", "json"],
+        "master booted",
+    );
+    tether_tests::process::assert_json_logs(&lines, "master booted");
+    let (code, _, stderr) = master(&["--config", &file, "--log-format", "yaml"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("text or json"), "{stderr}");
+}

@@ -158,3 +158,62 @@ impl Drop for Server {
         }
     }
 }
+
+/// Runs `program args` until one of its stderr lines contains `until` (30 s at most), then
+/// SIGKILLs it; answers the stderr lines read, that one last.
+pub fn stderr_until(program: &Path, args: &[&str], until: &str) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = Command::new(program)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut lines = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let done = line.contains(until);
+                lines.push(line);
+                if done {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
+/// Every line is a JSON log event (`timestamp`, `level`, `fields.message`), the last one
+/// holding `until`.
+pub fn assert_json_logs(lines: &[String], until: &str) {
+    assert!(
+        lines.last().is_some_and(|l| l.contains(until)),
+        "never logged {until:?}: {lines:?}"
+    );
+    for line in lines {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|err| panic!("not a JSON log line ({err}): {line}"));
+        assert!(event["level"].is_string(), "{line}");
+        assert!(event["timestamp"].is_string(), "{line}");
+        assert!(event["fields"]["message"].is_string(), "{line}");
+    }
+}

@@ -72,6 +72,24 @@ impl Demo {
         }
     }
 
+    /// A client of an edge's API, with that edge's admin token.
+    fn edge_api(&self, edge: &str) -> ApiClient {
+        let config = std::fs::read_to_string(self.dir.join(format!("{edge}.toml"))).unwrap();
+        let listen = config
+            .lines()
+            .find_map(|line| line.strip_prefix("api_listen = "))
+            .unwrap()
+            .trim_matches('"');
+        let port = listen.rsplit_once(':').unwrap().1;
+        let token =
+            std::fs::read_to_string(self.dir.join(format!("data/{edge}/admin.token"))).unwrap();
+        ApiClient::new(
+            &format!("https://localhost:{port}"),
+            &self.dir.join("certs/ca.pem"),
+            Some(token.trim().to_string()),
+        )
+    }
+
     fn pid(&self, name: &str) -> u32 {
         *self
             .pids
@@ -451,4 +469,77 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
     // Without the token, no metrics.
     let (status, _, _) = demo.api.with_token(None).get_text("/metrics").await;
     assert_eq!(status, 401);
+    // An edge's own metrics: its link to the master, its modules and devices.
+    let site2 = demo.edge_api("site-2");
+    let edge_metrics = scrape(&site2).await;
+    assert_eq!(
+        sample(&edge_metrics, "tether_link_up", &[("edge", "site-2")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &edge_metrics,
+            "tether_modules_running",
+            &[("location", "edge:site-2")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &edge_metrics,
+            "tether_modules_connected",
+            &[("location", "edge:site-2")]
+        ),
+        Some(1.0)
+    );
+
+    // The edge comes back (by hand here: the demo's Enter key has no terminal in a test);
+    // the master keeps its rooms until the dashboard's Restore button hands them back.
+    let mut edge = Server::start(
+        "edge site-1",
+        &bin("tether-edge"),
+        &["--config", demo.dir.join("site-1.toml").to_str().unwrap()],
+        &demo.dir.join("logs/site-1-again.log"),
+    );
+    let restore = "document.querySelector('#edges tr[data-edge=\"site-1\"] button')";
+    browser
+        .wait_for(
+            "site-1 online, its Restore button enabled",
+            Duration::from_secs(20),
+            &format!("{restore}.disabled"),
+            |v| *v == false,
+        )
+        .await;
+    browser.eval(&format!("{restore}.click(); true")).await;
+    browser
+        .wait_for(
+            "site-1 its own owner again",
+            Duration::from_secs(10),
+            owners,
+            |v| *v == json!({"site-1": "edge/online", "site-2": "edge/online"}),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the restore in the timeline",
+            Duration::from_secs(5),
+            "[...document.querySelectorAll('#timeline li')].map(li => li.dataset.edge + '>' + li.dataset.to)",
+            |v| v.as_array().is_some_and(|items| items.iter().any(|i| i == "site-1>edge")),
+        )
+        .await;
+    let restored = scrape(&demo.api).await;
+    assert_eq!(
+        sample(
+            &restored,
+            "tether_takeovers_total",
+            &[("edge", "site-1"), ("to", "edge")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        browser.eval("window.__tether_test_marker").await,
+        42,
+        "the page was not reloaded"
+    );
+    edge.kill();
 }
