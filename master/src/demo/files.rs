@@ -36,21 +36,23 @@ pub struct Ports {
 }
 
 impl Ports {
-    /// `base`, `base + 1`, ... in a fixed order; `0` asks the system for free ports.
+    /// `base`, `base + 1`, ... in a fixed order; `0` picks free ones.
     pub fn pick(base: u16) -> anyhow::Result<Ports> {
-        let mut ports = Vec::new();
-        for i in 0..8u16 {
-            let wanted = if base == 0 {
-                0
-            } else {
-                base.checked_add(i)
-                    .context("--base-port: the demo needs 8 ports from it")?
-            };
-            let listener = std::net::TcpListener::bind(("127.0.0.1", wanted)).with_context(|| {
-                format!("port {wanted} on 127.0.0.1 is in use (another demo?); pick others with --base-port N, or 0 for any")
-            })?;
-            ports.push(listener.local_addr()?.port());
-        }
+        let ports = if base == 0 {
+            free_ports(8)?
+        } else {
+            let mut ports = Vec::new();
+            for i in 0..8u16 {
+                let wanted = base
+                    .checked_add(i)
+                    .context("--base-port: the demo needs 8 ports from it")?;
+                std::net::TcpListener::bind(("127.0.0.1", wanted)).with_context(|| {
+                    format!("port {wanted} on 127.0.0.1 is in use (another demo?); pick others with --base-port N, or 0 for any")
+                })?;
+                ports.push(wanted);
+            }
+            ports
+        };
         Ok(Ports {
             master_api: ports[0],
             edge_api: [ports[1], ports[2]],
@@ -59,6 +61,25 @@ impl Ports {
             meter: ports[7],
         })
     }
+}
+
+/// `count` free ports from below the kernel's ephemeral range (32768 and up on Linux), so
+/// that no outgoing connection takes one before its server binds it; from a random start,
+/// so that demos started at once (tests) rarely meet.
+fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    let start = rand::random_range(0..SPAN);
+    let ports: Vec<u16> = (0..SPAN)
+        .map(|i| FIRST + (start + i) % SPAN)
+        .filter(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .take(count)
+        .collect();
+    anyhow::ensure!(
+        ports.len() == count,
+        "no {count} free ports on 127.0.0.1 from {FIRST}"
+    );
+    Ok(ports)
 }
 
 /// The demo's folder and the files in it.
@@ -102,6 +123,12 @@ impl Layout {
                 dir.display()
             );
         }
+        if let Some(pid) = running_demo(&marker) {
+            anyhow::bail!(
+                "a demo (pid {pid}) is running in {}; stop it first, or give this one another --dir",
+                dir.display()
+            );
+        }
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
             if path.is_dir() {
@@ -135,6 +162,18 @@ impl Layout {
         }
         Ok(())
     }
+}
+
+/// The pid in a marker, if that process still runs (Linux: `/proc`; elsewhere unknown).
+fn running_demo(marker: &Path) -> Option<u32> {
+    let text = fs::read_to_string(marker).ok()?;
+    let pid: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pid "))?
+        .parse()
+        .ok()?;
+    let alive = pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists();
+    alive.then_some(pid)
 }
 
 /// A path as a TOML string.
@@ -349,7 +388,19 @@ mod tests {
         std::fs::write(layout.dir.join("data-left-over"), "x").unwrap();
         Layout::prepare(&layout.dir).unwrap();
         assert!(!layout.dir.join("data-left-over").exists());
-        // ...but refuses one it did not.
+        // ...unless a live demo owns it: this test's process stands in for one.
+        let parent = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        std::fs::write(layout.dir.join(MARKER), format!("pid {}\n", parent.id())).unwrap();
+        let err = Layout::prepare(&layout.dir).unwrap_err().to_string();
+        assert!(err.contains("is running"), "{err}");
+        let mut parent = parent;
+        parent.kill().unwrap();
+        parent.wait().unwrap();
+        Layout::prepare(&layout.dir).unwrap();
+        // ...and refuses a folder it did not make.
         let foreign = dir.path().join("mine");
         std::fs::create_dir_all(&foreign).unwrap();
         std::fs::write(foreign.join("notes.txt"), "keep me").unwrap();
