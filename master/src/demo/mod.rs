@@ -95,7 +95,13 @@ async fn demo(args: DemoArgs, log_format: LogFormat) -> anyhow::Result<()> {
         layout.dir.join("logs").display()
     );
     let outcome = async {
-        for process in processes.iter_mut() {
+        // Edges once the master listens for them: an edge that finds no master waits its
+        // reconnect period (3 s) before it tries again.
+        for process in processes.iter_mut().filter(|p| !p.name.starts_with("edge")) {
+            process.start()?;
+        }
+        wait_for_listener(ports.link, &mut processes).await?;
+        for process in processes.iter_mut().filter(|p| p.name.starts_with("edge")) {
             process.start()?;
         }
         let mut api = Api::new(&layout, ports.master_api)?;
@@ -203,20 +209,40 @@ impl Api {
     }
 }
 
+/// Waits until something accepts connections on `port`, failing if a process exits.
+async fn wait_for_listener(port: u16, processes: &mut [Process]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        fail_if_exited(processes)?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the master did not listen on port {port} within 30 s; see its log"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// An error, with the end of its log, if a process has exited.
+fn fail_if_exited(processes: &mut [Process]) -> anyhow::Result<()> {
+    for process in processes.iter_mut() {
+        if let Some(how) = process.exited() {
+            anyhow::bail!(
+                "{} {how} while starting; the end of its log:\n{}",
+                process.name,
+                process.log_tail(15)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Waits until the master has booted and both edges are online; fails, with the log's
 /// end, if a process exits first.
 async fn wait_until_up(api: &mut Api, processes: &mut [Process]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        for process in processes.iter_mut() {
-            if let Some(how) = process.exited() {
-                anyhow::bail!(
-                    "{} {how} while starting; the end of its log:\n{}",
-                    process.name,
-                    process.log_tail(15)
-                );
-            }
-        }
+        fail_if_exited(processes)?;
         if api.token.is_empty()
             && let Ok(token) = std::fs::read_to_string(&api.token_file)
         {
