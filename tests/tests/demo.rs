@@ -543,3 +543,22 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
     );
     edge.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demo_killed_with_sigkill_leaves_no_process_behind() {
+    let mut demo = Demo::start().await;
+    let started: Vec<u32> = demo.pids.values().copied().collect();
+    assert_eq!(started.len(), 7);
+    // No chance to clean up: the children see their stdin close and stop by themselves.
+    demo.process.kill();
+    tether_tests::wait_for(
+        "every child of the killed demo to stop",
+        Duration::from_secs(15),
+        || {
+            let left: Vec<u32> = started.iter().copied().filter(|pid| alive(*pid)).collect();
+            async move { left.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(processes_using(&demo.dir), Vec::<String>::new());
+}

@@ -212,7 +212,10 @@ impl Api {
 /// Waits until something accepts connections on `port`, failing if a process exits.
 async fn wait_for_listener(port: u16, processes: &mut [Process]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         fail_if_exited(processes)?;
         anyhow::ensure!(
             Instant::now() < deadline,
