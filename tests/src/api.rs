@@ -44,6 +44,14 @@ impl ApiClient {
         }
     }
 
+    /// The same token at another address (a proxy in front of the server).
+    pub fn at(&self, base: &str) -> ApiClient {
+        ApiClient {
+            base: base.trim_end_matches('/').to_string(),
+            ..self.clone()
+        }
+    }
+
     /// The same server with another token (or none).
     pub fn with_token(&self, token: Option<String>) -> ApiClient {
         ApiClient {

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod browser;
 pub mod cluster;
+pub mod demo;
 pub mod inproc;
 pub mod process;
 pub mod proxy;

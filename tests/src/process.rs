@@ -6,14 +6,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The folder holding the workspace's binaries: `TETHER_BIN_DIR`, or the cargo target
-/// folder this test binary was built into (`target/debug/deps/..`).
+/// folder this program was built into (a test's `target/debug/deps/..`, or the folder of
+/// a binary such as `target/release/tether-bench`).
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("TETHER_BIN_DIR") {
         return PathBuf::from(dir);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("test binary folder");
-    deps.parent().unwrap_or(deps).to_path_buf()
+    let folder = exe.parent().expect("the program's folder");
+    match folder.file_name() {
+        Some(name) if name == "deps" => folder.parent().unwrap_or(folder).to_path_buf(),
+        _ => folder.to_path_buf(),
+    }
 }
 
 /// The path of a workspace binary; panics with the fix when it has not been built.

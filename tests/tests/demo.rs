@@ -2,128 +2,14 @@
 //! the master, serves a dashboard that follows a takeover live in headless Chromium, and
 //! `/metrics` that changes as the test acts; SIGINT stops every process it started.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tether_tests::api::ApiClient;
 use tether_tests::browser::Browser;
+use tether_tests::demo::{Demo, alive, processes_using};
 use tether_tests::process::{Server, bin};
-
-/// A running demo and what its banner said.
-struct Demo {
-    process: Server,
-    dir: PathBuf,
-    api: ApiClient,
-    dashboard: String,
-    /// Process name to pid, as the banner lists them.
-    pids: HashMap<String, u32>,
-    _tmp: tempfile::TempDir,
-}
-
-/// The word after `label` on the first line that holds it.
-fn after<'a>(text: &'a str, label: &str) -> &'a str {
-    text.lines()
-        .find_map(|line| line.split_once(label))
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no {label:?} in the demo's output:\n{text}"))
-}
-
-impl Demo {
-    async fn start() -> Demo {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("demo");
-        let log = tmp.path().join("demo.log");
-        let process = Server::start(
-            "demo",
-            &bin("tether-master"),
-            &["demo", "--dir", dir.to_str().unwrap(), "--base-port", "0"],
-            &log,
-        );
-        process
-            .wait_for_log("Ctrl-C stops everything", Duration::from_secs(90))
-            .await;
-        let text = process.log_text();
-        let token = after(&text, "Admin token").to_string();
-        let dashboard = after(&text, "Dashboard").to_string();
-        let base = dashboard.split("/dashboard/").next().unwrap().to_string();
-        let api = ApiClient::new(&base, &dir.join("certs/ca.pem"), Some(token));
-        let list = after(&text, "Processes:");
-        let list = text[text.find(list).unwrap()..]
-            .split_once('.')
-            .map(|(list, _)| list)
-            .unwrap_or_default()
-            .replace('\n', " ");
-        let pids = list
-            .split(", ")
-            .filter_map(|entry| {
-                let (name, pid) = entry.trim().rsplit_once(' ')?;
-                Some((name.to_string(), pid.parse().ok()?))
-            })
-            .collect();
-        Demo {
-            process,
-            dir,
-            api,
-            dashboard,
-            pids,
-            _tmp: tmp,
-        }
-    }
-
-    /// A client of an edge's API, with that edge's admin token.
-    fn edge_api(&self, edge: &str) -> ApiClient {
-        let config = std::fs::read_to_string(self.dir.join(format!("{edge}.toml"))).unwrap();
-        let listen = config
-            .lines()
-            .find_map(|line| line.strip_prefix("api_listen = "))
-            .unwrap()
-            .trim_matches('"');
-        let port = listen.rsplit_once(':').unwrap().1;
-        let token =
-            std::fs::read_to_string(self.dir.join(format!("data/{edge}/admin.token"))).unwrap();
-        ApiClient::new(
-            &format!("https://localhost:{port}"),
-            &self.dir.join("certs/ca.pem"),
-            Some(token.trim().to_string()),
-        )
-    }
-
-    fn pid(&self, name: &str) -> u32 {
-        *self
-            .pids
-            .get(name)
-            .unwrap_or_else(|| panic!("no process {name:?} in {:?}", self.pids))
-    }
-}
-
-/// Whether a process with this pid is alive (a zombie, dead but not reaped, is not).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
-            !matches!(state, Some(Some('Z' | 'X')))
-        })
-        .unwrap_or(false)
-}
-
-/// Processes whose command line mentions `dir`.
-fn processes_using(dir: &Path) -> Vec<String> {
-    let needle = dir.display().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(&needle) && alive(pid) {
-            found.push(format!("{pid}: {cmdline}"));
-        }
-    }
-    found
-}
 
 fn metrics(text: &str) -> prometheus_parse::Scrape {
     let lines = text.lines().map(|line| Ok(line.to_string()));

@@ -1,0 +1,201 @@
+//! `tether-bench`: Tether measured as its users would judge it, each scenario against a
+//! reference measured in the same run, printing p50, p99 and the ratio as Markdown rows
+//! (BENCHMARKS.md holds the results and the exact commands). Run with release binaries:
+//! `cargo build --release -p tether-master -p tether-edge -p tether-bench` then
+//! `target/release/tether-bench all`.
+#![forbid(unsafe_code)]
+
+mod haproxy;
+mod setup;
+mod stats;
+
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tether_tests::api::ApiClient;
+
+use setup::Bench;
+use stats::{Series, ms, ratio};
+
+#[derive(Parser)]
+#[command(name = "tether-bench", about = "Tether's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Exec of a logic module's method: on the edge (the reference), through the master,
+    /// and through an HAProxy TLS hop in front of the edge (the peer).
+    Latency {
+        /// Calls per path (interleaved, after 200 warm-up calls each).
+        #[arg(long, default_value_t = 5000)]
+        requests: usize,
+    },
+    /// Exec per second through the master at concurrency 1, 16, 64 and 256, against the
+    /// edge directly at the same concurrency.
+    Throughput {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Every scenario above.
+    All,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bench = Bench::start().await?;
+    println!(
+        "# tether-bench on {} CPUs, {}\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        bench.demo.dir.display()
+    );
+    match cli.scenario {
+        Scenario::Latency { requests } => latency(&bench, requests).await?,
+        Scenario::Throughput { seconds } => throughput(&bench, seconds).await?,
+        Scenario::All => {
+            latency(&bench, 5000).await?;
+            throughput(&bench, 5).await?;
+        }
+    }
+    Ok(())
+}
+
+/// One exec of the echo module; its round trip, or why it failed.
+async fn echo(client: &ApiClient) -> Result<Duration, String> {
+    let started = Instant::now();
+    let (status, body) = client.exec("bench", "Echo", 1, "echo", json!([7])).await;
+    if status == 200 && body["result"] == 7 {
+        Ok(started.elapsed())
+    } else if status == 0 {
+        Err("unreachable".into())
+    } else {
+        Err(format!(
+            "{status} {}",
+            body["error"].as_str().unwrap_or("?")
+        ))
+    }
+}
+
+async fn latency(bench: &Bench, requests: usize) -> anyhow::Result<()> {
+    let edge_port = bench
+        .edge
+        .base()
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .ok_or_else(|| anyhow::anyhow!("no port in {}", bench.edge.base()))?;
+    let proxy = haproxy::start(&bench.demo.dir, edge_port)?;
+    let via_haproxy = bench.edge.at(&format!("https://localhost:{}", proxy.port));
+    tether_tests::wait_for("HAProxy to pass calls", Duration::from_secs(20), || {
+        let client = via_haproxy.clone();
+        async move { echo(&client).await.ok() }
+    })
+    .await;
+    let paths = [
+        ("edge, direct (reference)", &bench.edge),
+        ("through the master", &bench.demo.api),
+        ("through HAProxy (peer)", &via_haproxy),
+    ];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(requests); paths.len()];
+    for round in 0..requests + 200 {
+        // Interleaved, so that whatever else the machine does falls on every path alike.
+        for (i, (_, client)) in paths.iter().enumerate() {
+            let took = echo(client).await.map_err(|e| anyhow::anyhow!(e))?;
+            if round >= 200 {
+                samples[i].push(took);
+            }
+        }
+    }
+    let series: Vec<Series> = samples.into_iter().map(Series::new).collect();
+    let reference = &series[0];
+    println!("## latency: exec of a logic module's method, {requests} calls per path\n");
+    println!("| path | p50 ms | p99 ms | p50 ratio | p99 ratio |\n|---|---|---|---|---|");
+    for ((name, _), series) in paths.iter().zip(&series) {
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            ms(series.p50()),
+            ms(series.p99()),
+            ratio(series.p50(), reference.p50()),
+            ratio(series.p99(), reference.p99()),
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// Runs `concurrency` callers for `seconds`; answers the calls' round trips, and the
+/// failures by answer (status and error code).
+async fn load(
+    client: &ApiClient,
+    concurrency: usize,
+    seconds: u64,
+) -> (Vec<Duration>, std::collections::BTreeMap<String, usize>) {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut took = Vec::new();
+            let mut failed = std::collections::BTreeMap::<String, usize>::new();
+            while Instant::now() < until {
+                match echo(&client).await {
+                    Ok(d) => took.push(d),
+                    Err(why) => *failed.entry(why).or_default() += 1,
+                }
+            }
+            (took, failed)
+        }));
+    }
+    let (mut all, mut failures) = (Vec::new(), std::collections::BTreeMap::new());
+    for task in tasks {
+        if let Ok((took, failed)) = task.await {
+            all.extend(took);
+            for (why, n) in failed {
+                *failures.entry(why).or_default() += n;
+            }
+        }
+    }
+    (all, failures)
+}
+
+async fn throughput(bench: &Bench, seconds: u64) -> anyhow::Result<()> {
+    println!("## throughput: exec per second, {seconds} s per row\n");
+    println!(
+        "| concurrency | path | exec/s | p50 ms | p99 ms | failed | exec/s ratio |\n|---|---|---|---|---|---|---|"
+    );
+    for concurrency in [1, 16, 64, 256] {
+        let mut reference_rate = 0.0;
+        for (name, client) in [
+            ("edge, direct (reference)", &bench.edge),
+            ("through the master", &bench.demo.api),
+        ] {
+            let (took, failed) = load(client, concurrency, seconds).await;
+            let rate = took.len() as f64 / seconds as f64;
+            if reference_rate == 0.0 {
+                reference_rate = rate;
+            }
+            let series = Series::new(took);
+            let failed: Vec<String> = failed
+                .iter()
+                .map(|(why, n)| format!("{n} × {why}"))
+                .collect();
+            let failed = if failed.is_empty() {
+                "0".to_string()
+            } else {
+                failed.join(", ")
+            };
+            println!(
+                "| {concurrency} | {name} | {rate:.0} | {} | {} | {failed} | {:.2} |",
+                ms(series.p50()),
+                ms(series.p99()),
+                rate / reference_rate.max(f64::MIN_POSITIVE),
+            );
+        }
+    }
+    println!();
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! `tether-master demo` as a fixture: a master, two edges and four devices from one
+//! command, on free ports in a temporary folder, with what its banner says.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::api::ApiClient;
+use crate::process::{Server, bin};
+
+/// A running demo and what its banner said.
+pub struct Demo {
+    /// The `tether-master demo` process.
+    pub process: Server,
+    /// Its folder.
+    pub dir: PathBuf,
+    /// The master's API with the admin token.
+    pub api: ApiClient,
+    /// The dashboard's address with the token.
+    pub dashboard: String,
+    /// Process name to pid, as the banner lists them.
+    pub pids: HashMap<String, u32>,
+    _tmp: tempfile::TempDir,
+}
+
+/// The word after `label` on the first line that holds it.
+fn after<'a>(text: &'a str, label: &str) -> &'a str {
+    text.lines()
+        .find_map(|line| line.split_once(label))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {label:?} in the demo's output:\n{text}"))
+}
+
+impl Demo {
+    /// Starts `tether-master demo` in a new temporary folder on free ports, and waits for
+    /// its banner.
+    pub async fn start() -> Demo {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("demo");
+        let log = tmp.path().join("demo.log");
+        let process = Server::start(
+            "demo",
+            &bin("tether-master"),
+            &["demo", "--dir", dir.to_str().unwrap(), "--base-port", "0"],
+            &log,
+        );
+        process
+            .wait_for_log("Ctrl-C stops everything", Duration::from_secs(90))
+            .await;
+        let text = process.log_text();
+        let token = after(&text, "Admin token").to_string();
+        let dashboard = after(&text, "Dashboard").to_string();
+        let base = dashboard.split("/dashboard/").next().unwrap().to_string();
+        let api = ApiClient::new(&base, &dir.join("certs/ca.pem"), Some(token));
+        let list = after(&text, "Processes:");
+        let list = text[text.find(list).unwrap()..]
+            .split_once('.')
+            .map(|(list, _)| list)
+            .unwrap_or_default()
+            .replace('\n', " ");
+        let pids = list
+            .split(", ")
+            .filter_map(|entry| {
+                let (name, pid) = entry.trim().rsplit_once(' ')?;
+                Some((name.to_string(), pid.parse().ok()?))
+            })
+            .collect();
+        Demo {
+            process,
+            dir,
+            api,
+            dashboard,
+            pids,
+            _tmp: tmp,
+        }
+    }
+
+    /// A client of an edge's API, with that edge's admin token.
+    pub fn edge_api(&self, edge: &str) -> ApiClient {
+        let config = std::fs::read_to_string(self.dir.join(format!("{edge}.toml"))).unwrap();
+        let listen = config
+            .lines()
+            .find_map(|line| line.strip_prefix("api_listen = "))
+            .unwrap()
+            .trim_matches('"');
+        let port = listen.rsplit_once(':').unwrap().1;
+        let token =
+            std::fs::read_to_string(self.dir.join(format!("data/{edge}/admin.token"))).unwrap();
+        ApiClient::new(
+            &format!("https://localhost:{port}"),
+            &self.dir.join("certs/ca.pem"),
+            Some(token.trim().to_string()),
+        )
+    }
+
+    /// The pid of a process by the banner's name (`edge site-1`, `master`, ...).
+    pub fn pid(&self, name: &str) -> u32 {
+        *self
+            .pids
+            .get(name)
+            .unwrap_or_else(|| panic!("no process {name:?} in {:?}", self.pids))
+    }
+}
+
+/// Whether a process with this pid is alive (a zombie, dead but not reaped, is not).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+            !matches!(state, Some(Some('Z' | 'X')))
+        })
+        .unwrap_or(false)
+}
+
+/// Processes whose command line mentions `dir`.
+pub fn processes_using(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) && alive(pid) {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
