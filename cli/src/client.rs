@@ -66,12 +66,8 @@ pub struct Client {
 impl Client {
     /// A client for `server`, trusting `ca`.
     pub fn new(server: &str, ca: &Path, token: String) -> Result<Client, Failure> {
-        tether_common::link::tls::install_crypto_provider();
-        let roots = tether_common::link::tls::load_roots(ca)
+        let tls = tether_common::link::tls::api_client_config(ca)
             .map_err(|err| Failure::usage(format!("--ca: {err}")))?;
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls.clone())
             .timeout(Duration::from_secs(60))

@@ -27,11 +27,7 @@ pub struct ApiClient {
 impl ApiClient {
     /// A client for `https://host:port`, trusting `ca` (PEM), with `token` if given.
     pub fn new(base: &str, ca: &Path, token: Option<String>) -> ApiClient {
-        tether_common::link::tls::install_crypto_provider();
-        let roots = tether_common::link::tls::load_roots(ca).expect("load test CA");
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = tether_common::link::tls::api_client_config(ca).expect("load test CA");
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .timeout(Duration::from_secs(10))

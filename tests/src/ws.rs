@@ -22,11 +22,7 @@ pub struct WsClient {
 impl WsClient {
     /// Connects to `base` (`https://host:port`) with `token` in the Authorization header.
     pub async fn connect(base: &str, ca: &Path, token: &str) -> Result<WsClient, String> {
-        tether_common::link::tls::install_crypto_provider();
-        let roots = tether_common::link::tls::load_roots(ca).map_err(|e| e.to_string())?;
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = tether_common::link::tls::api_client_config(ca).map_err(|e| e.to_string())?;
         let url = format!("{}/api/v1/ws", base.replacen("https://", "wss://", 1));
         let mut request = url.into_client_request().map_err(|e| e.to_string())?;
         request.headers_mut().insert(

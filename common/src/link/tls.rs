@@ -121,6 +121,15 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// Client configuration for the client API (the CLI, the demo, the tests): trusting `ca`,
+/// no client certificate, the default protocol versions.
+pub fn api_client_config(ca: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    install_crypto_provider();
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(load_roots(ca)?)
+        .with_no_client_auth())
+}
+
 /// The name the edge expects on the master's certificate.
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.to_string()))

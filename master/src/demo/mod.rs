@@ -180,11 +180,7 @@ struct Api {
 
 impl Api {
     fn new(layout: &Layout, port: u16) -> anyhow::Result<Api> {
-        tether_common::link::tls::install_crypto_provider();
-        let roots = tether_common::link::tls::load_roots(&layout.ca())?;
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = tether_common::link::tls::api_client_config(&layout.ca())?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .timeout(Duration::from_secs(10))
