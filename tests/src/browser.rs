@@ -81,7 +81,12 @@ impl Browser {
             || {
                 let list_url = list_url.clone();
                 async move {
-                    let targets: Value = reqwest::get(&list_url).await.ok()?.json().await.ok()?;
+                    let http = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(5))
+                        .build()
+                        .ok()?;
+                    let targets: Value =
+                        http.get(&list_url).send().await.ok()?.json().await.ok()?;
                     targets
                     .as_array()?
                     .iter()
@@ -117,8 +122,17 @@ impl Browser {
         }
     }
 
-    /// Sends one DevTools command and returns its `result`.
+    /// Sends one DevTools command and returns its `result`; a browser that does not
+    /// answer within 30 s fails the test.
     async fn call(&mut self, method: &str, params: Value) -> Value {
+        let answer =
+            tokio::time::timeout(Duration::from_secs(30), self.call_unbounded(method, params));
+        answer
+            .await
+            .unwrap_or_else(|_| panic!("Chromium did not answer {method} within 30 s"))
+    }
+
+    async fn call_unbounded(&mut self, method: &str, params: Value) -> Value {
         let id = self.next_id;
         self.next_id += 1;
         let command = json!({"id": id, "method": method, "params": params});
