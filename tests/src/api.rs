@@ -91,11 +91,7 @@ impl ApiClient {
 
     /// GET `path` as text: the status, the content type and the body.
     pub async fn get_text(&self, path: &str) -> (u16, String, String) {
-        let mut request = self.http.get(format!("{}{}", self.base, path));
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        match request.send().await {
+        match self.request(reqwest::Method::GET, path).send().await {
             Ok(response) => {
                 let status = response.status().as_u16();
                 let kind = response
@@ -107,6 +103,15 @@ impl ApiClient {
                 (status, kind, response.text().await.unwrap_or_default())
             }
             Err(_) => (0, String::new(), String::new()),
+        }
+    }
+
+    /// A request to `path` with the token, if any.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
         }
     }
 
@@ -129,10 +134,7 @@ impl ApiClient {
         path: &str,
         body: Option<Value>,
     ) -> Answer {
-        let mut request = self.http.request(method, format!("{}{}", self.base, path));
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
+        let mut request = self.request(method, path);
         if let Some(body) = body {
             request = request.json(&body);
         }
