@@ -5,9 +5,12 @@
 //! `target/release/tether-bench all`.
 #![forbid(unsafe_code)]
 
+mod failover;
+mod fanout;
 mod haproxy;
 mod setup;
 mod stats;
+mod swarm;
 
 use std::time::{Duration, Instant};
 
@@ -41,25 +44,53 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-    /// Every scenario above.
+    /// SIGKILL of site-1's edge (time to the master's first successful exec, minus
+    /// timeout_ms) and of the master (time to the edge's, minus its 3 s rule).
+    Failover {
+        /// Trials of each.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+    },
+    /// N edges simulated in this process: the master's memory per link, one model change
+    /// reaching every edge, and a storm (the master killed and restarted under them).
+    Fanout {
+        /// Simulated edges; repeat for several runs.
+        #[arg(long = "edges", default_values_t = [1000, 10000])]
+        edges: Vec<usize>,
+        /// Model changes measured per run.
+        #[arg(long, default_value_t = 10)]
+        changes: usize,
+    },
+    /// Every scenario above, with its defaults.
     All,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let bench = Bench::start().await?;
+    tether_common::link::tls::install_crypto_provider();
     println!(
-        "# tether-bench on {} CPUs, {}\n",
+        "# tether-bench on {} CPUs\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        bench.demo.dir.display()
     );
     match cli.scenario {
-        Scenario::Latency { requests } => latency(&bench, requests).await?,
-        Scenario::Throughput { seconds } => throughput(&bench, seconds).await?,
+        Scenario::Latency { requests } => latency(&Bench::start().await?, requests).await?,
+        Scenario::Throughput { seconds } => throughput(&Bench::start().await?, seconds).await?,
+        Scenario::Failover { trials } => failover::run(&Bench::start().await?, trials).await?,
+        Scenario::Fanout { edges, changes } => {
+            for n in edges {
+                fanout::run(n, changes).await?;
+            }
+        }
         Scenario::All => {
+            let bench = Bench::start().await?;
             latency(&bench, 5000).await?;
             throughput(&bench, 5).await?;
+            failover::run(&bench, 20).await?;
+            drop(bench);
+            for n in [1000, 10000] {
+                fanout::run(n, 10).await?;
+            }
         }
     }
     Ok(())

@@ -88,7 +88,7 @@ async fn answer_requests(
             Incoming::Request(request) => {
                 match serve_call(&context.runtime, request, FROM_MASTER) {
                     None => continue,
-                    Some(request) => request,
+                    Some(request) => *request,
                 }
             }
             Incoming::Notice(notice) => {

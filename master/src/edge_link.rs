@@ -43,7 +43,7 @@ pub async fn serve_edge(
         let request = match item {
             Incoming::Request(request) => match serve_call(&runtime, request, &edge_id) {
                 None => continue,
-                Some(request) => request,
+                Some(request) => *request,
             },
             Incoming::Notice(Notice::StatusChanged {
                 module_id,

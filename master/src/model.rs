@@ -2,6 +2,7 @@
 //! writer at a time. A write is validated against the model as it would be after it, is
 //! committed durably, and only then becomes visible and is pushed to the edges.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -22,11 +23,50 @@ pub enum WriteError {
     Store(#[from] StoreError),
 }
 
+/// Changes kept in memory for the edges' batches, newest last.
+const RECENT_KEEP: usize = 4096;
+
+/// The newest changes of the log, so that pushing one change to thousands of edges reads
+/// memory rather than the database once per edge.
+#[derive(Default)]
+struct RecentChanges {
+    changes: VecDeque<ModelChange>,
+    /// Every change after this version is in `changes` (up to the model's version).
+    complete_after: u64,
+}
+
+impl RecentChanges {
+    /// Adds a write's changes; keeps no more than the database's log does, so an edge
+    /// gets the same answer from either.
+    fn push(&mut self, changes: &[ModelChange], log_limit: u64) {
+        let keep = RECENT_KEEP.min(usize::try_from(log_limit).unwrap_or(usize::MAX));
+        self.changes.extend(changes.iter().cloned());
+        while self.changes.len() > keep {
+            if let Some(gone) = self.changes.pop_front() {
+                self.complete_after = self.complete_after.max(gone.version);
+            }
+        }
+    }
+
+    /// The changes after `since` up to `version`, if memory still holds all of them.
+    fn since(&self, since: u64, version: u64) -> Option<Vec<ModelChange>> {
+        (since >= self.complete_after).then(|| {
+            self.changes
+                .iter()
+                .filter(|c| c.version > since && c.version <= version)
+                .cloned()
+                .collect()
+        })
+    }
+}
+
 /// The model, its store, and a watch of its version for the edges' sync tasks.
 pub struct ModelService {
     store: Arc<Store>,
     /// The model and its version, replaced together.
     model: RwLock<(Arc<Model>, u64)>,
+    /// The newest changes, written before the model they lead to is visible.
+    recent: RwLock<RecentChanges>,
     model_id: u64,
     log_limit: u64,
     writer: Mutex<()>,
@@ -42,6 +82,10 @@ impl ModelService {
         Ok(ModelService {
             store: Arc::new(store),
             model: RwLock::new((Arc::new(model), state.version)),
+            recent: RwLock::new(RecentChanges {
+                changes: VecDeque::new(),
+                complete_after: state.version,
+            }),
             model_id,
             log_limit,
             writer: Mutex::new(()),
@@ -122,6 +166,10 @@ impl ModelService {
             .await
             .expect("the store's commit task does not panic")?;
         let version = changes.last().map(|c| c.version).unwrap_or_default();
+        self.recent
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(&changes, self.log_limit);
         *self.model.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(next), version);
         self.version.send_replace(version);
         Ok(changes)
@@ -134,13 +182,26 @@ impl ModelService {
         at: ReplicaPosition,
     ) -> Result<ModelBatch, StoreError> {
         let (model, version) = self.snapshot();
-        let store = self.store.clone();
         let since = at.version;
-        // The log read may run ahead of `model`; that is harmless, because each record is
-        // sent as `model` has it and a later push brings the rest.
-        let log = tokio::task::spawn_blocking(move || store.changes_since(since))
-            .await
-            .expect("the store's read task does not panic")?;
+        let recent = self
+            .recent
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .since(since, version);
+        let incremental = at.model_id == self.model_id && since <= version;
+        let log = match recent {
+            Some(changes) => Some(changes),
+            // A replica of another model, or from the future, gets a snapshot: no log.
+            None if !incremental => None,
+            // The log read may run ahead of `model`; that is harmless, because each
+            // record is sent as `model` has it and a later push brings the rest.
+            None => {
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || store.changes_since(since))
+                    .await
+                    .expect("the store's read task does not panic")?
+            }
+        };
         let log = log.map(|changes| {
             changes
                 .into_iter()
@@ -155,5 +216,60 @@ impl ModelService {
             at,
             log.as_deref(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_common::protocol::EntityKind;
+
+    fn change(version: u64, id: &str) -> ModelChange {
+        ModelChange {
+            version,
+            kind: EntityKind::User,
+            id: id.to_string(),
+            record: None,
+        }
+    }
+
+    #[test]
+    fn recent_changes_answer_only_what_they_hold_whole() {
+        let mut recent = RecentChanges {
+            changes: VecDeque::new(),
+            complete_after: 10,
+        };
+        // Nothing before the model was opened at version 10.
+        assert_eq!(recent.since(9, 10), None);
+        assert_eq!(recent.since(10, 10), Some(vec![]));
+        // Version 11 wrote two records, 12 and 13 one each; memory keeps three changes.
+        recent.push(&[change(11, "a"), change(11, "b")], 100);
+        recent.push(&[change(12, "c")], 100);
+        recent.push(&[change(13, "d")], 3);
+        // Half of version 11 is gone: a replica at 10 needs the database.
+        assert_eq!(recent.since(10, 13), None);
+        let ids = |changes: Option<Vec<ModelChange>>| {
+            changes.map(|c| c.into_iter().map(|c| c.id).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            ids(recent.since(11, 13)),
+            Some(vec!["c".into(), "d".into()])
+        );
+        // Only up to the version the caller's model has.
+        assert_eq!(ids(recent.since(11, 12)), Some(vec!["c".into()]));
+        // A replica that claims a future version gets nothing here; the batch makes it a
+        // snapshot.
+        assert_eq!(ids(recent.since(20, 13)), Some(vec![]));
+    }
+
+    #[test]
+    fn memory_never_holds_more_than_the_database_log() {
+        let mut recent = RecentChanges::default();
+        for version in 1..=10 {
+            recent.push(&[change(version, "u")], 4);
+        }
+        assert_eq!(recent.changes.len(), 4);
+        assert_eq!(recent.since(5, 10), None);
+        assert_eq!(recent.since(6, 10).map(|c| c.len()), Some(4));
     }
 }

@@ -69,6 +69,22 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     })
 }
 
+/// Connections waiting to be accepted on the link port: after a master restart every
+/// edge comes back within a few seconds, and the listener accepts no more than
+/// [`MAX_PENDING_HANDSHAKES`] at once; the kernel caps this at `net.core.somaxconn`.
+const LINK_BACKLOG: u32 = 4096;
+
+/// The edge-link listener, with room in its accept queue for a reconnect storm.
+fn bind_link_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LINK_BACKLOG)
+}
+
 /// Each heartbeat's round trip into the metrics, under the edge's id (the link's peer).
 fn rtt_metrics(runtime: &Runtime) -> RttObserver {
     let metrics = runtime.metrics().clone();
@@ -113,14 +129,12 @@ async fn serve(
     (link_tls, api_tls): (Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>),
     stop: StopOn,
 ) -> anyhow::Result<()> {
-    let link_listener = TcpListener::bind(config.link_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for edge links on {} (link_listen)",
-                config.link_listen
-            )
-        })?;
+    let link_listener = bind_link_listener(config.link_listen).with_context(|| {
+        format!(
+            "cannot listen for edge links on {} (link_listen)",
+            config.link_listen
+        )
+    })?;
     let api_listener = TcpListener::bind(config.api_listen)
         .await
         .with_context(|| {

@@ -94,8 +94,9 @@ pub enum LinkError {
 /// What the peer sends that the application must handle.
 #[derive(Debug)]
 pub enum Incoming {
-    /// A request to answer through its [`Responder`].
-    Request(IncomingRequest),
+    /// A request to answer through its [`Responder`]. Boxed, so that a link's queue of
+    /// what the peer sends keeps small slots (see [`Outbox`]).
+    Request(Box<IncomingRequest>),
     /// A one-way notice.
     Notice(Notice),
 }
@@ -200,10 +201,25 @@ enum Pending {
     Stream(mpsc::Sender<Result<StreamItem, LinkError>>),
 }
 
+/// The queue of frames to write. Boxed, because a channel holds its slots in blocks of
+/// 32 and an envelope is about 150 bytes: ten thousand idle links would each keep 5 KiB
+/// of empty slots.
+struct Outbox(mpsc::Sender<Box<Envelope>>);
+
+impl Outbox {
+    fn try_send(&self, envelope: Envelope) -> Result<(), ()> {
+        self.0.try_send(Box::new(envelope)).map_err(|_| ())
+    }
+
+    async fn send(&self, envelope: Envelope) -> Result<(), ()> {
+        self.0.send(Box::new(envelope)).await.map_err(|_| ())
+    }
+}
+
 struct Shared {
     peer: String,
     config: LinkConfig,
-    out: mpsc::Sender<Envelope>,
+    out: Outbox,
     pending: Mutex<HashMap<u64, Pending>>,
     /// The peer's requests still being answered, to pass on its cancels.
     cancels: Mutex<HashMap<u64, CancellationToken>>,
@@ -235,6 +251,22 @@ impl std::fmt::Debug for Link {
     }
 }
 
+/// What each direction's frame buffer holds when idle. Most frames (heartbeats, calls,
+/// answers) are small; a big one (a model snapshot, repository files) grows the buffer,
+/// which goes back to this size once empty, so that ten thousand idle links do not each
+/// keep the largest frame they ever carried.
+const IDLE_BUFFER: usize = 1024;
+/// Written frames are flushed once this much is buffered, if not before.
+const FLUSH_AT: usize = 8 * 1024;
+/// A buffer larger than this is given back when empty.
+const SHRINK_ABOVE: usize = 8 * 1024;
+
+fn shrink_idle(buffer: &mut BytesMut) {
+    if buffer.is_empty() && buffer.capacity() > SHRINK_ABOVE {
+        *buffer = BytesMut::with_capacity(IDLE_BUFFER);
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -255,6 +287,7 @@ impl Link {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (out_tx, out_rx) = mpsc::channel(config.out_queue);
+        let out_tx = Outbox(out_tx);
         let (in_tx, in_rx) = mpsc::channel(config.in_queue);
         let link = Link {
             shared: Arc::new(Shared {
@@ -273,9 +306,11 @@ impl Link {
             }),
         };
         let (read_half, write_half) = tokio::io::split(stream);
-        let mut reader = FramedRead::new(read_half, FrameCodec::<Envelope>::new(config.max_frame));
+        let codec = || FrameCodec::<Envelope>::new(config.max_frame);
+        let mut reader = FramedRead::with_capacity(read_half, codec(), IDLE_BUFFER);
         reader.read_buffer_mut().extend_from_slice(&leftover);
-        let writer = FramedWrite::new(write_half, FrameCodec::<Envelope>::new(config.max_frame));
+        let mut writer = FramedWrite::with_capacity(write_half, codec(), IDLE_BUFFER);
+        writer.set_backpressure_boundary(FLUSH_AT);
         tokio::spawn(link.clone().read_loop(reader, in_tx));
         tokio::spawn(link.clone().write_loop(writer, out_rx));
         tokio::spawn(link.clone().heartbeat_loop());
@@ -468,6 +503,7 @@ impl Link {
                 frame = reader.next() => frame,
                 _ = self.shared.closed.cancelled() => return,
             };
+            shrink_idle(reader.read_buffer_mut());
             match frame {
                 Some(Ok(envelope)) => {
                     self.shared
@@ -512,7 +548,7 @@ impl Link {
                         cancelled,
                     },
                 };
-                if let Err(err) = incoming.try_send(Incoming::Request(request)) {
+                if let Err(err) = incoming.try_send(Incoming::Request(Box::new(request))) {
                     let (message, rejected) = match err {
                         mpsc::error::TrySendError::Full(r) => {
                             ("too many requests waiting on this link", r)
@@ -603,7 +639,7 @@ impl Link {
     async fn write_loop<W: AsyncWrite + Send + Unpin>(
         self,
         mut writer: FramedWrite<W, FrameCodec<Envelope>>,
-        mut out: mpsc::Receiver<Envelope>,
+        mut out: mpsc::Receiver<Box<Envelope>>,
     ) {
         // Outside the write future, so that frames not yet written when the link closes
         // are still sent by the drain below.
@@ -624,7 +660,7 @@ impl Link {
             }
             let write = async {
                 while let Some(envelope) = batch.pop_front() {
-                    self.feed(&mut writer, envelope).await?;
+                    self.feed(&mut writer, *envelope).await?;
                 }
                 writer
                     .flush()
@@ -642,12 +678,13 @@ impl Link {
                 },
                 _ = self.shared.closed.cancelled() => break,
             }
+            shrink_idle(writer.write_buffer_mut());
         }
         // Closing: send what is already queued (a `Close` frame, answers), for at most
         // half a second, since the peer may be the reason we close.
         let drain = async {
             while let Some(envelope) = batch.pop_front().or_else(|| out.try_recv().ok()) {
-                if self.feed(&mut writer, envelope).await.is_err() {
+                if self.feed(&mut writer, *envelope).await.is_err() {
                     return;
                 }
             }

@@ -24,7 +24,7 @@ pub trait EdgeSecrets: Send + Sync + 'static {
 pub struct ListenerConfig {
     /// A connection that has not authenticated by then is dropped.
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at once; further connections are dropped at once.
+    /// Handshakes in progress at once; further connections wait to be accepted.
     pub max_pending_handshakes: usize,
     /// Settings of the links that result.
     pub link: LinkConfig,
@@ -56,6 +56,16 @@ pub async fn run_listener(
     let acceptor = TlsAcceptor::from(tls);
     let pending = Arc::new(Semaphore::new(config.max_pending_handshakes));
     loop {
+        // At the cap, stop accepting: later edges wait in the kernel's accept queue (and
+        // their own handshake deadline) instead of being dropped and coming back a
+        // reconnect period later, which would turn a storm of thousands into many rounds.
+        let permit = tokio::select! {
+            permit = pending.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
         let (tcp, addr) = tokio::select! {
             result = listener.accept() => match result {
                 Ok(conn) => conn,
@@ -67,10 +77,6 @@ pub async fn run_listener(
                 }
             },
             _ = shutdown.cancelled() => return,
-        };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            tracing::warn!(%addr, "edge link refused: too many handshakes in progress");
-            continue;
         };
         let acceptor = acceptor.clone();
         let secrets = secrets.clone();

@@ -13,9 +13,9 @@ use super::errors::to_remote;
 /// to another link, never back over this one.
 pub fn serve_call(
     runtime: &Runtime,
-    request: IncomingRequest,
+    request: Box<IncomingRequest>,
     via: &str,
-) -> Option<IncomingRequest> {
+) -> Option<Box<IncomingRequest>> {
     if !is_call(&request.body) {
         return Some(request);
     }
@@ -23,7 +23,7 @@ pub fn serve_call(
     let via = via.to_string();
     let IncomingRequest {
         body, responder, ..
-    } = request;
+    } = *request;
     match body {
         Request::Execute {
             module,

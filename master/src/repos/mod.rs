@@ -412,6 +412,16 @@ impl Repositories {
 
     /// Records the code an edge reported running, in its edge record.
     pub async fn record_edge_commit(&self, edge: &str, commit: Option<String>) {
+        // Most links come up on the commit already recorded: no write at all, not even
+        // the model copy a write makes (a storm of thousands of edges would queue on it).
+        let (model, _) = self.model.snapshot();
+        if model
+            .edges
+            .get(edge)
+            .is_none_or(|record| record.commit == commit)
+        {
+            return;
+        }
         let edge = edge.to_string();
         let written = self
             .model

@@ -1,0 +1,155 @@
+//! Failover: site-1's edge killed with SIGKILL (time from the kill to the master's first
+//! successful exec of its module, minus `timeout_ms`), then, with the master in control
+//! and the edge back, the master killed (time from the kill to the edge's first successful
+//! exec of its own module, minus the edge's 3 s rule). Each trial leaves the demo as it
+//! found it: the master is started again and the edge keeps control.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tether_tests::api::ApiClient;
+use tether_tests::process::{Server, bin};
+
+use crate::setup::Bench;
+use crate::stats::{Series, ms};
+
+/// site-1's failover timeout in the demo's site file.
+const TIMEOUT_MS: u64 = 5000;
+/// The edge's rule: after the master link drops, wait 3 s and try once more.
+const EDGE_RULE_MS: u64 = 3000;
+/// The pause between probes while waiting for a new controller.
+const PROBE_EVERY: Duration = Duration::from_millis(1);
+
+/// A process of the demo that the bench now starts itself: killing the demo's own child
+/// the first time, then its own.
+enum Process {
+    Demo(u32),
+    Own(Server),
+}
+
+impl Process {
+    fn kill(&mut self) {
+        match self {
+            Process::Demo(pid) => {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+            Process::Own(server) => server.kill(),
+        }
+    }
+}
+
+/// Probes `client` with exec of the echo module until it succeeds on `executor`; answers
+/// when it did.
+async fn first_exec_on(client: &ApiClient, executor: &str, limit: Duration) -> Instant {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (status, body) = client.exec("bench", "Echo", 1, "echo", json!([7])).await;
+        if status == 200 && body["executed_by"] == executor {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exec on {executor} within {limit:?}"
+        );
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+/// site-1 as the master's API shows it: online, and its owner.
+async fn site_1(api: &ApiClient) -> Option<(bool, String)> {
+    let (status, body): (u16, Value) = api.get("/api/v1/edges/site-1").await;
+    (status == 200).then(|| {
+        (
+            body["online"] == true,
+            body["owner"].as_str().unwrap_or("").to_string(),
+        )
+    })
+}
+
+async fn wait_site_1(api: &ApiClient, online: bool, owner: &str) {
+    let what = format!("site-1 online={online} owner={owner}");
+    tether_tests::wait_for(&what, Duration::from_secs(60), || async {
+        (site_1(api).await == Some((online, owner.to_string()))).then_some(())
+    })
+    .await;
+}
+
+pub async fn run(bench: &Bench, trials: usize) -> anyhow::Result<()> {
+    let demo = &bench.demo;
+    let mut edge = Process::Demo(demo.pid("edge site-1"));
+    let mut master = Process::Demo(demo.pid("master"));
+    let logs = demo.dir.join("bench-logs");
+    std::fs::create_dir_all(&logs)?;
+    let (mut takeovers, mut edge_controls) = (Vec::new(), Vec::new());
+    for trial in 0..trials {
+        // The edge dies; the master takes over after timeout_ms.
+        wait_site_1(&demo.api, true, "edge").await;
+        edge.kill();
+        let killed = Instant::now();
+        let done = first_exec_on(&demo.api, "master", Duration::from_secs(60)).await;
+        takeovers.push(
+            done.duration_since(killed)
+                .saturating_sub(Duration::from_millis(TIMEOUT_MS)),
+        );
+        // The edge comes back; the master keeps control (it runs the modules).
+        edge = Process::Own(Server::start(
+            "edge site-1",
+            &bin("tether-edge"),
+            &[
+                "--config",
+                demo.dir.join("site-1.toml").to_str().unwrap_or_default(),
+            ],
+            &logs.join(format!("edge-{trial}.log")),
+        ));
+        wait_site_1(&demo.api, true, "master").await;
+        // The master dies; the edge takes control after its 3 s rule.
+        master.kill();
+        let killed = Instant::now();
+        let done = first_exec_on(&bench.edge, "edge:site-1", Duration::from_secs(60)).await;
+        edge_controls.push(
+            done.duration_since(killed)
+                .saturating_sub(Duration::from_millis(EDGE_RULE_MS)),
+        );
+        master = Process::Own(Server::start(
+            "master",
+            &bin("tether-master"),
+            &[
+                "--config",
+                demo.dir.join("master.toml").to_str().unwrap_or_default(),
+            ],
+            &logs.join(format!("master-{trial}.log")),
+        ));
+    }
+    wait_site_1(&demo.api, true, "edge").await;
+    let takeovers = Series::new(takeovers);
+    let edge_controls = Series::new(edge_controls);
+    println!("## failover: {trials} trials each, SIGKILL\n");
+    println!(
+        "| trial | rule | p50 ms after the rule | p99 ms after the rule | max ms |\n|---|---|---|---|---|"
+    );
+    for (name, rule, series) in [
+        (
+            "edge killed → master's first successful exec",
+            format!("timeout_ms {TIMEOUT_MS}"),
+            &takeovers,
+        ),
+        (
+            "master killed → edge's first successful exec",
+            format!("{EDGE_RULE_MS} ms rule"),
+            &edge_controls,
+        ),
+    ] {
+        println!(
+            "| {name} | {rule} | {} | {} | {} |",
+            ms(series.p50()),
+            ms(series.p99()),
+            ms(series.quantile(1.0))
+        );
+    }
+    println!();
+    // Each process the bench started ends with it; the demo's own children were killed.
+    drop((edge, master));
+    Ok(())
+}
