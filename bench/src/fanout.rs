@@ -223,9 +223,33 @@ fn row(name: &str, series: &Series, reference: &Series) -> String {
     )
 }
 
+/// What one fan-out and storm run measured.
+struct Figures {
+    edges: usize,
+    changes: usize,
+    idle_rss: u64,
+    linked_rss: u64,
+    /// Share of one core the master used with every link up and nothing else to do.
+    idle_cpu: f64,
+    rtt: Series,
+    connect: Series,
+    /// Per edge and change: from the write to the edge's replica holding it.
+    reach: Series,
+    /// Per change: until the last edge held it.
+    all_reached: Series,
+    /// From the master's kill to its new process.
+    restarted_after: Duration,
+    storm: Series,
+}
+
 /// The fan-out and storm scenarios for `edges` simulated edges; `changes` model changes
 /// are measured one after the other.
 pub async fn run(edges: usize, changes: usize) -> anyhow::Result<()> {
+    print(&measure(edges, changes).await?);
+    Ok(())
+}
+
+async fn measure(edges: usize, changes: usize) -> anyhow::Result<Figures> {
     let mut master = Master::start(edges).await?;
     let pid = master.pid()?;
     // The master with N edge locations in its model and no link.
@@ -300,51 +324,85 @@ pub async fn run(edges: usize, changes: usize) -> anyhow::Result<()> {
         |event| matches!(event, Event::Renegotiated { .. }),
     )
     .await?;
-    let storm = Series::new(storm);
+    Ok(Figures {
+        edges,
+        changes,
+        idle_rss,
+        linked_rss,
+        idle_cpu,
+        rtt,
+        connect,
+        reach,
+        all_reached,
+        restarted_after: restarted.duration_since(killed),
+        storm: Series::new(storm),
+    })
+}
 
+fn print(f: &Figures) {
+    let edges = f.edges;
     println!("## fan-out and storm: {edges} simulated edges\n");
     println!(
         "Master memory: {:.1} MiB with {edges} edge locations and no link, {:.1} MiB with \
          every link up: **{:.1} KiB per link**. Master CPU with every link up and idle \
          (heartbeats only): {:.0} % of one core.\n",
-        idle_rss as f64 / 1048576.0,
-        linked_rss as f64 / 1048576.0,
-        (linked_rss.saturating_sub(idle_rss)) as f64 / 1024.0 / edges as f64,
-        idle_cpu * 100.0,
+        f.idle_rss as f64 / 1048576.0,
+        f.linked_rss as f64 / 1048576.0,
+        f.linked_rss.saturating_sub(f.idle_rss) as f64 / 1024.0 / edges as f64,
+        f.idle_cpu * 100.0,
     );
     println!(
         "| measure | p50 ms | p99 ms | max ms | p50 ratio | p99 ratio |\n|---|---|---|---|---|---|"
     );
-    println!("{}", row("heartbeat round trip (reference)", &rtt, &rtt));
+    println!(
+        "{}",
+        row("heartbeat round trip (reference)", &f.rtt, &f.rtt)
+    );
+    let name = format!("one model change reaching an edge ({} changes)", f.changes);
+    println!("{}", row(&name, &f.reach, &f.rtt));
     println!(
         "{}",
         row(
-            &format!("one model change reaching an edge ({changes} changes)"),
-            &reach,
-            &rtt
+            "one model change reaching all edges",
+            &f.all_reached,
+            &f.rtt
         )
     );
-    println!(
-        "{}",
-        row("one model change reaching all edges", &all_reached, &rtt)
-    );
+    let name = "first connect: start to renegotiated (reference)";
+    println!("{}", row(name, &f.connect, &f.connect));
     println!(
         "{}",
         row(
-            "first connect: start to renegotiated (reference)",
-            &connect,
-            &connect
+            "storm: master restart to renegotiated",
+            &f.storm,
+            &f.connect
         )
-    );
-    println!(
-        "{}",
-        row("storm: master restart to renegotiated", &storm, &connect)
     );
     println!(
         "\nStorm: the master was started again {} ms after its SIGKILL; the last edge \
          renegotiated {} ms after the kill.\n",
-        restarted.duration_since(killed).as_millis(),
-        (restarted.duration_since(killed) + storm.quantile(1.0)).as_millis()
+        f.restarted_after.as_millis(),
+        (f.restarted_after + f.storm.quantile(1.0)).as_millis()
     );
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scenario end to end at a size CI can afford: a real master, real links; every
+    /// edge renegotiates, takes every change, and comes back after the master's SIGKILL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_swarm_takes_every_change_and_survives_a_master_restart() {
+        tether_common::link::tls::install_crypto_provider();
+        let f = measure(20, 3).await.unwrap();
+        assert_eq!(f.connect.count(), 20);
+        assert_eq!(f.reach.count(), 20 * 3);
+        assert_eq!(f.all_reached.count(), 3);
+        assert_eq!(f.storm.count(), 20);
+        assert_eq!(f.rtt.count(), 20, "every link measured its round trip");
+        assert!(f.linked_rss > 0 && f.idle_rss > 0);
+        // The edges come back no sooner than their reconnect period after the kill.
+        assert!(f.restarted_after + f.storm.quantile(0.0) >= Duration::from_millis(2900));
+    }
 }

@@ -22,6 +22,12 @@ impl Series {
         self.sorted[rank - 1]
     }
 
+    /// How many samples (the tests check that every one came).
+    #[cfg(test)]
+    pub fn count(&self) -> usize {
+        self.sorted.len()
+    }
+
     pub fn p50(&self) -> Duration {
         self.quantile(0.50)
     }

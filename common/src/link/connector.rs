@@ -99,8 +99,10 @@ pub fn reconnect_delay(period: Duration, rng: &mut impl Rng) -> Duration {
 }
 
 /// Keeps a link to the master up until `shutdown`, reporting every change on `events`.
-/// The first attempt is immediate; after a failure or a drop, it waits
-/// [`reconnect_delay`].
+/// The first attempt is immediate. After a drop the next comes exactly one period later:
+/// the edge's control takes over when that one attempt fails, and DESIGN.md gives it 3 s,
+/// not 3 s plus jitter. After a failed attempt it waits [`reconnect_delay`], so that
+/// edges retrying a master that is down spread out.
 pub async fn maintain_link(
     config: ConnectorConfig,
     events: mpsc::Sender<LinkEvent>,
@@ -110,6 +112,10 @@ pub async fn maintain_link(
         let attempt = tokio::select! {
             attempt = connect_once(&config) => attempt,
             _ = shutdown.cancelled() => return,
+        };
+        let delay = match &attempt {
+            Ok(_) => config.reconnect,
+            Err(_) => reconnect_delay(config.reconnect, &mut rand::rng()),
         };
         match attempt {
             Ok((link, incoming)) => {
@@ -148,7 +154,6 @@ pub async fn maintain_link(
                 }
             }
         }
-        let delay = reconnect_delay(config.reconnect, &mut rand::rng());
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return,
