@@ -28,6 +28,16 @@ enum Process {
 }
 
 impl Process {
+    /// `program --config config`, started by the bench, logging to `logs`.
+    fn own(program: &str, config: &std::path::Path, logs: &std::path::Path, trial: usize) -> Self {
+        Process::Own(Server::start(
+            program,
+            &bin(program),
+            &["--config", config.to_str().unwrap_or_default()],
+            &logs.join(format!("{program}-{trial}.log")),
+        ))
+    }
+
     fn kill(&mut self) {
         match self {
             Process::Demo(pid) => {
@@ -91,30 +101,14 @@ pub async fn run(bench: &Bench, trials: usize) -> anyhow::Result<()> {
         let done = first_exec_on(&demo.api, "master", Duration::from_secs(60)).await;
         takeovers.push(done.duration_since(killed));
         // The edge comes back; the master keeps control (it runs the modules).
-        edge = Process::Own(Server::start(
-            "edge site-1",
-            &bin("tether-edge"),
-            &[
-                "--config",
-                demo.dir.join("site-1.toml").to_str().unwrap_or_default(),
-            ],
-            &logs.join(format!("edge-{trial}.log")),
-        ));
+        edge = Process::own("tether-edge", &demo.dir.join("site-1.toml"), &logs, trial);
         wait_site_1(&demo.api, true, "master").await;
         // The master dies; the edge takes control after its 3 s rule.
         master.kill();
         let killed = Instant::now();
         let done = first_exec_on(&bench.edge, "edge:site-1", Duration::from_secs(60)).await;
         edge_controls.push(done.duration_since(killed));
-        master = Process::Own(Server::start(
-            "master",
-            &bin("tether-master"),
-            &[
-                "--config",
-                demo.dir.join("master.toml").to_str().unwrap_or_default(),
-            ],
-            &logs.join(format!("master-{trial}.log")),
-        ));
+        master = Process::own("tether-master", &demo.dir.join("master.toml"), &logs, trial);
     }
     wait_site_1(&demo.api, true, "edge").await;
     let takeovers = Series::new(takeovers);
