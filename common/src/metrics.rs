@@ -42,6 +42,7 @@ pub struct Metrics {
     model_version: IntGauge,
     modules: IntGaugeVec,
     modules_connected: IntGaugeVec,
+    link_connections: IntGaugeVec,
     /// One scrape at a time: each resets and refills the state gauges.
     scraping: Mutex<()>,
 }
@@ -139,8 +140,14 @@ impl Metrics {
             "Modules running here whose device connection is up, by location",
             &["location"],
         );
+        let link_connections = gauges(
+            "tether_link_connections",
+            "Edge-link connections held by the master's listener, by stage (handshake: not yet authenticated; link: authenticated)",
+            &["stage"],
+        );
         Metrics {
             registry,
+            link_connections,
             link_up,
             link_rtt,
             owner,
@@ -153,6 +160,11 @@ impl Metrics {
             modules_connected,
             scraping: Mutex::new(()),
         }
+    }
+
+    /// The gauge of the listener's connections at `stage` (`handshake` or `link`).
+    pub fn link_connections(&self, stage: &str) -> IntGauge {
+        self.link_connections.with_label_values(&[stage])
     }
 
     /// A heartbeat's round trip on `edge`'s link.

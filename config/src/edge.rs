@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::load::{
     base_dir, check_api_url, check_id, check_link_settings, check_range, load_file, resolve,
 };
-use crate::{ConfigError, defaults};
+use crate::{ConfigError, Limits, defaults};
 
 /// An edge's configuration, paths resolved against the file's folder.
 #[derive(Debug, Clone, Deserialize)]
@@ -42,6 +42,9 @@ pub struct EdgeConfig {
     /// A master that has not finished the handshake by then is given up on.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// What a client (and, on the master, an edge link) may take: `[limits]`.
+    #[serde(default)]
+    pub limits: Limits,
     /// TLS identity and trust.
     pub tls: EdgeTls,
 }
@@ -100,6 +103,7 @@ impl EdgeConfig {
             check_api_url(file, url)?;
         }
         check_id(file, "edge_id", &self.edge_id)?;
+        self.limits.validate(file)?;
         check_link_settings(
             file,
             self.heartbeat_ms,

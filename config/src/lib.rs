@@ -9,12 +9,14 @@
 
 mod edge;
 mod error;
+mod limits;
 mod load;
 mod master;
 mod site;
 
 pub use edge::{EdgeConfig, EdgeTls};
 pub use error::ConfigError;
+pub use limits::{Limits, limit_defaults};
 pub use load::load_file;
 pub use master::{MasterConfig, MasterTls};
 pub use site::{

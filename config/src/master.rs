@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::load::{
     base_dir, check_api_url, check_id, check_link_settings, check_range, load_file, resolve,
 };
-use crate::{ConfigError, defaults};
+use crate::{ConfigError, Limits, defaults};
 
 /// The master's configuration, paths resolved against the file's folder.
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +45,9 @@ pub struct MasterConfig {
     /// reaches gets a full snapshot of its slice instead of the changes.
     #[serde(default = "default_change_log_limit")]
     pub change_log_limit: u64,
+    /// What a client (and, on the master, an edge link) may take: `[limits]`.
+    #[serde(default)]
+    pub limits: Limits,
     /// TLS identity and trust.
     pub tls: MasterTls,
 }
@@ -123,6 +126,7 @@ impl MasterConfig {
             self.change_log_limit,
             1..=10_000_000,
         )?;
+        self.limits.validate(file)?;
         check_link_settings(
             file,
             self.heartbeat_ms,

@@ -6,12 +6,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::get;
 use axum::{Json, Router, middleware};
 use tether_common::api::{
-    Access, AdminToken, Health, Live, authorize, health, live_routes, module_routes, serve_https,
-    system_routes,
+    Access, AdminToken, ApiLimits, Health, Live, authorize, health, live_routes, module_routes,
+    read_body, serve_https, system_routes,
 };
 use tether_common::link::{
     ConnectorConfig, LinkConfig, LinkEvent, RttObserver, Secret, maintain_link, tls,
@@ -128,6 +128,7 @@ async fn serve(
         edge_id: config.edge_id.clone(),
     };
     let live = Live::new(runtime.clone(), Arc::new(overview.clone()));
+    let api_limits = ApiLimits::from_config(&config.limits);
     let protected = Router::new()
         .route("/api/v1/replica", get(replica_dump))
         .with_state(replica.clone())
@@ -135,12 +136,20 @@ async fn serve(
         .merge(system_routes(runtime.clone()))
         .merge(module_routes(runtime.clone()))
         .merge(live_routes(live))
+        .layer(middleware::from_fn_with_state(api_limits, read_body))
+        .layer(DefaultBodyLimit::max(api_limits.max_body))
         .layer(middleware::from_fn_with_state(access, authorize));
     let router = Router::new()
         .route("/api/v1/health", get(health))
         .with_state(health_state.clone())
         .merge(protected);
-    tokio::spawn(serve_https(api_listener, api_tls, router, shutdown.clone()));
+    tokio::spawn(serve_https(
+        api_listener,
+        api_tls,
+        router,
+        api_limits,
+        shutdown.clone(),
+    ));
 
     let (events_tx, events_rx) = mpsc::channel(16);
     tokio::spawn(maintain_link(connector, events_tx, shutdown.clone()));

@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use tether_common::api::{AdminToken, Health, serve_https};
+use tether_common::api::{AdminToken, ApiLimits, Health, serve_https};
 use tether_common::link::{
-    AuthenticatedEdge, LinkConfig, ListenerConfig, RttObserver, run_listener, tls,
+    AuthenticatedEdge, ConnectionGauges, LinkConfig, ListenerConfig, RttObserver, run_listener, tls,
 };
 use tether_common::pki;
 use tether_common::runtime::{Runtime, ScriptLimits};
@@ -25,9 +25,6 @@ use crate::proxy::MasterLinks;
 use tether_common::control::MasterEvent;
 use tether_common::proxy::LinkRemote;
 use tether_common::shutdown::StopOn;
-
-/// Handshakes in progress at once before new connections are dropped.
-const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Runs the master until `stop` says so.
 pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
@@ -71,7 +68,7 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
 
 /// Connections waiting to be accepted on the link port: after a master restart every
 /// edge comes back within a few seconds, and the listener accepts no more than
-/// [`MAX_PENDING_HANDSHAKES`] at once; the kernel caps this at `net.core.somaxconn`.
+/// `[limits] max_pending_handshakes` at once; the kernel caps this at `net.core.somaxconn`.
 const LINK_BACKLOG: u32 = 4096;
 
 /// The edge-link listener, with room in its accept queue for a reconnect storm.
@@ -179,7 +176,13 @@ async fn serve(
     let (accepted_tx, accepted_rx) = mpsc::channel(64);
     let listener_config = ListenerConfig {
         handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
-        max_pending_handshakes: MAX_PENDING_HANDSHAKES,
+        max_pending_handshakes: usize::try_from(config.limits.max_pending_handshakes)
+            .unwrap_or(usize::MAX),
+        max_links: usize::try_from(config.limits.max_links).unwrap_or(usize::MAX),
+        gauges: Some(ConnectionGauges {
+            handshake: runtime.metrics().link_connections("handshake"),
+            link: runtime.metrics().link_connections("link"),
+        }),
         link: LinkConfig {
             on_rtt: Some(rtt_metrics(&runtime)),
             ..LinkConfig::with_heartbeat(
@@ -220,8 +223,15 @@ async fn serve(
         repos,
         base_dir,
     };
-    let router = crate::api::router(health.clone(), token, state);
-    tokio::spawn(serve_https(api_listener, api_tls, router, shutdown.clone()));
+    let api_limits = ApiLimits::from_config(&config.limits);
+    let router = crate::api::router(health.clone(), token, state, api_limits);
+    tokio::spawn(serve_https(
+        api_listener,
+        api_tls,
+        router,
+        api_limits,
+        shutdown.clone(),
+    ));
     health.booted.store(true, Ordering::Relaxed);
     let (_, version) = model.snapshot();
     let (online, edges) = registry.connected();

@@ -67,6 +67,8 @@ pub async fn pair(
         ListenerConfig {
             handshake_timeout: Duration::from_secs(2),
             max_pending_handshakes: 8,
+            max_links: 64,
+            gauges: None,
             link: link_config.clone(),
         },
         accepted_tx,

@@ -92,6 +92,28 @@ impl WsClient {
         .await
     }
 
+    /// Sends one text message as it is, JSON or not.
+    pub async fn send_text(&mut self, text: String) -> Result<(), String> {
+        self.socket
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|err| err.to_string())
+    }
+
+    /// Reads until the server closes the socket, up to `limit`: the close frame's code,
+    /// or `None` when the socket ended without one (or did not end in time).
+    pub async fn close_code(&mut self, limit: Duration) -> Option<u16> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.socket.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_)) | None) | Err(_) => return None,
+            }
+        }
+    }
+
     /// Forgets what was received, so later waits see only new messages.
     pub fn clear(&mut self) {
         self.received.clear();

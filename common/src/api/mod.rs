@@ -15,7 +15,7 @@ pub use access::{Access, Need, Principal, Role, authorize, need, new_token, toke
 pub use audit::{audit_json, rfc3339};
 pub use error::ApiError;
 pub use health::{Health, health};
-pub use https::serve_https;
+pub use https::{ApiLimits, MAX_HEAD_BYTES, read_body, serve_https};
 pub use live::{Live, Overview, live_routes};
 pub use modules::{PREFERRED_SERVER, module_routes, system_routes, system_view};
 pub use token::{AdminToken, TokenError};

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use axum::Extension;
 use axum::extract::State;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -107,9 +107,10 @@ async fn session(socket: WebSocket, live: Live, principal: Principal) {
                 .await
                 .is_err()
             {
-                return;
+                return None;
             }
         }
+        Some(sink)
     });
     let (events, mut events_rx) = mpsc::channel(OUT_QUEUE);
     let mut session = Session {
@@ -123,6 +124,8 @@ async fn session(socket: WebSocket, live: Live, principal: Principal) {
         hinted: HashSet::new(),
         events,
     };
+    // Why the server ends the session, when the client should be told.
+    let mut close = None;
     loop {
         tokio::select! {
             message = stream.next() => match message {
@@ -131,7 +134,12 @@ async fn session(socket: WebSocket, live: Live, principal: Principal) {
                         break;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Err(err)) => {
+                    tracing::debug!(user = %session.principal.user, "WebSocket read failed: {err}");
+                    close = Some(read_error_close(&err));
+                    break;
+                }
                 // Pings are answered by axum; binary frames are not part of the API.
                 Some(Ok(Message::Binary(_))) => {
                     let error = json!({"type": "error", "id": null, "code": "bad_request",
@@ -157,7 +165,39 @@ async fn session(socket: WebSocket, live: Live, principal: Principal) {
         task.abort();
     }
     drop(session);
-    writer.abort();
+    // The writer sends what is queued, then the close frame; a client that does not
+    // read gets a second at most.
+    let abort = writer.abort_handle();
+    match tokio::time::timeout(CLOSE_WAIT, writer).await {
+        Ok(Ok(Some(mut sink))) => {
+            if let Some(frame) = close {
+                let _ =
+                    tokio::time::timeout(CLOSE_WAIT, sink.send(Message::Close(Some(frame)))).await;
+            }
+        }
+        Ok(_) => {}
+        Err(_) => abort.abort(),
+    }
+}
+
+/// How long the end of a session waits for a client to take its last messages.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The close frame for a client whose message could not be read: 1009 for a message over
+/// [`MAX_MESSAGE`], 1002 (protocol error) for anything else.
+fn read_error_close(err: &axum::Error) -> CloseFrame {
+    let text = err.to_string();
+    if text.contains("too long") || text.contains("too big") {
+        CloseFrame {
+            code: close_code::SIZE,
+            reason: format!("a message is limited to {MAX_MESSAGE} bytes").into(),
+        }
+    } else {
+        CloseFrame {
+            code: close_code::PROTOCOL,
+            reason: "malformed WebSocket frame".into(),
+        }
+    }
 }
 
 fn at(key: &Key) -> ModuleRef {

@@ -1,10 +1,13 @@
 //! The master's edge-link listener: TLS, then the challenge-response, under a deadline and
-//! a cap on handshakes in progress, then a [`Link`] handed to the application.
+//! a cap on handshakes in progress, then a [`Link`] handed to the application. A cap on all
+//! connections (handshaking or linked) bounds what the listener holds whatever peers do:
+//! at either cap it stops accepting, and later peers wait in the kernel's accept queue.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -26,8 +29,42 @@ pub struct ListenerConfig {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; further connections wait to be accepted.
     pub max_pending_handshakes: usize,
+    /// Connections at once, handshaking or linked; further connections wait to be
+    /// accepted until a link ends.
+    pub max_links: usize,
+    /// Gauges of the connections held, by stage (`handshake`, `link`), for `/metrics`.
+    pub gauges: Option<ConnectionGauges>,
     /// Settings of the links that result.
     pub link: LinkConfig,
+}
+
+/// The gauges a listener keeps of its connections.
+#[derive(Debug, Clone)]
+pub struct ConnectionGauges {
+    /// Connections in their handshake.
+    pub handshake: IntGauge,
+    /// Authenticated links.
+    pub link: IntGauge,
+}
+
+/// One connection counted in a gauge while this lives.
+struct Counted(Option<IntGauge>);
+
+impl Counted {
+    fn new(gauge: Option<&IntGauge>) -> Self {
+        if let Some(gauge) = gauge {
+            gauge.inc();
+        }
+        Counted(gauge.cloned())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(gauge) = &self.0 {
+            gauge.dec();
+        }
+    }
 }
 
 /// An edge that proved its identity.
@@ -55,10 +92,18 @@ pub async fn run_listener(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let pending = Arc::new(Semaphore::new(config.max_pending_handshakes));
+    let connections = Arc::new(Semaphore::new(config.max_links));
     loop {
-        // At the cap, stop accepting: later edges wait in the kernel's accept queue (and
+        // At a cap, stop accepting: later edges wait in the kernel's accept queue (and
         // their own handshake deadline) instead of being dropped and coming back a
         // reconnect period later, which would turn a storm of thousands into many rounds.
+        let slot = tokio::select! {
+            slot = connections.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
         let permit = tokio::select! {
             permit = pending.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -83,17 +128,26 @@ pub async fn run_listener(
         let config = config.clone();
         let accepted = accepted.clone();
         tokio::spawn(async move {
+            let gauges = config.gauges.as_ref();
+            let handshaking = Counted::new(gauges.map(|g| &g.handshake));
             let outcome = tokio::time::timeout(
                 config.handshake_timeout,
                 authenticate(tcp, &acceptor, secrets.as_ref()),
             )
             .await;
-            drop(permit);
+            drop((permit, handshaking));
             match outcome {
                 Ok(Ok((edge_id, stream, leftover))) => {
                     tracing::info!(edge = %edge_id, %addr, "edge link authenticated");
                     let (link, incoming) =
                         Link::start(stream, leftover, edge_id.clone(), config.link.clone());
+                    // The connection's slot is held until the link ends.
+                    let linked = Counted::new(gauges.map(|g| &g.link));
+                    let watched = link.clone();
+                    tokio::spawn(async move {
+                        watched.closed().await;
+                        drop((slot, linked));
+                    });
                     let edge = AuthenticatedEdge {
                         edge_id,
                         addr,

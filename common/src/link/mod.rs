@@ -18,5 +18,7 @@ pub use connector::{ConnectorConfig, LinkEvent, connect_once, maintain_link, rec
 pub use handshake::{
     AuthError, Handshaken, client_exporter, edge_handshake, master_handshake, server_exporter,
 };
-pub use listener::{AuthenticatedEdge, EdgeSecrets, ListenerConfig, run_listener};
+pub use listener::{
+    AuthenticatedEdge, ConnectionGauges, EdgeSecrets, ListenerConfig, run_listener,
+};
 pub use secret::{MIN_SECRET_BYTES, Secret, SecretError};

@@ -9,10 +9,12 @@ mod users;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::{Router, middleware};
 use serde_json::Value;
 use tether_common::api::{
-    Access, AdminToken, Health, Live, Overview, authorize, health, live_routes, module_routes,
+    Access, AdminToken, ApiLimits, Health, Live, Overview, authorize, health, live_routes,
+    module_routes, read_body,
 };
 use tether_common::runtime::Runtime;
 use tether_common::store::Store;
@@ -38,7 +40,12 @@ pub struct AppState {
 }
 
 /// The router: health is open (for load balancers and probes); the rest needs the token.
-pub fn router(health_state: Arc<Health>, token: Arc<AdminToken>, state: AppState) -> Router {
+pub fn router(
+    health_state: Arc<Health>,
+    token: Arc<AdminToken>,
+    state: AppState,
+    limits: ApiLimits,
+) -> Router {
     let model = state.model.clone();
     let access = Access::new(token, move || model.snapshot().0);
     let live = Live::new(state.runtime.clone(), Arc::new(state.clone()));
@@ -50,6 +57,8 @@ pub fn router(health_state: Arc<Health>, token: Arc<AdminToken>, state: AppState
         .with_state(state.clone())
         .merge(module_routes(state.runtime.clone()))
         .merge(live_routes(live))
+        .layer(middleware::from_fn_with_state(limits, read_body))
+        .layer(DefaultBodyLimit::max(limits.max_body))
         .layer(middleware::from_fn_with_state(access, authorize));
     Router::new()
         .route("/api/v1/health", axum::routing::get(health))
