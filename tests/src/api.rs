@@ -27,10 +27,20 @@ pub struct ApiClient {
 impl ApiClient {
     /// A client for `https://host:port`, trusting `ca` (PEM), with `token` if given.
     pub fn new(base: &str, ca: &Path, token: Option<String>) -> ApiClient {
+        ApiClient::with_timeout(base, ca, token, Duration::from_secs(10))
+    }
+
+    /// As [`new`](Self::new), each request given up after `timeout` (status 0).
+    pub fn with_timeout(
+        base: &str,
+        ca: &Path,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> ApiClient {
         let tls = tether_common::link::tls::api_client_config(ca).expect("load test CA");
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
-            .timeout(Duration::from_secs(10))
+            .timeout(timeout)
             .build()
             .expect("HTTP client");
         ApiClient {
@@ -46,6 +56,11 @@ impl ApiClient {
             base: base.trim_end_matches('/').to_string(),
             ..self.clone()
         }
+    }
+
+    /// The token it sends.
+    pub fn token(&self) -> Option<String> {
+        self.token.clone()
     }
 
     /// The same server with another token (or none).

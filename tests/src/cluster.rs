@@ -252,6 +252,36 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Waits until edge `index`'s replica (`GET /api/v1/replica` on the edge) equals the
+    /// master's slice for it (records, version and model id), and returns it; panics
+    /// after `limit` showing both.
+    pub async fn wait_replica_in_sync(&self, index: usize, limit: Duration) -> serde_json::Value {
+        let edge_id = self.spec.edges[index].clone();
+        let master = self.master_api();
+        let edge = self.edge_admin(index);
+        let mut last = (serde_json::Value::Null, serde_json::Value::Null);
+        let found = tokio::time::timeout(limit, async {
+            loop {
+                let (_, slice) = master.get(&format!("/api/v1/edges/{edge_id}/slice")).await;
+                let (_, replica) = edge.get("/api/v1/replica").await;
+                if slice["version"].is_u64() && slice == replica {
+                    return slice;
+                }
+                last = (slice, replica);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| {
+            panic!(
+                "{edge_id} never matched:\nslice   {}\nreplica {}",
+                last.0, last.1
+            )
+        })
+    }
+}
+
 fn site_toml(edges: &[String], settings: &str) -> String {
     edges
         .iter()

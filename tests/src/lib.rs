@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod browser;
+pub mod campaign;
 pub mod cluster;
 pub mod demo;
 pub mod inproc;

@@ -90,6 +90,24 @@ impl Server {
         self.spawn();
     }
 
+    /// Freezes the process (SIGSTOP): it holds its sockets and does nothing, as a server
+    /// stuck in swap or a paused VM would.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(pid) = self.pid().and_then(|pid| libc::pid_t::try_from(pid).ok()) {
+            // SAFETY: kill(2) with our own child's pid has no memory effects.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
     /// The process id, while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

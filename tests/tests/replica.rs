@@ -31,31 +31,11 @@ async fn start(projector_port: u16, master_extra: &str) -> Cluster {
     cluster
 }
 
-/// Waits until edge `index`'s replica equals the master's slice for it (records,
-/// version and model id), and returns it.
+/// Waits until edge `index`'s replica equals the master's slice for it.
 async fn wait_in_sync(cluster: &Cluster, index: usize) -> Value {
-    let edge_id = cluster.spec.edges[index].clone();
-    let master = cluster.master_api();
-    let edge = cluster.edge_admin(index);
-    let mut last = (Value::Null, Value::Null);
-    let found = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let (_, slice) = master.get(&format!("/api/v1/edges/{edge_id}/slice")).await;
-            let (_, replica) = edge.get("/api/v1/replica").await;
-            if slice["version"].is_u64() && slice == replica {
-                return slice;
-            }
-            last = (slice, replica);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| {
-        panic!(
-            "{edge_id} never matched:\nslice   {}\nreplica {}",
-            last.0, last.1
-        )
-    })
+    cluster
+        .wait_replica_in_sync(index, Duration::from_secs(20))
+        .await
 }
 
 #[tokio::test]
