@@ -7,12 +7,14 @@
 //!   multiplexing, heartbeats, reconnects.
 //! - [`pki`]: development certificates and secrets.
 //! - [`api`]: the HTTPS client API's shell and the handlers both servers serve.
+//! - [`hostile`]: the parsers of untrusted bytes behind one call each, for fuzzing.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
 pub mod code;
 pub mod control;
+pub mod hostile;
 pub mod link;
 pub mod logging;
 pub mod metrics;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{base_dir, check_id, check_range, load_file, resolve};
+use crate::load::{base_dir, check_id, check_range, parse_str, resolve};
 use crate::{ConfigError, defaults};
 
 /// A parsed and checked site file, paths resolved against its folder.
@@ -236,7 +236,17 @@ fn default_timeout_ms() -> u64 {
 impl SiteFile {
     /// Reads, resolves and checks a site file (types, ids, references, ranges).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let mut site: SiteFile = load_file(path)?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks `text` as the site file at `path` (which names it in errors and
+    /// is the base of its relative paths).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut site: SiteFile = parse_str(path, text)?;
         let base = base_dir(path);
         for repository in &mut site.repositories {
             repository.path = resolve(&base, &repository.path);

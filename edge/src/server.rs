@@ -67,7 +67,7 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     };
     let api_tls = tls::server_config(&config.tls.cert, &config.tls.key, None)?;
     // Everything is checked; only now write to the data folder.
-    std::fs::create_dir_all(&config.data_dir)
+    tether_common::store::create_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let token = Arc::new(AdminToken::load_or_create(&config.data_dir)?);
     let replica = Arc::new(

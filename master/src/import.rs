@@ -11,7 +11,7 @@ pub fn run(config_path: &Path, file: &Path) -> anyhow::Result<String> {
     let config = MasterConfig::load(config_path)?;
     let site = SiteFile::load(file)?;
     let writes = crate::seed::site_writes(&site)?;
-    std::fs::create_dir_all(&config.data_dir)
+    tether_common::store::create_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let model = crate::server::open_model(&config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -52,7 +52,7 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     let link_tls = tls::link_server_config(&config.tls.cert, &config.tls.key, client_ca)?;
     let api_tls = tls::server_config(&config.tls.cert, &config.tls.key, None)?;
     // Everything is checked; only now write to the data folder.
-    std::fs::create_dir_all(&config.data_dir)
+    tether_common::store::create_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let model = Arc::new(open_model(&config)?);
     let token = Arc::new(AdminToken::load_or_create(&config.data_dir)?);

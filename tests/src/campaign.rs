@@ -397,7 +397,13 @@ async fn keep_executing(
         };
         let system = format!("room-{}", system + 1);
         let (status, body) = clients[via]
-            .exec(&system, "Display", 1, "power", json!([round.is_multiple_of(3)]))
+            .exec(
+                &system,
+                "Display",
+                1,
+                "power",
+                json!([round.is_multiple_of(3)]),
+            )
             .await;
         let outcome = match (status, body["executed_by"].as_str()) {
             (200, Some(by)) => format!("ok, run by {}", by.split(':').next().unwrap_or(by)),

@@ -22,6 +22,29 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("change_log");
 /// Counters: `version`, `log_floor`, `model_id`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// Creates a server's data folder, readable by its owner only (0700 on Unix): it holds the
+/// admin token, the model with its users' token hashes, and the audit log. A folder that
+/// exists keeps its mode; if others may read it, a warning says so.
+pub fn create_data_dir(path: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "data_dir {} has mode {mode:o}: others may read the admin token and the model (chmod 700 it)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One record to write: its kind, id and JSON, or `None` to delete it.
 pub type Write = (EntityKind, String, Option<String>);
 
