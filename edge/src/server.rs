@@ -6,12 +6,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::routing::get;
-use axum::{Json, Router, middleware};
+use axum::{Json, Router};
 use tether_common::api::{
-    Access, AdminToken, ApiLimits, Health, Live, authorize, health, live_routes, module_routes,
-    read_body, serve_https, system_routes,
+    Access, AdminToken, ApiLimits, Health, Live, health, live_routes, module_routes, protect,
+    serve_https, system_routes,
 };
 use tether_common::link::{
     ConnectorConfig, LinkConfig, LinkEvent, RttObserver, Secret, maintain_link, tls,
@@ -129,16 +129,14 @@ async fn serve(
     };
     let live = Live::new(runtime.clone(), Arc::new(overview.clone()));
     let api_limits = ApiLimits::from_config(&config.limits);
-    let protected = Router::new()
+    let routes = Router::new()
         .route("/api/v1/replica", get(replica_dump))
         .with_state(replica.clone())
         .merge(crate::api::control_routes(overview))
         .merge(system_routes(runtime.clone()))
         .merge(module_routes(runtime.clone()))
-        .merge(live_routes(live))
-        .layer(middleware::from_fn_with_state(api_limits, read_body))
-        .layer(DefaultBodyLimit::max(api_limits.max_body))
-        .layer(middleware::from_fn_with_state(access, authorize));
+        .merge(live_routes(live));
+    let protected = protect(routes, access, api_limits);
     let router = Router::new()
         .route("/api/v1/health", get(health))
         .with_state(health_state.clone())

@@ -123,7 +123,8 @@ async fn request_bodies_over_the_limit_are_answered_413() {
     let master = cluster.master_api();
     let record = |size: usize| json!({"id": "big", "name": "x".repeat(size), "edge": "site-1"});
 
-    // Over the limit, with a Content-Length: refused before it is read.
+    // Over the limit, with a Content-Length: read and thrown away, then refused (so the
+    // client, still sending, gets the answer).
     let (status, body) = master.post("/api/v1/systems", record(100_000)).await;
     assert_eq!(
         (status, &body["error"]),
@@ -137,7 +138,7 @@ async fn request_bodies_over_the_limit_are_answered_413() {
     // Under it: read and judged on its content.
     let (status, body) = master.post("/api/v1/systems", record(60_000)).await;
     assert_eq!(status, 201, "{body}");
-    // Without a length (chunked): cut at the limit as it arrives.
+    // Without a length (chunked): read to its end, only the limit kept, then refused.
     let mut stream = api_stream(&cluster.api_addr, &cluster).await;
     let token = std::fs::read_to_string(cluster.path("data/master/admin.token")).unwrap();
     let chunk = "x".repeat(30_000);
@@ -149,10 +150,9 @@ async fn request_bodies_over_the_limit_are_answered_413() {
     stream.write_all(head.as_bytes()).await.unwrap();
     for _ in 0..4 {
         let framed = format!("{:x}\r\n{chunk}\r\n", chunk.len());
-        if stream.write_all(framed.as_bytes()).await.is_err() {
-            break;
-        }
+        stream.write_all(framed.as_bytes()).await.unwrap();
     }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
     let answer = read_some(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("too_large"), "{answer}");

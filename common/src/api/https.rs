@@ -16,6 +16,7 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
@@ -32,6 +33,11 @@ use super::ApiError;
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// HTTP/2 streams (requests) a client may have open at once on one connection.
 const MAX_H2_STREAMS: u32 = 256;
+/// HTTP/2 flow-control windows: what a client may send ahead of the server reading it, per
+/// request and per connection (hyper's defaults are larger), so that bodies nobody reads
+/// (a request without a token) hold at most this much per connection.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
 
 /// What one client of the API may take.
 #[derive(Debug, Clone, Copy)]
@@ -120,6 +126,8 @@ pub async fn serve_https(
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEAD_BYTES as u32)
                 .max_concurrent_streams(MAX_H2_STREAMS)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
                 .keep_alive_interval(limits.client_timeout)
                 .keep_alive_timeout(limits.client_timeout);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
@@ -135,10 +143,11 @@ pub async fn serve_https(
     }
 }
 
-/// Middleware, inside authentication: reads the request body whole, at most
-/// `max_body` bytes (413 beyond, at once when `Content-Length` says so) within
-/// `client_timeout` (408 after), so that handlers see a complete body and a slow or
-/// endless upload holds nothing for long.
+/// Middleware, inside authentication: reads the request body whole, at most `max_body`
+/// bytes, within `client_timeout` (408 after), so that handlers see a complete body and a
+/// slow or endless upload holds nothing for long. A larger body is answered 413 after it
+/// has been read and thrown away (up to [`DRAIN_LIMIT`]): closing a connection with unread
+/// data resets it, and the client would lose the answer.
 pub async fn read_body(State(limits): State<ApiLimits>, request: Request, next: Next) -> Response {
     if request.method() == Method::GET || request.method() == Method::HEAD {
         return next.run(request).await;
@@ -147,28 +156,18 @@ pub async fn read_body(State(limits): State<ApiLimits>, request: Request, next: 
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limits.max_body as u64) {
-        // The body stays unread, so the connection cannot carry another request.
-        let mut response = too_large(limits).into_response();
-        response.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        return response;
+    if declared.is_some_and(|length| length > DRAIN_LIMIT) {
+        return too_large(limits);
     }
     let (parts, body) = request.into_parts();
-    let collected = tokio::time::timeout(
-        limits.client_timeout,
-        axum::body::to_bytes(body, limits.max_body),
-    )
-    .await;
-    match collected {
+    let collected = tokio::time::timeout(limits.client_timeout, collect(body, limits.max_body));
+    match collected.await {
         Ok(Ok(bytes)) => {
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
         }
-        Ok(Err(err)) if is_length_limit(&err) => too_large(limits).into_response(),
-        Ok(Err(err)) => ApiError::new(
+        Ok(Err(BodyError::TooLarge)) => too_large(limits),
+        Ok(Err(BodyError::Read(err))) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!("the request body could not be read: {err}"),
@@ -186,8 +185,40 @@ pub async fn read_body(State(limits): State<ApiLimits>, request: Request, next: 
     }
 }
 
-fn too_large(limits: ApiLimits) -> ApiError {
-    ApiError::new(
+/// The most of a too-large body read (and thrown away) so that its client gets the 413.
+const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
+
+enum BodyError {
+    TooLarge,
+    Read(axum::Error),
+}
+
+/// The body, if it holds at most `max` bytes; past that its bytes are counted and dropped,
+/// up to [`DRAIN_LIMIT`].
+async fn collect(body: Body, max: usize) -> Result<bytes::Bytes, BodyError> {
+    let mut stream = body.into_data_stream();
+    let mut kept = bytes::BytesMut::new();
+    let mut seen: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(BodyError::Read)?;
+        seen += chunk.len() as u64;
+        if seen > DRAIN_LIMIT {
+            return Err(BodyError::TooLarge);
+        }
+        if seen <= max as u64 {
+            kept.extend_from_slice(&chunk);
+        }
+    }
+    if seen > max as u64 {
+        Err(BodyError::TooLarge)
+    } else {
+        Ok(kept.freeze())
+    }
+}
+
+/// 413; the connection is closed after it, as the client may still be sending.
+fn too_large(limits: ApiLimits) -> Response {
+    let mut response = ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",
         format!(
@@ -195,15 +226,10 @@ fn too_large(limits: ApiLimits) -> ApiError {
             limits.max_body
         ),
     )
-}
-
-fn is_length_limit(err: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    .into_response();
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    response
 }

@@ -19,3 +19,13 @@ pub use https::{ApiLimits, MAX_HEAD_BYTES, read_body, serve_https};
 pub use live::{Live, Overview, live_routes};
 pub use modules::{PREFERRED_SERVER, module_routes, system_routes, system_view};
 pub use token::{AdminToken, TokenError};
+
+/// Puts `routes` behind the bearer token and the body limit. The token is checked first,
+/// so a client without one never has its body read.
+pub fn protect(routes: axum::Router, access: Access, limits: ApiLimits) -> axum::Router {
+    use axum::middleware::from_fn_with_state;
+    routes
+        .layer(from_fn_with_state(limits, read_body))
+        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body))
+        .layer(from_fn_with_state(access, authorize))
+}

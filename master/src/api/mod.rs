@@ -9,12 +9,11 @@ mod users;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
-use axum::{Router, middleware};
+use axum::Router;
 use serde_json::Value;
 use tether_common::api::{
-    Access, AdminToken, ApiLimits, Health, Live, Overview, authorize, health, live_routes,
-    module_routes, read_body,
+    Access, AdminToken, ApiLimits, Health, Live, Overview, health, live_routes, module_routes,
+    protect,
 };
 use tether_common::runtime::Runtime;
 use tether_common::store::Store;
@@ -56,10 +55,8 @@ pub fn router(
         .route("/api/v1/edges/{id}/slice", axum::routing::get(edge_slice))
         .with_state(state.clone())
         .merge(module_routes(state.runtime.clone()))
-        .merge(live_routes(live))
-        .layer(middleware::from_fn_with_state(limits, read_body))
-        .layer(DefaultBodyLimit::max(limits.max_body))
-        .layer(middleware::from_fn_with_state(access, authorize));
+        .merge(live_routes(live));
+    let protected = protect(protected, access, limits);
     Router::new()
         .route("/api/v1/health", axum::routing::get(health))
         .with_state(health_state)
