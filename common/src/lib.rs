@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod admission;
 pub mod api;
 pub mod code;
 pub mod control;
@@ -22,6 +23,7 @@ pub mod model;
 pub mod pki;
 pub mod protocol;
 pub mod proxy;
+pub mod rate;
 pub mod report;
 pub mod runtime;
 pub mod shutdown;

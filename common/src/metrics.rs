@@ -43,6 +43,7 @@ pub struct Metrics {
     modules: IntGaugeVec,
     modules_connected: IntGaugeVec,
     link_connections: IntGaugeVec,
+    link_refused: IntCounterVec,
     /// One scrape at a time: each resets and refills the state gauges.
     scraping: Mutex<()>,
 }
@@ -145,9 +146,15 @@ impl Metrics {
             "Edge-link connections held by the master's listener, by stage (handshake: not yet authenticated; link: authenticated)",
             &["stage"],
         );
+        let link_refused = counters(
+            "tether_link_refused_total",
+            "What the master refused or dropped of an edge's link, by edge and kind: request (outside its site), audit (over its rate), notice (not its module), blob (not its code), cap (over a per-link limit)",
+            &["edge", "what"],
+        );
         Metrics {
             registry,
             link_connections,
+            link_refused,
             link_up,
             link_rtt,
             owner,
@@ -165,6 +172,11 @@ impl Metrics {
     /// The gauge of the listener's connections at `stage` (`handshake` or `link`).
     pub fn link_connections(&self, stage: &str) -> IntGauge {
         self.link_connections.with_label_values(&[stage])
+    }
+
+    /// Something of `edge`'s link was refused or dropped (`what`: its kind).
+    pub fn refused(&self, edge: &str, what: &str) {
+        self.link_refused.with_label_values(&[edge, what]).inc();
     }
 
     /// A heartbeat's round trip on `edge`'s link.

@@ -19,9 +19,38 @@ pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Text a peer sent, made safe for a log line: control characters (line breaks, escape
+/// sequences that would drive a terminal) written as escapes, and at most `max_chars`
+/// characters kept, so that a peer can neither forge log lines nor flood them.
+pub fn printable(text: &str, max_chars: usize) -> String {
+    let mut out = String::new();
+    for (count, c) in text.chars().enumerate() {
+        if count == max_chars {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peers_text_cannot_break_or_colour_a_log_line() {
+        assert_eq!(
+            printable("ok\nFAKE line\u{1b}[31m", 100),
+            "ok\\nFAKE line\\u{1b}[31m"
+        );
+        assert_eq!(printable("abcdef", 3), "abc...");
+        assert_eq!(printable("\u{e9}t\u{e9}", 10), "\u{e9}t\u{e9}");
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("cannot read x: {source}")]

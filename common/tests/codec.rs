@@ -281,13 +281,20 @@ fn stream_item() -> impl Strategy<Value = StreamItem> {
 
 fn envelope() -> impl Strategy<Value = Envelope> {
     prop_oneof![
-        (any::<u64>(), any::<u32>(), request()).prop_map(|(id, deadline_ms, body)| {
-            Envelope::Request {
-                id,
-                deadline_ms,
-                body,
-            }
-        }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            request(),
+            proptest::option::of(text().prop_map(OnBehalf))
+        )
+            .prop_map(|(id, deadline_ms, body, on_behalf)| {
+                Envelope::Request {
+                    id,
+                    deadline_ms,
+                    body,
+                    on_behalf,
+                }
+            }),
         (
             any::<u64>(),
             prop_oneof![response().prop_map(Ok), remote_error().prop_map(Err)]
@@ -453,6 +460,7 @@ fn the_hand_made_prefix_above_is_what_postcard_writes() {
             args: Json::null(),
             epoch: 0,
         },
+        on_behalf: None,
     };
     let frame = encode_frame(&value, MAX).unwrap();
     assert_eq!(&frame[4..13], &[0, 1, 0, 2, 0, 0, 1, 0, 2]);
@@ -462,6 +470,7 @@ fn the_hand_made_prefix_above_is_what_postcard_writes() {
         body: Request::FetchBlobs {
             hashes: vec![[0; 32]],
         },
+        on_behalf: None,
     };
     assert_eq!(&encode_frame(&fetch, MAX).unwrap()[4..9], &[0, 1, 0, 13, 1]);
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 use tether_common::code::{Code, RepoCode};
 use tether_common::model::Model;
 use tether_common::protocol::EntityKind;
-use tether_common::runtime::{ExecError, Runtime, ScriptLimits};
+use tether_common::runtime::{ExecError, Origin, Runtime, ScriptLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -76,7 +76,7 @@ async fn status_of(runtime: &Runtime, key: &str, want: serde_json::Value) {
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             if let Ok(status) = runtime
-                .status_from(&ModuleRef::new("s", "Dev", 1), None)
+                .status_from(&ModuleRef::new("s", "Dev", 1), &Origin::local())
                 .await
                 && status.get(key) == Some(&want)
             {
@@ -262,9 +262,9 @@ async fn a_new_script_reloads_in_place_and_a_failing_one_is_refused() {
     assert_eq!(version(&runtime).await, json!(2));
     status_of(&runtime, "loaded", json!(2)).await;
     let at = ModuleRef::new("s", "Dev", 1);
-    let ticks = runtime.status_from(&at, None).await.unwrap()["ticks"].clone();
+    let ticks = runtime.status_from(&at, &Origin::local()).await.unwrap()["ticks"].clone();
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let status = runtime.status_from(&at, None).await.unwrap();
+    let status = runtime.status_from(&at, &Origin::local()).await.unwrap();
     assert_eq!(status["ticks"], ticks, "the old schedule ended");
     assert_eq!(status["connections"], json!(1), "no reconnect");
     let reconnected = tokio::time::timeout(Duration::from_millis(300), device.accept()).await;
@@ -286,7 +286,7 @@ async fn a_new_script_reloads_in_place_and_a_failing_one_is_refused() {
         assert!(runtime.reconcile(model.clone(), |_| true).await.is_empty());
     }
     let lines: Vec<String> = runtime
-        .debug_from(&at, None)
+        .debug_from(&at, &Origin::local())
         .await
         .unwrap()
         .into_iter()

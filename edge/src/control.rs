@@ -11,12 +11,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde_json::Value;
-use tether_common::api::audit_json;
+use tether_common::api::audit_entry_json;
 use tether_common::control::{
     ControlState, EdgeAction, EdgeEvent, EdgeSide, Owner, StaleDecision, owner_name,
 };
-use tether_common::link::Link;
-use tether_common::protocol::{AuditRecord, Json, Notice, Request};
+use tether_common::link::{Link, LinkError};
+use tether_common::protocol::{AuditRecord, ErrorCode, Json, Notice, Request};
 use tether_common::runtime::Runtime;
 use tether_common::store::Store;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -143,7 +143,7 @@ impl EdgeControl {
     pub async fn audit(&self) -> anyhow::Result<Vec<Value>> {
         let store = self.store.clone();
         let records = tokio::task::spawn_blocking(move || store.audit_after(0)).await??;
-        Ok(records.iter().map(|(_, r)| audit_json(r)).collect())
+        Ok(records.iter().map(audit_entry_json).collect())
     }
 }
 
@@ -323,32 +323,52 @@ impl Task {
     }
 }
 
-/// Sends the master the audit records it has not acknowledged yet.
+/// Audit records per report: the master takes no more in one request.
+const AUDIT_BATCH: usize = 256;
+/// How long to wait before reporting again when the master's rate limit refused a batch.
+const AUDIT_RETRY: Duration = Duration::from_secs(5);
+
+/// Sends the master the audit records it has not acknowledged yet, a batch at a time,
+/// waiting when the master's rate limit says so, until all are taken or the link goes.
 async fn report_audits(link: Link, store: Arc<Store>) {
-    let pending = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || {
-            let reported = store.audit_reported()?;
-            store.audit_after(reported)
-        })
-        .await
-    };
-    let Ok(Ok(pending)) = pending else {
-        tracing::error!("cannot read the audit log: {pending:?}");
-        return;
-    };
-    let Some(&(last, _)) = pending.last() else {
-        return;
-    };
-    let events = pending.into_iter().map(|(_, record)| record).collect();
-    match link
-        .request(Request::AuditEvents { events }, REPORT_TIMEOUT)
-        .await
-    {
-        Ok(_) => {
-            let _ = tokio::task::spawn_blocking(move || store.set_audit_reported(last)).await;
+    // One reporter at a time, so that two links' reporters never send a record twice.
+    static REPORTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = REPORTING.lock().await;
+    while !link.is_closed() {
+        let pending = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || {
+                let reported = store.audit_reported()?;
+                store.audit_after(reported)
+            })
+            .await
+        };
+        let Ok(Ok(mut pending)) = pending else {
+            tracing::error!("cannot read the audit log: {pending:?}");
+            return;
+        };
+        pending.truncate(AUDIT_BATCH);
+        let Some(last) = pending.last().map(|entry| entry.seq) else {
+            return;
+        };
+        let events = pending.into_iter().map(|entry| entry.record).collect();
+        match link
+            .request(Request::AuditEvents { events }, REPORT_TIMEOUT)
+            .await
+        {
+            Ok(_) => {
+                let store = store.clone();
+                let _ = tokio::task::spawn_blocking(move || store.set_audit_reported(last)).await;
+            }
+            Err(LinkError::Remote(refused)) if refused.code == ErrorCode::Busy => {
+                tracing::info!("the master takes audit events more slowly: {refused}");
+                tokio::time::sleep(AUDIT_RETRY).await;
+            }
+            Err(err) => {
+                tracing::warn!("audit events not taken (sent again on the next link): {err}");
+                return;
+            }
         }
-        Err(err) => tracing::warn!("audit events not taken (sent again on the next link): {err}"),
     }
 }
 

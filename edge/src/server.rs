@@ -121,7 +121,7 @@ async fn serve(
 
     // The admin token of this edge, and the users replicated from the master.
     let users = replica.clone();
-    let access = Access::new(token, move || users.snapshot().0);
+    let access = Access::new(token, move || users.snapshot().0).forwarding_users();
     let overview = crate::api::EdgeOverview {
         control: control.clone(),
         replica: replica.clone(),
@@ -186,7 +186,7 @@ async fn replica_dump(State(replica): State<Arc<Replica>>) -> Json<serde_json::V
     Json(serde_json::json!({
         "model_id": at.model_id.to_string(),
         "version": at.version,
-        "records": model.dump(),
+        "records": model.dump_for_clients(),
     }))
 }
 

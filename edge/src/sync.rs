@@ -91,7 +91,7 @@ async fn answer_requests(
                     Some(request) => *request,
                 }
             }
-            Incoming::Notice(notice) => {
+            Incoming::Notice(notice, _) => {
                 tracing::debug!(?notice, "notice not handled");
                 continue;
             }

@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use tether_common::api::audit_json;
+use tether_common::api::audit_entry_json;
 use tether_common::control::{
     AuditRecord, ControlState, EdgeSettings, MasterAction, MasterEvent, MasterSide, Owner,
     RestoreRefused, Window, owner_name,
@@ -20,7 +20,7 @@ use tether_common::link::LinkError;
 use tether_common::model::{EdgeRecord, Model, Standby};
 use tether_common::protocol::{ErrorCode, Request, Response};
 use tether_common::runtime::{ReloadRefused, Runtime};
-use tether_common::store::Store;
+use tether_common::store::{AuditSource, Store};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::edges::EdgeRegistry;
@@ -29,8 +29,11 @@ use crate::edges::EdgeRegistry;
 const DECISION_TIMEOUT: Duration = Duration::from_secs(15);
 /// The longest the shell sleeps between polls of the machines.
 const MAX_POLL: Duration = Duration::from_secs(1);
-/// Audit records kept.
+/// The master's own audit records kept.
 pub const AUDIT_KEEP: u64 = 100_000;
+/// Audit records kept per edge location of those it can cause (its reports, refusals of
+/// its requests), apart from the master's own.
+pub const EDGE_AUDIT_KEEP: u64 = 1_000;
 
 /// Unix time in milliseconds: the control machines' clock.
 pub fn now_ms() -> u64 {
@@ -142,6 +145,11 @@ impl Control {
         answer.await.unwrap_or(Err(RestoreError::Stopped))
     }
 
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Arc<tether_common::metrics::Metrics> {
+        self.runtime.metrics()
+    }
+
     /// An edge location's owner and epoch.
     pub fn state(&self, edge: &str) -> Option<ControlState> {
         self.states
@@ -151,10 +159,16 @@ impl Control {
             .copied()
     }
 
-    /// Records audit events an edge reports: its own takeovers while the master was out
-    /// of reach, its refused reloads.
-    pub async fn record_edge_audits(&self, events: Vec<AuditRecord>) -> anyhow::Result<()> {
+    /// Records audit events edge `edge` reports about itself: its own takeovers while the
+    /// master was out of reach, its refused reloads. They are kept with the edge's
+    /// records, marked as reported by it.
+    pub async fn record_edge_audits(
+        &self,
+        edge: &str,
+        events: Vec<AuditRecord>,
+    ) -> anyhow::Result<()> {
         let store = self.store.clone();
+        let edge = edge.to_string();
         tokio::task::spawn_blocking(move || {
             for event in &events {
                 match &event.code {
@@ -175,10 +189,34 @@ impl Control {
                     ),
                 }
             }
-            store.append_audits(&events, AUDIT_KEEP)?;
+            store.append_edge_audits(&edge, &events, AuditSource::Edge, EDGE_AUDIT_KEEP)?;
             Ok(())
         })
         .await?
+    }
+
+    /// Records that a request over edge `edge`'s link was refused, and why, with the
+    /// edge's records.
+    pub async fn record_refusal(&self, edge: &str, reason: String) {
+        let state = self.state(edge).unwrap_or_default();
+        let record = AuditRecord {
+            time_ms: now_ms(),
+            edge: edge.to_string(),
+            from: state.owner,
+            to: state.owner,
+            epoch: state.epoch,
+            reason,
+            code: None,
+        };
+        let store = self.store.clone();
+        let edge = edge.to_string();
+        let stored = tokio::task::spawn_blocking(move || {
+            store.append_edge_audits(&edge, &[record], AuditSource::Refusal, EDGE_AUDIT_KEEP)
+        })
+        .await;
+        if !matches!(stored, Ok(Ok(_))) {
+            tracing::error!("cannot store an audit record: {stored:?}");
+        }
     }
 
     /// The audit log, oldest first, optionally of one edge.
@@ -187,8 +225,8 @@ impl Control {
         let records = tokio::task::spawn_blocking(move || store.audit_after(0)).await??;
         Ok(records
             .iter()
-            .filter(|(_, r)| edge.as_ref().is_none_or(|e| &r.edge == e))
-            .map(|(_, r)| audit_json(r))
+            .filter(|entry| edge.as_ref().is_none_or(|e| &entry.record.edge == e))
+            .map(audit_entry_json)
             .collect())
     }
 }

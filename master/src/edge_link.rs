@@ -2,19 +2,24 @@
 //! control report, audit events, status changes, calls on modules) goes to the part that
 //! handles it, and model changes and driver code are pushed to it until the link closes.
 
+use tether_common::api::checked_api_url;
 use tether_common::control::{ControlState, EdgeReport, MasterEvent};
 use tether_common::link::{Incoming, Link};
 use tether_common::model::sync::ReplicaPosition;
 use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request, Response};
+use tether_common::report::printable;
 use tokio::sync::{mpsc, watch};
 
+use crate::control::Control;
+use crate::link_guard::{AuditRefused, LinkGuard, fetchable, runs_module};
 use crate::repos::push_code;
 use crate::server::LinkContext;
 use crate::sync::{answer_sync, push_changes};
 use tether_common::code::fetch::serve_blobs;
 use tether_common::proxy::serve_call;
 
-/// Serves one link until it closes.
+/// Serves one link until it closes. Every request is first checked against the link
+/// policy ([`LinkGuard::admit`]): an edge speaks for its own site only.
 pub async fn serve_edge(
     edge_id: String,
     link: Link,
@@ -28,6 +33,7 @@ pub async fn serve_edge(
         runtime,
         api_url,
         repos,
+        guard,
     } = context;
     announce(&link, api_url);
     let code = tokio::spawn(push_code(edge_id.clone(), link.clone(), repos.clone()));
@@ -39,18 +45,37 @@ pub async fn serve_edge(
         model.clone(),
         position_rx,
     ));
+    let metrics = runtime.metrics().clone();
     while let Some(item) = incoming.recv().await {
         let request = match item {
-            Incoming::Request(request) => match serve_call(&runtime, request, &edge_id) {
-                None => continue,
-                Some(request) => *request,
-            },
-            Incoming::Notice(Notice::StatusChanged {
-                module_id,
-                key,
-                value,
-                epoch,
-            }) => {
+            Incoming::Request(request) => {
+                let (current, _) = model.snapshot();
+                if let Err(refusal) = guard.admit(&current, &edge_id, &request) {
+                    refuse(&guard, &control, &edge_id, "request", &refusal).await;
+                    let error = RemoteError::new(ErrorCode::Forbidden, refusal);
+                    request.responder.respond(Err(error)).await;
+                    continue;
+                }
+                match serve_call(&runtime, request, &edge_id) {
+                    None => continue,
+                    Some(request) => *request,
+                }
+            }
+            Incoming::Notice(
+                Notice::StatusChanged {
+                    module_id,
+                    key,
+                    value,
+                    epoch,
+                },
+                _,
+            ) => {
+                let (current, _) = model.snapshot();
+                if !runs_module(&current, &edge_id, &module_id) {
+                    metrics.refused(&edge_id, "notice");
+                    tracing::debug!(edge = %edge_id, module = %printable(&module_id, 64), "a status change for a module the edge does not run is ignored");
+                    continue;
+                }
                 match serde_json::from_str(&value.0) {
                     Ok(value) => control.status(&edge_id, &module_id, &key, value, epoch),
                     Err(err) => {
@@ -62,7 +87,17 @@ pub async fn serve_edge(
         };
         let answer = match request.body {
             Request::FetchBlobs { hashes } => {
-                tokio::spawn(serve_blobs(model.store(), hashes, request.responder));
+                let (current, _) = model.snapshot();
+                match fetchable(&current, &runtime.code(), &edge_id, hashes) {
+                    Ok(hashes) => {
+                        tokio::spawn(serve_blobs(model.store(), hashes, request.responder));
+                    }
+                    Err(why) => {
+                        refuse(&guard, &control, &edge_id, "blob", &why).await;
+                        let error = RemoteError::new(ErrorCode::Forbidden, why);
+                        request.responder.end(Err(error)).await;
+                    }
+                }
                 continue;
             }
             Request::SyncRequest {
@@ -88,27 +123,34 @@ pub async fn serve_edge(
                 control.event(&edge_id, MasterEvent::Report(report));
                 Ok(Response::Ack)
             }
-            Request::AuditEvents { events } => {
-                let foreign = events.iter().any(|e| e.edge != edge_id);
-                if foreign {
-                    Err(RemoteError::new(
-                        ErrorCode::Forbidden,
-                        "an edge may report audit events of its own location only",
-                    ))
-                } else {
-                    control
-                        .record_edge_audits(events)
-                        .await
-                        .map(|()| Response::Ack)
-                        .map_err(|err| {
-                            RemoteError::new(ErrorCode::Internal, format!("not stored: {err}"))
-                        })
+            Request::AuditEvents { events } => match guard.edge_audits(&edge_id, events) {
+                Ok(events) => control
+                    .record_edge_audits(&edge_id, events)
+                    .await
+                    .map(|()| Response::Ack)
+                    .map_err(|err| {
+                        RemoteError::new(ErrorCode::Internal, format!("not stored: {err}"))
+                    }),
+                Err(refused) => {
+                    metrics.refused(&edge_id, "audit");
+                    Err(match refused {
+                        AuditRefused::Rate(why) => RemoteError::new(ErrorCode::Busy, why),
+                        AuditRefused::Foreign(why) | AuditRefused::TooMany(why) => {
+                            RemoteError::new(ErrorCode::Forbidden, why)
+                        }
+                    })
                 }
-            }
-            Request::Hello { api_url } => {
-                registry.set_api_url(&edge_id, api_url);
-                Ok(Response::Ack)
-            }
+            },
+            Request::Hello { api_url } => match checked_api_url(&api_url) {
+                Ok(api_url) => {
+                    registry.set_api_url(&edge_id, api_url);
+                    Ok(Response::Ack)
+                }
+                Err(why) => {
+                    tracing::warn!(edge = %edge_id, "{why}");
+                    Err(RemoteError::new(ErrorCode::BadRequest, why))
+                }
+            },
             _ => Err(RemoteError::new(
                 ErrorCode::Unsupported,
                 "this master does not handle that request yet",
@@ -118,6 +160,20 @@ pub async fn serve_edge(
     }
     push.abort();
     code.abort();
+}
+
+/// A request refused by the link policy: counted (as `what`), logged, and (within a
+/// rate) recorded in the audit log with the edge's records.
+async fn refuse(guard: &LinkGuard, control: &Control, edge_id: &str, what: &str, refusal: &str) {
+    control.metrics().refused(edge_id, what);
+    if guard.audit_refusal(edge_id) {
+        tracing::warn!(edge = %edge_id, "refused: {refusal}");
+        control
+            .record_refusal(edge_id, format!("refused: {refusal}"))
+            .await;
+    } else {
+        tracing::debug!(edge = %edge_id, "refused (not audited: over the rate): {refusal}");
+    }
 }
 
 /// Tells the edge where the master's API is, for its `Tether-Preferred-Server` hints.

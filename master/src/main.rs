@@ -7,6 +7,7 @@ mod demo;
 mod edge_link;
 mod edges;
 mod import;
+mod link_guard;
 mod model;
 mod proxy;
 mod repos;

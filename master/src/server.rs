@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use tether_common::api::{AdminToken, ApiLimits, Health, serve_https};
+use tether_common::admission::AdmissionLimits;
+use tether_common::api::{Access, AdminToken, ApiLimits, Health, serve_https};
 use tether_common::link::{
     AuthenticatedEdge, ConnectionGauges, LinkConfig, ListenerConfig, RttObserver, run_listener, tls,
 };
@@ -67,8 +68,7 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
 }
 
 /// Connections waiting to be accepted on the link port: after a master restart every
-/// edge comes back within a few seconds, and the listener accepts no more than
-/// `[limits] max_pending_handshakes` at once; the kernel caps this at `net.core.somaxconn`.
+/// edge comes back within a few seconds; the kernel caps this at `net.core.somaxconn`.
 const LINK_BACKLOG: u32 = 4096;
 
 /// The edge-link listener, with room in its accept queue for a reconnect storm.
@@ -165,6 +165,12 @@ async fn serve(
         registry.clone(),
         control.clone(),
     ));
+    // One check of tokens for the API and for the calls edges forward for users.
+    let access = {
+        let model = model.clone();
+        Access::new(token, move || model.snapshot().0)
+    };
+    let guard = Arc::new(crate::link_guard::LinkGuard::new(access.clone()));
     let health = Arc::new(Health {
         role: "master",
         id: config.id.clone(),
@@ -176,8 +182,13 @@ async fn serve(
     let (accepted_tx, accepted_rx) = mpsc::channel(64);
     let listener_config = ListenerConfig {
         handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
-        max_pending_handshakes: usize::try_from(config.limits.max_pending_handshakes)
-            .unwrap_or(usize::MAX),
+        first_byte_timeout: Duration::from_millis(config.limits.first_byte_timeout_ms),
+        pending: AdmissionLimits {
+            max_pending: usize::try_from(config.limits.max_pending_handshakes)
+                .unwrap_or(usize::MAX),
+            max_per_address: usize::try_from(config.limits.pending_per_address)
+                .unwrap_or(usize::MAX),
+        },
         max_links: usize::try_from(config.limits.max_links).unwrap_or(usize::MAX),
         gauges: Some(ConnectionGauges {
             handshake: runtime.metrics().link_connections("handshake"),
@@ -207,6 +218,7 @@ async fn serve(
             runtime: runtime.clone(),
             api_url: config.public_api_url(),
             repos: repos.clone(),
+            guard,
         },
         accepted_rx,
     ));
@@ -224,7 +236,7 @@ async fn serve(
         base_dir,
     };
     let api_limits = ApiLimits::from_config(&config.limits);
-    let router = crate::api::router(health.clone(), token, state, api_limits);
+    let router = crate::api::router(health.clone(), access, state, api_limits);
     tokio::spawn(serve_https(
         api_listener,
         api_tls,
@@ -302,6 +314,8 @@ pub struct LinkContext {
     pub api_url: String,
     /// The driver repositories, whose commits each edge is kept on.
     pub repos: Arc<crate::repos::Repositories>,
+    /// What an edge may ask over its link.
+    pub guard: Arc<crate::link_guard::LinkGuard>,
 }
 
 /// Registers each authenticated edge and serves what it sends until its link closes.

@@ -66,7 +66,11 @@ pub async fn pair(
         Arc::new(OneEdge(secret.clone())),
         ListenerConfig {
             handshake_timeout: Duration::from_secs(2),
-            max_pending_handshakes: 8,
+            first_byte_timeout: Duration::from_secs(2),
+            pending: tether_common::admission::AdmissionLimits {
+                max_pending: 8,
+                max_per_address: 8,
+            },
             max_links: 64,
             gauges: None,
             link: link_config.clone(),

@@ -200,8 +200,26 @@ async fn calls_cross_the_link_both_ways_and_follow_a_takeover() {
     assert!(edge.is_at(answer.preferred_server.as_deref()), "{answer:?}");
     let edge_peer = command_from(&setup.projector, "PWR ON")["peer"].clone();
 
-    // Through the edge, a module of the master's hall runs on the master.
+    // Through the edge, a module of the master's hall runs on the master, for a user of
+    // the master (the edge forwards the user's token; the master authorizes the user).
+    // The edge's own admin token acts on the edge's own site only.
     let answer = edge
+        .exec_full("hall", "Display", 1, "power", json!([true]))
+        .await;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(
+        answer.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("not one of this edge's"),
+        "{answer:?}"
+    );
+    let operator = edge.with_token(Some(create_user(&master, "olga", "operator").await));
+    wait_for("the user on the edge", 10 * SECOND, || async {
+        (operator.get("/api/v1/edges").await.0 == 200).then_some(())
+    })
+    .await;
+    let answer = operator
         .exec_full("hall", "Display", 1, "power", json!([true]))
         .await;
     assert_eq!(answer.status, 200, "{answer:?}");
@@ -633,12 +651,17 @@ async fn each_role_gets_what_it_may_on_master_and_edge() {
         "a WebSocket with a bad token is refused"
     );
 
-    // Tokens are stored hashed: the replica holds the hash, never the token.
+    // Tokens are stored hashed, and the hashes leave the master only over an edge's link:
+    // neither the slice nor the replica shows them, to any role.
     let (_, slice) = master.get("/api/v1/edges/site-1/slice").await;
-    let text = slice.to_string();
-    assert!(text.contains("token_hash"), "{text}");
-    for token in [&viewer, &operator, &admin, &site_op] {
-        assert!(!text.contains(token.as_str()));
+    let (_, replica) = on_edge(&viewer).get("/api/v1/replica").await;
+    for text in [slice.to_string(), replica.to_string()] {
+        assert!(text.contains("\"otto\""), "the users are listed: {text}");
+        assert!(!text.contains("token_hash"), "{text}");
+        for token in [&viewer, &operator, &admin, &site_op] {
+            assert!(!text.contains(token.as_str()));
+            assert!(!text.contains(&tether_common::api::token_hash(token)));
+        }
     }
 }
 
@@ -707,10 +730,15 @@ async fn an_unreachable_owner_is_503_at_once_and_a_hung_device_504_at_its_timeou
         (edge.exec("room", "Note", 1, "ping", json!([])).await.0 == 200).then_some(())
     })
     .await;
+    let operator = edge.with_token(Some(create_user(&master, "olga", "operator").await));
+    wait_for("the user on the edge", 10 * SECOND, || async {
+        (operator.get("/api/v1/edges").await.0 == 200).then_some(())
+    })
+    .await;
     setup.cluster.master.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_prompt_503(
-        &edge,
+        &operator,
         ("hall", "Display", "power", json!([true])),
         "master",
         "the edge (master unreachable)",

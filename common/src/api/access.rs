@@ -6,6 +6,11 @@
 //! also writes the data model and restores edges. An edge's `admins` (user ids) may,
 //! whatever their role, restore that edge and start, stop or expire its systems.
 //! No valid token: 401. A valid token without the right: 403.
+//!
+//! The same policy covers what an edge may ask of the master over its link
+//! ([`super::link_need`]): anything about its own site (the modules its location runs or its
+//! systems list, its systems), and for anything else only what a user of the master, whose
+//! token the edge forwards, may do. The master authorizes that user itself.
 
 use std::sync::Arc;
 
@@ -16,8 +21,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
+use super::https::ClientConnection;
 use super::{AdminToken, ApiError};
 use crate::model::Model;
+use crate::protocol::OnBehalf;
 
 /// A user's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -58,6 +65,10 @@ pub struct Principal {
     pub user: String,
     /// Role.
     pub role: Role,
+    /// On an edge, the token of a user of the master, to forward with calls for other
+    /// sites (the master authorizes the user again). `None` for the edge's own admin
+    /// token, which acts on the edge's own site only, and on the master.
+    pub on_behalf: Option<OnBehalf>,
 }
 
 impl Principal {
@@ -127,6 +138,8 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 pub struct Access {
     admin: Arc<AdminToken>,
     model: Arc<dyn Fn() -> Arc<Model> + Send + Sync>,
+    /// Whether users' tokens are kept with their principal, to forward (an edge).
+    forwards: bool,
 }
 
 impl Access {
@@ -138,7 +151,15 @@ impl Access {
         Access {
             admin,
             model: Arc::new(model),
+            forwards: false,
         }
+    }
+
+    /// An edge's check: a user's principal keeps the user's token, which the edge
+    /// forwards with calls for other sites so that the master authorizes the user.
+    pub fn forwarding_users(mut self) -> Self {
+        self.forwards = true;
+        self
     }
 
     /// The principal a token stands for.
@@ -147,6 +168,7 @@ impl Access {
             return Some(Principal {
                 user: "admin".into(),
                 role: Role::Admin,
+                on_behalf: None,
             });
         }
         let hash = token_hash(token);
@@ -158,6 +180,7 @@ impl Access {
         Some(Principal {
             user: user.id.clone(),
             role: Role::parse(&user.role)?,
+            on_behalf: self.forwards.then(|| OnBehalf(token.to_string())),
         })
     }
 
@@ -212,21 +235,51 @@ fn presented(request: &Request) -> Option<String> {
 }
 
 /// Middleware: 401 without a valid token, 403 without the right; otherwise the request
-/// goes on with its [`Principal`] in its extensions.
+/// goes on with its [`Principal`] in its extensions, and its connection counts as
+/// authenticated (it leaves the table of pending connections).
 pub async fn authorize(State(access): State<Access>, mut request: Request, next: Next) -> Response {
     let Some(token) = presented(&request) else {
-        return ApiError::unauthorized("an `Authorization: Bearer TOKEN` header is required")
-            .into_response();
+        let refused = ApiError::unauthorized("an `Authorization: Bearer TOKEN` header is required");
+        return refuse(request, refused).await;
     };
     let Some(principal) = access.authenticate(&token) else {
-        return ApiError::unauthorized("the bearer token is not valid").into_response();
+        return refuse(
+            request,
+            ApiError::unauthorized("the bearer token is not valid"),
+        )
+        .await;
     };
+    if let Some(connection) = request.extensions().get::<Arc<ClientConnection>>() {
+        connection.authenticated();
+    }
     let need = need(request.method(), request.uri().path());
     if let Err(refused) = access.authorize(&principal, &need) {
-        return refused.into_response();
+        return refuse(request, refused).await;
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
+}
+
+/// The most of a refused request's body read (and thrown away) before the refusal.
+const REFUSED_DRAIN_BYTES: usize = 64 * 1024;
+/// How long reading it may take.
+const REFUSED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Answers `refused`, after reading a small body to its end: an HTTP/2 client whose
+/// request body is left unread gets its stream reset, and often sees that reset instead of
+/// the 401 or 403. A body larger than one flow-control window is not read (the client
+/// cannot have sent more of it anyway), so an unauthenticated client makes the server
+/// read at most this much.
+async fn refuse(request: Request, refused: ApiError) -> Response {
+    if request.method() != axum::http::Method::GET && request.method() != axum::http::Method::HEAD {
+        let body = request.into_body();
+        let _ = tokio::time::timeout(
+            REFUSED_DRAIN_TIME,
+            axum::body::to_bytes(body, REFUSED_DRAIN_BYTES),
+        )
+        .await;
+    }
+    refused.into_response()
 }
 
 #[cfg(test)]

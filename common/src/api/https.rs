@@ -1,13 +1,19 @@
-//! Serving an axum router over TLS: an accept loop under a cap on connections, a deadline
-//! on each client's TLS handshake, request head and blocked writes, hyper's automatic
-//! HTTP/1.1 or HTTP/2, and WebSocket upgrades.
+//! Serving an axum router over TLS: an accept loop that never pauses, deadlines on each
+//! client's first bytes, TLS handshake, request heads and blocked writes, hyper's
+//! automatic HTTP/1.1 or HTTP/2, and WebSocket upgrades.
 //!
-//! What a client that has not authenticated can make the server hold is bounded here: one
-//! of `max_connections` slots, for at most `client_timeout` per step (handshake, each
-//! request head, each write it does not read), with a request head of at most
-//! [`MAX_HEAD_BYTES`]. Request bodies are read only after authentication ([`read_body`]).
+//! What a client that has not authenticated can make the server hold is bounded here. A
+//! new connection is pending ([`Admission`]) until it makes a request with a valid token:
+//! pending connections are capped in all and per address, and when full the oldest is
+//! dropped for the newest, so idle or silent connections can never hold every slot
+//! (`/api/v1/health` keeps answering). Authenticated connections are capped at
+//! `max_connections`; one over the cap stays pending. Any connection with no request open
+//! for `client_timeout` ends (an HTTP/2 client that only answers pings included). Request
+//! heads are at most [`MAX_HEAD_BYTES`]; bodies are read only after authentication
+//! ([`read_body`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -21,12 +27,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
+use crate::admission::{Admission, AdmissionLimits, first_bytes};
 
 /// The largest request head (request line and headers) an HTTP/1.1 client may send; HTTP/2
 /// header lists are held to the same.
@@ -38,27 +46,98 @@ const MAX_H2_STREAMS: u32 = 256;
 /// (a request without a token) hold at most this much per connection.
 const H2_STREAM_WINDOW: u32 = 64 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+/// How often a connection checks whether it has been idle too long.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
+/// What a connection told to close gets to finish its last answers.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What one client of the API may take.
 #[derive(Debug, Clone, Copy)]
 pub struct ApiLimits {
-    /// Connections served at once; further clients wait in the kernel's accept queue.
+    /// Authenticated connections at once; one over it stays pending (and may be dropped).
     pub max_connections: usize,
+    /// Connections not yet authenticated: in all, and per address.
+    pub pending: AdmissionLimits,
+    /// From accept to a connection's first bytes.
+    pub first_byte_timeout: Duration,
     /// The largest request body, in bytes.
     pub max_body: usize,
-    /// The deadline of a TLS handshake, of a request head, of a request body and of any
-    /// write the client does not take.
+    /// The deadline of a TLS handshake, of a request head, of a request body, of any
+    /// write the client does not take, and of a connection with no request open.
     pub client_timeout: Duration,
 }
 
 impl ApiLimits {
     /// From the `[limits]` of a configuration file.
     pub fn from_config(limits: &tether_config::Limits) -> Self {
+        let size = |value: u64| usize::try_from(value).unwrap_or(usize::MAX);
         ApiLimits {
-            max_connections: usize::try_from(limits.api_connections).unwrap_or(usize::MAX),
-            max_body: usize::try_from(limits.api_body_bytes).unwrap_or(usize::MAX),
+            max_connections: size(limits.api_connections),
+            pending: AdmissionLimits {
+                max_pending: size(limits.api_pending),
+                max_per_address: size(limits.pending_per_address),
+            },
+            first_byte_timeout: Duration::from_millis(limits.first_byte_timeout_ms),
+            max_body: size(limits.api_body_bytes),
             client_timeout: Duration::from_millis(limits.client_timeout_ms),
         }
+    }
+}
+
+/// One client connection as its requests see it (in their extensions): the access check
+/// tells it when a request authenticated, and it counts requests open to tell when it is
+/// idle.
+#[derive(Debug)]
+pub(crate) struct ClientConnection {
+    open: AtomicUsize,
+    last_active: std::sync::Mutex<Instant>,
+    settle: Notify,
+}
+
+impl ClientConnection {
+    fn new() -> Arc<Self> {
+        Arc::new(ClientConnection {
+            open: AtomicUsize::new(0),
+            last_active: std::sync::Mutex::new(Instant::now()),
+            settle: Notify::new(),
+        })
+    }
+
+    /// A request on this connection carried a valid token.
+    pub(crate) fn authenticated(&self) {
+        self.settle.notify_one();
+    }
+
+    fn touch(&self) {
+        *self.last_active.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// How long no request has been open, if none is.
+    fn idle_for(&self) -> Option<Duration> {
+        (self.open.load(Ordering::Acquire) == 0).then(|| {
+            self.last_active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+        })
+    }
+}
+
+/// Counts one open request for as long as it lives.
+struct OpenRequest(Arc<ClientConnection>);
+
+impl OpenRequest {
+    fn new(connection: Arc<ClientConnection>) -> Self {
+        connection.open.fetch_add(1, Ordering::AcqRel);
+        connection.touch();
+        OpenRequest(connection)
+    }
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -71,16 +150,9 @@ pub async fn serve_https(
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let admission = Admission::new(limits.pending);
+    let authenticated = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        // At the cap, stop accepting: later clients wait in the kernel's queue.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
         let (tcp, addr) = tokio::select! {
             result = listener.accept() => match result {
                 Ok(conn) => conn,
@@ -92,55 +164,141 @@ pub async fn serve_https(
             },
             _ = shutdown.cancelled() => return,
         };
+        let pending = admission.admit(addr.ip());
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let shutdown = shutdown.clone();
+        let authenticated = authenticated.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            // A client that stops reading blocks the server's writes: after the deadline
-            // the write fails and the connection ends.
-            let mut tcp = TimeoutStream::new(tcp);
-            tcp.set_write_timeout(Some(limits.client_timeout));
-            // Pinned, so that it is `Unpin` for rustls.
-            let tcp = Box::pin(tcp);
-            let tls = match tokio::time::timeout(limits.client_timeout, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(err)) => {
-                    tracing::debug!(%addr, "API TLS handshake failed: {err}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%addr, "API TLS handshake timed out");
-                    return;
-                }
+            let tls = tokio::select! {
+                tls = handshake(tcp, &acceptor, limits) => tls,
+                _ = pending.dropped() => Err("dropped for a newer connection (pending table full)".into()),
             };
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.client_timeout)
-                .max_buf_size(MAX_HEAD_BYTES);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(MAX_HEAD_BYTES as u32)
-                .max_concurrent_streams(MAX_H2_STREAMS)
-                .initial_stream_window_size(H2_STREAM_WINDOW)
-                .initial_connection_window_size(H2_CONNECTION_WINDOW)
-                .keep_alive_interval(limits.client_timeout)
-                .keep_alive_timeout(limits.client_timeout);
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            tokio::select! {
-                result = connection => {
-                    if let Err(err) = result {
-                        tracing::debug!(%addr, "API connection ended: {err}");
+            let tls = match tls {
+                Ok(tls) => tls,
+                Err(why) => return tracing::debug!(%addr, "API connection ended: {why}"),
+            };
+            let client = ClientConnection::new();
+            let service = {
+                let client = client.clone();
+                tower::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                    let open = OpenRequest::new(client.clone());
+                    request.extensions_mut().insert(client.clone());
+                    let call = tower::ServiceExt::oneshot(router.clone(), request.map(Body::new));
+                    async move {
+                        let response = call.await;
+                        drop(open);
+                        response
                     }
-                }
-                _ = shutdown.cancelled() => {}
-            }
+                })
+            };
+            serve_connection(
+                tls,
+                service,
+                client,
+                pending,
+                authenticated,
+                limits,
+                shutdown,
+            )
+            .await
+            .unwrap_or_else(|why| tracing::debug!(%addr, "API connection ended: {why}"));
         });
     }
+}
+
+type ClientStream =
+    tokio_rustls::server::TlsStream<std::pin::Pin<Box<TimeoutStream<tokio::net::TcpStream>>>>;
+
+/// The first bytes and the TLS handshake, each within its deadline.
+async fn handshake(
+    tcp: tokio::net::TcpStream,
+    acceptor: &TlsAcceptor,
+    limits: ApiLimits,
+) -> Result<ClientStream, String> {
+    first_bytes(&tcp, limits.first_byte_timeout).await?;
+    // A client that stops reading blocks the server's writes: after the deadline the
+    // write fails and the connection ends.
+    let mut tcp = TimeoutStream::new(tcp);
+    tcp.set_write_timeout(Some(limits.client_timeout));
+    // Pinned, so that it is `Unpin` for rustls.
+    match tokio::time::timeout(limits.client_timeout, acceptor.accept(Box::pin(tcp))).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(err)) => Err(format!("TLS handshake failed: {err}")),
+        Err(_) => Err("TLS handshake timed out".into()),
+    }
+}
+
+/// Serves one connection: pending until a request authenticates (then holding one of the
+/// authenticated slots, if one is free), and closed when dropped from the pending table,
+/// when idle for the client timeout, or at shutdown.
+async fn serve_connection<S>(
+    tls: ClientStream,
+    service: S,
+    client: Arc<ClientConnection>,
+    mut pending: crate::admission::Pending,
+    authenticated: Arc<Semaphore>,
+    limits: ApiLimits,
+    shutdown: CancellationToken,
+) -> Result<(), String>
+where
+    S: tower::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.client_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .keep_alive_interval(limits.client_timeout)
+        .keep_alive_timeout(limits.client_timeout);
+    let connection = builder
+        .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    let mut slot = None;
+    let mut idle_check = tokio::time::interval(IDLE_CHECK);
+    let why = loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                return result.map_err(|err| err.to_string());
+            }
+            _ = client.settle.notified(), if slot.is_none() => {
+                // Settled only into a free slot: over the cap it stays pending.
+                if let Ok(permit) = authenticated.clone().try_acquire_owned()
+                    && pending.settle()
+                {
+                    slot = Some(permit);
+                }
+            }
+            _ = pending.dropped(), if slot.is_none() => {
+                break "dropped for a newer connection (pending table full)".to_string();
+            }
+            _ = idle_check.tick() => {
+                if client.idle_for().is_some_and(|idle| idle >= limits.client_timeout) {
+                    break format!("no request for {} ms", limits.client_timeout.as_millis());
+                }
+            }
+            _ = shutdown.cancelled() => break "the server is shutting down".to_string(),
+        }
+    };
+    // Let answers in progress finish, briefly.
+    connection.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(CLOSE_GRACE, connection.as_mut()).await;
+    Err(why)
 }
 
 /// Middleware, inside authentication: reads the request body whole, at most `max_body`

@@ -12,7 +12,7 @@ use axum::routing::get;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::audit_json;
+use super::audit_entry_json;
 use crate::metrics::{self, Metrics};
 use crate::runtime::Runtime;
 use crate::store::Store;
@@ -43,7 +43,9 @@ impl Live {
         tokio::spawn(async move {
             loop {
                 match appended.recv().await {
-                    Ok((_, record)) => counted.observe_audit(&record),
+                    // A refused request is no change of owner.
+                    Ok(entry) if entry.source == crate::store::AuditSource::Refusal => {}
+                    Ok(entry) => counted.observe_audit(&entry.record),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!("{missed} audit records were not counted in the metrics")
                     }
@@ -128,14 +130,14 @@ pub(super) async fn watch_audit(live: Live, out: mpsc::Sender<Value>) {
     loop {
         let records: Vec<Value> = batch
             .iter()
-            .filter(|(seq, _)| *seq > sent)
-            .map(|(seq, record)| {
-                let mut view = audit_json(record);
-                view["seq"] = json!(seq);
+            .filter(|entry| entry.seq > sent)
+            .map(|entry| {
+                let mut view = audit_entry_json(entry);
+                view["seq"] = json!(entry.seq);
                 view
             })
             .collect();
-        sent = batch.last().map_or(sent, |(seq, _)| sent.max(*seq));
+        sent = batch.last().map_or(sent, |entry| sent.max(entry.seq));
         // The first message is sent even when empty: the watcher knows it is current.
         if (first || !records.is_empty())
             && out

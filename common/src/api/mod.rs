@@ -6,18 +6,20 @@ mod audit;
 mod error;
 mod health;
 mod https;
+mod link_policy;
 mod live;
 mod modules;
 mod token;
 mod ws;
 
 pub use access::{Access, Need, Principal, Role, authorize, need, new_token, token_hash};
-pub use audit::{audit_json, rfc3339};
+pub use audit::{audit_entry_json, audit_json, rfc3339};
 pub use error::ApiError;
 pub use health::{Health, health};
 pub use https::{ApiLimits, MAX_HEAD_BYTES, read_body, serve_https};
+pub use link_policy::{LinkNeed, link_need, link_target};
 pub use live::{Live, Overview, live_routes};
-pub use modules::{PREFERRED_SERVER, module_routes, system_routes, system_view};
+pub use modules::{PREFERRED_SERVER, checked_api_url, module_routes, system_routes, system_view};
 pub use token::{AdminToken, TokenError};
 
 /// Puts `routes` behind the bearer token and the body limit. The token is checked first,

@@ -4,17 +4,17 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::ApiError;
+use super::{ApiError, Principal};
 use crate::model::Model;
 use crate::protocol::ModuleRef;
-use crate::runtime::{ExecError, Runtime, SystemAction};
+use crate::runtime::{ExecError, Origin, Runtime, SystemAction};
 
 impl From<ExecError> for ApiError {
     fn from(err: ExecError) -> Self {
@@ -35,6 +35,7 @@ impl From<ExecError> for ApiError {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "script_error", message)
             }
             ExecError::StaleEpoch(_) => ApiError::new(StatusCode::CONFLICT, "stale_epoch", message),
+            ExecError::Forbidden(_) => ApiError::forbidden(message),
         }
     }
 }
@@ -90,15 +91,15 @@ pub fn module_routes(runtime: Runtime) -> Router {
         )
         .route(
             "/api/v1/systems/{id}/start",
-            post(|state, id| system_action(state, id, SystemAction::Start)),
+            post(|state, who, id| system_action(state, who, id, SystemAction::Start)),
         )
         .route(
             "/api/v1/systems/{id}/stop",
-            post(|state, id| system_action(state, id, SystemAction::Stop)),
+            post(|state, who, id| system_action(state, who, id, SystemAction::Stop)),
         )
         .route(
             "/api/v1/systems/{id}/expire",
-            post(|state, id| system_action(state, id, SystemAction::ExpireCache)),
+            post(|state, who, id| system_action(state, who, id, SystemAction::ExpireCache)),
         )
         .with_state(runtime)
 }
@@ -135,6 +136,37 @@ async fn get_system(
 /// The header naming the side that controls a system, when this side serves it by proxy.
 pub const PREFERRED_SERVER: &str = "tether-preferred-server";
 
+/// A peer's announced API address, if it is fit to become a client's hint: an
+/// `https://host[:port]` origin of at most 255 characters, nothing else (no user, path
+/// or query), since clients may follow it with their token.
+pub fn checked_api_url(url: &str) -> Result<String, String> {
+    let refuse = |why: &str| {
+        Err(format!(
+            "API address {:?} refused: {why}",
+            crate::report::printable(url, 80)
+        ))
+    };
+    if url.len() > 255 {
+        return refuse("longer than 255 characters");
+    }
+    let Ok(uri) = url.parse::<axum::http::Uri>() else {
+        return refuse("not a URL");
+    };
+    if uri.scheme_str() != Some("https") {
+        return refuse("not https");
+    }
+    let Some(authority) = uri.authority() else {
+        return refuse("no host");
+    };
+    if authority.as_str().contains('@') || authority.host().is_empty() {
+        return refuse("not a plain host and port");
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return refuse("it has a path or a query");
+    }
+    Ok(format!("https://{authority}"))
+}
+
 /// `answer` (or its error: a client told 503 may do better at the other side), with the
 /// `Tether-Preferred-Server` hint when the other side controls `system`: the client was
 /// served, and may go there next time.
@@ -151,8 +183,15 @@ fn hinted(runtime: &Runtime, system: &str, answer: Result<Value, ApiError>) -> R
     response
 }
 
+/// The origin of a client's call: its principal's token goes with calls this side
+/// forwards for other sites (an edge's users).
+fn origin(principal: &Principal) -> Origin {
+    Origin::client(principal.on_behalf.clone())
+}
+
 async fn exec(
     State(runtime): State<Runtime>,
+    Extension(principal): Extension<Principal>,
     Path((system, name, index_text)): ModulePath,
     body: axum::body::Bytes,
 ) -> Response {
@@ -165,7 +204,16 @@ async fn exec(
         })?;
         let module = ModuleRef::new(system.clone(), name.clone(), index);
         let epoch = runtime.fence(&module, body.epoch)?;
-        let done = client_exec(&runtime, &module, &body.method, body.args, body.epoch).await?;
+        let origin = origin(&principal);
+        let done = client_exec(
+            &runtime,
+            &module,
+            &body.method,
+            body.args,
+            body.epoch,
+            &origin,
+        )
+        .await?;
         let mut answer = json!({ "result": done.value, "executed_by": done.executed_by });
         if let Some(epoch) = epoch {
             answer["epoch"] = json!(epoch);
@@ -182,9 +230,10 @@ pub(super) async fn client_exec(
     method: &str,
     args: Vec<Value>,
     epoch: Option<u64>,
+    origin: &Origin,
 ) -> Result<crate::runtime::Executed, ExecError> {
     let started = std::time::Instant::now();
-    let done = runtime.exec_from(module, method, args, epoch, None).await;
+    let done = runtime.exec_from(module, method, args, epoch, origin).await;
     let by = done.as_ref().ok().map(|done| done.executed_by.as_str());
     runtime
         .metrics()
@@ -195,6 +244,7 @@ pub(super) async fn client_exec(
 /// Starts, stops or expires a system where it runs: `{"system", "action", "done_by"}`.
 async fn system_action(
     State(runtime): State<Runtime>,
+    Extension(principal): Extension<Principal>,
     Path(system): Path<String>,
     action: SystemAction,
 ) -> Response {
@@ -204,7 +254,7 @@ async fn system_action(
         SystemAction::ExpireCache => "expire",
     };
     let answer = runtime
-        .system_action(&system, action, None)
+        .system_action(&system, action, &origin(&principal))
         .await
         .map(|side| json!({ "system": system, "action": name, "done_by": side }))
         .map_err(ApiError::from);
@@ -213,13 +263,14 @@ async fn system_action(
 
 async fn status(
     State(runtime): State<Runtime>,
+    Extension(principal): Extension<Principal>,
     Path((system, name, index_text)): ModulePath,
 ) -> Response {
     let answer = async {
         let status = runtime
             .status_from(
                 &ModuleRef::new(system.clone(), name, index(&index_text)?),
-                None,
+                &origin(&principal),
             )
             .await?;
         Ok::<_, ApiError>(Value::Object(status))
@@ -229,16 +280,45 @@ async fn status(
 
 async fn debug(
     State(runtime): State<Runtime>,
+    Extension(principal): Extension<Principal>,
     Path((system, name, index_text)): ModulePath,
 ) -> Response {
     let answer = async {
         let lines = runtime
             .debug_from(
                 &ModuleRef::new(system.clone(), name, index(&index_text)?),
-                None,
+                &origin(&principal),
             )
             .await?;
         Ok::<_, ApiError>(serde_json::to_value(lines).unwrap_or_default())
     };
     hinted(&runtime, &system, answer.await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_https_origin_becomes_a_hint() {
+        assert_eq!(
+            checked_api_url("https://edge-1.example:8444").as_deref(),
+            Ok("https://edge-1.example:8444")
+        );
+        assert_eq!(
+            checked_api_url("https://127.0.0.1:8444/").as_deref(),
+            Ok("https://127.0.0.1:8444")
+        );
+        for bad in [
+            "http://edge:8444",
+            "https://user@evil.example",
+            "https://edge:8444/steal?x=1",
+            "javascript:alert(1)",
+            "https://edge\r\nSet-Cookie: x",
+            "",
+        ] {
+            assert!(checked_api_url(bad).is_err(), "{bad:?}");
+        }
+        assert!(checked_api_url(&format!("https://{}", "a".repeat(300))).is_err());
+    }
 }

@@ -323,6 +323,11 @@ impl Session {
         }
     }
 
+    /// Where this client's calls come from (its token, for an edge to forward).
+    fn origin(&self) -> crate::runtime::Origin {
+        crate::runtime::Origin::client(self.principal.on_behalf.clone())
+    }
+
     async fn bind(&mut self, key: Key, status_key: Option<String>) -> Result<Value, ApiError> {
         if let Some(binding) = self.bindings.get_mut(&key) {
             match (&mut binding.keys, status_key) {
@@ -336,7 +341,7 @@ impl Session {
             binding.sent.clear();
             let status = self
                 .runtime
-                .status_from(&at(&key), None)
+                .status_from(&at(&key), &self.origin())
                 .await
                 .unwrap_or_default();
             self.status_event(key, StatusEvent::Map(status));
@@ -344,7 +349,7 @@ impl Session {
         }
         let mut source = self
             .runtime
-            .bind_status(&at(&key))
+            .bind_status(&at(&key), &self.origin())
             .await
             .map_err(ApiError::from)?;
         let events = self.events.clone();
@@ -426,8 +431,10 @@ impl Session {
         let (args, epoch, id) = (command.args.clone(), command.epoch, command.id.clone());
         let method = method.to_string();
         let out = self.out.clone();
+        let origin = self.origin();
         tokio::spawn(async move {
-            let answer = super::modules::client_exec(&runtime, &module, &method, args, epoch).await;
+            let answer =
+                super::modules::client_exec(&runtime, &module, &method, args, epoch, &origin).await;
             let message = match answer {
                 Ok(done) => json!({"type": "success", "id": id, "result": done.value,
                     "executed_by": done.executed_by}),
@@ -444,7 +451,7 @@ impl Session {
         }
         let mut lines = self
             .runtime
-            .bind_debug(&at(&key))
+            .bind_debug(&at(&key), &self.origin())
             .await
             .map_err(|err: ExecError| ApiError::from(err))?;
         let out = self.out.clone();

@@ -6,22 +6,30 @@
 //! and what it hands to the application goes through a bounded queue that refuses when
 //! full. So a slow application cannot stall heartbeats, and two peers that both write a
 //! lot cannot deadlock on each other's full buffers.
+//!
+//! What a peer can make this side hold is bounded per link, in count and in bytes: the
+//! frames queued for it ([`Outbox`]: a peer that stops reading holds up its own answers),
+//! its requests waiting for the application (`in_bytes`), its requests in flight
+//! (`max_requests`) and streams open (`max_streams`), and one status subscription per
+//! module (a new one replaces the old).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use super::outbox::{Outbox, Outgoing, Refused};
 use crate::protocol::{
-    Envelope, ErrorCode, FrameCodec, FrameError, Notice, RemoteError, Request, Response, StreamItem,
+    Envelope, ErrorCode, FrameCodec, FrameError, ModuleRef, Notice, OnBehalf, RemoteError, Request,
+    Response, StreamItem,
 };
 
 /// Tunables of a link. Every queue has a limit.
@@ -35,8 +43,19 @@ pub struct LinkConfig {
     pub max_frame: usize,
     /// Frames waiting for the writer.
     pub out_queue: usize,
+    /// Bytes of frames waiting for the writer (heartbeats, cancels and closes aside);
+    /// senders wait while it is spent.
+    pub out_bytes: usize,
     /// Requests and notices waiting for the application.
     pub in_queue: usize,
+    /// Bytes of requests and notices waiting for the application; past it the peer's
+    /// requests are refused as busy and its notices dropped.
+    pub in_bytes: usize,
+    /// The peer's requests this side is answering at once; past it they are refused as
+    /// busy.
+    pub max_requests: usize,
+    /// Of those, the streamed ones (status and debug subscriptions, blob fetches).
+    pub max_streams: usize,
     /// Items of one streamed answer waiting for its reader.
     pub stream_queue: usize,
     /// Told every measured round trip (the metrics).
@@ -64,7 +83,11 @@ impl LinkConfig {
             dead_after: heartbeat * 3,
             max_frame,
             out_queue: 4096,
+            out_bytes: 16 << 20,
             in_queue: 4096,
+            in_bytes: 32 << 20,
+            max_requests: 1024,
+            max_streams: 256,
             stream_queue: 256,
             on_rtt: None,
         }
@@ -97,8 +120,15 @@ pub enum Incoming {
     /// A request to answer through its [`Responder`]. Boxed, so that a link's queue of
     /// what the peer sends keeps small slots (see [`Outbox`]).
     Request(Box<IncomingRequest>),
-    /// A one-way notice.
-    Notice(Notice),
+    /// A one-way notice, holding its share of the link's `in_bytes` until dropped.
+    Notice(Notice, Waiting),
+}
+
+/// What a notice holds of its link's budget for what waits for the application; dropped
+/// with the notice.
+#[derive(Debug)]
+pub struct Waiting {
+    _held: Option<OwnedSemaphorePermit>,
 }
 
 /// Answers every request on `incoming` with `Unsupported` and logs every notice, until the
@@ -111,7 +141,7 @@ pub async fn refuse_all(mut incoming: mpsc::Receiver<Incoming>, message: &'stati
                 let error = RemoteError::new(ErrorCode::Unsupported, message);
                 request.responder.respond(Err(error)).await;
             }
-            Incoming::Notice(notice) => tracing::debug!(?notice, "notice not handled"),
+            Incoming::Notice(notice, _) => tracing::debug!(?notice, "notice not handled"),
         }
     }
 }
@@ -121,10 +151,14 @@ pub async fn refuse_all(mut incoming: mpsc::Receiver<Incoming>, message: &'stati
 pub struct IncomingRequest {
     /// The request.
     pub body: Request,
+    /// The client the peer forwards it for, to be authorized here (see [`OnBehalf`]).
+    pub on_behalf: Option<OnBehalf>,
     /// When the peer stops waiting.
     pub deadline: Instant,
     /// Where the answer goes.
     pub responder: Responder,
+    /// Its share of the link's `in_bytes` while it waits for the application.
+    _waiting: Option<OwnedSemaphorePermit>,
 }
 
 /// Answers one incoming request: once with [`respond`](Self::respond), or as a stream of
@@ -134,9 +168,35 @@ pub struct IncomingRequest {
 pub struct Responder {
     id: u64,
     link: Link,
-    answered: bool,
+    answered: AtomicBool,
     /// Cancelled when the peer cancels the request (it dropped a stream, or gave up).
     cancelled: CancellationToken,
+    /// Whether it counts among the link's streams in flight.
+    stream: bool,
+    /// The status subscription it answers, if it does.
+    subscription: Option<SubscriptionKey>,
+}
+
+/// A module's status subscription on a link: one at a time per module.
+type SubscriptionKey = (String, String, u32, Option<String>);
+
+fn subscription_key(module: &ModuleRef) -> SubscriptionKey {
+    (
+        module.system.clone(),
+        module.name.clone(),
+        module.index,
+        module.id.clone(),
+    )
+}
+
+/// The requests answered with a stream.
+fn streamed(body: &Request) -> bool {
+    matches!(
+        body,
+        Request::StatusSubscribe { .. }
+            | Request::DebugSubscribe { .. }
+            | Request::FetchBlobs { .. }
+    )
 }
 
 impl Responder {
@@ -150,8 +210,8 @@ impl Responder {
     }
 
     /// Sends the single answer.
-    pub async fn respond(mut self, result: Result<Response, RemoteError>) {
-        self.answered = true;
+    pub async fn respond(self, result: Result<Response, RemoteError>) {
+        self.answered.store(true, Ordering::Relaxed);
         let _ = self
             .link
             .send(Envelope::Response {
@@ -161,16 +221,22 @@ impl Responder {
             .await;
     }
 
-    /// Sends one item of a streamed answer.
+    /// Sends one item of a streamed answer. An item too large for a frame ends the
+    /// stream with an error saying so.
     pub async fn item(&self, item: StreamItem) -> Result<(), LinkError> {
-        self.link
+        let sent = self
+            .link
             .send(Envelope::StreamItem { id: self.id, item })
-            .await
+            .await;
+        if matches!(sent, Err(LinkError::TooLarge(_))) {
+            self.answered.store(true, Ordering::Relaxed);
+        }
+        sent
     }
 
     /// Ends a streamed answer.
-    pub async fn end(mut self, result: Result<(), RemoteError>) {
-        self.answered = true;
+    pub async fn end(self, result: Result<(), RemoteError>) {
+        self.answered.store(true, Ordering::Relaxed);
         let _ = self
             .link
             .send(Envelope::StreamEnd {
@@ -183,9 +249,23 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
+        let shared = &self.link.shared;
         self.link.lock_cancels().remove(&self.id);
-        if !self.answered {
-            let _ = self.link.shared.out.try_send(Envelope::Response {
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.stream {
+            shared.streams.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(key) = &self.subscription {
+            let mut subscriptions = shared
+                .subscriptions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if subscriptions.get(key) == Some(&self.id) {
+                subscriptions.remove(key);
+            }
+        }
+        if !self.answered.load(Ordering::Relaxed) {
+            let _ = shared.out.try_send(&Envelope::Response {
                 id: self.id,
                 result: Err(RemoteError::new(
                     ErrorCode::Internal,
@@ -201,25 +281,17 @@ enum Pending {
     Stream(mpsc::Sender<Result<StreamItem, LinkError>>),
 }
 
-/// The queue of frames to write. Boxed, because a channel holds its slots in blocks of
-/// 32 and an envelope is about 150 bytes: ten thousand idle links would each keep 5 KiB
-/// of empty slots.
-struct Outbox(mpsc::Sender<Box<Envelope>>);
-
-impl Outbox {
-    fn try_send(&self, envelope: Envelope) -> Result<(), ()> {
-        self.0.try_send(Box::new(envelope)).map_err(|_| ())
-    }
-
-    async fn send(&self, envelope: Envelope) -> Result<(), ()> {
-        self.0.send(Box::new(envelope)).await.map_err(|_| ())
-    }
-}
-
 struct Shared {
     peer: String,
     config: LinkConfig,
     out: Outbox,
+    /// The `in_bytes` budget of what waits for the application.
+    in_budget: Arc<Semaphore>,
+    /// The peer's requests being answered, and of those the streamed ones.
+    in_flight: AtomicUsize,
+    streams: AtomicUsize,
+    /// Open status subscriptions by module, to the request id that answers each.
+    subscriptions: Mutex<HashMap<SubscriptionKey, u64>>,
     pending: Mutex<HashMap<u64, Pending>>,
     /// The peer's requests still being answered, to pass on its cancels.
     cancels: Mutex<HashMap<u64, CancellationToken>>,
@@ -286,14 +358,18 @@ impl Link {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let (out_tx, out_rx) = mpsc::channel(config.out_queue);
-        let out_tx = Outbox(out_tx);
+        let (out_tx, out_rx) = Outbox::new(config.out_queue, config.out_bytes, config.max_frame);
         let (in_tx, in_rx) = mpsc::channel(config.in_queue);
+        let in_bytes = config.in_bytes.clamp(1, u32::MAX as usize);
         let link = Link {
             shared: Arc::new(Shared {
                 peer: peer.into(),
                 config: config.clone(),
                 out: out_tx,
+                in_budget: Arc::new(Semaphore::new(in_bytes)),
+                in_flight: AtomicUsize::new(0),
+                streams: AtomicUsize::new(0),
+                subscriptions: Mutex::default(),
                 pending: Mutex::new(HashMap::new()),
                 cancels: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
@@ -306,13 +382,11 @@ impl Link {
             }),
         };
         let (read_half, write_half) = tokio::io::split(stream);
-        let codec = || FrameCodec::<Envelope>::new(config.max_frame);
-        let mut reader = FramedRead::with_capacity(read_half, codec(), IDLE_BUFFER);
+        let codec = FrameCodec::<Envelope>::new(config.max_frame);
+        let mut reader = FramedRead::with_capacity(read_half, codec, IDLE_BUFFER);
         reader.read_buffer_mut().extend_from_slice(&leftover);
-        let mut writer = FramedWrite::with_capacity(write_half, codec(), IDLE_BUFFER);
-        writer.set_backpressure_boundary(FLUSH_AT);
         tokio::spawn(link.clone().read_loop(reader, in_tx));
-        tokio::spawn(link.clone().write_loop(writer, out_rx));
+        tokio::spawn(link.clone().write_loop(write_half, out_rx));
         tokio::spawn(link.clone().heartbeat_loop());
         (link, in_rx)
     }
@@ -353,23 +427,50 @@ impl Link {
     /// Closes the link, telling the peer why. Waiting requests fail with the reason.
     pub fn close(&self, reason: impl Into<String>) {
         let reason = reason.into();
-        let _ = self.shared.out.try_send(Envelope::Close {
+        let _ = self.shared.out.try_send(&Envelope::Close {
             reason: reason.clone(),
         });
         self.shutdown(reason);
     }
 
+    /// Whether `other` is a handle on this same link (not another link to the same peer).
+    pub fn same_link(&self, other: &Link) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Bytes queued for the peer and not yet written (for tests and metrics).
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.out.queued_bytes()
+    }
+
     /// Sends a request and waits up to `timeout` for its answer.
     pub async fn request(&self, body: Request, timeout: Duration) -> Result<Response, LinkError> {
+        self.request_as(body, timeout, None).await
+    }
+
+    /// Sends a request on behalf of a client (see [`OnBehalf`]) and waits up to `timeout`
+    /// for its answer.
+    pub async fn request_as(
+        &self,
+        body: Request,
+        timeout: Duration,
+        on_behalf: Option<OnBehalf>,
+    ) -> Result<Response, LinkError> {
         let (tx, rx) = oneshot::channel();
         let id = self.register(Pending::Unary(tx))?;
         let exchange = async {
-            self.send(Envelope::Request {
-                id,
-                deadline_ms: deadline_ms(timeout),
-                body,
-            })
-            .await?;
+            let sent = self
+                .send(Envelope::Request {
+                    id,
+                    deadline_ms: deadline_ms(timeout),
+                    body,
+                    on_behalf,
+                })
+                .await;
+            if let Err(err) = sent {
+                self.lock_pending().remove(&id);
+                return Err(err);
+            }
             match rx.await {
                 Ok(result) => result,
                 Err(_) => Err(self.closed_error()),
@@ -391,14 +492,30 @@ impl Link {
         body: Request,
         timeout: Duration,
     ) -> Result<ResponseStream, LinkError> {
+        self.request_stream_as(body, timeout, None).await
+    }
+
+    /// [`request_stream`](Self::request_stream) on behalf of a client (see [`OnBehalf`]).
+    pub async fn request_stream_as(
+        &self,
+        body: Request,
+        timeout: Duration,
+        on_behalf: Option<OnBehalf>,
+    ) -> Result<ResponseStream, LinkError> {
         let (tx, rx) = mpsc::channel(self.shared.config.stream_queue.max(2));
         let id = self.register(Pending::Stream(tx))?;
-        self.send(Envelope::Request {
-            id,
-            deadline_ms: deadline_ms(timeout),
-            body,
-        })
-        .await?;
+        let sent = self
+            .send(Envelope::Request {
+                id,
+                deadline_ms: deadline_ms(timeout),
+                body,
+                on_behalf,
+            })
+            .await;
+        if let Err(err) = sent {
+            self.lock_pending().remove(&id);
+            return Err(err);
+        }
         Ok(ResponseStream {
             id,
             rx,
@@ -411,15 +528,35 @@ impl Link {
         self.send(Envelope::Notice(notice)).await
     }
 
+    /// Queues a frame, waiting for room in the link's queue. A frame too large for the
+    /// link is the sender's error; an answer or stream item too large is replaced by an
+    /// error answer saying so, so the peer does not wait for it.
     async fn send(&self, envelope: Envelope) -> Result<(), LinkError> {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        self.shared
-            .out
-            .send(envelope)
-            .await
-            .map_err(|_| self.closed_error())
+        let why = match self.shared.out.send(&envelope).await {
+            Ok(()) => return Ok(()),
+            Err(Refused::Closed | Refused::Full) => return Err(self.closed_error()),
+            Err(Refused::TooLarge(why)) => why,
+        };
+        tracing::warn!(peer = %self.shared.peer, "frame not sent: {why}");
+        let too_large = RemoteError::new(ErrorCode::TooLarge, why.clone());
+        let replacement = match envelope {
+            Envelope::Response { id, .. } => Some(Envelope::Response {
+                id,
+                result: Err(too_large),
+            }),
+            Envelope::StreamItem { id, .. } => Some(Envelope::StreamEnd {
+                id,
+                result: Err(too_large),
+            }),
+            _ => None,
+        };
+        if let Some(replacement) = replacement {
+            let _ = self.shared.out.send(&replacement).await;
+        }
+        Err(LinkError::TooLarge(why))
     }
 
     fn register(&self, pending: Pending) -> Result<u64, LinkError> {
@@ -439,7 +576,7 @@ impl Link {
     /// Drops a request we no longer wait for, and tells the peer it may stop.
     fn forget(&self, id: u64) {
         if self.lock_pending().remove(&id).is_some() {
-            let _ = self.shared.out.try_send(Envelope::Cancel { id });
+            let _ = self.shared.out.try_send(&Envelope::Cancel { id });
         }
     }
 
@@ -475,6 +612,8 @@ impl Link {
             }
         }
         self.shared.closed.cancel();
+        // Senders waiting for room in the queue give up.
+        self.shared.out.close();
         let error = self.closed_error();
         let pending: Vec<Pending> = self.lock_pending().drain().map(|(_, p)| p).collect();
         for waiter in pending {
@@ -512,7 +651,8 @@ impl Link {
                     self.shared
                         .last_seen_unix_ms
                         .store(unix_ms(), Ordering::Relaxed);
-                    if let Some(reason) = self.dispatch(envelope, &incoming) {
+                    let size = reader.decoder().last_frame_len();
+                    if let Some(reason) = self.dispatch(envelope, size, &incoming) {
                         break reason;
                     }
                 }
@@ -527,45 +667,127 @@ impl Link {
         self.shutdown(reason);
     }
 
-    /// Handles one frame; returns a reason when the link must close.
-    fn dispatch(&self, envelope: Envelope, incoming: &mpsc::Sender<Incoming>) -> Option<String> {
+    /// A frame of `size` bytes' share of the `in_bytes` budget, if there is room.
+    fn in_budget(&self, size: usize) -> Option<OwnedSemaphorePermit> {
+        let share = size.clamp(1, self.shared.config.in_bytes.clamp(1, u32::MAX as usize));
+        self.shared
+            .in_budget
+            .clone()
+            .try_acquire_many_owned(share as u32)
+            .ok()
+    }
+
+    /// Hands a request of the peer (a frame of `size` bytes) to the application, or
+    /// refuses it as busy when the link's caps are reached: requests in flight, streams
+    /// open, bytes waiting. A status subscription replaces any open one of the same module.
+    fn take_request(
+        &self,
+        id: u64,
+        deadline_ms: u32,
+        body: Request,
+        on_behalf: Option<OnBehalf>,
+        size: usize,
+        incoming: &mpsc::Sender<Incoming>,
+    ) {
+        let shared = &self.shared;
+        let config = &shared.config;
+        let stream = streamed(&body);
+        let over = if shared.in_flight.load(Ordering::Acquire) >= config.max_requests {
+            Some(format!(
+                "too many requests in flight on this link (at most {})",
+                config.max_requests
+            ))
+        } else if stream && shared.streams.load(Ordering::Acquire) >= config.max_streams {
+            Some(format!(
+                "too many streams open on this link (at most {})",
+                config.max_streams
+            ))
+        } else {
+            None
+        };
+        let waiting = match over {
+            Some(_) => None,
+            None => self.in_budget(size),
+        };
+        let Some(waiting) = waiting else {
+            let message = over.unwrap_or_else(|| {
+                format!(
+                    "too many bytes of requests waiting on this link (at most {})",
+                    config.in_bytes
+                )
+            });
+            let _ = shared.out.try_send(&Envelope::Response {
+                id,
+                result: Err(RemoteError::new(ErrorCode::Busy, message)),
+            });
+            return;
+        };
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        if stream {
+            shared.streams.fetch_add(1, Ordering::AcqRel);
+        }
+        let cancelled = CancellationToken::new();
+        // A peer reusing an id it still waits on gets the newer request's cancel.
+        self.lock_cancels().insert(id, cancelled.clone());
+        let subscription = match &body {
+            Request::StatusSubscribe { module } => Some(subscription_key(module)),
+            _ => None,
+        };
+        if let Some(key) = &subscription {
+            let replaced = shared
+                .subscriptions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), id);
+            if let Some(old) = replaced.filter(|old| *old != id)
+                && let Some(token) = self.lock_cancels().get(&old)
+            {
+                token.cancel();
+            }
+        }
+        let request = IncomingRequest {
+            body,
+            on_behalf,
+            deadline: Instant::now() + Duration::from_millis(u64::from(deadline_ms)),
+            responder: Responder {
+                id,
+                link: self.clone(),
+                answered: AtomicBool::new(false),
+                cancelled,
+                stream,
+                subscription,
+            },
+            _waiting: Some(waiting),
+        };
+        if let Err(err) = incoming.try_send(Incoming::Request(Box::new(request))) {
+            let (message, rejected) = match err {
+                mpsc::error::TrySendError::Full(r) => ("too many requests waiting on this link", r),
+                mpsc::error::TrySendError::Closed(r) => ("this side no longer takes requests", r),
+            };
+            if let Incoming::Request(request) = rejected {
+                request.responder.answered.store(true, Ordering::Relaxed);
+                let _ = shared.out.try_send(&Envelope::Response {
+                    id,
+                    result: Err(RemoteError::new(ErrorCode::Unavailable, message)),
+                });
+            }
+        }
+    }
+
+    /// Handles one frame of `size` bytes; returns a reason when the link must close.
+    fn dispatch(
+        &self,
+        envelope: Envelope,
+        size: usize,
+        incoming: &mpsc::Sender<Incoming>,
+    ) -> Option<String> {
         match envelope {
             Envelope::Request {
                 id,
                 deadline_ms,
                 body,
-            } => {
-                let cancelled = CancellationToken::new();
-                // A peer reusing an id it still waits on gets the newer request's cancel.
-                self.lock_cancels().insert(id, cancelled.clone());
-                let request = IncomingRequest {
-                    body,
-                    deadline: Instant::now() + Duration::from_millis(u64::from(deadline_ms)),
-                    responder: Responder {
-                        id,
-                        link: self.clone(),
-                        answered: false,
-                        cancelled,
-                    },
-                };
-                if let Err(err) = incoming.try_send(Incoming::Request(Box::new(request))) {
-                    let (message, rejected) = match err {
-                        mpsc::error::TrySendError::Full(r) => {
-                            ("too many requests waiting on this link", r)
-                        }
-                        mpsc::error::TrySendError::Closed(r) => {
-                            ("this side no longer takes requests", r)
-                        }
-                    };
-                    if let Incoming::Request(mut request) = rejected {
-                        request.responder.answered = true;
-                        let _ = self.shared.out.try_send(Envelope::Response {
-                            id,
-                            result: Err(RemoteError::new(ErrorCode::Unavailable, message)),
-                        });
-                    }
-                }
-            }
+                on_behalf,
+            } => self.take_request(id, deadline_ms, body, on_behalf, size, incoming),
             Envelope::Response { id, result } => {
                 let waiter = self.lock_pending().remove(&id);
                 match waiter {
@@ -598,7 +820,7 @@ impl Link {
                     } else {
                         let _ = tx.try_send(Err(LinkError::Overflow));
                         pending.remove(&id);
-                        let _ = self.shared.out.try_send(Envelope::Cancel { id });
+                        let _ = self.shared.out.try_send(&Envelope::Cancel { id });
                     }
                 }
             }
@@ -615,12 +837,24 @@ impl Link {
                 }
             }
             Envelope::Notice(notice) => {
-                if incoming.try_send(Incoming::Notice(notice)).is_err() {
+                let Some(waiting) = self.in_budget(size) else {
+                    tracing::warn!(peer = %self.shared.peer, "notice dropped: the link's in_bytes of waiting requests and notices are spent");
+                    return None;
+                };
+                if incoming
+                    .try_send(Incoming::Notice(
+                        notice,
+                        Waiting {
+                            _held: Some(waiting),
+                        },
+                    ))
+                    .is_err()
+                {
                     tracing::warn!(peer = %self.shared.peer, "notice dropped: the application queue is full");
                 }
             }
             Envelope::Ping { seq, sent_us } => {
-                let _ = self.shared.out.try_send(Envelope::Pong { seq, sent_us });
+                let _ = self.shared.out.try_send(&Envelope::Pong { seq, sent_us });
             }
             Envelope::Pong { sent_us, .. } => {
                 let rtt = self.now_us().saturating_sub(sent_us).max(1);
@@ -638,108 +872,54 @@ impl Link {
 
     async fn write_loop<W: AsyncWrite + Send + Unpin>(
         self,
-        mut writer: FramedWrite<W, FrameCodec<Envelope>>,
-        mut out: mpsc::Receiver<Box<Envelope>>,
+        mut writer: W,
+        mut out: mpsc::Receiver<Outgoing>,
     ) {
+        // Small frames are gathered into one buffer and written together; a frame of
+        // `FLUSH_AT` or more is written as it is, not copied.
+        let mut buffer = BytesMut::with_capacity(IDLE_BUFFER);
         // Outside the write future, so that frames not yet written when the link closes
         // are still sent by the drain below.
         let mut batch = std::collections::VecDeque::new();
         loop {
-            let envelope = tokio::select! {
-                envelope = out.recv() => envelope,
+            let frame = tokio::select! {
+                frame = out.recv() => frame,
                 _ = self.shared.closed.cancelled() => None,
             };
-            let Some(envelope) = envelope else { break };
+            let Some(frame) = frame else { break };
             // Batch whatever else is queued into one flush.
-            batch.push_back(envelope);
+            batch.push_back(frame);
             while batch.len() < 256 {
                 match out.try_recv() {
                     Ok(more) => batch.push_back(more),
                     Err(_) => break,
                 }
             }
-            let write = async {
-                while let Some(envelope) = batch.pop_front() {
-                    self.feed(&mut writer, *envelope).await?;
-                }
-                writer
-                    .flush()
-                    .await
-                    .map_err(|err| format!("write failed: {err}"))
-            };
+            let write = write_batch(&mut writer, &mut buffer, &mut batch);
             // A peer that stops reading (a cut link) can stall a write forever; the close
             // (from missed heartbeats, or on purpose) must still end this task, so that the
             // queue's receiver goes and nothing waits on a full queue.
             tokio::select! {
                 biased;
-                result = write => if let Err(reason) = result {
-                    self.shutdown(reason);
+                result = write => if let Err(err) = result {
+                    self.shutdown(format!("write failed: {err}"));
                     return;
                 },
                 _ = self.shared.closed.cancelled() => break,
             }
-            shrink_idle(writer.write_buffer_mut());
+            shrink_idle(&mut buffer);
         }
         // Closing: send what is already queued (a `Close` frame, answers), for at most
         // half a second, since the peer may be the reason we close.
         let drain = async {
-            while let Some(envelope) = batch.pop_front().or_else(|| out.try_recv().ok()) {
-                if self.feed(&mut writer, *envelope).await.is_err() {
-                    return;
-                }
+            while let Ok(more) = out.try_recv() {
+                batch.push_back(more);
             }
-            let _ = writer.flush().await;
-            let _ = writer.get_mut().shutdown().await;
+            buffer.clear();
+            let _ = write_batch(&mut writer, &mut buffer, &mut batch).await;
+            let _ = writer.shutdown().await;
         };
         let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
-    }
-
-    /// Writes one frame. An answer too large for a frame becomes an error answer; a request
-    /// too large fails its own waiter. Only an I/O error ends the link.
-    async fn feed<W: AsyncWrite + Send + Unpin>(
-        &self,
-        writer: &mut FramedWrite<W, FrameCodec<Envelope>>,
-        envelope: Envelope,
-    ) -> Result<(), String> {
-        let replacement = match writer.feed(&envelope).await {
-            Ok(()) => return Ok(()),
-            Err(FrameError::Io(err)) => return Err(format!("write failed: {err}")),
-            Err(err) => {
-                tracing::warn!(peer = %self.shared.peer, "frame not sent: {err}");
-                let too_large = RemoteError::new(ErrorCode::TooLarge, err.to_string());
-                match envelope {
-                    Envelope::Request { id, .. } => {
-                        if let Some(waiter) = self.lock_pending().remove(&id) {
-                            let error = LinkError::TooLarge(err.to_string());
-                            match waiter {
-                                Pending::Unary(tx) => {
-                                    let _ = tx.send(Err(error));
-                                }
-                                Pending::Stream(tx) => {
-                                    let _ = tx.try_send(Err(error));
-                                }
-                            }
-                        }
-                        None
-                    }
-                    Envelope::Response { id, .. } => Some(Envelope::Response {
-                        id,
-                        result: Err(too_large),
-                    }),
-                    Envelope::StreamItem { id, .. } => Some(Envelope::StreamEnd {
-                        id,
-                        result: Err(too_large),
-                    }),
-                    _ => None,
-                }
-            }
-        };
-        if let Some(replacement) = replacement
-            && let Err(FrameError::Io(err)) = writer.feed(&replacement).await
-        {
-            return Err(format!("write failed: {err}"));
-        }
-        Ok(())
     }
 
     async fn heartbeat_loop(self) {
@@ -766,12 +946,41 @@ impl Link {
                 return;
             }
             seq += 1;
-            let _ = self.shared.out.try_send(Envelope::Ping {
+            let _ = self.shared.out.try_send(&Envelope::Ping {
                 seq,
                 sent_us: self.now_us(),
             });
         }
     }
+}
+
+/// Writes a batch of encoded frames and flushes; each frame's budget is released once it
+/// is handed to the socket.
+async fn write_batch<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    buffer: &mut BytesMut,
+    batch: &mut std::collections::VecDeque<Outgoing>,
+) -> std::io::Result<()> {
+    while let Some(outgoing) = batch.pop_front() {
+        if outgoing.frame.len() >= FLUSH_AT {
+            if !buffer.is_empty() {
+                writer.write_all(buffer).await?;
+                buffer.clear();
+            }
+            writer.write_all(&outgoing.frame).await?;
+        } else {
+            buffer.extend_from_slice(&outgoing.frame);
+            if buffer.len() >= FLUSH_AT {
+                writer.write_all(buffer).await?;
+                buffer.clear();
+            }
+        }
+    }
+    if !buffer.is_empty() {
+        writer.write_all(buffer).await?;
+        buffer.clear();
+    }
+    writer.flush().await
 }
 
 fn deadline_ms(timeout: Duration) -> u32 {

@@ -1,7 +1,11 @@
-//! The master's edge-link listener: TLS, then the challenge-response, under a deadline and
-//! a cap on handshakes in progress, then a [`Link`] handed to the application. A cap on all
-//! connections (handshaking or linked) bounds what the listener holds whatever peers do:
-//! at either cap it stops accepting, and later peers wait in the kernel's accept queue.
+//! The master's edge-link listener: TLS, then the challenge-response, under deadlines
+//! (first bytes, whole handshake), then a [`Link`] handed to the application.
+//!
+//! The accept loop never pauses for peers that have not authenticated: they wait in a
+//! bounded pending table ([`Admission`]) where, when it is full, the oldest is dropped
+//! for the newest, so a flood of idle or silent connections can neither stop the loop nor
+//! keep a reconnecting edge out. Authenticated links are capped separately (`max_links`);
+//! an edge that authenticates over that cap is turned away and comes back later.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::handshake::{master_handshake, server_exporter};
 use super::{Incoming, Link, LinkConfig, Secret};
+use crate::admission::{Admission, AdmissionLimits};
 
 /// Where the listener learns which edges exist and their secrets.
 pub trait EdgeSecrets: Send + Sync + 'static {
@@ -27,10 +32,12 @@ pub trait EdgeSecrets: Send + Sync + 'static {
 pub struct ListenerConfig {
     /// A connection that has not authenticated by then is dropped.
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at once; further connections wait to be accepted.
-    pub max_pending_handshakes: usize,
-    /// Connections at once, handshaking or linked; further connections wait to be
-    /// accepted until a link ends.
+    /// A connection that has sent nothing by then is dropped.
+    pub first_byte_timeout: Duration,
+    /// Handshakes in progress at once, in all and per address; when full, the oldest is
+    /// dropped for a new one.
+    pub pending: AdmissionLimits,
+    /// Authenticated links at once; an edge that authenticates over it is turned away.
     pub max_links: usize,
     /// Gauges of the connections held, by stage (`handshake`, `link`), for `/metrics`.
     pub gauges: Option<ConnectionGauges>,
@@ -91,26 +98,9 @@ pub async fn run_listener(
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let pending = Arc::new(Semaphore::new(config.max_pending_handshakes));
-    let connections = Arc::new(Semaphore::new(config.max_links));
+    let admission = Admission::new(config.pending);
+    let links = Arc::new(Semaphore::new(config.max_links));
     loop {
-        // At a cap, stop accepting: later edges wait in the kernel's accept queue (and
-        // their own handshake deadline) instead of being dropped and coming back a
-        // reconnect period later, which would turn a storm of thousands into many rounds.
-        let slot = tokio::select! {
-            slot = connections.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let permit = tokio::select! {
-            permit = pending.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
         let (tcp, addr) = tokio::select! {
             result = listener.accept() => match result {
                 Ok(conn) => conn,
@@ -123,47 +113,65 @@ pub async fn run_listener(
             },
             _ = shutdown.cancelled() => return,
         };
+        let mut pending = admission.admit(addr.ip());
         let acceptor = acceptor.clone();
         let secrets = secrets.clone();
         let config = config.clone();
         let accepted = accepted.clone();
+        let links = links.clone();
         tokio::spawn(async move {
             let gauges = config.gauges.as_ref();
             let handshaking = Counted::new(gauges.map(|g| &g.handshake));
-            let outcome = tokio::time::timeout(
-                config.handshake_timeout,
-                authenticate(tcp, &acceptor, secrets.as_ref()),
-            )
-            .await;
-            drop((permit, handshaking));
-            match outcome {
-                Ok(Ok((edge_id, stream, leftover))) => {
-                    tracing::info!(edge = %edge_id, %addr, "edge link authenticated");
-                    let (link, incoming) =
-                        Link::start(stream, leftover, edge_id.clone(), config.link.clone());
-                    // The connection's slot is held until the link ends.
-                    let linked = Counted::new(gauges.map(|g| &g.link));
-                    let watched = link.clone();
-                    tokio::spawn(async move {
-                        watched.closed().await;
-                        drop((slot, linked));
-                    });
-                    let edge = AuthenticatedEdge {
-                        edge_id,
-                        addr,
-                        link,
-                        incoming,
-                    };
-                    if let Err(refused) = accepted.send(edge).await {
-                        refused.0.link.close("the master is shutting down");
-                    }
+            let outcome = tokio::select! {
+                outcome = tokio::time::timeout(
+                    config.handshake_timeout,
+                    authenticate(tcp, &acceptor, secrets.as_ref(), config.first_byte_timeout),
+                ) => outcome,
+                _ = pending.dropped() => Ok(Err(
+                    "dropped while handshaking: the table of pending connections was full (the oldest go first)".to_string(),
+                )),
+            };
+            drop(handshaking);
+            let (edge_id, stream, leftover) = match outcome {
+                Ok(Ok(done)) => done,
+                Ok(Err(reason)) => return tracing::warn!(%addr, "edge link refused: {reason}"),
+                Err(_) => {
+                    return tracing::warn!(
+                        %addr,
+                        "edge link refused: handshake not finished within {} ms",
+                        config.handshake_timeout.as_millis()
+                    );
                 }
-                Ok(Err(reason)) => tracing::warn!(%addr, "edge link refused: {reason}"),
-                Err(_) => tracing::warn!(
+            };
+            if !pending.settle() {
+                return tracing::warn!(%addr, edge = %edge_id, "edge link refused: dropped from the full pending table as it finished");
+            }
+            let Ok(slot) = links.try_acquire_owned() else {
+                return tracing::warn!(
                     %addr,
-                    "edge link refused: handshake not finished within {} ms",
-                    config.handshake_timeout.as_millis()
-                ),
+                    edge = %edge_id,
+                    "edge link refused: the master holds its maximum of {} links ([limits] max_links)",
+                    config.max_links
+                );
+            };
+            tracing::info!(edge = %edge_id, %addr, "edge link authenticated");
+            let (link, incoming) =
+                Link::start(stream, leftover, edge_id.clone(), config.link.clone());
+            // The link's slot is held until the link ends.
+            let linked = Counted::new(gauges.map(|g| &g.link));
+            let watched = link.clone();
+            tokio::spawn(async move {
+                watched.closed().await;
+                drop((slot, linked));
+            });
+            let edge = AuthenticatedEdge {
+                edge_id,
+                addr,
+                link,
+                incoming,
+            };
+            if let Err(refused) = accepted.send(edge).await {
+                refused.0.link.close("the master is shutting down");
             }
         });
     }
@@ -179,8 +187,10 @@ async fn authenticate(
     tcp: TcpStream,
     acceptor: &TlsAcceptor,
     secrets: &dyn EdgeSecrets,
+    first_byte_timeout: Duration,
 ) -> Result<Authenticated, String> {
     let _ = tcp.set_nodelay(true);
+    crate::admission::first_bytes(&tcp, first_byte_timeout).await?;
     let tls = acceptor
         .accept(tcp)
         .await

@@ -7,6 +7,7 @@ mod connection;
 mod connector;
 mod handshake;
 mod listener;
+mod outbox;
 mod secret;
 pub mod tls;
 

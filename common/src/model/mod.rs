@@ -182,6 +182,23 @@ impl Model {
         kinds.into()
     }
 
+    /// [`dump`](Self::dump) as clients may see it: users without their token hashes,
+    /// which leave the master only over an edge link (an edge checks tokens itself).
+    pub fn dump_for_clients(&self) -> serde_json::Value {
+        let mut dump = self.dump();
+        if let Some(users) = dump
+            .get_mut(kind_name(EntityKind::User))
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            for user in users.values_mut() {
+                if let Some(user) = user.as_object_mut() {
+                    user.remove("token_hash");
+                }
+            }
+        }
+        dump
+    }
+
     /// The module a client means by system, name and 1-based index: the `index`-th module
     /// named `name` in the system's order.
     pub fn system_module(&self, system: &str, name: &str, index: u32) -> Option<&ModuleRecord> {

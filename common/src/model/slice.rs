@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use super::Model;
+use super::{Model, ModuleRecord};
 use crate::protocol::EntityKind;
 
 /// A record's place in the model.
@@ -43,6 +43,15 @@ impl Model {
             keys.insert((EntityKind::User, id.clone()));
         }
         keys
+    }
+
+    /// Whether `module` is in edge `edge_id`'s slice: its location runs it, or one of the
+    /// edge's systems lists it. The link policy asks this of every call an edge makes.
+    pub fn in_slice(&self, edge_id: &str, module: &ModuleRecord) -> bool {
+        module.edge.as_deref() == Some(edge_id)
+            || self
+                .systems_of(&module.id)
+                .any(|system| system.edge.as_deref() == Some(edge_id))
     }
 
     /// The records a changed record pulls into a slice with it: a system's modules, a

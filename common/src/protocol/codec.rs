@@ -77,6 +77,8 @@ pub fn decode_frame<T: DeserializeOwned>(
 #[derive(Debug)]
 pub struct FrameCodec<T> {
     max: usize,
+    /// The size of the last frame decoded, prefix included.
+    last_len: usize,
     _type: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -85,6 +87,7 @@ impl<T> FrameCodec<T> {
     pub fn new(max: usize) -> Self {
         FrameCodec {
             max,
+            last_len: 0,
             _type: std::marker::PhantomData,
         }
     }
@@ -92,6 +95,12 @@ impl<T> FrameCodec<T> {
     /// The bound.
     pub fn max(&self) -> usize {
         self.max
+    }
+
+    /// The size in bytes of the last frame decoded (prefix included), for budgets of
+    /// what a peer's frames hold.
+    pub fn last_frame_len(&self) -> usize {
+        self.last_len
     }
 }
 
@@ -103,6 +112,7 @@ impl<T: DeserializeOwned> Decoder for FrameCodec<T> {
         match decode_frame(src, self.max)? {
             Some((value, used)) => {
                 src.advance(used);
+                self.last_len = used;
                 Ok(Some(value))
             }
             None => Ok(None),

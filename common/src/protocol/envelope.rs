@@ -15,6 +15,10 @@ pub enum Envelope {
         deadline_ms: u32,
         /// The request.
         body: Request,
+        /// The client the sender forwards this request for, when the receiver must
+        /// authorize that client itself (an edge passing on a user's call for a unit
+        /// outside its own site).
+        on_behalf: Option<OnBehalf>,
     },
     /// The single answer to a request.
     Response {
@@ -63,6 +67,19 @@ pub enum Envelope {
         /// Why.
         reason: String,
     },
+}
+
+/// A client's bearer token, carried with a request an edge forwards to the master for a
+/// unit outside the edge's own site: the master authenticates and authorizes that client
+/// as if it had called the master's API, so an edge can never lend its own standing (or
+/// its local admin token) to another site. Never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnBehalf(pub String);
+
+impl std::fmt::Debug for OnBehalf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnBehalf(..)")
+    }
 }
 
 /// What went wrong with a request, as an error code and a message for people.

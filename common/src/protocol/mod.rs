@@ -11,7 +11,7 @@ mod json;
 mod messages;
 
 pub use codec::{FrameCodec, FrameError, decode_frame, encode_frame};
-pub use envelope::{Envelope, ErrorCode, RemoteError};
+pub use envelope::{Envelope, ErrorCode, OnBehalf, RemoteError};
 pub use handshake::{Handshake, NONCE_LEN, Nonce};
 pub use json::Json;
 pub use messages::{
@@ -20,7 +20,7 @@ pub use messages::{
 };
 
 /// The protocol version both sides must speak; checked in the handshake.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Frame bound while a peer is not yet authenticated: handshake messages are tiny, so an
 /// anonymous peer can make us buffer no more than this.

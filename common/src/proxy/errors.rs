@@ -17,6 +17,7 @@ pub fn to_remote(err: ExecError) -> RemoteError {
         ExecError::BadArgs(_) => ErrorCode::BadRequest,
         ExecError::Script(_) => ErrorCode::Script,
         ExecError::StaleEpoch(_) => ErrorCode::StaleEpoch,
+        ExecError::Forbidden(_) => ErrorCode::Forbidden,
     };
     RemoteError::new(code, err.to_string())
 }
@@ -33,10 +34,10 @@ pub fn from_remote(err: RemoteError) -> ExecError {
         ErrorCode::BadRequest => ExecError::BadArgs(message),
         ErrorCode::Script | ErrorCode::Internal => ExecError::Script(message),
         ErrorCode::StaleEpoch => ExecError::StaleEpoch(message),
-        ErrorCode::Unavailable
-        | ErrorCode::Forbidden
-        | ErrorCode::Unsupported
-        | ErrorCode::TooLarge => ExecError::Unavailable(message),
+        ErrorCode::Forbidden => ExecError::Forbidden(message),
+        ErrorCode::Unavailable | ErrorCode::Unsupported | ErrorCode::TooLarge => {
+            ExecError::Unavailable(message)
+        }
     }
 }
 
@@ -75,6 +76,7 @@ mod tests {
             ExecError::BadArgs("g".into()),
             ExecError::Script("h".into()),
             ExecError::StaleEpoch("i".into()),
+            ExecError::Forbidden("j".into()),
         ];
         for err in all {
             assert_eq!(from_remote(to_remote(err.clone())), err);

@@ -1,19 +1,20 @@
 //! The runtime's way to the other side: each call becomes a request on the link to the
 //! side that runs the module.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use super::errors::from_link;
 use crate::link::{Link, LinkError, ResponseStream};
-use crate::protocol::{Json, Request, Response, StreamItem};
+use crate::protocol::{Json, OnBehalf, Request, Response, StreamItem};
 use crate::runtime::{
-    DebugLine, ExecError, Executed, Remote, RemoteCall, StatusEvent, SystemAction,
+    DebugLine, ExecError, Executed, Origin, Remote, RemoteCall, StatusEvent, SystemAction,
 };
 
 /// How long the far side may take to start a stream or act on a system.
@@ -38,17 +39,22 @@ pub trait Links: Send + Sync + 'static {
 /// A [`Remote`] over a server's [`Links`].
 pub struct LinkRemote<L> {
     links: Arc<L>,
+    /// Status subscriptions open on a link, by module, shared by every binding here.
+    watches: Arc<Mutex<HashMap<ModuleKey, Arc<SharedWatch>>>>,
 }
 
 impl<L: Links> LinkRemote<L> {
     /// A remote over `links`.
     pub fn new(links: Arc<L>) -> Self {
-        LinkRemote { links }
+        LinkRemote {
+            links,
+            watches: Arc::default(),
+        }
     }
 
     fn link(&self, call: &RemoteCall) -> Result<Link, ExecError> {
         self.links
-            .link_to(call.edge.as_deref(), call.via.as_deref())
+            .link_to(call.edge.as_deref(), call.origin.via.as_deref())
     }
 }
 
@@ -79,8 +85,8 @@ fn decode(link: &Link, json: &Json) -> Result<Value, ExecError> {
     })
 }
 
-async fn request(link: &Link, body: Request, timeout: Duration) -> Result<Response, ExecError> {
-    link.request(body, timeout)
+async fn request(link: &Link, body: Request, call: &RemoteCall) -> Result<Response, ExecError> {
+    link.request_as(body, call.timeout, call.origin.on_behalf.clone())
         .await
         .map_err(|err| from_link(&describe(link), err))
 }
@@ -90,9 +96,10 @@ async fn request(link: &Link, body: Request, timeout: Duration) -> Result<Respon
 async fn open_stream(
     link: &Link,
     body: Request,
+    on_behalf: Option<OnBehalf>,
 ) -> Result<(ResponseStream, Option<StreamItem>), ExecError> {
     let mut stream = link
-        .request_stream(body, START_TIMEOUT)
+        .request_stream_as(body, START_TIMEOUT, on_behalf)
         .await
         .map_err(|err| from_link(&describe(link), err))?;
     match tokio::time::timeout(START_TIMEOUT, stream.next()).await {
@@ -139,6 +146,133 @@ fn pump<T: Send + 'static>(
     rx
 }
 
+/// A module as a status subscription names it.
+type ModuleKey = (String, String, u32, Option<String>);
+
+fn module_key(module: &crate::protocol::ModuleRef) -> ModuleKey {
+    (
+        module.system.clone(),
+        module.name.clone(),
+        module.index,
+        module.id.clone(),
+    )
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Status changes a shared subscription's followers may fall behind by before they are
+/// sent the whole map again.
+const SHARED_EVENTS: usize = 256;
+/// How often a shared subscription with no follower left checks to end.
+const SHARED_CHECK: Duration = Duration::from_secs(1);
+
+/// One status subscription on a link, followed by any number of bindings on this side:
+/// the far side keeps one subscription per module and link (a second replaces the first),
+/// so this side shares it. It keeps the current map for followers that join late.
+struct SharedWatch {
+    link: Link,
+    /// The map as of the last event; changed and broadcast under this lock, so a follower
+    /// that subscribes under it misses nothing and sees nothing twice.
+    map: Mutex<Map<String, Value>>,
+    events: broadcast::Sender<StatusEvent>,
+    /// Cancelled when the subscription ends: every follower ends with it.
+    ended: tokio_util::sync::CancellationToken,
+}
+
+impl SharedWatch {
+    /// Pumps `stream` into a new shared watch until it ends or no one follows it; then
+    /// calls `done`.
+    fn start(
+        link: Link,
+        mut stream: ResponseStream,
+        first: Option<StatusEvent>,
+        done: impl FnOnce(&Arc<SharedWatch>) + Send + 'static,
+    ) -> Arc<SharedWatch> {
+        let watch = Arc::new(SharedWatch {
+            link,
+            map: Mutex::default(),
+            events: broadcast::channel(SHARED_EVENTS).0,
+            ended: tokio_util::sync::CancellationToken::new(),
+        });
+        if let Some(first) = first {
+            watch.apply(first);
+        }
+        let pumped = watch.clone();
+        tokio::spawn(async move {
+            let mut check = tokio::time::interval(SHARED_CHECK);
+            check.tick().await;
+            loop {
+                tokio::select! {
+                    item = stream.next() => match item.map(|item| item.map(status_event)) {
+                        Some(Ok(Some(event))) => pumped.apply(event),
+                        Some(Ok(None)) => {}
+                        // The module stopped running there, or the link went.
+                        _ => break,
+                    },
+                    _ = check.tick() => {
+                        if pumped.events.receiver_count() == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+            pumped.ended.cancel();
+            done(&pumped);
+        });
+        watch
+    }
+
+    fn ended(&self) -> bool {
+        self.ended.is_cancelled()
+    }
+
+    fn apply(&self, event: StatusEvent) {
+        let mut map = lock(&self.map);
+        match &event {
+            StatusEvent::Map(whole) => *map = whole.clone(),
+            StatusEvent::Value(key, value) => {
+                map.insert(key.clone(), value.clone());
+            }
+        }
+        // No follower is fine.
+        let _ = self.events.send(event);
+    }
+
+    /// A new follower: the current map, then each change, until the subscription ends.
+    fn follow(self: &Arc<Self>) -> mpsc::Receiver<StatusEvent> {
+        let (mut events, map) = {
+            let map = lock(&self.map);
+            (self.events.subscribe(), map.clone())
+        };
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let watch = self.clone();
+        tokio::spawn(async move {
+            if tx.send(StatusEvent::Map(map)).await.is_err() {
+                return;
+            }
+            loop {
+                let event = tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = watch.ended.cancelled() => return,
+                    event = events.recv() => match event {
+                        Ok(event) => event,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            StatusEvent::Map(lock(&watch.map).clone())
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
 fn status_event(item: StreamItem) -> Option<StatusEvent> {
     match item {
         StreamItem::StatusMap { entries } => Some(StatusEvent::Map(
@@ -172,12 +306,12 @@ impl<L: Links> Remote for LinkRemote<L> {
         async move {
             let link = link?;
             let body = Request::Execute {
-                module: call.module,
+                module: call.module.clone(),
                 method,
                 args: Json::from_value(&Value::Array(args)),
                 epoch: call.epoch.unwrap_or(0),
             };
-            match request(&link, body, call.timeout).await? {
+            match request(&link, body, &call).await? {
                 Response::Value { value, executed_by } => Ok(Executed {
                     value: decode(&link, &value)?,
                     executed_by,
@@ -196,9 +330,9 @@ impl<L: Links> Remote for LinkRemote<L> {
         async move {
             let link = link?;
             let body = Request::StatusRequest {
-                module: call.module,
+                module: call.module.clone(),
             };
-            match request(&link, body, call.timeout).await? {
+            match request(&link, body, &call).await? {
                 Response::Status { entries } => entries
                     .into_iter()
                     .map(|(key, value)| Ok((key, decode(&link, &value)?)))
@@ -217,9 +351,9 @@ impl<L: Links> Remote for LinkRemote<L> {
         async move {
             let link = link?;
             let body = Request::DebugRead {
-                module: call.module,
+                module: call.module.clone(),
             };
-            match request(&link, body, call.timeout).await? {
+            match request(&link, body, &call).await? {
                 Response::DebugLines { lines } => Ok(lines
                     .into_iter()
                     .map(|(time_ms, line)| DebugLine { time_ms, line })
@@ -235,13 +369,32 @@ impl<L: Links> Remote for LinkRemote<L> {
         call: RemoteCall,
     ) -> BoxFuture<'static, Result<mpsc::Receiver<StatusEvent>, ExecError>> {
         let link = self.link(&call);
+        let watches = self.watches.clone();
         async move {
             let link = link?;
+            let key = module_key(&call.module);
+            let open = lock(&watches)
+                .get(&key)
+                .filter(|watch| watch.link.same_link(&link) && !watch.ended())
+                .cloned();
+            if let Some(watch) = open {
+                return Ok(watch.follow());
+            }
             let body = Request::StatusSubscribe {
                 module: call.module,
             };
-            let (stream, first) = open_stream(&link, body).await?;
-            Ok(pump(stream, first.and_then(status_event), status_event))
+            let (stream, first) = open_stream(&link, body, call.origin.on_behalf).await?;
+            let watch = SharedWatch::start(link, stream, first.and_then(status_event), {
+                let (watches, key) = (watches.clone(), key.clone());
+                move |ended: &Arc<SharedWatch>| {
+                    let mut watches = lock(&watches);
+                    if watches.get(&key).is_some_and(|w| Arc::ptr_eq(w, ended)) {
+                        watches.remove(&key);
+                    }
+                }
+            });
+            lock(&watches).insert(key, watch.clone());
+            Ok(watch.follow())
         }
         .boxed()
     }
@@ -257,7 +410,7 @@ impl<L: Links> Remote for LinkRemote<L> {
                 module: call.module,
             };
             let stream = link
-                .request_stream(body, START_TIMEOUT)
+                .request_stream_as(body, START_TIMEOUT, call.origin.on_behalf)
                 .await
                 .map_err(|err| from_link(&describe(&link), err))?;
             // A quiet module sends nothing at first, so nothing is awaited here.
@@ -270,10 +423,10 @@ impl<L: Links> Remote for LinkRemote<L> {
         &self,
         system: String,
         edge: Option<String>,
-        via: Option<String>,
+        origin: Origin,
         action: SystemAction,
     ) -> BoxFuture<'static, Result<String, ExecError>> {
-        let link = self.links.link_to(edge.as_deref(), via.as_deref());
+        let link = self.links.link_to(edge.as_deref(), origin.via.as_deref());
         async move {
             let link = link?;
             let body = match action {
@@ -281,7 +434,11 @@ impl<L: Links> Remote for LinkRemote<L> {
                 SystemAction::Stop => Request::StopSystem { system },
                 SystemAction::ExpireCache => Request::ExpireSystemCache { system },
             };
-            match request(&link, body, START_TIMEOUT).await? {
+            let response = link
+                .request_as(body, START_TIMEOUT, origin.on_behalf)
+                .await
+                .map_err(|err| from_link(&describe(&link), err))?;
+            match response {
                 Response::DoneBy { side } => Ok(side),
                 other => Err(unexpected(&link, &other)),
             }

@@ -2,7 +2,7 @@
 
 use crate::link::{IncomingRequest, Responder};
 use crate::protocol::{Json, ModuleRef, Request, Response, StreamItem};
-use crate::runtime::{ExecError, Runtime, StatusEvent, SystemAction};
+use crate::runtime::{ExecError, Origin, Runtime, StatusEvent, SystemAction};
 
 use super::errors::to_remote;
 
@@ -20,7 +20,7 @@ pub fn serve_call(
         return Some(request);
     }
     let runtime = runtime.clone();
-    let via = via.to_string();
+    let via = Origin::link(via);
     let IncomingRequest {
         body, responder, ..
     } = *request;
@@ -38,25 +38,28 @@ pub fn serve_call(
         }
         Request::StatusRequest { module } => {
             tokio::spawn(async move {
-                let answer = runtime
-                    .status_from(&module, Some(&via))
-                    .await
-                    .map(|status| Response::Status {
-                        entries: status
-                            .into_iter()
-                            .map(|(key, value)| (key, Json::from_value(&value)))
-                            .collect(),
-                    });
+                let answer =
+                    runtime
+                        .status_from(&module, &via)
+                        .await
+                        .map(|status| Response::Status {
+                            entries: status
+                                .into_iter()
+                                .map(|(key, value)| (key, Json::from_value(&value)))
+                                .collect(),
+                        });
                 responder.respond(answer.map_err(to_remote)).await;
             });
         }
         Request::DebugRead { module } => {
             tokio::spawn(async move {
-                let answer = runtime.debug_from(&module, Some(&via)).await.map(|lines| {
-                    Response::DebugLines {
-                        lines: lines.into_iter().map(|l| (l.time_ms, l.line)).collect(),
-                    }
-                });
+                let answer =
+                    runtime
+                        .debug_from(&module, &via)
+                        .await
+                        .map(|lines| Response::DebugLines {
+                            lines: lines.into_iter().map(|l| (l.time_ms, l.line)).collect(),
+                        });
                 responder.respond(answer.map_err(to_remote)).await;
             });
         }
@@ -106,7 +109,7 @@ async fn execute(
     method: &str,
     args: &Json,
     epoch: u64,
-    via: &str,
+    via: &Origin,
 ) -> Result<Response, ExecError> {
     let args = match args.to_value() {
         Ok(serde_json::Value::Array(args)) => args,
@@ -119,7 +122,7 @@ async fn execute(
     };
     let claimed = (epoch > 0).then_some(epoch);
     let done = runtime
-        .exec_from(module, method, args, claimed, Some(via))
+        .exec_from(module, method, args, claimed, via)
         .await?;
     Ok(Response::Value {
         value: Json::from_value(&done.value),
@@ -131,20 +134,20 @@ fn system_action(
     runtime: Runtime,
     system: String,
     action: SystemAction,
-    via: String,
+    via: Origin,
     responder: Responder,
 ) {
     tokio::spawn(async move {
         let answer = runtime
-            .system_action(&system, action, Some(&via))
+            .system_action(&system, action, &via)
             .await
             .map(|side| Response::DoneBy { side });
         responder.respond(answer.map_err(to_remote)).await;
     });
 }
 
-async fn stream_status(runtime: Runtime, module: ModuleRef, via: String, responder: Responder) {
-    let watch = runtime.watch_status(&module, Some(&via)).await;
+async fn stream_status(runtime: Runtime, module: ModuleRef, via: Origin, responder: Responder) {
+    let watch = runtime.watch_status(&module, &via).await;
     let mut events = match watch {
         Ok(events) => events,
         Err(err) => return responder.end(Err(to_remote(err))).await,
@@ -174,8 +177,8 @@ async fn stream_status(runtime: Runtime, module: ModuleRef, via: String, respond
     }
 }
 
-async fn stream_debug(runtime: Runtime, module: ModuleRef, via: String, responder: Responder) {
-    let watch = runtime.watch_debug(&module, Some(&via)).await;
+async fn stream_debug(runtime: Runtime, module: ModuleRef, via: Origin, responder: Responder) {
+    let watch = runtime.watch_debug(&module, &via).await;
     let mut lines = match watch {
         Ok(lines) => lines,
         Err(err) => return responder.end(Err(to_remote(err))).await,

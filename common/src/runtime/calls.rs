@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{broadcast, mpsc};
 
 use super::module::ModuleInstance;
-use super::remote::{Executed, Remote, RemoteCall, StatusEvent, SystemAction};
+use super::remote::{Executed, Origin, Remote, RemoteCall, StatusEvent, SystemAction};
 use super::{DebugLine, ExecError, Runtime, lock};
 use crate::protocol::ModuleRef;
 
@@ -49,21 +49,29 @@ impl Runtime {
     fn locate(
         &self,
         at: &ModuleRef,
-        via: Option<&str>,
+        origin: &Origin,
         read_only: bool,
     ) -> Result<Located, ExecError> {
         match self.resolve(at) {
             Ok(module) => Ok(Located::Here(module)),
             // A system this side does not hold (an edge's replica holds its own systems
             // only): the master holds them all. A call from the master is not sent back.
+            // Only a client the master knows may go there: the master authorizes it
+            // again, and this side's own callers (its admin token) stay on its own site.
             Err(ExecError::NotFound(message)) => {
                 let wider = self.remote().filter(|remote| remote.holds_every_system());
                 match wider {
-                    Some(_) if via.is_none() && !self.model().systems.contains_key(&at.system) => {
+                    Some(_)
+                        if origin.via.is_none()
+                            && !self.model().systems.contains_key(&at.system) =>
+                    {
+                        if origin.on_behalf.is_none() {
+                            return Err(not_this_sides(&at.system));
+                        }
                         Ok(Located::There(RemoteCall {
                             module: at.clone(),
                             edge: None,
-                            via: None,
+                            origin: origin.clone(),
                             epoch: None,
                             // The driver is not known here; the design's default.
                             timeout: DEFAULT_EXEC_TIMEOUT + LINK_GRACE,
@@ -96,7 +104,7 @@ impl Runtime {
                         ..at.clone()
                     },
                     edge: model.module_edge(module),
-                    via: via.map(str::to_string),
+                    origin: origin.clone(),
                     epoch: None,
                     timeout,
                 }))
@@ -112,17 +120,17 @@ impl Runtime {
 
     /// Runs a method of a module of `system`, here or where it runs. `epoch` is the
     /// caller's view of the module's edge location (fenced here and where it runs);
-    /// `via` the link the call came in on.
+    /// `origin` where the call comes from.
     pub async fn exec_from(
         &self,
         module: &ModuleRef,
         method: &str,
         args: Vec<Value>,
         epoch: Option<u64>,
-        via: Option<&str>,
+        origin: &Origin,
     ) -> Result<Executed, ExecError> {
         self.fence(module, epoch)?;
-        match self.locate(module, via, false)? {
+        match self.locate(module, origin, false)? {
             Located::Here(module) => Ok(Executed {
                 value: module.call(method, args).await?,
                 executed_by: self.inner.executed_by.clone(),
@@ -146,7 +154,9 @@ impl Runtime {
         args: Vec<Value>,
     ) -> Result<(Value, String), ExecError> {
         let module = ModuleRef::new(system, name, index);
-        let done = self.exec_from(&module, method, args, None, None).await?;
+        let done = self
+            .exec_from(&module, method, args, None, &Origin::local())
+            .await?;
         Ok((done.value, done.executed_by))
     }
 
@@ -154,9 +164,9 @@ impl Runtime {
     pub async fn status_from(
         &self,
         at: &ModuleRef,
-        via: Option<&str>,
+        origin: &Origin,
     ) -> Result<Map<String, Value>, ExecError> {
-        match self.locate(at, via, true)? {
+        match self.locate(at, origin, true)? {
             Located::Here(module) => Ok(module.shared.status()),
             Located::There(call) => self.remote_or_not_here()?.status(call).await,
         }
@@ -166,9 +176,9 @@ impl Runtime {
     pub async fn debug_from(
         &self,
         at: &ModuleRef,
-        via: Option<&str>,
+        origin: &Origin,
     ) -> Result<Vec<DebugLine>, ExecError> {
-        match self.locate(at, via, true)? {
+        match self.locate(at, origin, true)? {
             Located::Here(module) => Ok(module.shared.debug_lines()),
             Located::There(call) => self.remote_or_not_here()?.debug_lines(call).await,
         }
@@ -179,9 +189,9 @@ impl Runtime {
     pub async fn watch_status(
         &self,
         at: &ModuleRef,
-        via: Option<&str>,
+        origin: &Origin,
     ) -> Result<mpsc::Receiver<StatusEvent>, ExecError> {
-        let module = match self.locate(at, via, true)? {
+        let module = match self.locate(at, origin, true)? {
             Located::Here(module) => module,
             Located::There(call) => return self.remote_or_not_here()?.watch_status(call).await,
         };
@@ -226,9 +236,9 @@ impl Runtime {
     pub async fn watch_debug(
         &self,
         at: &ModuleRef,
-        via: Option<&str>,
+        origin: &Origin,
     ) -> Result<mpsc::Receiver<DebugLine>, ExecError> {
-        let module = match self.locate(at, via, true)? {
+        let module = match self.locate(at, origin, true)? {
             Located::Here(module) => module,
             Located::There(call) => return self.remote_or_not_here()?.watch_debug(call).await,
         };
@@ -268,24 +278,29 @@ impl Runtime {
     pub async fn bind_status(
         &self,
         at: &ModuleRef,
+        origin: &Origin,
     ) -> Result<mpsc::Receiver<StatusEvent>, ExecError> {
-        let first = self.watch_status(at, None).await;
+        let first = self.watch_status(at, origin).await;
         let runtime = self.clone();
-        let at = at.clone();
+        let (at, origin) = (at.clone(), origin.clone());
         follow(first, move || {
-            let (runtime, at) = (runtime.clone(), at.clone());
-            async move { runtime.watch_status(&at, None).await }
+            let (runtime, at, origin) = (runtime.clone(), at.clone(), origin.clone());
+            async move { runtime.watch_status(&at, &origin).await }
         })
     }
 
     /// A client's watch of a module's debug log that follows the module wherever it runs.
-    pub async fn bind_debug(&self, at: &ModuleRef) -> Result<mpsc::Receiver<DebugLine>, ExecError> {
-        let first = self.watch_debug(at, None).await;
+    pub async fn bind_debug(
+        &self,
+        at: &ModuleRef,
+        origin: &Origin,
+    ) -> Result<mpsc::Receiver<DebugLine>, ExecError> {
+        let first = self.watch_debug(at, origin).await;
         let runtime = self.clone();
-        let at = at.clone();
+        let (at, origin) = (at.clone(), origin.clone());
         follow(first, move || {
-            let (runtime, at) = (runtime.clone(), at.clone());
-            async move { runtime.watch_debug(&at, None).await }
+            let (runtime, at, origin) = (runtime.clone(), at.clone(), origin.clone());
+            async move { runtime.watch_debug(&at, &origin).await }
         })
     }
 
@@ -301,11 +316,24 @@ impl Runtime {
         &self,
         system: &str,
         action: SystemAction,
-        via: Option<&str>,
+        origin: &Origin,
     ) -> Result<String, ExecError> {
         let model = self.model();
         let Some(record) = model.systems.get(system) else {
-            return Err(ExecError::NotFound(format!("no system {system}")));
+            // As for calls: a system an edge does not hold is the master's, for a client
+            // the master knows.
+            let wider = self.remote().filter(|remote| remote.holds_every_system());
+            return match wider {
+                Some(remote) if origin.via.is_none() => {
+                    if origin.on_behalf.is_none() {
+                        return Err(not_this_sides(system));
+                    }
+                    remote
+                        .system_action(system.to_string(), None, origin.clone(), action)
+                        .await
+                }
+                _ => Err(ExecError::NotFound(format!("no system {system}"))),
+            };
         };
         let runs_here = {
             let requested = self
@@ -326,7 +354,7 @@ impl Runtime {
                         .find_map(|module| model.module_edge(module))
                 });
                 remote
-                    .system_action(system.to_string(), edge, via.map(str::to_string), action)
+                    .system_action(system.to_string(), edge, origin.clone(), action)
                     .await
             }
             _ => {
@@ -353,10 +381,20 @@ impl Runtime {
     }
 }
 
+/// The refusal of a call for a system an edge does not hold, from one of the edge's own
+/// callers: they act on the edge's own site only.
+fn not_this_sides(system: &str) -> ExecError {
+    ExecError::Forbidden(format!(
+        "system {system} is not one of this edge's: another site is reached through an edge \
+         only with the token of a user of the master (this edge's own admin token acts on \
+         its own systems only)"
+    ))
+}
+
 /// Keeps a watch going across moves: forwards `first`'s events, and when its source ends
 /// asks `again` for a new one every [`REBIND_EVERY`] until the receiver is dropped. A
-/// first attempt that finds no such module is the caller's error; any other failure
-/// (owner unreachable for now) is retried.
+/// first attempt that finds no such module, or may not reach it, is the caller's error;
+/// any other failure (owner unreachable for now) is retried.
 fn follow<T, F, Fut>(
     first: Result<mpsc::Receiver<T>, ExecError>,
     again: F,
@@ -367,7 +405,7 @@ where
     Fut: std::future::Future<Output = Result<mpsc::Receiver<T>, ExecError>> + Send,
 {
     let mut source = match first {
-        Err(ExecError::NotFound(message)) => return Err(ExecError::NotFound(message)),
+        Err(refused @ (ExecError::NotFound(_) | ExecError::Forbidden(_))) => return Err(refused),
         Err(other) => {
             tracing::debug!("binding waits for its module: {other}");
             None

@@ -294,9 +294,10 @@ impl ModuleContext {
         // Scripts run on blocking threads, where waiting for the runtime is allowed.
         let status = self
             .handle
-            .block_on(
-                runtime.status_from(&crate::protocol::ModuleRef::new(system, name, index), None),
-            )
+            .block_on(runtime.status_from(
+                &crate::protocol::ModuleRef::new(system, name, index),
+                &super::Origin::local(),
+            ))
             .map_err(|err| format!("{name} {index}: {err}"))?;
         Ok(status.get(key).cloned().unwrap_or(Value::Null))
     }

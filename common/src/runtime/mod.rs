@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde_json::{Map, Value};
 
 pub use context::{DebugLine, ModuleHealth, ModuleState};
-pub use remote::{Executed, Remote, RemoteCall, StatusEvent, SystemAction};
+pub use remote::{Executed, Origin, Remote, RemoteCall, StatusEvent, SystemAction};
 pub use script::ScriptLimits;
 pub use spec::ModuleSpec;
 
@@ -59,6 +59,10 @@ pub enum ExecError {
     /// The caller's epoch is older than the module's edge location's (409).
     #[error("{0}")]
     StaleEpoch(String),
+    /// The caller may not reach this unit from where it called (403): an edge's own
+    /// callers outside the edge's site.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// A module that kept its old script because the new version failed to compile or load.

@@ -15,7 +15,45 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use super::{DebugLine, ExecError};
-use crate::protocol::ModuleRef;
+use crate::protocol::{ModuleRef, OnBehalf};
+
+/// Where a call comes from, as far as routing and the far side's authorization need to
+/// know.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// The link the call arrived on (an edge id on the master, `master` on an edge): it
+    /// may go on over another link, never back over this one.
+    pub via: Option<String>,
+    /// The client it is made for, when this side passes client calls on to the master
+    /// for units outside its own site (an edge's users): the master authorizes that
+    /// client itself. `None` for this server's own callers (scripts, its admin token),
+    /// which reach no further than this side's own units.
+    pub on_behalf: Option<OnBehalf>,
+}
+
+impl Origin {
+    /// A call made on this side: by a script, or by a client whose token the far side
+    /// would not know.
+    pub fn local() -> Self {
+        Origin::default()
+    }
+
+    /// A call that arrived over the link named `via`.
+    pub fn link(via: &str) -> Self {
+        Origin {
+            via: Some(via.to_string()),
+            on_behalf: None,
+        }
+    }
+
+    /// A client's call, with the token to forward for it (if this side forwards any).
+    pub fn client(on_behalf: Option<OnBehalf>) -> Self {
+        Origin {
+            via: None,
+            on_behalf,
+        }
+    }
+}
 
 /// A call for a module that runs on the other side.
 #[derive(Debug, Clone)]
@@ -24,8 +62,8 @@ pub struct RemoteCall {
     pub module: ModuleRef,
     /// The module's edge location (`None`: a module of the master).
     pub edge: Option<String>,
-    /// The link the call arrived on (an edge id, or `master`), if it did.
-    pub via: Option<String>,
+    /// Where the call comes from.
+    pub origin: Origin,
     /// The epoch the caller claims for the module's edge location, to be fenced where it
     /// runs.
     pub epoch: Option<u64>,
@@ -103,7 +141,7 @@ pub trait Remote: Send + Sync {
         &self,
         system: String,
         edge: Option<String>,
-        via: Option<String>,
+        origin: Origin,
         action: SystemAction,
     ) -> BoxFuture<'static, Result<String, ExecError>>;
 

@@ -8,10 +8,51 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefiniti
 use super::{META, Store, StoreError};
 use crate::control::{AuditRecord, ControlState};
 
+/// Where an audit record comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum AuditSource {
+    /// This server's own decision or observation.
+    Own,
+    /// An edge's report about itself (its takeovers while the master was out of reach,
+    /// its refused reloads).
+    Edge,
+    /// A request over an edge's link that the master refused.
+    Refusal,
+}
+
+/// An audit record with its place in the log and its source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    /// Sequence number, growing over every kind of record.
+    pub seq: u64,
+    /// Where it comes from.
+    pub source: AuditSource,
+    /// The record.
+    pub record: AuditRecord,
+}
+
+/// The last sequence number given out: the counter, or for a log written before it
+/// existed, its newest record.
+fn last_audit_seq(
+    audit: &impl ReadableTable<u64, &'static [u8]>,
+    meta: &impl ReadableTable<&'static str, u64>,
+) -> Result<u64, redb::Error> {
+    let counted = meta.get(AUDIT_SEQ)?.map(|v| v.value()).unwrap_or(0);
+    let newest = audit.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+    Ok(counted.max(newest))
+}
+
 /// Edge location id to its postcard [`ControlState`].
 const CONTROL: TableDefinition<&str, &[u8]> = TableDefinition::new("control");
-/// Sequence number to a postcard [`AuditRecord`], oldest first.
+/// Sequence number to a postcard [`AuditRecord`], oldest first: this server's own records.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// (Edge location, sequence number) to a postcard ([`AuditSource`], [`AuditRecord`]):
+/// records an edge could cause, kept per edge location.
+const EDGE_AUDIT: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("edge_audit");
+/// Sequence number to the edge location of an [`EDGE_AUDIT`] record, to read them in order.
+const EDGE_AUDIT_SEQ: TableDefinition<u64, &str> = TableDefinition::new("edge_audit_seq");
+/// The last audit sequence number given out, over both kinds of record.
+const AUDIT_SEQ: &str = "audit_seq";
 /// The newest audit sequence number the master has acknowledged (on an edge).
 const AUDIT_REPORTED: &str = "audit_reported";
 
@@ -48,40 +89,92 @@ impl Store {
         })
     }
 
-    /// Appends to the audit log, which then keeps its newest `keep` records. Returns the
-    /// record's sequence number.
+    /// Appends to the audit log, which then keeps its newest `keep` records of this
+    /// server's own. Returns the record's sequence number.
     pub fn append_audit(&self, record: &AuditRecord, keep: u64) -> Result<u64, StoreError> {
         self.append_audits(std::slice::from_ref(record), keep)
     }
 
-    /// Appends records to the audit log in one transaction, as
+    /// Appends this server's own records to the audit log in one transaction, as
     /// [`append_audit`](Self::append_audit) does one; returns the last sequence number.
     pub fn append_audits(&self, records: &[AuditRecord], keep: u64) -> Result<u64, StoreError> {
         let last = self.write_txn(|txn| {
             let mut audit = txn.open_table(AUDIT)?;
-            let mut seq = audit.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+            let mut meta = txn.open_table(META)?;
+            let mut seq = last_audit_seq(&audit, &meta)?;
             for record in records {
                 seq += 1;
                 let bytes = postcard::to_stdvec(record).unwrap_or_default();
                 audit.insert(seq, bytes.as_slice())?;
             }
-            if audit.len()? > keep {
-                let floor = seq.saturating_sub(keep);
-                audit.retain_in(..=floor, |_, _| false)?;
+            meta.insert(AUDIT_SEQ, seq)?;
+            while audit.len()? > keep {
+                audit.pop_first()?;
             }
             Ok(seq)
         })?;
-        let first = last + 1 - records.len() as u64;
-        for (seq, record) in (first..).zip(records) {
-            // No one listening is fine.
-            let _ = self.audit_appended.send((seq, record.clone()));
-        }
+        self.announce_audits(last, records, AuditSource::Own);
         Ok(last)
     }
 
-    /// Every audit record appended from now on, with its sequence number; a receiver that
-    /// lags reads the missed ones with [`audit_after`](Self::audit_after).
-    pub fn subscribe_audit(&self) -> tokio::sync::broadcast::Receiver<(u64, AuditRecord)> {
+    /// Appends records about edge location `edge` that it could cause (its own reports,
+    /// the master's refusals of its requests) in one transaction. They are kept apart
+    /// from the server's own records, `keep_per_edge` per edge location, so that no edge
+    /// can push anyone else's records out of the log. Returns the last sequence number.
+    pub fn append_edge_audits(
+        &self,
+        edge: &str,
+        records: &[AuditRecord],
+        source: AuditSource,
+        keep_per_edge: u64,
+    ) -> Result<u64, StoreError> {
+        let last = self.write_txn(|txn| {
+            let audit = txn.open_table(AUDIT)?;
+            let mut meta = txn.open_table(META)?;
+            let mut by_edge = txn.open_table(EDGE_AUDIT)?;
+            let mut by_seq = txn.open_table(EDGE_AUDIT_SEQ)?;
+            let mut seq = last_audit_seq(&audit, &meta)?;
+            for record in records {
+                seq += 1;
+                let bytes = postcard::to_stdvec(&(source, record)).unwrap_or_default();
+                by_edge.insert((edge, seq), bytes.as_slice())?;
+                by_seq.insert(seq, edge)?;
+            }
+            meta.insert(AUDIT_SEQ, seq)?;
+            let held = by_edge.range((edge, 0)..=(edge, u64::MAX))?.count() as u64;
+            if held > keep_per_edge {
+                let dropped: Vec<u64> = by_edge
+                    .range((edge, 0)..=(edge, u64::MAX))?
+                    .take((held - keep_per_edge) as usize)
+                    .map(|entry| entry.map(|(key, _)| key.value().1))
+                    .collect::<Result<_, _>>()?;
+                for old in dropped {
+                    by_edge.remove((edge, old))?;
+                    by_seq.remove(old)?;
+                }
+            }
+            Ok(seq)
+        })?;
+        self.announce_audits(last, records, source);
+        Ok(last)
+    }
+
+    /// Tells live views of records just stored, the last of which has sequence `last`.
+    fn announce_audits(&self, last: u64, records: &[AuditRecord], source: AuditSource) {
+        let first = last + 1 - records.len() as u64;
+        for (seq, record) in (first..).zip(records) {
+            // No one listening is fine.
+            let _ = self.audit_appended.send(AuditEntry {
+                seq,
+                source,
+                record: record.clone(),
+            });
+        }
+    }
+
+    /// Every audit record appended from now on; a receiver that lags reads the missed
+    /// ones with [`audit_after`](Self::audit_after).
+    pub fn subscribe_audit(&self) -> tokio::sync::broadcast::Receiver<AuditEntry> {
         self.audit_appended.subscribe()
     }
 
@@ -95,26 +188,61 @@ impl Store {
         }
     }
 
-    /// The audit records after sequence number `after`, oldest first.
-    pub fn audit_after(&self, after: u64) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+    /// The audit records after sequence number `after`, this server's own and those
+    /// about edges, oldest first.
+    pub fn audit_after(&self, after: u64) -> Result<Vec<AuditEntry>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let audit = match txn.open_table(AUDIT) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        let mut entries = Vec::new();
+        match txn.open_table(AUDIT) {
+            Ok(audit) => {
+                for entry in audit.range(after + 1..).map_err(|e| self.db_error(e))? {
+                    let (seq, bytes) = entry.map_err(|e| self.db_error(e))?;
+                    let record = decode_audit(bytes.value()).map_err(|err| {
+                        self.corrupt(format!(
+                            "audit record {} does not decode: {err}",
+                            seq.value()
+                        ))
+                    })?;
+                    entries.push(AuditEntry {
+                        seq: seq.value(),
+                        source: AuditSource::Own,
+                        record,
+                    });
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(err) => return Err(self.db_error(err)),
-        };
-        let mut records = Vec::new();
-        for entry in audit.range(after + 1..).map_err(|e| self.db_error(e))? {
-            let (seq, bytes) = entry.map_err(|e| self.db_error(e))?;
-            let record = decode_audit(bytes.value()).map_err(|err| {
-                self.corrupt(format!(
-                    "audit record {} does not decode: {err}",
-                    seq.value()
-                ))
-            })?;
-            records.push((seq.value(), record));
         }
-        Ok(records)
+        let (by_seq, by_edge) = match (txn.open_table(EDGE_AUDIT_SEQ), txn.open_table(EDGE_AUDIT)) {
+            (Ok(by_seq), Ok(by_edge)) => (by_seq, by_edge),
+            (Err(redb::TableError::TableDoesNotExist(_)), _)
+            | (_, Err(redb::TableError::TableDoesNotExist(_))) => return Ok(entries),
+            (Err(err), _) | (_, Err(err)) => return Err(self.db_error(err)),
+        };
+        let own = entries.len();
+        for entry in by_seq.range(after + 1..).map_err(|e| self.db_error(e))? {
+            let (seq, edge) = entry.map_err(|e| self.db_error(e))?;
+            let (seq, edge) = (seq.value(), edge.value());
+            let bytes = by_edge
+                .get((edge, seq))
+                .map_err(|e| self.db_error(e))?
+                .ok_or_else(|| self.corrupt(format!("audit record {seq} of {edge} is missing")))?;
+            let (source, record): (AuditSource, AuditRecord) = postcard::from_bytes(bytes.value())
+                .map_err(|err| {
+                    self.corrupt(format!(
+                        "audit record {seq} of {edge} does not decode: {err}"
+                    ))
+                })?;
+            entries.push(AuditEntry {
+                seq,
+                source,
+                record,
+            });
+        }
+        if entries.len() > own {
+            entries.sort_by_key(|entry| entry.seq);
+        }
+        Ok(entries)
     }
 
     /// The newest audit sequence number the master has acknowledged.
@@ -205,11 +333,56 @@ mod tests {
             .audit_after(0)
             .unwrap()
             .iter()
-            .map(|(_, r)| r.epoch)
+            .map(|entry| entry.record.epoch)
             .collect();
         assert_eq!(kept, vec![3, 4, 5], "the newest three are kept, in order");
         assert_eq!(store.audit_reported().unwrap(), 4);
         assert_eq!(store.audit_after(4).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_edge_flooding_the_audit_log_pushes_out_only_its_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.redb")).unwrap();
+        store.append_audit(&record(1), 3).unwrap();
+        let other = AuditRecord {
+            edge: "site-2".into(),
+            ..record(2)
+        };
+        store
+            .append_edge_audits("site-2", &[other], AuditSource::Edge, 5)
+            .unwrap();
+        let flood: Vec<AuditRecord> = (10..1010).map(record).collect();
+        store
+            .append_edge_audits("site-1", &flood, AuditSource::Edge, 5)
+            .unwrap();
+        store
+            .append_edge_audits("site-1", &[record(2000)], AuditSource::Refusal, 5)
+            .unwrap();
+        store.append_audit(&record(3000), 3).unwrap();
+        let entries = store.audit_after(0).unwrap();
+        let seen: Vec<(u64, AuditSource, &str)> = entries
+            .iter()
+            .map(|e| (e.record.epoch, e.source, e.record.edge.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, AuditSource::Own, "site-1"),
+                (2, AuditSource::Edge, "site-2"),
+                (1006, AuditSource::Edge, "site-1"),
+                (1007, AuditSource::Edge, "site-1"),
+                (1008, AuditSource::Edge, "site-1"),
+                (1009, AuditSource::Edge, "site-1"),
+                (2000, AuditSource::Refusal, "site-1"),
+                (3000, AuditSource::Own, "site-1"),
+            ],
+            "the master's own record and the other edge's survive, in order"
+        );
+        let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        let after = store.audit_after(seqs[5]).unwrap();
+        assert_eq!(after.len(), 2, "read on from a sequence number");
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 mod code;
 mod control;
 
+pub use control::{AuditEntry, AuditSource};
+
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::model::{KINDS, Model, ModelError, kind_name};
@@ -86,7 +88,7 @@ pub struct Store {
     db: Database,
     path: PathBuf,
     /// Each audit record once it is durable, with its sequence number, for live views.
-    audit_appended: tokio::sync::broadcast::Sender<(u64, crate::control::AuditRecord)>,
+    audit_appended: tokio::sync::broadcast::Sender<AuditEntry>,
 }
 
 impl std::fmt::Debug for Store {

@@ -12,8 +12,7 @@ use std::sync::Arc;
 use axum::Router;
 use serde_json::Value;
 use tether_common::api::{
-    Access, AdminToken, ApiLimits, Health, Live, Overview, health, live_routes, module_routes,
-    protect,
+    Access, ApiLimits, Health, Live, Overview, health, live_routes, module_routes, protect,
 };
 use tether_common::runtime::Runtime;
 use tether_common::store::Store;
@@ -41,12 +40,10 @@ pub struct AppState {
 /// The router: health is open (for load balancers and probes); the rest needs the token.
 pub fn router(
     health_state: Arc<Health>,
-    token: Arc<AdminToken>,
+    access: Access,
     state: AppState,
     limits: ApiLimits,
 ) -> Router {
-    let model = state.model.clone();
-    let access = Access::new(token, move || model.snapshot().0);
     let live = Live::new(state.runtime.clone(), Arc::new(state.clone()));
     let protected = records::routes()
         .merge(control::routes())
@@ -100,6 +97,6 @@ async fn edge_slice(
     Ok(axum::Json(serde_json::json!({
         "model_id": state.model.model_id().to_string(),
         "version": version,
-        "records": model.slice(&id).dump(),
+        "records": model.slice(&id).dump_for_clients(),
     })))
 }
