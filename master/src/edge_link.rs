@@ -2,13 +2,15 @@
 //! control report, audit events, status changes, calls on modules) goes to the part that
 //! handles it, and model changes and driver code are pushed to it until the link closes.
 
+use std::sync::Arc;
 use tether_common::api::checked_api_url;
 use tether_common::control::{ControlState, EdgeReport, MasterEvent};
 use tether_common::link::{Incoming, Link};
 use tether_common::model::sync::ReplicaPosition;
 use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request, Response};
 use tether_common::report::printable;
-use tokio::sync::{mpsc, watch};
+
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::control::Control;
 use crate::link_guard::{AuditRefused, LinkGuard, fetchable, runs_module};
@@ -17,6 +19,11 @@ use crate::server::LinkContext;
 use crate::sync::{answer_sync, push_changes};
 use tether_common::code::fetch::serve_blobs;
 use tether_common::proxy::serve_call;
+
+/// Blob fetches one edge link may have in progress at once: an edge fetches one
+/// repository's files at a time, and each fetch holds a blob in memory while it waits for
+/// the link.
+const BLOB_FETCHES_PER_LINK: usize = 2;
 
 /// Serves one link until it closes. Every request is first checked against the link
 /// policy ([`LinkGuard::admit`]): an edge speaks for its own site only.
@@ -46,6 +53,7 @@ pub async fn serve_edge(
         position_rx,
     ));
     let metrics = runtime.metrics().clone();
+    let blob_fetches = Arc::new(Semaphore::new(BLOB_FETCHES_PER_LINK));
     while let Some(item) = incoming.recv().await {
         let request = match item {
             Incoming::Request(request) => {
@@ -88,9 +96,24 @@ pub async fn serve_edge(
         let answer = match request.body {
             Request::FetchBlobs { hashes } => {
                 let (current, _) = model.snapshot();
+                let Ok(slot) = blob_fetches.clone().try_acquire_owned() else {
+                    let busy = format!(
+                        "too many blob fetches in progress on this link (at most {BLOB_FETCHES_PER_LINK})"
+                    );
+                    metrics.refused(&edge_id, "cap");
+                    request
+                        .responder
+                        .end(Err(RemoteError::new(ErrorCode::Busy, busy)))
+                        .await;
+                    continue;
+                };
                 match fetchable(&current, &runtime.code(), &edge_id, hashes) {
                     Ok(hashes) => {
-                        tokio::spawn(serve_blobs(model.store(), hashes, request.responder));
+                        let store = model.store();
+                        tokio::spawn(async move {
+                            serve_blobs(store, hashes, request.responder).await;
+                            drop(slot);
+                        });
                     }
                     Err(why) => {
                         refuse(&guard, &control, &edge_id, "blob", &why).await;

@@ -8,9 +8,11 @@ pub mod browser;
 pub mod campaign;
 pub mod cluster;
 pub mod demo;
+pub mod flood;
 pub mod inproc;
 pub mod process;
 pub mod proxy;
+pub mod rogue;
 pub mod sim;
 pub mod ws;
 

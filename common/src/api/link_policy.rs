@@ -64,7 +64,7 @@ pub fn link_need(model: &Model, edge: &str, body: &Request) -> LinkNeed {
     }
 }
 
-/// What a request over a link is about, for a refusal's message: `exec of room-201
+/// What a request over a link asks, for a refusal's message: `exec power on room-201
 /// Display 1`.
 pub fn link_target(body: &Request) -> String {
     let module = |at: &ModuleRef| match &at.id {
@@ -75,15 +75,188 @@ pub fn link_target(body: &Request) -> String {
         Request::Execute {
             module: at, method, ..
         } => format!("exec {method} on {}", module(at)),
-        Request::StatusRequest { module: at } | Request::StatusSubscribe { module: at } => {
-            format!("the status of {}", module(at))
+        Request::StatusRequest { module: at } => format!("read the status of {}", module(at)),
+        Request::StatusSubscribe { module: at } => {
+            format!("follow the status of {}", module(at))
         }
-        Request::DebugRead { module: at }
-        | Request::DebugSubscribe { module: at }
-        | Request::DebugUnsubscribe { module: at } => format!("the debug log of {}", module(at)),
+        Request::DebugRead { module: at } | Request::DebugSubscribe { module: at } => {
+            format!("read the debug log of {}", module(at))
+        }
+        Request::DebugUnsubscribe { module: at } => {
+            format!("stop the debug log of {}", module(at))
+        }
         Request::StartSystem { system } => format!("start system {system}"),
         Request::StopSystem { system } => format!("stop system {system}"),
         Request::ExpireSystemCache { system } => format!("expire system {system}"),
         _ => "a request".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ControlOwner, EntityKind, Json};
+
+    /// e1: room r1 with its display d1 and a shared module s1 of no edge; e2: room r2 with
+    /// d2; the master's hall h with its lobby display l.
+    fn model() -> Model {
+        let mut model = Model::default();
+        for (kind, id, json) in [
+            (
+                EntityKind::Repository,
+                "core",
+                r#"{"id":"core","path":"/d"}"#,
+            ),
+            (
+                EntityKind::Driver,
+                "p",
+                r#"{"id":"p","repository":"core","file":"p.rhai"}"#,
+            ),
+            (EntityKind::Edge, "e1", r#"{"id":"e1"}"#),
+            (EntityKind::Edge, "e2", r#"{"id":"e2"}"#),
+            (
+                EntityKind::Module,
+                "d1",
+                r#"{"id":"d1","driver":"p","name":"Display","edge":"e1"}"#,
+            ),
+            (
+                EntityKind::Module,
+                "d2",
+                r#"{"id":"d2","driver":"p","name":"Display","edge":"e2"}"#,
+            ),
+            (
+                EntityKind::Module,
+                "s1",
+                r#"{"id":"s1","driver":"p","name":"Shared"}"#,
+            ),
+            (
+                EntityKind::Module,
+                "l",
+                r#"{"id":"l","driver":"p","name":"Lobby"}"#,
+            ),
+            (
+                EntityKind::System,
+                "r1",
+                r#"{"id":"r1","edge":"e1","modules":["d1","s1"]}"#,
+            ),
+            (
+                EntityKind::System,
+                "r2",
+                r#"{"id":"r2","edge":"e2","modules":["d2"]}"#,
+            ),
+            (
+                EntityKind::System,
+                "h",
+                r#"{"id":"h","modules":["l","s1"]}"#,
+            ),
+        ] {
+            model.set_json(kind, id, Some(json)).unwrap();
+        }
+        model
+    }
+
+    fn exec(at: ModuleRef) -> Request {
+        Request::Execute {
+            module: at,
+            method: "m".into(),
+            args: Json::null(),
+            epoch: 0,
+        }
+    }
+
+    fn by_id(system: &str, id: &str) -> ModuleRef {
+        ModuleRef {
+            id: Some(id.into()),
+            ..ModuleRef::new(system, "Display", 1)
+        }
+    }
+
+    #[test]
+    fn the_link_policy_table() {
+        let model = model();
+        let operator = LinkNeed::User(Need::Role(Role::Operator));
+        let viewer = LinkNeed::User(Need::Role(Role::Viewer));
+        let status = |at| Request::StatusRequest { module: at };
+        let stop = |system: &str| Request::StopSystem {
+            system: system.into(),
+        };
+        let cases = [
+            (
+                "its own room's display",
+                exec(ModuleRef::new("r1", "Display", 1)),
+                LinkNeed::Own,
+            ),
+            (
+                "a shared module its room lists",
+                exec(ModuleRef::new("r1", "Shared", 1)),
+                LinkNeed::Own,
+            ),
+            (
+                "the same, from the master's hall",
+                status(ModuleRef::new("h", "Shared", 1)),
+                LinkNeed::Own,
+            ),
+            (
+                "another site's display",
+                exec(ModuleRef::new("r2", "Display", 1)),
+                operator.clone(),
+            ),
+            (
+                "another site's module by id, named in its own room",
+                exec(by_id("r1", "d2")),
+                operator.clone(),
+            ),
+            (
+                "the master's lobby",
+                status(ModuleRef::new("h", "Lobby", 1)),
+                viewer.clone(),
+            ),
+            (
+                "a module that does not exist",
+                status(ModuleRef::new("r1", "Nothing", 1)),
+                viewer,
+            ),
+            ("stop its own room", stop("r1"), LinkNeed::Own),
+            (
+                "stop another site's room",
+                stop("r2"),
+                LinkNeed::User(Need::SystemAdmin("r2".into())),
+            ),
+            (
+                "stop the master's hall",
+                stop("h"),
+                LinkNeed::User(Need::SystemAdmin("h".into())),
+            ),
+            (
+                "sync",
+                Request::SyncRequest {
+                    model_id: 0,
+                    since_version: 0,
+                },
+                LinkNeed::Own,
+            ),
+            (
+                "blobs",
+                Request::FetchBlobs { hashes: Vec::new() },
+                LinkNeed::Own,
+            ),
+            (
+                "a control decision",
+                Request::ControlDecision {
+                    owner: ControlOwner::Master,
+                    epoch: 1,
+                    reason: String::new(),
+                },
+                LinkNeed::Never("a control decision"),
+            ),
+        ];
+        for (what, request, want) in cases {
+            assert_eq!(link_need(&model, "e1", &request), want, "{what}");
+        }
+        assert_eq!(
+            link_target(&exec(ModuleRef::new("r2", "Display", 1))),
+            "exec m on r2 Display 1"
+        );
+        assert_eq!(link_target(&exec(by_id("r1", "d2"))), "exec m on module d2");
     }
 }

@@ -20,8 +20,6 @@ const STREAM_START: Duration = Duration::from_secs(30);
 const STREAM_IDLE: Duration = Duration::from_secs(30);
 /// Blobs held in memory before they are stored.
 const BATCH_BYTES: usize = 4 << 20;
-/// Blobs the master reads from its store at once.
-const READ_BATCH: usize = 16;
 
 /// What a fetch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -137,13 +135,17 @@ async fn store_batch(store: &Arc<Store>, batch: Vec<(Hash, Vec<u8>)>) -> Result<
 }
 
 /// Answers a [`Request::FetchBlobs`]: each blob held, as a stream. A hash this store does
-/// not hold is skipped (the asker sees it still missing).
+/// not hold is skipped (the asker sees it still missing). One blob is read at a time and
+/// sent before the next is read, so a fetch holds at most one blob in memory however
+/// slowly the asker reads (the link's queue is bounded in bytes).
 pub async fn serve_blobs(store: Arc<Store>, hashes: Vec<Hash>, responder: Responder) {
-    for chunk in hashes.chunks(READ_BATCH) {
+    for hash in hashes {
+        if responder.is_cancelled() {
+            return;
+        }
         let s = store.clone();
-        let wanted = chunk.to_vec();
-        let found = match blocking(move || s.blobs(&wanted)).await {
-            Ok(found) => found,
+        let found = match blocking(move || s.blobs(&[hash])).await {
+            Ok(mut found) => found.remove(&hash),
             Err(err) => {
                 responder
                     .end(Err(RemoteError::new(ErrorCode::Internal, err)))
@@ -151,15 +153,10 @@ pub async fn serve_blobs(store: Arc<Store>, hashes: Vec<Hash>, responder: Respon
                 return;
             }
         };
-        for hash in chunk {
-            if let Some(data) = found.get(hash) {
-                let item = StreamItem::Blob {
-                    hash: *hash,
-                    data: data.clone(),
-                };
-                if responder.item(item).await.is_err() {
-                    return;
-                }
+        if let Some(data) = found {
+            let item = StreamItem::Blob { hash, data };
+            if responder.item(item).await.is_err() {
+                return;
             }
         }
     }

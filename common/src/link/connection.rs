@@ -209,6 +209,11 @@ impl Responder {
         }
     }
 
+    /// Whether the peer no longer wants the answer (see [`cancelled`](Self::cancelled)).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.is_cancelled() || self.link.is_closed()
+    }
+
     /// Sends the single answer.
     pub async fn respond(self, result: Result<Response, RemoteError>) {
         self.answered.store(true, Ordering::Relaxed);
