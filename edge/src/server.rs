@@ -19,7 +19,6 @@ use tether_common::link::{
 use tether_common::pki;
 use tether_common::runtime::{Runtime, ScriptLimits};
 use tether_config::EdgeConfig;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -92,9 +91,8 @@ async fn serve(
     replica: Arc<Replica>,
     stop: StopOn,
 ) -> anyhow::Result<()> {
-    let api_listener = TcpListener::bind(config.api_listen)
-        .await
-        .with_context(|| {
+    let api_listener =
+        tether_common::admission::bind_listener(config.api_listen).with_context(|| {
             format!(
                 "cannot listen for the API on {} (api_listen)",
                 config.api_listen

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use tether_common::admission::AdmissionLimits;
+use tether_common::admission::{AdmissionLimits, bind_listener};
 use tether_common::api::{Access, AdminToken, ApiLimits, Health, serve_https};
 use tether_common::link::{
     AuthenticatedEdge, ConnectionGauges, LinkConfig, ListenerConfig, RttObserver, run_listener, tls,
@@ -15,7 +15,6 @@ use tether_common::link::{
 use tether_common::pki;
 use tether_common::runtime::{Runtime, ScriptLimits};
 use tether_config::{MasterConfig, SiteFile};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -67,21 +66,6 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     })
 }
 
-/// Connections waiting to be accepted on the link port: after a master restart every
-/// edge comes back within a few seconds; the kernel caps this at `net.core.somaxconn`.
-const LINK_BACKLOG: u32 = 4096;
-
-/// The edge-link listener, with room in its accept queue for a reconnect storm.
-fn bind_link_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LINK_BACKLOG)
-}
-
 /// Each heartbeat's round trip into the metrics, under the edge's id (the link's peer).
 fn rtt_metrics(runtime: &Runtime) -> RttObserver {
     let metrics = runtime.metrics().clone();
@@ -126,20 +110,18 @@ async fn serve(
     (link_tls, api_tls): (Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>),
     stop: StopOn,
 ) -> anyhow::Result<()> {
-    let link_listener = bind_link_listener(config.link_listen).with_context(|| {
+    let link_listener = bind_listener(config.link_listen).with_context(|| {
         format!(
             "cannot listen for edge links on {} (link_listen)",
             config.link_listen
         )
     })?;
-    let api_listener = TcpListener::bind(config.api_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for the API on {} (api_listen)",
-                config.api_listen
-            )
-        })?;
+    let api_listener = bind_listener(config.api_listen).with_context(|| {
+        format!(
+            "cannot listen for the API on {} (api_listen)",
+            config.api_listen
+        )
+    })?;
 
     let shutdown = CancellationToken::new();
     let base_dir = config_path

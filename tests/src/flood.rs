@@ -2,6 +2,11 @@
 //! send them: each worker connects from its own loopback address (a botnet comes from many
 //! addresses, so per-address caps alone do not stop it), holds the connection saying
 //! nothing, and connects again as soon as the server drops it, until the flood is dropped.
+//!
+//! Floods run on a thread of their own (one tokio runtime for all floods of a process), as
+//! an attacker's machine would: the test's own clients must not wait behind the attacker's
+//! work in the test's runtime, only for the server; and on a small machine the attacker
+//! takes one core, not all of them.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -39,6 +44,19 @@ impl Drop for Flood {
     }
 }
 
+/// The one thread every flood of this process runs on.
+fn flood_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("flood")
+            .enable_all()
+            .build()
+            .expect("the floods' runtime")
+    })
+}
+
 /// The `i`-th flood address: 127.1.0.1 and on (all of 127.0.0.0/8 is loopback on Linux).
 fn source(i: usize) -> IpAddr {
     let i = i as u32;
@@ -57,8 +75,9 @@ async fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<Tcp
 }
 
 impl Flood {
-    /// Starts `connections` workers against `target`.
+    /// Starts `connections` workers against `target`, on the floods' thread.
     pub fn start(target: SocketAddr, connections: usize, kind: FloodKind) -> Flood {
+        let runtime = flood_runtime();
         let flood = Flood {
             stop: CancellationToken::new(),
             opened: Arc::default(),
@@ -73,7 +92,7 @@ impl Flood {
                 flood.tls_done.clone(),
             );
             let kind = kind.clone();
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 let from = source(i);
                 while !stop.is_cancelled() {
                     let held = async {

@@ -1,6 +1,6 @@
 //! What a peer may make a server hold before (or without) authenticating, and what a
 //! client may send or leave unread, against the real binaries: the caps on the master's
-//! link connections and handshakes in progress, the API's body and WebSocket message
+//! link connections and handshakes in progress (floods of them: `floods.rs`), the API's body and WebSocket message
 //! limits, and the deadlines that cut off slow clients. Each test fails without its limit
 //! (the handshake deadline itself is tested in `auth.rs`).
 
@@ -50,7 +50,7 @@ async fn start(edges: usize, master_extra: &str) -> Cluster {
 }
 
 #[tokio::test]
-async fn handshakes_in_progress_are_capped_and_each_expires() {
+async fn handshakes_in_progress_are_capped_and_the_quietest_make_room() {
     let cluster = start(1, "[limits]\nmax_pending_handshakes = 3\n").await;
     cluster
         .wait_edge_online("site-1", true, Duration::from_secs(10))
@@ -58,26 +58,31 @@ async fn handshakes_in_progress_are_capped_and_each_expires() {
     let master = cluster.master_api();
     assert_eq!(connections(&master, "link").await, 1);
 
-    // Twelve peers connect and say nothing: three are in their handshake, the others
-    // wait in the kernel's queue, costing the master nothing.
+    // Twelve peers connect and say nothing: the table holds three; each newer one made
+    // the master drop an older one at once, without ever pausing its accept loop.
     let mut silent = Vec::new();
     for _ in 0..12 {
         silent.push(TcpStream::connect(cluster.link_addr).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pending = connections(&master, "handshake").await;
-    assert_eq!(pending, 3, "handshakes in progress at a cap of 3");
-
-    // Each is dropped at its 1.5 s deadline, three at a time: all gone in four rounds.
-    let started = Instant::now();
-    for (i, peer) in silent.iter_mut().enumerate() {
+    assert!(pending <= 3, "{pending} handshakes in progress at a cap of 3");
+    for (i, peer) in silent.iter_mut().take(9).enumerate() {
         assert!(
-            closed_within(peer, Duration::from_secs(10)).await,
+            closed_within(peer, Duration::from_millis(500)).await,
+            "silent peer {i} was not dropped for a newer one"
+        );
+    }
+    // The last three go at their deadline (the handshake's 1.5 s).
+    let started = Instant::now();
+    for (i, peer) in silent.iter_mut().enumerate().skip(9) {
+        assert!(
+            closed_within(peer, Duration::from_secs(5)).await,
             "silent peer {i} was never dropped"
         );
     }
     eprintln!(
-        "12 silent peers dropped within {} ms",
+        "the last silent peers dropped within {} ms",
         started.elapsed().as_millis()
     );
     wait_for("no handshakes left", Duration::from_secs(2), || async {

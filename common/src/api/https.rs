@@ -34,7 +34,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
-use crate::admission::{Admission, AdmissionLimits, first_bytes};
+use crate::admission::{Activity, Admission, AdmissionLimits, Watched, first_bytes};
 
 /// The largest request head (request line and headers) an HTTP/1.1 client may send; HTTP/2
 /// header lists are held to the same.
@@ -150,9 +150,11 @@ pub async fn serve_https(
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let mut pace = crate::admission::AcceptPace::default();
     let admission = Admission::new(limits.pending);
     let authenticated = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        pace.accepted().await;
         let (tcp, addr) = tokio::select! {
             result = listener.accept() => match result {
                 Ok(conn) => conn,
@@ -164,14 +166,20 @@ pub async fn serve_https(
             },
             _ = shutdown.cancelled() => return,
         };
-        let pending = admission.admit(addr.ip());
+        let pending = match admission.admit_tcp(&tcp, addr.ip()) {
+            Ok(admitted) => admitted,
+            Err(err) => {
+                tracing::debug!(%addr, "connection dropped at once: {err}");
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let router = router.clone();
         let shutdown = shutdown.clone();
         let authenticated = authenticated.clone();
         tokio::spawn(async move {
             let tls = tokio::select! {
-                tls = handshake(tcp, &acceptor, limits) => tls,
+                tls = handshake(tcp, &acceptor, limits, pending.activity()) => tls,
                 _ = pending.dropped() => Err("dropped for a newer connection (pending table full)".into()),
             };
             let tls = match tls {
@@ -207,19 +215,22 @@ pub async fn serve_https(
     }
 }
 
-type ClientStream =
-    tokio_rustls::server::TlsStream<std::pin::Pin<Box<TimeoutStream<tokio::net::TcpStream>>>>;
+type ClientStream = tokio_rustls::server::TlsStream<
+    std::pin::Pin<Box<TimeoutStream<Watched<tokio::net::TcpStream>>>>,
+>;
 
 /// The first bytes and the TLS handshake, each within its deadline.
 async fn handshake(
     tcp: tokio::net::TcpStream,
     acceptor: &TlsAcceptor,
     limits: ApiLimits,
+    activity: Activity,
 ) -> Result<ClientStream, String> {
     first_bytes(&tcp, limits.first_byte_timeout).await?;
+    activity.touch();
     // A client that stops reading blocks the server's writes: after the deadline the
     // write fails and the connection ends.
-    let mut tcp = TimeoutStream::new(tcp);
+    let mut tcp = TimeoutStream::new(Watched::new(tcp, activity));
     tcp.set_write_timeout(Some(limits.client_timeout));
     // Pinned, so that it is `Unpin` for rustls.
     match tokio::time::timeout(limits.client_timeout, acceptor.accept(Box::pin(tcp))).await {

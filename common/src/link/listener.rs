@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::handshake::{master_handshake, server_exporter};
 use super::{Incoming, Link, LinkConfig, Secret};
-use crate::admission::{Admission, AdmissionLimits};
+use crate::admission::{Activity, Admission, AdmissionLimits, Watched};
 
 /// Where the listener learns which edges exist and their secrets.
 pub trait EdgeSecrets: Send + Sync + 'static {
@@ -98,9 +98,11 @@ pub async fn run_listener(
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let mut pace = crate::admission::AcceptPace::default();
     let admission = Admission::new(config.pending);
     let links = Arc::new(Semaphore::new(config.max_links));
     loop {
+        pace.accepted().await;
         let (tcp, addr) = tokio::select! {
             result = listener.accept() => match result {
                 Ok(conn) => conn,
@@ -113,7 +115,13 @@ pub async fn run_listener(
             },
             _ = shutdown.cancelled() => return,
         };
-        let mut pending = admission.admit(addr.ip());
+        let mut pending = match admission.admit_tcp(&tcp, addr.ip()) {
+            Ok(admitted) => admitted,
+            Err(err) => {
+                tracing::debug!(%addr, "connection dropped at once: {err}");
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let secrets = secrets.clone();
         let config = config.clone();
@@ -125,7 +133,7 @@ pub async fn run_listener(
             let outcome = tokio::select! {
                 outcome = tokio::time::timeout(
                     config.handshake_timeout,
-                    authenticate(tcp, &acceptor, secrets.as_ref(), config.first_byte_timeout),
+                    authenticate(tcp, &acceptor, secrets.as_ref(), config.first_byte_timeout, pending.activity()),
                 ) => outcome,
                 _ = pending.dropped() => Ok(Err(
                     "dropped while handshaking: the table of pending connections was full (the oldest go first)".to_string(),
@@ -179,7 +187,7 @@ pub async fn run_listener(
 
 type Authenticated = (
     String,
-    tokio_rustls::server::TlsStream<TcpStream>,
+    tokio_rustls::server::TlsStream<Watched<TcpStream>>,
     bytes::BytesMut,
 );
 
@@ -188,11 +196,13 @@ async fn authenticate(
     acceptor: &TlsAcceptor,
     secrets: &dyn EdgeSecrets,
     first_byte_timeout: Duration,
+    activity: Activity,
 ) -> Result<Authenticated, String> {
     let _ = tcp.set_nodelay(true);
     crate::admission::first_bytes(&tcp, first_byte_timeout).await?;
+    activity.touch();
     let tls = acceptor
-        .accept(tcp)
+        .accept(Watched::new(tcp, activity))
         .await
         .map_err(|err| format!("TLS handshake failed: {err}"))?;
     let exporter = server_exporter(&tls).map_err(|err| err.to_string())?;
