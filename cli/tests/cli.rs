@@ -16,7 +16,7 @@ fn remember(text) { log("remembering " + text); status("note", text); text }
 const SITE: &str = r#"
 [[repositories]]
 id = "extra"
-path = "extra-drivers"
+path = "repos/extra-drivers"
 
 [[drivers]]
 id = "note"
@@ -75,7 +75,7 @@ fn text(bytes: &[u8]) -> String {
 async fn the_command_line_client_covers_the_api() {
     let mut spec = ClusterSpec::edges(1);
     spec.site_extra = SITE.into();
-    spec.files = vec![("extra-drivers/note.rhai".into(), NOTE.into())];
+    spec.files = vec![("repos/extra-drivers/note.rhai".into(), NOTE.into())];
     let cluster = Cluster::start(spec).await;
     cluster.wait_edge_api_up(0).await;
     let master = cluster.master_api();
@@ -172,7 +172,7 @@ async fn the_command_line_client_covers_the_api() {
     let (_, repository) = cluster.master_api().get("/api/v1/repositories/extra").await;
     let first = repository["commit"].as_str().unwrap().to_string();
     std::fs::write(
-        cluster.path("extra-drivers/note.rhai"),
+        cluster.path("repos/extra-drivers/note.rhai"),
         format!("{NOTE}\nfn added() {{ 1 }}\n"),
     )
     .unwrap();

@@ -304,3 +304,22 @@ async fn a_new_script_reloads_in_place_and_a_failing_one_is_refused() {
     }
     runtime.stop_all().await;
 }
+
+#[tokio::test]
+async fn a_module_whose_code_has_not_arrived_says_it_waits() {
+    // The model names the module and its driver; the driver's repository has no code here
+    // yet (an edge still fetching it).
+    let runtime = Runtime::new("edge:site-1", ScriptLimits::default());
+    runtime.reconcile(model(9, "{}", 1), |_| true).await;
+    match runtime.exec("s", "Dev", 1, "hello", vec![]).await {
+        Err(ExecError::Waiting(message)) => {
+            assert!(message.contains("waits for its driver code"), "{message}")
+        }
+        other => panic!("expected a wait, got {other:?}"),
+    }
+    // Once the code is there, the module runs.
+    set_script(&runtime, "fn hello() { true }");
+    runtime.reconcile(model(9, "{}", 1), |_| true).await;
+    assert!(runtime.exec("s", "Dev", 1, "hello", vec![]).await.is_ok());
+    runtime.stop_all().await;
+}

@@ -37,6 +37,8 @@ pub struct Limits {
     /// Master only: edge-link handshakes in progress at once (each bounded by
     /// `handshake_timeout_ms`); when full, the oldest is dropped for a new one.
     pub max_pending_handshakes: u64,
+    /// Master only: the most bytes one driver repository's files may hold.
+    pub repository_bytes: u64,
 }
 
 /// The defaults, sized for a master with ten thousand edges and a few thousand clients.
@@ -57,6 +59,8 @@ pub mod limit_defaults {
     pub const MAX_LINKS: u64 = 16_384;
     /// Edge-link handshakes at once.
     pub const MAX_PENDING_HANDSHAKES: u64 = 256;
+    /// A driver repository's files (scripts are a few KiB each).
+    pub const REPOSITORY_BYTES: u64 = 64 << 20;
 }
 
 impl Default for Limits {
@@ -70,6 +74,7 @@ impl Default for Limits {
             pending_per_address: limit_defaults::PENDING_PER_ADDRESS,
             max_links: limit_defaults::MAX_LINKS,
             max_pending_handshakes: limit_defaults::MAX_PENDING_HANDSHAKES,
+            repository_bytes: limit_defaults::REPOSITORY_BYTES,
         }
     }
 }
@@ -108,6 +113,12 @@ impl Limits {
             1..=1_000_000,
         )?;
         check_range(file, "limits.max_links", self.max_links, 1..=1_000_000)?;
+        check_range(
+            file,
+            "limits.repository_bytes",
+            self.repository_bytes,
+            1024..=1 << 34,
+        )?;
         check_range(
             file,
             "limits.max_pending_handshakes",

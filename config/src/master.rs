@@ -29,6 +29,11 @@ pub struct MasterConfig {
     pub link_listen: SocketAddr,
     /// The site file a new data folder is seeded from; it also names the edges and their secrets.
     pub seed: Option<PathBuf>,
+    /// The folder every driver repository must be inside (a repository's path is
+    /// relative to it, or absolute within it). It must not hold the certificates, keys,
+    /// secrets or data folder: repositories are read into the code edges fetch.
+    #[serde(default = "default_repositories_root")]
+    pub repositories_root: PathBuf,
     /// How long to wait for edges at boot.
     #[serde(default = "default_boot_wait_ms")]
     pub boot_wait_ms: u64,
@@ -71,6 +76,9 @@ pub struct MasterTls {
     pub create_dev_certs: bool,
 }
 
+fn default_repositories_root() -> PathBuf {
+    PathBuf::from("repositories")
+}
 fn default_master_id() -> String {
     "master".to_string()
 }
@@ -100,6 +108,7 @@ impl MasterConfig {
         let base = base_dir(path);
         config.data_dir = resolve(&base, &config.data_dir);
         config.seed = config.seed.map(|seed| resolve(&base, &seed));
+        config.repositories_root = resolve(&base, &config.repositories_root);
         config.tls.cert = resolve(&base, &config.tls.cert);
         config.tls.key = resolve(&base, &config.tls.key);
         config.tls.ca = resolve(&base, &config.tls.ca);

@@ -396,7 +396,11 @@ async fn stream_status(link: Link, runtime: Runtime, view: Arc<RwLock<ControlVie
             };
             match change {
                 Ok(change) => {
-                    if send_status(&link, &change.module_id, change.key, &change.value, epoch())
+                    // Gone (stopped since) is fine: its next status comes from its next run.
+                    let Some(value) = runtime.status_value(&change.module_id, &change.key) else {
+                        continue;
+                    };
+                    if send_status(&link, &change.module_id, change.key, &value, epoch())
                         .await
                         .is_err()
                     {

@@ -10,7 +10,8 @@ use tether_config::{MasterConfig, SiteFile};
 pub fn run(config_path: &Path, file: &Path) -> anyhow::Result<String> {
     let config = MasterConfig::load(config_path)?;
     let site = SiteFile::load(file)?;
-    let writes = crate::seed::site_writes(&site)?;
+    let root = crate::server::repositories_root(&config, Some(&site))?;
+    let writes = crate::seed::site_writes(&site, &root)?;
     tether_common::store::create_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let model = crate::server::open_model(&config)?;

@@ -12,6 +12,8 @@ use tether_common::protocol::EntityKind;
 use tether_common::store::Write;
 use tether_config::SiteFile;
 
+use crate::repos::RepositoriesRoot;
+
 fn settings(table: &toml::Table) -> anyhow::Result<Settings> {
     match serde_json::to_value(table)? {
         serde_json::Value::Object(map) => Ok(map),
@@ -72,14 +74,18 @@ pub fn keep_commits(model: &Model, writes: Vec<Write>) -> Vec<Write> {
         .collect()
 }
 
-/// Every record of a site file, as writes (what it references first).
-pub fn site_writes(site: &SiteFile) -> anyhow::Result<Vec<Write>> {
+/// Every record of a site file, as writes (what it references first). Each repository
+/// must be inside `root`.
+pub fn site_writes(site: &SiteFile, root: &RepositoriesRoot) -> anyhow::Result<Vec<Write>> {
     let mut writes = Vec::new();
     for repository in &site.repositories {
+        let path = absolute(&repository.path);
+        root.folder(&path)
+            .map_err(|err| anyhow::anyhow!("repository {}: {err}", repository.id))?;
         let record = RepositoryRecord {
             id: repository.id.clone(),
             name: repository.name.clone(),
-            path: absolute(&repository.path),
+            path,
             commit: None,
         };
         writes.push(write(EntityKind::Repository, &record.id, &record)?);

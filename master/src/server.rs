@@ -22,6 +22,7 @@ use crate::control::Control;
 use crate::edges::EdgeRegistry;
 use crate::model::ModelService;
 use crate::proxy::MasterLinks;
+use crate::repos::RepositoriesRoot;
 use tether_common::control::MasterEvent;
 use tether_common::proxy::LinkRemote;
 use tether_common::shutdown::StopOn;
@@ -54,16 +55,54 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     // Everything is checked; only now write to the data folder.
     tether_common::store::create_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let root = repositories_root(&config, seed.as_ref())?;
     let model = Arc::new(open_model(&config)?);
     let token = Arc::new(AdminToken::load_or_create(&config.data_dir)?);
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         if let Some(site) = &seed {
-            seed_new_model(&model, site).await?;
+            seed_new_model(&model, site, &root).await.with_context(|| {
+                format!(
+                    "seed {}",
+                    config.seed.as_deref().unwrap_or(Path::new("")).display()
+                )
+            })?;
         }
-        serve(config_path, config, model, token, (link_tls, api_tls), stop).await
+        serve(
+            config_path,
+            config,
+            model,
+            token,
+            (link_tls, api_tls),
+            root,
+            stop,
+        )
+        .await
     })
+}
+
+/// The repositories root of `config`, checked to hold none of the master's secrets: its
+/// certificate, key and CA, the edges' secret files the site file names, its data folder.
+pub fn repositories_root(
+    config: &MasterConfig,
+    site: Option<&SiteFile>,
+) -> anyhow::Result<RepositoriesRoot> {
+    let mut private: Vec<(&str, &Path)> = vec![
+        ("certificate", &config.tls.cert),
+        ("key", &config.tls.key),
+        ("CA", &config.tls.ca),
+        ("data folder", &config.data_dir),
+    ];
+    for edge in site.iter().flat_map(|site| &site.edges) {
+        private.push(("edge secret", &edge.secret_file));
+    }
+    RepositoriesRoot::open(
+        &config.repositories_root,
+        &private,
+        config.limits.repository_bytes,
+    )
+    .map_err(|err| anyhow::anyhow!(err))
 }
 
 /// Each heartbeat's round trip into the metrics, under the edge's id (the link's peer).
@@ -85,12 +124,16 @@ pub fn open_model(config: &MasterConfig) -> anyhow::Result<ModelService> {
 }
 
 /// A model that has never been written is seeded from the site file.
-async fn seed_new_model(model: &ModelService, site: &SiteFile) -> anyhow::Result<()> {
+async fn seed_new_model(
+    model: &ModelService,
+    site: &SiteFile,
+    root: &RepositoriesRoot,
+) -> anyhow::Result<()> {
     let (_, version) = model.snapshot();
     if version > 0 {
         return Ok(());
     }
-    let writes = crate::seed::site_writes(site)?;
+    let writes = crate::seed::site_writes(site, root)?;
     let changes = model
         .write(|_| Ok(writes))
         .await
@@ -108,6 +151,7 @@ async fn serve(
     model: Arc<ModelService>,
     token: Arc<AdminToken>,
     (link_tls, api_tls): (Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>),
+    root: RepositoriesRoot,
     stop: StopOn,
 ) -> anyhow::Result<()> {
     let link_listener = bind_listener(config.link_listen).with_context(|| {
@@ -139,8 +183,7 @@ async fn serve(
         model: model.clone(),
     }))));
     // The code before the model: the first reconcile already has the drivers' scripts.
-    let repos =
-        crate::repos::Repositories::open(model.clone(), runtime.clone(), base_dir.clone()).await?;
+    let repos = crate::repos::Repositories::open(model.clone(), runtime.clone(), root).await?;
     follow_model(&model, &registry, &control);
     tokio::spawn(follow_model_changes(
         model.clone(),
@@ -215,7 +258,6 @@ async fn serve(
         runtime: runtime.clone(),
         control: control.clone(),
         repos,
-        base_dir,
     };
     let api_limits = ApiLimits::from_config(&config.limits);
     let router = crate::api::router(health.clone(), access, state, api_limits);

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use crate::api::ApiClient;
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::sim::Sim;
-use crate::{drivers_dir, wait_for};
+use crate::wait_for;
 
 /// The edges' failover timeout in the campaign.
 pub const TIMEOUT_MS: u64 = 2000;
@@ -242,7 +242,7 @@ async fn start_cluster(sims: &[Sim; 2]) -> Cluster {
         "[[repositories]]\nid = \"core\"\npath = \"{}\"\n\n\
          [[drivers]]\nid = \"projector\"\nrepository = \"core\"\nfile = \"projector.rhai\"\n\
          delimiter = \"\\r\"\ndefault_settings = {{ poll_ms = 500 }}\n\n",
-        drivers_dir().display()
+        crate::CORE
     );
     for (i, sim) in sims.iter().enumerate() {
         let n = i + 1;

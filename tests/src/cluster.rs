@@ -32,8 +32,12 @@ pub struct ClusterSpec {
     /// Lines added to master.toml before its `[tls]` table.
     pub master_extra: String,
     /// Files written into the cluster's folder before anything starts (path, content),
-    /// such as a repository of test drivers.
+    /// such as a repository of test drivers (inside `repos/`, the repositories root).
     pub files: Vec<(String, String)>,
+    /// The master's `repositories_root`, relative to the cluster's folder or absolute;
+    /// `repos` by default, which holds a copy of the workspace's drivers at `repos/core`
+    /// ([`crate::CORE`]).
+    pub repositories_root: String,
 }
 
 impl ClusterSpec {
@@ -49,6 +53,7 @@ impl ClusterSpec {
             site_extra: String::new(),
             master_extra: String::new(),
             files: Vec::new(),
+            repositories_root: "repos".into(),
         }
     }
 }
@@ -82,6 +87,7 @@ impl Cluster {
         let root = dir.path();
         let certs = root.join("certs");
         run_certs(&certs, &spec.edges);
+        copy_core_drivers(&root.join(crate::CORE));
         for (path, content) in &spec.files {
             let path = root.join(path);
             if let Some(parent) = path.parent() {
@@ -105,9 +111,13 @@ impl Cluster {
             root.join("master.toml"),
             format!(
                 "data_dir = \"data/master\"\napi_listen = \"{api_addr}\"\nlink_listen = \"{link_addr}\"\n\
-                 seed = \"site.toml\"\nheartbeat_ms = {}\nhandshake_timeout_ms = {}\nboot_wait_ms = {}\n{}\n\
+                 seed = \"site.toml\"\nrepositories_root = \"{}\"\nheartbeat_ms = {}\nhandshake_timeout_ms = {}\nboot_wait_ms = {}\n{}\n\
                  [tls]\ncert = \"certs/master.pem\"\nkey = \"certs/master.key\"\nca = \"certs/ca.pem\"\n",
-                spec.heartbeat_ms, spec.handshake_timeout_ms, spec.boot_wait_ms, spec.master_extra
+                spec.repositories_root,
+                spec.heartbeat_ms,
+                spec.handshake_timeout_ms,
+                spec.boot_wait_ms,
+                spec.master_extra
             ),
         )
         .unwrap();
@@ -291,6 +301,18 @@ fn site_toml(edges: &[String], settings: &str) -> String {
             )
         })
         .collect()
+}
+
+/// Copies the workspace's example drivers to `to` (the repositories root holds the
+/// repositories: the workspace's own folder is outside it).
+fn copy_core_drivers(to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(crate::drivers_dir()).expect("the workspace's drivers") {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
 }
 
 /// Runs `tether-master certs` (the real command) into `dir`.

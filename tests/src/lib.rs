@@ -18,7 +18,11 @@ pub mod ws;
 
 use std::time::{Duration, Instant};
 
-/// The workspace's example drivers (`drivers/`), for site files in tests.
+/// A cluster's copy of the workspace's example drivers, as a site file names it (the
+/// repository `path`, relative to the cluster's folder, inside its repositories root).
+pub const CORE: &str = "repos/core";
+
+/// The workspace's example drivers (`drivers/`), to read (site files name [`CORE`]).
 pub fn drivers_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

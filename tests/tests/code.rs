@@ -97,6 +97,8 @@ async fn start(repository: &Path, devices: &Devices, proxied: bool) -> Cluster {
     spec.proxied = proxied;
     spec.edge_settings = "failover = false\n".into();
     spec.site_extra = site(repository, devices.display.port(), devices.other.port());
+    // The repository is its own root: a folder outside the cluster's.
+    spec.repositories_root = repository.display().to_string();
     Cluster::start(spec).await
 }
 

@@ -8,14 +8,14 @@ use serde_json::{Value, json};
 use tether_tests::api::ApiClient;
 use tether_tests::cluster::{Cluster, ClusterSpec};
 use tether_tests::sim::Sim;
-use tether_tests::{drivers_dir, wait_for};
+use tether_tests::{CORE, wait_for};
 
 const SYNTAX_ERROR: &str = "fn ok() { true }\nfn broken( { 1 }\n";
 const THROWS: &str = "fn ok() { true }\nfn boom() { throw \"boom: the device said no\"; }\n";
 const ENDLESS: &str = "fn ok() { true }\nfn spin() { let n = 0; loop { n += 1; } }\n";
 
 fn site(projector: u16, meter: u16) -> String {
-    let core = drivers_dir().display().to_string();
+    let core = CORE;
     format!(
         r#"
 [[repositories]]
@@ -24,7 +24,7 @@ path = "{core}"
 
 [[repositories]]
 id = "bad"
-path = "bad-drivers"
+path = "repos/bad-drivers"
 
 [[drivers]]
 id = "projector"
@@ -119,9 +119,9 @@ async fn start(projector: &Sim, meter: &Sim) -> Cluster {
     let mut spec = ClusterSpec::edges(1);
     spec.site_extra = site(projector.port(), meter.port());
     spec.files = vec![
-        ("bad-drivers/syntax.rhai".into(), SYNTAX_ERROR.into()),
-        ("bad-drivers/throws.rhai".into(), THROWS.into()),
-        ("bad-drivers/endless.rhai".into(), ENDLESS.into()),
+        ("repos/bad-drivers/syntax.rhai".into(), SYNTAX_ERROR.into()),
+        ("repos/bad-drivers/throws.rhai".into(), THROWS.into()),
+        ("repos/bad-drivers/endless.rhai".into(), ENDLESS.into()),
     ];
     let cluster = Cluster::start(spec).await;
     cluster.wait_edge_api_up(0).await;
@@ -384,9 +384,9 @@ async fn the_master_runs_the_modules_of_no_edge_and_names_the_runner() {
         lobby.port()
     );
     spec.files = vec![
-        ("bad-drivers/syntax.rhai".into(), SYNTAX_ERROR.into()),
-        ("bad-drivers/throws.rhai".into(), THROWS.into()),
-        ("bad-drivers/endless.rhai".into(), ENDLESS.into()),
+        ("repos/bad-drivers/syntax.rhai".into(), SYNTAX_ERROR.into()),
+        ("repos/bad-drivers/throws.rhai".into(), THROWS.into()),
+        ("repos/bad-drivers/endless.rhai".into(), ENDLESS.into()),
     ];
     let cluster = Cluster::start(spec).await;
     let master = cluster.master_api();

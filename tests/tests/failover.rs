@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tether_tests::api::ApiClient;
 use tether_tests::cluster::{Cluster, ClusterSpec};
 use tether_tests::sim::Sim;
-use tether_tests::{drivers_dir, wait_for};
+use tether_tests::{CORE, wait_for};
 
 /// The edge's failover timeout in these tests.
 const TIMEOUT_MS: u64 = 2000;
@@ -24,7 +24,7 @@ fn remember(text) { status("note", text); text }
 "#;
 
 fn site(projector: u16) -> String {
-    let core = drivers_dir().display().to_string();
+    let core = CORE;
     format!(
         r#"
 [[repositories]]
@@ -33,7 +33,7 @@ path = "{core}"
 
 [[repositories]]
 id = "extra"
-path = "extra-drivers"
+path = "repos/extra-drivers"
 
 [[drivers]]
 id = "projector"
@@ -86,7 +86,7 @@ async fn start_with(
     spec.proxied = proxied;
     spec.edge_settings = edge_settings.to_string();
     spec.site_extra = site(projector.port());
-    spec.files = vec![("extra-drivers/note.rhai".into(), NOTE.into())];
+    spec.files = vec![("repos/extra-drivers/note.rhai".into(), NOTE.into())];
     let cluster = Cluster::start(spec).await;
     cluster.wait_edge_api_up(0).await;
     wait_executor(

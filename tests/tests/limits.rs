@@ -66,7 +66,10 @@ async fn handshakes_in_progress_are_capped_and_the_quietest_make_room() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pending = connections(&master, "handshake").await;
-    assert!(pending <= 3, "{pending} handshakes in progress at a cap of 3");
+    assert!(
+        pending <= 3,
+        "{pending} handshakes in progress at a cap of 3"
+    );
     for (i, peer) in silent.iter_mut().take(9).enumerate() {
         assert!(
             closed_within(peer, Duration::from_millis(500)).await,

@@ -7,13 +7,13 @@ use serde_json::{Value, json};
 use tether_tests::api::ApiClient;
 use tether_tests::cluster::{Cluster, ClusterSpec};
 use tether_tests::process::bin;
-use tether_tests::{drivers_dir, wait_for};
+use tether_tests::wait_for;
 
 fn base_site() -> String {
     format!(
         "[[repositories]]\nid = \"core\"\npath = \"{}\"\n\n\
          [[drivers]]\nid = \"projector\"\nrepository = \"core\"\nfile = \"projector.rhai\"\ndelimiter = \"\\r\"\n",
-        drivers_dir().display()
+        tether_tests::CORE
     )
 }
 
@@ -54,7 +54,7 @@ async fn cluster() -> Cluster {
 async fn every_entity_has_crud_with_validation() {
     let cluster = cluster().await;
     let api = cluster.master_api();
-    let folder = drivers_dir().display().to_string();
+    let folder = cluster.path(tether_tests::CORE).display().to_string();
 
     // (collection, a valid record, a change to it, an invalid record and the key named)
     let cases = [
@@ -299,4 +299,99 @@ async fn import_loads_a_site_file_into_a_stopped_master() {
     })
     .await;
     assert_eq!(api.get("/api/v1/modules/x").await.0, 404);
+}
+
+/// Repositories are folders inside the master's `repositories_root` (`repos` in the test
+/// cluster), which holds none of its secrets: a path out of it, by `..`, by an absolute
+/// path, or through a link, is refused with 422 naming why; a link inside a repository
+/// is never read; a repository over `[limits] repository_bytes` is refused naming it.
+#[tokio::test]
+async fn repositories_stay_inside_their_root() {
+    let mut spec = ClusterSpec::edges(1);
+    spec.site_extra = base_site();
+    spec.master_extra = "[limits]\nrepository_bytes = 65536\n".into();
+    spec.files = vec![
+        ("repos/small/a.rhai".into(), "fn a() { 1 }".into()),
+        ("repos/large/a.rhai".into(), "fn a() { 1 }".into()),
+        ("repos/large/big.txt".into(), "x".repeat(100_000)),
+        ("repos/linked/a.rhai".into(), "fn a() { 1 }".into()),
+    ];
+    let cluster = Cluster::start(spec).await;
+    cluster.wait_master_up().await;
+    let api = cluster.master_api();
+    let certs = cluster.path("certs");
+    std::os::unix::fs::symlink(&certs, cluster.path("repos/escape")).unwrap();
+    std::os::unix::fs::symlink(certs.join("ca.key"), cluster.path("repos/linked/ca.key")).unwrap();
+
+    for (path, why) in [
+        (certs.display().to_string(), "outside repositories_root"),
+        ("../certs".to_string(), "`..`"),
+        ("small/../../certs".to_string(), "`..`"),
+        ("escape".to_string(), "outside repositories_root"),
+        ("/etc".to_string(), "outside repositories_root"),
+    ] {
+        let (status, body) = write(
+            &api,
+            "POST",
+            "/api/v1/repositories",
+            Some(json!({"id": "evil", "path": path})),
+        )
+        .await;
+        assert_eq!(status, 422, "{path}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(why),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = write(
+        &api,
+        "POST",
+        "/api/v1/repositories",
+        Some(json!({"id": "large", "path": "large"})),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("[limits] repository_bytes"),
+        "{body}"
+    );
+    // Inside the root, by a relative or an absolute path; a link in it is not read.
+    let (status, body) = write(
+        &api,
+        "POST",
+        "/api/v1/repositories",
+        Some(json!({"id": "small", "path": "small"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let linked = cluster.path("repos/linked").display().to_string();
+    let (status, body) = write(
+        &api,
+        "POST",
+        "/api/v1/repositories",
+        Some(json!({"id": "linked", "path": linked})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // The repository's code holds a.rhai, not the CA key behind the link: a driver can
+    // name the one and not the other.
+    let (status, body) = write(
+        &api,
+        "POST",
+        "/api/v1/drivers",
+        Some(json!({"id": "a", "repository": "linked", "file": "a.rhai"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = write(
+        &api,
+        "POST",
+        "/api/v1/drivers",
+        Some(json!({"id": "stolen", "repository": "linked", "file": "ca.key"})),
+    )
+    .await;
+    assert_eq!(status, 422, "the key was never read: {body}");
 }

@@ -12,7 +12,7 @@ use tether_tests::api::ApiClient;
 use tether_tests::cluster::{Cluster, ClusterSpec};
 use tether_tests::sim::Sim;
 use tether_tests::ws::WsClient;
-use tether_tests::{drivers_dir, wait_for};
+use tether_tests::{CORE, wait_for};
 
 /// The edge's failover timeout in these tests.
 const TIMEOUT_MS: u64 = 2000;
@@ -31,7 +31,7 @@ fn remember(text) { log("remembering " + text); status("note", text); text }
 /// lists the lobby display (run by the master), the room's display (run by the edge)
 /// and a room-logic module the master runs, whose `system("Display", 2)` crosses the link.
 fn site(projector: u16, lobby: u16, hung: u16) -> String {
-    let core = drivers_dir().display().to_string();
+    let core = CORE;
     format!(
         r#"
 [[repositories]]
@@ -40,7 +40,7 @@ path = "{core}"
 
 [[repositories]]
 id = "extra"
-path = "extra-drivers"
+path = "repos/extra-drivers"
 
 [[drivers]]
 id = "projector"
@@ -152,7 +152,7 @@ async fn start(failover: bool) -> Setup {
     spec.edge_settings =
         format!("failover = {failover}\ntimeout_ms = {TIMEOUT_MS}\nstandby = \"warm\"");
     spec.site_extra = site(projector.port(), lobby.port(), hung.port);
-    spec.files = vec![("extra-drivers/note.rhai".into(), NOTE.into())];
+    spec.files = vec![("repos/extra-drivers/note.rhai".into(), NOTE.into())];
     let cluster = Cluster::start(spec).await;
     cluster.wait_edge_api_up(0).await;
     let master = cluster.master_api();

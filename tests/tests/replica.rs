@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tether_tests::cluster::{Cluster, ClusterSpec};
 use tether_tests::sim::Sim;
-use tether_tests::{drivers_dir, wait_for};
+use tether_tests::wait_for;
 
 fn site(projector_port: u16) -> String {
     format!(
@@ -18,7 +18,7 @@ fn site(projector_port: u16) -> String {
          [[modules]]\nid = \"proj-2\"\ndriver = \"projector\"\nname = \"Display\"\nhost = \"127.0.0.1\"\nport = 9\nedge = \"site-2\"\n\n\
          [[systems]]\nid = \"room-1\"\nname = \"Room 1\"\nedge = \"site-1\"\nmodules = [\"proj-1\"]\n\n\
          [[systems]]\nid = \"room-2\"\nname = \"Room 2\"\nedge = \"site-2\"\nmodules = [\"proj-2\"]\n",
-        drivers_dir().display()
+        tether_tests::CORE
     )
 }
 

@@ -18,7 +18,7 @@ use tether_tests::api::ApiClient;
 use tether_tests::cluster::{Cluster, ClusterSpec};
 use tether_tests::rogue::{DeafRogue, RogueEdge, module};
 use tether_tests::sim::Sim;
-use tether_tests::{drivers_dir, wait_for};
+use tether_tests::{CORE, drivers_dir, wait_for};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -35,7 +35,7 @@ const BIG_BYTES: usize = 4 << 20;
 /// driver comes from the `core` repository, which only site-1 uses; the note driver and a
 /// large file from `store`, which both use.
 fn site(projector: u16) -> String {
-    let core = drivers_dir().display().to_string();
+    let core = CORE;
     format!(
         r#"
 [[repositories]]
@@ -44,7 +44,7 @@ path = "{core}"
 
 [[repositories]]
 id = "store"
-path = "store-drivers"
+path = "repos/store-drivers"
 
 [[drivers]]
 id = "projector"
@@ -107,8 +107,8 @@ async fn start() -> Setup {
     spec.edge_settings = "failover = true\ntimeout_ms = 2000\nstandby = \"warm\"".into();
     spec.site_extra = site(projector.port());
     spec.files = vec![
-        ("store-drivers/note.rhai".into(), NOTE.into()),
-        ("store-drivers/big.txt".into(), "b".repeat(BIG_BYTES)),
+        ("repos/store-drivers/note.rhai".into(), NOTE.into()),
+        ("repos/store-drivers/big.txt".into(), "b".repeat(BIG_BYTES)),
     ];
     let cluster = Cluster::start(spec).await;
     let master = cluster.master_api();

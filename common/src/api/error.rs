@@ -11,6 +11,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// Explanation for people.
     pub message: String,
+    /// Seconds after which the client may try again (`Retry-After`), when that is known.
+    pub retry_after_s: Option<u32>,
 }
 
 impl ApiError {
@@ -20,6 +22,7 @@ impl ApiError {
             status: StatusCode::UNAUTHORIZED,
             code: "unauthorized",
             message: message.into(),
+            retry_after_s: None,
         }
     }
 
@@ -39,6 +42,7 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             code: "not_found",
             message: message.into(),
+            retry_after_s: None,
         }
     }
 }
@@ -46,7 +50,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.code, "message": self.message });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -57,6 +67,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_s: None,
         }
     }
 
@@ -73,6 +84,14 @@ impl ApiError {
     /// 503: whoever should serve this cannot now.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// 503 with `Retry-After`: it will be served shortly (a module waiting for its code).
+    pub fn waiting(message: impl Into<String>, retry_after_s: u32) -> Self {
+        ApiError {
+            retry_after_s: Some(retry_after_s),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "waiting", message)
+        }
     }
 
     /// 504: it took too long.

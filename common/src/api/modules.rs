@@ -36,6 +36,7 @@ impl From<ExecError> for ApiError {
             }
             ExecError::StaleEpoch(_) => ApiError::new(StatusCode::CONFLICT, "stale_epoch", message),
             ExecError::Forbidden(_) => ApiError::forbidden(message),
+            ExecError::Waiting(_) => ApiError::waiting(message, 1),
         }
     }
 }
@@ -298,6 +299,16 @@ async fn debug(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_module_waiting_for_its_code_is_503_with_retry_after() {
+        let response = ApiError::from(ExecError::Waiting(
+            "module m waits for its driver code".into(),
+        ))
+        .into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+    }
 
     #[test]
     fn only_a_plain_https_origin_becomes_a_hint() {

@@ -131,4 +131,6 @@ pub enum ErrorCode {
     Busy,
     /// The module's script threw or broke a limit (500).
     Script,
+    /// The module waits for its driver code, on its way (503, try again shortly).
+    Waiting,
 }

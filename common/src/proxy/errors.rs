@@ -18,6 +18,7 @@ pub fn to_remote(err: ExecError) -> RemoteError {
         ExecError::Script(_) => ErrorCode::Script,
         ExecError::StaleEpoch(_) => ErrorCode::StaleEpoch,
         ExecError::Forbidden(_) => ErrorCode::Forbidden,
+        ExecError::Waiting(_) => ErrorCode::Waiting,
     };
     RemoteError::new(code, err.to_string())
 }
@@ -35,6 +36,7 @@ pub fn from_remote(err: RemoteError) -> ExecError {
         ErrorCode::Script | ErrorCode::Internal => ExecError::Script(message),
         ErrorCode::StaleEpoch => ExecError::StaleEpoch(message),
         ErrorCode::Forbidden => ExecError::Forbidden(message),
+        ErrorCode::Waiting => ExecError::Waiting(message),
         ErrorCode::Unavailable | ErrorCode::Unsupported | ErrorCode::TooLarge => {
             ExecError::Unavailable(message)
         }
@@ -77,6 +79,7 @@ mod tests {
             ExecError::Script("h".into()),
             ExecError::StaleEpoch("i".into()),
             ExecError::Forbidden("j".into()),
+            ExecError::Waiting("k".into()),
         ];
         for err in all {
             assert_eq!(from_remote(to_remote(err.clone())), err);

@@ -213,7 +213,10 @@ impl Runtime {
                     _ = tx.closed() => return,
                     change = changes.recv() => match change {
                         Ok(change) if change.module_id == module.spec.id => {
-                            StatusEvent::Value(change.key, change.value)
+                            match module.shared.status_value(&change.key) {
+                                Some(value) => StatusEvent::Value(change.key, value),
+                                None => continue,
+                            }
                         }
                         Ok(_) => continue,
                         Err(broadcast::error::RecvError::Lagged(_)) => {

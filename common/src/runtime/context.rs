@@ -18,6 +18,58 @@ use super::{ExecError, Inner};
 
 /// Lines a module's debug ring keeps.
 const DEBUG_LINES: usize = 256;
+/// Bytes a module's debug ring keeps (older lines go first).
+const DEBUG_BYTES: usize = 256 * 1024;
+/// The longest debug line a script may log; the server's own lines are cut to it.
+pub const MAX_LOG_LINE: usize = 4096;
+/// Status keys a module may hold.
+pub const MAX_STATUS_KEYS: usize = 256;
+/// The longest status key.
+pub const MAX_STATUS_KEY: usize = 256;
+/// The largest status value, as JSON.
+pub const MAX_STATUS_VALUE: usize = 16 * 1024;
+/// The most a module's status map may hold, keys and values as JSON together: what clients
+/// bind to and what is synced over the link stays small.
+pub const MAX_STATUS_BYTES: usize = 1024 * 1024;
+
+/// Whether setting `key` to `value` keeps `map` within the status caps; the error names
+/// the cap. The map is the module's current one (a changed key's old value is given
+/// back).
+pub(super) fn check_status(
+    map: &Map<String, Value>,
+    key: &str,
+    value: &Value,
+) -> Result<(), String> {
+    if key.len() > MAX_STATUS_KEY {
+        return Err(format!(
+            "status key of {} bytes: at most {MAX_STATUS_KEY}",
+            key.len()
+        ));
+    }
+    let size = |v: &Value| v.to_string().len();
+    let new = size(value);
+    if new > MAX_STATUS_VALUE {
+        return Err(format!(
+            "status {key:?}: a value of {new} bytes (as JSON), at most {MAX_STATUS_VALUE}"
+        ));
+    }
+    let old = map.get(key);
+    if old.is_none() && map.len() >= MAX_STATUS_KEYS {
+        return Err(format!(
+            "status {key:?}: the module holds {MAX_STATUS_KEYS} status keys, its limit"
+        ));
+    }
+    let total: usize = map.iter().map(|(k, v)| k.len() + size(v)).sum::<usize>()
+        - old.map_or(0, |v| key.len() + size(v))
+        + key.len()
+        + new;
+    if total > MAX_STATUS_BYTES {
+        return Err(format!(
+            "status {key:?}: the module's status would hold {total} bytes, at most {MAX_STATUS_BYTES}"
+        ));
+    }
+    Ok(())
+}
 /// The shortest period `schedule_every` accepts.
 const MIN_PERIOD_MS: i64 = 10;
 /// Schedules a module may have pending at once (a script that schedules on every call
@@ -66,7 +118,7 @@ pub struct ModuleHealth {
 #[derive(Debug)]
 pub(super) struct ModuleShared {
     status: Mutex<Map<String, Value>>,
-    debug: Mutex<VecDeque<DebugLine>>,
+    debug: Mutex<DebugRing>,
     /// New debug lines, for clients watching the module's log.
     debug_live: tokio::sync::broadcast::Sender<DebugLine>,
     health: Mutex<ModuleHealth>,
@@ -89,7 +141,7 @@ impl ModuleShared {
     pub(super) fn new(status: Map<String, Value>, has_device: bool) -> Self {
         ModuleShared {
             status: Mutex::new(status),
-            debug: Mutex::new(VecDeque::new()),
+            debug: Mutex::default(),
             debug_live: tokio::sync::broadcast::channel(DEBUG_LINES).0,
             health: Mutex::new(ModuleHealth {
                 state: ModuleState::Starting,
@@ -105,9 +157,14 @@ impl ModuleShared {
         lock(&self.status).clone()
     }
 
+    /// One status value.
+    pub(super) fn status_value(&self, key: &str) -> Option<Value> {
+        lock(&self.status).get(key).cloned()
+    }
+
     /// The debug ring, oldest first.
     pub(super) fn debug_lines(&self) -> Vec<DebugLine> {
-        lock(&self.debug).iter().cloned().collect()
+        lock(&self.debug).lines.iter().cloned().collect()
     }
 
     /// The debug ring and, from the same instant, every new line.
@@ -115,7 +172,10 @@ impl ModuleShared {
         &self,
     ) -> (Vec<DebugLine>, tokio::sync::broadcast::Receiver<DebugLine>) {
         let ring = lock(&self.debug);
-        (ring.iter().cloned().collect(), self.debug_live.subscribe())
+        (
+            ring.lines.iter().cloned().collect(),
+            self.debug_live.subscribe(),
+        )
     }
 
     /// State and errors.
@@ -139,19 +199,45 @@ impl ModuleShared {
         lock(&self.health).last_error = Some(error);
     }
 
+    /// Logs a line of the server's own, cut to [`MAX_LOG_LINE`].
     pub(super) fn log(&self, line: impl Into<String>) {
-        let mut debug = lock(&self.debug);
-        if debug.len() == DEBUG_LINES {
-            debug.pop_front();
+        let mut line = line.into();
+        if line.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+            line.push_str("...");
         }
+        let mut debug = lock(&self.debug);
         let line = DebugLine {
             time_ms: now_ms(),
-            line: line.into(),
+            line,
         };
         // Sent under the ring's lock, so a follower sees each line once: in the ring it
         // read, or live. No follower is fine.
         let _ = self.debug_live.send(line.clone());
-        debug.push_back(line);
+        debug.push(line);
+    }
+}
+
+/// A module's recent debug lines, bounded in count and in bytes.
+#[derive(Debug, Default)]
+struct DebugRing {
+    lines: VecDeque<DebugLine>,
+    bytes: usize,
+}
+
+impl DebugRing {
+    fn push(&mut self, line: DebugLine) {
+        self.bytes += line.line.len();
+        self.lines.push_back(line);
+        while self.lines.len() > DEBUG_LINES || (self.bytes > DEBUG_BYTES && self.lines.len() > 1) {
+            if let Some(old) = self.lines.pop_front() {
+                self.bytes -= old.line.len();
+            }
+        }
     }
 }
 
@@ -170,9 +256,17 @@ pub(super) struct ModuleContext {
 }
 
 impl ModuleContext {
-    pub(super) fn log(&self, text: &str) {
-        tracing::debug!(module = %self.spec.id, "{text}");
+    /// A line the script logs; one longer than [`MAX_LOG_LINE`] is the script's error.
+    pub(super) fn log(&self, text: &str) -> Result<(), String> {
+        if text.len() > MAX_LOG_LINE {
+            return Err(format!(
+                "log: a line of {} bytes, at most {MAX_LOG_LINE}",
+                text.len()
+            ));
+        }
+        tracing::debug!(module = %self.spec.id, "{}", crate::report::printable(text, MAX_LOG_LINE));
         self.shared.log(text);
+        Ok(())
     }
 
     pub(super) fn send(&self, data: Vec<u8>) -> Result<(), String> {
@@ -184,10 +278,15 @@ impl ModuleContext {
         }
     }
 
-    /// Sets a status value; a change is announced to the runtime's subscribers
-    /// (runtime-state sync to the master, and clients bound to the status).
-    pub(super) fn set_status(&self, key: &str, value: Value) {
-        let previous = lock(&self.shared.status).insert(key.to_string(), value.clone());
+    /// Sets a status value within the caps (the error names the cap); a change is
+    /// announced to the runtime's subscribers (runtime-state sync to the master, and
+    /// clients bound to the status).
+    pub(super) fn set_status(&self, key: &str, value: Value) -> Result<(), String> {
+        let previous = {
+            let mut map = lock(&self.shared.status);
+            check_status(&map, key, &value)?;
+            map.insert(key.to_string(), value.clone())
+        };
         if previous.as_ref() != Some(&value)
             && let Some(runtime) = self.runtime.upgrade()
         {
@@ -195,13 +294,13 @@ impl ModuleContext {
             let _ = runtime.status_changes.send(super::StatusChange {
                 module_id: self.spec.id.clone(),
                 key: key.to_string(),
-                value,
             });
         }
+        Ok(())
     }
 
     pub(super) fn status(&self, key: &str) -> Option<Value> {
-        lock(&self.shared.status).get(key).cloned()
+        self.shared.status_value(key)
     }
 
     pub(super) fn modbus(&self, op: ModbusOp) -> Result<ModbusReply, String> {

@@ -19,7 +19,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::{Map, Value};
 
-pub use context::{DebugLine, ModuleHealth, ModuleState};
+pub use context::{
+    DebugLine, MAX_LOG_LINE, MAX_STATUS_BYTES, MAX_STATUS_KEY, MAX_STATUS_KEYS, MAX_STATUS_VALUE,
+    ModuleHealth, ModuleState,
+};
 pub use remote::{Executed, Origin, Remote, RemoteCall, StatusEvent, SystemAction};
 pub use script::ScriptLimits;
 pub use spec::ModuleSpec;
@@ -63,6 +66,10 @@ pub enum ExecError {
     /// callers outside the edge's site.
     #[error("{0}")]
     Forbidden(String),
+    /// The module waits for its driver code, which is on its way (503 with
+    /// `Retry-After`).
+    #[error("{0}")]
+    Waiting(String),
 }
 
 /// A module that kept its old script because the new version failed to compile or load.
@@ -131,20 +138,21 @@ pub struct ModuleView {
     pub health: Option<ModuleHealth>,
 }
 
-/// A module's status value changed.
+/// A module's status value changed; its value is read from the module
+/// ([`Runtime::status_value`]). The change holds no value, so that the changes a channel
+/// keeps for slow subscribers keep no module's data alive after the module is gone.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusChange {
     /// Module id.
     pub module_id: String,
     /// Status key.
     pub key: String,
-    /// New value.
-    pub value: Value,
 }
 
 /// Status changes a subscriber may fall behind by before it misses some (and should
-/// re-read whole maps).
-const STATUS_CHANGES: usize = 4096;
+/// re-read whole maps). The channel keeps the last this many values (each at most
+/// [`context::MAX_STATUS_VALUE`]) until newer ones replace them.
+const STATUS_CHANGES: usize = 1024;
 
 pub(crate) struct Inner {
     executed_by: String,
@@ -410,6 +418,12 @@ impl Runtime {
         self.inner.status_changes.subscribe()
     }
 
+    /// One status value of a module running here, as it is now.
+    pub fn status_value(&self, module_id: &str, key: &str) -> Option<Value> {
+        let module = lock(&self.inner.modules).get(module_id).cloned()?;
+        module.shared.status_value(key)
+    }
+
     /// The status maps of the modules running here, by module id.
     pub fn statuses(&self) -> Vec<(String, Map<String, Value>)> {
         let mut all: Vec<_> = lock(&self.inner.modules)
@@ -513,10 +527,7 @@ impl Runtime {
                     module.id
                 ))
             } else if requested {
-                ExecError::Unavailable(format!(
-                    "module {} is not running (its driver is missing)",
-                    module.id
-                ))
+                self.not_started(&model, module)
             } else {
                 let home = runs_on(&model, module);
                 let other = if home == self.inner.executed_by {
@@ -530,6 +541,27 @@ impl Runtime {
                 ))
             }
         })
+    }
+
+    /// Why a module wanted here does not run: its driver code has not arrived yet (the
+    /// edge is fetching it: worth waiting for), or its driver is not in the model.
+    fn not_started(&self, model: &Model, module: &ModuleRecord) -> ExecError {
+        let Some(driver) = model.drivers.get(&module.driver) else {
+            return ExecError::Unavailable(format!(
+                "module {} is not running: its driver {} is missing",
+                module.id, module.driver
+            ));
+        };
+        match self.code().source(&driver.repository, &driver.file) {
+            Err(why) => ExecError::Waiting(format!(
+                "module {} is not running yet: it waits for its driver code ({why})",
+                module.id
+            )),
+            Ok(_) => ExecError::Unavailable(format!(
+                "module {} is not running: its driver {} did not start it (see its debug log)",
+                module.id, driver.id
+            )),
+        }
     }
 
     /// Stops or starts a system's modules here, or drops its cached lookups.

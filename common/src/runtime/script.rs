@@ -192,13 +192,16 @@ fn base_engine(limits: ScriptLimits) -> Engine {
 
 fn engine(limits: ScriptLimits, context: Arc<ModuleContext>) -> Engine {
     let mut engine = base_engine(limits);
+    // `print` and `debug` cannot fail: a line over the cap is cut.
     let ctx = context.clone();
-    engine.on_print(move |text| ctx.log(text));
+    engine.on_print(move |text| ctx.shared.log(text));
     let ctx = context.clone();
-    engine.on_debug(move |text, _, _| ctx.log(text));
+    engine.on_debug(move |text, _, _| ctx.shared.log(text));
 
     let ctx = context.clone();
-    engine.register_fn("log", move |text: &str| ctx.log(text));
+    engine.register_fn("log", move |text: &str| -> HostResult<()> {
+        ctx.log(text).map_err(host_error)
+    });
     let ctx = context.clone();
     engine.register_fn("send", move |data: &str| -> HostResult<()> {
         ctx.send(data.as_bytes().to_vec()).map_err(host_error)
@@ -208,8 +211,7 @@ fn engine(limits: ScriptLimits, context: Arc<ModuleContext>) -> Engine {
         "status",
         move |key: &str, value: Dynamic| -> HostResult<()> {
             let value = to_json(&value).map_err(host_error)?;
-            ctx.set_status(key, value);
-            Ok(())
+            ctx.set_status(key, value).map_err(host_error)
         },
     );
     let ctx = context.clone();

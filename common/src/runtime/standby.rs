@@ -63,13 +63,20 @@ impl Standby {
         entry.ast = ast;
     }
 
-    /// A status value synced from the other side; ignored for a module not kept warm.
+    /// A status value synced from the other side; ignored for a module not kept warm,
+    /// and beyond the caps a module's own status has (the other side may be hostile).
     pub(super) fn set_status(&self, module_id: &str, key: &str, value: Value) -> bool {
         match self.lock().get_mut(module_id) {
-            Some(entry) => {
-                entry.status.insert(key.to_string(), value);
-                true
-            }
+            Some(entry) => match super::context::check_status(&entry.status, key, &value) {
+                Ok(()) => {
+                    entry.status.insert(key.to_string(), value);
+                    true
+                }
+                Err(why) => {
+                    tracing::debug!(module = %module_id, "a synced status value is dropped: {why}");
+                    false
+                }
+            },
             None => false,
         }
     }

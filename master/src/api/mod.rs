@@ -6,7 +6,6 @@ mod records;
 mod repos;
 mod users;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -33,8 +32,6 @@ pub struct AppState {
     pub control: crate::control::Control,
     /// The driver repositories.
     pub repos: Arc<crate::repos::Repositories>,
-    /// The folder of master.toml: relative paths in records are resolved against it.
-    pub base_dir: PathBuf,
 }
 
 /// The router: health is open (for load balancers and probes); the rest needs the token.

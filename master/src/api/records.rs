@@ -18,6 +18,7 @@ use tether_common::protocol::EntityKind;
 
 use super::AppState;
 use crate::model::WriteError;
+use crate::repos::RepositoriesRoot;
 use tether_common::code::Code;
 
 /// The kinds clients edit.
@@ -152,7 +153,7 @@ fn prepare(
     body: &[u8],
     path_id: Option<&str>,
     model: &Model,
-    (base_dir, code, commit): (&Path, &Code, Option<&str>),
+    (root, code, commit): (&RepositoriesRoot, &Code, Option<&str>),
 ) -> Result<(String, String), ModelError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|err| ModelError::Invalid(format!("the body is not JSON: {err}")))?;
@@ -186,7 +187,7 @@ fn prepare(
     }
     match kind {
         EntityKind::Driver => check_driver_file(&record, model, code)?,
-        EntityKind::Repository => check_repository_path(&record, base_dir)?,
+        EntityKind::Repository => check_repository_path(&record, root)?,
         _ => {}
     }
     Ok((id, Value::Object(record).to_string()))
@@ -221,18 +222,18 @@ fn check_driver_file(
         .map_err(|err| ModelError::Invalid(format!("key `file`: {err}")))
 }
 
-/// A repository's folder must exist on the master.
-fn check_repository_path(record: &Map<String, Value>, base_dir: &Path) -> Result<(), ModelError> {
+/// A repository's folder must be a folder inside the repositories root.
+fn check_repository_path(
+    record: &Map<String, Value>,
+    root: &RepositoriesRoot,
+) -> Result<(), ModelError> {
     let path = record
         .get("path")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    if path.is_empty() || !base_dir.join(path).is_dir() {
-        return Err(ModelError::Invalid(format!(
-            "key `path`: {path:?} is not a folder on the master"
-        )));
-    }
-    Ok(())
+    root.folder(path)
+        .map(|_| ())
+        .map_err(|err| ModelError::Invalid(format!("key `path`: {err}")))
 }
 
 /// Stored keys the server sets (a repository's and an edge's commit): a write keeps the
@@ -270,7 +271,7 @@ async fn read_repository_first(
     let (Some(id), Some(path)) = (id, path) else {
         return Ok(None);
     };
-    if check_repository_path(&record, &state.base_dir).is_err() {
+    if check_repository_path(&record, state.repos.root()).is_err() {
         return Ok(None);
     }
     let (model, _) = state.model.snapshot();
@@ -299,14 +300,14 @@ async fn create(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let base_dir = state.base_dir.clone();
+    let root = state.repos.root().clone();
     let commit = read_repository_first(&state, kind, &body, None).await?;
     let code = state.runtime.code();
     let mut created = String::new();
     state
         .model
         .write(|model| {
-            let read = (base_dir.as_path(), code.as_ref(), commit.as_deref());
+            let read = (&root, code.as_ref(), commit.as_deref());
             let (id, json) = prepare(kind, &body, None, model, read)?;
             if model.contains(kind, &id) {
                 return Err(ModelError::Conflict(format!(
@@ -328,14 +329,14 @@ async fn replace(
     UrlPath(id): UrlPath<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let base_dir = state.base_dir.clone();
+    let root = state.repos.root().clone();
     let commit = read_repository_first(&state, kind, &body, Some(&id)).await?;
     let code = state.runtime.code();
     state
         .model
         .write(|model| {
             must_exist(model, kind, &id)?;
-            let read = (base_dir.as_path(), code.as_ref(), commit.as_deref());
+            let read = (&root, code.as_ref(), commit.as_deref());
             let (id, json) = prepare(kind, &body, Some(&id), model, read)?;
             Ok(vec![(kind, id, Some(json))])
         })

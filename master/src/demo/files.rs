@@ -189,6 +189,7 @@ data_dir = {data}
 api_listen = "127.0.0.1:{api}"
 link_listen = "127.0.0.1:{link}"
 seed = {seed}
+repositories_root = {drivers}
 boot_wait_ms = 3000
 
 [tls]
@@ -201,6 +202,7 @@ require_client_cert = true
         api = ports.master_api,
         link = ports.link,
         seed = toml_path(&layout.dir.join("site.toml")),
+        drivers = toml_path(&layout.dir.join("drivers")),
         cert = toml_path(&certs.join("master.pem")),
         key = toml_path(&certs.join("master.key")),
         ca = toml_path(&layout.ca()),

@@ -104,8 +104,14 @@ async fn demo(args: DemoArgs, log_format: LogFormat) -> anyhow::Result<()> {
         for process in processes.iter_mut().filter(|p| p.name.starts_with("edge")) {
             process.start()?;
         }
-        let mut api = Api::new(&layout, ports.master_api)?;
+        let mut api = Api::new(&layout, ports.master_api, "master")?;
         wait_until_up(&mut api, &mut processes).await?;
+        let mut edges = EDGES
+            .iter()
+            .zip(ports.edge_api)
+            .map(|(edge, port)| Api::new(&layout, port, edge))
+            .collect::<anyhow::Result<Vec<Api>>>()?;
+        wait_until_rooms_run(&mut edges, &mut processes).await?;
         print_banner(&layout, &ports, &api.token, &processes);
         watch(&api, &mut processes).await
     }
@@ -170,7 +176,7 @@ fn plan(layout: &Layout, ports: &Ports, log_format: LogFormat) -> Vec<Process> {
     all
 }
 
-/// The master's API, as the demo reads it.
+/// A server's API, as the demo reads it with the server's admin token.
 struct Api {
     base: String,
     token: String,
@@ -179,7 +185,8 @@ struct Api {
 }
 
 impl Api {
-    fn new(layout: &Layout, port: u16) -> anyhow::Result<Api> {
+    /// The API of the server whose data folder is `layout.data(name)`, on `port`.
+    fn new(layout: &Layout, port: u16, name: &str) -> anyhow::Result<Api> {
         let tls = tether_common::link::tls::api_client_config(&layout.ca())?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -189,8 +196,17 @@ impl Api {
             base: format!("https://localhost:{port}"),
             token: String::new(),
             http,
-            token_file: layout.data("master").join("admin.token"),
+            token_file: layout.data(name).join("admin.token"),
         })
+    }
+
+    /// Reads the server's admin token once it has written it.
+    fn read_token(&mut self) {
+        if self.token.is_empty()
+            && let Ok(token) = std::fs::read_to_string(&self.token_file)
+        {
+            self.token = token.trim().to_string();
+        }
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
@@ -242,11 +258,7 @@ async fn wait_until_up(api: &mut Api, processes: &mut [Process]) -> anyhow::Resu
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         fail_if_exited(processes)?;
-        if api.token.is_empty()
-            && let Ok(token) = std::fs::read_to_string(&api.token_file)
-        {
-            api.token = token.trim().to_string();
-        }
+        api.read_token();
         if !api.token.is_empty()
             && let Ok(Value::Array(edges)) = api.get("/api/v1/edges").await
             && edges.len() == EDGES.len()
@@ -258,6 +270,33 @@ async fn wait_until_up(api: &mut Api, processes: &mut [Process]) -> anyhow::Resu
             anyhow::bail!("the master and its edges were not up within 60 s; see the logs");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until every module of every room runs on its edge (an edge that is linked may
+/// still be fetching its driver code): the banner's commands then work at once.
+async fn wait_until_rooms_run(edges: &mut [Api], processes: &mut [Process]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        fail_if_exited(processes)?;
+        let mut all = true;
+        for edge in edges.iter_mut() {
+            edge.read_token();
+            all &= !edge.token.is_empty()
+                && matches!(edge.get("/api/v1/systems").await, Ok(Value::Array(systems))
+                if systems.iter().all(|system| {
+                    system["members"].as_array().is_some_and(|members| {
+                        members.iter().all(|m| m["state"] == "running")
+                    })
+                }));
+        }
+        if all {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the rooms' modules were not all running within 60 s; see the logs");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

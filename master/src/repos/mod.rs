@@ -9,6 +9,7 @@
 //! keep); a driver of it that does not compile faults its modules.
 
 mod push;
+pub mod root;
 pub mod scan;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::model::{ModelService, WriteError};
 pub use push::push_code;
+pub use root::RepositoriesRoot;
 use scan::Scanned;
 
 /// Why a pull or reset did not happen.
@@ -71,7 +73,8 @@ pub struct Moved {
 pub struct Repositories {
     model: Arc<ModelService>,
     runtime: Runtime,
-    base_dir: PathBuf,
+    /// Where repositories may be.
+    root: RepositoriesRoot,
     /// One pull or reset at a time.
     updating: tokio::sync::Mutex<()>,
     /// Why each repository last moved, for the updates sent to edges.
@@ -101,15 +104,16 @@ impl Repositories {
     pub async fn open(
         model: Arc<ModelService>,
         runtime: Runtime,
-        base_dir: PathBuf,
+        root: RepositoriesRoot,
     ) -> anyhow::Result<Arc<Repositories>> {
+        tracing::info!(root = %root.path().display(), "driver repositories are read from inside this folder only");
         let store = model.store();
         let code = tokio::task::spawn_blocking(move || store.load_code()).await??;
         runtime.set_code(Arc::new(code));
         let repos = Arc::new(Repositories {
             model,
             runtime,
-            base_dir,
+            root,
             updating: tokio::sync::Mutex::new(()),
             actions: Mutex::default(),
             generation: watch::channel(0).0,
@@ -169,8 +173,16 @@ impl Repositories {
             .ok_or_else(|| RepoError::NotFound(format!("no repository {id}")))
     }
 
-    fn folder(&self, record: &RepositoryRecord) -> PathBuf {
-        self.base_dir.join(&record.path)
+    /// Where repositories may be.
+    pub fn root(&self) -> &RepositoriesRoot {
+        &self.root
+    }
+
+    /// The folder of a repository, if its path is inside the root.
+    fn folder(&self, id: &str, path: &str) -> Result<PathBuf, RepoError> {
+        self.root
+            .folder(path)
+            .map_err(|err| RepoError::Unreadable(format!("repository {id}: {err}")))
     }
 
     /// Reads the repository's newest commit (a git working copy is pulled from its
@@ -178,12 +190,13 @@ impl Repositories {
     pub async fn pull(&self, id: &str) -> Result<Moved, RepoError> {
         let _one = self.updating.lock().await;
         let record = self.record(id)?;
-        let folder = self.folder(&record);
+        let folder = self.folder(id, &record.path)?;
+        let max = self.root.max_bytes;
         let scanned = blocking(move || {
             if scan::is_git(&folder) {
                 scan::git_pull(&folder)?;
             }
-            scan::scan(&folder, None)
+            scan::scan(&folder, None, max)
         })
         .await
         .map_err(|err| RepoError::Unreadable(format!("repository {id}: {err}")))?;
@@ -194,8 +207,9 @@ impl Repositories {
     /// record is written: the answer is the commit the record should name.
     pub async fn adopt(&self, id: &str, path: &str) -> Result<String, RepoError> {
         let _one = self.updating.lock().await;
-        let folder = self.base_dir.join(path);
-        let scanned = blocking(move || scan::scan(&folder, None))
+        let folder = self.folder(id, path)?;
+        let max = self.root.max_bytes;
+        let scanned = blocking(move || scan::scan(&folder, None, max))
             .await
             .map_err(|err| RepoError::Unreadable(format!("repository {id}: {err}")))?;
         let moved = self
@@ -209,10 +223,11 @@ impl Repositories {
     pub async fn reset(&self, id: &str, commit: &str) -> Result<Moved, RepoError> {
         let _one = self.updating.lock().await;
         let record = self.record(id)?;
-        let folder = self.folder(&record);
+        let folder = self.folder(id, &record.path)?;
         if scan::is_git(&folder) {
             let at = commit.to_string();
-            let scanned = blocking(move || scan::scan(&folder, Some(&at)))
+            let max = self.root.max_bytes;
+            let scanned = blocking(move || scan::scan(&folder, Some(&at), max))
                 .await
                 .map_err(|err| RepoError::NotFound(format!("repository {id}: {err}")))?;
             return self.apply(id, scanned, RepositoryAction::Reset, true).await;

@@ -2,7 +2,11 @@
 //! read from git's object store so that uncommitted edits never leak in; or a plain
 //! folder as it is now, whose commit is a hash of its files' paths and contents.
 //!
-//! Every call blocks (files, `git` processes).
+//! Every call blocks (files, `git` processes). The folder is one
+//! [`RepositoriesRoot::folder`](super::root::RepositoriesRoot::folder) answered: canonical,
+//! inside the root. Files are opened without following links, and each opened file must
+//! really be inside the folder (a folder swapped for a link during the scan leads out);
+//! the files together may hold at most the root's `max_bytes`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -56,16 +60,88 @@ pub fn is_git(path: &Path) -> bool {
 }
 
 /// Reads a repository: a git working copy at `commit` (HEAD when `None`), or a folder as
-/// it is (a folder has no history here, so `commit` must be `None`).
-pub fn scan(path: &Path, commit: Option<&str>) -> Result<Scanned, String> {
+/// it is (a folder has no history here, so `commit` must be `None`); its files may hold
+/// at most `max_bytes` in all.
+pub fn scan(path: &Path, commit: Option<&str>, max_bytes: u64) -> Result<Scanned, String> {
     if !path.is_dir() {
         return Err(format!("{} is not a folder", path.display()));
     }
+    let mut size = Size::new(max_bytes);
     if is_git(path) {
-        scan_git(path, commit.unwrap_or("HEAD"))
+        // The object store must be the folder's own: a `.git` file or link could send git
+        // to another repository on the master.
+        let dot_git = path.join(".git");
+        let real = std::fs::symlink_metadata(&dot_git).is_ok_and(|m| m.is_dir());
+        if !real {
+            return Err(format!(
+                "{} is not a folder of the repository's own",
+                dot_git.display()
+            ));
+        }
+        scan_git(path, commit.unwrap_or("HEAD"), &mut size)
     } else {
-        scan_folder(path)
+        scan_folder(path, &mut size)
     }
+}
+
+/// The bytes of a repository's files so far, against its cap.
+struct Size {
+    total: u64,
+    max: u64,
+}
+
+impl Size {
+    fn new(max: u64) -> Size {
+        Size { total: 0, max }
+    }
+
+    fn add(&mut self, path: &str, size: u64) -> Result<(), String> {
+        check_size(path, size)?;
+        self.total = self.total.saturating_add(size);
+        if self.total > self.max {
+            return Err(format!(
+                "the repository holds more than {} bytes, its limit ([limits] repository_bytes)",
+                self.max
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a file of the repository `root` without following a link at its end, and makes
+/// sure the file opened is inside `root` (a folder on the way may have been swapped for a
+/// link since it was listed).
+fn read_inside(root: &Path, path: &Path, relative: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|err| match err.raw_os_error() {
+            Some(libc::ELOOP) => format!("{relative} became a link while it was read: refused"),
+            _ => format!("cannot read {}: {err}", path.display()),
+        })?;
+    {
+        use std::os::fd::AsRawFd;
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        if let Ok(opened) = opened
+            && !opened.starts_with(root)
+        {
+            return Err(format!(
+                "{relative} led outside the repository (to {}): refused",
+                opened.display()
+            ));
+        }
+    }
+    let mut data = Vec::new();
+    // Bounded even if the file grew since it was listed.
+    (&mut file)
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut data)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    check_size(relative, data.len() as u64)?;
+    Ok(data)
 }
 
 /// The commit of a plain folder: the SHA-256 of every file's path and content hash.
@@ -79,7 +155,7 @@ pub fn folder_commit(files: &[FileEntry]) -> String {
     hex::encode(digest.finalize())
 }
 
-fn scan_folder(root: &Path) -> Result<Scanned, String> {
+fn scan_folder(root: &Path, size: &mut Size) -> Result<Scanned, String> {
     let mut contents = Vec::new();
     let mut folders = vec![root.to_path_buf()];
     while let Some(folder) = folders.pop() {
@@ -110,10 +186,10 @@ fn scan_folder(root: &Path) -> Result<Scanned, String> {
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
                 .join("/");
-            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-            check_size(&relative, size)?;
-            let data = std::fs::read(&path)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+            let listed = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            check_size(&relative, listed)?;
+            let data = read_inside(root, &path, &relative)?;
+            size.add(&relative, data.len() as u64)?;
             contents.push((relative, data));
             if contents.len() > MAX_FILES {
                 return Err(format!(
@@ -170,7 +246,7 @@ pub fn git_pull(repo: &Path) -> Result<(), String> {
     git(repo, &["pull", "--ff-only", "--quiet"]).map(|_| ())
 }
 
-fn scan_git(repo: &Path, at: &str) -> Result<Scanned, String> {
+fn scan_git(repo: &Path, at: &str, size: &mut Size) -> Result<Scanned, String> {
     if at.starts_with('-') {
         return Err(format!("{at:?} is not a commit"));
     }
@@ -197,8 +273,8 @@ fn scan_git(repo: &Path, at: &str) -> Result<Scanned, String> {
         if fields.get(1) != Some(&"blob") {
             continue;
         }
-        let size = fields.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
-        check_size(path, size)?;
+        let bytes = fields.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
+        size.add(path, bytes)?;
         objects.push((path.to_string(), fields[2].to_string()));
     }
     if objects.len() > MAX_FILES {
@@ -268,16 +344,56 @@ mod tests {
         std::fs::write(dir.path().join("a.rhai"), "fn a() { 1 }").unwrap();
         std::fs::write(dir.path().join("sub/b.rhai"), "fn b() { 2 }").unwrap();
         std::fs::write(dir.path().join(".a.rhai.swp"), "junk").unwrap();
-        let first = scan(dir.path(), None).unwrap();
+        let first = scan(dir.path(), None, 1 << 20).unwrap();
         let paths: Vec<&str> = first.files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["a.rhai", "sub/b.rhai"]);
-        assert_eq!(scan(dir.path(), None).unwrap().commit, first.commit);
+        assert_eq!(
+            scan(dir.path(), None, 1 << 20).unwrap().commit,
+            first.commit
+        );
         std::fs::write(dir.path().join("sub/b.rhai"), "fn b() { 3 }").unwrap();
-        assert_ne!(scan(dir.path(), None).unwrap().commit, first.commit);
+        assert_ne!(
+            scan(dir.path(), None, 1 << 20).unwrap().commit,
+            first.commit
+        );
         assert!(
-            scan(&dir.path().join("nope"), None)
+            scan(&dir.path().join("nope"), None, 1 << 20)
                 .unwrap_err()
                 .contains("not a folder")
+        );
+    }
+
+    #[test]
+    fn links_out_of_the_repository_and_oversized_repositories_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(repo.join("sub")).unwrap();
+        std::fs::write(dir.path().join("secret.key"), "CA KEY").unwrap();
+        std::fs::write(repo.join("a.rhai"), "fn a() { 1 }").unwrap();
+        // A link at listing time is skipped; its target is never read.
+        std::os::unix::fs::symlink(dir.path().join("secret.key"), repo.join("key.rhai")).unwrap();
+        let repo = repo.canonicalize().unwrap();
+        let scanned = scan(&repo, None, 1 << 20).unwrap();
+        let paths: Vec<&str> = scanned.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["a.rhai"]);
+        // A file swapped for a link between listing and reading is refused.
+        let err = read_inside(&repo, &repo.join("key.rhai"), "key.rhai").unwrap_err();
+        assert!(err.contains("became a link"), "{err}");
+        // A folder swapped for a link: what is opened through it is outside.
+        std::fs::remove_dir(repo.join("sub")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), repo.join("sub")).unwrap();
+        let err = read_inside(&repo, &repo.join("sub/secret.key"), "sub/secret.key").unwrap_err();
+        assert!(err.contains("led outside the repository"), "{err}");
+        // The size cap names itself.
+        std::fs::write(repo.join("b.rhai"), "x".repeat(2000)).unwrap();
+        let err = scan(&repo, None, 1000).unwrap_err();
+        assert!(err.contains("[limits] repository_bytes"), "{err}");
+        // A `.git` that is a file (gitdir: elsewhere) is not the repository's own.
+        std::fs::write(repo.join(".git"), "gitdir: /elsewhere").unwrap();
+        let err = scan(&repo, None, 1 << 20).unwrap_err();
+        assert!(
+            err.contains("not a folder of the repository's own"),
+            "{err}"
         );
     }
 
@@ -292,23 +408,23 @@ mod tests {
         std::fs::write(repo.join("a.rhai"), "fn a() { 1 }").unwrap();
         run(&["add", "."]);
         run(&["commit", "--quiet", "-m", "one"]);
-        let one = scan(repo, None).unwrap();
+        let one = scan(repo, None, 1 << 20).unwrap();
         std::fs::write(repo.join("a.rhai"), "fn a() { 2 }").unwrap();
         run(&["commit", "--quiet", "-am", "two"]);
         std::fs::write(repo.join("a.rhai"), "fn a() { uncommitted }").unwrap();
-        let two = scan(repo, None).unwrap();
+        let two = scan(repo, None, 1 << 20).unwrap();
         assert_ne!(one.commit, two.commit);
         assert_eq!(two.blobs[0].1, b"fn a() { 2 }");
-        let back = scan(repo, Some(&one.commit[..10])).unwrap();
+        let back = scan(repo, Some(&one.commit[..10]), 1 << 20).unwrap();
         assert_eq!(back.commit, one.commit);
         assert_eq!(back.blobs[0].1, b"fn a() { 1 }");
         assert!(
-            scan(repo, Some("no-such-commit"))
+            scan(repo, Some("no-such-commit"), 1 << 20)
                 .unwrap_err()
                 .contains("not a commit")
         );
         assert!(
-            scan(repo, Some("--help"))
+            scan(repo, Some("--help"), 1 << 20)
                 .unwrap_err()
                 .contains("not a commit")
         );
