@@ -58,19 +58,45 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 pub enum Role {
     /// The master: a server certificate for these names (DNS names or IP addresses).
     Master(Vec<String>),
-    /// An edge: a client certificate for the link, also used to serve its own API on
-    /// these names.
-    Edge {
-        /// The edge id (the certificate's common name).
+    /// An edge's link to the master: a client certificate only, naming the edge id (the
+    /// master checks that the name is the id the edge authenticates as).
+    EdgeLink {
+        /// The edge id.
+        edge_id: String,
+    },
+    /// An edge's client API: a server certificate only, for these names and the edge id.
+    EdgeApi {
+        /// The edge id.
         edge_id: String,
         /// Names it serves its API under.
         names: Vec<String>,
     },
 }
 
-/// Names the dev master and edge certificates cover: loopback only.
-pub fn loopback_names() -> Vec<String> {
-    vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+/// The names of the development master's certificate: `localhost` only, which no
+/// development edge certificate carries, so that no edge's key can pass for the master.
+pub fn master_dev_names() -> Vec<String> {
+    vec!["localhost".into()]
+}
+
+/// The names of a development edge's API certificate besides its id: the loopback
+/// addresses (clients reach development edges at `https://127.0.0.1:PORT`).
+pub fn edge_api_dev_names() -> Vec<String> {
+    vec!["127.0.0.1".into(), "::1".into()]
+}
+
+/// The certificate and key of an edge's API beside its link certificate `cert`
+/// (`site-1.pem` → `site-1-api.pem`, `site-1-api.key`).
+pub fn edge_api_paths(cert: &Path) -> (PathBuf, PathBuf) {
+    let stem = cert
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let folder = cert.parent().unwrap_or(Path::new(""));
+    (
+        folder.join(format!("{stem}-api.pem")),
+        folder.join(format!("{stem}-api.key")),
+    )
 }
 
 /// The CA key's path for a CA certificate path: `ca.pem` keeps its key in `ca.key`.
@@ -159,13 +185,15 @@ fn ensure_leaf(
             names.clone(),
             vec![ExtendedKeyUsagePurpose::ServerAuth],
         ),
-        Role::Edge { edge_id, names } => (
+        Role::EdgeLink { edge_id } => (
             edge_id.clone(),
-            names.clone(),
-            vec![
-                ExtendedKeyUsagePurpose::ClientAuth,
-                ExtendedKeyUsagePurpose::ServerAuth,
-            ],
+            vec![edge_id.clone()],
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        ),
+        Role::EdgeApi { edge_id, names } => (
+            edge_id.clone(),
+            names.iter().cloned().chain([edge_id.clone()]).collect(),
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
         ),
     };
     let mut params = CertificateParams::new(names)?;
@@ -226,39 +254,79 @@ pub fn write_dir(dir: &Path, edges: &[String]) -> Result<Vec<PathBuf>, PkiError>
     let mut leaves = vec![Leaf {
         cert: dir.join("master.pem"),
         key: dir.join("master.key"),
-        role: Role::Master(loopback_names()),
+        role: Role::Master(master_dev_names()),
     }];
     let mut secrets = Vec::new();
     for edge in edges {
-        leaves.push(Leaf {
-            cert: dir.join(format!("{edge}.pem")),
-            key: dir.join(format!("{edge}.key")),
-            role: Role::Edge {
-                edge_id: edge.clone(),
-                names: loopback_names(),
-            },
-        });
+        leaves.extend(edge_leaves(
+            edge,
+            &dir.join(format!("{edge}.pem")),
+            &dir.join(format!("{edge}.key")),
+        ));
         secrets.push(dir.join(format!("{edge}.secret")));
     }
     ensure(&dir.join("ca.pem"), &leaves, &secrets)
 }
 
+/// An edge's two certificates (link, at `cert` and `key`; API, beside them) for the
+/// development PKI.
+pub fn edge_leaves(edge_id: &str, cert: &Path, key: &Path) -> [Leaf; 2] {
+    let (api_cert, api_key) = edge_api_paths(cert);
+    [
+        Leaf {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            role: Role::EdgeLink {
+                edge_id: edge_id.to_string(),
+            },
+        },
+        Leaf {
+            cert: api_cert,
+            key: api_key,
+            role: Role::EdgeApi {
+                edge_id: edge_id.to_string(),
+                names: edge_api_dev_names(),
+            },
+        },
+    ]
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, with `mode` (Unix).
+/// The temporary file has a random name and is created exclusively (never through a
+/// file or link that is there already), so another user of the folder can neither
+/// predict it nor make the write land elsewhere.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io(parent))?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut file = options.open(&tmp).map_err(io(&tmp))?;
-    file.write_all(bytes).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (tmp, mut file) = loop {
+        let suffix: u64 = rand::random();
+        let tmp = path.with_file_name(format!(".{name}.{suffix:016x}.tmp"));
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+        #[cfg(not(unix))]
+        let _ = mode;
+        match options.open(&tmp) {
+            Ok(file) => break (tmp, file),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(err) => return Err(io(&tmp)(err)),
+        }
+    };
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(err) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io(path)(err));
+    }
+    Ok(())
 }
 
 /// An exclusive lock on a folder, held as a file created with `create_new`.
@@ -317,6 +385,8 @@ mod tests {
             "master.key",
             "site-1.pem",
             "site-1.key",
+            "site-1-api.pem",
+            "site-1-api.key",
             "site-1.secret",
             "site-2.pem",
             "site-2.key",
@@ -328,7 +398,13 @@ mod tests {
             );
         }
         #[cfg(unix)]
-        for name in ["ca.key", "master.key", "site-1.key", "site-1.secret"] {
+        for name in [
+            "ca.key",
+            "master.key",
+            "site-1.key",
+            "site-1-api.key",
+            "site-1.secret",
+        ] {
             use std::os::unix::fs::PermissionsExt;
             let mode = fs::metadata(dir.path().join(name))
                 .unwrap()
@@ -353,8 +429,92 @@ mod tests {
         write_dir(dir.path(), &["site-1".into()]).unwrap();
         let ca_before = fs::read(dir.path().join("ca.pem")).unwrap();
         let created = write_dir(dir.path(), &["site-3".into()]).unwrap();
-        assert_eq!(created.len(), 3);
+        assert_eq!(created.len(), 5, "link and API pairs, and the secret");
         assert_eq!(ca_before, fs::read(dir.path().join("ca.pem")).unwrap());
+    }
+
+    #[test]
+    fn temporary_files_are_random_and_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("secret");
+        // Whatever sits at a name another process might guess is left alone.
+        let decoy = dir.path().join("decoy");
+        fs::write(&decoy, "untouched").unwrap();
+        #[cfg(unix)]
+        for guess in [
+            format!("secret.tmp{}", std::process::id()),
+            ".secret.tmp".into(),
+        ] {
+            std::os::unix::fs::symlink(&decoy, dir.path().join(guess)).unwrap();
+        }
+        write_atomic(&target, b"value", 0o600).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"value");
+        assert_eq!(fs::read(&decoy).unwrap(), b"untouched");
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".tmp") && n.starts_with(".secret."))
+            .collect();
+        assert!(left.iter().all(|n| n == ".secret.tmp"), "{left:?}");
+    }
+
+    #[test]
+    fn edge_certificates_split_the_link_from_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dir(dir.path(), &["site-1".into()]).unwrap();
+        let der = |name: &str| {
+            let pem = fs::read_to_string(dir.path().join(name)).unwrap();
+            rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+                .map(|c: rustls_pki_types::CertificateDer<'static>| c)
+                .unwrap()
+        };
+        let link = der("site-1.pem");
+        let api = der("site-1-api.pem");
+        let master = der("master.pem");
+        let link = webpki::EndEntityCert::try_from(&link).unwrap();
+        let api = webpki::EndEntityCert::try_from(&api).unwrap();
+        let master = webpki::EndEntityCert::try_from(&master).unwrap();
+        let name = |n: &str| rustls_pki_types::ServerName::try_from(n.to_string()).unwrap();
+        link.verify_is_valid_for_subject_name(&name("site-1"))
+            .unwrap();
+        assert!(
+            link.verify_is_valid_for_subject_name(&name("localhost"))
+                .is_err()
+        );
+        api.verify_is_valid_for_subject_name(&name("127.0.0.1"))
+            .unwrap();
+        assert!(
+            api.verify_is_valid_for_subject_name(&name("localhost"))
+                .is_err(),
+            "no edge certificate names the master"
+        );
+        master
+            .verify_is_valid_for_subject_name(&name("localhost"))
+            .unwrap();
+        assert!(
+            master
+                .verify_is_valid_for_subject_name(&name("127.0.0.1"))
+                .is_err()
+        );
+        // The link certificate authenticates a client only; the API's serves only.
+        let ca = der("ca.pem");
+        let anchors = [webpki::anchor_from_trusted_cert(&ca).unwrap()];
+        let usable_for = |cert: &webpki::EndEntityCert<'_>, usage: webpki::KeyUsage| {
+            cert.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+                usage,
+                None,
+                None,
+            )
+            .is_ok()
+        };
+        assert!(usable_for(&link, webpki::KeyUsage::client_auth()));
+        assert!(!usable_for(&link, webpki::KeyUsage::server_auth()));
+        assert!(usable_for(&api, webpki::KeyUsage::server_auth()));
+        assert!(!usable_for(&api, webpki::KeyUsage::client_auth()));
     }
 
     #[test]

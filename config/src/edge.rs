@@ -53,10 +53,18 @@ pub struct EdgeConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeTls {
-    /// PEM client certificate presented to the master (and served on the edge's API).
+    /// PEM client certificate presented to the master: for client authentication only,
+    /// naming the edge id.
     pub cert: PathBuf,
     /// PEM private key of `cert`.
     pub key: PathBuf,
+    /// PEM server certificate of the edge's client API (its own names, never the
+    /// master's). Default: beside `cert`, `ID-api.pem` for `ID.pem`.
+    #[serde(default)]
+    pub api_cert: PathBuf,
+    /// PEM private key of `api_cert`. Default: beside `cert`, `ID-api.key`.
+    #[serde(default)]
+    pub api_key: PathBuf,
     /// PEM CA the master's certificate must chain to.
     pub ca: PathBuf,
     /// Create a development PKI where the files are missing (examples and tests only).
@@ -87,6 +95,27 @@ impl EdgeConfig {
         config.tls.cert = resolve(&base, &config.tls.cert);
         config.tls.key = resolve(&base, &config.tls.key);
         config.tls.ca = resolve(&base, &config.tls.ca);
+        let stem = config
+            .tls
+            .cert
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let folder = config
+            .tls
+            .cert
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let or_beside = |path: &Path, default: String| {
+            if path.as_os_str().is_empty() {
+                folder.join(default)
+            } else {
+                resolve(&base, path)
+            }
+        };
+        config.tls.api_cert = or_beside(&config.tls.api_cert, format!("{stem}-api.pem"));
+        config.tls.api_key = or_beside(&config.tls.api_key, format!("{stem}-api.key"));
         config.validate(path)?;
         Ok(config)
     }

@@ -34,17 +34,11 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     let config = EdgeConfig::load(config_path)?;
     tls::install_crypto_provider();
     if config.tls.create_dev_certs {
-        let leaf = pki::Leaf {
-            cert: config.tls.cert.clone(),
-            key: config.tls.key.clone(),
-            role: pki::Role::Edge {
-                edge_id: config.edge_id.clone(),
-                names: pki::loopback_names(),
-            },
-        };
+        let [link, mut api] = pki::edge_leaves(&config.edge_id, &config.tls.cert, &config.tls.key);
+        (api.cert, api.key) = (config.tls.api_cert.clone(), config.tls.api_key.clone());
         for path in pki::ensure(
             &config.tls.ca,
-            &[leaf],
+            &[link, api],
             std::slice::from_ref(&config.secret_file),
         )? {
             tracing::info!("created development file {}", path.display());
@@ -64,7 +58,7 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
             config.max_frame_bytes as usize,
         ),
     };
-    let api_tls = tls::server_config(&config.tls.cert, &config.tls.key, None)?;
+    let api_tls = tls::server_config(&config.tls.api_cert, &config.tls.api_key, None)?;
     // Everything is checked; only now write to the data folder.
     tether_common::store::create_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;

@@ -148,10 +148,13 @@ async fn answer_requests(
                 control.link_event(EdgeEvent::MasterReady, None);
                 Ok(Response::Ack)
             }
-            Request::Hello { api_url } => {
-                context.links.set_master_api(api_url);
-                Ok(Response::Ack)
-            }
+            Request::Hello { api_url } => match tether_common::api::checked_api_url(&api_url) {
+                Ok(api_url) => {
+                    context.links.set_master_api(api_url);
+                    Ok(Response::Ack)
+                }
+                Err(why) => Err(RemoteError::new(ErrorCode::BadRequest, why)),
+            },
             _ => Err(RemoteError::new(
                 ErrorCode::Unsupported,
                 "this edge does not handle that request yet",

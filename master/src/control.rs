@@ -19,6 +19,7 @@ use tether_common::control::{
 use tether_common::link::LinkError;
 use tether_common::model::{EdgeRecord, Model, Standby};
 use tether_common::protocol::{ErrorCode, Request, Response};
+use tether_common::report::printable;
 use tether_common::runtime::{ReloadRefused, Runtime};
 use tether_common::store::{AuditSource, Store};
 use tokio::sync::{mpsc, oneshot};
@@ -170,22 +171,23 @@ impl Control {
         let store = self.store.clone();
         let edge = edge.to_string();
         tokio::task::spawn_blocking(move || {
+            // What an edge says is written escaped: it can neither forge log lines nor
+            // colour a terminal.
             for event in &events {
+                let reason = printable(&event.reason, 1024);
                 match &event.code {
                     Some(code) => tracing::warn!(
                         edge = %event.edge,
-                        repository = %code.repository,
+                        repository = %printable(&code.repository, 128),
                         refused = code.refused,
-                        "the edge reports a change of driver code: {}",
-                        event.reason
+                        "the edge reports a change of driver code: {reason}"
                     ),
                     None => tracing::warn!(
                         edge = %event.edge,
                         from = owner_name(event.from),
                         to = owner_name(event.to),
                         epoch = event.epoch,
-                        "the edge reports a change of owner: {}",
-                        event.reason
+                        "the edge reports a change of owner: {reason}"
                     ),
                 }
             }

@@ -87,7 +87,7 @@ pub async fn serve_edge(
                 match serde_json::from_str(&value.0) {
                     Ok(value) => control.status(&edge_id, &module_id, &key, value, epoch),
                     Err(err) => {
-                        tracing::warn!(edge = %edge_id, module = %module_id, "a status change that is not JSON is ignored: {err}")
+                        tracing::warn!(edge = %edge_id, module = %printable(&module_id, 64), "a status change that is not JSON is ignored: {err}")
                     }
                 }
                 continue;
@@ -189,13 +189,15 @@ pub async fn serve_edge(
 /// rate) recorded in the audit log with the edge's records.
 async fn refuse(guard: &LinkGuard, control: &Control, edge_id: &str, what: &str, refusal: &str) {
     control.metrics().refused(edge_id, what);
+    // The refusal quotes what the edge asked for: escaped in the log.
+    let logged = printable(refusal, 512);
     if guard.audit_refusal(edge_id) {
-        tracing::warn!(edge = %edge_id, "refused: {refusal}");
+        tracing::warn!(edge = %edge_id, "refused: {logged}");
         control
             .record_refusal(edge_id, format!("refused: {refusal}"))
             .await;
     } else {
-        tracing::debug!(edge = %edge_id, "refused (not audited: over the rate): {refusal}");
+        tracing::debug!(edge = %edge_id, "refused (not audited: over the rate): {logged}");
     }
 }
 

@@ -36,7 +36,7 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
         let leaf = pki::Leaf {
             cert: config.tls.cert.clone(),
             key: config.tls.key.clone(),
-            role: pki::Role::Master(pki::loopback_names()),
+            role: pki::Role::Master(pki::master_dev_names()),
         };
         let secrets: Vec<_> = seed
             .iter()

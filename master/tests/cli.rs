@@ -123,9 +123,10 @@ fn certs_writes_a_dev_pki_and_refuses_bad_edge_ids() {
         "site-1,site-2",
     ]);
     assert_eq!(code, 0);
+    // The CA and the master's pairs, and per edge a link pair, an API pair and a secret.
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("created ")).count(),
-        10,
+        14,
         "{stdout}"
     );
     let (code, stdout, _) = master(&["certs", "--dir", out.to_str().unwrap(), "--edges", "site-1"]);

@@ -1,7 +1,8 @@
 //! The fault campaign: a master, two edges (each link through a [`FaultProxy`]) and a
 //! projector simulator per edge, under a client that keeps writing the data model and
 //! running methods, while faults chosen at random from a printed seed hit them one after
-//! another: SIGKILL or SIGSTOP of a server, a cut, slowed or reset link.
+//! another: SIGKILL or SIGSTOP of a server, a cut, slowed or reset link, or a flood of
+//! connections that never authenticate against both of the master's ports.
 //!
 //! What it checks, and where the evidence comes from:
 //! - no data-model write that got a 2xx is lost: each write raises a per-system counter, so
@@ -13,7 +14,8 @@
 //! - two sides ran the same edge's modules only within a link fault: the simulators log
 //!   each device session with its time, and an interval with two sessions open at once
 //!   must begin after a fault touching that edge began and end within [`GRACE`] of its end.
-//!   Each such interval's length is reported.
+//!   Each such interval's length is reported. A flood touches no edge's link: no edge may
+//!   lose its link to one, so two sessions during a flood are a violation.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -25,8 +27,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
+use tether_common::link::tls;
+
 use crate::api::ApiClient;
 use crate::cluster::{Cluster, ClusterSpec};
+use crate::flood::{Flood, FloodKind};
 use crate::sim::Sim;
 use crate::wait_for;
 
@@ -69,9 +74,10 @@ enum Kind {
     CutLink,
     SlowLink,
     ResetLink,
+    Flood,
 }
 
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 8] = [
     Kind::KillMaster,
     Kind::FreezeMaster,
     Kind::KillEdge,
@@ -79,7 +85,11 @@ const KINDS: [Kind; 7] = [
     Kind::CutLink,
     Kind::SlowLink,
     Kind::ResetLink,
+    Kind::Flood,
 ];
+
+/// Connections of each kind (idle TCP, silent TLS) a flood fault opens on each port.
+const FLOOD_CONNECTIONS: usize = 1_000;
 
 /// One fault as applied: which edges' links it touched, and when.
 #[derive(Debug, Clone)]
@@ -93,7 +103,7 @@ struct Fault {
 
 impl Fault {
     fn touches(&self, edge: usize) -> bool {
-        self.edge.is_none_or(|e| e == edge)
+        self.kind != Kind::Flood && self.edge.is_none_or(|e| e == edge)
     }
 }
 
@@ -298,7 +308,7 @@ fn client(cluster: &Cluster, edge: Option<usize>) -> ApiClient {
 async fn inflict(cluster: &mut Cluster, rng: &mut StdRng, observed: &Mutex<Observed>) -> Fault {
     let kind = KINDS[rng.random_range(0..KINDS.len())];
     let edge = match kind {
-        Kind::KillMaster | Kind::FreezeMaster => None,
+        Kind::KillMaster | Kind::FreezeMaster | Kind::Flood => None,
         _ => Some(rng.random_range(0..2)),
     };
     // Some shorter than the failover timeout, some well beyond it.
@@ -343,6 +353,11 @@ async fn inflict(cluster: &mut Cluster, rng: &mut StdRng, observed: &Mutex<Obser
         (Kind::ResetLink, Some(e)) => {
             cluster.proxies[e].reset();
         }
+        (Kind::Flood, _) => {
+            let floods = floods(cluster);
+            tokio::time::sleep(length).await;
+            drop(floods);
+        }
         _ => unreachable!("edge faults name an edge"),
     }
     Fault {
@@ -351,6 +366,32 @@ async fn inflict(cluster: &mut Cluster, rng: &mut StdRng, observed: &Mutex<Obser
         start,
         end: SystemTime::now(),
     }
+}
+
+/// Idle TCP and silent TLS connections against both of the master's ports (the silent
+/// TLS ones on the link port with a stolen edge certificate, without its secret).
+fn floods(cluster: &Cluster) -> Vec<Flood> {
+    let certs = cluster.path("certs");
+    let link_tls = tls::client_config(
+        &cluster.ca(),
+        Some((&certs.join("site-1.pem"), &certs.join("site-1.key"))),
+    )
+    .expect("site-1's certificate");
+    let api_tls = Arc::new(tls::api_client_config(&cluster.ca()).expect("the CA"));
+    vec![
+        Flood::start(cluster.link_addr, FLOOD_CONNECTIONS, FloodKind::IdleTcp),
+        Flood::start(
+            cluster.link_addr,
+            FLOOD_CONNECTIONS,
+            FloodKind::SilentTls(link_tls),
+        ),
+        Flood::start(cluster.api_addr, FLOOD_CONNECTIONS, FloodKind::IdleTcp),
+        Flood::start(
+            cluster.api_addr,
+            FLOOD_CONNECTIONS,
+            FloodKind::SilentTls(api_tls),
+        ),
+    ]
 }
 
 fn system_record(index: usize, n: u64) -> Value {

@@ -110,9 +110,10 @@ impl Cluster {
         std::fs::write(
             root.join("master.toml"),
             format!(
-                "data_dir = \"data/master\"\napi_listen = \"{api_addr}\"\nlink_listen = \"{link_addr}\"\n\
+                "data_dir = \"data/master\"\napi_listen = \"{api_addr}\"\napi_url = \"https://localhost:{}\"\nlink_listen = \"{link_addr}\"\n\
                  seed = \"site.toml\"\nrepositories_root = \"{}\"\nheartbeat_ms = {}\nhandshake_timeout_ms = {}\nboot_wait_ms = {}\n{}\n\
                  [tls]\ncert = \"certs/master.pem\"\nkey = \"certs/master.key\"\nca = \"certs/ca.pem\"\n",
+                api_addr.port(),
                 spec.repositories_root,
                 spec.heartbeat_ms,
                 spec.handshake_timeout_ms,
@@ -222,7 +223,9 @@ impl Cluster {
     /// An API client of edge `index` (no token).
     pub fn edge_api(&self, index: usize) -> ApiClient {
         ApiClient::new(
-            &format!("https://localhost:{}", self.edge_api_addrs[index].port()),
+            // Development edge certificates name the loopback address, not `localhost`
+            // (the master's name).
+            &format!("https://127.0.0.1:{}", self.edge_api_addrs[index].port()),
             &self.ca(),
             None,
         )

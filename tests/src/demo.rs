@@ -86,8 +86,10 @@ impl Demo {
         let port = listen.rsplit_once(':').unwrap().1;
         let token =
             std::fs::read_to_string(self.dir.join(format!("data/{edge}/admin.token"))).unwrap();
+        // Development edge certificates name the loopback address, not `localhost` (the
+        // master's name).
         ApiClient::new(
-            &format!("https://localhost:{port}"),
+            &format!("https://127.0.0.1:{port}"),
             &self.dir.join("certs/ca.pem"),
             Some(token.trim().to_string()),
         )

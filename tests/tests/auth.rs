@@ -316,3 +316,48 @@ async fn a_second_link_for_the_same_edge_replaces_the_first_only_once_authentica
     )
     .await;
 }
+
+/// An edge's client certificate names its edge id: site-1's certificate with site-2's
+/// secret does not make a link, while site-2's own certificate does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_certificate_must_name_its_edge() {
+    let mut spec = ClusterSpec::edges(2);
+    spec.handshake_timeout_ms = 1000;
+    let mut cluster = Cluster::start(spec).await;
+    cluster
+        .wait_edge_online("site-2", true, Duration::from_secs(10))
+        .await;
+    cluster.edges[1].kill();
+    cluster
+        .wait_edge_online("site-2", false, Duration::from_secs(5))
+        .await;
+    tls::install_crypto_provider();
+    let before = cluster.master.count_in_log("does not name edge site-2");
+    let mut borrowed = tether_tests::rogue::edge_connector(
+        &cluster,
+        "site-2",
+        LinkConfig::with_heartbeat(Duration::from_secs(1), 1 << 20),
+    );
+    borrowed.tls = edge_tls(&cluster, &cluster.path("certs"), "site-1");
+    if let Ok((link, _incoming)) = connect_once(&borrowed).await {
+        tokio::time::timeout(Duration::from_secs(3), link.closed())
+            .await
+            .expect("the master drops the link at once");
+    }
+    logged(&cluster, "does not name edge site-2", before).await;
+    assert_eq!(
+        cluster.master_api().edge_online("site-2").await,
+        Some(false)
+    );
+    // Its own certificate passes.
+    let own = tether_tests::rogue::edge_connector(
+        &cluster,
+        "site-2",
+        LinkConfig::with_heartbeat(Duration::from_secs(1), 1 << 20),
+    );
+    let (link, _incoming) = connect_once(&own).await.expect("site-2's own certificate");
+    cluster
+        .wait_edge_online("site-2", true, Duration::from_secs(5))
+        .await;
+    link.close("done");
+}

@@ -421,6 +421,43 @@ async fn a_rogue_edge_reaches_nothing_of_another_site() {
         .unwrap_or(0);
     assert!(counted >= refused as u64, "{metrics}");
 
+    // What it announces or reports is checked and escaped: an API address that is not a
+    // plain https origin does not become a client's hint; a reason cannot forge a log
+    // line.
+    let (code, message) = refusal(
+        "a hint with a user and a path",
+        rogue
+            .request(Request::Hello {
+                api_url: "https://user@evil.example/steal".into(),
+            })
+            .await,
+    );
+    assert_eq!(code, ErrorCode::BadRequest, "{message}");
+    let forged_line = AuditRecord {
+        time_ms: 1,
+        edge: "site-2".into(),
+        from: ControlOwner::Edge,
+        to: ControlOwner::Edge,
+        epoch: 0,
+        reason: "took control\n2026-01-01T00:00:00Z  INFO FORGED LINE\u{1b}[31m".into(),
+        code: None,
+    };
+    rogue
+        .request(Request::AuditEvents {
+            events: vec![forged_line],
+        })
+        .await
+        .expect("its own audit event is taken");
+    let log = setup.cluster.master.log_text();
+    assert!(
+        log.contains("took control\\n2026-01-01"),
+        "escaped in the log"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")) && !log.contains('\u{1b}'),
+        "no forged line, no escape sequence"
+    );
+
     // Its own site still works: the rogue's link is up and serves what is its own.
     match rogue
         .request(Request::SyncRequest {

@@ -142,7 +142,11 @@ pub async fn run_listener(
             drop(handshaking);
             let (edge_id, stream, leftover) = match outcome {
                 Ok(Ok(done)) => done,
-                Ok(Err(reason)) => return tracing::warn!(%addr, "edge link refused: {reason}"),
+                // The reason may quote what the peer sent: escaped.
+                Ok(Err(reason)) => {
+                    let reason = crate::report::printable(&reason, 512);
+                    return tracing::warn!(%addr, "edge link refused: {reason}");
+                }
                 Err(_) => {
                     return tracing::warn!(
                         %addr,
@@ -209,5 +213,15 @@ async fn authenticate(
     let (edge_id, done) = master_handshake(tls, &exporter, |id| secrets.secret(id))
         .await
         .map_err(|err| err.to_string())?;
+    // A client certificate, when the master asks for one, must be this edge's own.
+    if let Some(certificate) = done
+        .stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+    {
+        super::tls::names_edge(certificate, &edge_id)?;
+    }
     Ok((edge_id, done.stream, done.leftover))
 }

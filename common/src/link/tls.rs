@@ -134,3 +134,17 @@ pub fn api_client_config(ca: &Path) -> Result<rustls::ClientConfig, TlsError> {
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.to_string()))
 }
+
+/// Whether the end-entity certificate a client presented names `edge_id` (a DNS name in
+/// its subject alternative names): an edge's link certificate is tied to its id, so one
+/// site's certificate cannot carry another site's secret. The error says why not.
+pub fn names_edge(certificate: &CertificateDer<'_>, edge_id: &str) -> Result<(), String> {
+    let name = ServerName::try_from(edge_id.to_string()).map_err(|_| {
+        format!("edge id {edge_id:?} is not a DNS name, so no certificate can name it")
+    })?;
+    let parsed = webpki::EndEntityCert::try_from(certificate)
+        .map_err(|err| format!("the client certificate cannot be read: {err}"))?;
+    parsed
+        .verify_is_valid_for_subject_name(&name)
+        .map_err(|_| format!("the client certificate does not name edge {edge_id}"))
+}

@@ -187,6 +187,7 @@ fn master_file(layout: &Layout, ports: &Ports) -> String {
         r#"# Written by tether-master demo.
 data_dir = {data}
 api_listen = "127.0.0.1:{api}"
+api_url = "https://localhost:{api}"
 link_listen = "127.0.0.1:{link}"
 seed = {seed}
 repositories_root = {drivers}

@@ -193,7 +193,13 @@ impl Api {
             .timeout(Duration::from_secs(10))
             .build()?;
         Ok(Api {
-            base: format!("https://localhost:{port}"),
+            // Development certificates: the master is `localhost`, an edge the loopback
+            // address (no edge's certificate may name the master).
+            base: if name == "master" {
+                format!("https://localhost:{port}")
+            } else {
+                format!("https://127.0.0.1:{port}")
+            },
             token: String::new(),
             http,
             token_file: layout.data(name).join("admin.token"),
@@ -332,7 +338,7 @@ Try, in another terminal:
   # the same, on the edge itself:
   curl -s --cacert {ca} -H "Authorization: Bearer $(cat {edge_token})" \
     -d '{{"method":"present","args":[3]}}' \
-    https://localhost:{edge}/api/v1/systems/room-101/modules/Room/1/exec
+    https://127.0.0.1:{edge}/api/v1/systems/room-101/modules/Room/1/exec
   # with the command-line client:
   cargo run -q -p tether-cli -- --server https://localhost:{api} --ca {ca} \
     --token-file {master_token} edges
