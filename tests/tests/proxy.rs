@@ -653,7 +653,10 @@ async fn each_role_gets_what_it_may_on_master_and_edge() {
 
     // Tokens are stored hashed, and the hashes leave the master only over an edge's link:
     // neither the slice nor the replica shows them, to any role.
-    let (_, slice) = master.get("/api/v1/edges/site-1/slice").await;
+    let (_, slice) = master
+        .with_token(Some(viewer.clone()))
+        .get("/api/v1/edges/site-1/slice")
+        .await;
     let (_, replica) = on_edge(&viewer).get("/api/v1/replica").await;
     for text in [slice.to_string(), replica.to_string()] {
         assert!(text.contains("\"otto\""), "the users are listed: {text}");

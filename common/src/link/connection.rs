@@ -464,18 +464,7 @@ impl Link {
         let (tx, rx) = oneshot::channel();
         let id = self.register(Pending::Unary(tx))?;
         let exchange = async {
-            let sent = self
-                .send(Envelope::Request {
-                    id,
-                    deadline_ms: deadline_ms(timeout),
-                    body,
-                    on_behalf,
-                })
-                .await;
-            if let Err(err) = sent {
-                self.lock_pending().remove(&id);
-                return Err(err);
-            }
+            self.send_request(id, timeout, body, on_behalf).await?;
             match rx.await {
                 Ok(result) => result,
                 Err(_) => Err(self.closed_error()),
@@ -509,6 +498,23 @@ impl Link {
     ) -> Result<ResponseStream, LinkError> {
         let (tx, rx) = mpsc::channel(self.shared.config.stream_queue.max(2));
         let id = self.register(Pending::Stream(tx))?;
+        self.send_request(id, timeout, body, on_behalf).await?;
+        Ok(ResponseStream {
+            id,
+            rx,
+            link: self.clone(),
+        })
+    }
+
+    /// Queues request `id` (registered already); if it cannot go, its waiter is removed
+    /// and the error is the sender's.
+    async fn send_request(
+        &self,
+        id: u64,
+        timeout: Duration,
+        body: Request,
+        on_behalf: Option<OnBehalf>,
+    ) -> Result<(), LinkError> {
         let sent = self
             .send(Envelope::Request {
                 id,
@@ -517,15 +523,10 @@ impl Link {
                 on_behalf,
             })
             .await;
-        if let Err(err) = sent {
+        if sent.is_err() {
             self.lock_pending().remove(&id);
-            return Err(err);
         }
-        Ok(ResponseStream {
-            id,
-            rx,
-            link: self.clone(),
-        })
+        sent
     }
 
     /// Sends a one-way notice.
