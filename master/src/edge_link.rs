@@ -9,11 +9,12 @@ use tether_common::link::{Incoming, Link};
 use tether_common::model::sync::ReplicaPosition;
 use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request, Response};
 use tether_common::report::printable;
+use tether_common::runtime::MAX_STATUS_VALUE;
 
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::control::Control;
-use crate::link_guard::{AuditRefused, LinkGuard, fetchable, runs_module};
+use crate::link_guard::{AuditRefused, LinkGuard, REASON_MAX, cut, fetchable, runs_module};
 use crate::repos::push_code;
 use crate::server::LinkContext;
 use crate::sync::{answer_sync, push_changes};
@@ -56,9 +57,9 @@ pub async fn serve_edge(
     let blob_fetches = Arc::new(Semaphore::new(BLOB_FETCHES_PER_LINK));
     while let Some(item) = incoming.recv().await {
         let request = match item {
-            Incoming::Request(request) => {
+            Incoming::Request(mut request) => {
                 let (current, _) = model.snapshot();
-                if let Err(refusal) = guard.admit(&current, &edge_id, &request) {
+                if let Err(refusal) = guard.admit(&current, &edge_id, &mut request) {
                     refuse(&guard, &control, &edge_id, "request", &refusal).await;
                     let error = RemoteError::new(ErrorCode::Forbidden, refusal);
                     request.responder.respond(Err(error)).await;
@@ -79,7 +80,8 @@ pub async fn serve_edge(
                 _,
             ) => {
                 let (current, _) = model.snapshot();
-                if !runs_module(&current, &edge_id, &module_id) {
+                if value.0.len() > MAX_STATUS_VALUE || !runs_module(&current, &edge_id, &module_id)
+                {
                     metrics.refused(&edge_id, "notice");
                     tracing::debug!(edge = %edge_id, module = %printable(&module_id, 64), "a status change for a module the edge does not run is ignored");
                     continue;
@@ -193,9 +195,9 @@ async fn refuse(guard: &LinkGuard, control: &Control, edge_id: &str, what: &str,
     let logged = printable(refusal, 512);
     if guard.audit_refusal(edge_id) {
         tracing::warn!(edge = %edge_id, "refused: {logged}");
-        control
-            .record_refusal(edge_id, format!("refused: {refusal}"))
-            .await;
+        let mut reason = format!("refused: {refusal}");
+        cut(&mut reason, REASON_MAX);
+        control.record_refusal(edge_id, reason).await;
     } else {
         tracing::debug!(edge = %edge_id, "refused (not audited: over the rate): {logged}");
     }

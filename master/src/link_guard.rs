@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use tether_common::api::{Access, LinkNeed, link_need, link_target};
+use tether_common::api::{Access, LinkNeed, link_need, link_target, pin_module};
 use tether_common::code::{Code, Hash};
 use tether_common::link::IncomingRequest;
 use tether_common::model::Model;
@@ -21,8 +21,11 @@ const AUDIT_BURST: u32 = 1_000;
 const AUDIT_PER_SECOND: u32 = 10;
 /// Audit records in one report; the edge sends more in further reports.
 pub const AUDIT_BATCH_MAX: usize = 256;
-/// The longest reason kept of an audit record an edge reports.
-const REASON_MAX: usize = 1_024;
+/// The longest reason kept of an audit record (an edge's report, or a refusal).
+pub const REASON_MAX: usize = 1_024;
+/// The longest name kept in an edge's report of a code change (repository, commits,
+/// driver, module).
+const NAME_MAX: usize = 128;
 /// Blobs one fetch may ask for (a repository of more files is fetched in several).
 pub const BLOBS_PER_FETCH: usize = 4_096;
 /// Refusals recorded in the audit log per edge at once, and per second after that; the
@@ -63,13 +66,15 @@ impl LinkGuard {
     }
 
     /// Whether edge `edge` may have `request` served; the refusal says why, naming the
-    /// edge and what it asked.
+    /// edge and what it asked. The module it addresses is pinned by id first, so the
+    /// module judged is the module run.
     pub fn admit(
         &self,
         model: &Model,
         edge: &str,
-        request: &IncomingRequest,
+        request: &mut IncomingRequest,
     ) -> Result<(), String> {
+        pin_module(model, &mut request.body);
         match link_need(model, edge, &request.body) {
             LinkNeed::Own => Ok(()),
             LinkNeed::Never(what) => Err(format!(
@@ -130,12 +135,30 @@ impl LinkGuard {
                 "edge {edge} reports audit events faster than {AUDIT_PER_SECOND} a second: report again later"
             )));
         }
+        // Every text field cut: what an edge can make the master store is bounded in
+        // bytes, not only in records.
         for event in &mut events {
-            if event.reason.chars().count() > REASON_MAX {
-                event.reason = event.reason.chars().take(REASON_MAX).collect();
+            cut(&mut event.reason, REASON_MAX);
+            if let Some(code) = &mut event.code {
+                cut(&mut code.repository, NAME_MAX);
+                cut(&mut code.to, NAME_MAX);
+                if let Some(from) = &mut code.from {
+                    cut(from, NAME_MAX);
+                }
+                if let Some((driver, module)) = &mut code.module {
+                    cut(driver, NAME_MAX);
+                    cut(module, NAME_MAX);
+                }
             }
         }
         Ok(events)
+    }
+}
+
+/// Cuts `text` to at most `max` characters.
+pub fn cut(text: &mut String, max: usize) {
+    if let Some((at, _)) = text.char_indices().nth(max) {
+        text.truncate(at);
     }
 }
 

@@ -254,3 +254,44 @@ async fn a_peer_that_stops_reading_cannot_hang_the_sender() {
     }
     assert!(matches!(outcome, Some(LinkError::Closed(_)) | None));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_its_reader_falls_behind_on_is_cut_off_in_bytes() {
+    // Frames up to 2 MiB; the reader's side keeps at most 32 MiB of what waits for it.
+    let (edge, mut edge_incoming, master, _master_incoming, _keep) = pair(2 << 20, false).await;
+    let module = ModuleRef::new("room", "Display", 1);
+    let mut stream = master
+        .request_stream(Request::DebugSubscribe { module }, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let Some(Incoming::Request(request)) = edge_incoming.recv().await else {
+        panic!()
+    };
+    // Forty items of 1.5 MiB, far fewer than the stream's 256 slots, but 60 MiB.
+    let line = "x".repeat(1536 * 1024);
+    for sent in 0..40u64 {
+        let item = StreamItem::Debug {
+            time_ms: sent,
+            line: line.clone(),
+        };
+        if request.responder.item(item).await.is_err() {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut items = 0;
+    let outcome = loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+            Ok(Some(Ok(_))) => items += 1,
+            Ok(Some(Err(err))) => break Some(err),
+            Ok(None) | Err(_) => break None,
+        }
+    };
+    assert!(
+        matches!(outcome, Some(LinkError::Overflow)),
+        "{items} items, then {outcome:?}"
+    );
+    assert!(items < 30, "{items} items of 1.5 MiB waited for the reader");
+    // The link itself carries on.
+    assert!(!edge.is_closed() && !master.is_closed());
+}

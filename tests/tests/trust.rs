@@ -764,5 +764,12 @@ async fn what_an_edge_can_make_the_master_hold_is_bounded() {
         (200, &json!("edge:site-1")),
         "{body}"
     );
+    // A peer that reads nothing, though it keeps sending heartbeats, loses its link once
+    // the master's writes to it stall for three heartbeats.
+    setup
+        .cluster
+        .master
+        .wait_for_log("the peer read nothing for", 10 * SECOND)
+        .await;
     drop(deaf);
 }

@@ -8,7 +8,9 @@
 //! dropped for the newest, so idle or silent connections can never hold every slot
 //! (`/api/v1/health` keeps answering). Authenticated connections are capped at
 //! `max_connections`; one over the cap stays pending. Any connection with no request open
-//! for `client_timeout` ends (an HTTP/2 client that only answers pings included). Request
+//! for `client_timeout` ends (an HTTP/2 client that only answers pings included). A
+//! WebSocket, once upgraded (which takes a valid token), leaves this loop: the WebSocket
+//! API bounds its messages and queues. Request
 //! heads are at most [`MAX_HEAD_BYTES`]; bodies are read only after authentication
 //! ([`read_body`]).
 

@@ -64,11 +64,32 @@ pub fn link_need(model: &Model, edge: &str, body: &Request) -> LinkNeed {
     }
 }
 
+/// Names by id the module a request addresses by system, name and index, as `model`
+/// resolves it: the policy judges that module, and the runtime then runs that same module
+/// even if its own view of the model is a moment behind.
+pub fn pin_module(model: &Model, body: &mut Request) {
+    let at = match body {
+        Request::Execute { module, .. }
+        | Request::StatusRequest { module }
+        | Request::DebugRead { module }
+        | Request::StatusSubscribe { module }
+        | Request::DebugSubscribe { module }
+        | Request::DebugUnsubscribe { module } => module,
+        _ => return,
+    };
+    if at.id.is_none()
+        && let Some(module) = model.system_module(&at.system, &at.name, at.index)
+    {
+        at.id = Some(module.id.clone());
+    }
+}
+
 /// What a request over a link asks, for a refusal's message: `exec power on room-201
 /// Display 1`.
 pub fn link_target(body: &Request) -> String {
     let module = |at: &ModuleRef| match &at.id {
-        Some(id) => format!("module {id}"),
+        Some(id) if at.system.is_empty() => format!("module {id}"),
+        Some(id) => format!("{} {} {} (module {id})", at.system, at.name, at.index),
         None => format!("{} {} {}", at.system, at.name, at.index),
     };
     match body {
@@ -257,6 +278,16 @@ mod tests {
             link_target(&exec(ModuleRef::new("r2", "Display", 1))),
             "exec m on r2 Display 1"
         );
-        assert_eq!(link_target(&exec(by_id("r1", "d2"))), "exec m on module d2");
+        assert_eq!(
+            link_target(&exec(by_id("r1", "d2"))),
+            "exec m on r1 Display 1 (module d2)"
+        );
+        // Pinned: what the policy judged is what runs.
+        let mut pinned = exec(ModuleRef::new("r2", "Display", 1));
+        pin_module(&model, &mut pinned);
+        assert_eq!(link_need(&model, "e1", &pinned), operator);
+        assert!(
+            matches!(&pinned, Request::Execute { module, .. } if module.id.as_deref() == Some("d2"))
+        );
     }
 }

@@ -17,7 +17,7 @@ pub use audit::{audit_entry_json, audit_json, rfc3339};
 pub use error::ApiError;
 pub use health::{Health, health};
 pub use https::{ApiLimits, MAX_HEAD_BYTES, read_body, serve_https};
-pub use link_policy::{LinkNeed, link_need, link_target};
+pub use link_policy::{LinkNeed, link_need, link_target, pin_module};
 pub use live::{Live, Overview, live_routes};
 pub use modules::{PREFERRED_SERVER, checked_api_url, module_routes, system_routes, system_view};
 pub use token::{AdminToken, TokenError};

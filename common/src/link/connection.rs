@@ -180,13 +180,18 @@ pub struct Responder {
 /// A module's status subscription on a link: one at a time per module.
 type SubscriptionKey = (String, String, u32, Option<String>);
 
+/// A module named by id is that module whatever system the request also names: the key is
+/// the id alone, so a peer cannot open many subscriptions to one module by varying the rest.
 fn subscription_key(module: &ModuleRef) -> SubscriptionKey {
-    (
-        module.system.clone(),
-        module.name.clone(),
-        module.index,
-        module.id.clone(),
-    )
+    match &module.id {
+        Some(id) => (String::new(), String::new(), 0, Some(id.clone())),
+        None => (
+            module.system.clone(),
+            module.name.clone(),
+            module.index,
+            None,
+        ),
+    }
 }
 
 /// The requests answered with a stream.
@@ -283,7 +288,23 @@ impl Drop for Responder {
 
 enum Pending {
     Unary(oneshot::Sender<Result<Response, LinkError>>),
-    Stream(mpsc::Sender<Result<StreamItem, LinkError>>),
+    Stream(mpsc::Sender<Streamed>),
+}
+
+/// One item of a streamed answer, holding its share of the link's `in_bytes` until the
+/// reader takes it.
+struct Streamed {
+    item: Result<StreamItem, LinkError>,
+    _waiting: Option<OwnedSemaphorePermit>,
+}
+
+impl From<LinkError> for Streamed {
+    fn from(err: LinkError) -> Self {
+        Streamed {
+            item: Err(err),
+            _waiting: None,
+        }
+    }
 }
 
 struct Shared {
@@ -391,7 +412,12 @@ impl Link {
         let mut reader = FramedRead::with_capacity(read_half, codec, IDLE_BUFFER);
         reader.read_buffer_mut().extend_from_slice(&leftover);
         tokio::spawn(link.clone().read_loop(reader, in_tx));
-        tokio::spawn(link.clone().write_loop(write_half, out_rx));
+        // A peer that stops reading while it keeps sending (heartbeats included) would
+        // hold every sender here forever: a write that makes no progress for as long as
+        // a silent link may live ends the link.
+        let mut writer = tokio_io_timeout::TimeoutWriter::new(write_half);
+        writer.set_timeout(Some(config.dead_after));
+        tokio::spawn(link.clone().write_loop(Box::pin(writer), out_rx));
         tokio::spawn(link.clone().heartbeat_loop());
         (link, in_rx)
     }
@@ -441,11 +467,6 @@ impl Link {
     /// Whether `other` is a handle on this same link (not another link to the same peer).
     pub fn same_link(&self, other: &Link) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
-    }
-
-    /// Bytes queued for the peer and not yet written (for tests and metrics).
-    pub fn queued_bytes(&self) -> usize {
-        self.shared.out.queued_bytes()
     }
 
     /// Sends a request and waits up to `timeout` for its answer.
@@ -498,7 +519,13 @@ impl Link {
     ) -> Result<ResponseStream, LinkError> {
         let (tx, rx) = mpsc::channel(self.shared.config.stream_queue.max(2));
         let id = self.register(Pending::Stream(tx))?;
-        self.send_request(id, timeout, body, on_behalf).await?;
+        match tokio::time::timeout(timeout, self.send_request(id, timeout, body, on_behalf)).await {
+            Ok(sent) => sent?,
+            Err(_) => {
+                self.forget(id);
+                return Err(LinkError::Timeout(timeout));
+            }
+        }
         Ok(ResponseStream {
             id,
             rx,
@@ -628,7 +655,7 @@ impl Link {
                     let _ = tx.send(Err(error.clone()));
                 }
                 Pending::Stream(tx) => {
-                    let _ = tx.try_send(Err(error.clone()));
+                    let _ = tx.try_send(error.clone().into());
                 }
             }
         }
@@ -808,7 +835,7 @@ impl Link {
                                 "the peer answered a stream request with a single response",
                             )),
                         };
-                        let _ = tx.try_send(Err(error));
+                        let _ = tx.try_send(error.into());
                     }
                     // A late answer to a request we gave up on.
                     None => {
@@ -820,11 +847,16 @@ impl Link {
                 let mut pending = self.lock_pending();
                 if let Some(Pending::Stream(tx)) = pending.get(&id) {
                     // Keep the last slot for the overflow error, so the reader learns why
-                    // its stream ended.
-                    if tx.capacity() > 1 {
-                        let _ = tx.try_send(Ok(item));
+                    // its stream ended. An item also waits within the link's `in_bytes`:
+                    // a reader that falls behind is cut off, in bytes as in count.
+                    let waiting = (tx.capacity() > 1).then(|| self.in_budget(size)).flatten();
+                    if waiting.is_some() {
+                        let _ = tx.try_send(Streamed {
+                            item: Ok(item),
+                            _waiting: waiting,
+                        });
                     } else {
-                        let _ = tx.try_send(Err(LinkError::Overflow));
+                        let _ = tx.try_send(LinkError::Overflow.into());
                         pending.remove(&id);
                         let _ = self.shared.out.try_send(&Envelope::Cancel { id });
                     }
@@ -833,7 +865,7 @@ impl Link {
             Envelope::StreamEnd { id, result } => {
                 let waiter = self.lock_pending().remove(&id);
                 if let (Some(Pending::Stream(tx)), Err(remote)) = (waiter, result) {
-                    let _ = tx.try_send(Err(LinkError::Remote(remote)));
+                    let _ = tx.try_send(LinkError::Remote(remote).into());
                 }
             }
             Envelope::Cancel { id } => {
@@ -908,7 +940,16 @@ impl Link {
             tokio::select! {
                 biased;
                 result = write => if let Err(err) = result {
-                    self.shutdown(format!("write failed: {err}"));
+                    let reason = if err.kind() == std::io::ErrorKind::TimedOut {
+                        format!(
+                            "the peer read nothing for {} ms",
+                            self.shared.config.dead_after.as_millis()
+                        )
+                    } else {
+                        format!("write failed: {err}")
+                    };
+                    tracing::warn!(peer = %self.shared.peer, "closing link: {reason}");
+                    self.shutdown(reason);
                     return;
                 },
                 _ = self.shared.closed.cancelled() => break,
@@ -997,14 +1038,14 @@ fn deadline_ms(timeout: Duration) -> u32 {
 #[derive(Debug)]
 pub struct ResponseStream {
     id: u64,
-    rx: mpsc::Receiver<Result<StreamItem, LinkError>>,
+    rx: mpsc::Receiver<Streamed>,
     link: Link,
 }
 
 impl ResponseStream {
     /// The next item; `None` when the peer ended the stream successfully.
     pub async fn next(&mut self) -> Option<Result<StreamItem, LinkError>> {
-        self.rx.recv().await
+        self.rx.recv().await.map(|streamed| streamed.item)
     }
 }
 

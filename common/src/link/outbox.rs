@@ -134,7 +134,8 @@ impl Outbox {
     }
 
     /// Bytes of budgeted frames queued and not yet written.
-    pub(super) fn queued_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn queued_bytes(&self) -> usize {
         self.budget_bytes - self.budget.available_permits()
     }
 

@@ -14,7 +14,8 @@ use super::errors::from_link;
 use crate::link::{Link, LinkError, ResponseStream};
 use crate::protocol::{Json, OnBehalf, Request, Response, StreamItem};
 use crate::runtime::{
-    DebugLine, ExecError, Executed, Origin, Remote, RemoteCall, StatusEvent, SystemAction,
+    DebugLine, ExecError, Executed, MAX_LOG_LINE, MAX_STATUS_KEY, MAX_STATUS_VALUE, Origin, Remote,
+    RemoteCall, StatusEvent, StatusMap, SystemAction,
 };
 
 /// How long the far side may take to start a stream or act on a system.
@@ -40,7 +41,7 @@ pub trait Links: Send + Sync + 'static {
 pub struct LinkRemote<L> {
     links: Arc<L>,
     /// Status subscriptions open on a link, by module, shared by every binding here.
-    watches: Arc<Mutex<HashMap<ModuleKey, Arc<SharedWatch>>>>,
+    watches: Arc<Mutex<HashMap<ModuleKey, WatchSlot>>>,
 }
 
 impl<L: Links> LinkRemote<L> {
@@ -149,6 +150,10 @@ fn pump<T: Send + 'static>(
 /// A module as a status subscription names it.
 type ModuleKey = (String, String, u32, Option<String>);
 
+/// Where a module's shared subscription is kept: opened by one binding while the others
+/// wait; it ends by itself (link gone, module stopped there, no one following).
+type WatchSlot = Arc<tokio::sync::Mutex<Option<Arc<SharedWatch>>>>;
+
 fn module_key(module: &crate::protocol::ModuleRef) -> ModuleKey {
     (
         module.system.clone(),
@@ -182,13 +187,11 @@ struct SharedWatch {
 }
 
 impl SharedWatch {
-    /// Pumps `stream` into a new shared watch until it ends or no one follows it; then
-    /// calls `done`.
+    /// Pumps `stream` into a new shared watch until it ends or no one follows it.
     fn start(
         link: Link,
         mut stream: ResponseStream,
         first: Option<StatusEvent>,
-        done: impl FnOnce(&Arc<SharedWatch>) + Send + 'static,
     ) -> Arc<SharedWatch> {
         let watch = Arc::new(SharedWatch {
             link,
@@ -219,7 +222,6 @@ impl SharedWatch {
                 }
             }
             pumped.ended.cancel();
-            done(&pumped);
         });
         watch
     }
@@ -273,24 +275,43 @@ impl SharedWatch {
     }
 }
 
+/// A status item from the other side, within the caps a module's own status has (the
+/// other side may be hostile): what does not fit is dropped.
 fn status_event(item: StreamItem) -> Option<StatusEvent> {
+    let fits =
+        |key: &str, value: &Json| key.len() <= MAX_STATUS_KEY && value.0.len() <= MAX_STATUS_VALUE;
     match item {
-        StreamItem::StatusMap { entries } => Some(StatusEvent::Map(
-            entries
-                .into_iter()
-                .filter_map(|(key, value)| Some((key, value.to_value().ok()?)))
-                .collect(),
-        )),
-        StreamItem::StatusValue { key, value } => {
+        StreamItem::StatusMap { entries } => {
+            let mut map = StatusMap::new();
+            for (key, value) in entries {
+                if fits(&key, &value)
+                    && let Ok(value) = value.to_value()
+                {
+                    let _ = map.set(&key, value);
+                }
+            }
+            Some(StatusEvent::Map(map.into_map()))
+        }
+        StreamItem::StatusValue { key, value } if fits(&key, &value) => {
             Some(StatusEvent::Value(key, value.to_value().ok()?))
         }
         _ => None,
     }
 }
 
+/// A debug line from the other side, cut to the length a module's own lines have.
 fn debug_line(item: StreamItem) -> Option<DebugLine> {
     match item {
-        StreamItem::Debug { time_ms, line } => Some(DebugLine { time_ms, line }),
+        StreamItem::Debug { time_ms, mut line } => {
+            if line.len() > MAX_LOG_LINE {
+                let mut at = MAX_LOG_LINE;
+                while !line.is_char_boundary(at) {
+                    at -= 1;
+                }
+                line.truncate(at);
+            }
+            Some(DebugLine { time_ms, line })
+        }
         _ => None,
     }
 }
@@ -372,28 +393,25 @@ impl<L: Links> Remote for LinkRemote<L> {
         let watches = self.watches.clone();
         async move {
             let link = link?;
-            let key = module_key(&call.module);
-            let open = lock(&watches)
-                .get(&key)
+            // One subscription per module at a time: bindings that ask together wait for
+            // the first to open it, then follow it (the far side would end all but one).
+            let slot = lock(&watches)
+                .entry(module_key(&call.module))
+                .or_default()
+                .clone();
+            let mut current = slot.lock().await;
+            if let Some(watch) = current
+                .as_ref()
                 .filter(|watch| watch.link.same_link(&link) && !watch.ended())
-                .cloned();
-            if let Some(watch) = open {
+            {
                 return Ok(watch.follow());
             }
             let body = Request::StatusSubscribe {
                 module: call.module,
             };
             let (stream, first) = open_stream(&link, body, call.origin.on_behalf).await?;
-            let watch = SharedWatch::start(link, stream, first.and_then(status_event), {
-                let (watches, key) = (watches.clone(), key.clone());
-                move |ended: &Arc<SharedWatch>| {
-                    let mut watches = lock(&watches);
-                    if watches.get(&key).is_some_and(|w| Arc::ptr_eq(w, ended)) {
-                        watches.remove(&key);
-                    }
-                }
-            });
-            lock(&watches).insert(key, watch.clone());
+            let watch = SharedWatch::start(link, stream, first.and_then(status_event));
+            *current = Some(watch.clone());
             Ok(watch.follow())
         }
         .boxed()

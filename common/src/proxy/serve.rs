@@ -147,7 +147,11 @@ fn system_action(
 }
 
 async fn stream_status(runtime: Runtime, module: ModuleRef, via: Origin, responder: Responder) {
-    let watch = runtime.watch_status(&module, &via).await;
+    // Opening the watch may wait on another link; the peer may give up meanwhile.
+    let watch = tokio::select! {
+        _ = responder.cancelled() => return,
+        watch = runtime.watch_status(&module, &via) => watch,
+    };
     let mut events = match watch {
         Ok(events) => events,
         Err(err) => return responder.end(Err(to_remote(err))).await,
@@ -178,7 +182,10 @@ async fn stream_status(runtime: Runtime, module: ModuleRef, via: Origin, respond
 }
 
 async fn stream_debug(runtime: Runtime, module: ModuleRef, via: Origin, responder: Responder) {
-    let watch = runtime.watch_debug(&module, &via).await;
+    let watch = tokio::select! {
+        _ = responder.cancelled() => return,
+        watch = runtime.watch_debug(&module, &via) => watch,
+    };
     let mut lines = match watch {
         Ok(lines) => lines,
         Err(err) => return responder.end(Err(to_remote(err))).await,

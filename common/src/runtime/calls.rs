@@ -437,7 +437,11 @@ where
                 _ = tx.closed() => return,
                 _ = tokio::time::sleep(REBIND_EVERY) => {}
             }
-            match again().await {
+            let next = tokio::select! {
+                _ = tx.closed() => return,
+                next = again() => next,
+            };
+            match next {
                 Ok(next) => source = Some(next),
                 Err(err) => tracing::trace!("binding still waits for its module: {err}"),
             }

@@ -32,44 +32,92 @@ pub const MAX_STATUS_VALUE: usize = 16 * 1024;
 /// bind to and what is synced over the link stays small.
 pub const MAX_STATUS_BYTES: usize = 1024 * 1024;
 
-/// Whether setting `key` to `value` keeps `map` within the status caps; the error names
-/// the cap. The map is the module's current one (a changed key's old value is given
-/// back).
-pub(super) fn check_status(
-    map: &Map<String, Value>,
-    key: &str,
-    value: &Value,
-) -> Result<(), String> {
-    if key.len() > MAX_STATUS_KEY {
-        return Err(format!(
-            "status key of {} bytes: at most {MAX_STATUS_KEY}",
-            key.len()
-        ));
-    }
-    let size = |v: &Value| v.to_string().len();
-    let new = size(value);
-    if new > MAX_STATUS_VALUE {
-        return Err(format!(
-            "status {key:?}: a value of {new} bytes (as JSON), at most {MAX_STATUS_VALUE}"
-        ));
-    }
-    let old = map.get(key);
-    if old.is_none() && map.len() >= MAX_STATUS_KEYS {
-        return Err(format!(
-            "status {key:?}: the module holds {MAX_STATUS_KEYS} status keys, its limit"
-        ));
-    }
-    let total: usize = map.iter().map(|(k, v)| k.len() + size(v)).sum::<usize>()
-        - old.map_or(0, |v| key.len() + size(v))
-        + key.len()
-        + new;
-    if total > MAX_STATUS_BYTES {
-        return Err(format!(
-            "status {key:?}: the module's status would hold {total} bytes, at most {MAX_STATUS_BYTES}"
-        ));
-    }
-    Ok(())
+/// A module's status map, within the caps, with its size kept as it changes: a check
+/// costs the new value, not the whole map (a peer's flood of small changes to a full map
+/// must not cost a megabyte each).
+#[derive(Debug, Clone, Default)]
+pub struct StatusMap {
+    map: Map<String, Value>,
+    /// Keys and values (as JSON) in bytes.
+    bytes: usize,
 }
+
+fn json_size(value: &Value) -> usize {
+    value.to_string().len()
+}
+
+impl StatusMap {
+    /// An empty map.
+    pub fn new() -> Self {
+        StatusMap::default()
+    }
+
+    /// The entries of `map` that fit the caps, in order.
+    pub fn from_map(map: Map<String, Value>) -> Self {
+        let mut status = StatusMap::new();
+        for (key, value) in map {
+            let _ = status.set(&key, value);
+        }
+        status
+    }
+
+    /// Sets `key` to `value` if the map stays within the caps (the error names the cap);
+    /// answers the value it replaced.
+    pub fn set(&mut self, key: &str, value: Value) -> Result<Option<Value>, String> {
+        if key.len() > MAX_STATUS_KEY {
+            return Err(format!(
+                "status key of {} bytes: at most {MAX_STATUS_KEY}",
+                key.len()
+            ));
+        }
+        let new = json_size(&value);
+        if new > MAX_STATUS_VALUE {
+            return Err(format!(
+                "status {key:?}: a value of {new} bytes (as JSON), at most {MAX_STATUS_VALUE}"
+            ));
+        }
+        let old = self.map.get(key).map(|v| key.len() + json_size(v));
+        if old.is_none() && self.map.len() >= MAX_STATUS_KEYS {
+            return Err(format!(
+                "status {key:?}: the module holds {MAX_STATUS_KEYS} status keys, its limit"
+            ));
+        }
+        let total = self.bytes - old.unwrap_or(0) + key.len() + new;
+        if total > MAX_STATUS_BYTES {
+            return Err(format!(
+                "status {key:?}: the module's status would hold {total} bytes, at most {MAX_STATUS_BYTES}"
+            ));
+        }
+        self.bytes = total;
+        Ok(self.map.insert(key.to_string(), value))
+    }
+
+    /// One value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key)
+    }
+
+    /// The whole map.
+    pub fn map(&self) -> &Map<String, Value> {
+        &self.map
+    }
+
+    /// The whole map, taken.
+    pub fn into_map(self) -> Map<String, Value> {
+        self.map
+    }
+
+    /// How many keys it holds.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
 /// The shortest period `schedule_every` accepts.
 const MIN_PERIOD_MS: i64 = 10;
 /// Schedules a module may have pending at once (a script that schedules on every call
@@ -117,7 +165,7 @@ pub struct ModuleHealth {
 /// The part of a module the API reads.
 #[derive(Debug)]
 pub(super) struct ModuleShared {
-    status: Mutex<Map<String, Value>>,
+    status: Mutex<StatusMap>,
     debug: Mutex<DebugRing>,
     /// New debug lines, for clients watching the module's log.
     debug_live: tokio::sync::broadcast::Sender<DebugLine>,
@@ -138,7 +186,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ModuleShared {
     /// A module's shared part, starting from `status` (the last status synced from the
     /// other side, under warm standby; else empty).
-    pub(super) fn new(status: Map<String, Value>, has_device: bool) -> Self {
+    pub(super) fn new(status: StatusMap, has_device: bool) -> Self {
         ModuleShared {
             status: Mutex::new(status),
             debug: Mutex::default(),
@@ -154,7 +202,7 @@ impl ModuleShared {
 
     /// The status map.
     pub(super) fn status(&self) -> Map<String, Value> {
-        lock(&self.status).clone()
+        lock(&self.status).map().clone()
     }
 
     /// One status value.
@@ -284,8 +332,7 @@ impl ModuleContext {
     pub(super) fn set_status(&self, key: &str, value: Value) -> Result<(), String> {
         let previous = {
             let mut map = lock(&self.shared.status);
-            check_status(&map, key, &value)?;
-            map.insert(key.to_string(), value.clone())
+            map.set(key, value.clone())?
         };
         if previous.as_ref() != Some(&value)
             && let Some(runtime) = self.runtime.upgrade()

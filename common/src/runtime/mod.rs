@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 
 pub use context::{
     DebugLine, MAX_LOG_LINE, MAX_STATUS_BYTES, MAX_STATUS_KEY, MAX_STATUS_KEYS, MAX_STATUS_VALUE,
-    ModuleHealth, ModuleState,
+    ModuleHealth, ModuleState, StatusMap,
 };
 pub use remote::{Executed, Origin, Remote, RemoteCall, StatusEvent, SystemAction};
 pub use script::ScriptLimits;

@@ -87,7 +87,7 @@ impl ModuleInstance {
     ) -> Self {
         let (compiled, status) = match warm {
             Some(warm) => (warm.ast, warm.status),
-            None => (None, serde_json::Map::new()),
+            None => (None, super::context::StatusMap::new()),
         };
         let has_device = spec.transport != tether_config::Transport::None;
         let shared = Arc::new(ModuleShared::new(status, has_device));

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rhai::AST;
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use super::context::StatusMap;
 
 use super::spec::ModuleSpec;
 
@@ -16,13 +18,13 @@ pub(super) struct Warm {
     /// start compiles again and reports the error).
     pub(super) ast: Option<AST>,
     /// The last status synced from the other side.
-    pub(super) status: Map<String, Value>,
+    pub(super) status: StatusMap,
 }
 
 struct Entry {
     source: Arc<str>,
     ast: Option<AST>,
-    status: Map<String, Value>,
+    status: StatusMap,
 }
 
 /// The warm modules, by id.
@@ -57,7 +59,7 @@ impl Standby {
         let entry = entries.entry(spec.id.clone()).or_insert_with(|| Entry {
             source: Arc::from(""),
             ast: None,
-            status: Map::new(),
+            status: StatusMap::new(),
         });
         entry.source = spec.source.clone();
         entry.ast = ast;
@@ -67,11 +69,8 @@ impl Standby {
     /// and beyond the caps a module's own status has (the other side may be hostile).
     pub(super) fn set_status(&self, module_id: &str, key: &str, value: Value) -> bool {
         match self.lock().get_mut(module_id) {
-            Some(entry) => match super::context::check_status(&entry.status, key, &value) {
-                Ok(()) => {
-                    entry.status.insert(key.to_string(), value);
-                    true
-                }
+            Some(entry) => match entry.status.set(key, value) {
+                Ok(_) => true,
                 Err(why) => {
                     tracing::debug!(module = %module_id, "a synced status value is dropped: {why}");
                     false

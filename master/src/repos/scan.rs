@@ -122,12 +122,13 @@ fn read_inside(root: &Path, path: &Path, relative: &str) -> Result<Vec<u8>, Stri
             Some(libc::ELOOP) => format!("{relative} became a link while it was read: refused"),
             _ => format!("cannot read {}: {err}", path.display()),
         })?;
+    // Where the file opened really is (Linux names it in /proc); not knowing is a refusal.
+    #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()));
-        if let Ok(opened) = opened
-            && !opened.starts_with(root)
-        {
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|err| format!("{relative}: cannot tell where the file opened is: {err}"))?;
+        if !opened.starts_with(root) {
             return Err(format!(
                 "{relative} led outside the repository (to {}): refused",
                 opened.display()
