@@ -228,17 +228,18 @@ async fn a_peer_that_stops_reading_cannot_hang_the_sender() {
         }
         sent
     });
-    // Missed heartbeats close the link, and the stalled sender is released with an error.
+    // Missed heartbeats (or the writes the peer stopped taking) close the link, and the
+    // stalled sender is released with an error.
     let sent = tokio::time::timeout(Duration::from_secs(5), writer)
         .await
         .expect("the sender hung on a link whose peer stopped reading")
         .unwrap();
     assert!(sent > 0);
     assert!(edge.is_closed());
+    let reason = edge.close_reason().unwrap();
     assert!(
-        edge.close_reason().unwrap().contains("missed heartbeats"),
-        "{:?}",
-        edge.close_reason()
+        reason.contains("missed heartbeats") || reason.contains("the peer read nothing"),
+        "{reason}"
     );
     assert!(started.elapsed() < Duration::from_secs(3));
     // The other side sees the same silence and closes too.
