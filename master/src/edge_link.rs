@@ -3,14 +3,16 @@
 //! handles it, and model changes and driver code are pushed to it until the link closes.
 
 use std::sync::Arc;
+
 use tether_common::api::checked_api_url;
+use tether_common::code::fetch::serve_blobs;
 use tether_common::control::{ControlState, EdgeReport, MasterEvent};
 use tether_common::link::{Incoming, Link};
 use tether_common::model::sync::ReplicaPosition;
 use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request, Response};
+use tether_common::proxy::serve_call;
 use tether_common::report::printable;
 use tether_common::runtime::MAX_STATUS_VALUE;
-
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::control::Control;
@@ -18,8 +20,6 @@ use crate::link_guard::{AuditRefused, LinkGuard, REASON_MAX, cut, fetchable, run
 use crate::repos::push_code;
 use crate::server::LinkContext;
 use crate::sync::{answer_sync, push_changes};
-use tether_common::code::fetch::serve_blobs;
-use tether_common::proxy::serve_call;
 
 /// Blob fetches one edge link may have in progress at once: an edge fetches one
 /// repository's files at a time, and each fetch holds a blob in memory while it waits for
