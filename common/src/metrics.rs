@@ -44,6 +44,7 @@ pub struct Metrics {
     modules_connected: IntGaugeVec,
     link_connections: IntGaugeVec,
     link_refused: IntCounterVec,
+    grant_store_failures: IntCounterVec,
     /// One scrape at a time: each resets and refills the state gauges.
     scraping: Mutex<()>,
 }
@@ -151,8 +152,14 @@ impl Metrics {
             "What the master refused or dropped of an edge's link, by edge and kind: request (outside its site), audit (over its rate), notice (not its module), blob (not its code), cap (over a per-link limit)",
             &["edge", "what"],
         );
+        let grant_store_failures = counters(
+            "tether_grant_store_failures_total",
+            "Grants (changes of owner, or an edge's own claim) that could not be stored and so were not carried out, by edge; each is tried again",
+            &["edge"],
+        );
         Metrics {
             registry,
+            grant_store_failures,
             link_connections,
             link_refused,
             link_up,
@@ -177,6 +184,11 @@ impl Metrics {
     /// Something of `edge`'s link was refused or dropped (`what`: its kind).
     pub fn refused(&self, edge: &str, what: &str) {
         self.link_refused.with_label_values(&[edge, what]).inc();
+    }
+
+    /// A grant of `edge` could not be stored, so it was not carried out.
+    pub fn grant_store_failed(&self, edge: &str) {
+        self.grant_store_failures.with_label_values(&[edge]).inc();
     }
 
     /// A heartbeat's round trip on `edge`'s link.

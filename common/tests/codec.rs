@@ -159,14 +159,20 @@ fn request() -> impl Strategy<Value = Request> {
             }
         }),
         Just(Request::MasterReady),
-        (module(), text(), json(), any::<u64>()).prop_map(|(module, method, args, epoch)| {
-            Request::Execute {
+        (
+            module(),
+            text(),
+            json(),
+            any::<Option<u64>>(),
+            proptest::option::of(owner())
+        )
+            .prop_map(|(module, method, args, epoch, holder)| Request::Execute {
                 module,
                 method,
                 args,
                 epoch,
-            }
-        }),
+                holder,
+            }),
         module().prop_map(|module| Request::StatusRequest { module }),
         module().prop_map(|module| Request::DebugSubscribe { module }),
         module().prop_map(|module| Request::DebugUnsubscribe { module }),
@@ -458,7 +464,8 @@ fn the_hand_made_prefix_above_is_what_postcard_writes() {
             },
             method: "ab".into(),
             args: Json::null(),
-            epoch: 0,
+            epoch: None,
+            holder: None,
         },
         on_behalf: None,
     };

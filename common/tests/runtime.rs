@@ -323,3 +323,44 @@ async fn a_module_whose_code_has_not_arrived_says_it_waits() {
     assert!(runtime.exec("s", "Dev", 1, "hello", vec![]).await.is_ok());
     runtime.stop_all().await;
 }
+
+#[tokio::test]
+async fn the_fence_refuses_an_older_epoch_and_the_same_epoch_from_another_holder() {
+    use tether_common::control::{Claim, ControlState, Owner};
+    let mut model = (*model(9, "{}", 1)).clone();
+    model
+        .set_json(EntityKind::Edge, "site-1", Some(r#"{"id":"site-1"}"#))
+        .unwrap();
+    let module = json!({"id": "m", "driver": "d", "name": "Dev", "host": "127.0.0.1",
+        "port": 9, "edge": "site-1"});
+    model
+        .set_json(EntityKind::Module, "m", Some(&module.to_string()))
+        .unwrap();
+    let runtime = Runtime::new("edge:site-1", ScriptLimits::default());
+    runtime.reconcile(Arc::new(model), |_| false).await;
+    let held = ControlState {
+        owner: Owner::Edge,
+        epoch: 5,
+    };
+    runtime.set_grant("site-1", held);
+    let at = ModuleRef::new("s", "Dev", 1);
+    let claim = |epoch, holder| Claim {
+        epoch: Some(epoch),
+        holder,
+    };
+    assert_eq!(runtime.fence(&at, Claim::default()).unwrap(), Some(held));
+    assert!(runtime.fence(&at, claim(5, Some(Owner::Edge))).is_ok());
+    assert!(
+        runtime.fence(&at, claim(5, None)).is_ok(),
+        "a client's epoch"
+    );
+    assert!(runtime.fence(&at, claim(6, Some(Owner::Master))).is_ok());
+    for (epoch, holder) in [(4, None), (4, Some(Owner::Edge)), (5, Some(Owner::Master))] {
+        match runtime.fence(&at, claim(epoch, holder)) {
+            Err(ExecError::StaleEpoch(message)) => {
+                assert!(message.contains("held by the edge at epoch 5"), "{message}")
+            }
+            other => panic!("{epoch} {holder:?}: expected a stale epoch, got {other:?}"),
+        }
+    }
+}

@@ -68,6 +68,7 @@ impl EdgeOverview {
             map.insert("epoch".into(), view.state.epoch.into());
             map.insert("controlling".into(), view.active.into());
             map.insert("master_ready".into(), view.master_ready.into());
+            map.insert("takeover_worst_ms".into(), view.takeover_worst_ms.into());
             // What it runs, which the master's record shows once the edge has reported it.
             let commit = commit_label(&state.replica.code().commits());
             map.insert("commit".into(), commit.into());

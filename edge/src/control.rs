@@ -1,7 +1,10 @@
 //! The edge's control shell: one task that owns the [`EdgeSide`] machine, feeds it link
 //! events and the master's decisions, and carries out its actions in order: persist,
 //! start or stop this site's modules (a stop completes, devices disconnected, before the
-//! decision is acknowledged), report to the master.
+//! decision is acknowledged), report to the master. A grant or claim is stored before it
+//! is acted on: when the store fails, nothing after it is carried out (a decision is
+//! answered with the failure; a claim is tried again). The machine's own deadlines (the
+//! takeover after a lost link) are polled on the monotonic clock.
 //!
 //! On every new link it also streams the modules' status changes to the master
 //! (runtime-state sync, for warm standby) and reports the changes of owner it decided
@@ -12,8 +15,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tether_common::api::audit_entry_json;
+use tether_common::control::clock::wall_now_ms;
 use tether_common::control::{
-    ControlState, EdgeAction, EdgeEvent, EdgeSide, Owner, StaleDecision, owner_name,
+    ControlState, EdgeAction, EdgeEvent, EdgeSide, EdgeTiming, Now, Owner, StaleDecision,
+    owner_name,
 };
 use tether_common::link::{Link, LinkError};
 use tether_common::protocol::{AuditRecord, ErrorCode, Json, Notice, Request};
@@ -28,11 +33,18 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Audit records kept on an edge.
 const AUDIT_KEEP: u64 = 10_000;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Why a decision of the master was not acted on.
+#[derive(Debug, thiserror::Error)]
+pub enum DecisionRefused {
+    /// It is older than what this edge holds.
+    #[error(transparent)]
+    Stale(#[from] StaleDecision),
+    /// It could not be stored, so it was not carried out.
+    #[error("the decision could not be stored, so it was not carried out: {0}")]
+    NotStored(String),
+    /// The control task has stopped (shutdown).
+    #[error("the edge is shutting down")]
+    Stopped,
 }
 
 /// What the API shows of this edge's control.
@@ -46,6 +58,8 @@ pub struct ControlView {
     pub online: bool,
     /// Whether the master said it has booted.
     pub master_ready: bool,
+    /// The longest from a silent cut of the master link to this edge running its modules.
+    pub takeover_worst_ms: u64,
 }
 
 enum Command {
@@ -54,7 +68,7 @@ enum Command {
         owner: Owner,
         epoch: u64,
         reason: String,
-        reply: oneshot::Sender<Result<u64, StaleDecision>>,
+        reply: oneshot::Sender<Result<u64, DecisionRefused>>,
     },
     ReplicaChanged,
 }
@@ -74,6 +88,7 @@ impl EdgeControl {
         edge_id: &str,
         replica: Arc<Replica>,
         runtime: Runtime,
+        timing: EdgeTiming,
     ) -> anyhow::Result<EdgeControl> {
         let store = replica.store();
         let persisted = store
@@ -81,15 +96,16 @@ impl EdgeControl {
             .get(edge_id)
             .copied()
             .unwrap_or_default();
-        runtime.set_epoch(edge_id, persisted.epoch);
+        runtime.set_grant(edge_id, persisted);
         let view = Arc::new(RwLock::new(ControlView {
             state: persisted,
+            takeover_worst_ms: timing.worst_case_takeover_ms(),
             ..ControlView::default()
         }));
         let (commands, receiver) = mpsc::unbounded_channel();
         let task = Task {
             edge_id: edge_id.to_string(),
-            machine: EdgeSide::new(edge_id, persisted),
+            machine: EdgeSide::new(edge_id, persisted, timing),
             replica: replica.clone(),
             runtime,
             store: store.clone(),
@@ -120,7 +136,7 @@ impl EdgeControl {
         owner: Owner,
         epoch: u64,
         reason: String,
-    ) -> Result<u64, StaleDecision> {
+    ) -> Result<u64, DecisionRefused> {
         let (reply, answer) = oneshot::channel();
         let _ = self.commands.send(Command::Decision {
             owner,
@@ -128,10 +144,7 @@ impl EdgeControl {
             reason,
             reply,
         });
-        answer.await.unwrap_or(Err(StaleDecision {
-            got: epoch,
-            seen: u64::MAX,
-        }))
+        answer.await.unwrap_or(Err(DecisionRefused::Stopped))
     }
 
     /// What the API shows.
@@ -169,7 +182,24 @@ struct Task {
 
 impl Task {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        while let Some(command) = commands.recv().await {
+        loop {
+            let now = Now::system();
+            let wait = self
+                .machine
+                .next_poll()
+                .map(|at| Duration::from_millis(at.since(now.mono)));
+            let command = tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => command,
+                    None => return,
+                },
+                _ = sleep_or_never(wait) => {
+                    let actions = self.machine.poll(Now::system());
+                    let _ = self.carry_out(actions).await;
+                    self.publish();
+                    continue;
+                }
+            };
             match command {
                 Command::Link(event, link) => {
                     match event {
@@ -177,8 +207,8 @@ impl Task {
                         EdgeEvent::LinkDown | EdgeEvent::AttemptFailed => self.link = None,
                         EdgeEvent::MasterReady => {}
                     }
-                    let actions = self.machine.handle(now_ms(), event);
-                    self.carry_out(actions).await;
+                    let actions = self.machine.handle(Now::system(), event);
+                    let _ = self.carry_out(actions).await;
                     if event == EdgeEvent::LinkUp
                         && let Some(link) = &self.link
                     {
@@ -196,7 +226,7 @@ impl Task {
                     reason,
                     reply,
                 } => {
-                    let result = self.machine.decide(now_ms(), owner, epoch, &reason);
+                    let result = self.machine.decide(Now::system(), owner, epoch, &reason);
                     let answer = match result {
                         Ok(actions) => {
                             tracing::info!(
@@ -204,12 +234,14 @@ impl Task {
                                 epoch,
                                 "control decision: {reason}"
                             );
-                            self.carry_out(actions).await;
-                            Ok(epoch)
+                            self.carry_out(actions)
+                                .await
+                                .map(|()| epoch)
+                                .map_err(DecisionRefused::NotStored)
                         }
                         Err(stale) => {
                             tracing::warn!("control decision refused: {stale}");
-                            Err(stale)
+                            Err(stale.into())
                         }
                     };
                     let _ = reply.send(answer);
@@ -226,6 +258,7 @@ impl Task {
             active: self.machine.is_active(),
             online: self.link.is_some(),
             master_ready: self.machine.master_ready(),
+            takeover_worst_ms: self.machine.timing().worst_case_takeover_ms(),
         };
     }
 
@@ -252,7 +285,7 @@ impl Task {
                         &model,
                         &code,
                         (&self.edge_id, state.owner, state.epoch),
-                        now_ms(),
+                        wall_now_ms(),
                     )
                 })
                 .collect();
@@ -263,7 +296,9 @@ impl Task {
         }
     }
 
-    async fn carry_out(&mut self, actions: Vec<EdgeAction>) {
+    /// Carries out the machine's actions in order; a grant or claim the store did not
+    /// take stops the batch there (the machine is told), and the answer says why.
+    async fn carry_out(&mut self, actions: Vec<EdgeAction>) -> Result<(), String> {
         for action in actions {
             match action {
                 EdgeAction::Persist(state) => {
@@ -272,10 +307,22 @@ impl Task {
                     let stored =
                         tokio::task::spawn_blocking(move || store.set_control_state(&id, state))
                             .await;
-                    if !matches!(stored, Ok(Ok(()))) {
-                        tracing::error!(?state, "cannot store the control state: {stored:?}");
-                    }
-                    self.runtime.set_epoch(&self.edge_id, state.epoch);
+                    let why = match stored {
+                        Ok(Ok(())) => {
+                            self.runtime.set_grant(&self.edge_id, state);
+                            continue;
+                        }
+                        Ok(Err(err)) => err.to_string(),
+                        Err(err) => err.to_string(),
+                    };
+                    tracing::error!(
+                        ?state,
+                        "cannot store the control state, so it is not acted on (tried again): {why}"
+                    );
+                    self.runtime.metrics().grant_store_failed(&self.edge_id);
+                    self.machine.store_failed(Now::system());
+                    self.runtime.set_grant(&self.edge_id, self.machine.state());
+                    return Err(why);
                 }
                 EdgeAction::StartModules { epoch } => {
                     tracing::info!(epoch, "this edge runs its modules");
@@ -320,6 +367,15 @@ impl Task {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// Sleeps for `wait`, or forever when there is nothing to wait for.
+async fn sleep_or_never(wait: Option<Duration>) {
+    match wait {
+        Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -13,9 +13,7 @@ use tether_common::api::{
     Access, AdminToken, ApiLimits, Health, Live, health, live_routes, module_routes, protect,
     serve_https, system_routes,
 };
-use tether_common::link::{
-    ConnectorConfig, LinkConfig, LinkEvent, RttObserver, Secret, maintain_link, tls,
-};
+use tether_common::link::{ConnectorConfig, LinkEvent, RttObserver, Secret, maintain_link, tls};
 use tether_common::pki;
 use tether_common::runtime::{Runtime, ScriptLimits};
 use tether_config::EdgeConfig;
@@ -25,9 +23,18 @@ use tokio_util::sync::CancellationToken;
 use crate::control::EdgeControl;
 use crate::proxy::EdgeLinks;
 use crate::replica::Replica;
-use tether_common::control::EdgeEvent;
+use tether_common::control::{EdgeEvent, EdgeTiming};
 use tether_common::proxy::LinkRemote;
 use tether_common::shutdown::StopOn;
+
+/// The numbers behind the edge's takeover, from its configuration.
+fn timing(config: &EdgeConfig) -> EdgeTiming {
+    EdgeTiming {
+        heartbeat_ms: config.heartbeat_ms,
+        reconnect_ms: config.reconnect_ms,
+        handshake_timeout_ms: config.handshake_timeout_ms,
+    }
+}
 
 /// Runs the edge until `stop` says so.
 pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
@@ -45,18 +52,16 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
         }
     }
     let secret = Secret::load(&config.secret_file)?;
+    let timing = timing(&config);
     let connector = ConnectorConfig {
         master_addr: config.master.clone(),
         server_name: tls::server_name(&config.master_name)?,
         tls: tls::client_config(&config.tls.ca, Some((&config.tls.cert, &config.tls.key)))?,
         edge_id: config.edge_id.clone(),
         secret,
-        handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
-        reconnect: Duration::from_millis(config.reconnect_ms),
-        link: LinkConfig::with_heartbeat(
-            Duration::from_millis(config.heartbeat_ms),
-            config.max_frame_bytes as usize,
-        ),
+        handshake_timeout: Duration::from_millis(timing.handshake_timeout_ms),
+        reconnect: Duration::from_millis(timing.reconnect_ms),
+        link: timing.link_config(config.max_frame_bytes as usize),
     };
     let api_tls = tls::server_config(&config.tls.api_cert, &config.tls.api_key, None)?;
     // Everything is checked; only now write to the data folder.
@@ -106,7 +111,12 @@ async fn serve(
     })));
     // The replica alone is enough to run: if the master cannot be reached, control
     // starts the modules from it after one more attempt.
-    let control = EdgeControl::start(&config.edge_id, replica.clone(), runtime.clone())?;
+    let control = EdgeControl::start(
+        &config.edge_id,
+        replica.clone(),
+        runtime.clone(),
+        timing(&config),
+    )?;
     // Calls for modules the edge does not run go to the master.
     let links = Arc::new(EdgeLinks::new(control.clone(), replica.clone()));
     runtime.set_remote(Arc::new(LinkRemote::new(links.clone())));

@@ -10,6 +10,7 @@ use tether_common::protocol::{ErrorCode, RemoteError, Request, Response};
 use tokio::sync::mpsc;
 
 use crate::code::update_repository;
+use crate::control::DecisionRefused;
 use crate::proxy::FROM_MASTER;
 use crate::replica::{ApplyError, Replica};
 use crate::server::MasterContext;
@@ -142,7 +143,10 @@ async fn answer_requests(
                 reason,
             } => match control.decide(owner, epoch, reason).await {
                 Ok(epoch) => Ok(Response::ControlAck { epoch }),
-                Err(stale) => Err(RemoteError::new(ErrorCode::StaleEpoch, stale.to_string())),
+                Err(DecisionRefused::Stale(stale)) => {
+                    Err(RemoteError::new(ErrorCode::StaleEpoch, stale.to_string()))
+                }
+                Err(other) => Err(RemoteError::new(ErrorCode::Internal, other.to_string())),
             },
             Request::MasterReady => {
                 control.link_event(EdgeEvent::MasterReady, None);

@@ -1,19 +1,22 @@
 //! The master's control shell: one task that owns every edge location's [`MasterSide`]
 //! machine, feeds it link events, reports, acknowledgements and the time, and carries out
-//! its actions in order: persist, audit, start or stop the edge's modules here (a stop
-//! completes, devices disconnected, before anything after it), send decisions.
+//! its actions in order: issue grants (a compare-and-set on the stored grant; what follows
+//! a grant the store did not take is not carried out, and the machine tries again), audit,
+//! start or stop the edge's modules here (a stop completes, devices disconnected, before
+//! anything after it), send decisions. The machines measure time on the monotonic clock.
 //!
 //! One task, so that the actions of one machine never interleave with another's
 //! reconcile of the runtime.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::Value;
 use tether_common::api::audit_entry_json;
+use tether_common::control::clock::wall_now_ms;
 use tether_common::control::{
-    AuditRecord, ControlState, EdgeSettings, MasterAction, MasterEvent, MasterSide, Owner,
+    AuditRecord, ControlState, EdgeSettings, MasterAction, MasterEvent, MasterSide, Now, Owner,
     RestoreRefused, Window, owner_name,
 };
 use tether_common::link::LinkError;
@@ -21,7 +24,7 @@ use tether_common::model::{EdgeRecord, Model, Standby};
 use tether_common::protocol::{ErrorCode, Request, Response};
 use tether_common::report::printable;
 use tether_common::runtime::{ReloadRefused, Runtime};
-use tether_common::store::{AuditSource, Store};
+use tether_common::store::{AuditSource, Grants, Store};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::edges::EdgeRegistry;
@@ -36,12 +39,9 @@ pub const AUDIT_KEEP: u64 = 100_000;
 /// its requests), apart from the master's own.
 pub const EDGE_AUDIT_KEEP: u64 = 1_000;
 
-/// Unix time in milliseconds: the control machines' clock.
+/// Unix time in milliseconds, for what people read (never for an interval).
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    wall_now_ms()
 }
 
 /// Why a restore did not happen.
@@ -53,6 +53,9 @@ pub enum RestoreError {
     /// The machine refused.
     #[error(transparent)]
     Refused(#[from] RestoreRefused),
+    /// The new grant could not be stored, so nothing changed.
+    #[error("the restore was not done: {0}")]
+    NotStored(String),
     /// The control task has stopped (shutdown).
     #[error("the master is shutting down")]
     Stopped,
@@ -77,14 +80,15 @@ pub struct Control {
 }
 
 impl Control {
-    /// Starts the control task over the persisted states in `store`; the master is
-    /// booting until [`booted`](Self::booted).
+    /// Starts the control task over the grants stored in `grants`, with the audit log in
+    /// `store`; the master is booting until [`booted`](Self::booted).
     pub fn start(
         store: Arc<Store>,
+        grants: Arc<dyn Grants>,
         runtime: Runtime,
         registry: Arc<EdgeRegistry>,
     ) -> anyhow::Result<Control> {
-        let persisted = store.control_states()?;
+        let persisted = grants.grants()?;
         let (commands, receiver) = mpsc::unbounded_channel();
         let control = Control {
             commands: commands.clone(),
@@ -98,6 +102,7 @@ impl Control {
             model: Arc::new(Model::default()),
             runtime,
             store,
+            grants,
             registry,
             running: HashSet::new(),
             booted: false,
@@ -245,6 +250,9 @@ fn settings(record: &EdgeRecord) -> EdgeSettings {
     }
 }
 
+/// A grant the store did not take, and why.
+struct NotIssued(String);
+
 struct Task {
     machines: HashMap<String, MasterSide>,
     /// States read at start, for edges whose machine is not made yet.
@@ -252,6 +260,7 @@ struct Task {
     model: Arc<Model>,
     runtime: Runtime,
     store: Arc<Store>,
+    grants: Arc<dyn Grants>,
     registry: Arc<EdgeRegistry>,
     /// Edge locations whose modules the master runs now.
     running: HashSet<String>,
@@ -263,13 +272,13 @@ struct Task {
 impl Task {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         loop {
-            let now = now_ms();
+            let now = Now::system();
             let next = self
                 .machines
                 .values()
                 .filter_map(|m| m.next_poll(now))
                 .min()
-                .map(|at| Duration::from_millis(at.saturating_sub(now)))
+                .map(|at| Duration::from_millis(at.since(now.mono)))
                 .unwrap_or(MAX_POLL)
                 .min(MAX_POLL);
             let command = tokio::select! {
@@ -293,8 +302,8 @@ impl Task {
                 let Some(machine) = self.machines.get_mut(&edge) else {
                     return;
                 };
-                let actions = machine.handle(now_ms(), event);
-                self.carry_out(&edge, actions).await;
+                let actions = machine.handle(Now::system(), event);
+                let _ = self.carry_out(&edge, actions).await;
             }
             Command::Booted => {
                 self.booted = true;
@@ -303,21 +312,27 @@ impl Task {
                     let actions = self
                         .machines
                         .get_mut(&edge)
-                        .map(|m| m.handle(now_ms(), MasterEvent::Booted))
+                        .map(|m| m.handle(Now::system(), MasterEvent::Booted))
                         .unwrap_or_default();
-                    self.carry_out(&edge, actions).await;
+                    let _ = self.carry_out(&edge, actions).await;
                 }
             }
             Command::Restore(edge, reply) => {
                 let result = match self.machines.get_mut(&edge) {
                     None => Err(RestoreError::NotFound(edge.clone())),
-                    Some(machine) => machine.restore(now_ms()).map_err(RestoreError::from),
+                    Some(machine) => machine.restore(Now::system()).map_err(RestoreError::from),
                 };
                 match result {
                     Ok(actions) => {
-                        self.carry_out(&edge, actions).await;
-                        let state = self.machines.get(&edge).map(|m| m.state());
-                        let _ = reply.send(state.ok_or(RestoreError::NotFound(edge)));
+                        let answer = match self.carry_out(&edge, actions).await {
+                            Ok(()) => self
+                                .machines
+                                .get(&edge)
+                                .map(|m| m.state())
+                                .ok_or(RestoreError::NotFound(edge)),
+                            Err(NotIssued(why)) => Err(RestoreError::NotStored(why)),
+                        };
+                        let _ = reply.send(answer);
                     }
                     Err(err) => {
                         let _ = reply.send(Err(err));
@@ -328,7 +343,7 @@ impl Task {
     }
 
     async fn poll_all(&mut self) {
-        let now = now_ms();
+        let now = Now::system();
         let edges: Vec<String> = self.machines.keys().cloned().collect();
         for edge in edges {
             let actions = self
@@ -337,14 +352,14 @@ impl Task {
                 .map(|m| m.poll(now))
                 .unwrap_or_default();
             if !actions.is_empty() {
-                self.carry_out(&edge, actions).await;
+                let _ = self.carry_out(&edge, actions).await;
             }
         }
     }
 
     async fn follow_model(&mut self, model: Arc<Model>) {
         self.model = model.clone();
-        let now = now_ms();
+        let now = Now::system();
         self.machines.retain(|id, _| model.edges.contains_key(id));
         self.running.retain(|id| model.edges.contains_key(id));
         for (id, record) in &model.edges {
@@ -358,10 +373,10 @@ impl Task {
                         // An edge added after boot: the master has nothing of it to load.
                         actions = machine.handle(now, MasterEvent::Booted);
                     }
-                    self.runtime.set_epoch(id, persisted.epoch);
+                    self.runtime.set_grant(id, persisted);
                     self.publish(id, persisted);
                     self.machines.insert(id.clone(), machine);
-                    self.carry_out(id, actions).await;
+                    let _ = self.carry_out(id, actions).await;
                 }
             }
         }
@@ -440,20 +455,49 @@ impl Task {
             .insert(edge.to_string(), state);
     }
 
-    async fn carry_out(&mut self, edge: &str, actions: Vec<MasterAction>) {
+    /// Carries out a machine's actions in order. A grant the store did not take stops
+    /// the batch there: the machine is told, and tries again later.
+    async fn carry_out(&mut self, edge: &str, actions: Vec<MasterAction>) -> Result<(), NotIssued> {
         for action in actions {
             match action {
-                MasterAction::Persist(state) => {
-                    let store = self.store.clone();
+                MasterAction::Issue { expected, grant } => {
+                    let grants = self.grants.clone();
                     let id = edge.to_string();
-                    let stored =
-                        tokio::task::spawn_blocking(move || store.set_control_state(&id, state))
+                    let issued =
+                        tokio::task::spawn_blocking(move || grants.issue(&id, expected, grant))
                             .await;
-                    if !matches!(stored, Ok(Ok(()))) {
-                        tracing::error!(edge, ?state, "cannot store the control state: {stored:?}");
+                    let stored = match issued {
+                        Ok(Ok(())) => {
+                            self.runtime.set_grant(edge, grant);
+                            self.publish(edge, grant);
+                            continue;
+                        }
+                        Ok(Err(err)) => {
+                            tracing::error!(
+                                edge,
+                                ?grant,
+                                "grant not issued, so not acted on (tried again in {} ms): {err}",
+                                tether_common::control::master::ISSUE_RETRY_MS
+                            );
+                            (err.stored(), err.to_string())
+                        }
+                        Err(err) => {
+                            tracing::error!(
+                                edge,
+                                ?grant,
+                                "grant not issued, so not acted on: {err}"
+                            );
+                            (None, err.to_string())
+                        }
+                    };
+                    self.runtime.metrics().grant_store_failed(edge);
+                    if let Some(machine) = self.machines.get_mut(edge) {
+                        machine.issue_failed(Now::system(), stored.0);
+                        let state = machine.state();
+                        self.runtime.set_grant(edge, state);
+                        self.publish(edge, state);
                     }
-                    self.runtime.set_epoch(edge, state.epoch);
-                    self.publish(edge, state);
+                    return Err(NotIssued(stored.1));
                 }
                 MasterAction::Audit(record) => {
                     tracing::warn!(
@@ -490,6 +534,7 @@ impl Task {
                 }
             }
         }
+        Ok(())
     }
 
     /// Sends a decision without waiting: the acknowledgement comes back as an event. An

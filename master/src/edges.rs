@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use serde_json::Value;
-use tether_common::control::{ControlState, owner_name};
+use tether_common::control::{ControlState, Mono, owner_name};
 use tether_common::link::{EdgeSecrets, Link, Secret};
 use tether_common::model::EdgeRecord;
 
@@ -130,18 +130,19 @@ impl EdgeRegistry {
     }
 
     /// Marks the edge offline if `generation` is still its current link; answers when it
-    /// was last heard, or `None` when a newer link had replaced this one.
-    pub fn detach(&self, edge_id: &str, generation: u64, reason: &str) -> Option<u64> {
+    /// was last heard (on the monotonic clock), or `None` when a newer link had replaced
+    /// this one.
+    pub fn detach(&self, edge_id: &str, generation: u64, reason: &str) -> Option<Mono> {
         let mut edges = self.lock();
         let entry = edges.get_mut(edge_id)?;
         match &entry.link {
             Some((current, link)) if *current == generation => {
-                let last_seen = link.last_seen_unix_ms();
-                entry.last_seen_ms = Some(last_seen);
+                let last_heard = link.last_heard();
+                entry.last_seen_ms = Some(link.last_seen_unix_ms());
                 entry.link = None;
                 entry.connected_since_ms = None;
                 tracing::warn!(edge = %edge_id, "edge offline: {reason}");
-                Some(last_seen)
+                Some(last_heard)
             }
             _ => None,
         }

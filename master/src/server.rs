@@ -175,7 +175,12 @@ async fn serve(
     // Boot, in DESIGN.md's order. Load edges and systems, and every module but the edges'.
     let registry = EdgeRegistry::new(base_dir.clone());
     let runtime = Runtime::new("master", ScriptLimits::default());
-    let control = Control::start(model.store(), runtime.clone(), registry.clone())?;
+    let control = Control::start(
+        model.store(),
+        model.store(),
+        runtime.clone(),
+        registry.clone(),
+    )?;
     // Calls for modules the master does not run go to their edge.
     runtime.set_remote(Arc::new(LinkRemote::new(Arc::new(MasterLinks {
         registry: registry.clone(),
@@ -364,8 +369,8 @@ async fn attach_links(context: LinkContext, mut accepted: mpsc::Receiver<Authent
             .await;
             edge.link.closed().await;
             let reason = edge.link.close_reason().unwrap_or_default();
-            if let Some(last_heard_ms) = registry.detach(&edge.edge_id, generation, &reason) {
-                control.event(&edge.edge_id, MasterEvent::LinkDown { last_heard_ms });
+            if let Some(last_heard) = registry.detach(&edge.edge_id, generation, &reason) {
+                control.event(&edge.edge_id, MasterEvent::LinkDown { last_heard });
             }
         });
     }

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tether_common::control::EdgeTiming;
 use tether_tests::api::ApiClient;
 use tether_tests::cluster::{Cluster, ClusterSpec};
 use tether_tests::sim::Sim;
@@ -386,6 +387,58 @@ async fn the_edge_runs_on_when_the_master_dies_and_takes_control_if_it_had_not()
     .await;
     assert_eq!(control_of(&master).await.0, "edge");
     wait_executor(&edge, "edge:site-1", Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_silent_cut_lets_the_edge_take_over_within_its_stated_worst_case() {
+    let projector = Sim::projector();
+    let mut cluster = start(&projector, true, &settings(true, "cold")).await;
+    let master = cluster.master_api();
+    let edge = cluster.edge_admin(0);
+    cluster.edges[0].kill();
+    wait_executor(&master, "master", Duration::from_millis(TIMEOUT_MS + 1000)).await;
+    restart_edge_under_master(&mut cluster, &edge).await;
+
+    // Pull the cable: no close, no reset, only silence, and new connections hang (the
+    // last attempt runs into its handshake deadline).
+    let spec = ClusterSpec::edges(1);
+    let timing = EdgeTiming {
+        heartbeat_ms: spec.heartbeat_ms,
+        reconnect_ms: 3000,
+        handshake_timeout_ms: spec.handshake_timeout_ms,
+    };
+    let shown = edge.edge("site-1").await.expect("the edge's own record");
+    assert_eq!(
+        shown["takeover_worst_ms"],
+        timing.worst_case_takeover_ms(),
+        "{shown}"
+    );
+    cluster.proxies[0].cut();
+    let took = wait_executor(
+        &edge,
+        "edge:site-1",
+        Duration::from_millis(timing.worst_case_takeover_ms() + 1000),
+    )
+    .await;
+    eprintln!(
+        "the edge took control {} ms after a silent cut (stated worst case {} ms)",
+        took.as_millis(),
+        timing.worst_case_takeover_ms()
+    );
+    let earliest = timing.dead_after_ms() + timing.reconnect_ms;
+    assert!(
+        took >= Duration::from_millis(earliest - 200),
+        "not before the link was dead and the one more attempt was due: {took:?}"
+    );
+    let (status, log) = edge.get("/api/v1/audit").await;
+    assert_eq!(status, 200);
+    let last = log.as_array().unwrap().last().cloned().unwrap_or_default();
+    assert_eq!(last["to"], "edge", "{log}");
+    let (_, epoch) = control_of(&edge).await;
+    assert_eq!(
+        last["epoch"], epoch,
+        "the claim is under the last granted epoch, no epoch of its own"
+    );
 }
 
 #[tokio::test]

@@ -17,7 +17,8 @@ fn execute(n: u64) -> Request {
         module: ModuleRef::new("room", "Display", 1),
         method: "echo".into(),
         args: Json(n.to_string()),
-        epoch: 0,
+        epoch: None,
+        holder: None,
     }
 }
 

@@ -212,7 +212,8 @@ async fn a_rogue_edge_reaches_nothing_of_another_site() {
         module: at,
         method: "power".into(),
         args: tether_common::protocol::Json::from_value(&json!([false])),
-        epoch: 0,
+        epoch: None,
+        holder: None,
     };
     let attempts: Vec<(&str, Request, &str)> = vec![
         ("exec", exec(display.clone()), "room-1 Display 1"),

@@ -181,7 +181,8 @@ mod tests {
             module: at,
             method: "m".into(),
             args: Json::null(),
-            epoch: 0,
+            epoch: None,
+            holder: None,
         }
     }
 

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Principal};
+use crate::control::Claim;
 use crate::model::Model;
 use crate::protocol::ModuleRef;
 use crate::runtime::{ExecError, Origin, Runtime, SystemAction};
@@ -204,7 +205,7 @@ async fn exec(
             ))
         })?;
         let module = ModuleRef::new(system.clone(), name.clone(), index);
-        let epoch = runtime.fence(&module, body.epoch)?;
+        let grant = runtime.fence(&module, Claim::epoch(body.epoch))?;
         let origin = origin(&principal);
         let done = client_exec(
             &runtime,
@@ -216,8 +217,8 @@ async fn exec(
         )
         .await?;
         let mut answer = json!({ "result": done.value, "executed_by": done.executed_by });
-        if let Some(epoch) = epoch {
-            answer["epoch"] = json!(epoch);
+        if let Some(grant) = grant {
+            answer["epoch"] = json!(grant.epoch);
         }
         Ok::<_, ApiError>(answer)
     };
@@ -234,7 +235,9 @@ pub(super) async fn client_exec(
     origin: &Origin,
 ) -> Result<crate::runtime::Executed, ExecError> {
     let started = std::time::Instant::now();
-    let done = runtime.exec_from(module, method, args, epoch, origin).await;
+    let done = runtime
+        .exec_from(module, method, args, Claim::epoch(epoch), origin)
+        .await;
     let by = done.as_ref().ok().map(|done| done.executed_by.as_str());
     runtime
         .metrics()

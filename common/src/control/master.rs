@@ -1,12 +1,22 @@
 //! The master's side of control for one edge location: boot, the edge's link coming and
 //! going, the failover timeout, restore windows and manual restores.
 //!
-//! A change of owner is break-before-make: handing back to the edge, the master stops
-//! its modules first ([`MasterAction::StopModules`] completes before the next action),
-//! then persists the new state and sends the decision under a new epoch.
+//! Every change of owner is a new grant, issued first ([`MasterAction::Issue`], a
+//! compare-and-set on the stored grant) and acted on only once it is stored: the shell
+//! carries out the actions after an `Issue` only when the store took it, and otherwise
+//! tells the machine ([`MasterSide::issue_failed`]), which goes back to where it stood and
+//! tries again after [`ISSUE_RETRY_MS`]. A change of owner is break-before-make: handing
+//! back to the edge, the master stops its modules ([`MasterAction::StopModules`] completes
+//! before the next action) before it sends the decision.
+//!
+//! Intervals (the failover timeout, retries) are measured on the monotonic clock of
+//! [`Now`]; the wall clock serves restore windows and audit records only.
 
 use super::rules::{Situation, negotiate};
-use super::{AuditRecord, ControlState, EdgeReport, Owner, Window};
+use super::{AuditRecord, ControlState, EdgeReport, Mono, Now, Owner, Window};
+
+/// How long the machine waits before it tries again to issue a grant the store refused.
+pub const ISSUE_RETRY_MS: u64 = 1000;
 
 /// An edge location's control settings, from its record.
 #[derive(Debug, Clone)]
@@ -35,16 +45,23 @@ pub enum MasterEvent {
     },
     /// The edge's link closed (or died of missed heartbeats).
     LinkDown {
-        /// When the edge was last heard, unix ms.
-        last_heard_ms: u64,
+        /// When the edge was last heard, on the monotonic clock.
+        last_heard: Mono,
     },
 }
 
 /// What the shell must do, in order; each completes before the next begins.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MasterAction {
-    /// Store the state durably.
-    Persist(ControlState),
+    /// Store `grant` durably if, and only if, the stored grant is still `expected` (and
+    /// `grant`'s epoch is above it). Nothing after this action may be carried out unless
+    /// the store took it; if it did not, call [`MasterSide::issue_failed`].
+    Issue {
+        /// The grant the machine believes stored.
+        expected: ControlState,
+        /// The new grant.
+        grant: ControlState,
+    },
     /// Start the edge's modules here, under this epoch.
     StartModules {
         /// The epoch they run under.
@@ -85,9 +102,21 @@ pub enum RestoreRefused {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Link {
     /// No link; the edge was last heard at this time.
-    Down { last_heard_ms: u64 },
-    /// A link is up; the edge's report once it has come.
-    Up { report: Option<EdgeReport> },
+    Down { last_heard: Mono },
+    /// A link is up; the edge's report once it has come, and whether the master has
+    /// answered it with a decision.
+    Up {
+        report: Option<EdgeReport>,
+        decided: bool,
+    },
+}
+
+/// Where the machine stood before it issued a grant, to go back to if the store refuses.
+#[derive(Debug, Clone, Copy)]
+struct BeforeIssue {
+    state: ControlState,
+    running: bool,
+    link: Link,
 }
 
 /// The master's control machine for one edge location.
@@ -99,23 +128,31 @@ pub struct MasterSide {
     booted: bool,
     running: bool,
     link: Link,
+    /// Set when the last batch of actions issued a grant.
+    before_issue: Option<BeforeIssue>,
+    /// Nothing is issued before this (a grant the store refused is tried again later).
+    retry_at: Mono,
 }
 
 impl MasterSide {
     /// A machine for a master that is booting: it has `persisted` from its store and has
     /// not heard from the edge since `now`.
-    pub fn new(edge_id: &str, settings: EdgeSettings, persisted: ControlState, now: u64) -> Self {
+    pub fn new(edge_id: &str, settings: EdgeSettings, persisted: ControlState, now: Now) -> Self {
         MasterSide {
             edge_id: edge_id.to_string(),
             settings,
             state: persisted,
             booted: false,
             running: false,
-            link: Link::Down { last_heard_ms: now },
+            link: Link::Down {
+                last_heard: now.mono,
+            },
+            before_issue: None,
+            retry_at: Mono::default(),
         }
     }
 
-    /// Owner and epoch as the master sees them.
+    /// Owner and epoch as the master sees them (the grant stored last).
     pub fn state(&self) -> ControlState {
         self.state
     }
@@ -141,50 +178,66 @@ impl MasterSide {
     }
 
     /// Feeds one event; answers what to do.
-    pub fn handle(&mut self, now: u64, event: MasterEvent) -> Vec<MasterAction> {
+    pub fn handle(&mut self, now: Now, event: MasterEvent) -> Vec<MasterAction> {
+        self.before_issue = None;
         let mut actions = Vec::new();
+        let reported = matches!(event, MasterEvent::Report(_));
         match event {
             MasterEvent::Booted => {
                 self.booted = true;
-                match self.link {
-                    // An edge that did not come, whose modules the master ran before it
-                    // went down: run them again, fenced by a new epoch.
-                    Link::Down { .. } if self.state.owner == Owner::Master => {
-                        if self.settings.failover {
-                            self.state.epoch += 1;
-                            actions.push(MasterAction::Persist(self.state));
-                            self.start(&mut actions);
-                        }
-                    }
-                    Link::Up { .. } => actions.push(MasterAction::SendReady),
-                    Link::Down { .. } => {}
+                if let Link::Up { .. } = self.link {
+                    actions.push(MasterAction::SendReady);
                 }
                 // The failover timeout counts from the end of the boot at the earliest.
-                if let Link::Down { last_heard_ms } = &mut self.link {
-                    *last_heard_ms = (*last_heard_ms).max(now);
+                if let Link::Down { last_heard } = &mut self.link {
+                    *last_heard = (*last_heard).max(now.mono);
                 }
             }
-            MasterEvent::LinkUp => self.link = Link::Up { report: None },
+            MasterEvent::LinkUp => {
+                self.link = Link::Up {
+                    report: None,
+                    decided: false,
+                }
+            }
             MasterEvent::Report(report) => {
                 self.link = Link::Up {
                     report: Some(report),
+                    decided: false,
                 };
-                self.negotiate(now, report, &mut actions);
-                if self.booted {
-                    actions.push(MasterAction::SendReady);
-                }
             }
             MasterEvent::Acked { .. } => {}
-            MasterEvent::LinkDown { last_heard_ms } => {
-                self.link = Link::Down { last_heard_ms };
+            MasterEvent::LinkDown { last_heard } => {
+                self.link = Link::Down { last_heard };
             }
         }
-        actions.extend(self.poll(now));
+        // Decisions are all made by `decide`, from where things stand: the same path for
+        // a first try and for a retry after the store refused a grant.
+        actions.extend(self.decide(now));
+        if reported && self.booted {
+            actions.push(MasterAction::SendReady);
+        }
         actions
     }
 
+    /// The store did not take the grant the last batch issued (it failed, or the stored
+    /// grant was not the one expected: `stored` when the store said what it holds). None
+    /// of the actions after the `Issue` were carried out; the machine goes back to where
+    /// it stood and tries again after [`ISSUE_RETRY_MS`].
+    pub fn issue_failed(&mut self, now: Now, stored: Option<ControlState>) {
+        if let Some(before) = self.before_issue.take() {
+            self.state = before.state;
+            self.running = before.running;
+            self.link = before.link;
+        }
+        if let Some(stored) = stored {
+            self.state = stored;
+        }
+        self.retry_at = now.mono.plus(ISSUE_RETRY_MS);
+    }
+
     /// A manual restore: control goes back to the (connected) edge.
-    pub fn restore(&mut self, now: u64) -> Result<Vec<MasterAction>, RestoreRefused> {
+    pub fn restore(&mut self, now: Now) -> Result<Vec<MasterAction>, RestoreRefused> {
+        self.before_issue = None;
         if !self.booted {
             return Err(RestoreRefused::Booting);
         }
@@ -193,6 +246,7 @@ impl MasterSide {
         }
         let Link::Up {
             report: Some(report),
+            ..
         } = self.link
         else {
             return Err(RestoreRefused::Offline(self.edge_id.clone()));
@@ -202,34 +256,49 @@ impl MasterSide {
         Ok(actions)
     }
 
-    /// Acts on the passing of time: the failover timeout and restore windows.
-    pub fn poll(&mut self, now: u64) -> Vec<MasterAction> {
+    /// Acts on the passing of time: the failover timeout and restore windows, and a
+    /// decision the store refused before.
+    pub fn poll(&mut self, now: Now) -> Vec<MasterAction> {
+        self.before_issue = None;
+        self.decide(now)
+    }
+
+    fn decide(&mut self, now: Now) -> Vec<MasterAction> {
         let mut actions = Vec::new();
-        if !self.booted {
+        if now.mono < self.retry_at {
             return actions;
         }
         match self.link {
-            Link::Down { last_heard_ms }
+            Link::Up {
+                report: Some(report),
+                decided: false,
+            } => self.negotiate(now, report, &mut actions),
+            _ if !self.booted => {}
+            // An edge that did not come, whose modules the master ran before it went
+            // down (or whose takeover could not be stored): run them, under a new grant.
+            Link::Down { .. }
+                if self.state.owner == Owner::Master && self.settings.failover && !self.running =>
+            {
+                let reason = "the master runs the modules it held before it restarted";
+                self.change_owner(now, Owner::Master, reason, None, &mut actions);
+                self.start(&mut actions);
+            }
+            Link::Down { last_heard }
                 if self.state.owner == Owner::Edge
                     && self.settings.failover
-                    && now.saturating_sub(last_heard_ms) >= self.settings.timeout_ms =>
+                    && now.mono.since(last_heard) >= self.settings.timeout_ms =>
             {
                 let reason = format!(
                     "failover: no word from the edge for {} ms (timeout_ms {})",
-                    now.saturating_sub(last_heard_ms),
+                    now.mono.since(last_heard),
                     self.settings.timeout_ms
                 );
-                self.change_owner(
-                    now,
-                    Owner::Master,
-                    self.state.epoch + 1,
-                    &reason,
-                    &mut actions,
-                );
+                self.change_owner(now, Owner::Master, &reason, None, &mut actions);
                 self.start(&mut actions);
             }
             Link::Up {
                 report: Some(report),
+                decided: true,
             } if self.state.owner == Owner::Master && self.window_open(now) => {
                 self.hand_to_edge(now, report, "the restore window opened", &mut actions);
             }
@@ -240,102 +309,130 @@ impl MasterSide {
 
     /// When [`poll`](Self::poll) next has something to do, if ever (a bound: the shell
     /// may poll sooner).
-    pub fn next_poll(&self, now: u64) -> Option<u64> {
-        if !self.booted {
-            return None;
-        }
-        match self.link {
-            Link::Down { last_heard_ms }
+    pub fn next_poll(&self, now: Now) -> Option<Mono> {
+        let due = match self.link {
+            Link::Up {
+                report: Some(_),
+                decided: false,
+            } => Some(now.mono),
+            _ if !self.booted => None,
+            Link::Down { .. }
+                if self.state.owner == Owner::Master && self.settings.failover && !self.running =>
+            {
+                Some(now.mono)
+            }
+            Link::Down { last_heard }
                 if self.state.owner == Owner::Edge && self.settings.failover =>
             {
-                Some(last_heard_ms.saturating_add(self.settings.timeout_ms))
+                Some(last_heard.plus(self.settings.timeout_ms))
             }
-            Link::Up { report: Some(_) } if self.state.owner == Owner::Master => self
+            Link::Up {
+                report: Some(_), ..
+            } if self.state.owner == Owner::Master => self
                 .settings
                 .window
                 .as_ref()
-                .and_then(|window| window.next_open(now)),
+                .and_then(|window| window.next_open(now.wall_ms))
+                .map(|wall| now.mono_at_wall(wall)),
             _ => None,
-        }
+        };
+        due.map(|at| at.max(self.retry_at))
     }
 
-    fn window_open(&self, now: u64) -> bool {
+    fn window_open(&self, now: Now) -> bool {
         self.settings
             .window
             .as_ref()
-            .is_some_and(|window| window.is_open(now))
+            .is_some_and(|window| window.is_open(now.wall_ms))
     }
 
     /// The rules, when an edge has reported on a new link.
-    fn negotiate(&mut self, now: u64, report: EdgeReport, actions: &mut Vec<MasterAction>) {
+    fn negotiate(&mut self, now: Now, report: EdgeReport, actions: &mut Vec<MasterAction>) {
         let (owner, rule) = negotiate(Situation {
             edge_controlling: report.controlling,
             window_open: self.window_open(now),
             master_loading: !self.booted,
             master_running: self.running,
         });
+        // An edge that runs its modules already: stop here at once, whatever the store
+        // does (two runners on a live link is the one thing never to allow). Otherwise
+        // the grant first, so that a store that fails leaves the master running them.
+        if owner == Owner::Edge && self.running && report.controlling {
+            self.stop(actions);
+        }
+        // Both sides already agree: confirm without a new grant, so that a master
+        // restart or a reconnect changes nothing.
+        let agreed = report.state == self.state && self.state.owner == owner;
+        if !agreed {
+            self.change_owner(now, owner, rule.reason(), Some(report), actions);
+        }
         if owner == Owner::Edge && self.running {
             self.stop(actions);
         }
-        // Both sides already agree: confirm without a new epoch, so that a master restart
-        // or a reconnect changes nothing.
-        let agreed = report.state == self.state && self.state.owner == owner;
-        let epoch = if agreed {
-            self.state.epoch
-        } else {
-            self.state.epoch.max(report.state.epoch) + 1
+        self.link = Link::Up {
+            report: Some(report),
+            decided: true,
         };
-        self.change_owner(now, owner, epoch, rule.reason(), actions);
         actions.push(MasterAction::SendDecision {
             owner,
-            epoch,
+            epoch: self.state.epoch,
             reason: rule.reason().to_string(),
         });
     }
 
-    /// Break-before-make towards the edge: stop here, persist, then tell the edge.
+    /// Towards the edge: a new grant, then stop here, then tell the edge.
     fn hand_to_edge(
         &mut self,
-        now: u64,
+        now: Now,
         report: EdgeReport,
         reason: &str,
         actions: &mut Vec<MasterAction>,
     ) {
+        self.change_owner(now, Owner::Edge, reason, Some(report), actions);
         if self.running {
             self.stop(actions);
         }
-        let epoch = self.state.epoch.max(report.state.epoch) + 1;
-        self.change_owner(now, Owner::Edge, epoch, reason, actions);
         actions.push(MasterAction::SendDecision {
             owner: Owner::Edge,
-            epoch,
+            epoch: self.state.epoch,
             reason: reason.to_string(),
         });
     }
 
-    /// Persists a new state (if it is new) and audits a change of owner.
+    /// Issues a new grant to `owner` (the epoch above both what is stored and what the
+    /// edge reported, should the edge have seen more than this master's store holds), and
+    /// audits a change of owner.
     fn change_owner(
         &mut self,
-        now: u64,
+        now: Now,
         owner: Owner,
-        epoch: u64,
         reason: &str,
+        report: Option<EdgeReport>,
         actions: &mut Vec<MasterAction>,
     ) {
         let before = self.state;
-        let after = ControlState { owner, epoch };
-        if after == before {
-            return;
-        }
-        self.state = after;
-        actions.push(MasterAction::Persist(after));
+        let seen = report.map_or(0, |r| r.state.epoch);
+        let grant = ControlState {
+            owner,
+            epoch: before.epoch.max(seen) + 1,
+        };
+        self.before_issue = Some(BeforeIssue {
+            state: before,
+            running: self.running,
+            link: self.link,
+        });
+        self.state = grant;
+        actions.push(MasterAction::Issue {
+            expected: before,
+            grant,
+        });
         if before.owner != owner {
             actions.push(MasterAction::Audit(AuditRecord {
-                time_ms: now,
+                time_ms: now.wall_ms,
                 edge: self.edge_id.clone(),
                 from: before.owner,
                 to: owner,
-                epoch,
+                epoch: grant.epoch,
                 reason: reason.to_string(),
                 code: None,
             }));

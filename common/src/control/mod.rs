@@ -3,11 +3,13 @@
 //! carry out in order. They never touch a socket, a file or the system clock, so a test
 //! can drive hours of link cuts, crashes and restore windows in milliseconds.
 //!
+//! - [`clock`]: the monotonic clock for intervals, the wall clock for records and windows.
 //! - [`rules`]: the negotiation rules when an edge connects.
 //! - [`window`]: restore windows (cron start, length).
 //! - [`master`]: the master's side, one machine per edge location.
 //! - [`edge`]: the edge's side.
 
+pub mod clock;
 pub mod edge;
 pub mod master;
 pub mod rules;
@@ -16,17 +18,66 @@ pub mod window;
 use serde::{Deserialize, Serialize};
 
 pub use crate::protocol::{AuditRecord, ControlOwner as Owner};
-pub use edge::{EdgeAction, EdgeEvent, EdgeSide, StaleDecision};
+pub use clock::{Mono, Now};
+pub use edge::{EdgeAction, EdgeEvent, EdgeSide, EdgeTiming, StaleDecision};
 pub use master::{EdgeSettings, MasterAction, MasterEvent, MasterSide, RestoreRefused};
 pub use window::Window;
 
-/// Owner and epoch of one edge location, as each side persists them.
+/// A grant: who runs one edge location's modules, under which epoch. The master issues
+/// grants, each by a compare-and-set on the one it stored last, so no two grants of a
+/// location share an epoch; an edge persists the last grant it was sent, or the claim it
+/// made itself while no master was reachable (same epoch, itself as holder: a claim never
+/// raises an epoch, so the grant a master issues when it hears the edge again outranks it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlState {
     /// Who runs the modules.
     pub owner: Owner,
     /// Raised on every change of owner; anything carrying an older one is refused.
     pub epoch: u64,
+}
+
+impl ControlState {
+    /// Whether something carrying `claim` is as new as this grant. An older epoch is
+    /// stale; so is an equal epoch with another holder, which can only come from a grant
+    /// this side knows is superseded or from a claim made while the sides could not talk.
+    /// A claim of no epoch (a client that did not say) is not fenced.
+    pub fn admits(&self, claim: Claim) -> bool {
+        match claim.epoch {
+            None => true,
+            Some(epoch) => {
+                epoch > self.epoch
+                    || (epoch == self.epoch && claim.holder.is_none_or(|h| h == self.owner))
+            }
+        }
+    }
+}
+
+/// What a caller or a decision claims of an edge location's grant, to be fenced against
+/// the receiver's own view. Clients know epochs only; servers send both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Claim {
+    /// The epoch claimed, if any.
+    pub epoch: Option<u64>,
+    /// The holder claimed for it, if known.
+    pub holder: Option<Owner>,
+}
+
+impl Claim {
+    /// A client's claim: an epoch, or nothing.
+    pub fn epoch(epoch: Option<u64>) -> Claim {
+        Claim {
+            epoch,
+            holder: None,
+        }
+    }
+
+    /// A server's claim: the whole grant as it sees it.
+    pub fn grant(grant: ControlState) -> Claim {
+        Claim {
+            epoch: Some(grant.epoch),
+            holder: Some(grant.owner),
+        }
+    }
 }
 
 impl Default for ControlState {

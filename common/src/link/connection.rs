@@ -440,6 +440,17 @@ impl Link {
         self.shared.last_seen_unix_ms.load(Ordering::Relaxed)
     }
 
+    /// When the last frame arrived, on the control core's monotonic clock (a step of the
+    /// wall clock does not move it).
+    pub fn last_heard(&self) -> crate::control::Mono {
+        let silent_ms = self
+            .now_us()
+            .saturating_sub(self.shared.last_frame_us.load(Ordering::Relaxed))
+            / 1000;
+        let now = crate::control::clock::mono_now();
+        crate::control::Mono(now.0.saturating_sub(silent_ms))
+    }
+
     /// Whether the link has closed.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.is_cancelled()

@@ -94,7 +94,7 @@ pub async fn connect_once(
 /// The wait before the next attempt: the period plus up to a sixth of it, so that many
 /// edges cut off together do not all come back in the same instant.
 pub fn reconnect_delay(period: Duration, rng: &mut impl Rng) -> Duration {
-    let jitter_max = period / 6;
+    let jitter_max = period / crate::control::edge::RECONNECT_JITTER_DIVISOR;
     period + jitter_max.mul_f64(rng.random::<f64>())
 }
 

@@ -169,8 +169,12 @@ pub enum Request {
         method: String,
         /// Arguments, a JSON array.
         args: Json,
-        /// The sender's view of the target edge's epoch; stale ones are refused.
-        epoch: u64,
+        /// The sender's view of the target edge location's grant (its epoch, and the
+        /// holder where the sender knows it); a claim the receiver does not admit (an
+        /// older epoch, or the same epoch with another holder) is refused.
+        epoch: Option<u64>,
+        /// The holder the sender claims for that epoch.
+        holder: Option<ControlOwner>,
     },
     /// Either way: a module's status map. Answer: [`Response::Status`].
     StatusRequest {

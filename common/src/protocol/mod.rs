@@ -20,7 +20,7 @@ pub use messages::{
 };
 
 /// The protocol version both sides must speak; checked in the handshake.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Frame bound while a peer is not yet authenticated: handshake messages are tiny, so an
 /// anonymous peer can make us buffer no more than this.

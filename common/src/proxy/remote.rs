@@ -330,7 +330,8 @@ impl<L: Links> Remote for LinkRemote<L> {
                 module: call.module.clone(),
                 method,
                 args: Json::from_value(&Value::Array(args)),
-                epoch: call.epoch.unwrap_or(0),
+                epoch: call.claim.epoch,
+                holder: call.claim.holder,
             };
             match request(&link, body, &call).await? {
                 Response::Value { value, executed_by } => Ok(Executed {

@@ -1,5 +1,6 @@
 //! Answering the other side's calls on modules and systems, through the local runtime.
 
+use crate::control::Claim;
 use crate::link::{IncomingRequest, Responder};
 use crate::protocol::{Json, ModuleRef, Request, Response, StreamItem};
 use crate::runtime::{ExecError, Origin, Runtime, StatusEvent, SystemAction};
@@ -30,9 +31,11 @@ pub fn serve_call(
             method,
             args,
             epoch,
+            holder,
         } => {
             tokio::spawn(async move {
-                let answer = execute(&runtime, &module, &method, &args, epoch, &via).await;
+                let claim = Claim { epoch, holder };
+                let answer = execute(&runtime, &module, &method, &args, claim, &via).await;
                 responder.respond(answer.map_err(to_remote)).await;
             });
         }
@@ -108,7 +111,7 @@ async fn execute(
     module: &ModuleRef,
     method: &str,
     args: &Json,
-    epoch: u64,
+    claim: Claim,
     via: &Origin,
 ) -> Result<Response, ExecError> {
     let args = match args.to_value() {
@@ -120,10 +123,7 @@ async fn execute(
             )));
         }
     };
-    let claimed = (epoch > 0).then_some(epoch);
-    let done = runtime
-        .exec_from(module, method, args, claimed, via)
-        .await?;
+    let done = runtime.exec_from(module, method, args, claim, via).await?;
     Ok(Response::Value {
         value: Json::from_value(&done.value),
         executed_by: done.executed_by,

@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::module::ModuleInstance;
 use super::remote::{Executed, Origin, Remote, RemoteCall, StatusEvent, SystemAction};
 use super::{DebugLine, ExecError, Runtime, lock};
+use crate::control::Claim;
 use crate::protocol::ModuleRef;
 
 /// What a proxied call waits beyond the driver's own timeout, so that the far side's
@@ -72,7 +73,7 @@ impl Runtime {
                             module: at.clone(),
                             edge: None,
                             origin: origin.clone(),
-                            epoch: None,
+                            claim: Claim::default(),
                             // The driver is not known here; the design's default.
                             timeout: DEFAULT_EXEC_TIMEOUT + LINK_GRACE,
                         }))
@@ -105,7 +106,7 @@ impl Runtime {
                     },
                     edge: model.module_edge(module),
                     origin: origin.clone(),
-                    epoch: None,
+                    claim: Claim::default(),
                     timeout,
                 }))
             }
@@ -118,25 +119,29 @@ impl Runtime {
             .ok_or_else(|| ExecError::NotHere("no other side is reachable".into()))
     }
 
-    /// Runs a method of a module of `system`, here or where it runs. `epoch` is the
-    /// caller's view of the module's edge location (fenced here and where it runs);
+    /// Runs a method of a module of `system`, here or where it runs. `claim` is the
+    /// caller's view of the module's edge location's grant (fenced here and where it
+    /// runs; a caller that claims nothing is fenced there by this side's view);
     /// `origin` where the call comes from.
     pub async fn exec_from(
         &self,
         module: &ModuleRef,
         method: &str,
         args: Vec<Value>,
-        epoch: Option<u64>,
+        claim: Claim,
         origin: &Origin,
     ) -> Result<Executed, ExecError> {
-        self.fence(module, epoch)?;
+        let view = self.fence(module, claim)?;
         match self.locate(module, origin, false)? {
             Located::Here(module) => Ok(Executed {
                 value: module.call(method, args).await?,
                 executed_by: self.inner.executed_by.clone(),
             }),
             Located::There(mut call) => {
-                call.epoch = epoch;
+                call.claim = match (claim.epoch, view) {
+                    (None, Some(view)) => Claim::grant(view),
+                    _ => claim,
+                };
                 let remote = self.remote_or_not_here()?;
                 remote.exec(call, method.to_string(), args).await
             }
@@ -155,7 +160,7 @@ impl Runtime {
     ) -> Result<(Value, String), ExecError> {
         let module = ModuleRef::new(system, name, index);
         let done = self
-            .exec_from(&module, method, args, None, &Origin::local())
+            .exec_from(&module, method, args, Claim::default(), &Origin::local())
             .await?;
         Ok((done.value, done.executed_by))
     }

@@ -28,6 +28,7 @@ pub use script::ScriptLimits;
 pub use spec::ModuleSpec;
 
 use crate::code::Code;
+use crate::control::{Claim, ControlState};
 use crate::model::{Model, ModuleRecord};
 use crate::protocol::{AuditRecord, CodeAudit, ControlOwner, ModuleRef};
 use module::ModuleInstance;
@@ -159,8 +160,8 @@ pub(crate) struct Inner {
     limits: ScriptLimits,
     status_changes: tokio::sync::broadcast::Sender<StatusChange>,
     standby: standby::Standby,
-    /// Each edge location's epoch as this side knows it, for fencing calls.
-    epochs: RwLock<HashMap<String, u64>>,
+    /// Each edge location's grant as this side knows it, for fencing calls.
+    grants: RwLock<HashMap<String, ControlState>>,
     model: RwLock<Arc<Model>>,
     /// The driver code modules are built from.
     code: RwLock<Arc<Code>>,
@@ -217,7 +218,7 @@ impl Runtime {
                 limits,
                 status_changes: tokio::sync::broadcast::channel(STATUS_CHANGES).0,
                 standby: standby::Standby::default(),
-                epochs: RwLock::default(),
+                grants: RwLock::default(),
                 model: RwLock::new(Arc::new(Model::default())),
                 code: RwLock::default(),
                 modules: Mutex::new(HashMap::new()),
@@ -379,34 +380,49 @@ impl Runtime {
             .collect()
     }
 
-    /// Records an edge location's current epoch (the control shell calls this on every
-    /// change of owner).
-    pub fn set_epoch(&self, edge: &str, epoch: u64) {
+    /// Records an edge location's current grant (the control shell calls this on every
+    /// grant it stores).
+    pub fn set_grant(&self, edge: &str, grant: ControlState) {
         self.inner
-            .epochs
+            .grants
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(edge.to_string(), epoch);
+            .insert(edge.to_string(), grant);
     }
 
-    /// Fences a call: the epoch of the module's edge location, refusing a caller that
-    /// claims an older one. `None` for a module of no edge.
-    pub fn fence(&self, at: &ModuleRef, claimed: Option<u64>) -> Result<Option<u64>, ExecError> {
+    /// This side's view of an edge location's grant.
+    pub fn grant(&self, edge: &str) -> Option<ControlState> {
+        self.inner
+            .grants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(edge)
+            .copied()
+    }
+
+    /// Fences a call: answers this side's grant of the module's edge location, refusing a
+    /// caller whose claim it does not admit (an older epoch, or the same epoch with
+    /// another holder). `None` for a module of no edge.
+    pub fn fence(&self, at: &ModuleRef, claim: Claim) -> Result<Option<ControlState>, ExecError> {
         let model = self.model();
         let Some(edge) = find(&model, at).and_then(|module| model.module_edge(module)) else {
             return Ok(None);
         };
-        let current = self
-            .inner
-            .epochs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&edge)
-            .copied();
-        match (claimed, current) {
-            (Some(claimed), Some(current)) if claimed < current => {
+        let current = self.grant(&edge);
+        match current {
+            Some(current) if !current.admits(claim) => {
+                let claimed = match claim.holder {
+                    Some(holder) => format!(
+                        "{} at epoch {}",
+                        crate::control::owner_name(holder),
+                        claim.epoch.unwrap_or_default()
+                    ),
+                    None => format!("epoch {}", claim.epoch.unwrap_or_default()),
+                };
                 Err(ExecError::StaleEpoch(format!(
-                    "stale epoch {claimed}: edge {edge} is at epoch {current} (its owner changed)"
+                    "stale {claimed}: edge {edge} is held by the {} at epoch {} (its owner changed)",
+                    crate::control::owner_name(current.owner),
+                    current.epoch
                 )))
             }
             _ => Ok(current),

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use super::{DebugLine, ExecError};
+use crate::control::Claim;
 use crate::protocol::{ModuleRef, OnBehalf};
 
 /// Where a call comes from, as far as routing and the far side's authorization need to
@@ -64,9 +65,9 @@ pub struct RemoteCall {
     pub edge: Option<String>,
     /// Where the call comes from.
     pub origin: Origin,
-    /// The epoch the caller claims for the module's edge location, to be fenced where it
-    /// runs.
-    pub epoch: Option<u64>,
+    /// What the caller claims of the module's edge location's grant, to be fenced where
+    /// it runs.
+    pub claim: Claim,
     /// How long the caller waits.
     pub timeout: Duration,
 }

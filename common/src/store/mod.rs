@@ -7,10 +7,12 @@
 
 use std::path::{Path, PathBuf};
 
+mod audit;
 mod code;
-mod control;
+mod grants;
 
-pub use control::{AuditEntry, AuditSource};
+pub use audit::{AuditEntry, AuditSource};
+pub use grants::{Grants, IssueError};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 

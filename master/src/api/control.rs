@@ -35,7 +35,9 @@ async fn restore(
         }))),
         Err(RestoreError::NotFound(_)) => Err(ApiError::not_found(format!("no edge {id}"))),
         Err(err @ RestoreError::Refused(_)) => Err(ApiError::conflict(err.to_string())),
-        Err(err @ RestoreError::Stopped) => Err(ApiError::unavailable(err.to_string())),
+        Err(err @ (RestoreError::Stopped | RestoreError::NotStored(_))) => {
+            Err(ApiError::unavailable(err.to_string()))
+        }
     }
 }
 

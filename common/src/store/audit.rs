@@ -1,12 +1,10 @@
-//! Control state on disk, beside the model in the same database: each edge location's
-//! owner and epoch, and the audit log of changes of owner. Both sides keep their own.
-
-use std::collections::BTreeMap;
+//! The audit log on disk, beside the model in the same database: changes of owner and of
+//! code, this server's own and those about each edge. Both sides keep their own.
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{META, Store, StoreError};
-use crate::control::{AuditRecord, ControlState};
+use crate::control::AuditRecord;
 
 /// Where an audit record comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -42,8 +40,6 @@ fn last_audit_seq(
     Ok(counted.max(newest))
 }
 
-/// Edge location id to its postcard [`ControlState`].
-const CONTROL: TableDefinition<&str, &[u8]> = TableDefinition::new("control");
 /// Sequence number to a postcard [`AuditRecord`], oldest first: this server's own records.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// (Edge location, sequence number) to a postcard ([`AuditSource`], [`AuditRecord`]):
@@ -57,38 +53,6 @@ const AUDIT_SEQ: &str = "audit_seq";
 const AUDIT_REPORTED: &str = "audit_reported";
 
 impl Store {
-    /// Every edge location's persisted owner and epoch.
-    pub fn control_states(&self) -> Result<BTreeMap<String, ControlState>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let table = match txn.open_table(CONTROL) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
-            Err(err) => return Err(self.db_error(err)),
-        };
-        let mut states = BTreeMap::new();
-        for entry in table.iter().map_err(|e| self.db_error(e))? {
-            let (id, bytes) = entry.map_err(|e| self.db_error(e))?;
-            let state = postcard::from_bytes(bytes.value()).map_err(|err| {
-                self.corrupt(format!(
-                    "control state of {} does not decode: {err}",
-                    id.value()
-                ))
-            })?;
-            states.insert(id.value().to_string(), state);
-        }
-        Ok(states)
-    }
-
-    /// Stores an edge location's owner and epoch durably.
-    pub fn set_control_state(&self, edge: &str, state: ControlState) -> Result<(), StoreError> {
-        // A ControlState always encodes: an enum and an integer.
-        let bytes = postcard::to_stdvec(&state).unwrap_or_default();
-        self.write_txn(|txn| {
-            txn.open_table(CONTROL)?.insert(edge, bytes.as_slice())?;
-            Ok(())
-        })
-    }
-
     /// Appends to the audit log, which then keeps its newest `keep` records of this
     /// server's own. Returns the record's sequence number.
     pub fn append_audit(&self, record: &AuditRecord, keep: u64) -> Result<u64, StoreError> {
@@ -296,7 +260,7 @@ fn decode_audit(bytes: &[u8]) -> Result<AuditRecord, postcard::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::Owner;
+    use crate::control::{ControlState, Owner};
 
     fn record(epoch: u64) -> AuditRecord {
         AuditRecord {

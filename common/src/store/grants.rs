@@ -1,0 +1,216 @@
+//! Grants on disk: who runs each edge location's modules, under which epoch.
+//!
+//! [`Grants`] is what the control shells need of a store; redb implements it here (one
+//! master, or an edge recording what it was granted), etcd in a cluster. A master issues a
+//! grant only by [`Grants::issue`], a compare-and-set on the stored one that also demands a
+//! higher epoch, so however many deciders race, no two grants of a location share an epoch.
+
+use std::collections::BTreeMap;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Store, StoreError};
+use crate::control::ControlState;
+
+/// Edge location id to its postcard [`ControlState`].
+const CONTROL: TableDefinition<&str, &[u8]> = TableDefinition::new("control");
+
+/// Why a grant was not issued. Either way it must not be acted on.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The stored grant is not the one the decider based its decision on (another decider
+    /// issued one meanwhile), or the new grant does not raise its epoch.
+    #[error(
+        "grant {grant:?} of {unit} not issued: the stored grant is {stored:?}, not {expected:?}"
+    )]
+    Conflict {
+        /// The edge location.
+        unit: String,
+        /// The grant the decider expected to replace.
+        expected: ControlState,
+        /// The grant it tried to issue.
+        grant: ControlState,
+        /// What is stored.
+        stored: ControlState,
+    },
+    /// The store could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl IssueError {
+    /// The stored grant, when the store said what it holds.
+    pub fn stored(&self) -> Option<ControlState> {
+        match self {
+            IssueError::Conflict { stored, .. } => Some(*stored),
+            IssueError::Store(_) => None,
+        }
+    }
+}
+
+/// What the control shells need of a store of grants.
+pub trait Grants: Send + Sync {
+    /// Every edge location's stored grant (a location never granted is absent: it is the
+    /// edge's, at epoch 0).
+    fn grants(&self) -> Result<BTreeMap<String, ControlState>, StoreError>;
+
+    /// Stores `grant` for `unit` if the stored grant is `expected` (absent counts as the
+    /// default) and `grant`'s epoch is above it; durable when it returns `Ok`.
+    fn issue(
+        &self,
+        unit: &str,
+        expected: ControlState,
+        grant: ControlState,
+    ) -> Result<(), IssueError>;
+}
+
+impl Grants for Store {
+    fn grants(&self) -> Result<BTreeMap<String, ControlState>, StoreError> {
+        self.control_states()
+    }
+
+    fn issue(
+        &self,
+        unit: &str,
+        expected: ControlState,
+        grant: ControlState,
+    ) -> Result<(), IssueError> {
+        let bytes = encode(grant);
+        let stored = self.write_txn(|txn| {
+            let mut table = txn.open_table(CONTROL)?;
+            let stored = match table.get(unit)? {
+                Some(bytes) => postcard::from_bytes(bytes.value()).ok(),
+                None => Some(ControlState::default()),
+            };
+            if stored == Some(expected) && grant.epoch > expected.epoch {
+                table.insert(unit, bytes.as_slice())?;
+                return Ok(None);
+            }
+            Ok(Some(stored))
+        })?;
+        match stored {
+            None => Ok(()),
+            Some(Some(stored)) => Err(IssueError::Conflict {
+                unit: unit.to_string(),
+                expected,
+                grant,
+                stored,
+            }),
+            Some(None) => Err(IssueError::Store(
+                self.corrupt(format!("control state of {unit} does not decode")),
+            )),
+        }
+    }
+}
+
+fn encode(state: ControlState) -> Vec<u8> {
+    // A ControlState always encodes: an enum and an integer.
+    postcard::to_stdvec(&state).unwrap_or_default()
+}
+
+impl Store {
+    /// Every edge location's persisted owner and epoch.
+    pub fn control_states(&self) -> Result<BTreeMap<String, ControlState>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = match txn.open_table(CONTROL) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+            Err(err) => return Err(self.db_error(err)),
+        };
+        let mut states = BTreeMap::new();
+        for entry in table.iter().map_err(|e| self.db_error(e))? {
+            let (id, bytes) = entry.map_err(|e| self.db_error(e))?;
+            let state = postcard::from_bytes(bytes.value()).map_err(|err| {
+                self.corrupt(format!(
+                    "control state of {} does not decode: {err}",
+                    id.value()
+                ))
+            })?;
+            states.insert(id.value().to_string(), state);
+        }
+        Ok(states)
+    }
+
+    /// Stores what an edge was granted, or claimed itself, durably. (An edge records;
+    /// only a master issues, by [`Grants::issue`].)
+    pub fn set_control_state(&self, edge: &str, state: ControlState) -> Result<(), StoreError> {
+        let bytes = encode(state);
+        self.write_txn(|txn| {
+            txn.open_table(CONTROL)?.insert(edge, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Owner;
+
+    fn grant(owner: Owner, epoch: u64) -> ControlState {
+        ControlState { owner, epoch }
+    }
+
+    #[test]
+    fn a_grant_is_issued_only_over_the_expected_one_and_with_a_higher_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.redb")).unwrap();
+        let start = ControlState::default();
+        store.issue("e", start, grant(Owner::Master, 1)).unwrap();
+        // A second decider that read the same starting grant loses.
+        let lost = store.issue("e", start, grant(Owner::Edge, 1)).unwrap_err();
+        assert_eq!(lost.stored(), Some(grant(Owner::Master, 1)), "{lost}");
+        // An epoch that does not rise is never issued, even over the right grant.
+        let same = store
+            .issue("e", grant(Owner::Master, 1), grant(Owner::Edge, 1))
+            .unwrap_err();
+        assert_eq!(same.stored(), Some(grant(Owner::Master, 1)));
+        store
+            .issue("e", grant(Owner::Master, 1), grant(Owner::Edge, 2))
+            .unwrap();
+        assert_eq!(store.grants().unwrap()["e"], grant(Owner::Edge, 2));
+    }
+
+    #[test]
+    fn racing_deciders_never_share_an_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let issued = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for decider in 0..4 {
+                let (store, issued) = (&store, &issued);
+                scope.spawn(move || {
+                    let owner = if decider % 2 == 0 {
+                        Owner::Master
+                    } else {
+                        Owner::Edge
+                    };
+                    for _ in 0..50 {
+                        // Each decider decides from what it read, as a shell does.
+                        let read = store
+                            .grants()
+                            .unwrap()
+                            .get("e")
+                            .copied()
+                            .unwrap_or_default();
+                        let next = grant(owner, read.epoch + 1);
+                        if store.issue("e", read, next).is_ok() {
+                            issued.lock().unwrap().push(next);
+                        }
+                    }
+                });
+            }
+        });
+        let mut epochs: Vec<u64> = issued
+            .into_inner()
+            .unwrap()
+            .iter()
+            .map(|g| g.epoch)
+            .collect();
+        let count = epochs.len();
+        epochs.sort_unstable();
+        epochs.dedup();
+        assert_eq!(epochs.len(), count, "an epoch was issued twice");
+        assert_eq!(store.grants().unwrap()["e"].epoch, *epochs.last().unwrap());
+    }
+}
