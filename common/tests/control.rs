@@ -989,3 +989,36 @@ fn the_edge_takes_over_by_its_stated_deadline_even_when_the_last_attempt_hangs()
     assert!(actions.contains(&EdgeAction::StartModules { epoch: 1 }));
     assert!(edge.is_active());
 }
+
+#[test]
+fn a_master_that_stopped_for_a_running_edge_waits_the_timeout_even_unstored() {
+    let mut w = world(true);
+    w.crash_edge();
+    w.advance(21_000);
+    w.start_edge();
+    w.advance(RECONNECT_MS * 3);
+    assert!(w.master_running && !w.edge_running, "rule 4");
+    let cut = Op::Cut {
+        edge_after: 0,
+        master_after: 0,
+    };
+    w.apply(&cut);
+    w.advance(RECONNECT_MS + 100);
+    assert!(w.edge_running, "the edge took over during the cut");
+    // The link returns while the master's store fails: it stops (the edge runs them) but
+    // cannot store the edge's grant.
+    w.apply(&Op::MasterStoreFails(3_600_000));
+    w.apply(&Op::Heal);
+    while w.master_running {
+        w.advance(10);
+    }
+    assert!(w.edge_running);
+    // Cut again at once, and the store is back: the master must not take the modules
+    // back before the edge's timeout.
+    w.apply(&cut);
+    w.apply(&Op::MasterStoreFails(0));
+    w.advance(19_000);
+    assert!(!w.master_running, "no takeover before timeout_ms");
+    w.advance(2_000);
+    assert!(w.master_running, "after it, a failover as usual");
+}

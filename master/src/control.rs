@@ -470,6 +470,9 @@ impl Task {
                         Ok(Ok(())) => {
                             self.runtime.set_grant(edge, grant);
                             self.publish(edge, grant);
+                            // A machine made again later (the edge removed and added back)
+                            // starts from what is stored, not from what was at start.
+                            self.persisted.insert(edge.to_string(), grant);
                             continue;
                         }
                         Ok(Err(err)) => {

@@ -117,6 +117,7 @@ struct BeforeIssue {
     state: ControlState,
     running: bool,
     link: Link,
+    resume_held: bool,
 }
 
 /// The master's control machine for one edge location.
@@ -128,6 +129,9 @@ pub struct MasterSide {
     booted: bool,
     running: bool,
     link: Link,
+    /// The master held the modules when it went down and has not run them or heard the
+    /// edge since: it runs them again once booted, without waiting for the timeout.
+    resume_held: bool,
     /// Set when the last batch of actions issued a grant.
     before_issue: Option<BeforeIssue>,
     /// Nothing is issued before this (a grant the store refused is tried again later).
@@ -147,6 +151,7 @@ impl MasterSide {
             link: Link::Down {
                 last_heard: now.mono,
             },
+            resume_held: persisted.owner == Owner::Master,
             before_issue: None,
             retry_at: Mono::default(),
         }
@@ -228,9 +233,23 @@ impl MasterSide {
             self.state = before.state;
             self.running = before.running;
             self.link = before.link;
+            self.resume_held = before.resume_held;
         }
-        if let Some(stored) = stored {
+        if let Some(stored) = stored
+            && stored != self.state
+        {
+            // Someone else's grant (or ours, stored after all): decide afresh from it.
             self.state = stored;
+            if let Link::Up {
+                report: Some(report),
+                ..
+            } = self.link
+            {
+                self.link = Link::Up {
+                    report: Some(report),
+                    decided: false,
+                };
+            }
         }
         self.retry_at = now.mono.plus(ISSUE_RETRY_MS);
     }
@@ -265,6 +284,11 @@ impl MasterSide {
 
     fn decide(&mut self, now: Now) -> Vec<MasterAction> {
         let mut actions = Vec::new();
+        // Running under a grant that is no longer the master's (a store that answered
+        // with another's grant): stop at once.
+        if self.running && self.state.owner != Owner::Master {
+            self.stop(&mut actions);
+        }
         if now.mono < self.retry_at {
             return actions;
         }
@@ -275,16 +299,22 @@ impl MasterSide {
             } => self.negotiate(now, report, &mut actions),
             _ if !self.booted => {}
             // An edge that did not come, whose modules the master ran before it went
-            // down (or whose takeover could not be stored): run them, under a new grant.
+            // down: run them again at once, under a new grant.
             Link::Down { .. }
-                if self.state.owner == Owner::Master && self.settings.failover && !self.running =>
+                if self.resume_held
+                    && self.state.owner == Owner::Master
+                    && self.settings.failover
+                    && !self.running =>
             {
                 let reason = "the master runs the modules it held before it restarted";
                 self.change_owner(now, Owner::Master, reason, None, &mut actions);
                 self.start(&mut actions);
+                self.resume_held = false;
             }
+            // Nobody known to run them (the edge's, or the master's own grant while it
+            // had stopped for an edge that ran them): fail over after the timeout.
             Link::Down { last_heard }
-                if self.state.owner == Owner::Edge
+                if !self.running
                     && self.settings.failover
                     && now.mono.since(last_heard) >= self.settings.timeout_ms =>
             {
@@ -317,13 +347,14 @@ impl MasterSide {
             } => Some(now.mono),
             _ if !self.booted => None,
             Link::Down { .. }
-                if self.state.owner == Owner::Master && self.settings.failover && !self.running =>
+                if self.resume_held
+                    && self.state.owner == Owner::Master
+                    && self.settings.failover
+                    && !self.running =>
             {
                 Some(now.mono)
             }
-            Link::Down { last_heard }
-                if self.state.owner == Owner::Edge && self.settings.failover =>
-            {
+            Link::Down { last_heard } if !self.running && self.settings.failover => {
                 Some(last_heard.plus(self.settings.timeout_ms))
             }
             Link::Up {
@@ -348,6 +379,8 @@ impl MasterSide {
 
     /// The rules, when an edge has reported on a new link.
     fn negotiate(&mut self, now: Now, report: EdgeReport, actions: &mut Vec<MasterAction>) {
+        // The edge is heard: the rules decide from here, not what was held before.
+        self.resume_held = false;
         let (owner, rule) = negotiate(Situation {
             edge_controlling: report.controlling,
             window_open: self.window_open(now),
@@ -420,6 +453,7 @@ impl MasterSide {
             state: before,
             running: self.running,
             link: self.link,
+            resume_held: self.resume_held,
         });
         self.state = grant;
         actions.push(MasterAction::Issue {

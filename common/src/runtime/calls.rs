@@ -139,7 +139,10 @@ impl Runtime {
             }),
             Located::There(mut call) => {
                 call.claim = match (claim.epoch, view) {
+                    // The caller claims nothing beyond this side's view: send the view,
+                    // holder and all.
                     (None, Some(view)) => Claim::grant(view),
+                    (Some(epoch), Some(view)) if epoch == view.epoch => Claim::grant(view),
                     _ => claim,
                 };
                 let remote = self.remote_or_not_here()?;
