@@ -1,15 +1,21 @@
-//! The master's control shell: one task that owns every edge location's [`MasterSide`]
-//! machine, feeds it link events, reports, acknowledgements and the time, and carries out
+//! The master's control shell: one task per unit (an edge location), each owning the
+//! unit's [`MasterSide`] machine behind a bounded queue. A unit's task feeds its machine
+//! link events, reports, acknowledgements, model changes and the time, and carries out
 //! its actions in order: issue grants (a compare-and-set on the stored grant; what follows
 //! a grant the store did not take is not carried out, and the machine tries again), audit,
-//! start or stop the edge's modules here (a stop completes, devices disconnected, before
+//! start or stop the unit's modules here (a stop completes, devices disconnected, before
 //! anything after it), send decisions. The machines measure time on the monotonic clock.
 //!
-//! One task, so that the actions of one machine never interleave with another's
-//! reconcile of the runtime.
+//! One task per unit, so that a module slow to stop (up to its stop deadline) delays only
+//! its own unit's handover, never another site's failover; a unit waits only for its own
+//! modules' stops. A small coordinating task follows the model: it makes and ends the
+//! unit tasks and reconciles the modules of no edge.
+//!
+//! Link events carry the link's generation, so that a unit ignores what a replaced link
+//! says (its late link-down, report or acknowledgement) whatever order they arrive in.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -25,14 +31,18 @@ use tether_common::protocol::{ErrorCode, Request, Response};
 use tether_common::report::printable;
 use tether_common::runtime::{ReloadRefused, Runtime};
 use tether_common::store::{AuditSource, Grants, Store};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::edges::EdgeRegistry;
 
 /// How long an edge may take to act on a decision (stop or start its modules).
 const DECISION_TIMEOUT: Duration = Duration::from_secs(15);
-/// The longest the shell sleeps between polls of the machines.
+/// The longest a unit's task sleeps between polls of its machine.
 const MAX_POLL: Duration = Duration::from_secs(1);
+/// Commands a unit's queue holds. Each is a few words (an edge's report is three fields),
+/// so the queue's bytes are bounded with its count; a full queue holds back the edge's
+/// own link (its requests wait), never another unit.
+const UNIT_QUEUE: usize = 64;
 /// The master's own audit records kept.
 pub const AUDIT_KEEP: u64 = 100_000;
 /// Audit records kept per edge location of those it can cause (its reports, refusals of
@@ -61,82 +71,122 @@ pub enum RestoreError {
     Stopped,
 }
 
-enum Command {
+/// What the coordinating task hears: from the server itself, rarely.
+enum Coordination {
     Model(Arc<Model>),
-    Event(String, MasterEvent),
     Booted,
-    Restore(String, oneshot::Sender<Result<ControlState, RestoreError>>),
 }
 
-/// A handle on the control task.
+/// What a unit's task hears.
+enum UnitCommand {
+    /// Something happened on the edge's link of this generation.
+    Link {
+        generation: u64,
+        event: MasterEvent,
+    },
+    Restore(oneshot::Sender<Result<ControlState, RestoreError>>),
+}
+
+/// What every unit's task shares.
+struct Shared {
+    runtime: Runtime,
+    store: Arc<Store>,
+    grants: Arc<dyn Grants>,
+    registry: Arc<EdgeRegistry>,
+    /// The model the coordinator follows.
+    model: watch::Receiver<Arc<Model>>,
+    /// Edge locations whose modules the master runs now.
+    running: Mutex<HashSet<String>>,
+    /// The grants stored last, for a unit whose task is made (again) later.
+    persisted: Mutex<BTreeMap<String, ControlState>>,
+    states: Arc<RwLock<HashMap<String, ControlState>>>,
+}
+
+/// A handle on the control tasks.
 #[derive(Clone)]
 pub struct Control {
-    /// Rare events only (links, reports, acks, model changes, restores): the high-volume
-    /// status notices never queue here.
-    commands: mpsc::UnboundedSender<Command>,
+    coordinator: mpsc::UnboundedSender<Coordination>,
+    units: Arc<RwLock<HashMap<String, mpsc::Sender<UnitCommand>>>>,
     states: Arc<RwLock<HashMap<String, ControlState>>>,
     store: Arc<Store>,
     runtime: Runtime,
 }
 
 impl Control {
-    /// Starts the control task over the grants stored in `grants`, with the audit log in
+    /// Starts the control tasks over the grants stored in `grants`, with the audit log in
     /// `store`; the master is booting until [`booted`](Self::booted).
-    pub fn start(
+    pub async fn start(
         store: Arc<Store>,
         grants: Arc<dyn Grants>,
         runtime: Runtime,
         registry: Arc<EdgeRegistry>,
     ) -> anyhow::Result<Control> {
-        let persisted = grants.grants()?;
-        let (commands, receiver) = mpsc::unbounded_channel();
-        let control = Control {
-            commands: commands.clone(),
-            states: Arc::new(RwLock::new(HashMap::new())),
-            store: store.clone(),
+        let persisted = grants.clone().grants().await?;
+        let (coordinator, receiver) = mpsc::unbounded_channel();
+        let (model_tx, model) = watch::channel(Arc::new(Model::default()));
+        let states = Arc::new(RwLock::new(HashMap::new()));
+        let units = Arc::new(RwLock::new(HashMap::new()));
+        let shared = Arc::new(Shared {
             runtime: runtime.clone(),
-        };
-        let task = Task {
-            machines: HashMap::new(),
-            persisted,
-            model: Arc::new(Model::default()),
-            runtime,
-            store,
+            store: store.clone(),
             grants,
             registry,
-            running: HashSet::new(),
-            booted: false,
-            commands,
-            states: control.states.clone(),
+            model,
+            running: Mutex::default(),
+            persisted: Mutex::new(persisted),
+            states: states.clone(),
+        });
+        let coordinating = Coordinator {
+            shared,
+            model: model_tx,
+            booted: watch::channel(false).0,
+            units: units.clone(),
         };
-        tokio::spawn(task.run(receiver));
-        Ok(control)
+        tokio::spawn(coordinating.run(receiver));
+        Ok(Control {
+            coordinator,
+            units,
+            states,
+            store,
+            runtime,
+        })
     }
 
-    fn send(&self, command: Command) {
-        // The task ends only with the process.
-        let _ = self.commands.send(command);
+    fn coordinate(&self, what: Coordination) {
+        // The coordinator ends only with the process.
+        let _ = self.coordinator.send(what);
     }
 
     /// The model changed: edges added, removed or edited, modules moved.
     pub fn model_changed(&self, model: Arc<Model>) {
-        self.send(Command::Model(model));
-    }
-
-    /// Something happened on an edge's link.
-    pub fn event(&self, edge: &str, event: MasterEvent) {
-        self.send(Command::Event(edge.to_string(), event));
+        self.coordinate(Coordination::Model(model));
     }
 
     /// The boot wait is over.
     pub fn booted(&self) {
-        self.send(Command::Booted);
+        self.coordinate(Coordination::Booted);
+    }
+
+    fn unit(&self, edge: &str) -> Option<mpsc::Sender<UnitCommand>> {
+        self.units
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(edge)
+            .cloned()
+    }
+
+    /// Something happened on the edge's link of `generation` (the registry's). Waits while
+    /// the unit's queue is full: only that edge's link waits.
+    pub async fn event(&self, edge: &str, generation: u64, event: MasterEvent) {
+        if let Some(unit) = self.unit(edge) {
+            let _ = unit.send(UnitCommand::Link { generation, event }).await;
+        }
     }
 
     /// A status change the edge streamed (runtime-state sync): taken only from the edge
     /// that controls, under the current epoch, and kept only for modules the runtime keeps
-    /// warm (standby = "warm"). Handled here, not by the control task, so that a chatty
-    /// edge cannot grow its queue.
+    /// warm (standby = "warm"). Handled here, not by the unit's task, so that a chatty
+    /// edge cannot fill its queue.
     pub fn status(&self, edge: &str, module_id: &str, key: &str, value: Value, epoch: u64) {
         let current = self.state(edge);
         if current.is_some_and(|s| s.owner == Owner::Edge && epoch >= s.epoch) {
@@ -146,8 +196,13 @@ impl Control {
 
     /// A manual restore; answers the new state once the decision is sent.
     pub async fn restore(&self, edge: &str) -> Result<ControlState, RestoreError> {
+        let unit = self
+            .unit(edge)
+            .ok_or_else(|| RestoreError::NotFound(edge.to_string()))?;
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Restore(edge.to_string(), reply));
+        unit.send(UnitCommand::Restore(reply))
+            .await
+            .map_err(|_| RestoreError::NotFound(edge.to_string()))?;
         answer.await.unwrap_or(Err(RestoreError::Stopped))
     }
 
@@ -253,157 +308,120 @@ fn settings(record: &EdgeRecord) -> EdgeSettings {
 /// A grant the store did not take, and why.
 struct NotIssued(String);
 
-struct Task {
-    machines: HashMap<String, MasterSide>,
-    /// States read at start, for edges whose machine is not made yet.
-    persisted: std::collections::BTreeMap<String, ControlState>,
-    model: Arc<Model>,
-    runtime: Runtime,
-    store: Arc<Store>,
-    grants: Arc<dyn Grants>,
-    registry: Arc<EdgeRegistry>,
-    /// Edge locations whose modules the master runs now.
-    running: HashSet<String>,
-    booted: bool,
-    commands: mpsc::UnboundedSender<Command>,
-    states: Arc<RwLock<HashMap<String, ControlState>>>,
+/// Makes and ends the unit tasks as the model changes, and reconciles the modules of no
+/// edge.
+struct Coordinator {
+    shared: Arc<Shared>,
+    model: watch::Sender<Arc<Model>>,
+    booted: watch::Sender<bool>,
+    units: Arc<RwLock<HashMap<String, mpsc::Sender<UnitCommand>>>>,
 }
 
-impl Task {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        loop {
-            let now = Now::system();
-            let next = self
-                .machines
-                .values()
-                .filter_map(|m| m.next_poll(now))
-                .min()
-                .map(|at| Duration::from_millis(at.since(now.mono)))
-                .unwrap_or(MAX_POLL)
-                .min(MAX_POLL);
-            let command = tokio::select! {
-                command = commands.recv() => match command {
-                    Some(command) => Some(command),
-                    None => return,
-                },
-                _ = tokio::time::sleep(next) => None,
-            };
+impl Coordinator {
+    async fn run(self, mut commands: mpsc::UnboundedReceiver<Coordination>) {
+        while let Some(command) = commands.recv().await {
             match command {
-                Some(command) => self.command(command).await,
-                None => self.poll_all().await,
+                Coordination::Booted => {
+                    self.booted.send_replace(true);
+                }
+                Coordination::Model(model) => self.follow_model(model).await,
             }
         }
     }
 
-    async fn command(&mut self, command: Command) {
-        match command {
-            Command::Model(model) => self.follow_model(model).await,
-            Command::Event(edge, event) => {
-                let Some(machine) = self.machines.get_mut(&edge) else {
-                    return;
+    async fn follow_model(&self, model: Arc<Model>) {
+        self.model.send_replace(model.clone());
+        {
+            let mut units = self.units.write().unwrap_or_else(|p| p.into_inner());
+            // A removed edge's task ends when its queue's last sender goes.
+            units.retain(|id, _| model.edges.contains_key(id));
+            for (id, record) in &model.edges {
+                if units.contains_key(id) {
+                    continue;
+                }
+                let persisted = self
+                    .shared
+                    .persisted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(id)
+                    .copied()
+                    .unwrap_or_default();
+                let (commands, receiver) = mpsc::channel(UNIT_QUEUE);
+                let unit = Unit {
+                    edge: id.clone(),
+                    machine: MasterSide::new(id, settings(record), persisted, Now::system()),
+                    shared: self.shared.clone(),
+                    me: commands.downgrade(),
+                    link: None,
+                    newest_link: 0,
                 };
-                let actions = machine.handle(Now::system(), event);
-                let _ = self.carry_out(&edge, actions).await;
-            }
-            Command::Booted => {
-                self.booted = true;
-                let edges: Vec<String> = self.machines.keys().cloned().collect();
-                for edge in edges {
-                    let actions = self
-                        .machines
-                        .get_mut(&edge)
-                        .map(|m| m.handle(Now::system(), MasterEvent::Booted))
-                        .unwrap_or_default();
-                    let _ = self.carry_out(&edge, actions).await;
-                }
-            }
-            Command::Restore(edge, reply) => {
-                let result = match self.machines.get_mut(&edge) {
-                    None => Err(RestoreError::NotFound(edge.clone())),
-                    Some(machine) => machine.restore(Now::system()).map_err(RestoreError::from),
-                };
-                match result {
-                    Ok(actions) => {
-                        let answer = match self.carry_out(&edge, actions).await {
-                            Ok(()) => self
-                                .machines
-                                .get(&edge)
-                                .map(|m| m.state())
-                                .ok_or(RestoreError::NotFound(edge)),
-                            Err(NotIssued(why)) => Err(RestoreError::NotStored(why)),
-                        };
-                        let _ = reply.send(answer);
-                    }
-                    Err(err) => {
-                        let _ = reply.send(Err(err));
-                    }
-                }
+                self.shared.runtime.set_grant(id, persisted);
+                self.shared.publish(id, persisted);
+                tokio::spawn(unit.run(receiver, self.booted.subscribe()));
+                units.insert(id.clone(), commands);
             }
         }
-    }
-
-    async fn poll_all(&mut self) {
-        let now = Now::system();
-        let edges: Vec<String> = self.machines.keys().cloned().collect();
-        for edge in edges {
-            let actions = self
-                .machines
-                .get_mut(&edge)
-                .map(|m| m.poll(now))
-                .unwrap_or_default();
-            if !actions.is_empty() {
-                let _ = self.carry_out(&edge, actions).await;
-            }
-        }
-    }
-
-    async fn follow_model(&mut self, model: Arc<Model>) {
-        self.model = model.clone();
-        let now = Now::system();
-        self.machines.retain(|id, _| model.edges.contains_key(id));
-        self.running.retain(|id| model.edges.contains_key(id));
-        for (id, record) in &model.edges {
-            match self.machines.get_mut(id) {
-                Some(machine) => machine.set_settings(settings(record)),
-                None => {
-                    let persisted = self.persisted.get(id).copied().unwrap_or_default();
-                    let mut machine = MasterSide::new(id, settings(record), persisted, now);
-                    let mut actions = Vec::new();
-                    if self.booted {
-                        // An edge added after boot: the master has nothing of it to load.
-                        actions = machine.handle(now, MasterEvent::Booted);
-                    }
-                    self.runtime.set_grant(id, persisted);
-                    self.publish(id, persisted);
-                    self.machines.insert(id.clone(), machine);
-                    let _ = self.carry_out(id, actions).await;
-                }
-            }
-        }
-        self.states
+        self.shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id| model.edges.contains_key(id));
+        self.shared
+            .states
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|id, _| model.edges.contains_key(id));
-        self.reconcile().await;
+        // Waits for no stop: a unit waits for its own.
+        self.shared.reconcile(|_| false).await;
+    }
+}
+
+impl Shared {
+    fn publish(&self, edge: &str, state: ControlState) {
+        self.states
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(edge.to_string(), state);
     }
 
-    /// Runs the modules of no edge and of the edges the master controls; keeps the
-    /// others of warm-standby edges compiled.
-    async fn reconcile(&self) {
-        let model = self.model.clone();
-        let running = self.running.clone();
+    fn published_epoch(&self, edge: &str) -> u64 {
+        self.states
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(edge)
+            .map(|s| s.epoch)
+            .unwrap_or(0)
+    }
+
+    /// Runs the modules of no edge and of the edges the master controls, and keeps the
+    /// others of warm-standby edges compiled; answers once the stops of the modules
+    /// `awaited` picks (by id) have completed.
+    async fn reconcile(&self, awaited: impl Fn(&str) -> bool) {
+        let model = self.model.borrow().clone();
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let wanted = model.clone();
         let refused = self
             .runtime
-            .reconcile(model.clone(), move |module| {
-                match wanted.module_edge(module) {
+            .reconcile_waiting_for(
+                model.clone(),
+                move |module| match wanted.module_edge(module) {
                     None => true,
                     Some(edge) => running.contains(&edge),
-                }
-            })
+                },
+                awaited,
+            )
             .await;
         self.audit_refused_reloads(&model, refused).await;
-        let running = &self.running;
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         self.runtime
             .keep_warm(&model, |module| {
                 model.module_edge(module).is_some_and(|edge| {
@@ -432,50 +450,158 @@ impl Task {
                     .get(&r.module)
                     .and_then(|m| model.module_edge(m))
                     .unwrap_or_default();
-                let epoch = self.persisted_epoch(&edge);
+                let epoch = self.published_epoch(&edge);
                 r.audit(model, &code, (&edge, Owner::Master, epoch), now_ms())
             })
             .collect();
         self.store.record_audits(records, AUDIT_KEEP).await;
     }
+}
 
-    fn persisted_epoch(&self, edge: &str) -> u64 {
-        self.states
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(edge)
-            .map(|s| s.epoch)
-            .unwrap_or(0)
+/// One edge location's control: its machine, fed by its own queue.
+struct Unit {
+    edge: String,
+    machine: MasterSide,
+    shared: Arc<Shared>,
+    /// The unit's own queue, for the acknowledgements of the decisions it sends (weak, so
+    /// that the task ends when the coordinator drops the unit).
+    me: mpsc::WeakSender<UnitCommand>,
+    /// The generation of the link the machine was last told is up.
+    link: Option<u64>,
+    /// The newest generation heard of.
+    newest_link: u64,
+}
+
+impl Unit {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<UnitCommand>,
+        mut booted: watch::Receiver<bool>,
+    ) {
+        let mut model = self.shared.model.clone();
+        let mut told_booted = false;
+        loop {
+            if !told_booted && *booted.borrow_and_update() {
+                told_booted = true;
+                let actions = self.machine.handle(Now::system(), MasterEvent::Booted);
+                let _ = self.carry_out(actions).await;
+            }
+            let now = Now::system();
+            let next = self
+                .machine
+                .next_poll(now)
+                .map(|at| Duration::from_millis(at.since(now.mono)))
+                .unwrap_or(MAX_POLL)
+                .min(MAX_POLL);
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command).await,
+                    None => return,
+                },
+                changed = model.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let record = model.borrow_and_update().edges.get(&self.edge).cloned();
+                    match record {
+                        Some(record) => self.machine.set_settings(settings(&record)),
+                        None => return,
+                    }
+                }
+                changed = booted.changed(), if !told_booted => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(next) => {
+                    let actions = self.machine.poll(Now::system());
+                    if !actions.is_empty() {
+                        let _ = self.carry_out(actions).await;
+                    }
+                }
+            }
+        }
     }
 
-    fn publish(&self, edge: &str, state: ControlState) {
-        self.states
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(edge.to_string(), state);
+    async fn command(&mut self, command: UnitCommand) {
+        match command {
+            UnitCommand::Link { generation, event } => {
+                for event in self.admit(generation, event) {
+                    let actions = self.machine.handle(Now::system(), event);
+                    let _ = self.carry_out(actions).await;
+                }
+            }
+            UnitCommand::Restore(reply) => {
+                let answer = match self.machine.restore(Now::system()) {
+                    Err(refused) => Err(RestoreError::from(refused)),
+                    Ok(actions) => match self.carry_out(actions).await {
+                        Ok(()) => Ok(self.machine.state()),
+                        Err(NotIssued(why)) => Err(RestoreError::NotStored(why)),
+                    },
+                };
+                let _ = reply.send(answer);
+            }
+        }
     }
 
-    /// Carries out a machine's actions in order. A grant the store did not take stops
+    /// The events of link `generation` the machine should hear: none of a link replaced
+    /// since, and the end of the link it knew before a newer one's start (whose own
+    /// link-down may come late, or never: a replaced link's is not sent).
+    fn admit(&mut self, generation: u64, event: MasterEvent) -> Vec<MasterEvent> {
+        match event {
+            MasterEvent::LinkUp if generation > self.newest_link => {
+                self.newest_link = generation;
+                let mut events = Vec::new();
+                if self.link.replace(generation).is_some() {
+                    events.push(MasterEvent::LinkDown {
+                        last_heard: Now::system().mono,
+                    });
+                }
+                events.push(MasterEvent::LinkUp);
+                events
+            }
+            MasterEvent::LinkDown { .. } if self.link == Some(generation) => {
+                self.link = None;
+                vec![event]
+            }
+            MasterEvent::Report(_) | MasterEvent::Acked { .. } if self.link == Some(generation) => {
+                vec![event]
+            }
+            other => {
+                tracing::debug!(edge = %self.edge, generation, ?other, "event of a replaced link ignored");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Carries out the machine's actions in order. A grant the store did not take stops
     /// the batch there: the machine is told, and tries again later.
-    async fn carry_out(&mut self, edge: &str, actions: Vec<MasterAction>) -> Result<(), NotIssued> {
+    async fn carry_out(&mut self, actions: Vec<MasterAction>) -> Result<(), NotIssued> {
+        let edge = self.edge.clone();
+        let edge = edge.as_str();
         for action in actions {
             match action {
                 MasterAction::Issue { expected, grant } => {
-                    let grants = self.grants.clone();
-                    let id = edge.to_string();
-                    let issued =
-                        tokio::task::spawn_blocking(move || grants.issue(&id, expected, grant))
-                            .await;
+                    let issued = self
+                        .shared
+                        .grants
+                        .clone()
+                        .issue(edge.to_string(), expected, grant)
+                        .await;
                     let stored = match issued {
-                        Ok(Ok(())) => {
-                            self.runtime.set_grant(edge, grant);
-                            self.publish(edge, grant);
-                            // A machine made again later (the edge removed and added back)
+                        Ok(()) => {
+                            self.shared.runtime.set_grant(edge, grant);
+                            self.shared.publish(edge, grant);
+                            // A unit made again later (the edge removed and added back)
                             // starts from what is stored, not from what was at start.
-                            self.persisted.insert(edge.to_string(), grant);
+                            self.shared
+                                .persisted
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(edge.to_string(), grant);
                             continue;
                         }
-                        Ok(Err(err)) => {
+                        Err(err) => {
                             tracing::error!(
                                 edge,
                                 ?grant,
@@ -484,22 +610,12 @@ impl Task {
                             );
                             (err.stored(), err.to_string())
                         }
-                        Err(err) => {
-                            tracing::error!(
-                                edge,
-                                ?grant,
-                                "grant not issued, so not acted on: {err}"
-                            );
-                            (None, err.to_string())
-                        }
                     };
-                    self.runtime.metrics().grant_store_failed(edge);
-                    if let Some(machine) = self.machines.get_mut(edge) {
-                        machine.issue_failed(Now::system(), stored.0);
-                        let state = machine.state();
-                        self.runtime.set_grant(edge, state);
-                        self.publish(edge, state);
-                    }
+                    self.shared.runtime.metrics().grant_store_failed(edge);
+                    self.machine.issue_failed(Now::system(), stored.0);
+                    let state = self.machine.state();
+                    self.shared.runtime.set_grant(edge, state);
+                    self.shared.publish(edge, state);
                     return Err(NotIssued(stored.1));
                 }
                 MasterAction::Audit(record) => {
@@ -511,25 +627,35 @@ impl Task {
                         "change of owner: {}",
                         record.reason
                     );
-                    self.store.record_audits(vec![record], AUDIT_KEEP).await;
+                    self.shared
+                        .store
+                        .record_audits(vec![record], AUDIT_KEEP)
+                        .await;
                 }
                 MasterAction::StartModules { epoch } => {
                     tracing::info!(edge, epoch, "the master starts the edge's modules");
-                    self.running.insert(edge.to_string());
-                    self.reconcile().await;
+                    self.set_running(true);
+                    self.shared.reconcile(|_| false).await;
                 }
                 MasterAction::StopModules => {
                     tracing::info!(edge, "the master stops the edge's modules");
-                    self.running.remove(edge);
-                    self.reconcile().await;
+                    self.set_running(false);
+                    let model = self.shared.model.borrow().clone();
+                    let own: HashSet<String> = model
+                        .modules
+                        .values()
+                        .filter(|m| model.module_edge(m).as_deref() == Some(edge))
+                        .map(|m| m.id.clone())
+                        .collect();
+                    self.shared.reconcile(|id| own.contains(id)).await;
                 }
                 MasterAction::SendDecision {
                     owner,
                     epoch,
                     reason,
-                } => self.send_decision(edge, owner, epoch, reason),
+                } => self.send_decision(owner, epoch, reason),
                 MasterAction::SendReady => {
-                    if let Some(link) = self.registry.link(edge) {
+                    if let Some((_, link)) = self.shared.registry.current(edge) {
                         tokio::spawn(async move {
                             let _ = link.request(Request::MasterReady, DECISION_TIMEOUT).await;
                         });
@@ -540,15 +666,28 @@ impl Task {
         Ok(())
     }
 
+    fn set_running(&self, running: bool) {
+        let mut set = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if running {
+            set.insert(self.edge.clone());
+        } else {
+            set.remove(&self.edge);
+        }
+    }
+
     /// Sends a decision without waiting: the acknowledgement comes back as an event. An
     /// edge that refuses it (a stale epoch) or does not answer loses its link, and the
     /// next link negotiates afresh.
-    fn send_decision(&self, edge: &str, owner: Owner, epoch: u64, reason: String) {
-        let Some(link) = self.registry.link(edge) else {
+    fn send_decision(&self, owner: Owner, epoch: u64, reason: String) {
+        let Some((generation, link)) = self.shared.registry.current(&self.edge) else {
             return;
         };
-        let commands = self.commands.clone();
-        let edge = edge.to_string();
+        let me = self.me.clone();
+        let edge = self.edge.clone();
         tokio::spawn(async move {
             let request = Request::ControlDecision {
                 owner,
@@ -557,7 +696,10 @@ impl Task {
             };
             match link.request(request, DECISION_TIMEOUT).await {
                 Ok(Response::ControlAck { epoch }) => {
-                    let _ = commands.send(Command::Event(edge, MasterEvent::Acked { epoch }));
+                    if let Some(unit) = me.upgrade() {
+                        let event = MasterEvent::Acked { epoch };
+                        let _ = unit.send(UnitCommand::Link { generation, event }).await;
+                    }
                 }
                 Ok(other) => {
                     tracing::error!(edge, "the edge answered a decision with {other:?}");

@@ -26,10 +26,11 @@ use crate::sync::{answer_sync, push_changes};
 /// the link.
 const BLOB_FETCHES_PER_LINK: usize = 2;
 
-/// Serves one link until it closes. Every request is first checked against the link
+/// Serves one link (the registry's `generation` of the edge's links) until it closes. Every request is first checked against the link
 /// policy ([`LinkGuard::admit`]): an edge speaks for its own site only.
 pub async fn serve_edge(
     edge_id: String,
+    generation: u64,
     link: Link,
     mut incoming: mpsc::Receiver<Incoming>,
     context: LinkContext,
@@ -145,7 +146,9 @@ pub async fn serve_edge(
                     controlling,
                 };
                 tracing::info!(edge = %edge_id, ?owner, epoch, controlling, "edge reports its control state");
-                control.event(&edge_id, MasterEvent::Report(report));
+                control
+                    .event(&edge_id, generation, MasterEvent::Report(report))
+                    .await;
                 Ok(Response::Ack)
             }
             Request::AuditEvents { events } => match guard.edge_audits(&edge_id, events) {

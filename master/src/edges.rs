@@ -150,9 +150,14 @@ impl EdgeRegistry {
 
     /// The edge's current link, if it is connected.
     pub fn link(&self, edge_id: &str) -> Option<Link> {
+        self.current(edge_id).map(|(_, link)| link)
+    }
+
+    /// The edge's current link and its generation, if it is connected.
+    pub fn current(&self, edge_id: &str) -> Option<(u64, Link)> {
         let edges = self.lock();
-        let (_, link) = edges.get(edge_id)?.link.as_ref()?;
-        (!link.is_closed()).then(|| link.clone())
+        let (generation, link) = edges.get(edge_id)?.link.as_ref()?;
+        (!link.is_closed()).then(|| (*generation, link.clone()))
     }
 
     /// Records the API address the edge announced.

@@ -180,7 +180,8 @@ async fn serve(
         model.store(),
         runtime.clone(),
         registry.clone(),
-    )?;
+    )
+    .await?;
     // Calls for modules the master does not run go to their edge.
     runtime.set_remote(Arc::new(LinkRemote::new(Arc::new(MasterLinks {
         registry: registry.clone(),
@@ -356,12 +357,17 @@ async fn attach_links(context: LinkContext, mut accepted: mpsc::Receiver<Authent
             edge.link.close("unknown edge");
             continue;
         };
-        context.control.event(&edge.edge_id, MasterEvent::LinkUp);
         let context = context.clone();
         tokio::spawn(async move {
             let control = context.control.clone();
+            // Here, not before the spawn: a unit whose queue is full holds back its own
+            // edge's link only, never the attaching of others.
+            control
+                .event(&edge.edge_id, generation, MasterEvent::LinkUp)
+                .await;
             crate::edge_link::serve_edge(
                 edge.edge_id.clone(),
+                generation,
                 edge.link.clone(),
                 edge.incoming,
                 context,
@@ -370,7 +376,13 @@ async fn attach_links(context: LinkContext, mut accepted: mpsc::Receiver<Authent
             edge.link.closed().await;
             let reason = edge.link.close_reason().unwrap_or_default();
             if let Some(last_heard) = registry.detach(&edge.edge_id, generation, &reason) {
-                control.event(&edge.edge_id, MasterEvent::LinkDown { last_heard });
+                control
+                    .event(
+                        &edge.edge_id,
+                        generation,
+                        MasterEvent::LinkDown { last_heard },
+                    )
+                    .await;
             }
         });
     }

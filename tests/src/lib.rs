@@ -8,6 +8,7 @@ pub mod browser;
 pub mod campaign;
 pub mod cluster;
 pub mod demo;
+pub mod etcd;
 pub mod flood;
 pub mod inproc;
 pub mod process;

@@ -11,6 +11,7 @@
 
 pub mod clock;
 pub mod edge;
+pub mod lease;
 pub mod master;
 pub mod rules;
 pub mod window;

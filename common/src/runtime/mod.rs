@@ -2,6 +2,11 @@
 //! supervision: [`Runtime::reconcile`] starts the modules this side should run, reloads in
 //! place those whose script changed, restarts those whose host, port or settings changed,
 //! and stops the rest.
+//!
+//! Stops run side by side, each tracked by its module id: a module started again waits
+//! for its own earlier instance to stop (its device may take one session), and a caller
+//! waits only for the stops it cares about ([`Runtime::reconcile_waiting_for`]), so one
+//! module that is slow to stop holds up nothing but its own unit.
 
 mod calls;
 mod context;
@@ -177,10 +182,17 @@ pub(crate) struct Inner {
     lookups: Mutex<HashMap<(String, String, u32), String>>,
     /// Where calls for modules not run here go.
     remote: RwLock<Option<Arc<dyn Remote>>>,
-    reconciling: tokio::sync::Mutex<()>,
+    /// Reconciles decide one at a time; they wait for stops and reloads after it.
+    reconciling: Mutex<()>,
+    /// Stops under way, by module id.
+    stopping: Mutex<HashMap<String, Stopping>>,
     /// This server's metrics (the runtime is what every part of a server holds).
     metrics: Arc<crate::metrics::Metrics>,
 }
+
+/// A module's stop under way; done when its device connection is closed (or the stop
+/// gave up waiting for it).
+pub(crate) type Stopping = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
 
 /// The modules one side runs.
 #[derive(Clone)]
@@ -227,7 +239,8 @@ impl Runtime {
                 stopped_systems: Mutex::default(),
                 lookups: Mutex::default(),
                 remote: RwLock::new(None),
-                reconciling: tokio::sync::Mutex::new(()),
+                reconciling: Mutex::new(()),
+                stopping: Mutex::default(),
                 metrics: Arc::default(),
             }),
         }
@@ -273,15 +286,55 @@ impl Runtime {
 
     /// Brings the running modules in line with `model` and the code: those `wanted` runs,
     /// started, reloaded in place where only their script changed, or restarted where
-    /// anything else did; the others stopped. A stop completes (the device connection
-    /// closed) before the replacement starts, because many devices take a single
-    /// session. Answers the reloads that were refused (those modules keep their old code).
+    /// anything else did; the others stopped. Answers once every stop it began has
+    /// completed (devices disconnected), because many devices take a single session, with
+    /// the reloads that were refused (those modules keep their old code).
     pub async fn reconcile(
         &self,
         model: Arc<Model>,
         wanted: impl Fn(&ModuleRecord) -> bool,
     ) -> Vec<ReloadRefused> {
-        let _one_at_a_time = self.inner.reconciling.lock().await;
+        let (began, reloads) = self.decide(model, wanted);
+        let refused = self.reload(reloads).await;
+        self.wait_stopped(|id| began.contains(id)).await;
+        refused
+    }
+
+    /// [`reconcile`](Self::reconcile), answering once the stops of the modules `awaited`
+    /// picks (by id) have completed, whoever began them, and without waiting for others:
+    /// a unit's control waits for its own modules only.
+    pub async fn reconcile_waiting_for(
+        &self,
+        model: Arc<Model>,
+        wanted: impl Fn(&ModuleRecord) -> bool,
+        awaited: impl Fn(&str) -> bool,
+    ) -> Vec<ReloadRefused> {
+        let (_, reloads) = self.decide(model, wanted);
+        let refused = self.reload(reloads).await;
+        self.wait_stopped(awaited).await;
+        refused
+    }
+
+    /// Waits until no module `which` picks is still stopping.
+    pub async fn wait_stopped(&self, which: impl Fn(&str) -> bool) {
+        let pending: Vec<Stopping> = lock(&self.inner.stopping)
+            .iter()
+            .filter(|(id, _)| which(id))
+            .map(|(_, stop)| stop.clone())
+            .collect();
+        futures::future::join_all(pending).await;
+    }
+
+    /// The decisions of a reconcile, made at once and one reconcile at a time: stale
+    /// modules taken out and their stops begun (answered by id), new ones started (each
+    /// after its own earlier instance has stopped), and the reloads to carry out.
+    #[allow(clippy::type_complexity)]
+    fn decide(
+        &self,
+        model: Arc<Model>,
+        wanted: impl Fn(&ModuleRecord) -> bool,
+    ) -> (HashSet<String>, Vec<(Arc<ModuleInstance>, Arc<str>)>) {
+        let _one_at_a_time = lock(&self.inner.reconciling);
         *self.inner.model.write().unwrap_or_else(|p| p.into_inner()) = model.clone();
         lock(&self.inner.lookups).clear();
         let requested: HashSet<String> = model
@@ -314,48 +367,66 @@ impl Runtime {
             })
             .map(|spec| (spec.id.clone(), spec))
             .collect();
-        let (stale, reloads) = {
-            let mut modules = lock(&self.inner.modules);
-            let mut stale = Vec::new();
-            let mut reloads = Vec::new();
-            for (id, running) in modules.iter() {
-                match desired.get(id) {
-                    Some(want)
-                        if running.spec.same_but_source(want)
-                            && running.shared.health().state != ModuleState::Faulted =>
-                    {
-                        if running.wants(&want.source) {
-                            reloads.push((running.clone(), want.source.clone()));
-                        }
-                    }
-                    _ => stale.push(id.clone()),
-                }
-            }
-            let stale: Vec<Arc<ModuleInstance>> =
-                stale.iter().filter_map(|id| modules.remove(id)).collect();
-            (stale, reloads)
-        };
-        for module in stale {
-            tracing::info!(module = %module.spec.id, "stopping module");
-            module.stop().await;
-        }
-        let refused = self.reload(reloads).await;
-        *self.inner.wanted.write().unwrap_or_else(|p| p.into_inner()) = wanted_here;
         let mut modules = lock(&self.inner.modules);
+        let mut stale = Vec::new();
+        let mut reloads = Vec::new();
+        for (id, running) in modules.iter() {
+            match desired.get(id) {
+                Some(want)
+                    if running.spec.same_but_source(want)
+                        && running.shared.health().state != ModuleState::Faulted =>
+                {
+                    if running.begin_reload(&want.source) {
+                        reloads.push((running.clone(), want.source.clone()));
+                    }
+                }
+                _ => stale.push(id.clone()),
+            }
+        }
+        let mut began = HashSet::new();
+        for id in stale {
+            if let Some(module) = modules.remove(&id) {
+                self.begin_stop(module);
+                began.insert(id);
+            }
+        }
+        *self.inner.wanted.write().unwrap_or_else(|p| p.into_inner()) = wanted_here;
         for (id, spec) in desired {
             if let std::collections::hash_map::Entry::Vacant(slot) = modules.entry(id) {
                 tracing::info!(module = %spec.id, driver = %spec.driver_id, "starting module");
                 let warm = self.inner.standby.warm(&spec);
+                let after = lock(&self.inner.stopping).get(&spec.id).cloned();
                 let instance = ModuleInstance::start(
                     spec,
                     warm,
                     self.inner.limits,
                     Arc::downgrade(&self.inner),
+                    after,
                 );
                 slot.insert(Arc::new(instance));
             }
         }
-        refused
+        (began, reloads)
+    }
+
+    /// Begins a module's stop, tracked by its id until it completes.
+    fn begin_stop(&self, module: Arc<ModuleInstance>) {
+        use futures::FutureExt;
+        tracing::info!(module = %module.spec.id, "stopping module");
+        let id = module.spec.id.clone();
+        let stop: Stopping = async move { module.stop().await }.boxed().shared();
+        lock(&self.inner.stopping).insert(id.clone(), stop.clone());
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            stop.clone().await;
+            if let Some(inner) = inner.upgrade() {
+                let mut stopping = lock(&inner.stopping);
+                // A later stop of the same module (started and stopped again) stays.
+                if stopping.get(&id).is_some_and(|s| s.ptr_eq(&stop)) {
+                    stopping.remove(&id);
+                }
+            }
+        });
     }
 
     /// Loads new scripts into running modules, all at once.
@@ -493,12 +564,13 @@ impl Runtime {
         self.inner.standby.summary()
     }
 
-    /// Stops every module.
+    /// Stops every module, side by side, and waits for every stop under way.
     pub async fn stop_all(&self) {
         let all: Vec<_> = lock(&self.inner.modules).drain().map(|(_, m)| m).collect();
         for module in all {
-            module.stop().await;
+            self.begin_stop(module);
         }
+        self.wait_stopped(|_| true).await;
     }
 
     /// The module a client means, if it runs here.

@@ -70,6 +70,9 @@ pub(super) struct ModuleInstance {
     source: std::sync::Mutex<Arc<str>>,
     /// The last script it refused to load, not tried again.
     refused: std::sync::Mutex<Option<Arc<str>>>,
+    /// The script a reload under way loads (so that a second reconcile does not load it
+    /// again meanwhile).
+    reloading: std::sync::Mutex<Option<Arc<str>>>,
     jobs: mpsc::Sender<Job>,
     reloads: mpsc::Sender<Reload>,
     cancel: CancellationToken,
@@ -79,11 +82,14 @@ pub(super) struct ModuleInstance {
 impl ModuleInstance {
     /// Starts a module: its transport, its script, `on_load`, then its queue.
     /// `warm` is what warm standby kept: the compiled script and the last status.
+    /// `after` is the stop of this module's earlier instance, if one is under way: the
+    /// new one connects to the device only once that has completed.
     pub(super) fn start(
         spec: ModuleSpec,
         warm: Option<Warm>,
         limits: ScriptLimits,
         runtime: Weak<Inner>,
+        after: Option<super::Stopping>,
     ) -> Self {
         let (compiled, status) = match warm {
             Some(warm) => (warm.ast, warm.status),
@@ -94,7 +100,8 @@ impl ModuleInstance {
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE);
         let (reloads_tx, reloads_rx) = mpsc::channel(1);
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(
+        let task = tokio::spawn(run_after(
+            after,
             spec.clone(),
             compiled,
             limits,
@@ -107,6 +114,7 @@ impl ModuleInstance {
         ModuleInstance {
             source: std::sync::Mutex::new(spec.source.clone()),
             refused: std::sync::Mutex::default(),
+            reloading: std::sync::Mutex::default(),
             spec,
             shared,
             jobs: jobs_tx,
@@ -169,10 +177,10 @@ impl ModuleInstance {
     /// (the old version keeps running then).
     pub(super) async fn reload(&self, source: Arc<str>) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
-        self.reloads
-            .send((source.clone(), reply))
-            .await
-            .map_err(|_| format!("module {} is stopping", self.spec.id))?;
+        if self.reloads.send((source.clone(), reply)).await.is_err() {
+            *self.reloading.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Err(format!("module {} is stopping", self.spec.id));
+        }
         // Compiling and `on_load` run within the driver's timeout; a little more for the
         // jobs already running.
         let wait = Duration::from_millis(self.spec.timeout_ms) + STOP_TIMEOUT;
@@ -185,14 +193,23 @@ impl ModuleInstance {
             Ok(()) => *self.source.lock().unwrap_or_else(|p| p.into_inner()) = source,
             Err(_) => *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(source),
         }
+        *self.reloading.lock().unwrap_or_else(|p| p.into_inner()) = None;
         outcome
     }
 
-    /// Whether `source` should be loaded: it is not the script running, nor one this
-    /// module refused already (a refused version is reported once, not on every change).
-    pub(super) fn wants(&self, source: &Arc<str>) -> bool {
+    /// Whether `source` should be loaded, and if so marks it as being loaded: it is not
+    /// the script running, nor one being loaded, nor one this module refused already (a
+    /// refused version is reported once, not on every change).
+    pub(super) fn begin_reload(&self, source: &Arc<str>) -> bool {
         let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        *self.source() != **source && refused.as_deref() != Some(&**source)
+        let mut reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted = *self.source() != **source
+            && refused.as_deref() != Some(&**source)
+            && reloading.as_deref() != Some(&**source);
+        if wanted {
+            *reloading = Some(source.clone());
+        }
+        wanted
     }
 
     /// Cancelled when the module stops (watches of its status and log end on it).
@@ -210,6 +227,35 @@ impl ModuleInstance {
             tracing::warn!(module = %self.spec.id, "module did not stop in time");
         }
     }
+}
+
+/// Runs the module once its earlier instance has stopped (or at once, with none); a stop
+/// meanwhile ends it before it touches the device.
+#[allow(clippy::too_many_arguments)]
+async fn run_after(
+    after: Option<super::Stopping>,
+    spec: ModuleSpec,
+    compiled: Option<rhai::AST>,
+    limits: ScriptLimits,
+    shared: Arc<ModuleShared>,
+    jobs: (mpsc::Sender<Job>, mpsc::Receiver<Job>),
+    reloads: mpsc::Receiver<Reload>,
+    cancel: CancellationToken,
+    runtime: Weak<Inner>,
+) {
+    if let Some(after) = after {
+        tokio::select! {
+            _ = after => {}
+            _ = cancel.cancelled() => {
+                shared.set_state(ModuleState::Stopped, None);
+                return;
+            }
+        }
+    }
+    run(
+        spec, compiled, limits, shared, jobs, reloads, cancel, runtime,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -6,6 +6,7 @@
 //! higher epoch, so however many deciders race, no two grants of a location share an epoch.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -48,28 +49,52 @@ impl IssueError {
     }
 }
 
-/// What the control shells need of a store of grants.
+/// An answer of a [`Grants`] store, later.
+pub type Pending<T> = futures::future::BoxFuture<'static, T>;
+
+/// What the control shells need of a store of grants. Asynchronous, because the stores
+/// are a file (redb, written on a blocking thread) or a network service (etcd).
 pub trait Grants: Send + Sync {
     /// Every edge location's stored grant (a location never granted is absent: it is the
     /// edge's, at epoch 0).
-    fn grants(&self) -> Result<BTreeMap<String, ControlState>, StoreError>;
+    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, ControlState>, StoreError>>;
 
     /// Stores `grant` for `unit` if the stored grant is `expected` (absent counts as the
-    /// default) and `grant`'s epoch is above it; durable when it returns `Ok`.
+    /// default) and `grant`'s epoch is above it; durable when it answers `Ok`.
     fn issue(
-        &self,
-        unit: &str,
+        self: Arc<Self>,
+        unit: String,
         expected: ControlState,
         grant: ControlState,
-    ) -> Result<(), IssueError>;
+    ) -> Pending<Result<(), IssueError>>;
 }
 
 impl Grants for Store {
-    fn grants(&self) -> Result<BTreeMap<String, ControlState>, StoreError> {
-        self.control_states()
+    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, ControlState>, StoreError>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || self.control_states())
+                .await
+                .map_err(|err| StoreError::Stopped(err.to_string()))?
+        })
     }
 
     fn issue(
+        self: Arc<Self>,
+        unit: String,
+        expected: ControlState,
+        grant: ControlState,
+    ) -> Pending<Result<(), IssueError>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || self.issue_grant(&unit, expected, grant))
+                .await
+                .map_err(|err| IssueError::Store(StoreError::Stopped(err.to_string())))?
+        })
+    }
+}
+
+impl Store {
+    /// [`Grants::issue`], on this thread (it blocks on the file).
+    pub fn issue_grant(
         &self,
         unit: &str,
         expected: ControlState,
@@ -156,19 +181,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("t.redb")).unwrap();
         let start = ControlState::default();
-        store.issue("e", start, grant(Owner::Master, 1)).unwrap();
+        store
+            .issue_grant("e", start, grant(Owner::Master, 1))
+            .unwrap();
         // A second decider that read the same starting grant loses.
-        let lost = store.issue("e", start, grant(Owner::Edge, 1)).unwrap_err();
+        let lost = store
+            .issue_grant("e", start, grant(Owner::Edge, 1))
+            .unwrap_err();
         assert_eq!(lost.stored(), Some(grant(Owner::Master, 1)), "{lost}");
         // An epoch that does not rise is never issued, even over the right grant.
         let same = store
-            .issue("e", grant(Owner::Master, 1), grant(Owner::Edge, 1))
+            .issue_grant("e", grant(Owner::Master, 1), grant(Owner::Edge, 1))
             .unwrap_err();
         assert_eq!(same.stored(), Some(grant(Owner::Master, 1)));
         store
-            .issue("e", grant(Owner::Master, 1), grant(Owner::Edge, 2))
+            .issue_grant("e", grant(Owner::Master, 1), grant(Owner::Edge, 2))
             .unwrap();
-        assert_eq!(store.grants().unwrap()["e"], grant(Owner::Edge, 2));
+        assert_eq!(store.control_states().unwrap()["e"], grant(Owner::Edge, 2));
     }
 
     #[test]
@@ -188,13 +217,13 @@ mod tests {
                     for _ in 0..50 {
                         // Each decider decides from what it read, as a shell does.
                         let read = store
-                            .grants()
+                            .control_states()
                             .unwrap()
                             .get("e")
                             .copied()
                             .unwrap_or_default();
                         let next = grant(owner, read.epoch + 1);
-                        if store.issue("e", read, next).is_ok() {
+                        if store.issue_grant("e", read, next).is_ok() {
                             issued.lock().unwrap().push(next);
                         }
                     }
@@ -211,6 +240,9 @@ mod tests {
         epochs.sort_unstable();
         epochs.dedup();
         assert_eq!(epochs.len(), count, "an epoch was issued twice");
-        assert_eq!(store.grants().unwrap()["e"].epoch, *epochs.last().unwrap());
+        assert_eq!(
+            store.control_states().unwrap()["e"].epoch,
+            *epochs.last().unwrap()
+        );
     }
 }

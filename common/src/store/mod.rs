@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 
 mod audit;
 mod code;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod grants;
 
 pub use audit::{AuditEntry, AuditSource};
-pub use grants::{Grants, IssueError};
+pub use grants::{Grants, IssueError, Pending};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -74,6 +76,17 @@ pub enum StoreError {
         path: PathBuf,
         /// What failed.
         source: Box<redb::Error>,
+    },
+    /// The store's own task or thread ended (shutdown).
+    #[error("the store stopped: {0}")]
+    Stopped(String),
+    /// The cluster's shared store (etcd) did not answer, or refused.
+    #[error("etcd ({endpoints}): {what}")]
+    Etcd {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What failed.
+        what: String,
     },
     /// A stored record or log entry does not decode.
     #[error("database {path}: {what}")]

@@ -1,0 +1,188 @@
+//! The cluster's shared store on a real etcd (started per test on free loopback ports):
+//! grants by compare-and-set between two connections racing, an unreachable etcd named,
+//! a master id used twice refused, and a presence lease cut off from etcd that stops
+//! being held before etcd expires it.
+#![cfg(feature = "cluster")]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_common::control::clock::mono_now;
+use tether_common::control::{ControlState, Owner};
+use tether_common::store::Grants;
+use tether_common::store::etcd::{DEFAULT_PREFIX, Etcd, EtcdGrants, JoinError, Presence};
+use tether_tests::etcd::Etcd as EtcdServer;
+use tether_tests::proxy::FaultProxy;
+use tether_tests::{free_port, wait_for};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn connect(endpoints: &[String]) -> Etcd {
+    Etcd::connect(endpoints, DEFAULT_PREFIX, TIMEOUT)
+        .await
+        .expect("etcd answers")
+}
+
+fn grant(owner: Owner, epoch: u64) -> ControlState {
+    ControlState { owner, epoch }
+}
+
+#[tokio::test]
+async fn grants_are_issued_by_compare_and_set_and_racing_masters_never_share_an_epoch() {
+    let server = EtcdServer::start(1).await;
+    let endpoints = server.endpoints();
+    let one = Arc::new(EtcdGrants::new(connect(&endpoints).await));
+    let start = ControlState::default();
+    one.clone()
+        .issue("e".into(), start, grant(Owner::Master, 1))
+        .await
+        .unwrap();
+    let lost = one
+        .clone()
+        .issue("e".into(), start, grant(Owner::Edge, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(lost.stored(), Some(grant(Owner::Master, 1)), "{lost}");
+    let same = one
+        .clone()
+        .issue("e".into(), grant(Owner::Master, 1), grant(Owner::Edge, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(same.stored(), Some(grant(Owner::Master, 1)), "{same}");
+
+    // Four deciders on two connections (two masters), each deciding from what it read.
+    let mut deciders = Vec::new();
+    for decider in 0..4u64 {
+        let grants = Arc::new(EtcdGrants::new(connect(&endpoints).await));
+        deciders.push(tokio::spawn(async move {
+            let owner = if decider % 2 == 0 {
+                Owner::Master
+            } else {
+                Owner::Edge
+            };
+            let mut issued = Vec::new();
+            for _ in 0..25 {
+                let read = grants
+                    .clone()
+                    .grants()
+                    .await
+                    .unwrap()
+                    .get("f")
+                    .copied()
+                    .unwrap_or_default();
+                let next = grant(owner, read.epoch + 1);
+                if grants.clone().issue("f".into(), read, next).await.is_ok() {
+                    issued.push(next.epoch);
+                }
+            }
+            issued
+        }));
+    }
+    let mut all = Vec::new();
+    for decider in deciders {
+        all.extend(decider.await.unwrap());
+    }
+    let distinct: BTreeSet<u64> = all.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "an epoch was issued twice: {all:?}"
+    );
+    assert!(all.len() >= 25, "the race made progress: {}", all.len());
+    let stored = one.grants().await.unwrap();
+    assert_eq!(stored["f"].epoch, *distinct.last().unwrap());
+    assert_eq!(stored["e"], grant(Owner::Master, 1));
+}
+
+#[tokio::test]
+async fn an_unreachable_etcd_is_named_in_the_error() {
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    let err = Etcd::connect(
+        std::slice::from_ref(&nobody),
+        DEFAULT_PREFIX,
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    eprintln!("{err}");
+    assert!(
+        err.contains("etcd") && err.contains(&nobody),
+        "the error names etcd and the endpoint: {err}"
+    );
+}
+
+#[tokio::test]
+async fn a_master_id_in_use_is_refused_and_free_again_when_its_lease_ends() {
+    let server = EtcdServer::start(1).await;
+    let etcd = connect(&server.endpoints()).await;
+    let info = serde_json::json!({"api_url": "https://m1"});
+    let first = Presence::join(&etcd, "m1", &info, 2000).await.unwrap();
+    let second = Presence::join(&etcd, "m1", &info, 2000).await;
+    assert!(
+        matches!(second, Err(JoinError::DuplicateId(ref id)) if id == "m1"),
+        "{:?}",
+        second.err().map(|e| e.to_string())
+    );
+    assert!(Presence::join(&etcd, "m2", &info, 2000).await.is_ok());
+    // The first master stops keeping its lease alive (as if dead): its id is free once
+    // etcd expires the lease.
+    drop(first);
+    wait_for("the id to be free", Duration::from_secs(6), || async {
+        Presence::join(&etcd, "m1", &info, 2000).await.ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_master_cut_off_from_etcd_stops_holding_its_lease_before_etcd_expires_it() {
+    let server = EtcdServer::start(1).await;
+    let upstream = server.endpoints()[0]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = FaultProxy::start(0, upstream).await;
+    let through_proxy = connect(&[format!("http://{}", proxy.addr())]).await;
+    let ttl_ms = 2000;
+    let presence = Presence::join(&through_proxy, "m1", &serde_json::json!({}), ttl_ms)
+        .await
+        .unwrap();
+    let held = presence.held_until();
+    // Keep-alives are answered: the time held moves forward.
+    let first = held.borrow().expect("held after joining");
+    wait_for("a keep-alive", Duration::from_secs(3), || async {
+        held.borrow().filter(|until| *until > first)
+    })
+    .await;
+
+    proxy.cut();
+    let cut_at = mono_now();
+    let observer = connect(&server.endpoints()).await;
+    let key = observer.key("masters/m1");
+    let gone_at = wait_for(
+        "the presence key to expire",
+        Duration::from_millis(ttl_ms * 3),
+        || {
+            let observer = observer.clone();
+            let key = key.clone();
+            async move {
+                let answer = observer.client().get(key, None).await.ok()?;
+                answer.kvs().is_empty().then(mono_now)
+            }
+        },
+    )
+    .await;
+    let held_until = held.borrow().expect("the last time held");
+    eprintln!(
+        "cut at {cut_at:?}: the master held its lease until {held_until:?}, etcd expired it by {gone_at:?}"
+    );
+    assert!(
+        held_until < gone_at,
+        "the master stopped acting on its lease ({held_until:?}) before etcd expired it ({gone_at:?})"
+    );
+    assert!(
+        held_until.since(cut_at) < ttl_ms,
+        "it stopped within a time to live of the cut"
+    );
+}
