@@ -107,7 +107,7 @@ impl Master {
         (0..edges)
             .map(|i| {
                 Ok(ConnectorConfig {
-                    master_addr: self.link_addr.clone(),
+                    master_addrs: vec![self.link_addr.clone()],
                     server_name: tls::server_name("localhost")?,
                     tls: tls.clone(),
                     edge_id: format!("swarm-{i}"),

@@ -43,6 +43,7 @@ fn timing() -> EdgeTiming {
         heartbeat_ms: 1000,
         reconnect_ms: RECONNECT_MS,
         handshake_timeout_ms: 5000,
+        masters: 1,
     }
 }
 

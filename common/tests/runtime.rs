@@ -161,6 +161,33 @@ async fn fixed_length_frames_and_a_port_change_restarts_the_module() {
     ));
 }
 
+/// A faulty driver: `on_load` calls its own module, whose queue does not run until
+/// `on_load` returns, so loading hangs for the driver's timeout (2 s here).
+const STUCK: &str = r#"
+fn on_load() { try { system("Dev", 1).exec("ping", []); } catch {} }
+fn ping() { 1 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_restarted_twice_while_stuck_has_stopped_only_once_its_first_instance_has() {
+    let runtime = new_runtime(ScriptLimits::default(), STUCK);
+    let began = std::time::Instant::now();
+    // The first instance hangs in `on_load` until about 2.2 s from now.
+    runtime.reconcile(model(1, "{}", 1), |_| true).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Two restarts (new ports): the second instance waits for the first to stop, and is
+    // itself stopped while it waits.
+    runtime.reconcile(model(2, "{}", 1), |_| true).await;
+    runtime.reconcile(model(3, "{}", 1), |_| true).await;
+    // The module goes: it has stopped only when its first instance has.
+    runtime.reconcile(model(3, "{}", 1), |_| false).await;
+    let stopped = began.elapsed();
+    assert!(
+        stopped >= Duration::from_millis(1500),
+        "answered after {stopped:?}, while the first instance was still loading"
+    );
+}
+
 /// A runtime whose scripts may busy-wait (many operations), for timing tests.
 fn patient() -> Runtime {
     let limits = ScriptLimits {

@@ -24,8 +24,14 @@ pub struct EdgeConfig {
     /// for its `Tether-Preferred-Server` hints; `https://` + `api_listen` when unset.
     #[serde(default)]
     pub api_url: Option<String>,
-    /// The master's link address, `host:port`.
-    pub master: String,
+    /// The master's link address, `host:port` (one master).
+    #[serde(default)]
+    pub master: Option<String>,
+    /// Several masters' link addresses (a cluster), instead of `master`. The edge tries
+    /// them in an order of its own (a rendezvous hash of its id), so that edges spread
+    /// over the masters, and moves to the next when one fails.
+    #[serde(default)]
+    pub masters: Vec<String>,
     /// The name on the master's certificate (checked by TLS).
     pub master_name: String,
     /// File holding this edge's shared secret (hex), mode 0600.
@@ -120,6 +126,14 @@ impl EdgeConfig {
         Ok(config)
     }
 
+    /// The masters' link addresses as configured (`master`, or `masters`).
+    pub fn master_addrs(&self) -> Vec<String> {
+        match &self.master {
+            Some(master) => vec![master.clone()],
+            None => self.masters.clone(),
+        }
+    }
+
     /// The API's address as clients reach it.
     pub fn public_api_url(&self) -> String {
         self.api_url
@@ -140,17 +154,43 @@ impl EdgeConfig {
             self.handshake_timeout_ms,
         )?;
         check_range(file, "reconnect_ms", self.reconnect_ms, 10..=600_000)?;
-        let port_ok = self.master.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-        });
-        if !port_ok {
+        let key = match (&self.master, self.masters.is_empty()) {
+            (Some(_), false) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "masters",
+                    "either master (one) or masters (several), not both",
+                ));
+            }
+            (None, true) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "master",
+                    "host:port of the master's link listener (or masters = [...] for several)",
+                ));
+            }
+            (Some(_), true) => "master",
+            (None, false) => "masters",
+        };
+        let addrs = self.master_addrs();
+        for addr in &addrs {
+            let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !port_ok {
+                return Err(ConfigError::invalid(
+                    file,
+                    key,
+                    format!("host:port of a master's link listener, not {addr:?}"),
+                ));
+            }
+        }
+        let distinct: std::collections::BTreeSet<&String> = addrs.iter().collect();
+        if distinct.len() != addrs.len() {
             return Err(ConfigError::invalid(
                 file,
-                "master",
-                format!(
-                    "host:port of the master's link listener, not {:?}",
-                    self.master
-                ),
+                "masters",
+                "each master once (an address is listed twice)",
             ));
         }
         if self.master_name.is_empty() {
@@ -202,6 +242,36 @@ ca = "ca.pem"
             .unwrap_err()
             .to_string();
         assert!(err.contains("key `master`: expected host:port"), "{err}");
+    }
+
+    #[test]
+    fn several_masters_load_and_each_is_checked() {
+        let several = GOOD.replace(
+            "master = \"127.0.0.1:17400\"",
+            "masters = [\"10.0.0.1:17400\", \"10.0.0.2:17400\"]",
+        );
+        let config = load(&several).unwrap();
+        assert_eq!(config.master_addrs(), ["10.0.0.1:17400", "10.0.0.2:17400"]);
+        let err = load(&several.replace("10.0.0.2:17400", "10.0.0.2"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key `masters`: expected host:port") && err.contains("10.0.0.2"),
+            "{err}"
+        );
+        let err = load(&several.replace("10.0.0.2", "10.0.0.1"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listed twice"), "{err}");
+        let both = format!("masters = [\"10.0.0.1:17400\"]\n{GOOD}");
+        let err = load(&both).unwrap_err().to_string();
+        assert!(
+            err.contains("key `masters`") && err.contains("not both"),
+            "{err}"
+        );
+        let neither = GOOD.replace("master = \"127.0.0.1:17400\"\n", "");
+        let err = load(&neither).unwrap_err().to_string();
+        assert!(err.contains("key `master`"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,7 @@ fn timing(config: &EdgeConfig) -> EdgeTiming {
         heartbeat_ms: config.heartbeat_ms,
         reconnect_ms: config.reconnect_ms,
         handshake_timeout_ms: config.handshake_timeout_ms,
+        masters: config.master_addrs().len() as u64,
     }
 }
 
@@ -54,7 +55,14 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     let secret = Secret::load(&config.secret_file)?;
     let timing = timing(&config);
     let connector = ConnectorConfig {
-        master_addr: config.master.clone(),
+        // In the order of this edge's rendezvous hash: edges spread over the masters.
+        master_addrs: tether_common::control::placement::rendezvous_order(
+            &config.edge_id,
+            &config.master_addrs(),
+        )
+        .into_iter()
+        .cloned()
+        .collect(),
         server_name: tls::server_name(&config.master_name)?,
         tls: tls::client_config(&config.tls.ca, Some((&config.tls.cert, &config.tls.key)))?,
         edge_id: config.edge_id.clone(),
@@ -169,7 +177,7 @@ async fn serve(
     tracing::info!(
         edge = %config.edge_id,
         api = %config.api_listen,
-        master = %config.master,
+        masters = %config.master_addrs().join(", "),
         replica_version = at.version,
         modules = runtime.running().len(),
         "edge booted"

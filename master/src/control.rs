@@ -73,8 +73,8 @@ pub enum RestoreError {
 
 /// What the coordinating task hears: from the server itself, rarely.
 enum Coordination {
-    Model(Arc<Model>),
-    Booted,
+    /// The model changed: reconcile the modules of no edge (and whatever else changed).
+    Model,
 }
 
 /// What a unit's task hears.
@@ -107,6 +107,10 @@ struct Shared {
 pub struct Control {
     coordinator: mpsc::UnboundedSender<Coordination>,
     units: Arc<RwLock<HashMap<String, mpsc::Sender<UnitCommand>>>>,
+    shared: Arc<Shared>,
+    /// The model the unit tasks follow.
+    model: Arc<watch::Sender<Arc<Model>>>,
+    booted: Arc<watch::Sender<bool>>,
     states: Arc<RwLock<HashMap<String, ControlState>>>,
     store: Arc<Store>,
     runtime: Runtime,
@@ -137,15 +141,15 @@ impl Control {
             states: states.clone(),
         });
         let coordinating = Coordinator {
-            shared,
-            model: model_tx,
-            booted: watch::channel(false).0,
-            units: units.clone(),
+            shared: shared.clone(),
         };
         tokio::spawn(coordinating.run(receiver));
         Ok(Control {
             coordinator,
             units,
+            shared,
+            model: Arc::new(model_tx),
+            booted: Arc::new(watch::channel(false).0),
             states,
             store,
             runtime,
@@ -157,14 +161,61 @@ impl Control {
         let _ = self.coordinator.send(what);
     }
 
-    /// The model changed: edges added, removed or edited, modules moved.
+    /// The model changed: edges added, removed or edited, modules moved. Each new edge
+    /// location's unit exists when this returns (so that none of its link's events can
+    /// come first); the modules follow in the coordinating task.
     pub fn model_changed(&self, model: Arc<Model>) {
-        self.coordinate(Coordination::Model(model));
+        self.model.send_replace(model.clone());
+        {
+            let mut units = self.units.write().unwrap_or_else(|p| p.into_inner());
+            // A removed edge's task ends when its queue's last sender goes.
+            units.retain(|id, _| model.edges.contains_key(id));
+            for (id, record) in &model.edges {
+                if !units.contains_key(id) {
+                    units.insert(id.clone(), self.start_unit(id, record));
+                }
+            }
+        }
+        self.shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id| model.edges.contains_key(id));
+        self.states
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| model.edges.contains_key(id));
+        self.coordinate(Coordination::Model);
+    }
+
+    /// Makes an edge location's unit: its machine from the grant stored last, its task.
+    fn start_unit(&self, id: &str, record: &EdgeRecord) -> mpsc::Sender<UnitCommand> {
+        let persisted = self
+            .shared
+            .persisted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or_default();
+        let (commands, receiver) = mpsc::channel(UNIT_QUEUE);
+        let unit = Unit {
+            edge: id.to_string(),
+            machine: MasterSide::new(id, settings(record), persisted, Now::system()),
+            shared: self.shared.clone(),
+            me: commands.downgrade(),
+            link: None,
+            newest_link: 0,
+        };
+        self.shared.runtime.set_grant(id, persisted);
+        self.shared.publish(id, persisted);
+        tokio::spawn(unit.run(receiver, self.booted.subscribe()));
+        commands
     }
 
     /// The boot wait is over.
     pub fn booted(&self) {
-        self.coordinate(Coordination::Booted);
+        self.booted.send_replace(true);
     }
 
     fn unit(&self, edge: &str) -> Option<mpsc::Sender<UnitCommand>> {
@@ -308,72 +359,19 @@ fn settings(record: &EdgeRecord) -> EdgeSettings {
 /// A grant the store did not take, and why.
 struct NotIssued(String);
 
-/// Makes and ends the unit tasks as the model changes, and reconciles the modules of no
-/// edge.
+/// Reconciles the modules after a model change, off the caller's path.
 struct Coordinator {
     shared: Arc<Shared>,
-    model: watch::Sender<Arc<Model>>,
-    booted: watch::Sender<bool>,
-    units: Arc<RwLock<HashMap<String, mpsc::Sender<UnitCommand>>>>,
 }
 
 impl Coordinator {
     async fn run(self, mut commands: mpsc::UnboundedReceiver<Coordination>) {
-        while let Some(command) = commands.recv().await {
-            match command {
-                Coordination::Booted => {
-                    self.booted.send_replace(true);
-                }
-                Coordination::Model(model) => self.follow_model(model).await,
-            }
+        while let Some(Coordination::Model) = commands.recv().await {
+            // Changes that came meanwhile are in the model already: one reconcile.
+            while let Ok(Coordination::Model) = commands.try_recv() {}
+            // Waits for no stop: a unit waits for its own.
+            self.shared.reconcile(|_| false).await;
         }
-    }
-
-    async fn follow_model(&self, model: Arc<Model>) {
-        self.model.send_replace(model.clone());
-        {
-            let mut units = self.units.write().unwrap_or_else(|p| p.into_inner());
-            // A removed edge's task ends when its queue's last sender goes.
-            units.retain(|id, _| model.edges.contains_key(id));
-            for (id, record) in &model.edges {
-                if units.contains_key(id) {
-                    continue;
-                }
-                let persisted = self
-                    .shared
-                    .persisted
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(id)
-                    .copied()
-                    .unwrap_or_default();
-                let (commands, receiver) = mpsc::channel(UNIT_QUEUE);
-                let unit = Unit {
-                    edge: id.clone(),
-                    machine: MasterSide::new(id, settings(record), persisted, Now::system()),
-                    shared: self.shared.clone(),
-                    me: commands.downgrade(),
-                    link: None,
-                    newest_link: 0,
-                };
-                self.shared.runtime.set_grant(id, persisted);
-                self.shared.publish(id, persisted);
-                tokio::spawn(unit.run(receiver, self.booted.subscribe()));
-                units.insert(id.clone(), commands);
-            }
-        }
-        self.shared
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|id| model.edges.contains_key(id));
-        self.shared
-            .states
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, _| model.edges.contains_key(id));
-        // Waits for no stop: a unit waits for its own.
-        self.shared.reconcile(|_| false).await;
     }
 }
 
@@ -396,36 +394,40 @@ impl Shared {
 
     /// Runs the modules of no edge and of the edges the master controls, and keeps the
     /// others of warm-standby edges compiled; answers once the stops of the modules
-    /// `awaited` picks (by id) have completed.
-    async fn reconcile(&self, awaited: impl Fn(&str) -> bool) {
-        let model = self.model.borrow().clone();
-        let running = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let wanted = model.clone();
-        let refused = self
+    /// `awaited` picks (by id) have completed. The model and who runs what are read when
+    /// the runtime's turn comes; reloads go on meanwhile, and those refused are audited.
+    async fn reconcile(self: &Arc<Self>, awaited: impl Fn(&str) -> bool) {
+        let running = |edge: &str| {
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(edge)
+        };
+        // The model the runtime's turn reads, for deciding what is wanted in it.
+        let read = std::sync::OnceLock::new();
+        let reloads = self
             .runtime
             .reconcile_waiting_for(
-                model.clone(),
-                move |module| match wanted.module_edge(module) {
+                || read.get_or_init(|| self.model.borrow().clone()).clone(),
+                |module| match read.get().and_then(|model| model.module_edge(module)) {
                     None => true,
-                    Some(edge) => running.contains(&edge),
+                    Some(edge) => running(&edge),
                 },
                 awaited,
             )
             .await;
-        self.audit_refused_reloads(&model, refused).await;
-        let running = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let shared = self.clone();
+        tokio::spawn(async move {
+            if let Ok(refused) = reloads.await {
+                let model = shared.model.borrow().clone();
+                shared.audit_refused_reloads(&model, refused).await;
+            }
+        });
+        let model = self.model.borrow().clone();
         self.runtime
             .keep_warm(&model, |module| {
                 model.module_edge(module).is_some_and(|edge| {
-                    !running.contains(&edge)
+                    !running(&edge)
                         && model
                             .edges
                             .get(&edge)

@@ -300,8 +300,9 @@ async fn serve(
 /// edge, and those of the edges it controls).
 fn follow_model(model: &ModelService, registry: &EdgeRegistry, control: &Control) {
     let (snapshot, _) = model.snapshot();
+    // Control first: a new edge's unit exists before its link can be accepted.
+    control.model_changed(snapshot.clone());
     registry.sync(&snapshot.edges);
-    control.model_changed(snapshot);
 }
 
 /// Runs [`follow_model`] after every committed write.

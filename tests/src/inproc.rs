@@ -85,7 +85,7 @@ pub async fn pair(
     };
     let connect_to = proxy.as_ref().map_or(addr, |p| p.addr());
     let connector = ConnectorConfig {
-        master_addr: connect_to.to_string(),
+        master_addrs: vec![connect_to.to_string()],
         server_name: tls::server_name("localhost").unwrap(),
         tls: tls::client_config(
             &path("ca.pem"),

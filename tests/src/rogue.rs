@@ -36,7 +36,7 @@ impl Drop for RogueEdge {
 pub fn edge_connector(cluster: &Cluster, edge: &str, link: LinkConfig) -> ConnectorConfig {
     let certs = cluster.path("certs");
     ConnectorConfig {
-        master_addr: cluster.link_addr.to_string(),
+        master_addrs: vec![cluster.link_addr.to_string()],
         server_name: tls::server_name("localhost").expect("a server name"),
         tls: tls::client_config(
             &cluster.ca(),
@@ -194,7 +194,7 @@ impl DeafRogue {
             edge,
             LinkConfig::with_heartbeat(Duration::from_secs(1), 16 << 20),
         );
-        let tcp = tokio::net::TcpStream::connect(&config.master_addr)
+        let tcp = tokio::net::TcpStream::connect(&config.master_addrs[0])
             .await
             .expect("connect to the link port");
         let tls = tokio_rustls::TlsConnector::from(config.tls.clone())

@@ -224,7 +224,7 @@ async fn every_bad_handshake_is_refused_with_a_reason_and_the_good_link_carries_
 
     // An edge that trusts another CA will not talk to this master.
     let connector = ConnectorConfig {
-        master_addr: cluster.link_addr.to_string(),
+        master_addrs: vec![cluster.link_addr.to_string()],
         server_name: tls::server_name("localhost").unwrap(),
         tls: tls::client_config(
             &other_pki.path().join("ca.pem"),
@@ -275,7 +275,7 @@ async fn a_second_link_for_the_same_edge_replaces_the_first_only_once_authentica
     let secret = Secret::load(&cluster.path("certs/site-1.secret")).unwrap();
 
     let connector = ConnectorConfig {
-        master_addr: cluster.link_addr.to_string(),
+        master_addrs: vec![cluster.link_addr.to_string()],
         server_name: tls::server_name("localhost").unwrap(),
         tls: edge_tls(&cluster, &cluster.path("certs"), "site-1"),
         edge_id: "site-1".into(),

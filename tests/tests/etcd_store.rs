@@ -1,7 +1,7 @@
 //! The cluster's shared store on a real etcd (started per test on free loopback ports):
 //! grants by compare-and-set between two connections racing, an unreachable etcd named,
-//! a master id used twice refused, and a presence lease cut off from etcd that stops
-//! being held before etcd expires it.
+//! a master id used twice refused, a presence lease cut off from etcd that stops being
+//! held before etcd expires it, and one that survives a short loss of etcd.
 #![cfg(feature = "cluster")]
 
 use std::collections::BTreeSet;
@@ -114,7 +114,7 @@ async fn an_unreachable_etcd_is_named_in_the_error() {
 }
 
 #[tokio::test]
-async fn a_master_id_in_use_is_refused_and_free_again_when_its_lease_ends() {
+async fn a_master_id_in_use_is_refused_and_a_restarted_master_waits_out_its_old_key() {
     let server = EtcdServer::start(1).await;
     let etcd = connect(&server.endpoints()).await;
     let info = serde_json::json!({"api_url": "https://m1"});
@@ -126,13 +126,11 @@ async fn a_master_id_in_use_is_refused_and_free_again_when_its_lease_ends() {
         second.err().map(|e| e.to_string())
     );
     assert!(Presence::join(&etcd, "m2", &info, 2000).await.is_ok());
-    // The first master stops keeping its lease alive (as if dead): its id is free once
-    // etcd expires the lease.
+    // The first master dies (its lease no longer kept alive) and starts again at once,
+    // within its time to live: its old key is waited out, not taken for a duplicate.
     drop(first);
-    wait_for("the id to be free", Duration::from_secs(6), || async {
-        Presence::join(&etcd, "m1", &info, 2000).await.ok()
-    })
-    .await;
+    let again = Presence::join(&etcd, "m1", &info, 2000).await;
+    assert!(again.is_ok(), "{:?}", again.err().map(|e| e.to_string()));
 }
 
 #[tokio::test]
@@ -185,4 +183,56 @@ async fn a_master_cut_off_from_etcd_stops_holding_its_lease_before_etcd_expires_
         held_until.since(cut_at) < ttl_ms,
         "it stopped within a time to live of the cut"
     );
+}
+
+#[tokio::test]
+async fn a_short_loss_of_etcd_does_not_fence_the_master() {
+    let server = EtcdServer::start(1).await;
+    let upstream = server.endpoints()[0]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = FaultProxy::start(0, upstream).await;
+    let through_proxy = connect(&[format!("http://{}", proxy.addr())]).await;
+    // A keep-alive every 1.67 s, each answered within 0.83 s, held 4.5 s from a send.
+    let ttl_ms = 5000;
+    let presence = Presence::join(&through_proxy, "m1", &serde_json::json!({}), ttl_ms)
+        .await
+        .unwrap();
+    let held = presence.held_until();
+    let first = held.borrow().expect("held after joining");
+    wait_for("a keep-alive", Duration::from_secs(3), || async {
+        held.borrow().filter(|until| *until > first)
+    })
+    .await;
+    // Lose etcd for 3.3 s, two thirds of the time to live: the keep-alive sent during
+    // the loss goes unanswered. Waiting a whole period for its answer and another before
+    // trying again would pass the 4.5 s the lease is held; trying again at once does not.
+    proxy.cut();
+    let cut_for = Duration::from_millis(3300);
+    let cut_at = tokio::time::Instant::now();
+    let at_cut = held.borrow().expect("held");
+    let mut healed = false;
+    // Held at every moment, through the loss and until a keep-alive is answered again.
+    loop {
+        let now = mono_now();
+        let until = held.borrow().expect("still held");
+        assert!(
+            now < until,
+            "fenced at {now:?}, {:?} into a loss of {cut_for:?} (held until {until:?})",
+            cut_at.elapsed()
+        );
+        if !healed && cut_at.elapsed() >= cut_for {
+            proxy.heal();
+            healed = true;
+        }
+        if healed && until > at_cut.plus(cut_for.as_millis() as u64) {
+            break;
+        }
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(10),
+            "no keep-alive answered after the loss"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -406,6 +406,7 @@ async fn a_silent_cut_lets_the_edge_take_over_within_its_stated_worst_case() {
         heartbeat_ms: spec.heartbeat_ms,
         reconnect_ms: 3000,
         handshake_timeout_ms: spec.handshake_timeout_ms,
+        masters: 1,
     };
     let shown = edge.edge("site-1").await.expect("the edge's own record");
     assert_eq!(

@@ -527,6 +527,14 @@ async fn an_edges_admin_token_acts_on_its_own_site_only() {
         (status == 200 && body["executed_by"] == "edge:site-2").then_some(())
     })
     .await;
+    // And site-1's own room (its driver code fetched), before its token is tried.
+    wait_for("room-1 to run on site-1", 20 * SECOND, || async {
+        let (status, body) = site_1_admin
+            .exec("room-1", "Note", 1, "ping", json!([]))
+            .await;
+        (status == 200 && body["executed_by"] == "edge:site-1").then_some(())
+    })
+    .await;
 
     // site-1's own admin token: another site's module is out of its reach.
     let calls = [

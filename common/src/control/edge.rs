@@ -34,8 +34,10 @@ pub struct EdgeTiming {
     pub heartbeat_ms: u64,
     /// Period between attempts to reach the master.
     pub reconnect_ms: u64,
-    /// Connect, TLS and the secret handshake of one attempt must finish within this.
+    /// Connect, TLS and the secret handshake with one master must finish within this.
     pub handshake_timeout_ms: u64,
+    /// The masters one attempt tries, one after another (1 without a cluster).
+    pub masters: u64,
 }
 
 impl EdgeTiming {
@@ -68,15 +70,21 @@ impl EdgeTiming {
         self.reconnect_ms / u64::from(RECONNECT_JITTER_DIVISOR)
     }
 
+    /// The longest one attempt takes: every master tried, each within its deadline. The
+    /// master is unreachable when all of them failed in a row.
+    pub fn attempt_ms(&self) -> u64 {
+        self.masters.max(1) * self.handshake_timeout_ms
+    }
+
     /// After a link drops: one reconnect period, then one attempt within its deadline.
     pub fn takeover_after_drop_ms(&self) -> u64 {
-        self.reconnect_ms + self.handshake_timeout_ms
+        self.reconnect_ms + self.attempt_ms()
     }
 
     /// After a first failed attempt (at boot): the next attempt after a period and its
     /// jitter, within its deadline.
     pub fn takeover_after_failed_attempt_ms(&self) -> u64 {
-        self.reconnect_ms + self.jitter_max_ms() + self.handshake_timeout_ms
+        self.reconnect_ms + self.jitter_max_ms() + self.attempt_ms()
     }
 
     /// The longest from a silent cut of a working link (the last frame from the master)
@@ -94,6 +102,7 @@ impl Default for EdgeTiming {
             heartbeat_ms: 1000,
             reconnect_ms: 3000,
             handshake_timeout_ms: 5000,
+            masters: 1,
         }
     }
 }

@@ -68,6 +68,15 @@ impl LeaseClock {
     pub fn held_until(&self) -> Option<Mono> {
         self.held_until
     }
+
+    /// The moment the master must begin stopping its units, when stopping them takes up
+    /// to `stop_ms` (a module's stop deadline): they are stopped by [`held_until`].
+    ///
+    /// [`held_until`]: Self::held_until
+    pub fn stop_from(&self, stop_ms: u64) -> Option<Mono> {
+        self.held_until
+            .map(|until| Mono(until.0.saturating_sub(stop_ms)))
+    }
 }
 
 #[cfg(test)]
@@ -90,8 +99,10 @@ mod tests {
         clock.renewed(Mono(2000), 5000);
         clock.renewed(Mono(1500), 5000);
         assert_eq!(clock.held_until(), Some(Mono(6500)));
+        assert_eq!(clock.stop_from(3000), Some(Mono(3500)));
         clock.lost();
         assert!(!clock.held(Mono(2001)));
+        assert_eq!(clock.stop_from(3000), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod edge;
 pub mod lease;
 pub mod master;
+pub mod placement;
 pub mod rules;
 pub mod window;
 

@@ -14,12 +14,12 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::{client_exporter, edge_handshake};
 use super::{Incoming, Link, LinkConfig, Secret};
 
-/// How an edge reaches its master.
+/// How an edge reaches its master(s).
 #[derive(Debug, Clone)]
 pub struct ConnectorConfig {
-    /// `host:port` of the master's link listener.
-    pub master_addr: String,
-    /// The name on the master's certificate.
+    /// `host:port` of each master's link listener, in the order to try them.
+    pub master_addrs: Vec<String>,
+    /// The name on the masters' certificates.
     pub server_name: ServerName<'static>,
     /// TLS client configuration (CA, client certificate).
     pub tls: Arc<rustls::ClientConfig>,
@@ -57,38 +57,58 @@ pub enum LinkEvent {
     },
 }
 
-/// One attempt: TCP, TLS, handshake, within the handshake timeout.
-pub async fn connect_once(
+/// One try of one master: TCP, TLS, handshake, within the handshake timeout.
+async fn connect_to(
     config: &ConnectorConfig,
+    addr: &str,
 ) -> Result<(Link, mpsc::Receiver<Incoming>), String> {
     let attempt = async {
-        let tcp = TcpStream::connect(&config.master_addr)
+        let tcp = TcpStream::connect(addr)
             .await
-            .map_err(|err| format!("cannot connect to {}: {err}", config.master_addr))?;
+            .map_err(|err| format!("cannot connect to {addr}: {err}"))?;
         let _ = tcp.set_nodelay(true);
         let tls = TlsConnector::from(config.tls.clone())
             .connect(config.server_name.clone(), tcp)
             .await
-            .map_err(|err| format!("TLS handshake with {} failed: {err}", config.master_addr))?;
+            .map_err(|err| format!("TLS handshake with {addr} failed: {err}"))?;
         let exporter = client_exporter(&tls).map_err(|err| err.to_string())?;
         let done = edge_handshake(tls, &exporter, &config.edge_id, &config.secret)
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| format!("{addr}: {err}"))?;
         Ok(Link::start(
             done.stream,
             done.leftover,
-            config.master_addr.clone(),
+            addr.to_string(),
             config.link.clone(),
         ))
     };
     match tokio::time::timeout(config.handshake_timeout, attempt).await {
         Ok(result) => result,
         Err(_) => Err(format!(
-            "no authenticated link to {} within {} ms",
-            config.master_addr,
+            "no authenticated link to {addr} within {} ms",
             config.handshake_timeout.as_millis()
         )),
     }
+}
+
+/// One attempt: each master in order until one links; fails when every one failed (the
+/// master is unreachable), naming why each did.
+pub async fn connect_once(
+    config: &ConnectorConfig,
+) -> Result<(Link, mpsc::Receiver<Incoming>), String> {
+    let mut failures = Vec::new();
+    for addr in &config.master_addrs {
+        match connect_to(config, addr).await {
+            Ok(linked) => return Ok(linked),
+            Err(why) => {
+                if config.master_addrs.len() > 1 {
+                    tracing::info!("master {addr} not reached, trying the next: {why}");
+                }
+                failures.push(why);
+            }
+        }
+    }
+    Err(failures.join("; "))
 }
 
 /// The wait before the next attempt: the period plus up to a sixth of it, so that many
@@ -119,7 +139,7 @@ pub async fn maintain_link(
         };
         match attempt {
             Ok((link, incoming)) => {
-                tracing::info!(master = %config.master_addr, "link to the master is up");
+                tracing::info!(master = %link.peer(), "link to the master is up");
                 if events
                     .send(LinkEvent::Up {
                         link: link.clone(),
@@ -138,7 +158,7 @@ pub async fn maintain_link(
                     }
                 }
                 let reason = link.close_reason().unwrap_or_default();
-                tracing::warn!(master = %config.master_addr, "link to the master is down: {reason}");
+                tracing::warn!(master = %link.peer(), "link to the master is down: {reason}");
                 if events.send(LinkEvent::Down { reason }).await.is_err() {
                     return;
                 }

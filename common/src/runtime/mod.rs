@@ -194,6 +194,16 @@ pub(crate) struct Inner {
 /// gave up waiting for it).
 pub(crate) type Stopping = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
 
+/// A reload to carry out: the module, the reload's number, the new script.
+type Reload = (Arc<ModuleInstance>, u64, Arc<str>);
+
+/// What one reconcile decided.
+struct Decided {
+    /// The modules it wants here.
+    wanted_here: HashSet<String>,
+    reloads: Vec<Reload>,
+}
+
 /// The modules one side runs.
 #[derive(Clone)]
 pub struct Runtime {
@@ -286,33 +296,38 @@ impl Runtime {
 
     /// Brings the running modules in line with `model` and the code: those `wanted` runs,
     /// started, reloaded in place where only their script changed, or restarted where
-    /// anything else did; the others stopped. Answers once every stop it began has
-    /// completed (devices disconnected), because many devices take a single session, with
-    /// the reloads that were refused (those modules keep their old code).
+    /// anything else did; the others stopped. Answers once no module it does not want
+    /// here is still stopping (whoever began the stop: devices disconnected), because
+    /// many devices take a single session, with the reloads that were refused (those
+    /// modules keep their old code).
     pub async fn reconcile(
         &self,
         model: Arc<Model>,
         wanted: impl Fn(&ModuleRecord) -> bool,
     ) -> Vec<ReloadRefused> {
-        let (began, reloads) = self.decide(model, wanted);
-        let refused = self.reload(reloads).await;
-        self.wait_stopped(|id| began.contains(id)).await;
+        let decided = self.decide(move || model, wanted);
+        let refused = self.reload(decided.reloads).await;
+        let kept = decided.wanted_here;
+        self.wait_stopped(|id| !kept.contains(id)).await;
         refused
     }
 
-    /// [`reconcile`](Self::reconcile), answering once the stops of the modules `awaited`
-    /// picks (by id) have completed, whoever began them, and without waiting for others:
-    /// a unit's control waits for its own modules only.
+    /// A unit's reconcile: the model read when its turn comes (so that a reconcile of an
+    /// older model never undoes a newer one), answering once the stops of the modules
+    /// `awaited` picks (by id) have completed, whoever began them, and without waiting
+    /// for others' stops nor for reloads: those go on in a task, whose answer is the
+    /// reloads refused.
     pub async fn reconcile_waiting_for(
         &self,
-        model: Arc<Model>,
+        model: impl FnOnce() -> Arc<Model>,
         wanted: impl Fn(&ModuleRecord) -> bool,
         awaited: impl Fn(&str) -> bool,
-    ) -> Vec<ReloadRefused> {
-        let (_, reloads) = self.decide(model, wanted);
-        let refused = self.reload(reloads).await;
+    ) -> tokio::task::JoinHandle<Vec<ReloadRefused>> {
+        let decided = self.decide(model, wanted);
+        let runtime = self.clone();
+        let reloads = tokio::spawn(async move { runtime.reload(decided.reloads).await });
         self.wait_stopped(awaited).await;
-        refused
+        reloads
     }
 
     /// Waits until no module `which` picks is still stopping.
@@ -325,16 +340,17 @@ impl Runtime {
         futures::future::join_all(pending).await;
     }
 
-    /// The decisions of a reconcile, made at once and one reconcile at a time: stale
-    /// modules taken out and their stops begun (answered by id), new ones started (each
-    /// after its own earlier instance has stopped), and the reloads to carry out.
-    #[allow(clippy::type_complexity)]
+    /// The decisions of a reconcile, made at once and one reconcile at a time (the model
+    /// and what is wanted are read under the same turn): stale modules taken out and
+    /// their stops begun, new ones started (each after its own earlier instance has
+    /// stopped), and the reloads to carry out.
     fn decide(
         &self,
-        model: Arc<Model>,
+        model: impl FnOnce() -> Arc<Model>,
         wanted: impl Fn(&ModuleRecord) -> bool,
-    ) -> (HashSet<String>, Vec<(Arc<ModuleInstance>, Arc<str>)>) {
+    ) -> Decided {
         let _one_at_a_time = lock(&self.inner.reconciling);
+        let model = model();
         *self.inner.model.write().unwrap_or_else(|p| p.into_inner()) = model.clone();
         lock(&self.inner.lookups).clear();
         let requested: HashSet<String> = model
@@ -376,21 +392,19 @@ impl Runtime {
                     if running.spec.same_but_source(want)
                         && running.shared.health().state != ModuleState::Faulted =>
                 {
-                    if running.begin_reload(&want.source) {
-                        reloads.push((running.clone(), want.source.clone()));
+                    if let Some(number) = running.begin_reload(&want.source) {
+                        reloads.push((running.clone(), number, want.source.clone()));
                     }
                 }
                 _ => stale.push(id.clone()),
             }
         }
-        let mut began = HashSet::new();
         for id in stale {
             if let Some(module) = modules.remove(&id) {
                 self.begin_stop(module);
-                began.insert(id);
             }
         }
-        *self.inner.wanted.write().unwrap_or_else(|p| p.into_inner()) = wanted_here;
+        *self.inner.wanted.write().unwrap_or_else(|p| p.into_inner()) = wanted_here.clone();
         for (id, spec) in desired {
             if let std::collections::hash_map::Entry::Vacant(slot) = modules.entry(id) {
                 tracing::info!(module = %spec.id, driver = %spec.driver_id, "starting module");
@@ -406,16 +420,31 @@ impl Runtime {
                 slot.insert(Arc::new(instance));
             }
         }
-        (began, reloads)
+        Decided {
+            wanted_here,
+            reloads,
+        }
     }
 
-    /// Begins a module's stop, tracked by its id until it completes.
+    /// Begins a module's stop, tracked by its id until it completes. A stop of the same
+    /// module still under way (an instance stopped while its replacement waited for it)
+    /// is part of this one: the module has stopped only when both have.
     fn begin_stop(&self, module: Arc<ModuleInstance>) {
         use futures::FutureExt;
         tracing::info!(module = %module.spec.id, "stopping module");
         let id = module.spec.id.clone();
-        let stop: Stopping = async move { module.stop().await }.boxed().shared();
-        lock(&self.inner.stopping).insert(id.clone(), stop.clone());
+        let mut stopping = lock(&self.inner.stopping);
+        let earlier = stopping.get(&id).cloned();
+        let stop: Stopping = async move {
+            module.stop().await;
+            if let Some(earlier) = earlier {
+                earlier.await;
+            }
+        }
+        .boxed()
+        .shared();
+        stopping.insert(id.clone(), stop.clone());
+        drop(stopping);
         let inner = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             stop.clone().await;
@@ -430,10 +459,10 @@ impl Runtime {
     }
 
     /// Loads new scripts into running modules, all at once.
-    async fn reload(&self, reloads: Vec<(Arc<ModuleInstance>, Arc<str>)>) -> Vec<ReloadRefused> {
-        let outcomes = futures::future::join_all(reloads.into_iter().map(|(module, source)| async move {
+    async fn reload(&self, reloads: Vec<Reload>) -> Vec<ReloadRefused> {
+        let outcomes = futures::future::join_all(reloads.into_iter().map(|(module, number, source)| async move {
             tracing::info!(module = %module.spec.id, driver = %module.spec.driver_id, "reloading module with new driver code");
-            let outcome = module.reload(source).await;
+            let outcome = module.reload(number, source).await;
             (module, outcome)
         }))
         .await;

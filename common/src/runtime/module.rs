@@ -58,6 +58,22 @@ impl Job {
     }
 }
 
+/// Why a reload did not happen: `refused` when the module tried it and it failed (not
+/// tried again), else the module was going or did not answer in time.
+struct ReloadError {
+    message: String,
+    refused: bool,
+}
+
+impl ReloadError {
+    fn gone(message: String) -> Self {
+        ReloadError {
+            message,
+            refused: false,
+        }
+    }
+}
+
 /// A request to load another version of the script; answered with the outcome.
 type Reload = (Arc<str>, oneshot::Sender<Result<(), String>>);
 
@@ -66,13 +82,17 @@ pub(super) struct ModuleInstance {
     /// What it was started from (its script may since have been reloaded).
     pub(super) spec: ModuleSpec,
     pub(super) shared: Arc<ModuleShared>,
-    /// The script it runs now.
-    source: std::sync::Mutex<Arc<str>>,
+    /// The script it runs now (the module's task sets it when a reload succeeds, also one
+    /// whose caller stopped waiting).
+    source: Arc<std::sync::Mutex<Arc<str>>>,
     /// The last script it refused to load, not tried again.
     refused: std::sync::Mutex<Option<Arc<str>>>,
-    /// The script a reload under way loads (so that a second reconcile does not load it
-    /// again meanwhile).
-    reloading: std::sync::Mutex<Option<Arc<str>>>,
+    /// The newest reload asked for (its number and script): an older one still waiting
+    /// is skipped, so that reloads asked for in a row end with the last.
+    reloading: std::sync::Mutex<Option<(u64, Arc<str>)>>,
+    reload_numbers: std::sync::atomic::AtomicU64,
+    /// One reload at a time.
+    reload_turn: tokio::sync::Mutex<()>,
     jobs: mpsc::Sender<Job>,
     reloads: mpsc::Sender<Reload>,
     cancel: CancellationToken,
@@ -100,8 +120,10 @@ impl ModuleInstance {
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE);
         let (reloads_tx, reloads_rx) = mpsc::channel(1);
         let cancel = CancellationToken::new();
+        let source = Arc::new(std::sync::Mutex::new(spec.source.clone()));
         let task = tokio::spawn(run_after(
             after,
+            source.clone(),
             spec.clone(),
             compiled,
             limits,
@@ -112,9 +134,11 @@ impl ModuleInstance {
             runtime,
         ));
         ModuleInstance {
-            source: std::sync::Mutex::new(spec.source.clone()),
+            source,
             refused: std::sync::Mutex::default(),
             reloading: std::sync::Mutex::default(),
+            reload_numbers: 0.into(),
+            reload_turn: tokio::sync::Mutex::new(()),
             spec,
             shared,
             jobs: jobs_tx,
@@ -173,43 +197,81 @@ impl ModuleInstance {
             .clone()
     }
 
-    /// Loads another version of its script in place; the error says why it was refused
-    /// (the old version keeps running then).
-    pub(super) async fn reload(&self, source: Arc<str>) -> Result<(), String> {
+    /// Loads reload `number` ([`begin_reload`](Self::begin_reload)) of its script in place;
+    /// the error says why it was refused (the old version keeps running then). A reload
+    /// asked for after this one makes this one a no-op.
+    pub(super) async fn reload(&self, number: u64, source: Arc<str>) -> Result<(), String> {
+        let _turn = self.reload_turn.lock().await;
+        if !self.is_latest_reload(number) {
+            return Ok(());
+        }
+        let outcome = self.load_now(source.clone()).await;
+        if let Err(error) = &outcome
+            && error.refused
+        {
+            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(source);
+        }
+        let mut reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        if reloading.as_ref().is_some_and(|(n, _)| *n == number) {
+            *reloading = None;
+        }
+        outcome.map_err(|error| error.message)
+    }
+
+    fn is_latest_reload(&self, number: u64) -> bool {
+        self.reloading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|(n, _)| *n == number)
+    }
+
+    async fn load_now(&self, source: Arc<str>) -> Result<(), ReloadError> {
         let (reply, answer) = oneshot::channel();
-        if self.reloads.send((source.clone(), reply)).await.is_err() {
-            *self.reloading.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            return Err(format!("module {} is stopping", self.spec.id));
+        if self.reloads.send((source, reply)).await.is_err() {
+            return Err(ReloadError::gone(format!(
+                "module {} is stopping",
+                self.spec.id
+            )));
         }
         // Compiling and `on_load` run within the driver's timeout; a little more for the
         // jobs already running.
         let wait = Duration::from_millis(self.spec.timeout_ms) + STOP_TIMEOUT;
-        let outcome = match tokio::time::timeout(wait, answer).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(format!("module {} stopped while reloading", self.spec.id)),
-            Err(_) => Err(format!("module {} did not reload in time", self.spec.id)),
-        };
-        match &outcome {
-            Ok(()) => *self.source.lock().unwrap_or_else(|p| p.into_inner()) = source,
-            Err(_) => *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(source),
+        match tokio::time::timeout(wait, answer).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(message))) => Err(ReloadError {
+                message,
+                refused: true,
+            }),
+            Ok(Err(_)) => Err(ReloadError::gone(format!(
+                "module {} stopped while reloading",
+                self.spec.id
+            ))),
+            // Not refused: the module may yet load it (and then says so in `source`).
+            Err(_) => Err(ReloadError::gone(format!(
+                "module {} did not reload in time",
+                self.spec.id
+            ))),
         }
-        *self.reloading.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        outcome
     }
 
-    /// Whether `source` should be loaded, and if so marks it as being loaded: it is not
-    /// the script running, nor one being loaded, nor one this module refused already (a
+    /// Whether `source` should be loaded, and if so its reload's number: it is not the
+    /// script running, nor the newest being loaded, nor one this module refused already (a
     /// refused version is reported once, not on every change).
-    pub(super) fn begin_reload(&self, source: &Arc<str>) -> bool {
+    pub(super) fn begin_reload(&self, source: &Arc<str>) -> Option<u64> {
         let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         let mut reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let wanted = *self.source() != **source
             && refused.as_deref() != Some(&**source)
-            && reloading.as_deref() != Some(&**source);
-        if wanted {
-            *reloading = Some(source.clone());
+            && reloading.as_ref().map(|(_, s)| &**s) != Some(&**source);
+        if !wanted {
+            return None;
         }
-        wanted
+        let number = self
+            .reload_numbers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *reloading = Some((number, source.clone()));
+        Some(number)
     }
 
     /// Cancelled when the module stops (watches of its status and log end on it).
@@ -217,14 +279,17 @@ impl ModuleInstance {
         self.cancel.clone()
     }
 
-    /// Stops the module and waits until its device connection is closed.
+    /// Stops the module and waits until its device connection is closed; a module that
+    /// has not stopped by [`STOP_TIMEOUT`] has its task aborted (its transport, cancelled
+    /// with it, closes the device connection on its own).
     pub(super) async fn stop(&self) {
         self.cancel.cancel();
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(task) = task
-            && tokio::time::timeout(STOP_TIMEOUT, task).await.is_err()
+        if let Some(mut task) = task
+            && tokio::time::timeout(STOP_TIMEOUT, &mut task).await.is_err()
         {
-            tracing::warn!(module = %self.spec.id, "module did not stop in time");
+            tracing::warn!(module = %self.spec.id, "module did not stop in time; abandoned");
+            task.abort();
         }
     }
 }
@@ -234,6 +299,7 @@ impl ModuleInstance {
 #[allow(clippy::too_many_arguments)]
 async fn run_after(
     after: Option<super::Stopping>,
+    current: Arc<std::sync::Mutex<Arc<str>>>,
     spec: ModuleSpec,
     compiled: Option<rhai::AST>,
     limits: ScriptLimits,
@@ -253,13 +319,14 @@ async fn run_after(
         }
     }
     run(
-        spec, compiled, limits, shared, jobs, reloads, cancel, runtime,
+        current, spec, compiled, limits, shared, jobs, reloads, cancel, runtime,
     )
     .await
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
+    current: Arc<std::sync::Mutex<Arc<str>>>,
     spec: ModuleSpec,
     compiled: Option<rhai::AST>,
     limits: ScriptLimits,
@@ -354,8 +421,9 @@ async fn run(
                 let next = cancel.child_token();
                 let hash = hex::encode(crate::code::content_hash(source.as_bytes()));
                 shared.log(format!("reloading: new driver code {}", &hash[..12]));
-                let outcome = match load(context_for(source, next.clone()), None, limits).await {
+                let outcome = match load(context_for(source.clone(), next.clone()), None, limits).await {
                     Ok(new) => {
+                        *current.lock().unwrap_or_else(|p| p.into_inner()) = source;
                         version.cancel();
                         version = next;
                         script = Arc::new(new);

@@ -198,8 +198,15 @@ async fn serve(
                 Err(err) => return format!("read: {err}"),
             },
             Some(data) = out.recv() => {
-                if let Err(err) = writer.write_all(&data).await {
-                    return format!("write: {err}");
+                // A device that stops reading must not hold up a stop: the write gives way
+                // to it (the connection closes when the stream is dropped).
+                tokio::select! {
+                    written = writer.write_all(&data) => {
+                        if let Err(err) = written {
+                            return format!("write: {err}");
+                        }
+                    }
+                    _ = cancel.cancelled() => return "stopped".into(),
                 }
             }
         }

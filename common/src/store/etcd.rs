@@ -235,8 +235,10 @@ pub enum JoinError {
 
 impl Presence {
     /// Grants a lease of `ttl_ms` (rounded up to whole seconds, etcd's unit), writes the
-    /// presence key with `info` under it (refused when a live master already has the id),
-    /// and keeps the lease alive from a task of its own.
+    /// presence key with `info` under it, and keeps the lease alive from a task of its
+    /// own. A key of the same id still there is waited out for a time to live (this
+    /// master's previous run, killed); one kept alive longer is a live master with the
+    /// same id, and refused.
     pub async fn join(
         etcd: &Etcd,
         master_id: &str,
@@ -262,13 +264,22 @@ impl Presence {
                 value,
                 Some(etcd_client::PutOptions::new().with_lease(lease)),
             )]);
-        let answer = client
-            .txn(txn)
-            .await
-            .map_err(|err| etcd.error("cannot write the presence key", err))?;
-        if !answer.succeeded() {
-            let _ = client.lease_revoke(lease).await;
-            return Err(JoinError::DuplicateId(master_id.to_string()));
+        // A key left by this master's previous run (killed within its time to live)
+        // expires within that time; one kept alive longer belongs to a live master.
+        let give_up = tokio::time::Instant::now() + Duration::from_millis(ttl_ms + 1000);
+        loop {
+            let answer = client
+                .txn(txn.clone())
+                .await
+                .map_err(|err| etcd.error("cannot write the presence key", err))?;
+            if answer.succeeded() {
+                break;
+            }
+            if tokio::time::Instant::now() >= give_up {
+                let _ = client.lease_revoke(lease).await;
+                return Err(JoinError::DuplicateId(master_id.to_string()));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
         let (publish, held_until) = tokio::sync::watch::channel(clock.held_until());
         let task = tokio::spawn(keep_alive(etcd.clone(), lease, clock, publish));
@@ -291,9 +302,11 @@ impl Presence {
     }
 }
 
-/// Sends a keep-alive every third of the time to live, and publishes until when the lease
-/// is held. A stream that fails is opened again; the clock runs down meanwhile. A lease
-/// etcd says is gone stays lost (joining again is the master's decision).
+/// Sends a keep-alive every third of the time to live (counted from the last send), and
+/// publishes until when the lease is held. An answer must come within half that period;
+/// a keep-alive unanswered, or a stream that fails, is tried again at once on a new
+/// stream, so that one lost keep-alive leaves the others their chance before the clock
+/// runs out. A lease etcd says is gone stays lost (joining again is the master's call).
 async fn keep_alive(
     etcd: Etcd,
     lease: i64,
@@ -301,23 +314,32 @@ async fn keep_alive(
     publish: tokio::sync::watch::Sender<Option<Mono>>,
 ) {
     let every = Duration::from_millis(clock.keep_alive_every_ms());
+    let answer_within = every / 2;
     let mut stream = None;
+    let mut next_send = tokio::time::Instant::now() + every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep_until(next_send).await;
         if stream.is_none() {
-            stream = etcd.client().lease_keep_alive(lease).await.ok();
+            stream = tokio::time::timeout(answer_within, etcd.client().lease_keep_alive(lease))
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
         let Some((keeper, answers)) = stream.as_mut() else {
+            tracing::warn!(lease, "presence keep-alive: etcd unreachable; trying again");
+            next_send = tokio::time::Instant::now() + RETRY_PAUSE;
             continue;
         };
         let sent = mono_now();
+        let sent_at = tokio::time::Instant::now();
         let answered = async {
             keeper.keep_alive().await?;
             answers.message().await
         };
-        match tokio::time::timeout(every, answered).await {
+        match tokio::time::timeout(answer_within, answered).await {
             Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
                 clock.renewed(sent, answer.ttl() as u64 * 1000);
+                next_send = sent_at + every;
             }
             Ok(Ok(Some(_))) => {
                 tracing::error!(lease, "etcd says the presence lease is gone");
@@ -328,8 +350,13 @@ async fn keep_alive(
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                 tracing::warn!(lease, "presence keep-alive unanswered; trying again");
                 stream = None;
+                next_send = tokio::time::Instant::now() + RETRY_PAUSE;
             }
         }
         publish.send_replace(clock.held_until());
     }
 }
+
+/// The pause before trying a failed keep-alive again (not a busy loop against an etcd
+/// that refuses at once).
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
