@@ -8,8 +8,8 @@ use std::sync::{Arc, RwLock};
 
 use tether_common::model::sync::{ReplicaPosition, batch_for_edge};
 use tether_common::model::{Model, ModelError};
-use tether_common::protocol::{ModelBatch, ModelChange};
-use tether_common::store::{Store, StoreError, Write};
+use tether_common::protocol::{EntityKind, ModelBatch, ModelChange};
+use tether_common::store::{RecordVersions, Store, StoreError, Write};
 use tokio::sync::{Mutex, watch};
 
 /// Why a write did not happen.
@@ -21,6 +21,21 @@ pub enum WriteError {
     /// The database failed; nothing was written.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A conditional write (`If-Match`) whose record has changed since, or is gone (412).
+    #[error("{0}")]
+    Changed(String),
+}
+
+/// A conditional write's condition: the record is still at the version the writer read
+/// (`If-Match`), as Kubernetes' `resourceVersion`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IfMatch {
+    /// The record's kind.
+    pub kind: EntityKind,
+    /// Its id.
+    pub id: String,
+    /// The version the writer read (`None`: any, as long as the record exists: `*`).
+    pub version: Option<u64>,
 }
 
 /// Changes kept in memory for the edges' batches, newest last.
@@ -65,6 +80,8 @@ pub struct ModelService {
     store: Arc<Store>,
     /// The model and its version, replaced together.
     model: RwLock<(Arc<Model>, u64)>,
+    /// Each record's version, updated before the model that has it is visible.
+    record_versions: RwLock<RecordVersions>,
     /// The newest changes, written before the model they lead to is visible.
     recent: RwLock<RecentChanges>,
     model_id: u64,
@@ -79,9 +96,11 @@ impl ModelService {
         let store = Store::open(&data_dir.join("model.redb"))?;
         let model_id = store.ensure_model_id(rand::random())?;
         let (model, state) = store.load()?;
+        let record_versions = store.record_versions()?;
         Ok(ModelService {
             store: Arc::new(store),
             model: RwLock::new((Arc::new(model), state.version)),
+            record_versions: RwLock::new(record_versions),
             recent: RwLock::new(RecentChanges {
                 changes: VecDeque::new(),
                 complete_after: state.version,
@@ -114,6 +133,17 @@ impl ModelService {
         self.version.subscribe()
     }
 
+    /// The version that last wrote a record (0 for one written before versions were
+    /// kept, or none).
+    pub fn record_version(&self, kind: EntityKind, id: &str) -> u64 {
+        self.record_versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(kind, id.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The changes `plan` asks for, checked and committed. `plan` sees the current model
     /// and returns the records to write; records identical to the current ones are left
     /// out, so a write that changes nothing does not raise the version.
@@ -121,8 +151,22 @@ impl ModelService {
         &self,
         plan: impl FnOnce(&Model) -> Result<Vec<Write>, ModelError>,
     ) -> Result<Vec<ModelChange>, WriteError> {
+        self.write_if(None, plan).await
+    }
+
+    /// [`write`](Self::write), refused when `condition`'s record has changed since the
+    /// version it names, or is gone (checked in the writer's turn, so of two writes from
+    /// the same version exactly one lands).
+    pub async fn write_if(
+        &self,
+        condition: Option<IfMatch>,
+        plan: impl FnOnce(&Model) -> Result<Vec<Write>, ModelError>,
+    ) -> Result<Vec<ModelChange>, WriteError> {
         let _writer = self.writer.lock().await;
         let (current, _) = self.snapshot();
+        if let Some(condition) = condition {
+            self.check(&current, &condition)?;
+        }
         let planned = plan(&current)?;
         let mut next = (*current).clone();
         for (kind, id, json) in &planned {
@@ -166,6 +210,19 @@ impl ModelService {
             .await
             .expect("the store's commit task does not panic")?;
         let version = changes.last().map(|c| c.version).unwrap_or_default();
+        {
+            let mut versions = self
+                .record_versions
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            for change in &changes {
+                let key = (change.kind, change.id.clone());
+                match change.record {
+                    Some(_) => versions.insert(key, change.version),
+                    None => versions.remove(&key),
+                };
+            }
+        }
         self.recent
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -173,6 +230,27 @@ impl ModelService {
         *self.model.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(next), version);
         self.version.send_replace(version);
         Ok(changes)
+    }
+
+    /// Whether a conditional write may go ahead on `model`.
+    fn check(&self, model: &Model, condition: &IfMatch) -> Result<(), WriteError> {
+        let what = format!(
+            "{} {}",
+            tether_common::model::kind_singular(condition.kind),
+            condition.id
+        );
+        if !model.contains(condition.kind, &condition.id) {
+            return Err(WriteError::Changed(format!(
+                "{what} is gone (If-Match needs the record to exist)"
+            )));
+        }
+        let now = self.record_version(condition.kind, &condition.id);
+        match condition.version {
+            Some(read) if read != now => Err(WriteError::Changed(format!(
+                "{what} changed since version {read}: it is at version {now} (read it again, then write)"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The batch that brings an edge's replica at `at` up to date.

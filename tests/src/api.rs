@@ -14,6 +14,8 @@ pub struct Answer {
     pub preferred_server: Option<String>,
     /// The JSON body (Null when not JSON).
     pub body: Value,
+    /// The `ETag` header (a model record's version).
+    pub etag: Option<String>,
 }
 
 /// A client of one server's API.
@@ -149,7 +151,21 @@ impl ApiClient {
         path: &str,
         body: Option<Value>,
     ) -> Answer {
+        self.send_if(method, path, body, None).await
+    }
+
+    /// Any request, with `If-Match: if_match` when given, and the answer's headers.
+    pub async fn send_if(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<&str>,
+    ) -> Answer {
         let mut request = self.request(method, path);
+        if let Some(condition) = if_match {
+            request = request.header("if-match", condition);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -161,15 +177,22 @@ impl ApiClient {
                     .get("tether-preferred-server")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
+                let etag = response
+                    .headers()
+                    .get("etag")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
                 Answer {
                     status,
                     preferred_server,
+                    etag,
                     body: response.json().await.unwrap_or(Value::Null),
                 }
             }
             Err(_) => Answer {
                 status: 0,
                 preferred_server: None,
+                etag: None,
                 body: Value::Null,
             },
         }

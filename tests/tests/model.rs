@@ -1,5 +1,6 @@
 //! The master's data model through its admin API: CRUD and validation of every entity,
-//! the version raised by one per write, durability across SIGKILL, and `import`.
+//! the version raised by one per write, conditional writes (`If-Match`, 412), durability
+//! across SIGKILL, and `import`.
 
 use std::time::Duration;
 
@@ -394,4 +395,93 @@ async fn repositories_stay_inside_their_root() {
     )
     .await;
     assert_eq!(status, 422, "the key was never read: {body}");
+}
+
+#[tokio::test]
+async fn a_conditional_write_of_a_record_changed_since_is_refused_with_412() {
+    let mut cluster = cluster().await;
+    let api = cluster.master_api();
+    let path = "/api/v1/edges/site-1";
+    let read = api.send_if(reqwest::Method::GET, path, None, None).await;
+    assert_eq!(read.status, 200, "{:?}", read.body);
+    let etag = read.etag.clone().expect("a record's ETag");
+    let mut record = read.body.clone();
+
+    // Two operators edit the record from the same read: exactly one lands, the other is
+    // told the version it is now at.
+    record["name"] = json!("First");
+    let mut second = record.clone();
+    second["name"] = json!("Second");
+    let (one, two) = tokio::join!(
+        api.send_if(reqwest::Method::PUT, path, Some(record), Some(&etag)),
+        api.send_if(reqwest::Method::PUT, path, Some(second), Some(&etag)),
+    );
+    let mut answers = [one, two];
+    answers.sort_by_key(|a| a.status);
+    let [landed, refused] = answers;
+    assert_eq!(landed.status, 200, "{:?}", landed.body);
+    assert_eq!(refused.status, 412, "{:?}", refused.body);
+    assert_eq!(refused.body["error"], "precondition_failed");
+    let new_etag = landed.etag.clone().expect("the new ETag");
+    assert_ne!(new_etag, etag);
+    let now_at = new_etag.trim_matches('"');
+    let message = refused.body["message"].as_str().unwrap();
+    assert!(
+        message.contains("edge site-1") && message.contains(&format!("version {now_at}")),
+        "the refusal names the record and its newer version: {message}"
+    );
+    let kept = api.get(path).await.1["name"].clone();
+    assert_eq!(
+        kept, landed.body["name"],
+        "the landed write is what is stored"
+    );
+
+    // A write without If-Match goes ahead as before; one with the new ETag too.
+    let (status, _) = api
+        .put(
+            path,
+            json!({"name": "Unconditional", "secret_file": "certs/site-1.secret"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let stale = api
+        .send_if(reqwest::Method::DELETE, path, None, Some(&new_etag))
+        .await;
+    assert_eq!(stale.status, 412, "{:?}", stale.body);
+    let bad = api
+        .send_if(reqwest::Method::PUT, path, Some(json!({})), Some("soon"))
+        .await;
+    assert_eq!(bad.status, 400, "{:?}", bad.body);
+    assert!(bad.body["message"].as_str().unwrap().contains("If-Match"));
+
+    // Versions survive a restart: the ETag read before is the one after.
+    let before = api
+        .send_if(reqwest::Method::GET, path, None, None)
+        .await
+        .etag
+        .expect("ETag");
+    cluster.master.kill();
+    cluster.master.restart();
+    cluster.wait_master_up().await;
+    let after = api.send_if(reqwest::Method::GET, path, None, None).await;
+    assert_eq!(after.etag.as_deref(), Some(before.as_str()));
+    let resumed = api
+        .send_if(
+            reqwest::Method::PUT,
+            path,
+            Some(json!({"name": "After restart", "secret_file": "certs/site-1.secret"})),
+            Some(&before),
+        )
+        .await;
+    assert_eq!(resumed.status, 200, "{:?}", resumed.body);
+    // A record that is gone fails the condition (412), as HTTP says.
+    let gone = api
+        .send_if(
+            reqwest::Method::PUT,
+            "/api/v1/drivers/nope",
+            Some(json!({})),
+            Some("*"),
+        )
+        .await;
+    assert_eq!(gone.status, 412, "{:?}", gone.body);
 }

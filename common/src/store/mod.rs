@@ -25,6 +25,9 @@ use crate::protocol::{EntityKind, ModelChange};
 const RECORDS: TableDefinition<(&str, &str), &str> = TableDefinition::new("records");
 /// The master's change log: version to a postcard [`ModelChange`].
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("change_log");
+/// On the master: (kind name, id) to the model version that last wrote the record, for
+/// conditional writes (`If-Match`). A record written before versions were kept has none.
+const RECORD_VERSIONS: TableDefinition<(&str, &str), u64> = TableDefinition::new("record_versions");
 /// Counters: `version`, `log_floor`, `model_id`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -97,6 +100,9 @@ pub enum StoreError {
         what: String,
     },
 }
+
+/// Each record's version: (kind, id) to the model version that last wrote it.
+pub type RecordVersions = std::collections::HashMap<(EntityKind, String), u64>;
 
 /// A redb database holding a model.
 pub struct Store {
@@ -223,6 +229,7 @@ impl Store {
     pub fn commit(&self, writes: &[Write], log_limit: u64) -> Result<Vec<ModelChange>, StoreError> {
         self.write_txn(|txn| {
             let mut records = txn.open_table(RECORDS)?;
+            let mut versions = txn.open_table(RECORD_VERSIONS)?;
             let mut log = txn.open_table(LOG)?;
             let mut meta = txn.open_table(META)?;
             let mut state = read_state(&meta)?;
@@ -230,6 +237,11 @@ impl Store {
             for (kind, id, json) in writes {
                 state.version += 1;
                 put_record(&mut records, *kind, id, json.as_deref())?;
+                let key = (kind_name(*kind), id.as_str());
+                match json {
+                    Some(_) => versions.insert(key, state.version).map(|_| ())?,
+                    None => versions.remove(key).map(|_| ())?,
+                }
                 let change = ModelChange {
                     version: state.version,
                     kind: *kind,
@@ -250,6 +262,25 @@ impl Store {
             meta.insert("log_floor", state.log_floor)?;
             Ok(changes)
         })
+    }
+
+    /// Each record's version (the model version that last wrote it), where one is kept.
+    pub fn record_versions(&self) -> Result<RecordVersions, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = match txn.open_table(RECORD_VERSIONS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(RecordVersions::new()),
+            Err(err) => return Err(self.db_error(err)),
+        };
+        let mut versions = RecordVersions::new();
+        for entry in table.iter().map_err(|e| self.db_error(e))? {
+            let (key, version) = entry.map_err(|e| self.db_error(e))?;
+            let (kind, id) = key.value();
+            if let Some(kind) = kind_from_name(kind) {
+                versions.insert((kind, id.to_string()), version.value());
+            }
+        }
+        Ok(versions)
     }
 
     /// The changes after `since`, oldest first, or `None` when the log no longer reaches

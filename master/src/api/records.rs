@@ -1,6 +1,11 @@
 //! Admin CRUD on the data model: `GET`, `POST`, `PUT`, `DELETE` on
 //! `/api/v1/{edges,systems,modules,drivers,repositories}`. A write answers only after it
 //! is durable; the answer carries the new model version in `Tether-Model-Version`.
+//!
+//! Optimistic concurrency: a record's `ETag` is the model version that last wrote it; a
+//! `PUT` or `DELETE` with `If-Match` is refused with 412 when the record has changed since
+//! (or is gone), so two operators editing one record cannot overwrite each other
+//! unknowingly. Without `If-Match` a write goes ahead as before.
 
 use std::path::Path;
 
@@ -8,7 +13,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Map, Value};
@@ -17,7 +22,7 @@ use tether_common::model::{Model, ModelError, kind_name, kind_singular};
 use tether_common::protocol::EntityKind;
 
 use super::AppState;
-use crate::model::WriteError;
+use crate::model::{IfMatch, WriteError};
 use crate::repos::RepositoriesRoot;
 use tether_common::code::Code;
 
@@ -63,8 +68,8 @@ pub fn routes() -> Router<AppState> {
             .route(
                 &format!("{base}/{{id}}"),
                 get(move |state, id| read(kind, state, id))
-                    .put(move |state, id, body| replace(kind, state, id, body))
-                    .delete(move |state, id| delete(kind, state, id)),
+                    .put(move |state, id, headers, body| replace(kind, state, id, headers, body))
+                    .delete(move |state, id, headers| delete(kind, state, id, headers)),
             );
     }
     router
@@ -76,6 +81,11 @@ impl From<WriteError> for ApiError {
             WriteError::Model(ModelError::Invalid(message)) => ApiError::unprocessable(message),
             WriteError::Model(ModelError::NotFound(message)) => ApiError::not_found(message),
             WriteError::Model(ModelError::Conflict(message)) => ApiError::conflict(message),
+            WriteError::Changed(message) => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                message,
+            ),
             WriteError::Store(err) => {
                 tracing::error!("model write failed: {err}");
                 ApiError::internal(format!("the write failed and was not applied: {err}"))
@@ -140,11 +150,44 @@ async fn read(
     kind: EntityKind,
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let (model, _) = state.model.snapshot();
-    record_view(&state, &model, kind, &id)
-        .map(Json)
-        .ok_or_else(|| not_found(kind, &id))
+    let view = record_view(&state, &model, kind, &id).ok_or_else(|| not_found(kind, &id))?;
+    let mut response = Json(view).into_response();
+    set_etag(&mut response, state.model.record_version(kind, &id));
+    Ok(response)
+}
+
+fn set_etag(response: &mut Response, version: u64) {
+    if let Ok(value) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert("etag", value);
+    }
+}
+
+/// The condition of an `If-Match` header on a write of `kind` `id`: `"7"` (or `7`, or
+/// `W/"7"`) for the version read, `*` for any version of an existing record.
+fn if_match(headers: &HeaderMap, kind: EntityKind, id: &str) -> Result<Option<IfMatch>, ApiError> {
+    let Some(value) = headers.get("if-match") else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or_default().trim();
+    let version = if text == "*" {
+        None
+    } else {
+        let bare = text.trim_start_matches("W/").trim_matches('"');
+        Some(bare.parse::<u64>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("If-Match: expected a record's ETag such as \"7\" (or *), not {text:?}"),
+            )
+        })?)
+    };
+    Ok(Some(IfMatch {
+        kind,
+        id: id.to_string(),
+        version,
+    }))
 }
 
 /// The record a write body describes, as JSON text, with its id.
@@ -292,6 +335,7 @@ fn written(state: &AppState, kind: EntityKind, id: &str, status: StatusCode) -> 
     response
         .headers_mut()
         .insert("tether-model-version", HeaderValue::from(version));
+    set_etag(&mut response, state.model.record_version(kind, id));
     response
 }
 
@@ -327,14 +371,16 @@ async fn replace(
     kind: EntityKind,
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let condition = if_match(&headers, kind, &id)?;
     let root = state.repos.root().clone();
     let commit = read_repository_first(&state, kind, &body, Some(&id)).await?;
     let code = state.runtime.code();
     state
         .model
-        .write(|model| {
+        .write_if(condition, |model| {
             must_exist(model, kind, &id)?;
             let read = (&root, code.as_ref(), commit.as_deref());
             let (id, json) = prepare(kind, &body, Some(&id), model, read)?;
@@ -348,10 +394,12 @@ async fn delete(
     kind: EntityKind,
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let condition = if_match(&headers, kind, &id)?;
     state
         .model
-        .write(|model| {
+        .write_if(condition, |model| {
             must_exist(model, kind, &id)?;
             Ok(vec![(kind, id.clone(), None)])
         })
