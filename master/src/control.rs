@@ -583,7 +583,10 @@ impl Unit {
         let edge = edge.as_str();
         for action in actions {
             match action {
-                MasterAction::Issue { expected, grant } => {
+                // A master alone holds every master's grant it issues.
+                MasterAction::Issue {
+                    expected, grant, ..
+                } => {
                     let issued = self
                         .shared
                         .grants
@@ -634,6 +637,8 @@ impl Unit {
                         .record_audits(vec![record], AUDIT_KEEP)
                         .await;
                 }
+                // A master alone has no lease, so nothing to claim on it.
+                MasterAction::ClaimRunning | MasterAction::ReleaseRunning => {}
                 MasterAction::StartModules { epoch } => {
                     tracing::info!(edge, epoch, "the master starts the edge's modules");
                     self.set_running(true);

@@ -11,6 +11,22 @@
 //!
 //! Intervals (the failover timeout, retries) are measured on the monotonic clock of
 //! [`Now`]; the wall clock serves restore windows and audit records only.
+//!
+//! Among several masters (DESIGN.md, "Several masters") each runs one machine per unit,
+//! fed what it knows of the others ([`PeerView`], from etcd), the grants they issue
+//! ([`MasterEvent::Granted`]) and its own lease ([`Lease`]):
+//! - the master that holds the edge's link decides for it by the rules above;
+//! - an edge whose link no master holds is failed over, after its timeout counted from
+//!   when its last link ended, only by the master the rendezvous hash picks
+//!   ([`PeerView::fails_over`]), and only when no master runs it;
+//! - a master runs a unit only under its own grant and while its lease allows
+//!   ([`Lease::allows`]); it says so before starting ([`MasterAction::ClaimRunning`], a key
+//!   on its lease) and withdraws it after stopping, and a decision that another master
+//!   must stop first waits until that master's claim is gone (break-before-make between
+//!   masters: stopped, or its lease expired).
+//!
+//! A master alone has the default view: it fails every edge over, nobody else links or
+//! runs anything, and its lease never ends.
 
 use super::rules::{Situation, negotiate};
 use super::{AuditRecord, ControlState, EdgeReport, Mono, Now, Owner, Window};
@@ -27,6 +43,59 @@ pub struct EdgeSettings {
     pub timeout_ms: u64,
     /// When control goes back to a connected edge by itself.
     pub window: Option<Window>,
+}
+
+/// What this master knows of the other masters, for one unit (from etcd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerView {
+    /// This master is the one the rendezvous hash of the edge id picks among the live
+    /// masters: the one that fails the edge over.
+    pub fails_over: bool,
+    /// Another master holds the edge's link now.
+    pub linked_elsewhere: bool,
+    /// When the edge's last link to another master ended, as this master learned it.
+    pub link_ended: Option<Mono>,
+    /// Another master says it runs the unit's modules (its claim, on its lease).
+    pub running_elsewhere: bool,
+}
+
+impl PeerView {
+    /// A master alone.
+    pub const ALONE: PeerView = PeerView {
+        fails_over: true,
+        linked_elsewhere: false,
+        link_ended: None,
+        running_elsewhere: false,
+    };
+}
+
+impl Default for PeerView {
+    fn default() -> Self {
+        PeerView::ALONE
+    }
+}
+
+/// Until when this master may run units: its presence lease, as it can know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lease {
+    /// A master alone: no lease, no end.
+    #[default]
+    Alone,
+    /// Units must be stopped by then (the lease's end less the time a stop takes).
+    Until(Mono),
+    /// No lease (cut off from etcd, or not joined yet): nothing may run.
+    Lost,
+}
+
+impl Lease {
+    /// Whether units may run at `now`.
+    pub fn allows(self, now: Mono) -> bool {
+        match self {
+            Lease::Alone => true,
+            Lease::Until(until) => now < until,
+            Lease::Lost => false,
+        }
+    }
 }
 
 /// What happened, as the shell saw it.
@@ -48,6 +117,17 @@ pub enum MasterEvent {
         /// When the edge was last heard, on the monotonic clock.
         last_heard: Mono,
     },
+    /// What this master knows of the others changed.
+    Peers(PeerView),
+    /// The stored grant changed, issued by another master (learned from the store).
+    Granted {
+        /// The grant.
+        grant: ControlState,
+        /// For a master's grant: whether it names this master.
+        here: bool,
+    },
+    /// This master's lease changed.
+    Lease(Lease),
 }
 
 /// What the shell must do, in order; each completes before the next begins.
@@ -61,7 +141,15 @@ pub enum MasterAction {
         expected: ControlState,
         /// The new grant.
         grant: ControlState,
+        /// For a master's grant: it names this master (`false`: the master that holds
+        /// the expected grant keeps it, under the new epoch).
+        here: bool,
     },
+    /// Say, under this master's lease, that it runs the unit (before starting it);
+    /// like an `Issue`, what follows is carried out only once it is stored.
+    ClaimRunning,
+    /// Withdraw that claim (after stopping).
+    ReleaseRunning,
     /// Start the edge's modules here, under this epoch.
     StartModules {
         /// The epoch they run under.
@@ -112,12 +200,22 @@ enum Link {
 }
 
 /// Where the machine stood before it issued a grant, to go back to if the store refuses.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct BeforeIssue {
     state: ControlState,
+    here: bool,
     running: bool,
     link: Link,
     resume_held: bool,
+    pending: Option<Pending>,
+}
+
+/// A decision for the edge that waits until another master has stopped the modules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    owner: Owner,
+    epoch: u64,
+    reason: String,
 }
 
 /// The master's control machine for one edge location.
@@ -126,6 +224,12 @@ pub struct MasterSide {
     edge_id: String,
     settings: EdgeSettings,
     state: ControlState,
+    /// For a master's grant: whether it is this master's.
+    here: bool,
+    peers: PeerView,
+    lease: Lease,
+    /// A decision to send once no other master runs the modules.
+    pending: Option<Pending>,
     booted: bool,
     running: bool,
     link: Link,
@@ -142,16 +246,32 @@ impl MasterSide {
     /// A machine for a master that is booting: it has `persisted` from its store and has
     /// not heard from the edge since `now`.
     pub fn new(edge_id: &str, settings: EdgeSettings, persisted: ControlState, now: Now) -> Self {
+        Self::in_cluster(edge_id, settings, (persisted, true), now)
+    }
+
+    /// A machine for a master of a cluster: `stored` is the grant stored, and whether (as a
+    /// master's grant) it names this master. Until told otherwise it has no lease and
+    /// knows no other master.
+    pub fn in_cluster(
+        edge_id: &str,
+        settings: EdgeSettings,
+        (persisted, here): (ControlState, bool),
+        now: Now,
+    ) -> Self {
         MasterSide {
             edge_id: edge_id.to_string(),
             settings,
             state: persisted,
+            here,
+            peers: PeerView::ALONE,
+            lease: Lease::Alone,
+            pending: None,
             booted: false,
             running: false,
             link: Link::Down {
                 last_heard: now.mono,
             },
-            resume_held: persisted.owner == Owner::Master,
+            resume_held: persisted.owner == Owner::Master && here,
             before_issue: None,
             retry_at: Mono::default(),
         }
@@ -165,6 +285,11 @@ impl MasterSide {
     /// Whether the master runs the edge's modules now.
     pub fn is_running(&self) -> bool {
         self.running
+    }
+
+    /// For a master's grant: whether it is this master's.
+    pub fn holds_here(&self) -> bool {
+        self.state.owner == Owner::Master && self.here
     }
 
     /// Whether a link from the edge is up.
@@ -213,6 +338,44 @@ impl MasterSide {
             MasterEvent::Acked { .. } => {}
             MasterEvent::LinkDown { last_heard } => {
                 self.link = Link::Down { last_heard };
+                // Nobody to tell any more; the next link negotiates afresh.
+                self.pending = None;
+            }
+            MasterEvent::Peers(view) => {
+                // Another master started or stopped running the modules: what the rules
+                // decided for a linked edge may no longer hold (one that died running
+                // them leaves them to nobody once its claim expires).
+                if view.running_elsewhere != self.peers.running_elsewhere
+                    && let Link::Up {
+                        report: Some(report),
+                        decided: true,
+                    } = self.link
+                {
+                    self.link = Link::Up {
+                        report: Some(report),
+                        decided: false,
+                    };
+                }
+                self.peers = view;
+            }
+            MasterEvent::Lease(lease) => self.lease = lease,
+            MasterEvent::Granted { grant, here } => {
+                if grant.epoch > self.state.epoch {
+                    self.state = grant;
+                    self.here = here;
+                    self.pending = None;
+                    // Someone else decided: tell a linked edge what stands now.
+                    if let Link::Up {
+                        report: Some(report),
+                        ..
+                    } = self.link
+                    {
+                        self.link = Link::Up {
+                            report: Some(report),
+                            decided: false,
+                        };
+                    }
+                }
             }
         }
         // Decisions are all made by `decide`, from where things stand: the same path for
@@ -231,15 +394,20 @@ impl MasterSide {
     pub fn issue_failed(&mut self, now: Now, stored: Option<ControlState>) {
         if let Some(before) = self.before_issue.take() {
             self.state = before.state;
+            self.here = before.here;
             self.running = before.running;
             self.link = before.link;
             self.resume_held = before.resume_held;
+            self.pending = before.pending;
         }
         if let Some(stored) = stored
             && stored != self.state
         {
             // Someone else's grant (or ours, stored after all): decide afresh from it.
+            // Not known to be this master's: it runs nothing under it.
             self.state = stored;
+            self.here = false;
+            self.pending = None;
             if let Link::Up {
                 report: Some(report),
                 ..
@@ -284,14 +452,30 @@ impl MasterSide {
 
     fn decide(&mut self, now: Now) -> Vec<MasterAction> {
         let mut actions = Vec::new();
-        // Running under a grant that is no longer the master's (a store that answered
-        // with another's grant): stop at once.
-        if self.running && self.state.owner != Owner::Master {
+        // Running under a grant that is no longer this master's (a store that answered
+        // with another's grant, another master's grant), or past what the lease allows:
+        // stop at once.
+        if self.running && (!self.holds_here() || !self.lease.allows(now.mono)) {
             self.stop(&mut actions);
         }
         if now.mono < self.retry_at {
             return actions;
         }
+        // A decision that waited for another master to stop.
+        if let Some(pending) = self.pending.take() {
+            if self.peers.running_elsewhere {
+                self.pending = Some(pending);
+            } else {
+                actions.push(MasterAction::SendDecision {
+                    owner: pending.owner,
+                    epoch: pending.epoch,
+                    reason: pending.reason,
+                });
+            }
+        }
+        let may_run = self.lease.allows(now.mono)
+            && !self.peers.running_elsewhere
+            && !self.peers.linked_elsewhere;
         match self.link {
             Link::Up {
                 report: Some(report),
@@ -302,25 +486,30 @@ impl MasterSide {
             // down: run them again at once, under a new grant.
             Link::Down { .. }
                 if self.resume_held
-                    && self.state.owner == Owner::Master
+                    && self.holds_here()
                     && self.settings.failover
-                    && !self.running =>
+                    && !self.running
+                    && may_run =>
             {
                 let reason = "the master runs the modules it held before it restarted";
                 self.change_owner(now, Owner::Master, reason, None, &mut actions);
                 self.start(&mut actions);
                 self.resume_held = false;
             }
-            // Nobody known to run them (the edge's, or the master's own grant while it
-            // had stopped for an edge that ran them): fail over after the timeout.
+            // Nobody known to run them (the edge's, or a master's grant while no master
+            // runs them): the master the hash picks fails over after the timeout, counted
+            // from when the edge's last link (here or elsewhere) ended.
             Link::Down { last_heard }
                 if !self.running
                     && self.settings.failover
-                    && now.mono.since(last_heard) >= self.settings.timeout_ms =>
+                    && self.peers.fails_over
+                    && may_run
+                    && now.mono.since(self.unheard_since(last_heard))
+                        >= self.settings.timeout_ms =>
             {
+                let unheard = now.mono.since(self.unheard_since(last_heard));
                 let reason = format!(
-                    "failover: no word from the edge for {} ms (timeout_ms {})",
-                    now.mono.since(last_heard),
+                    "failover: no word from the edge for {unheard} ms (timeout_ms {})",
                     self.settings.timeout_ms
                 );
                 self.change_owner(now, Owner::Master, &reason, None, &mut actions);
@@ -337,9 +526,32 @@ impl MasterSide {
         actions
     }
 
+    /// The last moment the edge was heard of: by this master, or as the end of its link
+    /// to another.
+    fn unheard_since(&self, last_heard: Mono) -> Mono {
+        self.peers
+            .link_ended
+            .map_or(last_heard, |ended| ended.max(last_heard))
+    }
+
     /// When [`poll`](Self::poll) next has something to do, if ever (a bound: the shell
     /// may poll sooner).
     pub fn next_poll(&self, now: Now) -> Option<Mono> {
+        // Running on a lease: stop by its end.
+        let lease_end = match self.lease {
+            Lease::Until(until) if self.running => Some(until),
+            _ => None,
+        };
+        let pending = self
+            .pending
+            .as_ref()
+            .filter(|_| !self.peers.running_elsewhere)
+            .map(|_| now.mono);
+        // What would let this master run the modules; without it nothing is due until
+        // an event changes it.
+        let may_run = self.lease.allows(now.mono)
+            && !self.peers.running_elsewhere
+            && !self.peers.linked_elsewhere;
         let due = match self.link {
             Link::Up {
                 report: Some(_),
@@ -348,14 +560,20 @@ impl MasterSide {
             _ if !self.booted => None,
             Link::Down { .. }
                 if self.resume_held
-                    && self.state.owner == Owner::Master
+                    && self.holds_here()
                     && self.settings.failover
-                    && !self.running =>
+                    && !self.running
+                    && may_run =>
             {
                 Some(now.mono)
             }
-            Link::Down { last_heard } if !self.running && self.settings.failover => {
-                Some(last_heard.plus(self.settings.timeout_ms))
+            Link::Down { last_heard }
+                if !self.running && self.settings.failover && self.peers.fails_over && may_run =>
+            {
+                Some(
+                    self.unheard_since(last_heard)
+                        .plus(self.settings.timeout_ms),
+                )
             }
             Link::Up {
                 report: Some(_), ..
@@ -367,7 +585,8 @@ impl MasterSide {
                 .map(|wall| now.mono_at_wall(wall)),
             _ => None,
         };
-        due.map(|at| at.max(self.retry_at))
+        let due = due.map(|at| at.max(self.retry_at));
+        [due, lease_end, pending].into_iter().flatten().min()
     }
 
     fn window_open(&self, now: Now) -> bool {
@@ -385,7 +604,9 @@ impl MasterSide {
             edge_controlling: report.controlling,
             window_open: self.window_open(now),
             master_loading: !self.booted,
-            master_running: self.running,
+            // This master, or the master whose grant stands (another's lingering claim
+            // under a grant no longer its own is a master stopping).
+            master_running: self.running || self.runs_elsewhere_under_its_grant(),
         });
         // An edge that runs its modules already: stop here at once, whatever the store
         // does (two runners on a live link is the one thing never to allow). Otherwise
@@ -393,11 +614,15 @@ impl MasterSide {
         if owner == Owner::Edge && self.running && report.controlling {
             self.stop(actions);
         }
-        // Both sides already agree: confirm without a new grant, so that a master
-        // restart or a reconnect changes nothing.
-        let agreed = report.state == self.state && self.state.owner == owner;
+        // The grant stands as it is when it has the owner decided and the edge can take
+        // it (it has seen no later epoch): a master restart or a reconnect changes
+        // nothing. Otherwise a new one; a master's new grant stays with the master that
+        // runs the modules (this one, or another).
+        let agreed = self.state.owner == owner
+            && (report.state == self.state || report.state.epoch < self.state.epoch);
         if !agreed {
-            self.change_owner(now, owner, rule.reason(), Some(report), actions);
+            let here = owner == Owner::Master && !self.runs_elsewhere_under_its_grant();
+            self.issue(now, owner, here, rule.reason(), Some(report), actions);
         }
         if owner == Owner::Edge && self.running {
             self.stop(actions);
@@ -406,10 +631,30 @@ impl MasterSide {
             report: Some(report),
             decided: true,
         };
+        self.decision(owner, rule.reason(), actions);
+    }
+
+    /// Another master runs the modules under the grant that stands (its own).
+    fn runs_elsewhere_under_its_grant(&self) -> bool {
+        self.peers.running_elsewhere && self.state.owner == Owner::Master && !self.here
+    }
+
+    /// Sends the decision standing now, or holds it back while another master still runs
+    /// the modules and the edge is to start them.
+    fn decision(&mut self, owner: Owner, reason: &str, actions: &mut Vec<MasterAction>) {
+        if owner == Owner::Edge && self.peers.running_elsewhere {
+            self.pending = Some(Pending {
+                owner,
+                epoch: self.state.epoch,
+                reason: reason.to_string(),
+            });
+            return;
+        }
+        self.pending = None;
         actions.push(MasterAction::SendDecision {
             owner,
             epoch: self.state.epoch,
-            reason: rule.reason().to_string(),
+            reason: reason.to_string(),
         });
     }
 
@@ -425,20 +670,31 @@ impl MasterSide {
         if self.running {
             self.stop(actions);
         }
-        actions.push(MasterAction::SendDecision {
-            owner: Owner::Edge,
-            epoch: self.state.epoch,
-            reason: reason.to_string(),
-        });
+        self.decision(Owner::Edge, reason, actions);
     }
 
-    /// Issues a new grant to `owner` (the epoch above both what is stored and what the
-    /// edge reported, should the edge have seen more than this master's store holds), and
-    /// audits a change of owner.
+    /// Issues a new grant to `owner` (a master's: to this master), and audits a change of
+    /// owner.
     fn change_owner(
         &mut self,
         now: Now,
         owner: Owner,
+        reason: &str,
+        report: Option<EdgeReport>,
+        actions: &mut Vec<MasterAction>,
+    ) {
+        self.issue(now, owner, true, reason, report, actions);
+    }
+
+    /// Issues a new grant to `owner` (for a master's: to this master if `here`, else to
+    /// the master that holds the stored one), the epoch above both what is stored and
+    /// what the edge reported (should the edge have seen more than this master's store
+    /// holds), and audits a change of owner.
+    fn issue(
+        &mut self,
+        now: Now,
+        owner: Owner,
+        here: bool,
         reason: &str,
         report: Option<EdgeReport>,
         actions: &mut Vec<MasterAction>,
@@ -451,14 +707,23 @@ impl MasterSide {
         };
         self.before_issue = Some(BeforeIssue {
             state: before,
+            here: self.here,
             running: self.running,
             link: self.link,
             resume_held: self.resume_held,
+            pending: self.pending.clone(),
         });
         self.state = grant;
+        // Another master keeps its grant only when it held the one replaced.
+        self.here = if owner == Owner::Master && !here {
+            false
+        } else {
+            here || owner == Owner::Edge
+        };
         actions.push(MasterAction::Issue {
             expected: before,
             grant,
+            here: owner == Owner::Master && here,
         });
         if before.owner != owner {
             actions.push(MasterAction::Audit(AuditRecord {
@@ -475,6 +740,7 @@ impl MasterSide {
 
     fn start(&mut self, actions: &mut Vec<MasterAction>) {
         self.running = true;
+        actions.push(MasterAction::ClaimRunning);
         actions.push(MasterAction::StartModules {
             epoch: self.state.epoch,
         });
@@ -483,5 +749,6 @@ impl MasterSide {
     fn stop(&mut self, actions: &mut Vec<MasterAction>) {
         self.running = false;
         actions.push(MasterAction::StopModules);
+        actions.push(MasterAction::ReleaseRunning);
     }
 }

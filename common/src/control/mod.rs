@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 pub use crate::protocol::{AuditRecord, ControlOwner as Owner};
 pub use clock::{Mono, Now};
 pub use edge::{EdgeAction, EdgeEvent, EdgeSide, EdgeTiming, StaleDecision};
-pub use master::{EdgeSettings, MasterAction, MasterEvent, MasterSide, RestoreRefused};
+pub use master::{
+    EdgeSettings, Lease, MasterAction, MasterEvent, MasterSide, PeerView, RestoreRefused,
+};
 pub use window::Window;
 
 /// A grant: who runs one edge location's modules, under which epoch. The master issues
