@@ -21,8 +21,8 @@ use std::collections::{BTreeSet, VecDeque};
 use proptest::prelude::*;
 use tether_common::control::placement::rendezvous_pick;
 use tether_common::control::{
-    ControlState, EdgeAction, EdgeEvent, EdgeReport, EdgeSettings, EdgeSide, EdgeTiming, Lease,
-    MasterAction, MasterEvent, MasterSide, Mono, Now, Owner, PeerView,
+    ControlState, EdgeAction, EdgeEvent, EdgeReport, EdgeSettings, EdgeSide, EdgeTiming, Held,
+    Lease, MasterAction, MasterEvent, MasterSide, Mono, Now, Owner, PeerView,
 };
 
 const RECONNECT_MS: u64 = 3000;
@@ -90,6 +90,16 @@ struct Setup {
     timeout_ms: u64,
 }
 
+/// What a watch event tells a master: etcd's state when the event was sent.
+#[derive(Debug, Clone)]
+struct Snapshot {
+    live: Vec<String>,
+    grants: Vec<(ControlState, Option<usize>)>,
+    running: Vec<Option<usize>>,
+    links: Vec<Option<usize>>,
+    link_ended: Vec<Option<u64>>,
+}
+
 /// etcd, as the masters share it.
 #[derive(Debug, Default)]
 struct Store {
@@ -114,13 +124,16 @@ struct MasterProc {
     held_until: Option<u64>,
     next_keep_alive: u64,
     running: Vec<bool>,
-    /// A watch delivery due: everything etcd holds, as of then.
-    watch_due: Option<u64>,
+    /// Watch events on their way: when each arrives, and what etcd held when it was sent.
+    watch: VecDeque<(u64, Snapshot)>,
 }
 
 struct EdgeProc {
     machine: EdgeSide,
     next_attempt: u64,
+    /// Attempts so far: each starts from another master of its order, as when the first
+    /// ones fail for reasons of their own, so edges link to masters other than the pick.
+    attempts: usize,
 }
 
 /// An edge's link to one master.
@@ -237,14 +250,27 @@ impl World {
             .collect()
     }
 
-    /// etcd changed: every master that reaches it hears of it after the watch's lag.
+    /// What etcd holds now, as a watch event carries it.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            live: self.live_masters(),
+            grants: self.store.grants.clone(),
+            running: self.store.running.clone(),
+            links: self.store.links.clone(),
+            link_ended: self.store.link_ended.clone(),
+        }
+    }
+
+    /// etcd changed: every master that reaches it hears of it after the watch's lag, in
+    /// order, as it was then.
     fn changed(&mut self) {
         let due = self.now + WATCH_LAG_MS;
+        let snapshot = self.snapshot();
         for m in 0..self.setup.masters {
             if self.reaches_etcd(m)
                 && let Some(master) = &mut self.masters[m]
             {
-                master.watch_due.get_or_insert(due);
+                master.watch.push_back((due, snapshot.clone()));
             }
         }
     }
@@ -269,28 +295,40 @@ impl World {
         }
     }
 
-    /// What master `m` learns by its watch now.
-    fn view(&self, m: usize, e: usize) -> PeerView {
-        let live = self.live_masters();
+    /// What master `m` learns of edge `e` from a watch event.
+    fn view(m: usize, e: usize, snapshot: &Snapshot) -> PeerView {
         PeerView {
-            fails_over: rendezvous_pick(&edge_name(e), &live) == Some(&master_name(m)),
-            linked_elsewhere: self.store.links[e].is_some_and(|x| x != m),
-            link_ended: self.store.link_ended[e].map(Mono),
-            running_elsewhere: self.store.running[e].is_some_and(|x| x != m),
+            fails_over: rendezvous_pick(&edge_name(e), &snapshot.live) == Some(&master_name(m)),
+            linked_elsewhere: snapshot.links[e].is_some_and(|x| x != m),
+            link_ended: snapshot.link_ended[e].map(Mono),
+            running_elsewhere: snapshot.running[e].is_some_and(|x| x != m),
         }
     }
 
+    /// The next watch event reaches master `m`.
     fn deliver_watch(&mut self, m: usize) {
-        if let Some(master) = &mut self.masters[m] {
-            master.watch_due = None;
-        }
+        let Some((_, snapshot)) = self.masters[m].as_mut().and_then(|x| x.watch.pop_front()) else {
+            return;
+        };
+        self.apply_snapshot(m, &snapshot);
+    }
+
+    /// Master `m` reads etcd afresh (it joined, or reaches etcd again).
+    fn resync(&mut self, m: usize) {
         if !self.reaches_etcd(m) {
             return;
         }
+        if let Some(master) = &mut self.masters[m] {
+            master.watch.clear();
+        }
+        let snapshot = self.snapshot();
+        self.apply_snapshot(m, &snapshot);
+    }
+
+    fn apply_snapshot(&mut self, m: usize, snapshot: &Snapshot) {
         for e in 0..self.setup.edges {
-            let view = self.view(m, e);
-            let (grant, holder) = self.store.grants[e];
-            self.master_event(m, e, MasterEvent::Peers(view));
+            let (grant, holder) = snapshot.grants[e];
+            self.master_event(m, e, MasterEvent::Peers(Self::view(m, e, snapshot)));
             self.master_event(
                 m,
                 e,
@@ -365,7 +403,7 @@ impl World {
             held_until: None,
             next_keep_alive: self.now,
             running: vec![false; self.setup.edges],
-            watch_due: None,
+            watch: VecDeque::new(),
         });
         self.note(format!("{} starts", master_name(m)));
         if self.reaches_etcd(m) {
@@ -376,7 +414,7 @@ impl World {
             self.master_event(m, e, MasterEvent::Lease(Lease::Lost));
         }
         self.keep_alive(m);
-        self.deliver_watch(m);
+        self.resync(m);
     }
 
     fn start_edge(&mut self, e: usize) {
@@ -390,6 +428,7 @@ impl World {
                 timing(self.setup.masters),
             ),
             next_attempt: self.now,
+            attempts: 0,
         });
         self.edge_lost_at[e] = self.now;
         self.note(format!("{} starts", edge_name(e)));
@@ -459,7 +498,16 @@ impl World {
         self.edge_actions(e, actions);
     }
 
-    fn refused(&mut self, m: usize, e: usize, stored: Option<ControlState>) -> bool {
+    fn refused(
+        &mut self,
+        m: usize,
+        e: usize,
+        stored: Option<(ControlState, Option<usize>)>,
+    ) -> bool {
+        let stored = stored.map(|(grant, holder)| Held {
+            grant,
+            here: holder == Some(m),
+        });
         self.note(format!("{}: refused by etcd", master_name(m)));
         self.refusals += 1;
         let now = self.clock();
@@ -489,7 +537,16 @@ impl World {
                     }
                     let (stored, holder) = self.store.grants[e];
                     if stored != expected || grant.epoch <= stored.epoch {
-                        return self.refused(m, e, Some(stored));
+                        return self.refused(m, e, Some((stored, holder)));
+                    }
+                    // A master taking a unit for itself: the transaction also asks that
+                    // no other master holds the edge's link or claims the unit.
+                    let other = |x: Option<usize>| x.is_some_and(|x| x != m);
+                    if grant.owner == Owner::Master
+                        && here
+                        && (other(self.store.links[e]) || other(self.store.running[e]))
+                    {
+                        return self.refused(m, e, Some((stored, holder)));
                     }
                     let holder = match (grant.owner, here) {
                         (Owner::Edge, _) => None,
@@ -509,16 +566,30 @@ impl World {
                         ));
                     }
                     self.store.grants[e] = (grant, holder);
+                    // A master's grant for itself carries its claim in the same
+                    // transaction: no view shows the one without the other.
+                    if grant.owner == Owner::Master && here {
+                        self.store.running[e] = Some(m);
+                    }
                     self.changed();
+                }
+                MasterAction::Confirm { grant } => {
+                    let (stored, holder) = self.store.grants[e];
+                    if !self.reaches_etcd(m) || !self.lease_live(m) {
+                        return self.refused(m, e, None);
+                    }
+                    if stored != grant {
+                        return self.refused(m, e, Some((stored, holder)));
+                    }
                 }
                 MasterAction::ClaimRunning => {
                     let (stored, holder) = self.store.grants[e];
                     let mine = stored.owner == Owner::Master && holder == Some(m);
                     if !self.reaches_etcd(m) || !self.lease_live(m) || !mine {
-                        return self.refused(m, e, Some(stored));
+                        return self.refused(m, e, Some((stored, holder)));
                     }
                     if self.store.running[e].is_some_and(|x| x != m) {
-                        return self.refused(m, e, Some(stored));
+                        return self.refused(m, e, Some((stored, holder)));
                     }
                     self.store.running[e] = Some(m);
                     self.changed();
@@ -664,7 +735,7 @@ impl World {
         due.extend(self.store.expiry.iter().flatten().copied());
         for master in self.masters.iter().flatten() {
             due.push(master.next_keep_alive);
-            due.extend(master.watch_due);
+            due.extend(master.watch.front().map(|(at, _)| *at));
             if !master.booted {
                 due.push(master.boot_at);
             }
@@ -786,7 +857,7 @@ impl World {
                 self.keep_alive(m);
                 return;
             }
-            if master.watch_due.is_some_and(|at| at <= now) {
+            if master.watch.front().is_some_and(|(at, _)| *at <= now) {
                 self.deliver_watch(m);
                 return;
             }
@@ -836,7 +907,11 @@ impl World {
     fn attempt(&mut self, e: usize) {
         let now = self.now;
         let names: Vec<String> = (0..self.setup.masters).map(master_name).collect();
-        let order = tether_common::control::placement::rendezvous_order(&edge_name(e), &names);
+        let mut order = tether_common::control::placement::rendezvous_order(&edge_name(e), &names);
+        if let Some(edge) = &mut self.edges[e] {
+            order.rotate_left(edge.attempts % names.len());
+            edge.attempts += 1;
+        }
         let target = order
             .into_iter()
             .map(|name| name[1..].parse::<usize>().unwrap())
@@ -939,9 +1014,7 @@ impl World {
             Op::HealEtcd(m) => {
                 let m = m % masters;
                 self.etcd_cut[m] = false;
-                if self.masters[m].is_some() {
-                    self.deliver_watch(m);
-                }
+                self.resync(m);
             }
             Op::Restore { m, e } => {
                 let (m, e) = (m % masters, e % edges);
@@ -966,9 +1039,7 @@ impl World {
         for m in 0..self.setup.masters {
             if self.etcd_cut[m] {
                 self.etcd_cut[m] = false;
-                if self.masters[m].is_some() {
-                    self.deliver_watch(m);
-                }
+                self.resync(m);
             }
         }
         self.advance(TTL_MS + 100);
@@ -1152,5 +1223,169 @@ fn a_restore_through_another_master_waits_for_the_holder_to_stop() {
     assert!(
         w.edge_running[0] && runner(&w, 0).is_none(),
         "handed back (holder m{holder}, linked m{linked})"
+    );
+}
+
+/// One master's machine for `e`, booted, on a lease, not the hash's pick.
+fn machine_on_lease() -> (MasterSide, Now) {
+    let now = Now {
+        mono: Mono(START_MS),
+        wall_ms: START_MS,
+    };
+    let settings = EdgeSettings {
+        failover: true,
+        timeout_ms: 5_000,
+        window: None,
+    };
+    let mut m = MasterSide::in_cluster("e", settings, (ControlState::default(), true), now);
+    m.handle(
+        now,
+        MasterEvent::Lease(Lease::Until(Mono(START_MS + 3_600_000))),
+    );
+    m.handle(now, MasterEvent::Booted);
+    (m, now)
+}
+
+fn decisions(actions: &[MasterAction]) -> Vec<(Owner, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            MasterAction::SendDecision { owner, epoch, .. } => Some((*owner, *epoch)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_grant_over_another_masters_reaches_the_edge_only_on_a_view_that_new() {
+    let (mut m, now) = machine_on_lease();
+    m.handle(now, MasterEvent::LinkUp);
+    let report = EdgeReport {
+        state: ControlState::default(),
+        controlling: false,
+    };
+    // Rule 5 confirms the edge's grant: the shell checks it is still stored ...
+    let actions = m.handle(now, MasterEvent::Report(report));
+    assert!(actions.contains(&MasterAction::Confirm {
+        grant: ControlState::default()
+    }));
+    // ... and it is not: another master failed the edge over meanwhile (this master's
+    // view has not shown it, nor that master's claim).
+    let theirs = ControlState {
+        owner: Owner::Master,
+        epoch: 1,
+    };
+    m.issue_failed(
+        now,
+        Some(Held {
+            grant: theirs,
+            here: false,
+        }),
+    );
+    let later = Now {
+        mono: Mono(START_MS + 2_000),
+        ..now
+    };
+    let actions = m.poll(later);
+    assert!(
+        actions.iter().any(|a| matches!(a, MasterAction::Issue { grant, .. } if grant.owner == Owner::Edge && grant.epoch == 2)),
+        "{actions:?}"
+    );
+    assert!(
+        decisions(&actions).is_empty(),
+        "not before a view as new as the grant: {actions:?}"
+    );
+    // A view with the other master's claim, then one without it and with the new grant.
+    let claim = PeerView {
+        fails_over: false,
+        linked_elsewhere: false,
+        link_ended: None,
+        running_elsewhere: true,
+    };
+    assert!(decisions(&m.handle(later, MasterEvent::Peers(claim))).is_empty());
+    let stopped = PeerView {
+        running_elsewhere: false,
+        ..claim
+    };
+    assert!(
+        decisions(&m.handle(
+            later,
+            MasterEvent::Granted {
+                grant: theirs,
+                here: false
+            }
+        ))
+        .is_empty()
+    );
+    assert!(
+        decisions(&m.handle(later, MasterEvent::Peers(stopped))).is_empty(),
+        "the view is older than the grant"
+    );
+    let granted = ControlState {
+        owner: Owner::Edge,
+        epoch: 2,
+    };
+    let actions = m.handle(
+        later,
+        MasterEvent::Granted {
+            grant: granted,
+            here: true,
+        },
+    );
+    assert_eq!(decisions(&actions), [(Owner::Edge, 2)], "{actions:?}");
+}
+
+#[test]
+fn rules_decided_again_judge_the_edge_as_it_stands_since_the_last_decision() {
+    let (mut m, now) = machine_on_lease();
+    m.handle(now, MasterEvent::LinkUp);
+    let actions = m.handle(
+        now,
+        MasterEvent::Report(EdgeReport {
+            state: ControlState::default(),
+            controlling: false,
+        }),
+    );
+    assert_eq!(
+        decisions(&actions),
+        [(Owner::Edge, 0)],
+        "rule 5: the edge runs them"
+    );
+    // Another master's grant and claim turn up (a takeover that should not have been):
+    // the edge runs its modules since the decision, so rule 1 keeps them there.
+    let theirs = ControlState {
+        owner: Owner::Master,
+        epoch: 1,
+    };
+    let mut actions = m.handle(
+        now,
+        MasterEvent::Peers(PeerView {
+            fails_over: false,
+            linked_elsewhere: false,
+            link_ended: None,
+            running_elsewhere: true,
+        }),
+    );
+    actions.extend(m.handle(
+        now,
+        MasterEvent::Granted {
+            grant: theirs,
+            here: false,
+        },
+    ));
+    let issued: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            MasterAction::Issue { grant, .. } => Some(*grant),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        issued,
+        [ControlState {
+            owner: Owner::Edge,
+            epoch: 2
+        }],
+        "rule 1, not rule 4: {actions:?}"
     );
 }

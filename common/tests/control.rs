@@ -355,6 +355,15 @@ impl World {
                 MasterAction::StopModules => self.master_running = false,
                 // A master alone has no lease to claim on.
                 MasterAction::ClaimRunning | MasterAction::ReleaseRunning => {}
+                // It alone writes its store: what it confirms is what it stored.
+                MasterAction::Confirm { grant } => {
+                    if grant != self.master_store {
+                        self.fail(format!(
+                            "the master confirms {grant:?} but stored {:?}",
+                            self.master_store
+                        ));
+                    }
+                }
                 MasterAction::SendDecision { owner, epoch, .. } => {
                     if self.link_up() {
                         let at = self.now + LATENCY_MS;

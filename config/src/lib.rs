@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+mod cluster;
 mod edge;
 mod error;
 mod limits;
@@ -14,6 +15,7 @@ mod load;
 mod master;
 mod site;
 
+pub use cluster::{ClusterConfig, ClusterTls};
 pub use edge::{EdgeConfig, EdgeTls};
 pub use error::ConfigError;
 pub use limits::{Limits, limit_defaults};
@@ -44,4 +46,6 @@ pub mod defaults {
     pub const EXEC_TIMEOUT_MS: u64 = 30_000;
     /// Requests a module runs at once, unless its driver says otherwise.
     pub const MODULE_CONCURRENCY: u32 = 1;
+    /// A cluster master's presence lease (etcd).
+    pub const LEASE_MS: u64 = 5000;
 }

@@ -55,6 +55,9 @@ pub struct MasterConfig {
     pub limits: Limits,
     /// TLS identity and trust.
     pub tls: MasterTls,
+    /// Several masters sharing their state in etcd; absent: this master alone on redb.
+    #[serde(default)]
+    pub cluster: Option<crate::ClusterConfig>,
 }
 
 /// The master's certificate, key and the CA its edges' client certificates chain to.
@@ -112,6 +115,9 @@ impl MasterConfig {
         config.tls.cert = resolve(&base, &config.tls.cert);
         config.tls.key = resolve(&base, &config.tls.key);
         config.tls.ca = resolve(&base, &config.tls.ca);
+        if let Some(cluster) = &mut config.cluster {
+            cluster.resolve(&base);
+        }
         config.validate(path)?;
         Ok(config)
     }
@@ -136,6 +142,9 @@ impl MasterConfig {
             1..=10_000_000,
         )?;
         self.limits.validate(file)?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(file)?;
+        }
         check_link_settings(
             file,
             self.heartbeat_ms,
@@ -177,6 +186,41 @@ cert = "certs/master.pem"
 key = "certs/master.key"
 ca = "/etc/tether/ca.pem"
 "#;
+
+    #[test]
+    fn a_cluster_table_loads_and_each_key_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = format!(
+            "{GOOD}[cluster]\nmaster_id = \"m1\"\netcd = [\"http://10.0.0.5:2379\", \"http://10.0.0.6:2379\"]\n"
+        );
+        let config = MasterConfig::load(&write(dir.path(), &cluster)).unwrap();
+        let loaded = config.cluster.expect("a cluster");
+        assert_eq!((loaded.master_id.as_str(), loaded.lease_ms), ("m1", 5000));
+        assert_eq!(loaded.prefix, "/tether/");
+        assert!(
+            MasterConfig::load(&write(dir.path(), GOOD))
+                .unwrap()
+                .cluster
+                .is_none()
+        );
+        for (change, named) in [
+            (("\"m1\"", "\"m 1\""), "cluster.master_id"),
+            (("http://10.0.0.6:2379", "10.0.0.6:2379"), "cluster.etcd"),
+            (
+                ("http://10.0.0.6:2379", "https://10.0.0.6:2379"),
+                "cluster.tls",
+            ),
+            (("etcd = [", "lease_ms = 100\netcd = ["), "cluster.lease_ms"),
+            (("etcd = [", "colour = 1\netcd = ["), "colour"),
+        ] {
+            let text = cluster.replace(change.0, change.1);
+            let err = MasterConfig::load(&write(dir.path(), &text))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{named}: {err}");
+            assert!(err.contains("master.toml"), "{err}");
+        }
+    }
 
     #[test]
     fn paths_are_relative_to_the_file_and_defaults_apply() {

@@ -21,16 +21,17 @@ use std::time::Duration;
 use serde_json::Value;
 use tether_common::api::audit_entry_json;
 use tether_common::control::clock::wall_now_ms;
+use tether_common::control::placement::rendezvous_pick;
 use tether_common::control::{
-    AuditRecord, ControlState, EdgeSettings, MasterAction, MasterEvent, MasterSide, Now, Owner,
-    RestoreRefused, Window, owner_name,
+    AuditRecord, ControlState, EdgeSettings, Lease, MasterAction, MasterEvent, MasterSide, Mono,
+    Now, Owner, PeerView, RestoreRefused, Window, owner_name,
 };
 use tether_common::link::LinkError;
 use tether_common::model::{EdgeRecord, Model, Standby};
 use tether_common::protocol::{ErrorCode, Request, Response};
 use tether_common::report::printable;
 use tether_common::runtime::{ReloadRefused, Runtime};
-use tether_common::store::{AuditSource, Grants, Store};
+use tether_common::store::{AuditSource, Claims, Grants, Held, Store};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::edges::EdgeRegistry;
@@ -71,6 +72,61 @@ pub enum RestoreError {
     Stopped,
 }
 
+/// What the cluster tells this master's control (from its mirror of etcd and its lease);
+/// a master alone has none.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterInputs {
+    /// This master's id.
+    pub me: String,
+    /// Until when this master may run units.
+    pub lease: Lease,
+    /// The masters present.
+    pub live: Vec<String>,
+    /// Edge to the master holding its link.
+    pub links: BTreeMap<String, String>,
+    /// Edge to when its link key last went.
+    pub link_ended: BTreeMap<String, Mono>,
+    /// Unit to the master claiming to run it.
+    pub runners: BTreeMap<String, String>,
+    /// Unit to its stored grant and, for a master's grant, the master it names.
+    pub grants: BTreeMap<String, (ControlState, Option<String>)>,
+}
+
+impl ClusterInputs {
+    /// What this master knows of the others, for `unit`.
+    pub fn peers(&self, unit: &str) -> PeerView {
+        let other = |master: Option<&String>| master.is_some_and(|m| *m != self.me);
+        PeerView {
+            fails_over: rendezvous_pick(unit, &self.live) == Some(&self.me),
+            linked_elsewhere: other(self.links.get(unit)),
+            link_ended: self.link_ended.get(unit).copied(),
+            running_elsewhere: other(self.runners.get(unit)),
+        }
+    }
+
+    /// `unit`'s stored grant as this master sees it.
+    pub fn held(&self, unit: &str) -> Option<Held> {
+        self.grants.get(unit).map(|(grant, master)| Held {
+            grant: *grant,
+            here: master.as_deref() == Some(self.me.as_str()),
+        })
+    }
+
+    /// Whether this master's claim of `unit` stands.
+    pub fn claimed_here(&self, unit: &str) -> bool {
+        self.runners.get(unit) == Some(&self.me)
+    }
+}
+
+/// How the control reaches the cluster: claims and link keys, and the inputs.
+#[derive(Clone)]
+pub struct ClusterHooks {
+    /// Claims of units run, link keys.
+    pub claims: Arc<dyn Claims>,
+    /// The inputs, as they change.
+    pub inputs: watch::Receiver<Arc<ClusterInputs>>,
+}
+
 /// What the coordinating task hears: from the server itself, rarely.
 enum Coordination {
     /// The model changed: reconcile the modules of no edge (and whatever else changed).
@@ -98,7 +154,9 @@ struct Shared {
     /// Edge locations whose modules the master runs now.
     running: Mutex<HashSet<String>>,
     /// The grants stored last, for a unit whose task is made (again) later.
-    persisted: Mutex<BTreeMap<String, ControlState>>,
+    persisted: Mutex<BTreeMap<String, Held>>,
+    /// The cluster this master belongs to, if any.
+    cluster: Option<ClusterHooks>,
     states: Arc<RwLock<HashMap<String, ControlState>>>,
 }
 
@@ -124,6 +182,7 @@ impl Control {
         grants: Arc<dyn Grants>,
         runtime: Runtime,
         registry: Arc<EdgeRegistry>,
+        cluster: Option<ClusterHooks>,
     ) -> anyhow::Result<Control> {
         let persisted = grants.clone().grants().await?;
         let (coordinator, receiver) = mpsc::unbounded_channel();
@@ -138,6 +197,7 @@ impl Control {
             model,
             running: Mutex::default(),
             persisted: Mutex::new(persisted),
+            cluster,
             states: states.clone(),
         });
         let coordinating = Coordinator {
@@ -197,18 +257,33 @@ impl Control {
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .copied()
-            .unwrap_or_default();
+            .unwrap_or(Held {
+                grant: ControlState::default(),
+                here: true,
+            });
         let (commands, receiver) = mpsc::channel(UNIT_QUEUE);
+        // In a cluster nothing runs, and nothing is failed over, before the cluster's
+        // inputs say so; a master alone needs none.
+        let machine = match self.shared.cluster {
+            Some(_) => MasterSide::in_cluster(
+                id,
+                settings(record),
+                (persisted.grant, persisted.here),
+                Now::system(),
+            ),
+            None => MasterSide::new(id, settings(record), persisted.grant, Now::system()),
+        };
         let unit = Unit {
             edge: id.to_string(),
-            machine: MasterSide::new(id, settings(record), persisted, Now::system()),
+            machine,
             shared: self.shared.clone(),
             me: commands.downgrade(),
             link: None,
             newest_link: 0,
+            told: Told::default(),
         };
-        self.shared.runtime.set_grant(id, persisted);
-        self.shared.publish(id, persisted);
+        self.shared.runtime.set_grant(id, persisted.grant);
+        self.shared.publish(id, persisted.grant);
         tokio::spawn(unit.run(receiver, self.booted.subscribe()));
         commands
     }
@@ -410,7 +485,9 @@ impl Shared {
             .reconcile_waiting_for(
                 || read.get_or_init(|| self.model.borrow().clone()).clone(),
                 |module| match read.get().and_then(|model| model.module_edge(module)) {
-                    None => true,
+                    // In a cluster a module of no edge needs a placement on one master,
+                    // which is not built yet: none runs them rather than all.
+                    None => self.cluster.is_none(),
                     Some(edge) => running(&edge),
                 },
                 awaited,
@@ -472,6 +549,16 @@ struct Unit {
     link: Option<u64>,
     /// The newest generation heard of.
     newest_link: u64,
+    /// What the machine was last told of the cluster.
+    told: Told,
+}
+
+/// The cluster's inputs a unit last passed on to its machine.
+#[derive(Debug, Default)]
+struct Told {
+    peers: Option<PeerView>,
+    lease: Option<Lease>,
+    held: Option<Held>,
 }
 
 impl Unit {
@@ -482,6 +569,10 @@ impl Unit {
     ) {
         let mut model = self.shared.model.clone();
         let mut told_booted = false;
+        let mut inputs = self.shared.cluster.as_ref().map(|c| c.inputs.clone());
+        if let Some(inputs) = &mut inputs {
+            self.cluster_changed(inputs).await;
+        }
         loop {
             if !told_booted && *booted.borrow_and_update() {
                 told_booted = true;
@@ -515,6 +606,12 @@ impl Unit {
                         return;
                     }
                 }
+                changed = async { inputs.as_mut().map(|i| i.changed()).unwrap().await }, if inputs.is_some() => {
+                    match (changed, inputs.as_mut()) {
+                        (Ok(()), Some(inputs)) => self.cluster_changed(inputs).await,
+                        _ => return,
+                    }
+                }
                 _ = tokio::time::sleep(next) => {
                     let actions = self.machine.poll(Now::system());
                     if !actions.is_empty() {
@@ -522,6 +619,43 @@ impl Unit {
                     }
                 }
             }
+        }
+    }
+
+    /// Passes on what changed in the cluster's inputs for this unit, and withdraws a
+    /// claim of this master's that stands while it runs nothing (one it could not
+    /// withdraw while cut off from etcd).
+    async fn cluster_changed(&mut self, inputs: &mut watch::Receiver<Arc<ClusterInputs>>) {
+        let now = inputs.borrow_and_update().clone();
+        let peers = now.peers(&self.edge);
+        let mut events = Vec::new();
+        if self.told.lease != Some(now.lease) {
+            self.told.lease = Some(now.lease);
+            events.push(MasterEvent::Lease(now.lease));
+        }
+        if self.told.peers != Some(peers) {
+            self.told.peers = Some(peers);
+            events.push(MasterEvent::Peers(peers));
+        }
+        if let Some(held) = now.held(&self.edge)
+            && self.told.held != Some(held)
+        {
+            self.told.held = Some(held);
+            events.push(MasterEvent::Granted {
+                grant: held.grant,
+                here: held.here,
+            });
+        }
+        for event in events {
+            let actions = self.machine.handle(Now::system(), event);
+            let _ = self.carry_out(actions).await;
+        }
+        if now.claimed_here(&self.edge)
+            && !self.machine.is_running()
+            && let Some(cluster) = &self.shared.cluster
+            && let Err(err) = cluster.claims.clone().release(self.edge.clone()).await
+        {
+            tracing::warn!(edge = %self.edge, "cannot withdraw a stale claim: {err}");
         }
     }
 
@@ -583,15 +717,16 @@ impl Unit {
         let edge = edge.as_str();
         for action in actions {
             match action {
-                // A master alone holds every master's grant it issues.
                 MasterAction::Issue {
-                    expected, grant, ..
+                    expected,
+                    grant,
+                    here,
                 } => {
                     let issued = self
                         .shared
                         .grants
                         .clone()
-                        .issue(edge.to_string(), expected, grant)
+                        .issue(edge.to_string(), expected, grant, here)
                         .await;
                     let stored = match issued {
                         Ok(()) => {
@@ -603,7 +738,7 @@ impl Unit {
                                 .persisted
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .insert(edge.to_string(), grant);
+                                .insert(edge.to_string(), Held { grant, here });
                             continue;
                         }
                         Err(err) => {
@@ -613,7 +748,7 @@ impl Unit {
                                 "grant not issued, so not acted on (tried again in {} ms): {err}",
                                 tether_common::control::master::ISSUE_RETRY_MS
                             );
-                            (err.stored(), err.to_string())
+                            (err.stored_held(), err.to_string())
                         }
                     };
                     self.shared.runtime.metrics().grant_store_failed(edge);
@@ -637,8 +772,40 @@ impl Unit {
                         .record_audits(vec![record], AUDIT_KEEP)
                         .await;
                 }
+                MasterAction::Confirm { grant } => {
+                    if let Err(err) = self
+                        .shared
+                        .grants
+                        .clone()
+                        .confirm(edge.to_string(), grant)
+                        .await
+                    {
+                        tracing::warn!(edge, ?grant, "the grant changed meanwhile: {err}");
+                        self.machine.issue_failed(Now::system(), err.stored_held());
+                        return Err(NotIssued(err.to_string()));
+                    }
+                }
                 // A master alone has no lease, so nothing to claim on it.
-                MasterAction::ClaimRunning | MasterAction::ReleaseRunning => {}
+                MasterAction::ClaimRunning => {
+                    let Some(cluster) = &self.shared.cluster else {
+                        continue;
+                    };
+                    let epoch = self.machine.state().epoch;
+                    if let Err(err) = cluster.claims.clone().claim(edge.to_string(), epoch).await {
+                        tracing::error!(edge, epoch, "not started, the claim was refused: {err}");
+                        self.shared.runtime.metrics().grant_store_failed(edge);
+                        self.machine.issue_failed(Now::system(), None);
+                        return Err(NotIssued(err.to_string()));
+                    }
+                }
+                MasterAction::ReleaseRunning => {
+                    if let Some(cluster) = &self.shared.cluster
+                        && let Err(err) = cluster.claims.clone().release(edge.to_string()).await
+                    {
+                        // It goes with the lease, or when etcd is back (cluster_changed).
+                        tracing::warn!(edge, "cannot withdraw the claim yet: {err}");
+                    }
+                }
                 MasterAction::StartModules { epoch } => {
                     tracing::info!(edge, epoch, "the master starts the edge's modules");
                     self.set_running(true);

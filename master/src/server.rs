@@ -180,6 +180,7 @@ async fn serve(
         model.store(),
         runtime.clone(),
         registry.clone(),
+        None,
     )
     .await?;
     // Calls for modules the master does not run go to their edge.

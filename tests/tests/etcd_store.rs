@@ -11,7 +11,7 @@ use std::time::Duration;
 use tether_common::control::clock::mono_now;
 use tether_common::control::{ControlState, Owner};
 use tether_common::store::Grants;
-use tether_common::store::etcd::{DEFAULT_PREFIX, Etcd, EtcdGrants, JoinError, Presence};
+use tether_common::store::etcd::{DEFAULT_PREFIX, Etcd, EtcdControl, JoinError, Presence};
 use tether_tests::etcd::Etcd as EtcdServer;
 use tether_tests::proxy::FaultProxy;
 use tether_tests::{free_port, wait_for};
@@ -32,21 +32,26 @@ fn grant(owner: Owner, epoch: u64) -> ControlState {
 async fn grants_are_issued_by_compare_and_set_and_racing_masters_never_share_an_epoch() {
     let server = EtcdServer::start(1).await;
     let endpoints = server.endpoints();
-    let one = Arc::new(EtcdGrants::new(connect(&endpoints).await));
+    let one = Arc::new(EtcdControl::new(connect(&endpoints).await, "m1", None));
     let start = ControlState::default();
     one.clone()
-        .issue("e".into(), start, grant(Owner::Master, 1))
+        .issue("e".into(), start, grant(Owner::Master, 1), true)
         .await
         .unwrap();
     let lost = one
         .clone()
-        .issue("e".into(), start, grant(Owner::Edge, 1))
+        .issue("e".into(), start, grant(Owner::Edge, 1), true)
         .await
         .unwrap_err();
     assert_eq!(lost.stored(), Some(grant(Owner::Master, 1)), "{lost}");
     let same = one
         .clone()
-        .issue("e".into(), grant(Owner::Master, 1), grant(Owner::Edge, 1))
+        .issue(
+            "e".into(),
+            grant(Owner::Master, 1),
+            grant(Owner::Edge, 1),
+            true,
+        )
         .await
         .unwrap_err();
     assert_eq!(same.stored(), Some(grant(Owner::Master, 1)), "{same}");
@@ -54,7 +59,7 @@ async fn grants_are_issued_by_compare_and_set_and_racing_masters_never_share_an_
     // Four deciders on two connections (two masters), each deciding from what it read.
     let mut deciders = Vec::new();
     for decider in 0..4u64 {
-        let grants = Arc::new(EtcdGrants::new(connect(&endpoints).await));
+        let grants = Arc::new(EtcdControl::new(connect(&endpoints).await, "m1", None));
         deciders.push(tokio::spawn(async move {
             let owner = if decider % 2 == 0 {
                 Owner::Master
@@ -69,10 +74,15 @@ async fn grants_are_issued_by_compare_and_set_and_racing_masters_never_share_an_
                     .await
                     .unwrap()
                     .get("f")
-                    .copied()
+                    .map(|held| held.grant)
                     .unwrap_or_default();
                 let next = grant(owner, read.epoch + 1);
-                if grants.clone().issue("f".into(), read, next).await.is_ok() {
+                if grants
+                    .clone()
+                    .issue("f".into(), read, next, true)
+                    .await
+                    .is_ok()
+                {
                     issued.push(next.epoch);
                 }
             }
@@ -91,8 +101,12 @@ async fn grants_are_issued_by_compare_and_set_and_racing_masters_never_share_an_
     );
     assert!(all.len() >= 25, "the race made progress: {}", all.len());
     let stored = one.grants().await.unwrap();
-    assert_eq!(stored["f"].epoch, *distinct.last().unwrap());
-    assert_eq!(stored["e"], grant(Owner::Master, 1));
+    assert_eq!(stored["f"].grant.epoch, *distinct.last().unwrap());
+    assert_eq!(stored["e"].grant, grant(Owner::Master, 1));
+    assert!(
+        stored["e"].here,
+        "a master's grant names the master that issued it"
+    );
 }
 
 #[tokio::test]

@@ -29,7 +29,7 @@
 //! runs anything, and its lease never ends.
 
 use super::rules::{Situation, negotiate};
-use super::{AuditRecord, ControlState, EdgeReport, Mono, Now, Owner, Window};
+use super::{AuditRecord, ControlState, EdgeReport, Held, Mono, Now, Owner, Window};
 
 /// How long the machine waits before it tries again to issue a grant the store refused.
 pub const ISSUE_RETRY_MS: u64 = 1000;
@@ -145,6 +145,14 @@ pub enum MasterAction {
         /// the expected grant keeps it, under the new epoch).
         here: bool,
     },
+    /// Check that `grant` is still the one stored before telling the edge of it again (a
+    /// decision confirming a grant sends no new one; among several masters the grant may
+    /// have changed since this master last heard). Like an `Issue`, what follows is
+    /// carried out only if it holds; if not, call [`MasterSide::issue_failed`].
+    Confirm {
+        /// The grant the machine believes stored.
+        grant: ControlState,
+    },
     /// Say, under this master's lease, that it runs the unit (before starting it);
     /// like an `Issue`, what follows is carried out only once it is stored.
     ClaimRunning,
@@ -216,6 +224,9 @@ struct Pending {
     owner: Owner,
     epoch: u64,
     reason: String,
+    /// Released only on a view of the store at least this new (the grant this master
+    /// issued over another master's: an older view may not show that master's claim).
+    view_from: u64,
 }
 
 /// The master's control machine for one edge location.
@@ -230,6 +241,10 @@ pub struct MasterSide {
     lease: Lease,
     /// A decision to send once no other master runs the modules.
     pending: Option<Pending>,
+    /// The newest grant epoch the store's view has shown this master.
+    seen: u64,
+    /// The grant the last issue replaced was another master's.
+    replaced_other: bool,
     booted: bool,
     running: bool,
     link: Link,
@@ -246,12 +261,16 @@ impl MasterSide {
     /// A machine for a master that is booting: it has `persisted` from its store and has
     /// not heard from the edge since `now`.
     pub fn new(edge_id: &str, settings: EdgeSettings, persisted: ControlState, now: Now) -> Self {
-        Self::in_cluster(edge_id, settings, (persisted, true), now)
+        MasterSide {
+            peers: PeerView::ALONE,
+            lease: Lease::Alone,
+            ..Self::in_cluster(edge_id, settings, (persisted, true), now)
+        }
     }
 
     /// A machine for a master of a cluster: `stored` is the grant stored, and whether (as a
-    /// master's grant) it names this master. Until told otherwise it has no lease and
-    /// knows no other master.
+    /// master's grant) it names this master. Until told otherwise ([`MasterEvent::Lease`],
+    /// [`MasterEvent::Peers`]) it has no lease and fails nothing over.
     pub fn in_cluster(
         edge_id: &str,
         settings: EdgeSettings,
@@ -263,9 +282,15 @@ impl MasterSide {
             settings,
             state: persisted,
             here,
-            peers: PeerView::ALONE,
-            lease: Lease::Alone,
+            // Nothing is known of the others, and nothing may run, until told.
+            peers: PeerView {
+                fails_over: false,
+                ..PeerView::ALONE
+            },
+            lease: Lease::Lost,
             pending: None,
+            seen: persisted.epoch,
+            replaced_other: false,
             booted: false,
             running: false,
             link: Link::Down {
@@ -310,6 +335,7 @@ impl MasterSide {
     /// Feeds one event; answers what to do.
     pub fn handle(&mut self, now: Now, event: MasterEvent) -> Vec<MasterAction> {
         self.before_issue = None;
+        self.replaced_other = false;
         let mut actions = Vec::new();
         let reported = matches!(event, MasterEvent::Report(_));
         match event {
@@ -360,6 +386,7 @@ impl MasterSide {
             }
             MasterEvent::Lease(lease) => self.lease = lease,
             MasterEvent::Granted { grant, here } => {
+                self.seen = self.seen.max(grant.epoch);
                 if grant.epoch > self.state.epoch {
                     self.state = grant;
                     self.here = here;
@@ -391,7 +418,7 @@ impl MasterSide {
     /// grant was not the one expected: `stored` when the store said what it holds). None
     /// of the actions after the `Issue` were carried out; the machine goes back to where
     /// it stood and tries again after [`ISSUE_RETRY_MS`].
-    pub fn issue_failed(&mut self, now: Now, stored: Option<ControlState>) {
+    pub fn issue_failed(&mut self, now: Now, stored: Option<Held>) {
         if let Some(before) = self.before_issue.take() {
             self.state = before.state;
             self.here = before.here;
@@ -401,12 +428,11 @@ impl MasterSide {
             self.pending = before.pending;
         }
         if let Some(stored) = stored
-            && stored != self.state
+            && (stored.grant != self.state || stored.here != self.here)
         {
             // Someone else's grant (or ours, stored after all): decide afresh from it.
-            // Not known to be this master's: it runs nothing under it.
-            self.state = stored;
-            self.here = false;
+            self.state = stored.grant;
+            self.here = stored.here;
             self.pending = None;
             if let Link::Up {
                 report: Some(report),
@@ -425,6 +451,7 @@ impl MasterSide {
     /// A manual restore: control goes back to the (connected) edge.
     pub fn restore(&mut self, now: Now) -> Result<Vec<MasterAction>, RestoreRefused> {
         self.before_issue = None;
+        self.replaced_other = false;
         if !self.booted {
             return Err(RestoreRefused::Booting);
         }
@@ -447,6 +474,7 @@ impl MasterSide {
     /// decision the store refused before.
     pub fn poll(&mut self, now: Now) -> Vec<MasterAction> {
         self.before_issue = None;
+        self.replaced_other = false;
         self.decide(now)
     }
 
@@ -458,12 +486,10 @@ impl MasterSide {
         if self.running && (!self.holds_here() || !self.lease.allows(now.mono)) {
             self.stop(&mut actions);
         }
-        if now.mono < self.retry_at {
-            return actions;
-        }
-        // A decision that waited for another master to stop.
+        // A decision that waited for another master to stop (stored already: sending it
+        // does not wait for a retry).
         if let Some(pending) = self.pending.take() {
-            if self.peers.running_elsewhere {
+            if self.peers.running_elsewhere || self.seen < pending.view_from {
                 self.pending = Some(pending);
             } else {
                 actions.push(MasterAction::SendDecision {
@@ -472,6 +498,9 @@ impl MasterSide {
                     reason: pending.reason,
                 });
             }
+        }
+        if now.mono < self.retry_at {
+            return actions;
         }
         let may_run = self.lease.allows(now.mono)
             && !self.peers.running_elsewhere
@@ -537,15 +566,18 @@ impl MasterSide {
     /// When [`poll`](Self::poll) next has something to do, if ever (a bound: the shell
     /// may poll sooner).
     pub fn next_poll(&self, now: Now) -> Option<Mono> {
-        // Running on a lease: stop by its end.
+        // Running on a lease: stop by its end; running where it may not: stop now.
         let lease_end = match self.lease {
+            _ if self.running && (!self.holds_here() || !self.lease.allows(now.mono)) => {
+                Some(now.mono)
+            }
             Lease::Until(until) if self.running => Some(until),
             _ => None,
         };
         let pending = self
             .pending
             .as_ref()
-            .filter(|_| !self.peers.running_elsewhere)
+            .filter(|p| !self.peers.running_elsewhere && self.seen >= p.view_from)
             .map(|_| now.mono);
         // What would let this master run the modules; without it nothing is due until
         // an event changes it.
@@ -603,7 +635,8 @@ impl MasterSide {
         let (owner, rule) = negotiate(Situation {
             edge_controlling: report.controlling,
             window_open: self.window_open(now),
-            master_loading: !self.booted,
+            // A master still loading does not take the modules from one running them.
+            master_loading: !self.booted && !self.runs_elsewhere_under_its_grant(),
             // This master, or the master whose grant stands (another's lingering claim
             // under a grant no longer its own is a master stopping).
             master_running: self.running || self.runs_elsewhere_under_its_grant(),
@@ -620,7 +653,11 @@ impl MasterSide {
         // runs the modules (this one, or another).
         let agreed = self.state.owner == owner
             && (report.state == self.state || report.state.epoch < self.state.epoch);
-        if !agreed {
+        if agreed {
+            // Still stored? (Among several masters it may have changed unheard.)
+            self.before_issue = Some(self.before());
+            actions.push(MasterAction::Confirm { grant: self.state });
+        } else {
             let here = owner == Owner::Master && !self.runs_elsewhere_under_its_grant();
             self.issue(now, owner, here, rule.reason(), Some(report), actions);
         }
@@ -632,6 +669,26 @@ impl MasterSide {
             decided: true,
         };
         self.decision(owner, rule.reason(), actions);
+        self.report_follows(owner);
+    }
+
+    /// Once it has a decision, the edge stands where the decision says: what the rules are
+    /// judged on if something else (another master's grant or claim) calls for deciding
+    /// again, rather than what it reported when its link came up.
+    fn report_follows(&mut self, owner: Owner) {
+        if let Link::Up {
+            report: Some(_),
+            decided,
+        } = self.link
+        {
+            self.link = Link::Up {
+                report: Some(EdgeReport {
+                    state: self.state,
+                    controlling: owner == Owner::Edge,
+                }),
+                decided,
+            };
+        }
     }
 
     /// Another master runs the modules under the grant that stands (its own).
@@ -642,11 +699,24 @@ impl MasterSide {
     /// Sends the decision standing now, or holds it back while another master still runs
     /// the modules and the edge is to start them.
     fn decision(&mut self, owner: Owner, reason: &str, actions: &mut Vec<MasterAction>) {
-        if owner == Owner::Edge && self.peers.running_elsewhere {
+        let replaced_other = std::mem::take(&mut self.replaced_other);
+        // A decision made again for the same grant keeps the view it waits for.
+        let waited = self
+            .pending
+            .as_ref()
+            .filter(|p| p.epoch == self.state.epoch)
+            .map_or(0, |p| p.view_from);
+        let view_from = if replaced_other {
+            self.state.epoch
+        } else {
+            waited
+        };
+        if owner == Owner::Edge && (self.peers.running_elsewhere || view_from > self.seen) {
             self.pending = Some(Pending {
                 owner,
                 epoch: self.state.epoch,
                 reason: reason.to_string(),
+                view_from,
             });
             return;
         }
@@ -671,6 +741,7 @@ impl MasterSide {
             self.stop(actions);
         }
         self.decision(Owner::Edge, reason, actions);
+        self.report_follows(Owner::Edge);
     }
 
     /// Issues a new grant to `owner` (a master's: to this master), and audits a change of
@@ -705,14 +776,12 @@ impl MasterSide {
             owner,
             epoch: before.epoch.max(seen) + 1,
         };
-        self.before_issue = Some(BeforeIssue {
-            state: before,
-            here: self.here,
-            running: self.running,
-            link: self.link,
-            resume_held: self.resume_held,
-            pending: self.pending.clone(),
-        });
+        // Another master may run under the grant replaced, and claim to only a moment
+        // after it (the claim goes with its grant, but this master's view may predate
+        // both): the edge hears of the new grant only once a view as new as it shows no
+        // other master's claim.
+        self.replaced_other = before.owner == Owner::Master && !self.here;
+        self.before_issue = Some(self.before());
         self.state = grant;
         // Another master keeps its grant only when it held the one replaced.
         self.here = if owner == Owner::Master && !here {
@@ -735,6 +804,18 @@ impl MasterSide {
                 reason: reason.to_string(),
                 code: None,
             }));
+        }
+    }
+
+    /// Where the machine stands now, to come back to if the store refuses what follows.
+    fn before(&self) -> BeforeIssue {
+        BeforeIssue {
+            state: self.state,
+            here: self.here,
+            running: self.running,
+            link: self.link,
+            resume_held: self.resume_held,
+            pending: self.pending.clone(),
         }
     }
 

@@ -103,6 +103,15 @@ pub struct EdgeReport {
     pub controlling: bool,
 }
 
+/// A stored grant as one master sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Held {
+    /// The grant.
+    pub grant: ControlState,
+    /// For a master's grant: whether it names this master (a master alone: always).
+    pub here: bool,
+}
+
 /// `"edge"` or `"master"`, as the API shows an owner.
 pub fn owner_name(owner: Owner) -> &'static str {
     match owner {

@@ -13,10 +13,10 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 
 use super::StoreError;
-use super::grants::{Grants, IssueError, Pending};
-use crate::control::ControlState;
+use super::grants::{Claims, Grants, Held, IssueError, Pending};
 use crate::control::clock::{Mono, mono_now};
 use crate::control::lease::LeaseClock;
+use crate::control::{ControlState, Owner};
 
 /// The prefix of every key Tether writes, unless the configuration names another.
 pub const DEFAULT_PREFIX: &str = "/tether/";
@@ -48,10 +48,23 @@ impl Etcd {
         prefix: &str,
         timeout: Duration,
     ) -> Result<Etcd, StoreError> {
+        Self::connect_with(endpoints, prefix, timeout, None).await
+    }
+
+    /// [`connect`](Self::connect), over TLS when `tls` is given.
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        timeout: Duration,
+        tls: Option<etcd_client::TlsOptions>,
+    ) -> Result<Etcd, StoreError> {
         let named: Arc<str> = endpoints.join(", ").into();
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls);
+        }
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|err| etcd_error(&named, "cannot connect", err))?;
@@ -91,26 +104,82 @@ fn etcd_error(endpoints: &str, what: &str, err: etcd_client::Error) -> StoreErro
     }
 }
 
-/// Grants in etcd, one key per unit: `PREFIX grants/UNIT` holding the grant's JSON.
+/// A grant as etcd holds it (JSON): for a master's grant, the master it names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct StoredGrant {
+    #[serde(flatten)]
+    grant: ControlState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    master: Option<String>,
+}
+
+/// One master's view of the control state the masters share in etcd: grants
+/// (`PREFIX grants/UNIT`), claims (`PREFIX running/UNIT`: the master that runs the unit,
+/// on its lease) and link keys (`PREFIX links/EDGE`: the master holding the edge's link,
+/// on its lease). Every write of this master is a transaction that also asks for its
+/// lease, so a master whose lease etcd has expired can change nothing.
 #[derive(Debug, Clone)]
-pub struct EtcdGrants {
+pub struct EtcdControl {
     etcd: Etcd,
+    master_id: String,
+    /// The presence lease this master writes under (0: none, only in tests without
+    /// presence); replaced when the master joins again on a new lease.
+    lease: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// A stored grant with the revision that wrote it (`None`: never granted).
-type Read = (ControlState, Option<i64>);
+type Read = (StoredGrant, Option<i64>);
 
-impl EtcdGrants {
-    /// Grants kept in `etcd`.
-    pub fn new(etcd: Etcd) -> Self {
-        EtcdGrants { etcd }
+impl EtcdControl {
+    /// Master `master_id`'s view, writing under `lease` (its presence lease).
+    pub fn new(etcd: Etcd, master_id: &str, lease: Option<i64>) -> Self {
+        EtcdControl {
+            etcd,
+            master_id: master_id.to_string(),
+            lease: Arc::new(lease.unwrap_or(0).into()),
+        }
     }
 
-    fn key(&self, unit: &str) -> String {
+    /// Writes from now on go under `lease` (the master joined again).
+    pub fn set_lease(&self, lease: i64) {
+        self.lease
+            .store(lease, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn current_lease(&self) -> Option<i64> {
+        Some(self.lease.load(std::sync::atomic::Ordering::Relaxed)).filter(|l| *l != 0)
+    }
+
+    fn grant_key(&self, unit: &str) -> String {
         self.etcd.key(&format!("grants/{unit}"))
     }
 
-    fn decode(&self, unit: &str, value: &[u8]) -> Result<ControlState, StoreError> {
+    fn claim_key(&self, unit: &str) -> String {
+        self.etcd.key(&format!("running/{unit}"))
+    }
+
+    fn link_key(&self, edge: &str) -> String {
+        self.etcd.key(&format!("links/{edge}"))
+    }
+
+    /// The condition that this master's lease still lives (its presence key is on it).
+    fn lease_holds(&self) -> Vec<Compare> {
+        match self.current_lease() {
+            Some(lease) => vec![Compare::lease(
+                self.etcd.key(&format!("masters/{}", self.master_id)),
+                CompareOp::Equal,
+                lease,
+            )],
+            None => Vec::new(),
+        }
+    }
+
+    fn put_options(&self) -> Option<etcd_client::PutOptions> {
+        self.current_lease()
+            .map(|lease| etcd_client::PutOptions::new().with_lease(lease))
+    }
+
+    fn decode(&self, unit: &str, value: &[u8]) -> Result<StoredGrant, StoreError> {
         serde_json::from_slice(value).map_err(|err| StoreError::Etcd {
             endpoints: self.etcd.endpoints.to_string(),
             what: format!("the grant of {unit} does not decode: {err}"),
@@ -121,17 +190,23 @@ impl EtcdGrants {
         let answer = self
             .etcd
             .client()
-            .get(self.key(unit), None)
+            .get(self.grant_key(unit), None)
             .await
             .map_err(|err| self.etcd.error("cannot read a grant", err))?;
         match answer.kvs().first() {
-            None => Ok((ControlState::default(), None)),
+            None => Ok((
+                StoredGrant {
+                    grant: ControlState::default(),
+                    master: None,
+                },
+                None,
+            )),
             Some(kv) => Ok((self.decode(unit, kv.value())?, Some(kv.mod_revision()))),
         }
     }
 
-    async fn all(&self) -> Result<BTreeMap<String, ControlState>, StoreError> {
-        let prefix = self.key("");
+    async fn all(&self) -> Result<BTreeMap<String, Held>, StoreError> {
+        let prefix = self.grant_key("");
         let answer = self
             .etcd
             .client()
@@ -141,8 +216,15 @@ impl EtcdGrants {
         let mut grants = BTreeMap::new();
         for kv in answer.kvs() {
             let unit = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
-            let grant = self.decode(&unit, kv.value())?;
-            grants.insert(unit, grant);
+            let stored = self.decode(&unit, kv.value())?;
+            let here = stored.master.as_deref() == Some(self.master_id.as_str());
+            grants.insert(
+                unit,
+                Held {
+                    grant: stored.grant,
+                    here,
+                },
+            );
         }
         Ok(grants)
     }
@@ -152,27 +234,63 @@ impl EtcdGrants {
         unit: &str,
         expected: ControlState,
         grant: ControlState,
+        here: bool,
     ) -> Result<(), IssueError> {
-        let conflict = |stored| IssueError::Conflict {
+        let conflict = |stored: StoredGrant| IssueError::Conflict {
             unit: unit.to_string(),
             expected,
             grant,
-            stored,
+            stored_here: stored.master.as_deref() == Some(self.master_id.as_str()),
+            stored: stored.grant,
         };
         let (stored, revision) = self.read(unit).await?;
-        if stored != expected || grant.epoch <= expected.epoch {
+        if stored.grant != expected || grant.epoch <= expected.epoch {
             return Err(conflict(stored));
         }
-        let key = self.key(unit);
+        let master = match (grant.owner, here) {
+            (Owner::Edge, _) => None,
+            (Owner::Master, true) => Some(self.master_id.clone()),
+            // Kept with the master the expected grant names.
+            (Owner::Master, false) => match stored.master.clone() {
+                Some(master) => Some(master),
+                None => return Err(conflict(stored)),
+            },
+        };
+        let key = self.grant_key(unit);
         let unchanged = match revision {
             Some(revision) => Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
             None => Compare::version(key.clone(), CompareOp::Equal, 0),
         };
-        // A grant always encodes: an enum and an integer.
-        let value = serde_json::to_vec(&grant).unwrap_or_default();
-        let txn = Txn::new()
-            .when([unchanged])
-            .and_then([TxnOp::put(key, value, None)]);
+        // A grant always encodes: an enum, an integer and a string.
+        let value = serde_json::to_vec(&StoredGrant { grant, master }).unwrap_or_default();
+        let mut when = self.lease_holds();
+        when.push(unchanged);
+        // Taking a unit for itself, a master also asks that no other master holds the
+        // edge's link or claims the unit (as it last read them), whatever its watch says.
+        if grant.owner == Owner::Master && here {
+            for key in [self.link_key(unit), self.claim_key(unit)] {
+                match self.owner_of(&key).await? {
+                    (Some(owner), _) if owner != self.master_id => {
+                        return Err(conflict(stored));
+                    }
+                    (_, revision) => when.push(match revision {
+                        Some(revision) => Compare::mod_revision(key, CompareOp::Equal, revision),
+                        None => Compare::version(key, CompareOp::Equal, 0),
+                    }),
+                }
+            }
+        }
+        let mut then = vec![TxnOp::put(key, value, None)];
+        // A master's grant for itself carries its claim: no watcher sees the one
+        // without the other.
+        if grant.owner == Owner::Master && here {
+            then.push(TxnOp::put(
+                self.claim_key(unit),
+                self.master_id.as_bytes(),
+                self.put_options(),
+            ));
+        }
+        let txn = Txn::new().when(when).and_then(then);
         let answer = self
             .etcd
             .client()
@@ -182,14 +300,124 @@ impl EtcdGrants {
         if answer.succeeded() {
             return Ok(());
         }
-        // Another decider wrote in between: say what it stored.
+        // Another decider wrote in between, or the lease is gone: say what is stored.
         let (stored, _) = self.read(unit).await?;
         Err(conflict(stored))
     }
+
+    /// The master a link or claim key names, and the revision that wrote it.
+    async fn owner_of(&self, key: &str) -> Result<(Option<String>, Option<i64>), StoreError> {
+        let answer = self
+            .etcd
+            .client()
+            .get(key, None)
+            .await
+            .map_err(|err| self.etcd.error("cannot read a key", err))?;
+        Ok(match answer.kvs().first() {
+            Some(kv) => (
+                Some(String::from_utf8_lossy(kv.value()).into_owned()),
+                Some(kv.mod_revision()),
+            ),
+            None => (None, None),
+        })
+    }
+
+    /// A refusal naming what was refused and why.
+    fn refused(&self, what: String) -> StoreError {
+        StoreError::Etcd {
+            endpoints: self.etcd.endpoints.to_string(),
+            what,
+        }
+    }
+
+    async fn claim_unit(&self, unit: &str, epoch: u64) -> Result<(), StoreError> {
+        let (stored, revision) = self.read(unit).await?;
+        let mine = StoredGrant {
+            grant: ControlState {
+                owner: Owner::Master,
+                epoch,
+            },
+            master: Some(self.master_id.clone()),
+        };
+        let Some(revision) = revision.filter(|_| stored == mine) else {
+            return Err(self.refused(format!(
+                "claim of {unit} refused: the grant is {stored:?}, not this master's at epoch {epoch}"
+            )));
+        };
+        let claim = self.claim_key(unit);
+        let mut when = self.lease_holds();
+        when.push(Compare::mod_revision(
+            self.grant_key(unit),
+            CompareOp::Equal,
+            revision,
+        ));
+        // No claim, or this master's own.
+        let free = Compare::version(claim.clone(), CompareOp::Equal, 0);
+        let own = Compare::value(claim.clone(), CompareOp::Equal, self.master_id.as_bytes());
+        for condition in [free, own] {
+            let mut when = when.clone();
+            when.push(condition);
+            let txn = Txn::new().when(when).and_then([TxnOp::put(
+                claim.clone(),
+                self.master_id.as_bytes(),
+                self.put_options(),
+            )]);
+            let answer = self
+                .etcd
+                .client()
+                .txn(txn)
+                .await
+                .map_err(|err| self.etcd.error("cannot claim a unit", err))?;
+            if answer.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(self.refused(format!(
+            "claim of {unit} refused: another master's claim stands, the grant changed, or this master's lease is gone"
+        )))
+    }
+
+    /// Deletes `key` if it holds this master's id.
+    async fn delete_own(&self, key: String, what: &str) -> Result<(), StoreError> {
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                self.master_id.as_bytes(),
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        self.etcd
+            .client()
+            .txn(txn)
+            .await
+            .map(|_| ())
+            .map_err(|err| self.etcd.error(what, err))
+    }
+
+    async fn link_edge(&self, edge: &str) -> Result<(), StoreError> {
+        let txn = Txn::new().when(self.lease_holds()).and_then([TxnOp::put(
+            self.link_key(edge),
+            self.master_id.as_bytes(),
+            self.put_options(),
+        )]);
+        let answer = self
+            .etcd
+            .client()
+            .txn(txn)
+            .await
+            .map_err(|err| self.etcd.error("cannot store a link key", err))?;
+        if answer.succeeded() {
+            Ok(())
+        } else {
+            Err(self.refused(format!(
+                "link key of {edge} refused: this master's lease is gone"
+            )))
+        }
+    }
 }
 
-impl Grants for EtcdGrants {
-    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, ControlState>, StoreError>> {
+impl Grants for EtcdControl {
+    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, Held>, StoreError>> {
         Box::pin(async move { self.all().await })
     }
 
@@ -198,8 +426,57 @@ impl Grants for EtcdGrants {
         unit: String,
         expected: ControlState,
         grant: ControlState,
+        here: bool,
     ) -> Pending<Result<(), IssueError>> {
-        Box::pin(async move { self.issue_grant(&unit, expected, grant).await })
+        Box::pin(async move { self.issue_grant(&unit, expected, grant, here).await })
+    }
+
+    fn confirm(
+        self: Arc<Self>,
+        unit: String,
+        grant: ControlState,
+    ) -> Pending<Result<(), IssueError>> {
+        Box::pin(async move { self.confirm_grant(&unit, grant).await })
+    }
+}
+
+impl EtcdControl {
+    async fn confirm_grant(&self, unit: &str, grant: ControlState) -> Result<(), IssueError> {
+        let (stored, _) = self.read(unit).await?;
+        if stored.grant == grant {
+            return Ok(());
+        }
+        Err(IssueError::Conflict {
+            unit: unit.to_string(),
+            expected: grant,
+            grant,
+            stored_here: stored.master.as_deref() == Some(self.master_id.as_str()),
+            stored: stored.grant,
+        })
+    }
+}
+
+impl Claims for EtcdControl {
+    fn claim(self: Arc<Self>, unit: String, epoch: u64) -> Pending<Result<(), StoreError>> {
+        Box::pin(async move { self.claim_unit(&unit, epoch).await })
+    }
+
+    fn release(self: Arc<Self>, unit: String) -> Pending<Result<(), StoreError>> {
+        Box::pin(async move {
+            let key = self.claim_key(&unit);
+            self.delete_own(key, "cannot withdraw a claim").await
+        })
+    }
+
+    fn link(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>> {
+        Box::pin(async move { self.link_edge(&edge).await })
+    }
+
+    fn unlink(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>> {
+        Box::pin(async move {
+            let key = self.link_key(&edge);
+            self.delete_own(key, "cannot withdraw a link key").await
+        })
     }
 }
 
@@ -360,3 +637,177 @@ async fn keep_alive(
 /// The pause before trying a failed keep-alive again (not a busy loop against an etcd
 /// that refuses at once).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// What the masters share in etcd, as one master mirrors it by watch: presence, grants,
+/// claims and link keys, with when each edge's link key last went (on this master's
+/// monotonic clock).
+#[derive(Debug, Clone, Default)]
+pub struct Mirror {
+    /// Keys under the prefix (without it) and their values.
+    keys: BTreeMap<String, Vec<u8>>,
+    link_ended: BTreeMap<String, Mono>,
+    /// Whether the mirror follows etcd now (false: etcd out of reach, the mirror frozen).
+    pub following: bool,
+}
+
+impl Mirror {
+    fn under<'a>(&'a self, folder: &'a str) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        self.keys
+            .range(folder.to_string()..)
+            .take_while(move |(key, _)| key.starts_with(folder))
+            .map(move |(key, value)| (&key[folder.len()..], value.as_slice()))
+    }
+
+    /// The ids of the masters present (their leases live).
+    pub fn masters(&self) -> Vec<String> {
+        self.under("masters/")
+            .map(|(id, _)| id.to_string())
+            .collect()
+    }
+
+    /// What a present master said of itself when it joined.
+    pub fn master_info(&self, id: &str) -> Option<serde_json::Value> {
+        let value = self.keys.get(&format!("masters/{id}"))?;
+        serde_json::from_slice(value).ok()
+    }
+
+    /// The master holding `edge`'s link.
+    pub fn linked(&self, edge: &str) -> Option<String> {
+        let value = self.keys.get(&format!("links/{edge}"))?;
+        Some(String::from_utf8_lossy(value).into_owned())
+    }
+
+    /// When `edge`'s link key last went, as this master saw it.
+    pub fn link_ended(&self, edge: &str) -> Option<Mono> {
+        self.link_ended.get(edge).copied()
+    }
+
+    /// The master that claims to run `unit`.
+    pub fn runner(&self, unit: &str) -> Option<String> {
+        let value = self.keys.get(&format!("running/{unit}"))?;
+        Some(String::from_utf8_lossy(value).into_owned())
+    }
+
+    /// The edges whose links each master holds, and the units each runs.
+    pub fn holdings(&self) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
+        let mut holdings: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+        for (edge, master) in self.under("links/") {
+            let master = String::from_utf8_lossy(master).into_owned();
+            holdings.entry(master).or_default().0.push(edge.to_string());
+        }
+        for (unit, master) in self.under("running/") {
+            let master = String::from_utf8_lossy(master).into_owned();
+            holdings.entry(master).or_default().1.push(unit.to_string());
+        }
+        holdings
+    }
+
+    /// `unit`'s stored grant, and for a master's grant the master it names.
+    pub fn grant(&self, unit: &str) -> Option<(ControlState, Option<String>)> {
+        let value = self.keys.get(&format!("grants/{unit}"))?;
+        let stored: StoredGrant = serde_json::from_slice(value).ok()?;
+        Some((stored.grant, stored.master))
+    }
+
+    fn set(&mut self, key: String, value: Option<Vec<u8>>) {
+        let gone = value.is_none() && self.keys.contains_key(&key);
+        if let Some(edge) = key.strip_prefix("links/")
+            && gone
+        {
+            self.link_ended.insert(edge.to_string(), mono_now());
+        }
+        match value {
+            Some(value) => self.keys.insert(key, value),
+            None => self.keys.remove(&key),
+        };
+    }
+}
+
+/// Follows everything under `etcd`'s prefix into a [`Mirror`]: a read, then a watch from
+/// the revision after it; when the watch fails (etcd out of reach) the mirror is marked
+/// not following, and read again once etcd answers.
+pub fn follow(etcd: Etcd) -> tokio::sync::watch::Receiver<Arc<Mirror>> {
+    let (publish, mirror) = tokio::sync::watch::channel(Arc::new(Mirror::default()));
+    tokio::spawn(async move {
+        let mut current = Mirror::default();
+        loop {
+            if let Err(err) = follow_once(&etcd, &mut current, &publish).await {
+                tracing::warn!("following etcd: {err}; reading again shortly");
+            }
+            if publish.is_closed() {
+                return;
+            }
+            current.following = false;
+            publish.send_replace(Arc::new(current.clone()));
+            tokio::time::sleep(RETRY_PAUSE * 5).await;
+        }
+    });
+    mirror
+}
+
+async fn follow_once(
+    etcd: &Etcd,
+    current: &mut Mirror,
+    publish: &tokio::sync::watch::Sender<Arc<Mirror>>,
+) -> Result<(), StoreError> {
+    let prefix = etcd.key("");
+    let strip = |key: &[u8]| String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+    let read = etcd
+        .client()
+        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|err| etcd.error("cannot read the cluster's state", err))?;
+    let revision = read.header().map(|h| h.revision()).unwrap_or_default();
+    let fresh: BTreeMap<String, Vec<u8>> = read
+        .kvs()
+        .iter()
+        .map(|kv| (strip(kv.key()), kv.value().to_vec()))
+        .collect();
+    // What went while the mirror was not following went then, as far as it can tell.
+    let gone: Vec<String> = current
+        .keys
+        .keys()
+        .filter(|key| !fresh.contains_key(*key))
+        .cloned()
+        .collect();
+    for key in gone {
+        current.set(key, None);
+    }
+    for (key, value) in fresh {
+        current.set(key, Some(value));
+    }
+    current.following = true;
+    publish.send_replace(Arc::new(current.clone()));
+    let options = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
+    let mut stream = etcd
+        .client()
+        .watch(prefix.clone(), Some(options))
+        .await
+        .map_err(|err| etcd.error("cannot watch the cluster's state", err))?;
+    loop {
+        let answer = stream
+            .message()
+            .await
+            .map_err(|err| etcd.error("the watch failed", err))?;
+        let Some(answer) = answer else {
+            return Err(StoreError::Stopped("the watch ended".into()));
+        };
+        if answer.canceled() {
+            return Err(StoreError::Stopped("etcd cancelled the watch".into()));
+        }
+        for event in answer.events() {
+            let Some(kv) = event.kv() else { continue };
+            let value = match event.event_type() {
+                etcd_client::EventType::Put => Some(kv.value().to_vec()),
+                etcd_client::EventType::Delete => None,
+            };
+            current.set(strip(kv.key()), value);
+        }
+        if publish.is_closed() {
+            return Ok(());
+        }
+        publish.send_replace(Arc::new(current.clone()));
+    }
+}

@@ -33,6 +33,8 @@ pub enum IssueError {
         grant: ControlState,
         /// What is stored.
         stored: ControlState,
+        /// For a master's grant stored: whether it names this master.
+        stored_here: bool,
     },
     /// The store could not be read or written.
     #[error(transparent)]
@@ -42,8 +44,20 @@ pub enum IssueError {
 impl IssueError {
     /// The stored grant, when the store said what it holds.
     pub fn stored(&self) -> Option<ControlState> {
+        self.stored_held().map(|held| held.grant)
+    }
+
+    /// The stored grant and whether it names this master, when the store said.
+    pub fn stored_held(&self) -> Option<Held> {
         match self {
-            IssueError::Conflict { stored, .. } => Some(*stored),
+            IssueError::Conflict {
+                stored,
+                stored_here,
+                ..
+            } => Some(Held {
+                grant: *stored,
+                here: *stored_here,
+            }),
             IssueError::Store(_) => None,
         }
     }
@@ -52,37 +66,57 @@ impl IssueError {
 /// An answer of a [`Grants`] store, later.
 pub type Pending<T> = futures::future::BoxFuture<'static, T>;
 
+pub use crate::control::Held;
+
 /// What the control shells need of a store of grants. Asynchronous, because the stores
 /// are a file (redb, written on a blocking thread) or a network service (etcd).
 pub trait Grants: Send + Sync {
     /// Every edge location's stored grant (a location never granted is absent: it is the
     /// edge's, at epoch 0).
-    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, ControlState>, StoreError>>;
+    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, Held>, StoreError>>;
 
     /// Stores `grant` for `unit` if the stored grant is `expected` (absent counts as the
-    /// default) and `grant`'s epoch is above it; durable when it answers `Ok`.
+    /// default) and `grant`'s epoch is above it; durable when it answers `Ok`. A master's
+    /// grant names this master when `here`, else the master the expected grant names.
     fn issue(
         self: Arc<Self>,
         unit: String,
         expected: ControlState,
         grant: ControlState,
+        here: bool,
     ) -> Pending<Result<(), IssueError>>;
+
+    /// Whether `grant` is still the one stored for `unit` (a conflict naming what is, if
+    /// not). A master alone wrote it and nobody else: it is.
+    fn confirm(
+        self: Arc<Self>,
+        _unit: String,
+        _grant: ControlState,
+    ) -> Pending<Result<(), IssueError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 impl Grants for Store {
-    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, ControlState>, StoreError>> {
+    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, Held>, StoreError>> {
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || self.control_states())
+            let states = tokio::task::spawn_blocking(move || self.control_states())
                 .await
-                .map_err(|err| StoreError::Stopped(err.to_string()))?
+                .map_err(|err| StoreError::Stopped(err.to_string()))??;
+            Ok(states
+                .into_iter()
+                .map(|(unit, grant)| (unit, Held { grant, here: true }))
+                .collect())
         })
     }
 
+    /// A master alone holds every master's grant: `here` changes nothing.
     fn issue(
         self: Arc<Self>,
         unit: String,
         expected: ControlState,
         grant: ControlState,
+        _here: bool,
     ) -> Pending<Result<(), IssueError>> {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || self.issue_grant(&unit, expected, grant))
@@ -120,12 +154,31 @@ impl Store {
                 expected,
                 grant,
                 stored,
+                stored_here: true,
             }),
             Some(None) => Err(IssueError::Store(
                 self.corrupt(format!("control state of {unit} does not decode")),
             )),
         }
     }
+}
+
+/// What a master of a cluster says in the shared store beside grants: that it runs a
+/// unit (a claim, on its lease, which others wait to see gone before they start it), and
+/// that it holds an edge's link (so that no other master fails the edge over).
+pub trait Claims: Send + Sync {
+    /// Claims `unit` under this master's grant of `epoch`; refused when the grant is not
+    /// that, or another master's claim stands, or the lease is gone.
+    fn claim(self: Arc<Self>, unit: String, epoch: u64) -> Pending<Result<(), StoreError>>;
+
+    /// Withdraws this master's claim of `unit`, if it has one.
+    fn release(self: Arc<Self>, unit: String) -> Pending<Result<(), StoreError>>;
+
+    /// Says this master holds `edge`'s link (refused when the lease is gone).
+    fn link(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>>;
+
+    /// Withdraws that, if the link key is this master's.
+    fn unlink(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>>;
 }
 
 fn encode(state: ControlState) -> Vec<u8> {

@@ -14,7 +14,7 @@ pub mod etcd;
 mod grants;
 
 pub use audit::{AuditEntry, AuditSource};
-pub use grants::{Grants, IssueError, Pending};
+pub use grants::{Claims, Grants, Held, IssueError, Pending};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
