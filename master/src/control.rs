@@ -90,6 +90,8 @@ pub struct ClusterInputs {
     pub runners: BTreeMap<String, String>,
     /// Unit to its stored grant and, for a master's grant, the master it names.
     pub grants: BTreeMap<String, (ControlState, Option<String>)>,
+    /// What each present master said of itself (its API and link addresses).
+    pub info: BTreeMap<String, serde_json::Value>,
 }
 
 impl ClusterInputs {
@@ -330,6 +332,28 @@ impl Control {
             .await
             .map_err(|_| RestoreError::NotFound(edge.to_string()))?;
         answer.await.unwrap_or(Err(RestoreError::Stopped))
+    }
+
+    /// The cluster's inputs now, in a cluster.
+    pub fn cluster(&self) -> Option<Arc<ClusterInputs>> {
+        self.shared
+            .cluster
+            .as_ref()
+            .map(|c| c.inputs.borrow().clone())
+    }
+
+    /// The edge locations whose modules this master runs now.
+    pub fn running_here(&self) -> Vec<String> {
+        let mut edges: Vec<String> = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        edges.sort();
+        edges
     }
 
     /// The server's metrics.

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod cluster;
 mod control;
 mod demo;
 mod edge_link;

@@ -175,14 +175,24 @@ async fn serve(
     // Boot, in DESIGN.md's order. Load edges and systems, and every module but the edges'.
     let registry = EdgeRegistry::new(base_dir.clone());
     let runtime = Runtime::new("master", ScriptLimits::default());
+    // In a cluster the grants, claims and link keys live in etcd.
+    let cluster = crate::cluster::join_if_configured(&config).await?;
+    let grants: Arc<dyn tether_common::store::Grants> = match &cluster {
+        Some(node) => node.grants.clone(),
+        None => model.store(),
+    };
+    let hooks = cluster.as_ref().map(|node| node.hooks.clone());
     let control = Control::start(
         model.store(),
-        model.store(),
+        grants,
         runtime.clone(),
         registry.clone(),
-        None,
+        hooks.clone(),
     )
     .await?;
+    if let Some(hooks) = &hooks {
+        tokio::spawn(close_links_without_lease(hooks.clone(), registry.clone()));
+    }
     // Calls for modules the master does not run go to their edge.
     runtime.set_remote(Arc::new(LinkRemote::new(Arc::new(MasterLinks {
         registry: registry.clone(),
@@ -252,6 +262,7 @@ async fn serve(
             repos: repos.clone(),
             guard,
         },
+        hooks,
         accepted_rx,
     ));
 
@@ -265,6 +276,13 @@ async fn serve(
         runtime: runtime.clone(),
         control: control.clone(),
         repos,
+        me: (
+            config
+                .cluster
+                .as_ref()
+                .map_or(config.id.clone(), |c| c.master_id.clone()),
+            config.public_api_url(),
+        ),
     };
     let api_limits = ApiLimits::from_config(&config.limits);
     let router = crate::api::router(health.clone(), access, state, api_limits);
@@ -350,8 +368,57 @@ pub struct LinkContext {
     pub guard: Arc<crate::link_guard::LinkGuard>,
 }
 
-/// Registers each authenticated edge and serves what it sends until its link closes.
-async fn attach_links(context: LinkContext, mut accepted: mpsc::Receiver<AuthenticatedEdge>) {
+/// A master of a cluster whose lease lapses closes its edges' links (and refuses new
+/// ones, [`attach_links`]): the others cannot see a link it holds without a lease, and
+/// would fail the edge over while it runs its rooms. The edges go to another master.
+async fn close_links_without_lease(
+    hooks: crate::control::ClusterHooks,
+    registry: Arc<EdgeRegistry>,
+) {
+    use tether_common::control::Lease;
+    let mut inputs = hooks.inputs.clone();
+    let mut closed = false;
+    loop {
+        let lease = inputs.borrow_and_update().lease;
+        let now = tether_common::control::clock::mono_now();
+        let wait = match lease {
+            Lease::Until(until) if now < until => Some(Duration::from_millis(until.since(now))),
+            Lease::Alone => None,
+            _ => {
+                if !closed {
+                    tracing::warn!(
+                        "no lease: closing every edge link, so that the edges find a master in the cluster"
+                    );
+                    registry.close_all("this master has no lease in the cluster");
+                    closed = true;
+                }
+                None
+            }
+        };
+        if wait.is_some() {
+            closed = false;
+        }
+        let changed = match wait {
+            Some(wait) => tokio::select! {
+                changed = inputs.changed() => changed,
+                _ = tokio::time::sleep(wait) => Ok(()),
+            },
+            None => inputs.changed().await,
+        };
+        if changed.is_err() {
+            return;
+        }
+    }
+}
+
+/// Registers each authenticated edge and serves what it sends until its link closes. In
+/// a cluster a link is kept only while this master's lease allows and once its key is in
+/// etcd (so that no other master fails the edge over).
+async fn attach_links(
+    context: LinkContext,
+    cluster: Option<crate::control::ClusterHooks>,
+    mut accepted: mpsc::Receiver<AuthenticatedEdge>,
+) {
     while let Some(edge) = accepted.recv().await {
         let registry = context.registry.clone();
         let Some(generation) = registry.attach(&edge.edge_id, edge.link.clone(), edge.addr) else {
@@ -360,7 +427,25 @@ async fn attach_links(context: LinkContext, mut accepted: mpsc::Receiver<Authent
             continue;
         };
         let context = context.clone();
+        let cluster = cluster.clone();
         tokio::spawn(async move {
+            if let Some(cluster) = &cluster {
+                let now = tether_common::control::clock::mono_now();
+                let allowed = cluster.inputs.borrow().lease.allows(now);
+                let stored = match allowed {
+                    true => cluster.claims.clone().link(edge.edge_id.clone()).await,
+                    false => Err(tether_common::store::StoreError::Stopped(
+                        "this master has no lease in the cluster".into(),
+                    )),
+                };
+                if let Err(err) = stored {
+                    tracing::warn!(edge = %edge.edge_id, "link refused: {err}");
+                    edge.link
+                        .close(format!("this master cannot hold the link now: {err}"));
+                    registry.detach(&edge.edge_id, generation, "refused");
+                    return;
+                }
+            }
             let control = context.control.clone();
             // Here, not before the spawn: a unit whose queue is full holds back its own
             // edge's link only, never the attaching of others.
@@ -377,6 +462,12 @@ async fn attach_links(context: LinkContext, mut accepted: mpsc::Receiver<Authent
             .await;
             edge.link.closed().await;
             let reason = edge.link.close_reason().unwrap_or_default();
+            if let Some(cluster) = &cluster
+                && registry.link(&edge.edge_id).is_none()
+                && let Err(err) = cluster.claims.clone().unlink(edge.edge_id.clone()).await
+            {
+                tracing::warn!(edge = %edge.edge_id, "cannot withdraw the link key: {err}");
+            }
             if let Some(last_heard) = registry.detach(&edge.edge_id, generation, &reason) {
                 control
                     .event(

@@ -295,7 +295,8 @@ impl Cluster {
     }
 }
 
-fn site_toml(edges: &[String], settings: &str) -> String {
+/// The `[[edges]]` tables of a site file: `edges`, each with `settings` added.
+pub fn site_toml(edges: &[String], settings: &str) -> String {
     edges
         .iter()
         .map(|edge| {
@@ -308,7 +309,7 @@ fn site_toml(edges: &[String], settings: &str) -> String {
 
 /// Copies the workspace's example drivers to `to` (the repositories root holds the
 /// repositories: the workspace's own folder is outside it).
-fn copy_core_drivers(to: &Path) {
+pub fn copy_core_drivers(to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(crate::drivers_dir()).expect("the workspace's drivers") {
         let path = entry.unwrap().path();

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod etcd;
 pub mod flood;
 pub mod inproc;
+pub mod masters;
 pub mod process;
 pub mod proxy;
 pub mod rogue;

@@ -597,13 +597,31 @@ async fn keep_alive(
     loop {
         tokio::time::sleep_until(next_send).await;
         if stream.is_none() {
-            stream = tokio::time::timeout(answer_within, etcd.client().lease_keep_alive(lease))
-                .await
-                .ok()
-                .and_then(Result::ok);
+            stream =
+                match tokio::time::timeout(answer_within, etcd.client().lease_keep_alive(lease))
+                    .await
+                {
+                    Ok(Ok(opened)) => Some(opened),
+                    Ok(Err(err)) if lease_gone(&err) => {
+                        tracing::error!(lease, "etcd says the presence lease is gone: {err}");
+                        clock.lost();
+                        publish.send_replace(clock.held_until());
+                        return;
+                    }
+                    Ok(Err(err)) => {
+                        tracing::warn!(lease, "presence keep-alive: {err}; trying again");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            lease,
+                            "presence keep-alive: etcd does not answer; trying again"
+                        );
+                        None
+                    }
+                };
         }
         let Some((keeper, answers)) = stream.as_mut() else {
-            tracing::warn!(lease, "presence keep-alive: etcd unreachable; trying again");
             next_send = tokio::time::Instant::now() + RETRY_PAUSE;
             continue;
         };
@@ -624,6 +642,12 @@ async fn keep_alive(
                 publish.send_replace(clock.held_until());
                 return;
             }
+            Ok(Err(err)) if lease_gone(&err) => {
+                tracing::error!(lease, "etcd says the presence lease is gone: {err}");
+                clock.lost();
+                publish.send_replace(clock.held_until());
+                return;
+            }
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                 tracing::warn!(lease, "presence keep-alive unanswered; trying again");
                 stream = None;
@@ -632,6 +656,11 @@ async fn keep_alive(
         }
         publish.send_replace(clock.held_until());
     }
+}
+
+/// Whether etcd answered that the lease no longer exists (it expired).
+fn lease_gone(err: &etcd_client::Error) -> bool {
+    err.to_string().contains("lease not found")
 }
 
 /// The pause before trying a failed keep-alive again (not a busy loop against an etcd
@@ -700,6 +729,35 @@ impl Mirror {
             holdings.entry(master).or_default().1.push(unit.to_string());
         }
         holdings
+    }
+
+    /// Every edge's link holder.
+    pub fn links(&self) -> BTreeMap<String, String> {
+        self.under("links/")
+            .map(|(edge, m)| (edge.to_string(), String::from_utf8_lossy(m).into_owned()))
+            .collect()
+    }
+
+    /// When each edge's link key last went, as this master saw it.
+    pub fn links_ended(&self) -> BTreeMap<String, Mono> {
+        self.link_ended.clone()
+    }
+
+    /// Every claimed unit and the master claiming it.
+    pub fn runners(&self) -> BTreeMap<String, String> {
+        self.under("running/")
+            .map(|(unit, m)| (unit.to_string(), String::from_utf8_lossy(m).into_owned()))
+            .collect()
+    }
+
+    /// Every stored grant, and for a master's grant the master it names.
+    pub fn grants(&self) -> BTreeMap<String, (ControlState, Option<String>)> {
+        self.under("grants/")
+            .filter_map(|(unit, value)| {
+                let stored: StoredGrant = serde_json::from_slice(value).ok()?;
+                Some((unit.to_string(), (stored.grant, stored.master)))
+            })
+            .collect()
     }
 
     /// `unit`'s stored grant, and for a master's grant the master it names.

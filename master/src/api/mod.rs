@@ -32,6 +32,8 @@ pub struct AppState {
     pub control: crate::control::Control,
     /// The driver repositories.
     pub repos: Arc<crate::repos::Repositories>,
+    /// This master's id and API address, for `GET /api/v1/masters`.
+    pub me: (String, String),
 }
 
 /// The router: health is open (for load balancers and probes); the rest needs the token.
@@ -47,6 +49,7 @@ pub fn router(
         .merge(users::routes())
         .merge(repos::routes())
         .route("/api/v1/edges/{id}/slice", axum::routing::get(edge_slice))
+        .route("/api/v1/masters", axum::routing::get(masters))
         .with_state(state.clone())
         .merge(module_routes(state.runtime.clone()))
         .merge(live_routes(live));
@@ -96,4 +99,51 @@ async fn edge_slice(
         "version": version,
         "records": model.slice(&id).dump_for_clients(),
     })))
+}
+
+/// The masters: in a cluster each present one (its id, API address, the edges whose links
+/// it holds and the units it runs, from etcd as this master follows it); alone, itself.
+async fn masters(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::Json<Vec<Value>> {
+    let (id, api_url) = state.me.clone();
+    let Some(cluster) = state.control.cluster() else {
+        let (model, _) = state.model.snapshot();
+        let linked: Vec<&String> = model
+            .edges
+            .keys()
+            .filter(|edge| state.edges.link(edge).is_some())
+            .collect();
+        return axum::Json(vec![serde_json::json!({
+            "id": id,
+            "api_url": api_url,
+            "alive": true,
+            "edges": linked,
+            "units": state.control.running_here(),
+            "lease_age_ms": null,
+        })]);
+    };
+    let held = |map: &std::collections::BTreeMap<String, String>, master: &str| -> Vec<String> {
+        map.iter()
+            .filter(|(_, m)| *m == master)
+            .map(|(unit, _)| unit.clone())
+            .collect()
+    };
+    axum::Json(
+        cluster
+            .live
+            .iter()
+            .map(|master| {
+                let info = cluster.info.get(master);
+                serde_json::json!({
+                    "id": master,
+                    "api_url": info.and_then(|i| i.get("api_url")).cloned().unwrap_or(Value::Null),
+                    "alive": true,
+                    "edges": held(&cluster.links, master),
+                    "units": held(&cluster.runners, master),
+                    "lease_age_ms": null,
+                })
+            })
+            .collect(),
+    )
 }

@@ -1,0 +1,209 @@
+//! This master in a cluster (`[cluster]` in master.toml): it joins etcd (a presence key on
+//! a lease it keeps alive), keeps grants, claims and link keys there, follows what the
+//! other masters do by watch, and hands its control the inputs it decides on. Built with
+//! the `cluster` feature; without it a `[cluster]` table is refused with the way to build
+//! one that has it.
+
+use std::sync::Arc;
+
+use tether_common::store::Grants;
+
+use crate::control::ClusterHooks;
+
+/// What a master of a cluster runs on besides its own store.
+pub struct Node {
+    /// Grants in etcd.
+    pub grants: Arc<dyn Grants>,
+    /// Claims, link keys and the cluster's inputs, for the control.
+    pub hooks: ClusterHooks,
+}
+
+/// Joins the cluster `config` names, if any.
+#[cfg(not(feature = "cluster"))]
+pub async fn join_if_configured(
+    config: &tether_config::MasterConfig,
+) -> anyhow::Result<Option<Node>> {
+    if config.cluster.is_some() {
+        anyhow::bail!(
+            "master.toml has a [cluster] table, but this tether-master was built without the cluster feature: build it with `cargo build --release -p tether-master --features cluster` (it needs protoc, Debian's protobuf-compiler)"
+        );
+    }
+    Ok(None)
+}
+
+#[cfg(feature = "cluster")]
+pub use joined::join_if_configured;
+
+#[cfg(feature = "cluster")]
+mod joined {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use anyhow::Context;
+    use tether_common::control::{Lease, Mono};
+    use tether_common::store::etcd::{Etcd, EtcdControl, Mirror, Presence, follow};
+    use tether_config::{ClusterConfig, MasterConfig};
+    use tokio::sync::watch;
+
+    use super::Node;
+    use crate::control::{ClusterHooks, ClusterInputs};
+
+    /// Units start stopping this long before the lease can have expired: a stop closes
+    /// the device connections at once (a stuck script may take longer, holding no device).
+    const STOP_ALLOWANCE_MS: u64 = 500;
+    /// A request to etcd that takes longer has failed.
+    const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// Joins the cluster `config` names, if any: connects to etcd (an error naming the
+    /// endpoints when it does not answer), writes this master's presence (refused when a
+    /// live master has its id), and follows the cluster.
+    pub async fn join_if_configured(config: &MasterConfig) -> anyhow::Result<Option<Node>> {
+        let Some(cluster) = &config.cluster else {
+            return Ok(None);
+        };
+        let etcd = Etcd::connect_with(
+            &cluster.etcd,
+            &cluster.prefix,
+            ETCD_TIMEOUT,
+            tls_options(cluster)?,
+        )
+        .await
+        .context("cannot join the cluster ([cluster] etcd in master.toml)")?;
+        let info = serde_json::json!({
+            "api_url": config.public_api_url(),
+            "link": config.link_listen.to_string(),
+        });
+        let presence = Presence::join(&etcd, &cluster.master_id, &info, cluster.lease_ms)
+            .await
+            .context("cannot join the cluster")?;
+        tracing::info!(master = %cluster.master_id, endpoints = %cluster.etcd.join(", "), "joined the cluster");
+        let control = Arc::new(EtcdControl::new(
+            etcd.clone(),
+            &cluster.master_id,
+            Some(presence.lease()),
+        ));
+        let mirror = follow(etcd.clone());
+        let (publish, inputs) = watch::channel(Arc::new(ClusterInputs {
+            me: cluster.master_id.clone(),
+            ..ClusterInputs::default()
+        }));
+        tokio::spawn(feed(
+            Joined {
+                etcd,
+                control: control.clone(),
+                cluster: cluster.clone(),
+                info,
+            },
+            presence,
+            mirror,
+            publish,
+        ));
+        Ok(Some(Node {
+            grants: control.clone(),
+            hooks: ClusterHooks {
+                claims: control,
+                inputs,
+            },
+        }))
+    }
+
+    fn tls_options(cluster: &ClusterConfig) -> anyhow::Result<Option<etcd_client::TlsOptions>> {
+        let Some(tls) = &cluster.tls else {
+            return Ok(None);
+        };
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .with_context(|| format!("cannot read {} ([cluster.tls])", path.display()))
+        };
+        let mut options = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?));
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            options = options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(Some(options))
+    }
+
+    /// What joining again needs.
+    struct Joined {
+        etcd: Etcd,
+        control: Arc<EtcdControl>,
+        cluster: ClusterConfig,
+        info: serde_json::Value,
+    }
+
+    /// Publishes the control's inputs whenever the mirror or the lease changes; joins
+    /// again on a new lease when etcd says the old one is gone.
+    async fn feed(
+        joined: Joined,
+        mut presence: Presence,
+        mut mirror: watch::Receiver<Arc<Mirror>>,
+        publish: watch::Sender<Arc<ClusterInputs>>,
+    ) {
+        let me = joined.cluster.master_id.clone();
+        let mut held = presence.held_until();
+        loop {
+            let lease = match *held.borrow_and_update() {
+                Some(until) => Lease::Until(Mono(until.0.saturating_sub(STOP_ALLOWANCE_MS))),
+                None => Lease::Lost,
+            };
+            let view = mirror.borrow_and_update().clone();
+            publish.send_replace(Arc::new(inputs(&me, lease, &view)));
+            let lost = tokio::select! {
+                changed = held.changed() => changed.is_err() || held.borrow().is_none(),
+                changed = mirror.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    false
+                }
+            };
+            if lost {
+                publish.send_replace(Arc::new(inputs(&me, Lease::Lost, &mirror.borrow())));
+                presence = rejoin(&joined).await;
+                held = presence.held_until();
+            }
+        }
+    }
+
+    /// Joins again until it can (the old lease is gone, so its id is free).
+    async fn rejoin(joined: &Joined) -> Presence {
+        loop {
+            tracing::warn!("the presence lease is gone: joining the cluster again");
+            match Presence::join(
+                &joined.etcd,
+                &joined.cluster.master_id,
+                &joined.info,
+                joined.cluster.lease_ms,
+            )
+            .await
+            {
+                Ok(presence) => {
+                    joined.control.set_lease(presence.lease());
+                    return presence;
+                }
+                Err(err) => {
+                    tracing::error!("cannot join the cluster again: {err}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn inputs(me: &str, lease: Lease, mirror: &Mirror) -> ClusterInputs {
+        ClusterInputs {
+            me: me.to_string(),
+            lease,
+            live: mirror.masters(),
+            links: mirror.links(),
+            link_ended: mirror.links_ended(),
+            runners: mirror.runners(),
+            grants: mirror.grants(),
+            info: mirror
+                .masters()
+                .into_iter()
+                .filter_map(|id| Some((id.clone(), mirror.master_info(&id)?)))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Several masters on a real etcd (real processes, a projector simulator allowing one
+//! session, fault proxies between each master and etcd): an edge killed is taken over by
+//! exactly one master; the master running it, cut off from etcd, stops before its lease
+//! can have expired and a survivor starts it after, with a gap on the device and no
+//! overlap; healed, the cut master rejoins and takes nothing back.
+#![cfg(feature = "cluster")]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tether_tests::api::ApiClient;
+use tether_tests::masters::{Masters, MastersSpec};
+use tether_tests::sim::Sim;
+use tether_tests::{CORE, wait_for};
+
+const TIMEOUT_MS: u64 = 2000;
+const LEASE_MS: u64 = 3000;
+
+fn site(projector: u16) -> String {
+    format!(
+        r#"
+[[repositories]]
+id = "core"
+path = "{CORE}"
+
+[[repositories]]
+id = "extra"
+path = "repos/extra-drivers"
+
+[[drivers]]
+id = "projector"
+repository = "core"
+file = "projector.rhai"
+delimiter = "\r"
+default_settings = {{ poll_ms = 300 }}
+
+[[drivers]]
+id = "note"
+repository = "extra"
+file = "note.rhai"
+transport = "none"
+
+[[modules]]
+id = "proj"
+driver = "projector"
+name = "Display"
+host = "127.0.0.1"
+port = {projector}
+edge = "site-1"
+
+[[modules]]
+id = "note"
+driver = "note"
+name = "Note"
+edge = "site-1"
+
+[[systems]]
+id = "room"
+name = "Room"
+edge = "site-1"
+modules = ["proj", "note"]
+"#
+    )
+}
+
+async fn start(projector: &Sim, masters: usize) -> Masters {
+    Masters::start(MastersSpec {
+        masters,
+        edges: vec!["site-1".into()],
+        lease_ms: LEASE_MS,
+        edge_settings: format!("failover = true\ntimeout_ms = {TIMEOUT_MS}\nstandby = \"cold\""),
+        site_extra: site(projector.port()),
+        files: vec![(
+            "repos/extra-drivers/note.rhai".into(),
+            "fn ping() { \"pong\" }\n".into(),
+        )],
+    })
+    .await
+}
+
+/// Who runs `Note 1` as `api` sees it (`None`: nobody answers it there).
+async fn executor(api: &ApiClient) -> Option<String> {
+    let (status, body) = api.exec("room", "Note", 1, "ping", json!([])).await;
+    (status == 200).then(|| body["executed_by"].as_str().unwrap_or_default().to_string())
+}
+
+/// The index of the master that runs the room's modules now, per the masters' API.
+async fn runner(cluster: &Masters) -> Option<usize> {
+    for i in 0..cluster.masters.len() {
+        if executor(&cluster.master_api(i)).await.as_deref() == Some("master") {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Changes of owner of site-1 a master recorded itself.
+async fn takeovers(api: &ApiClient) -> Vec<Value> {
+    let (_, body) = api.get("/api/v1/audit?edge=site-1").await;
+    body.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e["to"] == "master" && e["reported_by"].is_null())
+        .collect()
+}
+
+/// Device sessions that were refused (a second controller while one was connected).
+fn refused(sim: &Sim) -> usize {
+    sim.events_of("refused").len()
+}
+
+#[tokio::test]
+async fn an_edge_killed_is_taken_over_by_exactly_one_master_and_a_cut_one_hands_over_without_overlap()
+ {
+    let projector = Sim::projector();
+    let mut cluster = start(&projector, 2).await;
+    let edge = cluster.edge_admin(0).await;
+    wait_for(
+        "the edge to run its room",
+        Duration::from_secs(15),
+        || async { (executor(&edge).await.as_deref() == Some("edge:site-1")).then_some(()) },
+    )
+    .await;
+    let (status, listed) = cluster.master_api(0).get("/api/v1/masters").await;
+    assert_eq!(status, 200, "{listed}");
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["m1", "m2"], "{listed}");
+
+    // The edge dies: exactly one master takes over, after the timeout.
+    cluster.edges[0].kill();
+    let killed = Instant::now();
+    let holder = wait_for(
+        "a master to run the room",
+        Duration::from_millis(TIMEOUT_MS + 5_000),
+        || runner(&cluster),
+    )
+    .await;
+    let took = killed.elapsed();
+    eprintln!(
+        "m{} took site-1 over {} ms after the kill",
+        holder + 1,
+        took.as_millis()
+    );
+    let mut records = 0;
+    for i in 0..cluster.masters.len() {
+        records += takeovers(&cluster.master_api(i)).await.len();
+    }
+    assert_eq!(records, 1, "one change of owner, by one master");
+    wait_for(
+        "the master's device session",
+        Duration::from_secs(5),
+        || async { (projector.open_sessions() == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(refused(&projector), 0, "{:?}", projector.events());
+
+    // The holder is cut off from etcd: it stops before its lease can have expired, and
+    // the survivor starts after that, so the device shows a gap and never two sessions.
+    let survivor = 1 - holder;
+    cluster.masters[holder].etcd_proxy.cut();
+    let cut = Instant::now();
+    wait_for(
+        "the survivor to run the room",
+        Duration::from_millis(3 * LEASE_MS + TIMEOUT_MS + 5_000),
+        || async { (runner(&cluster).await == Some(survivor)).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "{} took the room over {} ms after {} was cut off from etcd",
+        cluster.masters[survivor].id,
+        cut.elapsed().as_millis(),
+        cluster.masters[holder].id
+    );
+    assert_eq!(
+        refused(&projector),
+        0,
+        "no overlap: {:?}",
+        projector.events()
+    );
+    let events = projector.events();
+    let last_disconnect = events.iter().rposition(|e| e["event"] == "disconnect");
+    let last_connect = events.iter().rposition(|e| e["event"] == "connect");
+    assert!(
+        last_disconnect < last_connect,
+        "the cut master's session ended before the survivor's began: {events:?}"
+    );
+
+    // Healed, the cut master rejoins and takes nothing back.
+    cluster.masters[holder].etcd_proxy.heal();
+    tokio::time::sleep(Duration::from_millis(2 * LEASE_MS)).await;
+    assert_eq!(runner(&cluster).await, Some(survivor), "nothing taken back");
+    assert_eq!(refused(&projector), 0, "{:?}", projector.events());
+    let (_, listed) = cluster.master_api(survivor).get("/api/v1/masters").await;
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(2),
+        "both present again: {listed}"
+    );
+    // The edge comes back, links to one of the masters, and is told the rules' answer:
+    // a master runs its room (rule 4), so the room stays where it runs.
+    cluster.edges[0].restart();
+    let edge = cluster.edge_admin(0).await;
+    wait_for("the edge linked again", Duration::from_secs(15), || async {
+        let me = edge.edge("site-1").await?;
+        (me["online"] == true && me["owner"] == "master").then_some(())
+    })
+    .await;
+    assert_eq!(
+        runner(&cluster).await,
+        Some(survivor),
+        "the room stays where it runs"
+    );
+    assert_eq!(refused(&projector), 0, "{:?}", projector.events());
+}
