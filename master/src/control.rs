@@ -129,6 +129,14 @@ pub struct ClusterHooks {
     pub inputs: watch::Receiver<Arc<ClusterInputs>>,
 }
 
+/// A unit of modules of no edge in a cluster: no edge to wait for, so the master the hash
+/// picks takes it at once, and another when that one is gone (its claim with its lease).
+const LOCAL_UNIT: EdgeSettings = EdgeSettings {
+    failover: true,
+    timeout_ms: 0,
+    window: None,
+};
+
 /// What the coordinating task hears: from the server itself, rarely.
 enum Coordination {
     /// The model changed: reconcile the modules of no edge (and whatever else changed).
@@ -231,27 +239,45 @@ impl Control {
         {
             let mut units = self.units.write().unwrap_or_else(|p| p.into_inner());
             // A removed edge's task ends when its queue's last sender goes.
-            units.retain(|id, _| model.edges.contains_key(id));
+            // In a cluster the modules of no edge run in units of their own (a system),
+            // placed on one master: each is a unit with no link, failed over at once.
+            let local = match self.shared.cluster {
+                Some(_) => model.local_units(),
+                None => Default::default(),
+            };
+            units.retain(|id, _| model.edges.contains_key(id) || local.contains(id));
             for (id, record) in &model.edges {
                 if !units.contains_key(id) {
-                    units.insert(id.clone(), self.start_unit(id, record));
+                    units.insert(id.clone(), self.start_unit(id, settings(record)));
+                }
+            }
+            for id in &local {
+                if !units.contains_key(id) {
+                    units.insert(id.clone(), self.start_unit(id, LOCAL_UNIT));
                 }
             }
         }
+        let units: HashSet<String> = self
+            .units
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         self.shared
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|id| model.edges.contains_key(id));
+            .retain(|id| units.contains(id));
         self.states
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, _| model.edges.contains_key(id));
+            .retain(|id, _| units.contains(id));
         self.coordinate(Coordination::Model);
     }
 
     /// Makes an edge location's unit: its machine from the grant stored last, its task.
-    fn start_unit(&self, id: &str, record: &EdgeRecord) -> mpsc::Sender<UnitCommand> {
+    fn start_unit(&self, id: &str, settings: EdgeSettings) -> mpsc::Sender<UnitCommand> {
         let persisted = self
             .shared
             .persisted
@@ -269,11 +295,11 @@ impl Control {
         let machine = match self.shared.cluster {
             Some(_) => MasterSide::in_cluster(
                 id,
-                settings(record),
+                settings,
                 (persisted.grant, persisted.here),
                 Now::system(),
             ),
-            None => MasterSide::new(id, settings(record), persisted.grant, Now::system()),
+            None => MasterSide::new(id, settings, persisted.grant, Now::system()),
         };
         let unit = Unit {
             edge: id.to_string(),
@@ -508,11 +534,17 @@ impl Shared {
             .runtime
             .reconcile_waiting_for(
                 || read.get_or_init(|| self.model.borrow().clone()).clone(),
-                |module| match read.get().and_then(|model| model.module_edge(module)) {
-                    // In a cluster a module of no edge needs a placement on one master,
-                    // which is not built yet: none runs them rather than all.
-                    None => self.cluster.is_none(),
-                    Some(edge) => running(&edge),
+                |module| {
+                    let Some(model) = read.get() else {
+                        return false;
+                    };
+                    match model.module_edge(module) {
+                        // Alone, a master runs every module of no edge; in a cluster,
+                        // those of the units it holds.
+                        None if self.cluster.is_none() => true,
+                        None => model.local_unit(module).is_some_and(|unit| running(&unit)),
+                        Some(edge) => running(&edge),
+                    }
                 },
                 awaited,
             )
@@ -619,9 +651,10 @@ impl Unit {
                     if changed.is_err() {
                         return;
                     }
-                    let record = model.borrow_and_update().edges.get(&self.edge).cloned();
-                    match record {
-                        Some(record) => self.machine.set_settings(settings(&record)),
+                    let now = model.borrow_and_update().clone();
+                    match now.edges.get(&self.edge) {
+                        Some(record) => self.machine.set_settings(settings(record)),
+                        None if now.local_units().contains(&self.edge) => {}
                         None => return,
                     }
                 }
@@ -842,7 +875,10 @@ impl Unit {
                     let own: HashSet<String> = model
                         .modules
                         .values()
-                        .filter(|m| model.module_edge(m).as_deref() == Some(edge))
+                        .filter(|m| {
+                            model.module_edge(m).as_deref() == Some(edge)
+                                || model.local_unit(m).as_deref() == Some(edge)
+                        })
                         .map(|m| m.id.clone())
                         .collect();
                     self.shared.reconcile(|id| own.contains(id)).await;

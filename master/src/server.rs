@@ -174,7 +174,12 @@ async fn serve(
         .unwrap_or_default();
     // Boot, in DESIGN.md's order. Load edges and systems, and every module but the edges'.
     let registry = EdgeRegistry::new(base_dir.clone());
-    let runtime = Runtime::new("master", ScriptLimits::default());
+    // Among several masters, what one ran names it.
+    let executed_by = match &config.cluster {
+        Some(cluster) => format!("master:{}", cluster.master_id),
+        None => "master".to_string(),
+    };
+    let runtime = Runtime::new(executed_by, ScriptLimits::default());
     // In a cluster the grants, claims and link keys live in etcd.
     let cluster = crate::cluster::join_if_configured(&config).await?;
     let grants: Arc<dyn tether_common::store::Grants> = match &cluster {

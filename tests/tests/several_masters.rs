@@ -84,25 +84,38 @@ async fn executor(api: &ApiClient) -> Option<String> {
     (status == 200).then(|| body["executed_by"].as_str().unwrap_or_default().to_string())
 }
 
-/// The index of the master that runs the room's modules now, per the masters' API.
-async fn runner(cluster: &Masters) -> Option<usize> {
-    for i in 0..cluster.masters.len() {
-        if executor(&cluster.master_api(i)).await.as_deref() == Some("master") {
+/// The index of the master that runs `system`'s Note now: the one whose answer names it.
+async fn runner_of(cluster: &Masters, system: &str) -> Option<usize> {
+    for (i, master) in cluster.masters.iter().enumerate() {
+        let (status, body) = cluster
+            .master_api(i)
+            .exec(system, "Note", 1, "ping", json!([]))
+            .await;
+        if status == 200 && body["executed_by"] == format!("master:{}", master.id) {
             return Some(i);
         }
     }
     None
 }
 
-/// Changes of owner of site-1 a master recorded itself.
-async fn takeovers(api: &ApiClient) -> Vec<Value> {
-    let (_, body) = api.get("/api/v1/audit?edge=site-1").await;
+/// The index of the master that runs the room's modules now.
+async fn runner(cluster: &Masters) -> Option<usize> {
+    runner_of(cluster, "room").await
+}
+
+/// Changes of owner of `edge` to a master that a master recorded itself.
+async fn takeovers_of(api: &ApiClient, edge: &str) -> Vec<Value> {
+    let (_, body) = api.get(&format!("/api/v1/audit?edge={edge}")).await;
     body.as_array()
         .cloned()
         .unwrap_or_default()
         .into_iter()
         .filter(|e| e["to"] == "master" && e["reported_by"].is_null())
         .collect()
+}
+
+async fn takeovers(api: &ApiClient) -> Vec<Value> {
+    takeovers_of(api, "site-1").await
 }
 
 /// Device sessions that were refused (a second controller while one was connected).
@@ -217,4 +230,157 @@ async fn an_edge_killed_is_taken_over_by_exactly_one_master_and_a_cut_one_hands_
         "the room stays where it runs"
     );
     assert_eq!(refused(&projector), 0, "{:?}", projector.events());
+}
+
+/// Rooms of two edges, and a hall of no edge (a projector allowing one session).
+fn hall_site(hall_projector: u16) -> String {
+    format!(
+        r#"
+[[repositories]]
+id = "core"
+path = "{CORE}"
+
+[[repositories]]
+id = "extra"
+path = "repos/extra-drivers"
+
+[[drivers]]
+id = "projector"
+repository = "core"
+file = "projector.rhai"
+delimiter = "\r"
+default_settings = {{ poll_ms = 300 }}
+
+[[drivers]]
+id = "note"
+repository = "extra"
+file = "note.rhai"
+transport = "none"
+
+[[modules]]
+id = "note-1"
+driver = "note"
+name = "Note"
+edge = "site-1"
+
+[[modules]]
+id = "note-2"
+driver = "note"
+name = "Note"
+edge = "site-2"
+
+[[modules]]
+id = "hall-note"
+driver = "note"
+name = "Note"
+
+[[modules]]
+id = "hall-display"
+driver = "projector"
+name = "Display"
+host = "127.0.0.1"
+port = {hall_projector}
+
+[[systems]]
+id = "room-1"
+name = "Room 1"
+edge = "site-1"
+modules = ["note-1"]
+
+[[systems]]
+id = "room-2"
+name = "Room 2"
+edge = "site-2"
+modules = ["note-2"]
+
+[[systems]]
+id = "hall"
+name = "Hall"
+modules = ["hall-note", "hall-display"]
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_keep_their_rooms() {
+    let projector = Sim::projector();
+    let mut cluster = Masters::start(MastersSpec {
+        masters: 3,
+        edges: vec!["site-1".into(), "site-2".into()],
+        lease_ms: LEASE_MS,
+        edge_settings: format!("failover = true\ntimeout_ms = {TIMEOUT_MS}\nstandby = \"cold\""),
+        site_extra: hall_site(projector.port()),
+        files: vec![(
+            "repos/extra-drivers/note.rhai".into(),
+            "fn ping() { \"pong\" }\n".into(),
+        )],
+    })
+    .await;
+    let edges = [cluster.edge_admin(0).await, cluster.edge_admin(1).await];
+    for (i, edge) in edges.iter().enumerate() {
+        let (system, who) = (format!("room-{}", i + 1), format!("edge:site-{}", i + 1));
+        wait_for(
+            "each edge to run its room",
+            Duration::from_secs(15),
+            || async {
+                let (status, body) = edge.exec(&system, "Note", 1, "ping", json!([])).await;
+                (status == 200 && body["executed_by"] == who).then_some(())
+            },
+        )
+        .await;
+    }
+    // The hall runs on exactly one master.
+    let holder = wait_for("a master to run the hall", Duration::from_secs(10), || {
+        runner_of(&cluster, "hall")
+    })
+    .await;
+    wait_for(
+        "the hall's device session",
+        Duration::from_secs(5),
+        || async { (projector.open_sessions() == 1).then_some(()) },
+    )
+    .await;
+
+    // SIGKILL it: a survivor runs the hall once the lease is gone.
+    cluster.masters[holder].server.kill();
+    let killed = Instant::now();
+    let survivor = wait_for(
+        "a survivor to run the hall",
+        Duration::from_millis(2 * LEASE_MS + 5_000),
+        || runner_of(&cluster, "hall"),
+    )
+    .await;
+    let took = killed.elapsed();
+    eprintln!(
+        "{} ran the hall {} ms after {} was killed (lease_ms {LEASE_MS})",
+        cluster.masters[survivor].id,
+        took.as_millis(),
+        cluster.masters[holder].id
+    );
+    assert_ne!(survivor, holder);
+    assert!(
+        took < Duration::from_millis(LEASE_MS + 1_500),
+        "within the lease and a little: {took:?}"
+    );
+    assert_eq!(refused(&projector), 0, "{:?}", projector.events());
+
+    // The edges kept their rooms all along, and are linked to survivors.
+    for (i, edge) in edges.iter().enumerate() {
+        let (system, who) = (format!("room-{}", i + 1), format!("edge:site-{}", i + 1));
+        let (status, body) = edge.exec(&system, "Note", 1, "ping", json!([])).await;
+        assert_eq!((status, &body["executed_by"]), (200, &json!(who)), "{body}");
+        wait_for("each edge linked", Duration::from_secs(10), || async {
+            let me = edge.edge(&format!("site-{}", i + 1)).await?;
+            (me["online"] == true).then_some(())
+        })
+        .await;
+    }
+    for i in (0..cluster.masters.len()).filter(|i| *i != holder) {
+        for edge in ["site-1", "site-2"] {
+            assert!(
+                takeovers_of(&cluster.master_api(i), edge).await.is_empty(),
+                "no change of owner for {edge}"
+            );
+        }
+    }
 }

@@ -225,4 +225,30 @@ impl Model {
                 .find_map(|system| system.edge.clone())
         })
     }
+
+    /// For a module of no edge, the unit it runs in among several masters: its system
+    /// (`system:ID`, the first by id when several list it), or itself (`module:ID`) when no
+    /// system does. `None` for a module of an edge.
+    pub fn local_unit(&self, module: &ModuleRecord) -> Option<String> {
+        if self.module_edge(module).is_some() {
+            return None;
+        }
+        Some(
+            self.systems_of(&module.id)
+                .map(|system| system.id.as_str())
+                .min()
+                .map_or_else(
+                    || format!("module:{}", module.id),
+                    |id| format!("system:{id}"),
+                ),
+        )
+    }
+
+    /// The units of modules of no edge ([`local_unit`](Self::local_unit)).
+    pub fn local_units(&self) -> std::collections::BTreeSet<String> {
+        self.modules
+            .values()
+            .filter_map(|module| self.local_unit(module))
+            .collect()
+    }
 }

@@ -208,4 +208,45 @@ mod tests {
         assert_eq!(slice.modules.keys().collect::<Vec<_>>(), ["m2"]);
         assert!(slice.systems.is_empty());
     }
+
+    #[test]
+    fn a_module_of_no_edge_runs_in_its_first_system_or_alone() {
+        let mut model = model();
+        for (kind, id, json) in [
+            (
+                EntityKind::Module,
+                "h1",
+                r#"{"id":"h1","driver":"proj","name":"Display"}"#,
+            ),
+            (
+                EntityKind::Module,
+                "h2",
+                r#"{"id":"h2","driver":"proj","name":"Display"}"#,
+            ),
+            (
+                EntityKind::System,
+                "zhall",
+                r#"{"id":"zhall","modules":["h1"]}"#,
+            ),
+            (
+                EntityKind::System,
+                "hall",
+                r#"{"id":"hall","modules":["h1"]}"#,
+            ),
+        ] {
+            model.set_json(kind, id, Some(json)).unwrap();
+        }
+        let unit = |id: &str| model.local_unit(&model.modules[id]);
+        assert_eq!(
+            unit("h1").as_deref(),
+            Some("system:hall"),
+            "the first by id"
+        );
+        assert_eq!(unit("h2").as_deref(), Some("module:h2"), "in no system");
+        assert_eq!(unit("p1"), None, "a module of an edge");
+        assert_eq!(
+            model.local_units().into_iter().collect::<Vec<_>>(),
+            ["module:h2", "system:hall"]
+        );
+    }
 }

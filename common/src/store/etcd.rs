@@ -524,40 +524,42 @@ impl Presence {
     ) -> Result<Presence, JoinError> {
         let mut client = etcd.client();
         let ttl_s = ttl_ms.div_ceil(1000).max(1) as i64;
-        let sent = mono_now();
-        let granted = client
-            .lease_grant(ttl_s, None)
-            .await
-            .map_err(|err| etcd.error("cannot grant a lease", err))?;
-        let mut clock = LeaseClock::new(ttl_s as u64 * 1000);
-        clock.renewed(sent, granted.ttl().max(0) as u64 * 1000);
-        let lease = granted.id();
         let key = etcd.key(&format!("masters/{master_id}"));
         let value = serde_json::to_vec(info).unwrap_or_default();
-        let txn = Txn::new()
-            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key,
-                value,
-                Some(etcd_client::PutOptions::new().with_lease(lease)),
-            )]);
         // A key left by this master's previous run (killed within its time to live)
-        // expires within that time; one kept alive longer belongs to a live master.
+        // expires within that time; one kept alive longer belongs to a live master. Each
+        // try is on a lease of its own, granted just before (one granted at the start
+        // could expire while the old key is waited out).
         let give_up = tokio::time::Instant::now() + Duration::from_millis(ttl_ms + 1000);
-        loop {
+        let (lease, clock) = loop {
+            let sent = mono_now();
+            let granted = client
+                .lease_grant(ttl_s, None)
+                .await
+                .map_err(|err| etcd.error("cannot grant a lease", err))?;
+            let lease = granted.id();
+            let txn = Txn::new()
+                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    value.clone(),
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )]);
             let answer = client
-                .txn(txn.clone())
+                .txn(txn)
                 .await
                 .map_err(|err| etcd.error("cannot write the presence key", err))?;
             if answer.succeeded() {
-                break;
+                let mut clock = LeaseClock::new(ttl_s as u64 * 1000);
+                clock.renewed(sent, granted.ttl().max(0) as u64 * 1000);
+                break (lease, clock);
             }
+            let _ = client.lease_revoke(lease).await;
             if tokio::time::Instant::now() >= give_up {
-                let _ = client.lease_revoke(lease).await;
                 return Err(JoinError::DuplicateId(master_id.to_string()));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        };
         let (publish, held_until) = tokio::sync::watch::channel(clock.held_until());
         let task = tokio::spawn(keep_alive(etcd.clone(), lease, clock, publish));
         Ok(Presence {
