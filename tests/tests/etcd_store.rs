@@ -147,26 +147,33 @@ async fn a_master_id_in_use_is_refused_and_a_restarted_master_waits_out_its_old_
     assert!(again.is_ok(), "{:?}", again.err().map(|e| e.to_string()));
 }
 
-#[tokio::test]
-async fn a_master_cut_off_from_etcd_stops_holding_its_lease_before_etcd_expires_it() {
-    let server = EtcdServer::start(1).await;
+/// Master `m1` joined through a fault proxy in front of `server`, once a keep-alive has
+/// been answered (the time held moved forward).
+async fn joined_through_a_proxy(server: &EtcdServer, ttl_ms: u64) -> (FaultProxy, Presence) {
     let upstream = server.endpoints()[0]
         .trim_start_matches("http://")
         .parse()
         .unwrap();
     let proxy = FaultProxy::start(0, upstream).await;
     let through_proxy = connect(&[format!("http://{}", proxy.addr())]).await;
-    let ttl_ms = 2000;
     let presence = Presence::join(&through_proxy, "m1", &serde_json::json!({}), ttl_ms)
         .await
         .unwrap();
     let held = presence.held_until();
-    // Keep-alives are answered: the time held moves forward.
     let first = held.borrow().expect("held after joining");
     wait_for("a keep-alive", Duration::from_secs(3), || async {
         held.borrow().filter(|until| *until > first)
     })
     .await;
+    (proxy, presence)
+}
+
+#[tokio::test]
+async fn a_master_cut_off_from_etcd_stops_holding_its_lease_before_etcd_expires_it() {
+    let server = EtcdServer::start(1).await;
+    let ttl_ms = 2000;
+    let (proxy, presence) = joined_through_a_proxy(&server, ttl_ms).await;
+    let held = presence.held_until();
 
     proxy.cut();
     let cut_at = mono_now();
@@ -202,23 +209,10 @@ async fn a_master_cut_off_from_etcd_stops_holding_its_lease_before_etcd_expires_
 #[tokio::test]
 async fn a_short_loss_of_etcd_does_not_fence_the_master() {
     let server = EtcdServer::start(1).await;
-    let upstream = server.endpoints()[0]
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let proxy = FaultProxy::start(0, upstream).await;
-    let through_proxy = connect(&[format!("http://{}", proxy.addr())]).await;
     // A keep-alive every 1.67 s, each answered within 0.83 s, held 4.5 s from a send.
     let ttl_ms = 5000;
-    let presence = Presence::join(&through_proxy, "m1", &serde_json::json!({}), ttl_ms)
-        .await
-        .unwrap();
+    let (proxy, presence) = joined_through_a_proxy(&server, ttl_ms).await;
     let held = presence.held_until();
-    let first = held.borrow().expect("held after joining");
-    wait_for("a keep-alive", Duration::from_secs(3), || async {
-        held.borrow().filter(|until| *until > first)
-    })
-    .await;
     // Lose etcd for 3.3 s, two thirds of the time to live: the keep-alive sent during
     // the loss goes unanswered. Waiting a whole period for its answer and another before
     // trying again would pass the 4.5 s the lease is held; trying again at once does not.

@@ -16,7 +16,9 @@ use tether_tests::{CORE, wait_for};
 const TIMEOUT_MS: u64 = 2000;
 const LEASE_MS: u64 = 3000;
 
-fn site(projector: u16) -> String {
+/// The repositories and drivers both sites use: the projector, and a logic driver whose
+/// `ping` says who runs it.
+fn drivers() -> String {
     format!(
         r#"
 [[repositories]]
@@ -39,7 +41,13 @@ id = "note"
 repository = "extra"
 file = "note.rhai"
 transport = "none"
+"#
+    )
+}
 
+fn site(projector: u16) -> String {
+    let rest = format!(
+        r#"
 [[modules]]
 id = "proj"
 driver = "projector"
@@ -60,7 +68,8 @@ name = "Room"
 edge = "site-1"
 modules = ["proj", "note"]
 "#
-    )
+    );
+    format!("{}{rest}", drivers())
 }
 
 async fn start(projector: &Sim, masters: usize) -> Masters {
@@ -234,29 +243,8 @@ async fn an_edge_killed_is_taken_over_by_exactly_one_master_and_a_cut_one_hands_
 
 /// Rooms of two edges, and a hall of no edge (a projector allowing one session).
 fn hall_site(hall_projector: u16) -> String {
-    format!(
+    let rest = format!(
         r#"
-[[repositories]]
-id = "core"
-path = "{CORE}"
-
-[[repositories]]
-id = "extra"
-path = "repos/extra-drivers"
-
-[[drivers]]
-id = "projector"
-repository = "core"
-file = "projector.rhai"
-delimiter = "\r"
-default_settings = {{ poll_ms = 300 }}
-
-[[drivers]]
-id = "note"
-repository = "extra"
-file = "note.rhai"
-transport = "none"
-
 [[modules]]
 id = "note-1"
 driver = "note"
@@ -298,7 +286,8 @@ id = "hall"
 name = "Hall"
 modules = ["hall-note", "hall-display"]
 "#
-    )
+    );
+    format!("{}{rest}", drivers())
 }
 
 #[tokio::test]

@@ -291,13 +291,7 @@ impl EtcdControl {
             ));
         }
         let txn = Txn::new().when(when).and_then(then);
-        let answer = self
-            .etcd
-            .client()
-            .txn(txn)
-            .await
-            .map_err(|err| self.etcd.error("cannot issue a grant", err))?;
-        if answer.succeeded() {
+        if self.commit(txn, "cannot issue a grant").await? {
             return Ok(());
         }
         // Another decider wrote in between, or the lease is gone: say what is stored.
@@ -362,19 +356,23 @@ impl EtcdControl {
                 self.master_id.as_bytes(),
                 self.put_options(),
             )]);
-            let answer = self
-                .etcd
-                .client()
-                .txn(txn)
-                .await
-                .map_err(|err| self.etcd.error("cannot claim a unit", err))?;
-            if answer.succeeded() {
+            if self.commit(txn, "cannot claim a unit").await? {
                 return Ok(());
             }
         }
         Err(self.refused(format!(
             "claim of {unit} refused: another master's claim stands, the grant changed, or this master's lease is gone"
         )))
+    }
+
+    /// Runs `txn`; answers whether its conditions held. `what` names it in an error.
+    async fn commit(&self, txn: Txn, what: &str) -> Result<bool, StoreError> {
+        self.etcd
+            .client()
+            .txn(txn)
+            .await
+            .map(|answer| answer.succeeded())
+            .map_err(|err| self.etcd.error(what, err))
     }
 
     /// Deletes `key` if it holds this master's id.
@@ -386,12 +384,7 @@ impl EtcdControl {
                 self.master_id.as_bytes(),
             )])
             .and_then([TxnOp::delete(key, None)]);
-        self.etcd
-            .client()
-            .txn(txn)
-            .await
-            .map(|_| ())
-            .map_err(|err| self.etcd.error(what, err))
+        self.commit(txn, what).await.map(|_| ())
     }
 
     async fn link_edge(&self, edge: &str) -> Result<(), StoreError> {
@@ -400,13 +393,7 @@ impl EtcdControl {
             self.master_id.as_bytes(),
             self.put_options(),
         )]);
-        let answer = self
-            .etcd
-            .client()
-            .txn(txn)
-            .await
-            .map_err(|err| self.etcd.error("cannot store a link key", err))?;
-        if answer.succeeded() {
+        if self.commit(txn, "cannot store a link key").await? {
             Ok(())
         } else {
             Err(self.refused(format!(
