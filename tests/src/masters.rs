@@ -29,6 +29,9 @@ pub struct MastersSpec {
     pub site_extra: String,
     /// Files written into the folder first (path, content).
     pub files: Vec<(String, String)>,
+    /// etcd's members. With one, each master reaches it through a fault proxy of its own;
+    /// with more, each master lists every member's own address.
+    pub etcd_members: usize,
 }
 
 /// One master of the cluster.
@@ -41,7 +44,7 @@ pub struct Master {
     pub link_addr: SocketAddr,
     /// Its API.
     pub api_addr: SocketAddr,
-    /// Its way to etcd.
+    /// Its way to etcd (when etcd has one member).
     pub etcd_proxy: FaultProxy,
 }
 
@@ -64,7 +67,7 @@ pub struct Masters {
 impl Masters {
     /// Starts etcd, the masters (each waited for), then the edges.
     pub async fn start(spec: MastersSpec) -> Masters {
-        let etcd = Etcd::start(1).await;
+        let etcd = Etcd::start(spec.etcd_members.max(1)).await;
         let etcd_addr: SocketAddr = etcd.endpoints()[0]
             .trim_start_matches("http://")
             .parse()
@@ -100,9 +103,17 @@ impl Masters {
                     "id = \"{id}\"\ndata_dir = \"data/{id}\"\napi_listen = \"{api_addr}\"\napi_url = \"https://localhost:{}\"\n\
                      link_listen = \"{link_addr}\"\nseed = \"site.toml\"\nrepositories_root = \"repos\"\nboot_wait_ms = 300\n\
                      [tls]\ncert = \"certs/master.pem\"\nkey = \"certs/master.key\"\nca = \"certs/ca.pem\"\n\
-                     [cluster]\nmaster_id = \"{id}\"\netcd = [\"http://{}\"]\nlease_ms = {}\n",
+                     [cluster]\nmaster_id = \"{id}\"\netcd = [{}]\nlease_ms = {}\n",
                     api_addr.port(),
-                    etcd_proxy.addr(),
+                    match spec.etcd_members {
+                        0 | 1 => format!("\"http://{}\"", etcd_proxy.addr()),
+                        _ => etcd
+                            .endpoints()
+                            .iter()
+                            .map(|e| format!("\"{e}\""))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    },
                     spec.lease_ms,
                 ),
             )
