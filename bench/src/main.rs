@@ -8,6 +8,8 @@
 mod failover;
 mod fanout;
 mod haproxy;
+#[cfg(feature = "cluster")]
+mod masters;
 mod setup;
 mod stats;
 mod swarm;
@@ -61,6 +63,15 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         changes: usize,
     },
+    /// SIGKILL of the master running a system of no edge, in a cluster of three on a
+    /// local etcd: time to a survivor's first exec, beside etcd's lease expiry (built with
+    /// `--features cluster`).
+    #[cfg(feature = "cluster")]
+    Masters {
+        /// Trials.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+    },
     /// Every scenario above, with its defaults.
     All,
 }
@@ -77,6 +88,8 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Latency { requests } => latency(&Bench::start().await?, requests).await?,
         Scenario::Throughput { seconds } => throughput(&Bench::start().await?, seconds).await?,
         Scenario::Failover { trials } => failover::run(&Bench::start().await?, trials).await?,
+        #[cfg(feature = "cluster")]
+        Scenario::Masters { trials } => masters::run(trials).await?,
         Scenario::Fanout { edges, changes } => {
             for n in edges {
                 fanout::run(n, changes).await?;

@@ -50,6 +50,8 @@ struct Cli {
 enum Command {
     /// The edges: online, owner, epoch, round trip, last seen.
     Edges,
+    /// The masters: each one's API, the edges whose links it holds, the units it runs.
+    Masters,
     /// The control systems, or one system's modules.
     Systems {
         /// A system id.
@@ -163,6 +165,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Edges => show(&client.get("/api/v1/edges").await?, table::edges),
+        Command::Masters => show(&client.get("/api/v1/masters").await?, table::masters),
         Command::Systems { id: None } => {
             show(&client.get("/api/v1/systems").await?, table::systems)
         }

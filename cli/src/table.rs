@@ -71,6 +71,33 @@ pub fn edges(value: &Value) -> String {
     )
 }
 
+pub fn masters(value: &Value) -> String {
+    let list = |v: &Value| {
+        v.as_array()
+            .filter(|items| !items.is_empty())
+            .map(|items| items.iter().map(cell).collect::<Vec<_>>().join(","))
+            .unwrap_or_else(|| "-".into())
+    };
+    let rows = value
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|master| {
+                    vec![
+                        cell(&master["id"]),
+                        cell(&master["api_url"]),
+                        cell(&master["alive"]),
+                        list(&master["edges"]),
+                        list(&master["units"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    render(&["ID", "API", "ALIVE", "EDGES LINKED", "UNITS RUN"], rows)
+}
+
 pub fn systems(value: &Value) -> String {
     let rows = value
         .as_array()

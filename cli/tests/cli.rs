@@ -108,6 +108,16 @@ async fn the_command_line_client_covers_the_api() {
     let edges: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(edges[0]["id"], "site-1");
 
+    // The masters: one, itself, holding site-1's link.
+    let out = cli.run(&["masters"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(
+        table.contains("site-1") && table.contains("true"),
+        "{table}"
+    );
+
     // Exec through the master: the result, who ran it, and the hint on stderr.
     let out = cli.run(&["exec", "room", "Note", "1", "remember", "hello"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -321,14 +321,16 @@ pub fn copy_core_drivers(to: &Path) {
 
 /// Runs `tether-master certs` (the real command) into `dir`.
 pub fn run_certs(dir: &Path, edges: &[String]) {
+    let mut args = vec![
+        "certs".to_string(),
+        "--dir".into(),
+        dir.display().to_string(),
+    ];
+    if !edges.is_empty() {
+        args.extend(["--edges".into(), edges.join(",")]);
+    }
     let status = Command::new(bin("tether-master"))
-        .args([
-            "certs",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--edges",
-            &edges.join(","),
-        ])
+        .args(&args)
         .stdout(std::process::Stdio::null())
         .status()
         .expect("run tether-master certs");

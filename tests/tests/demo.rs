@@ -243,6 +243,15 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
         42,
         "the page was not reloaded"
     );
+    // The masters' table: the demo's one master, now running site-1's modules.
+    browser
+        .wait_for(
+            "the master listed with the units it runs",
+            Duration::from_secs(10),
+            "[...document.querySelectorAll('#masters tbody tr')].map(tr => tr.dataset.master + ':' + tr.querySelector('.units').textContent)",
+            |v| v.as_array().is_some_and(|rows| rows.len() == 1 && rows[0].as_str().is_some_and(|r| r.contains("site-1"))),
+        )
+        .await;
     // The RTT chart has points for both edges.
     let legend = browser
         .eval("document.getElementById('rtt-legend').textContent")

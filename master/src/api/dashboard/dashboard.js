@@ -200,6 +200,24 @@ function renderEdges() {
   }));
 }
 
+// The masters (one, or those of a cluster) with what each holds: read every few seconds.
+async function loadMasters() {
+  let masters;
+  try {
+    masters = await api("GET", "/api/v1/masters");
+  } catch (err) {
+    return;
+  }
+  const list = (items) => (items && items.length ? items.join(", ") : "–");
+  $("masters").tBodies[0].replaceChildren(...masters.map((master) =>
+    el("tr", { "data-master": master.id },
+      el("td", { class: "id" }, master.id),
+      el("td", {}, master.api_url || "–"),
+      el("td", {}, el("span", { class: "badge " + (master.alive ? "on" : "off") }, master.alive ? "alive" : "gone")),
+      el("td", { class: "edges" }, list(master.edges)),
+      el("td", { class: "units" }, list(master.units)))));
+}
+
 async function restoreEdge(id) {
   const note = $("restore-result");
   note.textContent = `restoring ${id} ...`;
@@ -373,6 +391,8 @@ async function start(token) {
   connect();
   // "last seen" ages even when nothing new arrives.
   setInterval(renderEdges, 1000);
+  loadMasters();
+  setInterval(loadMasters, 2000);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
