@@ -291,11 +291,12 @@ modules = ["hall-note", "hall-display"]
     format!("{}{rest}", drivers())
 }
 
-#[tokio::test]
-async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_keep_their_rooms() {
+/// `masters` masters on etcd of `members`, two edges with a room each, and a hall of no
+/// edge whose display is the projector returned; with each edge's admin API.
+async fn start_hall(masters: usize, members: usize) -> (Sim, Masters, [ApiClient; 2]) {
     let projector = Sim::projector();
-    let mut cluster = Masters::start(MastersSpec {
-        masters: 3,
+    let cluster = Masters::start(MastersSpec {
+        masters,
         edges: vec!["site-1".into(), "site-2".into()],
         lease_ms: LEASE_MS,
         edge_settings: format!("failover = true\ntimeout_ms = {TIMEOUT_MS}\nstandby = \"cold\""),
@@ -304,10 +305,16 @@ async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_kee
             "repos/extra-drivers/note.rhai".into(),
             "fn ping() { \"pong\" }\n".into(),
         )],
-        etcd_members: 1,
+        etcd_members: members,
     })
     .await;
     let edges = [cluster.edge_admin(0).await, cluster.edge_admin(1).await];
+    (projector, cluster, edges)
+}
+
+#[tokio::test]
+async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_keep_their_rooms() {
+    let (projector, mut cluster, edges) = start_hall(3, 1).await;
     for (i, edge) in edges.iter().enumerate() {
         let (system, who) = (format!("room-{}", i + 1), format!("edge:site-{}", i + 1));
         wait_for(
@@ -378,21 +385,7 @@ async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_kee
 
 #[tokio::test]
 async fn losing_one_etcd_member_changes_nothing_and_losing_quorum_stops_units_not_rooms() {
-    let projector = Sim::projector();
-    let mut cluster = Masters::start(MastersSpec {
-        masters: 2,
-        edges: vec!["site-1".into(), "site-2".into()],
-        lease_ms: LEASE_MS,
-        edge_settings: format!("failover = true\ntimeout_ms = {TIMEOUT_MS}\nstandby = \"cold\""),
-        site_extra: hall_site(projector.port()),
-        files: vec![(
-            "repos/extra-drivers/note.rhai".into(),
-            "fn ping() { \"pong\" }\n".into(),
-        )],
-        etcd_members: 3,
-    })
-    .await;
-    let edges = [cluster.edge_admin(0).await, cluster.edge_admin(1).await];
+    let (projector, mut cluster, edges) = start_hall(2, 3).await;
     let rooms_kept = || async {
         for (i, edge) in edges.iter().enumerate() {
             let (system, who) = (format!("room-{}", i + 1), format!("edge:site-{}", i + 1));
