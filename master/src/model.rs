@@ -24,7 +24,13 @@ pub enum WriteError {
     /// A conditional write (`If-Match`) whose record has changed since, or is gone (412).
     #[error("{0}")]
     Changed(String),
+    /// Writes are not taken now (a master of a cluster that cannot reach etcd) (503).
+    #[error("{0}")]
+    Unavailable(String),
 }
+
+/// Says whether writes may be taken now, and why not.
+pub type WriteGate = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// A conditional write's condition: the record is still at the version the writer read
 /// (`If-Match`), as Kubernetes' `resourceVersion`.
@@ -88,6 +94,8 @@ pub struct ModelService {
     log_limit: u64,
     writer: Mutex<()>,
     version: watch::Sender<u64>,
+    /// Whether writes are taken now (none: always).
+    gate: std::sync::OnceLock<WriteGate>,
 }
 
 impl ModelService {
@@ -109,7 +117,14 @@ impl ModelService {
             log_limit,
             writer: Mutex::new(()),
             version: watch::channel(state.version).0,
+            gate: std::sync::OnceLock::new(),
         })
+    }
+
+    /// From now on a write is taken only when `gate` allows (once; later calls are
+    /// ignored).
+    pub fn set_write_gate(&self, gate: WriteGate) {
+        let _ = self.gate.set(gate);
     }
 
     /// The model as of now, and its version.
@@ -162,6 +177,9 @@ impl ModelService {
         condition: Option<IfMatch>,
         plan: impl FnOnce(&Model) -> Result<Vec<Write>, ModelError>,
     ) -> Result<Vec<ModelChange>, WriteError> {
+        if let Some(gate) = self.gate.get() {
+            gate().map_err(WriteError::Unavailable)?;
+        }
         let _writer = self.writer.lock().await;
         let (current, _) = self.snapshot();
         if let Some(condition) = condition {

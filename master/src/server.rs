@@ -206,6 +206,21 @@ async fn serve(
     }))));
     // The code before the model: the first reconcile already has the drivers' scripts.
     let repos = crate::repos::Repositories::open(model.clone(), runtime.clone(), root).await?;
+    if let Some(hooks) = &hooks {
+        // A master of a cluster takes model writes only while it reaches etcd (its
+        // lease held), as DESIGN.md asks: reads it keeps serving from memory.
+        let inputs = hooks.inputs.clone();
+        model.set_write_gate(Box::new(move || {
+            let lease = inputs.borrow().lease;
+            match lease.allows(tether_common::control::clock::mono_now()) {
+                true => Ok(()),
+                false => Err(
+                    "etcd is out of reach of this master (no lease in the cluster): writes wait until it is back"
+                        .into(),
+                ),
+            }
+        }));
+    }
     follow_model(&model, &registry, &control);
     tokio::spawn(follow_model_changes(
         model.clone(),

@@ -454,6 +454,18 @@ async fn losing_one_etcd_member_changes_nothing_and_losing_quorum_stops_units_no
         None,
         "nothing runs without a lease"
     );
+    // Reads are served; a model write answers 503 naming etcd.
+    let hall = json!({"name": "Hall B", "modules": ["hall-note", "hall-display"]});
+    let master = cluster.master_api(0);
+    let (status, record) = master.get("/api/v1/systems/hall").await;
+    assert_eq!(status, 200, "{record}");
+    let (status, body) = master.put("/api/v1/systems/hall", hall.clone()).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (503, &json!("unavailable")),
+        "{body}"
+    );
+    assert!(body["message"].as_str().unwrap().contains("etcd"), "{body}");
 
     // The members come back: the cluster resumes, the hall runs again on one master.
     cluster.etcd.members[0].server.restart();
@@ -469,6 +481,11 @@ async fn losing_one_etcd_member_changes_nothing_and_losing_quorum_stops_units_no
         "the hall ran again {} ms after the members came back",
         back.elapsed().as_millis()
     );
+    let (status, body) = cluster
+        .master_api(0)
+        .put("/api/v1/systems/hall", hall)
+        .await;
+    assert_eq!(status, 200, "writes are taken again: {body}");
     wait_for("the edges' rooms", Duration::from_secs(3), || async {
         rooms_kept().await.then_some(())
     })

@@ -86,6 +86,7 @@ impl From<WriteError> for ApiError {
                 "precondition_failed",
                 message,
             ),
+            WriteError::Unavailable(message) => ApiError::unavailable(message),
             WriteError::Store(err) => {
                 tracing::error!("model write failed: {err}");
                 ApiError::internal(format!("the write failed and was not applied: {err}"))
