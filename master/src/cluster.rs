@@ -84,8 +84,10 @@ mod joined {
             Some(presence.lease()),
         ));
         let mirror = follow(etcd.clone());
+        // Nothing may run before the feed has published the lease.
         let (publish, inputs) = watch::channel(Arc::new(ClusterInputs {
             me: cluster.master_id.clone(),
+            lease: Lease::Lost,
             ..ClusterInputs::default()
         }));
         tokio::spawn(feed(

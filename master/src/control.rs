@@ -368,6 +368,23 @@ impl Control {
             .map(|c| c.inputs.borrow().clone())
     }
 
+    /// The lease lapsed: stops every unit's modules here at once, whatever each unit's
+    /// task is waiting for (its machine, told of the lapse, stops them too).
+    pub async fn fence(&self) {
+        let stopped: Vec<String> = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        if stopped.is_empty() {
+            return;
+        }
+        tracing::warn!(units = ?stopped, "the lease lapsed: stopping every unit here");
+        self.shared.reconcile(|_| true).await;
+    }
+
     /// The edge locations whose modules this master runs now.
     pub fn running_here(&self) -> Vec<String> {
         let mut edges: Vec<String> = self
@@ -714,6 +731,15 @@ impl Unit {
         {
             tracing::warn!(edge = %self.edge, "cannot withdraw a stale claim: {err}");
         }
+        // Likewise a link key of this master's while it holds no link of the edge (an
+        // unlink that failed): it would keep the others from failing the edge over.
+        if now.links.get(&self.edge) == Some(&now.me)
+            && self.shared.registry.link(&self.edge).is_none()
+            && let Some(cluster) = &self.shared.cluster
+            && let Err(err) = cluster.claims.clone().unlink_stale(self.edge.clone()).await
+        {
+            tracing::warn!(edge = %self.edge, "cannot withdraw a stale link key: {err}");
+        }
     }
 
     async fn command(&mut self, command: UnitCommand) {
@@ -864,6 +890,14 @@ impl Unit {
                     }
                 }
                 MasterAction::StartModules { epoch } => {
+                    // The claim may have taken a while: start only on a lease that still
+                    // allows (the machine, told it lapsed, stops what it thinks it runs).
+                    if let Some(cluster) = &self.shared.cluster
+                        && !cluster.inputs.borrow().lease.allows(Now::system().mono)
+                    {
+                        tracing::warn!(edge, epoch, "not started: the lease lapsed meanwhile");
+                        continue;
+                    }
                     tracing::info!(edge, epoch, "the master starts the edge's modules");
                     self.set_running(true);
                     self.shared.reconcile(|_| false).await;

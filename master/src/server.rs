@@ -196,7 +196,11 @@ async fn serve(
     )
     .await?;
     if let Some(hooks) = &hooks {
-        tokio::spawn(close_links_without_lease(hooks.clone(), registry.clone()));
+        tokio::spawn(close_links_without_lease(
+            hooks.clone(),
+            registry.clone(),
+            control.clone(),
+        ));
     }
     // Calls for modules the master does not run go to their edge.
     runtime.set_remote(Arc::new(LinkRemote::new(Arc::new(MasterLinks {
@@ -394,6 +398,7 @@ pub struct LinkContext {
 async fn close_links_without_lease(
     hooks: crate::control::ClusterHooks,
     registry: Arc<EdgeRegistry>,
+    control: Control,
 ) {
     use tether_common::control::Lease;
     let mut inputs = hooks.inputs.clone();
@@ -410,6 +415,9 @@ async fn close_links_without_lease(
                         "no lease: closing every edge link, so that the edges find a master in the cluster"
                     );
                     registry.close_all("this master has no lease in the cluster");
+                    // Whatever a unit's task waits for (etcd, slow to answer), its
+                    // modules stop now.
+                    control.fence().await;
                     closed = true;
                 }
                 None
@@ -453,7 +461,13 @@ async fn attach_links(
                 let now = tether_common::control::clock::mono_now();
                 let allowed = cluster.inputs.borrow().lease.allows(now);
                 let stored = match allowed {
-                    true => cluster.claims.clone().link(edge.edge_id.clone()).await,
+                    true => {
+                        cluster
+                            .claims
+                            .clone()
+                            .link(edge.edge_id.clone(), generation)
+                            .await
+                    }
                     false => Err(tether_common::store::StoreError::Stopped(
                         "this master has no lease in the cluster".into(),
                     )),
@@ -462,7 +476,22 @@ async fn attach_links(
                     tracing::warn!(edge = %edge.edge_id, "link refused: {err}");
                     edge.link
                         .close(format!("this master cannot hold the link now: {err}"));
-                    registry.detach(&edge.edge_id, generation, "refused");
+                    // This link replaced any older one (whose end was not reported): the
+                    // unit hears that no link is up now.
+                    if let Some(last_heard) = registry.detach(&edge.edge_id, generation, "refused")
+                    {
+                        let control = context.control.clone();
+                        control
+                            .event(&edge.edge_id, generation, MasterEvent::LinkUp)
+                            .await;
+                        control
+                            .event(
+                                &edge.edge_id,
+                                generation,
+                                MasterEvent::LinkDown { last_heard },
+                            )
+                            .await;
+                    }
                     return;
                 }
             }
@@ -483,8 +512,11 @@ async fn attach_links(
             edge.link.closed().await;
             let reason = edge.link.close_reason().unwrap_or_default();
             if let Some(cluster) = &cluster
-                && registry.link(&edge.edge_id).is_none()
-                && let Err(err) = cluster.claims.clone().unlink(edge.edge_id.clone()).await
+                && let Err(err) = cluster
+                    .claims
+                    .clone()
+                    .unlink(edge.edge_id.clone(), generation)
+                    .await
             {
                 tracing::warn!(edge = %edge.edge_id, "cannot withdraw the link key: {err}");
             }

@@ -59,9 +59,15 @@ impl Etcd {
         tls: Option<etcd_client::TlsOptions>,
     ) -> Result<Etcd, StoreError> {
         let named: Arc<str> = endpoints.join(", ").into();
+        // HTTP/2 pings find a dead connection (a member gone silent) within the timeout,
+        // and a member cut off from the quorum refuses (a watch on it ends) rather than
+        // answer silently stale.
         let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
-            .with_timeout(timeout);
+            .with_timeout(timeout)
+            .with_keep_alive(timeout, timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
         if let Some(tls) = tls {
             options = options.with_tls(tls);
         }
@@ -270,7 +276,7 @@ impl EtcdControl {
         if grant.owner == Owner::Master && here {
             for key in [self.link_key(unit), self.claim_key(unit)] {
                 match self.owner_of(&key).await? {
-                    (Some(owner), _) if owner != self.master_id => {
+                    (Some(owner), _) if link_master(&owner) != self.master_id => {
                         return Err(conflict(stored));
                     }
                     (_, revision) => when.push(match revision {
@@ -375,22 +381,24 @@ impl EtcdControl {
             .map_err(|err| self.etcd.error(what, err))
     }
 
-    /// Deletes `key` if it holds this master's id.
-    async fn delete_own(&self, key: String, what: &str) -> Result<(), StoreError> {
+    /// Deletes `key` if it holds `value`.
+    async fn delete_if(&self, key: String, value: &str, what: &str) -> Result<(), StoreError> {
         let txn = Txn::new()
-            .when([Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                self.master_id.as_bytes(),
-            )])
+            .when([Compare::value(key.clone(), CompareOp::Equal, value)])
             .and_then([TxnOp::delete(key, None)]);
         self.commit(txn, what).await.map(|_| ())
     }
 
-    async fn link_edge(&self, edge: &str) -> Result<(), StoreError> {
+    /// A link key's value: the master, and the link's generation (so that the end of an
+    /// old link never withdraws a newer one's key).
+    fn link_value(&self, generation: u64) -> String {
+        format!("{}#{generation}", self.master_id)
+    }
+
+    async fn link_edge(&self, edge: &str, generation: u64) -> Result<(), StoreError> {
         let txn = Txn::new().when(self.lease_holds()).and_then([TxnOp::put(
             self.link_key(edge),
-            self.master_id.as_bytes(),
+            self.link_value(generation),
             self.put_options(),
         )]);
         if self.commit(txn, "cannot store a link key").await? {
@@ -451,18 +459,34 @@ impl Claims for EtcdControl {
     fn release(self: Arc<Self>, unit: String) -> Pending<Result<(), StoreError>> {
         Box::pin(async move {
             let key = self.claim_key(&unit);
-            self.delete_own(key, "cannot withdraw a claim").await
+            let me = self.master_id.clone();
+            self.delete_if(key, &me, "cannot withdraw a claim").await
         })
     }
 
-    fn link(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>> {
-        Box::pin(async move { self.link_edge(&edge).await })
+    fn link(self: Arc<Self>, edge: String, generation: u64) -> Pending<Result<(), StoreError>> {
+        Box::pin(async move { self.link_edge(&edge, generation).await })
     }
 
-    fn unlink(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>> {
+    fn unlink(self: Arc<Self>, edge: String, generation: u64) -> Pending<Result<(), StoreError>> {
         Box::pin(async move {
             let key = self.link_key(&edge);
-            self.delete_own(key, "cannot withdraw a link key").await
+            let value = self.link_value(generation);
+            self.delete_if(key, &value, "cannot withdraw a link key")
+                .await
+        })
+    }
+
+    fn unlink_stale(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>> {
+        Box::pin(async move {
+            let key = self.link_key(&edge);
+            match self.owner_of(&key).await? {
+                (Some(value), _) if link_master(&value) == self.master_id => {
+                    self.delete_if(key, &value, "cannot withdraw a link key")
+                        .await
+                }
+                _ => Ok(()),
+            }
         })
     }
 }
@@ -643,8 +667,18 @@ async fn keep_alive(
                 next_send = tokio::time::Instant::now() + RETRY_PAUSE;
             }
         }
-        publish.send_replace(clock.held_until());
+        let held = clock.held_until();
+        publish.send_if_modified(|now| {
+            let changed = *now != held;
+            *now = held;
+            changed
+        });
     }
+}
+
+/// The master a link key's value names (`MASTER#GENERATION`).
+fn link_master(value: &str) -> &str {
+    value.split_once('#').map_or(value, |(master, _)| master)
 }
 
 /// Whether etcd answered that the lease no longer exists (it expired).
@@ -692,7 +726,7 @@ impl Mirror {
     /// The master holding `edge`'s link.
     pub fn linked(&self, edge: &str) -> Option<String> {
         let value = self.keys.get(&format!("links/{edge}"))?;
-        Some(String::from_utf8_lossy(value).into_owned())
+        Some(link_master(&String::from_utf8_lossy(value)).to_string())
     }
 
     /// When `edge`'s link key last went, as this master saw it.
@@ -710,7 +744,7 @@ impl Mirror {
     pub fn holdings(&self) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
         let mut holdings: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
         for (edge, master) in self.under("links/") {
-            let master = String::from_utf8_lossy(master).into_owned();
+            let master = link_master(&String::from_utf8_lossy(master)).to_string();
             holdings.entry(master).or_default().0.push(edge.to_string());
         }
         for (unit, master) in self.under("running/") {
@@ -723,7 +757,10 @@ impl Mirror {
     /// Every edge's link holder.
     pub fn links(&self) -> BTreeMap<String, String> {
         self.under("links/")
-            .map(|(edge, m)| (edge.to_string(), String::from_utf8_lossy(m).into_owned()))
+            .map(|(edge, m)| {
+                let value = String::from_utf8_lossy(m);
+                (edge.to_string(), link_master(&value).to_string())
+            })
             .collect()
     }
 

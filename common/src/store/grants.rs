@@ -174,11 +174,17 @@ pub trait Claims: Send + Sync {
     /// Withdraws this master's claim of `unit`, if it has one.
     fn release(self: Arc<Self>, unit: String) -> Pending<Result<(), StoreError>>;
 
-    /// Says this master holds `edge`'s link (refused when the lease is gone).
-    fn link(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>>;
+    /// Says this master holds `edge`'s link, the one of `generation` (refused when the
+    /// lease is gone).
+    fn link(self: Arc<Self>, edge: String, generation: u64) -> Pending<Result<(), StoreError>>;
 
-    /// Withdraws that, if the link key is this master's.
-    fn unlink(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>>;
+    /// Withdraws that, if the link key is still that link's (a newer link of the same edge
+    /// keeps its own).
+    fn unlink(self: Arc<Self>, edge: String, generation: u64) -> Pending<Result<(), StoreError>>;
+
+    /// Withdraws a link key of this master's for `edge`, whatever its link (one an unlink
+    /// that failed left while the master holds no link of the edge).
+    fn unlink_stale(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>>;
 }
 
 fn encode(state: ControlState) -> Vec<u8> {
