@@ -12,7 +12,7 @@ use serde_json::json;
 use tether_common::code::{Code, RepoCode};
 use tether_common::model::Model;
 use tether_common::protocol::{EntityKind, ModuleRef};
-use tether_common::runtime::{ExecError, Origin, Runtime, ScriptLimits};
+use tether_common::runtime::{ExecError, Executor, Origin, Runtime, ScriptLimits};
 
 struct Live;
 
@@ -89,7 +89,7 @@ async fn call(runtime: &Runtime, method: &str, args: serde_json::Value) -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_greedy_script_meets_its_caps_and_its_memory_goes_with_it() {
-    let runtime = Runtime::new("master", ScriptLimits::default());
+    let runtime = Runtime::new(Executor::Master(None), ScriptLimits::default());
     let repo = RepoCode::from_texts("c1", &[("d.rhai", GREEDY)]);
     runtime.set_code(Arc::new(Code::default().with("r", repo)));
     runtime.reconcile(model(true), |_| true).await;

@@ -10,7 +10,7 @@ use serde_json::json;
 use tether_common::code::{Code, RepoCode};
 use tether_common::model::Model;
 use tether_common::protocol::EntityKind;
-use tether_common::runtime::{ExecError, Origin, Runtime, ScriptLimits};
+use tether_common::runtime::{ExecError, Executor, Origin, Runtime, ScriptLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -61,7 +61,7 @@ fn model(port: u16, framing: &str, concurrency: u32) -> Arc<Model> {
 
 /// A master runtime whose repository `r` holds `script` as `d.rhai`.
 fn new_runtime(limits: ScriptLimits, script: &str) -> Runtime {
-    let runtime = Runtime::new("master", limits);
+    let runtime = Runtime::new(Executor::Master(None), limits);
     set_script(&runtime, script);
     runtime
 }
@@ -336,7 +336,7 @@ async fn a_new_script_reloads_in_place_and_a_failing_one_is_refused() {
 async fn a_module_whose_code_has_not_arrived_says_it_waits() {
     // The model names the module and its driver; the driver's repository has no code here
     // yet (an edge still fetching it).
-    let runtime = Runtime::new("edge:site-1", ScriptLimits::default());
+    let runtime = Runtime::new(Executor::Edge("site-1".into()), ScriptLimits::default());
     runtime.reconcile(model(9, "{}", 1), |_| true).await;
     match runtime.exec("s", "Dev", 1, "hello", vec![]).await {
         Err(ExecError::Waiting(message)) => {
@@ -363,7 +363,7 @@ async fn the_fence_refuses_an_older_epoch_and_the_same_epoch_from_another_holder
     model
         .set_json(EntityKind::Module, "m", Some(&module.to_string()))
         .unwrap();
-    let runtime = Runtime::new("edge:site-1", ScriptLimits::default());
+    let runtime = Runtime::new(Executor::Edge("site-1".into()), ScriptLimits::default());
     runtime.reconcile(Arc::new(model), |_| false).await;
     let held = ControlState {
         owner: Owner::Edge,
@@ -390,4 +390,11 @@ async fn the_fence_refuses_an_older_epoch_and_the_same_epoch_from_another_holder
             other => panic!("{epoch} {holder:?}: expected a stale epoch, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn an_executor_reads_as_clients_see_it() {
+    assert_eq!(Executor::Edge("site-1".into()).to_string(), "edge:site-1");
+    assert_eq!(Executor::Master(None).to_string(), "master");
+    assert_eq!(Executor::Master(Some("m2".into())).to_string(), "master:m2");
 }

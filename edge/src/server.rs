@@ -15,7 +15,7 @@ use tether_common::api::{
 };
 use tether_common::link::{ConnectorConfig, LinkEvent, RttObserver, Secret, maintain_link, tls};
 use tether_common::pki;
-use tether_common::runtime::{Runtime, ScriptLimits};
+use tether_common::runtime::{Executor, Runtime, ScriptLimits};
 use tether_config::EdgeConfig;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -111,7 +111,10 @@ async fn serve(
         id: config.edge_id.clone(),
         booted: false.into(),
     });
-    let runtime = Runtime::new(format!("edge:{}", config.edge_id), ScriptLimits::default());
+    let runtime = Runtime::new(
+        Executor::Edge(config.edge_id.clone()),
+        ScriptLimits::default(),
+    );
     // Round trips to the master, in the metrics under this edge's id.
     let (metrics, edge_id) = (runtime.metrics().clone(), config.edge_id.clone());
     connector.link.on_rtt = Some(RttObserver(Arc::new(move |_, rtt| {

@@ -13,7 +13,7 @@ use tether_common::link::{
     AuthenticatedEdge, ConnectionGauges, LinkConfig, ListenerConfig, RttObserver, run_listener, tls,
 };
 use tether_common::pki;
-use tether_common::runtime::{Runtime, ScriptLimits};
+use tether_common::runtime::{Executor, Runtime, ScriptLimits};
 use tether_config::{MasterConfig, SiteFile};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -175,11 +175,8 @@ async fn serve(
     // Boot, in DESIGN.md's order. Load edges and systems, and every module but the edges'.
     let registry = EdgeRegistry::new(base_dir.clone());
     // Among several masters, what one ran names it.
-    let executed_by = match &config.cluster {
-        Some(cluster) => format!("master:{}", cluster.master_id),
-        None => "master".to_string(),
-    };
-    let runtime = Runtime::new(executed_by, ScriptLimits::default());
+    let executor = Executor::Master(config.cluster.as_ref().map(|c| c.master_id.clone()));
+    let runtime = Runtime::new(executor, ScriptLimits::default());
     // In a cluster the grants, claims and link keys live in etcd.
     let cluster = crate::cluster::join_if_configured(&config).await?;
     let grants: Arc<dyn tether_common::store::Grants> = match &cluster {

@@ -160,7 +160,29 @@ pub struct StatusChange {
 /// [`context::MAX_STATUS_VALUE`]) until newer ones replace them.
 const STATUS_CHANGES: usize = 1024;
 
+/// Who runs modules on one side: an edge (by its location id), or a master (named in a
+/// cluster). Shown to clients as `executed_by`: `edge:ID`, `master`, `master:ID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Executor {
+    /// The edge server of this location.
+    Edge(String),
+    /// A master; its id among several.
+    Master(Option<String>),
+}
+
+impl std::fmt::Display for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Executor::Edge(id) => write!(f, "edge:{id}"),
+            Executor::Master(None) => f.write_str("master"),
+            Executor::Master(Some(id)) => write!(f, "master:{id}"),
+        }
+    }
+}
+
 pub(crate) struct Inner {
+    executor: Executor,
+    /// `executor` as clients read it (rendered once: every answer carries it).
     executed_by: String,
     limits: ScriptLimits,
     status_changes: tokio::sync::broadcast::Sender<StatusChange>,
@@ -226,17 +248,19 @@ fn find<'m>(model: &'m Model, at: &ModuleRef) -> Option<&'m ModuleRecord> {
 /// failover the master runs an edge's modules; [`Runtime::system_modules`] says so.
 pub fn runs_on(model: &Model, module: &ModuleRecord) -> String {
     match model.module_edge(module) {
-        Some(edge) => format!("edge:{edge}"),
-        None => "master".to_string(),
+        Some(edge) => Executor::Edge(edge),
+        None => Executor::Master(None),
     }
+    .to_string()
 }
 
 impl Runtime {
-    /// A runtime that answers `executed_by` (`master` or `edge:ID`) for what it runs.
-    pub fn new(executed_by: impl Into<String>, limits: ScriptLimits) -> Self {
+    /// A runtime of `executor`, which answers `executed_by` for what it runs.
+    pub fn new(executor: Executor, limits: ScriptLimits) -> Self {
         Runtime {
             inner: Arc::new(Inner {
-                executed_by: executed_by.into(),
+                executed_by: executor.to_string(),
+                executor,
                 limits,
                 status_changes: tokio::sync::broadcast::channel(STATUS_CHANGES).0,
                 standby: standby::Standby::default(),
@@ -260,9 +284,14 @@ impl Runtime {
         Runtime { inner }
     }
 
-    /// `master` or `edge:ID`.
+    /// `master`, `master:ID` or `edge:ID`.
     pub fn executed_by(&self) -> &str {
         &self.inner.executed_by
+    }
+
+    /// Who runs modules here.
+    pub fn executor(&self) -> &Executor {
+        &self.inner.executor
     }
 
     /// The model the runtime last reconciled to.
@@ -739,7 +768,9 @@ impl Runtime {
                     driver: module.driver.clone(),
                     runs_on: match modules.get(&module.id) {
                         Some(_) => self.inner.executed_by.clone(),
-                        None if self.inner.executed_by.starts_with("edge:") => "master".to_string(),
+                        None if matches!(self.inner.executor, Executor::Edge(_)) => {
+                            Executor::Master(None).to_string()
+                        }
                         None => runs_on(model, module),
                     },
                     health: modules.get(&module.id).map(|m| m.shared.health()),
