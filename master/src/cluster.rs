@@ -41,7 +41,8 @@ mod joined {
     use std::time::Duration;
 
     use anyhow::Context;
-    use tether_common::control::{Lease, Mono};
+    use tether_common::control::Lease;
+    use tether_common::control::lease::begin_stopping;
     use tether_common::store::etcd::{Etcd, EtcdControl, Mirror, Presence, follow};
     use tether_config::{ClusterConfig, MasterConfig};
     use tokio::sync::watch;
@@ -146,7 +147,7 @@ mod joined {
         let mut held = presence.held_until();
         loop {
             let lease = match *held.borrow_and_update() {
-                Some(until) => Lease::Until(Mono(until.0.saturating_sub(STOP_ALLOWANCE_MS))),
+                Some(until) => Lease::Until(begin_stopping(until, STOP_ALLOWANCE_MS)),
                 None => Lease::Lost,
             };
             let view = mirror.borrow_and_update().clone();

@@ -74,9 +74,14 @@ impl LeaseClock {
     ///
     /// [`held_until`]: Self::held_until
     pub fn stop_from(&self, stop_ms: u64) -> Option<Mono> {
-        self.held_until
-            .map(|until| Mono(until.0.saturating_sub(stop_ms)))
+        self.held_until.map(|until| begin_stopping(until, stop_ms))
     }
+}
+
+/// When to begin stopping, for units that must be stopped by `until` and take up to
+/// `stop_ms` to stop.
+pub fn begin_stopping(until: Mono, stop_ms: u64) -> Mono {
+    Mono(until.0.saturating_sub(stop_ms))
 }
 
 #[cfg(test)]

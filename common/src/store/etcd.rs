@@ -723,37 +723,6 @@ impl Mirror {
         serde_json::from_slice(value).ok()
     }
 
-    /// The master holding `edge`'s link.
-    pub fn linked(&self, edge: &str) -> Option<String> {
-        let value = self.keys.get(&format!("links/{edge}"))?;
-        Some(link_master(&String::from_utf8_lossy(value)).to_string())
-    }
-
-    /// When `edge`'s link key last went, as this master saw it.
-    pub fn link_ended(&self, edge: &str) -> Option<Mono> {
-        self.link_ended.get(edge).copied()
-    }
-
-    /// The master that claims to run `unit`.
-    pub fn runner(&self, unit: &str) -> Option<String> {
-        let value = self.keys.get(&format!("running/{unit}"))?;
-        Some(String::from_utf8_lossy(value).into_owned())
-    }
-
-    /// The edges whose links each master holds, and the units each runs.
-    pub fn holdings(&self) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
-        let mut holdings: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
-        for (edge, master) in self.under("links/") {
-            let master = link_master(&String::from_utf8_lossy(master)).to_string();
-            holdings.entry(master).or_default().0.push(edge.to_string());
-        }
-        for (unit, master) in self.under("running/") {
-            let master = String::from_utf8_lossy(master).into_owned();
-            holdings.entry(master).or_default().1.push(unit.to_string());
-        }
-        holdings
-    }
-
     /// Every edge's link holder.
     pub fn links(&self) -> BTreeMap<String, String> {
         self.under("links/")
@@ -784,13 +753,6 @@ impl Mirror {
                 Some((unit.to_string(), (stored.grant, stored.master)))
             })
             .collect()
-    }
-
-    /// `unit`'s stored grant, and for a master's grant the master it names.
-    pub fn grant(&self, unit: &str) -> Option<(ControlState, Option<String>)> {
-        let value = self.keys.get(&format!("grants/{unit}"))?;
-        let stored: StoredGrant = serde_json::from_slice(value).ok()?;
-        Some((stored.grant, stored.master))
     }
 
     fn set(&mut self, key: String, value: Option<Vec<u8>>) {
