@@ -18,11 +18,15 @@ pub struct Node {
     pub hooks: ClusterHooks,
 }
 
-/// Joins the cluster `config` names, if any.
+/// A connection to the cluster's etcd (none can be made without the `cluster` feature).
 #[cfg(not(feature = "cluster"))]
-pub async fn join_if_configured(
+pub enum Connected {}
+
+/// Connects to the etcd of the cluster `config` names, if any.
+#[cfg(not(feature = "cluster"))]
+pub async fn connect_if_configured(
     config: &tether_config::MasterConfig,
-) -> anyhow::Result<Option<Node>> {
+) -> anyhow::Result<Option<Connected>> {
     if config.cluster.is_some() {
         anyhow::bail!(
             "master.toml has a [cluster] table, but this tether-master was built without the cluster feature: build it with `cargo build --release -p tether-master --features cluster` (it needs protoc, Debian's protobuf-compiler)"
@@ -31,8 +35,24 @@ pub async fn join_if_configured(
     Ok(None)
 }
 
+#[cfg(not(feature = "cluster"))]
+impl Connected {
+    /// The cluster's model.
+    pub async fn open_model(
+        &self,
+        _config: &tether_config::MasterConfig,
+    ) -> anyhow::Result<Arc<crate::model::ModelService>> {
+        match *self {}
+    }
+
+    /// Joins the cluster.
+    pub async fn join(self, _config: &tether_config::MasterConfig) -> anyhow::Result<Node> {
+        match self {}
+    }
+}
+
 #[cfg(feature = "cluster")]
-pub use joined::join_if_configured;
+pub use joined::{Connected, connect_if_configured};
 
 #[cfg(feature = "cluster")]
 mod joined {
@@ -43,12 +63,13 @@ mod joined {
     use anyhow::Context;
     use tether_common::control::Lease;
     use tether_common::control::lease::begin_stopping;
-    use tether_common::store::etcd::{Etcd, EtcdControl, Mirror, Presence, follow};
+    use tether_common::store::etcd::{Etcd, EtcdControl, EtcdModel, Mirror, Presence, follow};
     use tether_config::{ClusterConfig, MasterConfig};
     use tokio::sync::watch;
 
     use super::Node;
     use crate::control::{ClusterHooks, ClusterInputs};
+    use crate::model::ModelService;
 
     /// Units start stopping this long before the lease can have expired: a stop closes
     /// the device connections at once (a stuck script may take longer, holding no device).
@@ -56,10 +77,15 @@ mod joined {
     /// A request to etcd that takes longer has failed.
     const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 
-    /// Joins the cluster `config` names, if any: connects to etcd (an error naming the
-    /// endpoints when it does not answer), writes this master's presence (refused when a
-    /// live master has its id), and follows the cluster.
-    pub async fn join_if_configured(config: &MasterConfig) -> anyhow::Result<Option<Node>> {
+    /// A connection to the cluster's etcd.
+    pub struct Connected {
+        etcd: Etcd,
+        cluster: ClusterConfig,
+    }
+
+    /// Connects to the etcd of the cluster `config` names, if any (an error naming the
+    /// endpoints when it does not answer).
+    pub async fn connect_if_configured(config: &MasterConfig) -> anyhow::Result<Option<Connected>> {
         let Some(cluster) = &config.cluster else {
             return Ok(None);
         };
@@ -71,6 +97,34 @@ mod joined {
         )
         .await
         .context("cannot join the cluster ([cluster] etcd in master.toml)")?;
+        Ok(Some(Connected {
+            etcd,
+            cluster: cluster.clone(),
+        }))
+    }
+
+    impl Connected {
+        /// The cluster's model, shared by every master in etcd, beside this master's own
+        /// database (its audit log and code).
+        pub async fn open_model(&self, config: &MasterConfig) -> anyhow::Result<Arc<ModelService>> {
+            let records = EtcdModel::open(self.etcd.clone())
+                .await
+                .context("cannot open the cluster's model in etcd")?;
+            ModelService::open_shared(&config.data_dir, Arc::new(records), config.change_log_limit)
+                .await
+                .map_err(crate::server::model_open_error)
+        }
+
+        /// Writes this master's presence (refused when a live master has its id), and
+        /// follows the cluster.
+        pub async fn join(self, config: &MasterConfig) -> anyhow::Result<Node> {
+            join(self, config).await
+        }
+    }
+
+    async fn join(connected: Connected, config: &MasterConfig) -> anyhow::Result<Node> {
+        let Connected { etcd, cluster } = connected;
+        let cluster = &cluster;
         let info = serde_json::json!({
             "api_url": config.public_api_url(),
             "link": config.link_listen.to_string(),
@@ -102,13 +156,13 @@ mod joined {
             mirror,
             publish,
         ));
-        Ok(Some(Node {
+        Ok(Node {
             grants: control.clone(),
             hooks: ClusterHooks {
                 claims: control,
                 inputs,
             },
-        }))
+        })
     }
 
     fn tls_options(cluster: &ClusterConfig) -> anyhow::Result<Option<etcd_client::TlsOptions>> {

@@ -14,13 +14,13 @@ pub fn run(config_path: &Path, file: &Path) -> anyhow::Result<String> {
     let writes = crate::seed::site_writes(&site, &root)?;
     tether_common::store::create_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let model = crate::server::open_model(&config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let (model, _) = runtime.block_on(crate::server::open_model(&config))?;
     let changes = runtime
-        .block_on(model.write(|current| Ok(crate::seed::keep_commits(current, writes))))
+        .block_on(model.write(|current| Ok(crate::seed::keep_commits(current, writes.clone()))))
         .with_context(|| format!("{} does not fit the model", file.display()))?;
     let (_, version) = model.snapshot();
     Ok(format!(

@@ -9,7 +9,9 @@ use std::sync::{Arc, RwLock};
 use tether_common::model::sync::{ReplicaPosition, batch_for_edge};
 use tether_common::model::{Model, ModelError};
 use tether_common::protocol::{EntityKind, ModelBatch, ModelChange};
-use tether_common::store::{RecordVersions, Store, StoreError, Write};
+use tether_common::store::{
+    CommitError, Fed, LoadedModel, ModelStore, RecordVersions, RedbModel, Store, StoreError, Write,
+};
 use tokio::sync::{Mutex, watch};
 
 /// Why a write did not happen.
@@ -81,9 +83,17 @@ impl RecentChanges {
     }
 }
 
+/// How many times a write is planned again because another master wrote first, before
+/// it gives up (503): each time it lost a race that someone else won.
+const WRITE_TRIES: u32 = 50;
+
 /// The model, its store, and a watch of its version for the edges' sync tasks.
 pub struct ModelService {
+    /// The master's own database: control states, audit log and code (and, for a single
+    /// master, the model too).
     store: Arc<Store>,
+    /// Where the model's records and change log live: this master's redb, or etcd.
+    records: Arc<dyn ModelStore>,
     /// The model and its version, replaced together.
     model: RwLock<(Arc<Model>, u64)>,
     /// Each record's version, updated before the model that has it is visible.
@@ -92,33 +102,79 @@ pub struct ModelService {
     recent: RwLock<RecentChanges>,
     model_id: u64,
     log_limit: u64,
+    /// This master's writes, one at a time.
     writer: Mutex<()>,
+    /// Changes become visible one batch at a time, in version order (this master's own
+    /// writes and those the feed brings from other masters).
+    applying: std::sync::Mutex<()>,
     version: watch::Sender<u64>,
     /// Whether writes are taken now (none: always).
     gate: std::sync::OnceLock<WriteGate>,
 }
 
 impl ModelService {
-    /// Opens the database in `data_dir` (blocking).
+    /// Opens the database in `data_dir`, which holds the model (blocking).
     pub fn open(data_dir: &Path, log_limit: u64) -> Result<Self, StoreError> {
-        let store = Store::open(&data_dir.join("model.redb"))?;
-        let model_id = store.ensure_model_id(rand::random())?;
+        let store = Arc::new(Store::open(&data_dir.join("model.redb"))?);
+        let records = Arc::new(RedbModel::open(store.clone())?);
         let (model, state) = store.load()?;
         let record_versions = store.record_versions()?;
-        Ok(ModelService {
-            store: Arc::new(store),
-            model: RwLock::new((Arc::new(model), state.version)),
-            record_versions: RwLock::new(record_versions),
+        let loaded = LoadedModel {
+            model,
+            state,
+            record_versions,
+        };
+        Ok(Self::new(store, records, loaded, log_limit))
+    }
+
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    /// The model `records` holds (a cluster's, in etcd), beside this master's own
+    /// database in `data_dir`; follows the changes other masters write.
+    pub async fn open_shared(
+        data_dir: &Path,
+        records: Arc<dyn ModelStore>,
+        log_limit: u64,
+    ) -> Result<Arc<Self>, StoreError> {
+        let path = data_dir.join("model.redb");
+        let store = tokio::task::spawn_blocking(move || Store::open(&path))
+            .await
+            .map_err(|err| StoreError::Stopped(err.to_string()))??;
+        let loaded = records.clone().load().await?;
+        let service = Arc::new(Self::new(
+            Arc::new(store),
+            records.clone(),
+            loaded,
+            log_limit,
+        ));
+        if let Some(feed) = records.follow() {
+            tokio::spawn(follow(Arc::downgrade(&service), feed));
+        }
+        Ok(service)
+    }
+
+    fn new(
+        store: Arc<Store>,
+        records: Arc<dyn ModelStore>,
+        loaded: LoadedModel,
+        log_limit: u64,
+    ) -> Self {
+        let version = loaded.state.version;
+        ModelService {
+            store,
+            model_id: records.model_id(),
+            records,
+            model: RwLock::new((Arc::new(loaded.model), version)),
+            record_versions: RwLock::new(loaded.record_versions),
             recent: RwLock::new(RecentChanges {
                 changes: VecDeque::new(),
-                complete_after: state.version,
+                complete_after: version,
             }),
-            model_id,
             log_limit,
             writer: Mutex::new(()),
-            version: watch::channel(state.version).0,
+            applying: std::sync::Mutex::new(()),
+            version: watch::channel(version).0,
             gate: std::sync::OnceLock::new(),
-        })
+        }
     }
 
     /// From now on a write is taken only when `gate` allows (once; later calls are
@@ -161,79 +217,131 @@ impl ModelService {
 
     /// The changes `plan` asks for, checked and committed. `plan` sees the current model
     /// and returns the records to write; records identical to the current ones are left
-    /// out, so a write that changes nothing does not raise the version.
+    /// out, so a write that changes nothing does not raise the version. `plan` runs again
+    /// on the newer model when another master wrote first.
     pub async fn write(
         &self,
-        plan: impl FnOnce(&Model) -> Result<Vec<Write>, ModelError>,
+        plan: impl FnMut(&Model) -> Result<Vec<Write>, ModelError>,
     ) -> Result<Vec<ModelChange>, WriteError> {
         self.write_if(None, plan).await
     }
 
     /// [`write`](Self::write), refused when `condition`'s record has changed since the
-    /// version it names, or is gone (checked in the writer's turn, so of two writes from
-    /// the same version exactly one lands).
+    /// version it names, or is gone (checked on the model the write is committed over,
+    /// so of two writes from the same version exactly one lands, on any masters).
     pub async fn write_if(
         &self,
         condition: Option<IfMatch>,
-        plan: impl FnOnce(&Model) -> Result<Vec<Write>, ModelError>,
+        mut plan: impl FnMut(&Model) -> Result<Vec<Write>, ModelError>,
     ) -> Result<Vec<ModelChange>, WriteError> {
         if let Some(gate) = self.gate.get() {
             gate().map_err(WriteError::Unavailable)?;
         }
         let _writer = self.writer.lock().await;
-        let (current, _) = self.snapshot();
-        if let Some(condition) = condition {
-            self.check(&current, &condition)?;
-        }
-        let planned = plan(&current)?;
-        let mut next = (*current).clone();
-        for (kind, id, json) in &planned {
-            next.set_json(*kind, id, json.as_deref())?;
-        }
-        // Store the records as the model has them (defaults filled in), and only those
-        // that change.
-        // A set, not a scan of `writes`: an import may plan thousands of records.
-        let mut seen = std::collections::BTreeSet::new();
-        let mut writes: Vec<Write> = Vec::new();
-        for (kind, id, _) in planned {
-            if !seen.insert((kind, id.clone())) {
-                continue;
+        for _ in 0..WRITE_TRIES {
+            let (current, base) = self.snapshot();
+            if let Some(condition) = &condition {
+                self.check(&current, condition)?;
             }
-            let new = next.get_json(kind, &id);
-            if new != current.get_json(kind, &id) {
-                writes.push((kind, id, new));
+            let (next, writes) = planned(&current, &mut plan)?;
+            if writes.is_empty() {
+                return Ok(Vec::new());
             }
-        }
-        if writes.is_empty() {
-            return Ok(Vec::new());
-        }
-        for (kind, id, json) in &writes {
-            if json.is_some() {
-                next.check_record(*kind, id)?;
-            } else {
-                let referrers = next.referrers(*kind, id);
-                if !referrers.is_empty() {
-                    return Err(ModelError::Conflict(format!(
-                        "{} {id} is still used by {}",
-                        tether_common::model::kind_singular(*kind),
-                        referrers.join(", ")
-                    ))
-                    .into());
+            match self
+                .records
+                .clone()
+                .commit(base, writes, self.log_limit)
+                .await
+            {
+                Ok(changes) => {
+                    if !self.install(base, next, &changes) {
+                        // Another master's write landed between the runs of a large
+                        // write: read them in order.
+                        self.catch_up().await?;
+                    }
+                    return Ok(changes);
                 }
+                Err(CommitError::Behind { .. }) => self.catch_up().await?,
+                Err(CommitError::Store(err)) => return Err(err.into()),
             }
         }
-        let store = self.store.clone();
-        let limit = self.log_limit;
-        let changes = tokio::task::spawn_blocking(move || store.commit(&writes, limit))
-            .await
-            .expect("the store's commit task does not panic")?;
-        let version = changes.last().map(|c| c.version).unwrap_or_default();
+        Err(WriteError::Unavailable(format!(
+            "the model changed under this write {WRITE_TRIES} times (other masters write fast): try again"
+        )))
+    }
+
+    /// Makes a commit of this master visible: `next` when the model is still at `base`,
+    /// else the changes over whatever the feed has applied meanwhile. False when a gap
+    /// remains (the caller reads the log).
+    fn install(&self, base: u64, next: Model, changes: &[ModelChange]) -> bool {
+        let _turn = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, version) = self.snapshot();
+        let contiguous = changes
+            .iter()
+            .zip(base + 1..)
+            .all(|(change, expected)| change.version == expected);
+        if version == base && contiguous {
+            self.publish(Arc::new(next), changes);
+            return true;
+        }
+        self.apply_in_turn(changes)
+    }
+
+    /// Applies changes committed elsewhere (or already by this master: skipped), in
+    /// version order. False when they do not follow on from the model's version.
+    fn apply(&self, changes: &[ModelChange]) -> bool {
+        let _turn = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        self.apply_in_turn(changes)
+    }
+
+    fn apply_in_turn(&self, changes: &[ModelChange]) -> bool {
+        let (current, version) = self.snapshot();
+        let fresh: Vec<ModelChange> = changes
+            .iter()
+            .filter(|c| c.version > version)
+            .cloned()
+            .collect();
+        let Some(first) = fresh.first() else {
+            return true;
+        };
+        if first.version != version + 1 {
+            return false;
+        }
+        let mut next = (*current).clone();
+        let mut applied = Vec::with_capacity(fresh.len());
+        for (change, expected) in fresh.into_iter().zip(version + 1..) {
+            if change.version != expected {
+                break;
+            }
+            let json = change.record.as_ref().map(|json| json.0.as_str());
+            if let Err(err) = next.set_json(change.kind, &change.id, json) {
+                // Another master checked it; a record this one cannot read is logged and
+                // counted as applied, so that the versions stay in step.
+                tracing::error!(
+                    version = change.version,
+                    kind = tether_common::model::kind_singular(change.kind),
+                    id = %change.id,
+                    "a committed change does not apply to this master's model: {err}"
+                );
+            }
+            applied.push(change);
+        }
+        let whole = applied.len() == changes.iter().filter(|c| c.version > version).count();
+        self.publish(Arc::new(next), &applied);
+        whole
+    }
+
+    /// Makes `model`, the result of `changes`, the current model (in the apply turn).
+    fn publish(&self, model: Arc<Model>, changes: &[ModelChange]) {
+        let Some(version) = changes.last().map(|c| c.version) else {
+            return;
+        };
         {
             let mut versions = self
                 .record_versions
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
-            for change in &changes {
+            for change in changes {
                 let key = (change.kind, change.id.clone());
                 match change.record {
                     Some(_) => versions.insert(key, change.version),
@@ -244,10 +352,48 @@ impl ModelService {
         self.recent
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .push(&changes, self.log_limit);
-        *self.model.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(next), version);
+            .push(changes, self.log_limit);
+        *self.model.write().unwrap_or_else(|p| p.into_inner()) = (model, version);
         self.version.send_replace(version);
-        Ok(changes)
+    }
+
+    /// Brings the model up to the store's: the changes since its version from the log,
+    /// or the whole model when the log no longer reaches back.
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        let (_, version) = self.snapshot();
+        match self.records.clone().changes_since(version).await? {
+            Some(changes) => {
+                if !self.apply(&changes) {
+                    // Someone applied past `version` meanwhile, from the feed: it is
+                    // newer than what was read.
+                    tracing::debug!(version, "the model moved on while catching up");
+                }
+            }
+            None => {
+                let loaded = self.records.clone().load().await?;
+                let _turn = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+                let (_, now) = self.snapshot();
+                if loaded.state.version > now {
+                    tracing::warn!(
+                        from = now,
+                        to = loaded.state.version,
+                        "the change log no longer reaches back to this master's model: read it whole"
+                    );
+                    *self
+                        .record_versions
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner()) = loaded.record_versions;
+                    *self.recent.write().unwrap_or_else(|p| p.into_inner()) = RecentChanges {
+                        changes: VecDeque::new(),
+                        complete_after: loaded.state.version,
+                    };
+                    *self.model.write().unwrap_or_else(|p| p.into_inner()) =
+                        (Arc::new(loaded.model), loaded.state.version);
+                    self.version.send_replace(loaded.state.version);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether a conditional write may go ahead on `model`.
@@ -291,12 +437,7 @@ impl ModelService {
             None if !incremental => None,
             // The log read may run ahead of `model`; that is harmless, because each
             // record is sent as `model` has it and a later push brings the rest.
-            None => {
-                let store = self.store.clone();
-                tokio::task::spawn_blocking(move || store.changes_since(since))
-                    .await
-                    .expect("the store's read task does not panic")?
-            }
+            None => self.records.clone().changes_since(since).await?,
         };
         let log = log.map(|changes| {
             changes
@@ -312,6 +453,72 @@ impl ModelService {
             at,
             log.as_deref(),
         ))
+    }
+}
+
+/// The model after `plan`, and the records to store: as the model has them (defaults
+/// filled in), only those that change, each checked.
+fn planned(
+    current: &Model,
+    plan: &mut impl FnMut(&Model) -> Result<Vec<Write>, ModelError>,
+) -> Result<(Model, Vec<Write>), ModelError> {
+    let planned = plan(current)?;
+    let mut next = current.clone();
+    for (kind, id, json) in &planned {
+        next.set_json(*kind, id, json.as_deref())?;
+    }
+    // A set, not a scan of `writes`: an import may plan thousands of records.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut writes: Vec<Write> = Vec::new();
+    for (kind, id, _) in planned {
+        if !seen.insert((kind, id.clone())) {
+            continue;
+        }
+        let new = next.get_json(kind, &id);
+        if new != current.get_json(kind, &id) {
+            writes.push((kind, id, new));
+        }
+    }
+    for (kind, id, json) in &writes {
+        if json.is_some() {
+            next.check_record(*kind, id)?;
+        } else {
+            let referrers = next.referrers(*kind, id);
+            if !referrers.is_empty() {
+                return Err(ModelError::Conflict(format!(
+                    "{} {id} is still used by {}",
+                    tether_common::model::kind_singular(*kind),
+                    referrers.join(", ")
+                )));
+            }
+        }
+    }
+    Ok((next, writes))
+}
+
+/// Applies what the store's feed brings (other masters' writes) until the service goes.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+async fn follow(
+    service: std::sync::Weak<ModelService>,
+    mut feed: tokio::sync::mpsc::Receiver<Fed>,
+) {
+    while let Some(fed) = feed.recv().await {
+        let Some(service) = service.upgrade() else {
+            return;
+        };
+        let whole = match &fed {
+            Fed::Changes(changes) => service.apply(changes),
+            Fed::Resync => false,
+        };
+        if whole {
+            continue;
+        }
+        // Until the log is read, the next feed entries cannot apply either: try until
+        // it answers.
+        while let Err(err) = service.catch_up().await {
+            tracing::warn!("cannot catch up with the cluster's model: {err}");
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
     }
 }
 

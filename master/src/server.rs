@@ -56,11 +56,11 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     tether_common::store::create_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let root = repositories_root(&config, seed.as_ref())?;
-    let model = Arc::new(open_model(&config)?);
     let token = Arc::new(AdminToken::load_or_create(&config.data_dir)?);
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
+        let (model, cluster) = open_model(&config).await?;
         if let Some(site) = &seed {
             seed_new_model(&model, site, &root).await.with_context(|| {
                 format!(
@@ -72,7 +72,7 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
         serve(
             config_path,
             config,
-            model,
+            (model, cluster),
             token,
             (link_tls, api_tls),
             root,
@@ -111,16 +111,33 @@ fn rtt_metrics(runtime: &Runtime) -> RttObserver {
     RttObserver(Arc::new(move |edge, rtt| metrics.observe_rtt(edge, rtt)))
 }
 
-/// Opens the model database in the data folder, naming a master that holds it already.
-pub fn open_model(config: &MasterConfig) -> anyhow::Result<ModelService> {
-    ModelService::open(&config.data_dir, config.change_log_limit).map_err(|err| {
-        let text = err.to_string();
-        if text.contains("already open") {
-            anyhow::anyhow!("{text}: is a master running with this data_dir? Stop it first")
-        } else {
-            anyhow::anyhow!(text)
+/// Opens the model: the database in the data folder, or in a cluster the model in etcd
+/// (with the connection to it).
+pub async fn open_model(
+    config: &MasterConfig,
+) -> anyhow::Result<(Arc<ModelService>, Option<crate::cluster::Connected>)> {
+    let cluster = crate::cluster::connect_if_configured(config).await?;
+    let model = match &cluster {
+        Some(connected) => connected.open_model(config).await?,
+        None => {
+            let (data_dir, limit) = (config.data_dir.clone(), config.change_log_limit);
+            let opened = tokio::task::spawn_blocking(move || ModelService::open(&data_dir, limit))
+                .await
+                .context("the model's open task failed")?;
+            Arc::new(opened.map_err(model_open_error)?)
         }
-    })
+    };
+    Ok((model, cluster))
+}
+
+/// A model that does not open, naming a master that holds its database already.
+pub fn model_open_error(err: tether_common::store::StoreError) -> anyhow::Error {
+    let text = err.to_string();
+    if text.contains("already open") {
+        anyhow::anyhow!("{text}: is a master running with this data_dir? Stop it first")
+    } else {
+        anyhow::anyhow!(text)
+    }
 }
 
 /// A model that has never been written is seeded from the site file.
@@ -135,7 +152,7 @@ async fn seed_new_model(
     }
     let writes = crate::seed::site_writes(site, root)?;
     let changes = model
-        .write(|_| Ok(writes))
+        .write(|_| Ok(writes.clone()))
         .await
         .context("the seed site file does not make a valid model")?;
     tracing::info!(
@@ -148,7 +165,7 @@ async fn seed_new_model(
 async fn serve(
     config_path: &Path,
     config: MasterConfig,
-    model: Arc<ModelService>,
+    (model, cluster): (Arc<ModelService>, Option<crate::cluster::Connected>),
     token: Arc<AdminToken>,
     (link_tls, api_tls): (Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>),
     root: RepositoriesRoot,
@@ -178,7 +195,10 @@ async fn serve(
     let executor = Executor::Master(config.cluster.as_ref().map(|c| c.master_id.clone()));
     let runtime = Runtime::new(executor, ScriptLimits::default());
     // In a cluster the grants, claims and link keys live in etcd.
-    let cluster = crate::cluster::join_if_configured(&config).await?;
+    let cluster = match cluster {
+        Some(connected) => Some(connected.join(&config).await?),
+        None => None,
+    };
     let grants: Arc<dyn tether_common::store::Grants> = match &cluster {
         Some(node) => node.grants.clone(),
         None => model.store(),

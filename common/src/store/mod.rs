@@ -12,9 +12,11 @@ mod code;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 mod grants;
+mod model_store;
 
 pub use audit::{AuditEntry, AuditSource};
 pub use grants::{Claims, Grants, Held, IssueError, Pending};
+pub use model_store::{CommitError, Fed, LoadedModel, ModelStore, RedbModel};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -227,12 +229,31 @@ impl Store {
     /// is appended to the change log, which then keeps at most `log_limit` changes.
     /// Returns the changes with their versions.
     pub fn commit(&self, writes: &[Write], log_limit: u64) -> Result<Vec<ModelChange>, StoreError> {
+        let base = self.state()?.version;
+        self.commit_at(base, writes, log_limit)
+            .map_err(|err| match err {
+                CommitError::Store(err) => err,
+                behind => StoreError::Stopped(behind.to_string()),
+            })
+    }
+
+    /// [`commit`](Self::commit) if the model is at version `base` (checked in the write
+    /// transaction), else [`CommitError::Behind`] and nothing written.
+    pub fn commit_at(
+        &self,
+        base: u64,
+        writes: &[Write],
+        log_limit: u64,
+    ) -> Result<Vec<ModelChange>, CommitError> {
         self.write_txn(|txn| {
             let mut records = txn.open_table(RECORDS)?;
             let mut versions = txn.open_table(RECORD_VERSIONS)?;
             let mut log = txn.open_table(LOG)?;
             let mut meta = txn.open_table(META)?;
             let mut state = read_state(&meta)?;
+            if state.version != base {
+                return Ok(Err(CommitError::Behind { base }));
+            }
             let mut changes = Vec::with_capacity(writes.len());
             for (kind, id, json) in writes {
                 state.version += 1;
@@ -260,8 +281,8 @@ impl Store {
             }
             meta.insert("version", state.version)?;
             meta.insert("log_floor", state.log_floor)?;
-            Ok(changes)
-        })
+            Ok(Ok(changes))
+        })?
     }
 
     /// Each record's version (the model version that last wrote it), where one is kept.
@@ -403,6 +424,20 @@ mod tests {
         let (model, state) = store.load().unwrap();
         assert_eq!(state.version, 3);
         assert_eq!(model.edges.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn a_commit_planned_on_an_older_version_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("model.redb")).unwrap();
+        store.commit_at(0, &[edge("a", "A")], 100).unwrap();
+        let behind = store.commit_at(0, &[edge("b", "B"), edge("c", "C")], 100);
+        assert!(matches!(behind, Err(CommitError::Behind { base: 0 })));
+        let (model, state) = store.load().unwrap();
+        assert_eq!(state.version, 1);
+        assert_eq!(model.edges.keys().collect::<Vec<_>>(), ["a"]);
+        let changes = store.commit_at(1, &[edge("b", "B")], 100).unwrap();
+        assert_eq!(changes[0].version, 2);
     }
 
     #[test]

@@ -416,7 +416,7 @@ impl Repositories {
                     return Ok(Vec::new());
                 };
                 let record = RepositoryRecord {
-                    commit: Some(commit),
+                    commit: Some(commit.clone()),
                     ..record.clone()
                 };
                 Ok(vec![write(EntityKind::Repository, &id, &record)?])
@@ -445,7 +445,7 @@ impl Repositories {
                     return Ok(Vec::new());
                 };
                 let record = EdgeRecord {
-                    commit,
+                    commit: commit.clone(),
                     ..record.clone()
                 };
                 Ok(vec![write(EntityKind::Edge, &edge, &record)?])

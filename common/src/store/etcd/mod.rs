@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 
+pub mod model;
+
+pub use model::EtcdModel;
+
 use super::StoreError;
 use super::grants::{Claims, Grants, Held, IssueError, Pending};
 use crate::control::clock::{Mono, mono_now};
@@ -769,7 +773,10 @@ impl Mirror {
     }
 }
 
-/// Follows everything under `etcd`'s prefix into a [`Mirror`]: a read, then a watch from
+/// The folders a [`Mirror`] holds.
+const MIRRORED: [&str; 4] = ["masters/", "links/", "running/", "grants/"];
+
+/// Follows the control's folders under `etcd`'s prefix into a [`Mirror`]: a read, then a watch from
 /// the revision after it; when the watch fails (etcd out of reach) the mirror is marked
 /// not following, and read again once etcd answers.
 pub fn follow(etcd: Etcd) -> tokio::sync::watch::Receiver<Arc<Mirror>> {
@@ -798,15 +805,24 @@ async fn follow_once(
 ) -> Result<(), StoreError> {
     let prefix = etcd.key("");
     let strip = |key: &[u8]| String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+    // The folders the control decides on, read at one revision (not the model, audit or
+    // code beside them).
+    let reads =
+        MIRRORED.map(|folder| TxnOp::get(etcd.key(folder), Some(GetOptions::new().with_prefix())));
     let read = etcd
         .client()
-        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+        .txn(Txn::new().and_then(reads))
         .await
         .map_err(|err| etcd.error("cannot read the cluster's state", err))?;
     let revision = read.header().map(|h| h.revision()).unwrap_or_default();
     let fresh: BTreeMap<String, Vec<u8>> = read
-        .kvs()
+        .op_responses()
         .iter()
+        .filter_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => Some(get.kvs().to_vec()),
+            _ => None,
+        })
+        .flatten()
         .map(|kv| (strip(kv.key()), kv.value().to_vec()))
         .collect();
     // What went while the mirror was not following went then, as far as it can tell.
@@ -843,17 +859,25 @@ async fn follow_once(
         if answer.canceled() {
             return Err(StoreError::Stopped("etcd cancelled the watch".into()));
         }
+        let mut changed = false;
         for event in answer.events() {
             let Some(kv) = event.kv() else { continue };
+            let key = strip(kv.key());
+            if !MIRRORED.iter().any(|folder| key.starts_with(folder)) {
+                continue;
+            }
             let value = match event.event_type() {
                 etcd_client::EventType::Put => Some(kv.value().to_vec()),
                 etcd_client::EventType::Delete => None,
             };
-            current.set(strip(kv.key()), value);
+            current.set(key, value);
+            changed = true;
         }
         if publish.is_closed() {
             return Ok(());
         }
-        publish.send_replace(Arc::new(current.clone()));
+        if changed {
+            publish.send_replace(Arc::new(current.clone()));
+        }
     }
 }
