@@ -46,7 +46,11 @@ impl Connected {
     }
 
     /// Joins the cluster.
-    pub async fn join(self, _config: &tether_config::MasterConfig) -> anyhow::Result<Node> {
+    pub async fn join(
+        self,
+        _config: &tether_config::MasterConfig,
+        _admin_hash: String,
+    ) -> anyhow::Result<Node> {
         match self {}
     }
 }
@@ -115,16 +119,30 @@ mod joined {
                 .map_err(crate::server::model_open_error)
         }
 
-        /// Writes this master's presence (refused when a live master has its id), and
-        /// follows the cluster.
-        pub async fn join(self, config: &MasterConfig) -> anyhow::Result<Node> {
-            join(self, config).await
+        /// Writes this master's presence (refused when a live master has its id) and its
+        /// admin token's hash (so that every master takes it), and follows the cluster.
+        pub async fn join(self, config: &MasterConfig, admin_hash: String) -> anyhow::Result<Node> {
+            join(self, config, admin_hash).await
         }
     }
 
-    async fn join(connected: Connected, config: &MasterConfig) -> anyhow::Result<Node> {
+    async fn join(
+        connected: Connected,
+        config: &MasterConfig,
+        admin_hash: String,
+    ) -> anyhow::Result<Node> {
         let Connected { etcd, cluster } = connected;
         let cluster = &cluster;
+        // Not on the lease: a master's token works on the others while it is down.
+        etcd.client()
+            .put(
+                etcd.key(&format!("admins/{}", cluster.master_id)),
+                admin_hash,
+                None,
+            )
+            .await
+            .map_err(|err| etcd.error("cannot share this master's admin token", err))
+            .context("cannot join the cluster")?;
         let info = serde_json::json!({
             "api_url": config.public_api_url(),
             "link": config.link_listen.to_string(),
@@ -261,6 +279,7 @@ mod joined {
                 .into_iter()
                 .filter_map(|id| Some((id.clone(), mirror.master_info(&id)?)))
                 .collect::<BTreeMap<_, _>>(),
+            admins: mirror.admin_hashes(),
         }
     }
 }

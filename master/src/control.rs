@@ -92,6 +92,8 @@ pub struct ClusterInputs {
     pub grants: BTreeMap<String, (ControlState, Option<String>)>,
     /// What each present master said of itself (its API and link addresses).
     pub info: BTreeMap<String, serde_json::Value>,
+    /// The hashes of every master's admin token.
+    pub admins: Vec<String>,
 }
 
 impl ClusterInputs {
@@ -117,6 +119,43 @@ impl ClusterInputs {
     /// Whether this master's claim of `unit` stands.
     pub fn claimed_here(&self, unit: &str) -> bool {
         self.runners.get(unit) == Some(&self.me)
+    }
+
+    /// The master that should serve a client's call for `unit`, when not this one: the
+    /// one holding the edge's link (it reaches the edge, or runs the unit itself), else
+    /// the one running the unit. `None`: this master holds it, or nobody does.
+    pub fn serving_master(&self, unit: &str) -> Option<&str> {
+        let here = |master: Option<&String>| master == Some(&self.me);
+        if here(self.links.get(unit)) || here(self.runners.get(unit)) {
+            return None;
+        }
+        self.links
+            .get(unit)
+            .or_else(|| self.runners.get(unit))
+            .map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_goes_to_the_link_holder_then_to_the_runner_and_stays_where_either_is_here() {
+        let mut inputs = ClusterInputs {
+            me: "m1".into(),
+            ..ClusterInputs::default()
+        };
+        assert_eq!(inputs.serving_master("e1"), None, "nobody holds it");
+        inputs.runners.insert("e1".into(), "m3".into());
+        assert_eq!(inputs.serving_master("e1"), Some("m3"));
+        inputs.links.insert("e1".into(), "m2".into());
+        assert_eq!(inputs.serving_master("e1"), Some("m2"), "the link first");
+        inputs.runners.insert("e1".into(), "m1".into());
+        assert_eq!(inputs.serving_master("e1"), None, "run here");
+        inputs.runners.clear();
+        inputs.links.insert("e1".into(), "m1".into());
+        assert_eq!(inputs.serving_master("e1"), None, "linked here");
     }
 }
 

@@ -7,6 +7,7 @@ mod control;
 mod demo;
 mod edge_link;
 mod edges;
+mod forward;
 mod import;
 mod link_guard;
 mod model;

@@ -196,7 +196,7 @@ async fn serve(
     let runtime = Runtime::new(executor, ScriptLimits::default());
     // In a cluster the grants, claims and link keys live in etcd.
     let cluster = match cluster {
-        Some(connected) => Some(connected.join(&config).await?),
+        Some(connected) => Some(connected.join(&config, token.hash_hex()).await?),
         None => None,
     };
     let grants: Arc<dyn tether_common::store::Grants> = match &cluster {
@@ -251,7 +251,15 @@ async fn serve(
     // One check of tokens for the API and for the calls edges forward for users.
     let access = {
         let model = model.clone();
-        Access::new(token, move || model.snapshot().0)
+        let access = Access::new(token, move || model.snapshot().0);
+        match &hooks {
+            // Among several masters, every master's admin token works on each.
+            Some(hooks) => {
+                let inputs = hooks.inputs.clone();
+                access.with_other_admins(move || inputs.borrow().admins.clone())
+            }
+            None => access,
+        }
     };
     let guard = Arc::new(crate::link_guard::LinkGuard::new(access.clone()));
     let health = Arc::new(Health {
@@ -303,7 +311,7 @@ async fn serve(
             repos: repos.clone(),
             guard,
         },
-        hooks,
+        hooks.clone(),
         accepted_rx,
     ));
 
@@ -311,7 +319,16 @@ async fn serve(
     // Take control of absent edges that had failed over before, tell the connected ones
     // the master is ready; then serve the API.
     control.booted();
+    let forwarder = match &hooks {
+        Some(hooks) => Some(Arc::new(crate::forward::Forwarder::new(
+            hooks.inputs.clone(),
+            model.clone(),
+            tls::api_client_config(&config.tls.ca)?,
+        )?)),
+        None => None,
+    };
     let state = crate::api::AppState {
+        forwarder,
         model: model.clone(),
         edges: registry.clone(),
         runtime: runtime.clone(),

@@ -498,3 +498,81 @@ async fn losing_one_etcd_member_changes_nothing_and_losing_quorum_stops_units_no
     .await;
     assert_eq!(refused(&projector), 0, "{:?}", projector.events());
 }
+
+#[tokio::test]
+async fn any_master_serves_any_call_by_sending_it_to_the_holder_and_takes_every_masters_tokens() {
+    let (_projector, cluster, edges) = start_hall(3, 1).await;
+    wait_for(
+        "site-1 to run its room",
+        Duration::from_secs(15),
+        || async {
+            let (status, body) = edges[0].exec("room-1", "Note", 1, "ping", json!([])).await;
+            (status == 200 && body["executed_by"] == "edge:site-1").then_some(())
+        },
+    )
+    .await;
+    let holder = wait_for("a master to run the hall", Duration::from_secs(10), || {
+        runner_of(&cluster, "hall")
+    })
+    .await;
+    let holder_url = format!(
+        "https://localhost:{}",
+        cluster.masters[holder].api_addr.port()
+    );
+    for i in 0..cluster.masters.len() {
+        let api = cluster.master_api(i);
+        // The hall, run by one master: every master answers it, from the holder.
+        let answer = api.exec_full("hall", "Note", 1, "ping", json!([])).await;
+        assert_eq!(answer.status, 200, "m{}: {:?}", i + 1, answer.body);
+        assert_eq!(
+            answer.body["executed_by"],
+            format!("master:{}", cluster.masters[holder].id)
+        );
+        if i != holder {
+            assert_eq!(
+                answer.preferred_server.as_deref(),
+                Some(holder_url.as_str()),
+                "m{} names the holder",
+                i + 1
+            );
+        }
+        // A room its edge runs: every master reaches it, through the link's master.
+        let answer = api.exec_full("room-1", "Note", 1, "ping", json!([])).await;
+        assert_eq!(answer.status, 200, "m{}: {:?}", i + 1, answer.body);
+        assert_eq!(answer.body["executed_by"], "edge:site-1");
+    }
+
+    // Every master's admin token works on every master; so does a user's.
+    let m1_token = cluster.master_api(0).token();
+    for i in 1..cluster.masters.len() {
+        let (status, body) = cluster
+            .master_api(i)
+            .with_token(m1_token.clone())
+            .get("/api/v1/users")
+            .await;
+        assert_eq!(status, 200, "m1's admin token on m{}: {body}", i + 1);
+    }
+    let (status, user) = cluster
+        .master_api(0)
+        .post(
+            "/api/v1/users",
+            json!({"id": "ops", "name": "Ops", "role": "operator"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{user}");
+    let token = user["token"].as_str().map(str::to_string);
+    let on_m3 = cluster.master_api(2).with_token(token);
+    wait_for("the user on m3", Duration::from_secs(10), || async {
+        let answer = on_m3.exec_full("hall", "Note", 1, "ping", json!([])).await;
+        (answer.status == 200).then_some(())
+    })
+    .await;
+    let (status, _) = on_m3.get("/api/v1/users").await;
+    assert_eq!(status, 403, "an operator is no admin on any master");
+    let (status, _) = cluster
+        .master_api(1)
+        .with_token(Some("tth_not_a_token".into()))
+        .get("/api/v1/systems")
+        .await;
+    assert_eq!(status, 401);
+}

@@ -140,6 +140,8 @@ pub struct Access {
     model: Arc<dyn Fn() -> Arc<Model> + Send + Sync>,
     /// Whether users' tokens are kept with their principal, to forward (an edge).
     forwards: bool,
+    /// The hashes of the other admin tokens taken here (the other masters' of a cluster).
+    other_admins: Option<Arc<dyn Fn() -> Vec<String> + Send + Sync>>,
 }
 
 impl Access {
@@ -152,7 +154,18 @@ impl Access {
             admin,
             model: Arc::new(model),
             forwards: false,
+            other_admins: None,
         }
+    }
+
+    /// A master of a cluster: the other masters' admin tokens (their hashes, as `hashes`
+    /// gives them) are admin tokens here too.
+    pub fn with_other_admins(
+        mut self,
+        hashes: impl Fn() -> Vec<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.other_admins = Some(Arc::new(hashes));
+        self
     }
 
     /// An edge's check: a user's principal keeps the user's token, which the edge
@@ -164,7 +177,15 @@ impl Access {
 
     /// The principal a token stands for.
     pub fn authenticate(&self, token: &str) -> Option<Principal> {
-        if self.admin.matches(token) {
+        let another_admin = || {
+            self.other_admins.as_ref().is_some_and(|hashes| {
+                let hash = token_hash(token);
+                hashes()
+                    .iter()
+                    .any(|other| same(other.as_bytes(), hash.as_bytes()))
+            })
+        };
+        if self.admin.matches(token) || another_admin() {
             return Some(Principal {
                 user: "admin".into(),
                 role: Role::Admin,

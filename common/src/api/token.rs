@@ -67,6 +67,12 @@ impl AdminToken {
         Ok(AdminToken { hash: hash(token) })
     }
 
+    /// The token's SHA-256 in hex (what a cluster shares, so that every master takes
+    /// every master's admin token).
+    pub fn hash_hex(&self) -> String {
+        hex::encode(self.hash)
+    }
+
     /// Whether `presented` is this token, in time independent of where they differ.
     pub fn matches(&self, presented: &str) -> bool {
         let other = hash(presented);

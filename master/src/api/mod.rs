@@ -34,6 +34,8 @@ pub struct AppState {
     pub repos: Arc<crate::repos::Repositories>,
     /// This master's id and API address, for `GET /api/v1/masters`.
     pub me: (String, String),
+    /// In a cluster: sends calls for units other masters hold to them.
+    pub forwarder: Option<Arc<crate::forward::Forwarder>>,
 }
 
 /// The router: health is open (for load balancers and probes); the rest needs the token.
@@ -51,7 +53,7 @@ pub fn router(
         .route("/api/v1/edges/{id}/slice", axum::routing::get(edge_slice))
         .route("/api/v1/masters", axum::routing::get(masters))
         .with_state(state.clone())
-        .merge(module_routes(state.runtime.clone()))
+        .merge(forwarded(module_routes(state.runtime.clone()), &state))
         .merge(live_routes(live));
     let protected = protect(protected, access, limits);
     Router::new()
@@ -59,6 +61,17 @@ pub fn router(
         .with_state(health_state)
         .merge(dashboard::routes())
         .merge(protected)
+}
+
+/// `routes`, sending calls for units another master holds to it (in a cluster).
+fn forwarded(routes: Router, state: &AppState) -> Router {
+    match &state.forwarder {
+        Some(forwarder) => routes.layer(axum::middleware::from_fn_with_state(
+            forwarder.clone(),
+            crate::forward::forward_to_holder,
+        )),
+        None => routes,
+    }
 }
 
 /// The master's account for the live routes: every edge of the model with its link and

@@ -742,6 +742,13 @@ impl Mirror {
         self.link_ended.clone()
     }
 
+    /// The hashes of every master's admin token (each master's, kept after it goes).
+    pub fn admin_hashes(&self) -> Vec<String> {
+        self.under("admins/")
+            .map(|(_, hash)| String::from_utf8_lossy(hash).into_owned())
+            .collect()
+    }
+
     /// Every claimed unit and the master claiming it.
     pub fn runners(&self) -> BTreeMap<String, String> {
         self.under("running/")
@@ -774,7 +781,7 @@ impl Mirror {
 }
 
 /// The folders a [`Mirror`] holds.
-const MIRRORED: [&str; 4] = ["masters/", "links/", "running/", "grants/"];
+const MIRRORED: [&str; 5] = ["masters/", "links/", "running/", "grants/", "admins/"];
 
 /// Follows the control's folders under `etcd`'s prefix into a [`Mirror`]: a read, then a watch from
 /// the revision after it; when the watch fails (etcd out of reach) the mirror is marked
