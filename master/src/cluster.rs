@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use tether_common::store::Grants;
+use tether_common::store::{Grants, SharedAudit};
 
 use crate::control::ClusterHooks;
 
@@ -14,6 +14,8 @@ use crate::control::ClusterHooks;
 pub struct Node {
     /// Grants in etcd.
     pub grants: Arc<dyn Grants>,
+    /// The audit log every master shares.
+    pub audit: Arc<dyn SharedAudit>,
     /// Claims, link keys and the cluster's inputs, for the control.
     pub hooks: ClusterHooks,
 }
@@ -50,6 +52,7 @@ impl Connected {
         self,
         _config: &tether_config::MasterConfig,
         _admin_hash: String,
+        _store: Arc<tether_common::store::Store>,
     ) -> anyhow::Result<Node> {
         match self {}
     }
@@ -67,7 +70,10 @@ mod joined {
     use anyhow::Context;
     use tether_common::control::Lease;
     use tether_common::control::lease::begin_stopping;
-    use tether_common::store::etcd::{Etcd, EtcdControl, EtcdModel, Mirror, Presence, follow};
+    use tether_common::store::etcd::{
+        Etcd, EtcdAudit, EtcdControl, EtcdModel, Mirror, Presence, follow,
+    };
+    use tether_common::store::{SharedAudit, Store};
     use tether_config::{ClusterConfig, MasterConfig};
     use tokio::sync::watch;
 
@@ -121,8 +127,14 @@ mod joined {
 
         /// Writes this master's presence (refused when a live master has its id) and its
         /// admin token's hash (so that every master takes it), and follows the cluster.
-        pub async fn join(self, config: &MasterConfig, admin_hash: String) -> anyhow::Result<Node> {
-            join(self, config, admin_hash).await
+        /// Its own audit records (in `store`) are copied to the shared log as they come.
+        pub async fn join(
+            self,
+            config: &MasterConfig,
+            admin_hash: String,
+            store: Arc<Store>,
+        ) -> anyhow::Result<Node> {
+            join(self, config, admin_hash, store).await
         }
     }
 
@@ -130,9 +142,12 @@ mod joined {
         connected: Connected,
         config: &MasterConfig,
         admin_hash: String,
+        store: Arc<Store>,
     ) -> anyhow::Result<Node> {
         let Connected { etcd, cluster } = connected;
         let cluster = &cluster;
+        let audit = Arc::new(EtcdAudit::new(etcd.clone(), &cluster.master_id));
+        tokio::spawn(share_audit(store, audit.clone()));
         // Not on the lease: a master's token works on the others while it is down.
         etcd.client()
             .put(
@@ -175,6 +190,7 @@ mod joined {
             publish,
         ));
         Ok(Node {
+            audit,
             grants: control.clone(),
             hooks: ClusterHooks {
                 claims: control,
@@ -197,6 +213,48 @@ mod joined {
             options = options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
         }
         Ok(Some(options))
+    }
+
+    /// Audit records each master keeps in the shared log (its newest).
+    const SHARED_AUDIT_KEEP: u64 = 10_000;
+
+    /// Copies this master's audit records, once durable at home, to the shared log:
+    /// those not yet shared (from where it left off, across restarts), then each new one.
+    /// While etcd is out of reach they wait at home.
+    async fn share_audit(store: Arc<Store>, audit: Arc<EtcdAudit>) {
+        let mut appended = store.subscribe_audit();
+        loop {
+            match share_pending(&store, &audit).await {
+                Ok(()) => {
+                    // A new record, or a look now and then (a lagging receiver).
+                    let _ = tokio::time::timeout(Duration::from_secs(5), appended.recv()).await;
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        "cannot share audit records with the cluster: {err}; again shortly"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn share_pending(store: &Arc<Store>, audit: &Arc<EtcdAudit>) -> anyhow::Result<()> {
+        let read = store.clone();
+        let mut entries = tokio::task::spawn_blocking(move || {
+            let shared = read.audit_shared()?;
+            read.audit_after(shared)
+        })
+        .await??;
+        let Some(last) = entries.last().map(|e| e.seq) else {
+            return Ok(());
+        };
+        let keep = usize::try_from(SHARED_AUDIT_KEEP).unwrap_or(usize::MAX);
+        entries.drain(..entries.len().saturating_sub(keep));
+        audit.clone().share(entries, SHARED_AUDIT_KEEP).await?;
+        let write = store.clone();
+        tokio::task::spawn_blocking(move || write.set_audit_shared(last)).await??;
+        Ok(())
     }
 
     /// What joining again needs.

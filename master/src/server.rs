@@ -196,7 +196,11 @@ async fn serve(
     let runtime = Runtime::new(executor, ScriptLimits::default());
     // In a cluster the grants, claims and link keys live in etcd.
     let cluster = match cluster {
-        Some(connected) => Some(connected.join(&config, token.hash_hex()).await?),
+        Some(connected) => Some(
+            connected
+                .join(&config, token.hash_hex(), model.store())
+                .await?,
+        ),
         None => None,
     };
     let grants: Arc<dyn tether_common::store::Grants> = match &cluster {
@@ -329,6 +333,7 @@ async fn serve(
     };
     let state = crate::api::AppState {
         forwarder,
+        shared_audit: cluster.as_ref().map(|node| node.audit.clone()),
         model: model.clone(),
         edges: registry.clone(),
         runtime: runtime.clone(),

@@ -51,6 +51,8 @@ const EDGE_AUDIT_SEQ: TableDefinition<u64, &str> = TableDefinition::new("edge_au
 const AUDIT_SEQ: &str = "audit_seq";
 /// The newest audit sequence number the master has acknowledged (on an edge).
 const AUDIT_REPORTED: &str = "audit_reported";
+/// Meta key: the newest audit sequence number shared with the cluster.
+const AUDIT_SHARED: &str = "audit_shared";
 
 impl Store {
     /// Appends to the audit log, which then keeps its newest `keep` records of this
@@ -227,6 +229,52 @@ impl Store {
             Ok(())
         })
     }
+
+    /// The newest audit sequence number a master of a cluster has shared in etcd.
+    pub fn audit_shared(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
+        Ok(meta
+            .get(AUDIT_SHARED)
+            .map_err(|e| self.db_error(e))?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    /// Records that the audit records up to `seq` are shared.
+    pub fn set_audit_shared(&self, seq: u64) -> Result<(), StoreError> {
+        self.write_txn(|txn| {
+            txn.open_table(META)?.insert(AUDIT_SHARED, seq)?;
+            Ok(())
+        })
+    }
+}
+
+/// An audit record of the cluster's shared log: which master stored it, and its entry
+/// there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedAuditEntry {
+    /// The master that stored it.
+    pub master: String,
+    /// The entry, with that master's sequence number.
+    pub entry: AuditEntry,
+}
+
+/// The audit log the masters of a cluster share: each master copies its own log there
+/// (after storing each record durably at home, so that none is lost while the shared
+/// store is out of reach), and any master reads every master's.
+pub trait SharedAudit: Send + Sync {
+    /// Adds this master's `entries` (oldest first), keeping its newest `keep`.
+    fn share(
+        self: std::sync::Arc<Self>,
+        entries: Vec<AuditEntry>,
+        keep: u64,
+    ) -> super::Pending<Result<(), StoreError>>;
+
+    /// Every master's records, oldest first.
+    fn read(
+        self: std::sync::Arc<Self>,
+    ) -> super::Pending<Result<Vec<SharedAuditEntry>, StoreError>>;
 }
 
 /// An audit record as stored before code changes were audited.

@@ -14,7 +14,7 @@ pub mod etcd;
 mod grants;
 mod model_store;
 
-pub use audit::{AuditEntry, AuditSource};
+pub use audit::{AuditEntry, AuditSource, SharedAudit, SharedAuditEntry};
 pub use grants::{Claims, Grants, Held, IssueError, Pending};
 pub use model_store::{CommitError, Fed, LoadedModel, ModelStore, RedbModel};
 

@@ -48,11 +48,39 @@ struct AuditQuery {
 }
 
 /// The audit log: `[{time, edge, from, to, epoch, reason}]`, oldest first;
-/// `?edge=ID` for one edge.
+/// `?edge=ID` for one edge. In a cluster every master's, each record naming its `master`
+/// (this master's own alone while etcd is out of reach).
 async fn audit(
     State(state): State<AppState>,
     Query(query): Query<AuditQuery>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
+    if let Some(shared) = &state.shared_audit {
+        match shared.clone().read().await {
+            Ok(entries) => {
+                return Ok(Json(
+                    entries
+                        .iter()
+                        .filter(|e| {
+                            query
+                                .edge
+                                .as_ref()
+                                .is_none_or(|edge| &e.entry.record.edge == edge)
+                        })
+                        .map(|e| {
+                            let mut view = tether_common::api::audit_entry_json(&e.entry);
+                            view["master"] = e.master.clone().into();
+                            view
+                        })
+                        .collect(),
+                ));
+            }
+            Err(err) => {
+                tracing::warn!(
+                    "cannot read the shared audit log: {err}; answering this master's own"
+                )
+            }
+        }
+    }
     state
         .control
         .audit(query.edge)

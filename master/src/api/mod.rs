@@ -34,6 +34,8 @@ pub struct AppState {
     pub repos: Arc<crate::repos::Repositories>,
     /// This master's id and API address, for `GET /api/v1/masters`.
     pub me: (String, String),
+    /// In a cluster: the audit log every master shares.
+    pub shared_audit: Option<Arc<dyn tether_common::store::SharedAudit>>,
     /// In a cluster: sends calls for units other masters hold to them.
     pub forwarder: Option<Arc<crate::forward::Forwarder>>,
 }

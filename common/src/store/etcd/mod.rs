@@ -10,10 +10,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp};
 
+pub mod audit;
 pub mod model;
 
+pub use audit::EtcdAudit;
 pub use model::EtcdModel;
 
 use super::StoreError;
@@ -24,6 +26,9 @@ use crate::control::{ControlState, Owner};
 
 /// The prefix of every key Tether writes, unless the configuration names another.
 pub const DEFAULT_PREFIX: &str = "/tether/";
+
+/// Keys one read asks for at most (a large folder is read in pages at one revision).
+const PAGE: i64 = 500;
 
 /// A connection to an etcd cluster (cheap to clone: one channel, balanced over the
 /// endpoints).
@@ -99,6 +104,45 @@ impl Etcd {
     /// The full key of `rest` under the prefix.
     pub fn key(&self, rest: &str) -> String {
         format!("{}{rest}", self.prefix)
+    }
+
+    /// Every key from `start` up to `end`, read in pages at one revision (`at`, or the
+    /// newest); returns the keys and the revision read.
+    pub(super) async fn read_range(
+        &self,
+        start: String,
+        end: Vec<u8>,
+        at: Option<i64>,
+    ) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let mut kvs = Vec::new();
+        let mut from = start.into_bytes();
+        let mut revision = at.unwrap_or(0);
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut answer = self
+                .client()
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(|err| self.error("cannot read", err))?;
+            if revision == 0 {
+                revision = answer.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            let more = answer.more();
+            let page = answer.take_kvs();
+            let Some(last) = page.last() else {
+                return Ok((kvs, revision));
+            };
+            // The next page starts just after the last key read.
+            from = last.key().to_vec();
+            from.push(0);
+            kvs.extend(page);
+            if !more {
+                return Ok((kvs, revision));
+            }
+        }
     }
 
     /// A store error naming the endpoints.

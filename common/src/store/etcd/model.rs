@@ -26,8 +26,6 @@ const RECORDS_PER_TXN: usize = 100;
 /// Bytes of records one transaction writes at most (each record is written twice, as
 /// itself and in the log), well under etcd's 1.5 MiB request limit.
 const BYTES_PER_TXN: usize = 384 * 1024;
-/// Keys one read asks for at most (a large model is read in pages at one revision).
-const PAGE: i64 = 500;
 
 /// A record as etcd holds it.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -64,7 +62,7 @@ fn record_key(kind: EntityKind, id: &str) -> String {
 }
 
 /// The key after every key that starts with `prefix` (etcd's range end for a prefix).
-fn prefix_end(prefix: &str) -> Vec<u8> {
+pub(super) fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -101,46 +99,6 @@ impl EtcdModel {
                 .ok_or_else(|| etcd.corrupt("model/id is not a number"))?
         };
         Ok(EtcdModel { etcd, model_id })
-    }
-
-    /// Every key from `start` up to `end`, read in pages at one revision (`at`, or the
-    /// newest); returns the keys and the revision read.
-    async fn read_range(
-        &self,
-        start: String,
-        end: Vec<u8>,
-        at: Option<i64>,
-    ) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let mut kvs = Vec::new();
-        let mut from = start.into_bytes();
-        let mut revision = at.unwrap_or(0);
-        loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if revision > 0 {
-                options = options.with_revision(revision);
-            }
-            let mut answer = self
-                .etcd
-                .client()
-                .get(from.clone(), Some(options))
-                .await
-                .map_err(|err| self.etcd.error("cannot read the model", err))?;
-            if revision == 0 {
-                revision = answer.header().map(|h| h.revision()).unwrap_or_default();
-            }
-            let more = answer.more();
-            let page = answer.take_kvs();
-            let Some(last) = page.last() else {
-                return Ok((kvs, revision));
-            };
-            // The next page starts just after the last key read.
-            from = last.key().to_vec();
-            from.push(0);
-            kvs.extend(page);
-            if !more {
-                return Ok((kvs, revision));
-            }
-        }
     }
 
     /// The version and the log floor as of revision `at`.
@@ -284,6 +242,7 @@ impl ModelStore for EtcdModel {
         Box::pin(async move {
             let prefix = self.etcd.key("model/records/");
             let (kvs, revision) = self
+                .etcd
                 .read_range(prefix.clone(), prefix_end(&prefix), None)
                 .await?;
             let state = self.state_at(revision).await?;
@@ -360,6 +319,7 @@ impl ModelStore for EtcdModel {
     ) -> Pending<Result<Option<Vec<ModelChange>>, StoreError>> {
         Box::pin(async move {
             let (kvs, revision) = self
+                .etcd
                 .read_range(
                     self.etcd.key(&log_key(since + 1)),
                     prefix_end(&self.etcd.key("model/log/")),
