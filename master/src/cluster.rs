@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use tether_common::store::{Grants, SharedAudit};
+use tether_common::store::{Grants, SharedAudit, SharedCode};
 
 use crate::control::ClusterHooks;
 
@@ -16,6 +16,8 @@ pub struct Node {
     pub grants: Arc<dyn Grants>,
     /// The audit log every master shares.
     pub audit: Arc<dyn SharedAudit>,
+    /// The driver code every master shares.
+    pub code: Arc<dyn SharedCode>,
     /// Claims, link keys and the cluster's inputs, for the control.
     pub hooks: ClusterHooks,
 }
@@ -71,7 +73,7 @@ mod joined {
     use tether_common::control::Lease;
     use tether_common::control::lease::begin_stopping;
     use tether_common::store::etcd::{
-        Etcd, EtcdAudit, EtcdControl, EtcdModel, Mirror, Presence, follow,
+        Etcd, EtcdAudit, EtcdCode, EtcdControl, EtcdModel, Mirror, Presence, follow,
     };
     use tether_common::store::{SharedAudit, Store};
     use tether_config::{ClusterConfig, MasterConfig};
@@ -147,6 +149,7 @@ mod joined {
         let Connected { etcd, cluster } = connected;
         let cluster = &cluster;
         let audit = Arc::new(EtcdAudit::new(etcd.clone(), &cluster.master_id));
+        let code = Arc::new(EtcdCode::new(etcd.clone()));
         tokio::spawn(share_audit(store, audit.clone()));
         // Not on the lease: a master's token works on the others while it is down.
         etcd.client()
@@ -190,6 +193,7 @@ mod joined {
             publish,
         ));
         Ok(Node {
+            code,
             audit,
             grants: control.clone(),
             hooks: ClusterHooks {

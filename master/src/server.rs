@@ -230,7 +230,13 @@ async fn serve(
         model: model.clone(),
     }))));
     // The code before the model: the first reconcile already has the drivers' scripts.
-    let repos = crate::repos::Repositories::open(model.clone(), runtime.clone(), root).await?;
+    let shared_code = cluster.as_ref().map(|node| node.code.clone());
+    let repos =
+        crate::repos::Repositories::open(model.clone(), runtime.clone(), root, shared_code).await?;
+    if cluster.is_some() {
+        // Another master's pull or reset runs here too.
+        tokio::spawn(repos.clone().follow_cluster());
+    }
     if let Some(hooks) = &hooks {
         // A master of a cluster takes model writes only while it reaches etcd (its
         // lease held), as DESIGN.md asks: reads it keeps serving from memory.

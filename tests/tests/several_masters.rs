@@ -591,3 +591,52 @@ async fn any_master_serves_any_call_by_sending_it_to_the_holder_and_takes_every_
         .await;
     assert_eq!(status, 401);
 }
+
+#[tokio::test]
+async fn code_pulled_on_one_master_runs_on_every_master_and_edge_from_the_shared_code() {
+    let (_projector, cluster, edges) = start_hall(2, 1).await;
+    let holder = wait_for("a master to run the hall", Duration::from_secs(10), || {
+        runner_of(&cluster, "hall")
+    })
+    .await;
+    let other = 1 - holder;
+    let note = cluster.path("repos/extra-drivers/note.rhai");
+    std::fs::write(&note, "fn ping() { \"pong 2\" }\n").unwrap();
+    let (status, pulled) = cluster
+        .master_api(other)
+        .post("/api/v1/repositories/extra/pull", json!({}))
+        .await;
+    assert_eq!(status, 200, "{pulled}");
+    assert_eq!(pulled["changed"], true, "{pulled}");
+    // The folder moves on unread: a master that read it now would run something else
+    // than the commit pulled.
+    std::fs::write(&note, "fn ping() { \"pong 3\" }\n").unwrap();
+
+    let says = |api: ApiClient, system: &'static str| async move {
+        let (status, body) = api.exec(system, "Note", 1, "ping", json!([])).await;
+        (status == 200).then(|| body["result"].as_str().unwrap_or_default().to_string())
+    };
+    wait_for(
+        "the hall's master to run the commit pulled on the other",
+        Duration::from_secs(10),
+        || async {
+            (says(cluster.master_api(holder), "hall").await.as_deref() == Some("pong 2"))
+                .then_some(())
+        },
+    )
+    .await;
+    for (i, edge) in edges.iter().enumerate() {
+        let system: &'static str = if i == 0 { "room-1" } else { "room-2" };
+        wait_for("each edge to run it", Duration::from_secs(10), || async {
+            (says(edge.clone(), system).await.as_deref() == Some("pong 2")).then_some(())
+        })
+        .await;
+    }
+    for i in 0..cluster.masters.len() {
+        let (_, record) = cluster
+            .master_api(i)
+            .get("/api/v1/repositories/extra")
+            .await;
+        assert_eq!(record["commit"], pulled["commit"], "m{}: {record}", i + 1);
+    }
+}

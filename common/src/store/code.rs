@@ -29,6 +29,35 @@ macro_rules! open_or_empty {
     };
 }
 
+/// A commit of a repository: its manifest and the content of its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitCode {
+    /// The files.
+    pub files: Vec<FileEntry>,
+    /// Each file's content by hash.
+    pub blobs: HashMap<Hash, Vec<u8>>,
+}
+
+/// Driver code the masters of a cluster share: a master that reads a new commit puts it
+/// there before its repository's record names it, so that every master that sees the
+/// record can fetch the commit and run the same code.
+pub trait SharedCode: Send + Sync {
+    /// Stores `commit` of `repository` (blobs already there are left alone).
+    fn put(
+        self: std::sync::Arc<Self>,
+        repository: String,
+        commit: String,
+        code: CommitCode,
+    ) -> super::Pending<Result<(), StoreError>>;
+
+    /// `commit` of `repository`, if some master put it.
+    fn get(
+        self: std::sync::Arc<Self>,
+        repository: String,
+        commit: String,
+    ) -> super::Pending<Result<Option<CommitCode>, StoreError>>;
+}
+
 impl Store {
     /// The hashes of `wanted` this store does not hold, each once.
     pub fn missing_blobs(&self, wanted: &[Hash]) -> Result<Vec<Hash>, StoreError> {

@@ -15,6 +15,7 @@ mod grants;
 mod model_store;
 
 pub use audit::{AuditEntry, AuditSource, SharedAudit, SharedAuditEntry};
+pub use code::{CommitCode, SharedCode};
 pub use grants::{Claims, Grants, Held, IssueError, Pending};
 pub use model_store::{CommitError, Fed, LoadedModel, ModelStore, RedbModel};
 

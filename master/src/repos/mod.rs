@@ -15,13 +15,14 @@ pub mod scan;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tether_common::code::{Hash, RepoCode, short};
 use tether_common::model::{EdgeRecord, Model, ModelError, RepositoryRecord};
 use tether_common::protocol::{AuditRecord, CodeAudit, ControlOwner, EntityKind, RepositoryAction};
 use tether_common::runtime::Runtime;
+use tether_common::store::{CommitCode, SharedCode};
 use tokio::sync::watch;
 
 use crate::model::{ModelService, WriteError};
@@ -81,6 +82,9 @@ pub struct Repositories {
     actions: Mutex<HashMap<String, RepositoryAction>>,
     /// Raised whenever a repository moves; each edge's push task follows it.
     generation: watch::Sender<u64>,
+    /// In a cluster: the code every master shares (each commit is put there before its
+    /// repository's record names it).
+    shared: Option<Arc<dyn SharedCode>>,
 }
 
 fn now_ms() -> u64 {
@@ -105,6 +109,7 @@ impl Repositories {
         model: Arc<ModelService>,
         runtime: Runtime,
         root: RepositoriesRoot,
+        shared: Option<Arc<dyn SharedCode>>,
     ) -> anyhow::Result<Arc<Repositories>> {
         tracing::info!(root = %root.path().display(), "driver repositories are read from inside this folder only");
         let store = model.store();
@@ -117,6 +122,7 @@ impl Repositories {
             updating: tokio::sync::Mutex::new(()),
             actions: Mutex::default(),
             generation: watch::channel(0).0,
+            shared,
         });
         let (model, _) = repos.model.snapshot();
         for id in model.repositories.keys() {
@@ -134,9 +140,113 @@ impl Repositories {
         let head = self.runtime.code().repo(id).map(|r| r.commit.clone());
         let named = self.record(id)?.commit;
         match (head, named) {
+            // In a cluster the record names the commit every master runs.
+            (_, Some(named)) if self.shared.is_some() => match self.follow(id, &named).await {
+                Ok(()) => Ok(()),
+                Err(RepoError::NotFound(_)) => self.pull(id).await.map(|_| ()),
+                Err(err) => Err(err),
+            },
             (Some(head), Some(_)) => self.record_commit(id, &head).await,
             _ => self.pull(id).await.map(|_| ()),
         }
+    }
+
+    /// Among several masters: runs the commit each repository's record names, fetched
+    /// from the shared code, whenever another master moves a repository. Until the
+    /// model goes.
+    pub async fn follow_cluster(self: Arc<Self>) {
+        let mut version = self.model.watch_version();
+        loop {
+            let (model, _) = self.model.snapshot();
+            let mut behind = false;
+            for (id, record) in &model.repositories {
+                let Some(named) = &record.commit else {
+                    continue;
+                };
+                if let Err(err) = self.follow(id, named).await {
+                    tracing::warn!(repository = %id, "cannot run the commit another master read: {err}");
+                    behind = true;
+                }
+            }
+            let changed = match behind {
+                true => tokio::time::timeout(Duration::from_secs(2), version.changed())
+                    .await
+                    .unwrap_or(Ok(())),
+                false => version.changed().await,
+            };
+            if changed.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Runs `commit` of repository `id` from the shared code, unless it runs already.
+    async fn follow(&self, id: &str, commit: &str) -> Result<(), RepoError> {
+        if self.runtime.code().repo(id).map(|r| r.commit.as_str()) == Some(commit) {
+            return Ok(());
+        }
+        let _one = self.updating.lock().await;
+        if self.runtime.code().repo(id).map(|r| r.commit.as_str()) == Some(commit) {
+            return Ok(());
+        }
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let fetched = shared
+            .clone()
+            .get(id.to_string(), commit.to_string())
+            .await
+            .map_err(|err| RepoError::Internal(err.to_string()))?
+            .ok_or_else(|| {
+                RepoError::NotFound(format!(
+                    "repository {id}: no master has shared commit {}",
+                    short(commit)
+                ))
+            })?;
+        let new = RepoCode::new(commit.to_string(), fetched.files.clone(), |h| {
+            fetched.blobs.get(h).cloned()
+        })
+        .map_err(RepoError::Internal)?;
+        self.keep(id, &new, fetched.blobs).await?;
+        let code = self.runtime.code();
+        self.runtime.set_code(Arc::new(code.with(id, new)));
+        tracing::info!(repository = %id, commit = short(commit), "running the commit another master read");
+        self.moved(id, RepositoryAction::Pull);
+        Ok(())
+    }
+
+    /// Stores a commit in this master's database and makes it the head there.
+    async fn keep(
+        &self,
+        id: &str,
+        new: &RepoCode,
+        blobs: HashMap<Hash, Vec<u8>>,
+    ) -> Result<(), RepoError> {
+        let store = self.model.store();
+        let (repo, commit, files) = (id.to_string(), new.commit.clone(), new.files.clone());
+        blocking(move || {
+            let hashes: Vec<Hash> = blobs.keys().copied().collect();
+            let missing = store.missing_blobs(&hashes).map_err(|e| e.to_string())?;
+            let fresh: Vec<(Hash, Vec<u8>)> = blobs
+                .into_iter()
+                .filter(|(h, _)| missing.contains(h))
+                .collect();
+            store.put_blobs(&fresh).map_err(|e| e.to_string())?;
+            store
+                .put_commit(&repo, &commit, &files, true)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(RepoError::Internal)
+    }
+
+    /// Tells the edges' push tasks that repository `id` moved, and why.
+    fn moved(&self, id: &str, action: RepositoryAction) {
+        self.actions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), action);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Raised whenever a repository moves.
@@ -302,23 +412,24 @@ impl Repositories {
                 .await;
             return Err(RepoError::Refused(reason));
         }
-        let store = self.model.store();
-        let (repo, commit, files) = (id.to_string(), new.commit.clone(), new.files.clone());
-        let to_store: Vec<(Hash, Vec<u8>)> = blobs.into_iter().collect();
-        blocking(move || {
-            let hashes: Vec<Hash> = to_store.iter().map(|(h, _)| *h).collect();
-            let missing = store.missing_blobs(&hashes).map_err(|e| e.to_string())?;
-            let fresh: Vec<(Hash, Vec<u8>)> = to_store
-                .into_iter()
-                .filter(|(h, _)| missing.contains(h))
-                .collect();
-            store.put_blobs(&fresh).map_err(|e| e.to_string())?;
-            store
-                .put_commit(&repo, &commit, &files, true)
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(RepoError::Internal)?;
+        if let Some(shared) = &self.shared {
+            // The other masters fetch it once the record names it.
+            let code = CommitCode {
+                files: new.files.clone(),
+                blobs: blobs.clone(),
+            };
+            shared
+                .clone()
+                .put(id.to_string(), new.commit.clone(), code)
+                .await
+                .map_err(|err| {
+                    RepoError::Internal(format!(
+                        "repository {id}: commit {} not shared with the other masters, so not run: {err}",
+                        short(&new.commit)
+                    ))
+                })?;
+        }
+        self.keep(id, &new, blobs).await?;
         self.runtime.set_code(Arc::new(code.with(id, new)));
         // The model's commit changes: control reconciles, and the modules using a changed
         // driver reload.
@@ -345,11 +456,7 @@ impl Repositories {
         if previous.is_some() {
             self.audit(id, previous, &moved.commit, false, reason).await;
         }
-        self.actions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), action);
-        self.generation.send_modify(|g| *g += 1);
+        self.moved(id, action);
         Ok(moved)
     }
 

@@ -13,9 +13,11 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp};
 
 pub mod audit;
+pub mod code;
 pub mod model;
 
 pub use audit::EtcdAudit;
+pub use code::EtcdCode;
 pub use model::EtcdModel;
 
 use super::StoreError;
