@@ -35,15 +35,17 @@ impl Demo {
     /// Starts `tether-master demo` in a new temporary folder on free ports, and waits for
     /// its banner.
     pub async fn start() -> Demo {
+        Self::start_with(&[]).await
+    }
+
+    /// [`start`](Self::start), with more arguments (`--masters 3`).
+    pub async fn start_with(more: &[&str]) -> Demo {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("demo");
         let log = tmp.path().join("demo.log");
-        let process = Server::start(
-            "demo",
-            &bin("tether-master"),
-            &["demo", "--dir", dir.to_str().unwrap(), "--base-port", "0"],
-            &log,
-        );
+        let mut args = vec!["demo", "--dir", dir.to_str().unwrap(), "--base-port", "0"];
+        args.extend(more);
+        let process = Server::start("demo", &bin("tether-master"), &args, &log);
         process
             .wait_for_log("Ctrl-C stops everything", Duration::from_secs(90))
             .await;
@@ -52,8 +54,10 @@ impl Demo {
         let dashboard = after(&text, "Dashboard").to_string();
         let base = dashboard.split("/dashboard/").next().unwrap().to_string();
         let api = ApiClient::new(&base, &dir.join("certs/ca.pem"), Some(token));
-        let list = after(&text, "Processes:");
-        let list = text[text.find(list).unwrap()..]
+        let at = text
+            .find("Processes:")
+            .unwrap_or_else(|| panic!("no process list in the demo's output:\n{text}"));
+        let list = text[at + "Processes:".len()..]
             .split_once('.')
             .map(|(list, _)| list)
             .unwrap_or_default()
@@ -75,15 +79,27 @@ impl Demo {
         }
     }
 
-    /// A client of an edge's API, with that edge's admin token.
-    pub fn edge_api(&self, edge: &str) -> ApiClient {
-        let config = std::fs::read_to_string(self.dir.join(format!("{edge}.toml"))).unwrap();
+    /// The API port in a server's configuration (`NAME.toml`).
+    fn api_port(&self, name: &str) -> String {
+        let config = std::fs::read_to_string(self.dir.join(format!("{name}.toml"))).unwrap();
         let listen = config
             .lines()
             .find_map(|line| line.strip_prefix("api_listen = "))
             .unwrap()
             .trim_matches('"');
-        let port = listen.rsplit_once(':').unwrap().1;
+        listen.rsplit_once(':').unwrap().1.to_string()
+    }
+
+    /// A client of master `name`'s API (`m2`, among several), with the banner's admin
+    /// token (every master's works on each).
+    pub fn master_api(&self, name: &str) -> ApiClient {
+        self.api
+            .at(&format!("https://localhost:{}", self.api_port(name)))
+    }
+
+    /// A client of an edge's API, with that edge's admin token.
+    pub fn edge_api(&self, edge: &str) -> ApiClient {
+        let port = self.api_port(edge);
         let token =
             std::fs::read_to_string(self.dir.join(format!("data/{edge}/admin.token"))).unwrap();
         // Development edge certificates name the loopback address, not `localhost` (the

@@ -457,3 +457,73 @@ async fn a_demo_killed_with_sigkill_leaves_no_process_behind() {
     .await;
     assert_eq!(processes_using(&demo.dir), Vec::<String>::new());
 }
+
+/// `demo --masters 3`: three masters on a local etcd; killing the one that runs the lobby
+/// (a system of no edge) moves the lobby to another, the rooms stay on their edges, and
+/// SIGINT stops every process, etcd included.
+#[cfg(feature = "cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_with_three_masters_moves_the_lobby_when_its_master_is_killed() {
+    let mut demo = Demo::start_with(&["--masters", "3"]).await;
+    assert_eq!(
+        demo.pids.len(),
+        11,
+        "etcd, five devices, three masters, two edges: {:?}",
+        demo.pids
+    );
+    let (status, masters) = demo.api.get("/api/v1/masters").await;
+    assert_eq!(status, 200, "{masters}");
+    assert_eq!(masters.as_array().map(Vec::len), Some(3), "{masters}");
+
+    // The lobby, through the first master: whichever master runs it answers.
+    let (status, answer) = demo
+        .api
+        .exec("lobby", "Room", 1, "present", json!([2]))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let runner = answer["executed_by"]
+        .as_str()
+        .and_then(|by| by.strip_prefix("master:"))
+        .expect("a master runs the lobby")
+        .to_string();
+
+    // SIGKILL it: a survivor runs the lobby once the lease (3 s) is gone.
+    let pid = demo.pid(&format!("master {runner}"));
+    // SAFETY: kill(2) on a process the demo started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let survivor = ["m1", "m2", "m3"]
+        .into_iter()
+        .find(|m| *m != runner)
+        .unwrap();
+    let api = demo.master_api(survivor);
+    let moved_to = tether_tests::wait_for(
+        "a survivor to run the lobby",
+        Duration::from_secs(20),
+        || async {
+            let (status, answer) = api.exec("lobby", "Room", 1, "present", json!([3])).await;
+            let by = answer["executed_by"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            (status == 200 && by != format!("master:{runner}")).then_some(by)
+        },
+    )
+    .await;
+    assert!(moved_to.starts_with("master:m"), "{moved_to}");
+    // The rooms never left their edges.
+    let (status, answer) = demo
+        .edge_api("site-1")
+        .exec("room-101", "Room", 1, "present", json!([4]))
+        .await;
+    assert_eq!(
+        (status, &answer["executed_by"]),
+        (200, &json!("edge:site-1"))
+    );
+
+    let exit = demo
+        .process
+        .interrupt(Duration::from_secs(30))
+        .expect("the demo exits within 30 s of SIGINT");
+    assert!(exit.success(), "{exit:?}\n{}", demo.process.log_text());
+    assert_eq!(processes_using(&demo.dir), Vec::<String>::new());
+}

@@ -23,29 +23,63 @@ const DRIVERS: [(&str, &str); 3] = [
 /// The edges of the demo.
 pub const EDGES: [&str; 2] = ["site-1", "site-2"];
 
-/// Every port the demo uses.
+/// One master's ports.
 #[derive(Debug, Clone, Copy)]
-pub struct Ports {
-    pub master_api: u16,
+pub struct MasterPorts {
+    pub api: u16,
     pub link: u16,
+}
+
+/// The ports only several masters use.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterPorts {
+    /// The projector of the lobby, a system of no edge (the masters run it).
+    pub lobby: u16,
+    /// etcd's client port.
+    pub etcd_client: u16,
+    /// etcd's peer port.
+    pub etcd_peer: u16,
+}
+
+/// Every port the demo uses.
+#[derive(Debug, Clone)]
+pub struct Ports {
+    /// Each master's, the first first.
+    pub masters: Vec<MasterPorts>,
     pub edge_api: [u16; 2],
     /// Projectors of room-101, room-102 (site-1) and store-201 (site-2).
     pub projectors: [u16; 3],
     /// The meter of room-101.
     pub meter: u16,
+    /// With several masters.
+    pub cluster: Option<ClusterPorts>,
 }
 
 impl Ports {
-    /// `base`, `base + 1`, ... in a fixed order; `0` picks free ones.
-    pub fn pick(base: u16) -> anyhow::Result<Ports> {
+    /// How many ports the demo uses with `masters` masters.
+    pub fn count(masters: usize) -> usize {
+        match masters {
+            0 | 1 => 8,
+            n => 8 + 2 * (n - 1) + 3,
+        }
+    }
+
+    /// `base`, `base + 1`, ... in a fixed order (the first master's API, the edges' APIs,
+    /// its link, the devices; then the other masters', the lobby's projector, etcd's);
+    /// `0` picks free ones.
+    pub fn pick(base: u16, masters: usize) -> anyhow::Result<Ports> {
+        let count = Self::count(masters);
         let ports = if base == 0 {
-            free_ports(8)?
+            free_ports(count)?
         } else {
             let mut ports = Vec::new();
-            for i in 0..8u16 {
-                let wanted = base
-                    .checked_add(i)
-                    .context("--base-port: the demo needs 8 ports from it")?;
+            for i in 0..count {
+                let wanted = u16::try_from(i)
+                    .ok()
+                    .and_then(|i| base.checked_add(i))
+                    .with_context(|| {
+                        format!("--base-port: the demo needs {count} ports from it")
+                    })?;
                 std::net::TcpListener::bind(("127.0.0.1", wanted)).with_context(|| {
                     format!("port {wanted} on 127.0.0.1 is in use (another demo?); pick others with --base-port N, or 0 for any")
                 })?;
@@ -53,13 +87,37 @@ impl Ports {
             }
             ports
         };
-        Ok(Ports {
-            master_api: ports[0],
-            edge_api: [ports[1], ports[2]],
+        let mut all = vec![MasterPorts {
+            api: ports[0],
             link: ports[3],
+        }];
+        let rest = &ports[8..];
+        for pair in rest.chunks(2).take(masters.saturating_sub(1)) {
+            all.push(MasterPorts {
+                api: pair[0],
+                link: pair[1],
+            });
+        }
+        let cluster = (masters > 1).then(|| {
+            let extra = &rest[2 * (masters - 1)..];
+            ClusterPorts {
+                lobby: extra[0],
+                etcd_client: extra[1],
+                etcd_peer: extra[2],
+            }
+        });
+        Ok(Ports {
+            masters: all,
+            edge_api: [ports[1], ports[2]],
             projectors: [ports[4], ports[5], ports[6]],
             meter: ports[7],
+            cluster,
         })
+    }
+
+    /// The first master's API port.
+    pub fn master_api(&self) -> u16 {
+        self.masters[0].api
     }
 }
 
@@ -86,17 +144,26 @@ fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub dir: PathBuf,
+    /// How many masters.
+    pub masters: usize,
 }
 
 impl Layout {
+    /// Master `index`'s name: `master` alone, `m1`, `m2` ... among several.
+    pub fn master_name(&self, index: usize) -> String {
+        match self.masters {
+            0 | 1 => "master".into(),
+            _ => format!("m{}", index + 1),
+        }
+    }
     pub fn certs(&self) -> PathBuf {
         self.dir.join("certs")
     }
     pub fn ca(&self) -> PathBuf {
         self.certs().join("ca.pem")
     }
-    pub fn master_config(&self) -> PathBuf {
-        self.dir.join("master.toml")
+    pub fn master_config(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("{}.toml", self.master_name(index)))
     }
     pub fn edge_config(&self, edge: &str) -> PathBuf {
         self.dir.join(format!("{edge}.toml"))
@@ -110,7 +177,7 @@ impl Layout {
 
     /// Makes `dir` the demo's folder, empty: a new folder, or one an earlier demo made
     /// (its contents removed). A folder with other contents is refused.
-    pub fn prepare(dir: &Path) -> anyhow::Result<Layout> {
+    pub fn prepare(dir: &Path, masters: usize) -> anyhow::Result<Layout> {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let dir = dir
             .canonicalize()
@@ -142,7 +209,7 @@ impl Layout {
             &marker,
             "made by tether-master demo; emptied at its next start\n",
         )?;
-        Ok(Layout { dir })
+        Ok(Layout { dir, masters })
     }
 
     /// Writes the certificates, drivers, site file and configurations.
@@ -156,7 +223,9 @@ impl Layout {
         }
         fs::create_dir_all(self.dir.join("logs"))?;
         fs::write(self.dir.join("site.toml"), site_file(self, ports))?;
-        fs::write(self.master_config(), master_file(self, ports))?;
+        for index in 0..ports.masters.len() {
+            fs::write(self.master_config(index), master_file(self, ports, index))?;
+        }
         for (i, edge) in EDGES.iter().enumerate() {
             fs::write(self.edge_config(edge), edge_file(self, ports, i))?;
         }
@@ -181,9 +250,18 @@ fn toml_path(path: &Path) -> String {
     toml::Value::String(path.display().to_string()).to_string()
 }
 
-fn master_file(layout: &Layout, ports: &Ports) -> String {
+fn master_file(layout: &Layout, ports: &Ports, index: usize) -> String {
     let certs = layout.certs();
-    format!(
+    let name = layout.master_name(index);
+    let cluster = match &ports.cluster {
+        // A short lease, so that a master's death is quick to watch.
+        Some(cluster) => format!(
+            "\n[cluster]\nmaster_id = \"{name}\"\netcd = [\"http://127.0.0.1:{}\"]\nlease_ms = 3000\n",
+            cluster.etcd_client
+        ),
+        None => String::new(),
+    };
+    let text = format!(
         r#"# Written by tether-master demo.
 data_dir = {data}
 api_listen = "127.0.0.1:{api}"
@@ -199,26 +277,38 @@ key = {key}
 ca = {ca}
 require_client_cert = true
 "#,
-        data = toml_path(&layout.data("master")),
-        api = ports.master_api,
-        link = ports.link,
+        data = toml_path(&layout.data(&name)),
+        api = ports.masters[index].api,
+        link = ports.masters[index].link,
         seed = toml_path(&layout.dir.join("site.toml")),
         drivers = toml_path(&layout.dir.join("drivers")),
         cert = toml_path(&certs.join("master.pem")),
         key = toml_path(&certs.join("master.key")),
         ca = toml_path(&layout.ca()),
-    )
+    );
+    format!("{text}{cluster}")
 }
 
 fn edge_file(layout: &Layout, ports: &Ports, index: usize) -> String {
     let edge = EDGES[index];
     let certs = layout.certs();
+    // An edge lists every master (in the order of a hash of its id it tries them).
+    let masters = match ports.masters.as_slice() {
+        [one] => format!("master = \"127.0.0.1:{}\"", one.link),
+        all => format!(
+            "masters = [{}]",
+            all.iter()
+                .map(|m| format!("\"127.0.0.1:{}\"", m.link))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     format!(
         r#"# Written by tether-master demo.
 edge_id = "{edge}"
 data_dir = {data}
 api_listen = "127.0.0.1:{api}"
-master = "127.0.0.1:{link}"
+{masters}
 master_name = "localhost"
 secret_file = {secret}
 
@@ -229,7 +319,6 @@ ca = {ca}
 "#,
         data = toml_path(&layout.data(edge)),
         api = ports.edge_api[index],
-        link = ports.link,
         secret = toml_path(&certs.join(format!("{edge}.secret"))),
         cert = toml_path(&certs.join(format!("{edge}.pem"))),
         key = toml_path(&certs.join(format!("{edge}.key"))),
@@ -243,7 +332,33 @@ ca = {ca}
 fn site_file(layout: &Layout, ports: &Ports) -> String {
     let [p101, p102, p201] = ports.projectors;
     let secret = |edge: &str| toml_path(&layout.certs().join(format!("{edge}.secret")));
-    format!(
+    // Among several masters, a lobby of no edge: one master runs it, another when that
+    // one dies.
+    let lobby = match &ports.cluster {
+        Some(cluster) => format!(
+            r#"
+[[modules]]
+id = "lobby-logic"
+driver = "room"
+name = "Room"
+
+[[modules]]
+id = "proj-lobby"
+driver = "projector"
+name = "Display"
+host = "127.0.0.1"
+port = {}
+
+[[systems]]
+id = "lobby"
+name = "Lobby"
+modules = ["lobby-logic", "proj-lobby"]
+"#,
+            cluster.lobby
+        ),
+        None => String::new(),
+    };
+    let sites = format!(
         r#"# Written by tether-master demo: two sites, three rooms, simulated devices.
 
 [[repositories]]
@@ -364,7 +479,8 @@ modules = ["store-201-logic", "proj-201"]
         secret1 = secret("site-1"),
         secret2 = secret("site-2"),
         meter = ports.meter,
-    )
+    );
+    format!("{sites}{lobby}")
 }
 
 #[cfg(test)]
@@ -375,11 +491,12 @@ mod tests {
     #[test]
     fn the_written_files_load() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::prepare(&dir.path().join("demo")).unwrap();
-        let ports = Ports::pick(0).unwrap();
+        let layout = Layout::prepare(&dir.path().join("demo"), 1).unwrap();
+        let ports = Ports::pick(0, 1).unwrap();
         layout.write(&ports).unwrap();
-        let master = tether_config::MasterConfig::load(&layout.master_config()).unwrap();
-        assert_eq!(master.api_listen.port(), ports.master_api);
+        let master = tether_config::MasterConfig::load(&layout.master_config(0)).unwrap();
+        assert_eq!(master.api_listen.port(), ports.master_api());
+        assert!(master.cluster.is_none());
         let site = tether_config::SiteFile::load(&layout.dir.join("site.toml")).unwrap();
         assert_eq!(site.edges.len(), 2);
         assert_eq!(site.systems.len(), 3);
@@ -389,7 +506,7 @@ mod tests {
         }
         // A second start empties the folder it made...
         std::fs::write(layout.dir.join("data-left-over"), "x").unwrap();
-        Layout::prepare(&layout.dir).unwrap();
+        Layout::prepare(&layout.dir, 1).unwrap();
         assert!(!layout.dir.join("data-left-over").exists());
         // ...unless a live demo owns it: this test's process stands in for one.
         let parent = std::process::Command::new("sleep")
@@ -397,18 +514,60 @@ mod tests {
             .spawn()
             .unwrap();
         std::fs::write(layout.dir.join(MARKER), format!("pid {}\n", parent.id())).unwrap();
-        let err = Layout::prepare(&layout.dir).unwrap_err().to_string();
+        let err = Layout::prepare(&layout.dir, 1).unwrap_err().to_string();
         assert!(err.contains("is running"), "{err}");
         let mut parent = parent;
         parent.kill().unwrap();
         parent.wait().unwrap();
-        Layout::prepare(&layout.dir).unwrap();
+        Layout::prepare(&layout.dir, 1).unwrap();
         // ...and refuses a folder it did not make.
         let foreign = dir.path().join("mine");
         std::fs::create_dir_all(&foreign).unwrap();
         std::fs::write(foreign.join("notes.txt"), "keep me").unwrap();
-        let err = Layout::prepare(&foreign).unwrap_err().to_string();
+        let err = Layout::prepare(&foreign, 1).unwrap_err().to_string();
         assert!(err.contains("did not make"), "{err}");
         assert!(foreign.join("notes.txt").exists());
+    }
+
+    /// Three masters: each a member of one cluster on the demo's etcd, edges listing all.
+    #[test]
+    fn the_files_of_three_masters_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::prepare(&dir.path().join("demo"), 3).unwrap();
+        let ports = Ports::pick(0, 3).unwrap();
+        assert_eq!(ports.masters.len(), 3);
+        layout.write(&ports).unwrap();
+        let etcd = ports.cluster.unwrap().etcd_client;
+        for index in 0..3 {
+            let master = tether_config::MasterConfig::load(&layout.master_config(index)).unwrap();
+            let cluster = master.cluster.expect("a [cluster] table");
+            assert_eq!(cluster.master_id, format!("m{}", index + 1));
+            assert_eq!(cluster.etcd, [format!("http://127.0.0.1:{etcd}")]);
+            assert_eq!(master.link_listen.port(), ports.masters[index].link);
+        }
+        for edge in EDGES {
+            let config = tether_config::EdgeConfig::load(&layout.edge_config(edge)).unwrap();
+            assert_eq!(config.master_addrs().len(), 3);
+        }
+        let site = tether_config::SiteFile::load(&layout.dir.join("site.toml")).unwrap();
+        assert!(
+            site.systems
+                .iter()
+                .any(|s| s.id == "lobby" && s.edge.is_none())
+        );
+        let mut all: Vec<u16> = ports.masters.iter().flat_map(|m| [m.api, m.link]).collect();
+        all.extend(ports.edge_api);
+        all.extend(ports.projectors);
+        all.extend([
+            ports.meter,
+            ports.cluster.unwrap().lobby,
+            etcd,
+            ports.cluster.unwrap().etcd_peer,
+        ]);
+        let count = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), count, "every port once");
+        assert_eq!(count, Ports::count(3));
     }
 }

@@ -32,6 +32,11 @@ pub struct DemoArgs {
     /// the edge link, four devices); 0 picks free ones.
     #[arg(long, value_name = "PORT", default_value_t = 8443)]
     base_port: u16,
+    /// How many masters: 1 (on its embedded database), or 2 to 5 in a cluster on a local
+    /// etcd (Debian's etcd-server; a tether-master built with the cluster feature), with
+    /// a lobby of no edge that the masters run, so that killing one shows a failover.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=5))]
+    masters: u16,
 }
 
 /// The processes the demo starts, as `tether-master demo-child ...` (hidden).
@@ -50,6 +55,16 @@ pub enum Child {
     /// A simulated device.
     #[command(subcommand)]
     Sim(tether_sim::Device),
+    /// etcd (several masters): started, and stopped when the demo goes, even by SIGKILL
+    /// (the pipe from the demo closes), which etcd by itself would not notice.
+    Etcd {
+        /// The etcd program.
+        #[arg(long)]
+        program: PathBuf,
+        /// Its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Runs a child of the demo until the demo closes its stdin (or it gets a signal).
@@ -58,6 +73,24 @@ pub fn run_child(child: Child) -> anyhow::Result<()> {
     match child {
         Child::Master { config } => crate::server::run(&config, stop),
         Child::Edge { config } => tether_edge::run(&config, stop),
+        Child::Etcd { program, args } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let mut etcd = tokio::process::Command::new(&program)
+                    .args(&args)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .with_context(|| format!("cannot start {}", program.display()))?;
+                tokio::select! {
+                    status = etcd.wait() => anyhow::bail!("etcd ended: {status:?}"),
+                    _ = tether_common::shutdown::wait(stop) => {
+                        etcd.start_kill()?;
+                        etcd.wait().await?;
+                        Ok(())
+                    }
+                }
+            })
+        }
         Child::Sim(device) => {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
@@ -85,35 +118,57 @@ pub fn run(args: DemoArgs, log_format: LogFormat) -> ExitCode {
 }
 
 async fn demo(args: DemoArgs, log_format: LogFormat) -> anyhow::Result<()> {
-    let layout = Layout::prepare(&args.dir)?;
-    let ports = Ports::pick(args.base_port)?;
+    let masters = usize::from(args.masters);
+    let etcd = match masters {
+        1 => None,
+        _ => Some(cluster_ready()?),
+    };
+    let layout = Layout::prepare(&args.dir, masters)?;
+    let ports = Ports::pick(args.base_port, masters)?;
     layout.write(&ports)?;
-    let mut processes = plan(&layout, &ports, log_format);
+    let mut processes = plan(&layout, &ports, log_format, etcd);
     println!(
         "Starting Tether in {} (logs in {}) ...",
         layout.dir.display(),
         layout.dir.join("logs").display()
     );
     let outcome = async {
-        // Edges once the master listens for them: an edge that finds no master waits its
+        // etcd first: a master that cannot reach it does not start.
+        if let Some(cluster) = &ports.cluster {
+            for process in processes.iter_mut().filter(|p| p.name == "etcd") {
+                process.start()?;
+            }
+            wait_for_listener("etcd", cluster.etcd_client, &mut processes).await?;
+        }
+        // Edges once the masters listen for them: an edge that finds no master waits its
         // reconnect period (3 s) before it tries again.
-        for process in processes.iter_mut().filter(|p| !p.name.starts_with("edge")) {
+        for process in processes
+            .iter_mut()
+            .filter(|p| !p.name.starts_with("edge") && !p.running())
+        {
             process.start()?;
         }
-        wait_for_listener(ports.link, &mut processes).await?;
+        for master in &ports.masters {
+            wait_for_listener("a master", master.link, &mut processes).await?;
+        }
         for process in processes.iter_mut().filter(|p| p.name.starts_with("edge")) {
             process.start()?;
         }
-        let mut api = Api::new(&layout, ports.master_api, "master")?;
-        wait_until_up(&mut api, &mut processes).await?;
+        let mut apis = (0..masters)
+            .map(|i| Api::new(&layout, ports.masters[i].api, &layout.master_name(i), true))
+            .collect::<anyhow::Result<Vec<Api>>>()?;
+        wait_until_up(&mut apis, &mut processes).await?;
         let mut edges = EDGES
             .iter()
             .zip(ports.edge_api)
-            .map(|(edge, port)| Api::new(&layout, port, edge))
+            .map(|(edge, port)| Api::new(&layout, port, edge, false))
             .collect::<anyhow::Result<Vec<Api>>>()?;
         wait_until_rooms_run(&mut edges, &mut processes).await?;
-        print_banner(&layout, &ports, &api.token, &processes);
-        watch(&api, &mut processes).await
+        match &ports.cluster {
+            None => print_banner(&layout, &ports, &apis[0].token, &processes),
+            Some(_) => print_cluster_banner(&layout, &ports, &apis[0].token, &processes),
+        }
+        watch(&apis, &mut processes).await
     }
     .await;
     println!("Stopping ...");
@@ -125,8 +180,57 @@ async fn demo(args: DemoArgs, log_format: LogFormat) -> anyhow::Result<()> {
     outcome
 }
 
-/// The processes, in starting order: devices, master, edges.
-fn plan(layout: &Layout, ports: &Ports, log_format: LogFormat) -> Vec<Process> {
+/// Several masters need a tether-master built with the cluster feature, and etcd: the
+/// etcd program, or an error that names the package.
+fn cluster_ready() -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        cfg!(feature = "cluster"),
+        "the demo with several masters needs a tether-master built with the cluster feature: \
+         cargo run --release -p tether-master --features cluster -- demo --masters 3 \
+         (building it needs protoc, Debian's protobuf-compiler)"
+    );
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
+        .map(|dir| dir.join("etcd"))
+        .find(|program| program.is_file())
+        .context(
+            "the demo with several masters runs a local etcd, and there is no `etcd` program \
+             on PATH: install Debian's etcd-server package (sudo apt install etcd-server)",
+        )
+}
+
+/// etcd's arguments: one member on loopback, its data in the demo's folder.
+fn etcd_args(layout: &Layout, cluster: &files::ClusterPorts) -> Vec<String> {
+    let client = format!("http://127.0.0.1:{}", cluster.etcd_client);
+    let peer = format!("http://127.0.0.1:{}", cluster.etcd_peer);
+    [
+        "--name",
+        "demo",
+        "--data-dir",
+        &layout.dir.join("data").join("etcd").display().to_string(),
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        &format!("demo={peer}"),
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// The processes, in starting order: etcd (several masters), devices, masters, edges.
+fn plan(
+    layout: &Layout,
+    ports: &Ports,
+    log_format: LogFormat,
+    etcd: Option<PathBuf>,
+) -> Vec<Process> {
     let format = match log_format {
         LogFormat::Text => "text",
         LogFormat::Json => "json",
@@ -158,13 +262,36 @@ fn plan(layout: &Layout, ports: &Ports, log_format: LogFormat) -> Vec<Process> {
             layout.log(log),
         )
     };
-    let mut all = vec![
+    let mut all = Vec::new();
+    if let (Some(program), Some(cluster)) = (etcd, &ports.cluster) {
+        let mut args = vec![
+            "--log-format".into(),
+            format.into(),
+            "etcd".into(),
+            "--program".into(),
+            program.display().to_string(),
+            "--".into(),
+        ];
+        args.extend(etcd_args(layout, cluster));
+        all.push(Process::new("etcd", args, layout.log("etcd")));
+    }
+    all.extend([
         sim("room-101", "projector", ports.projectors[0]),
         sim("room-102", "projector", ports.projectors[1]),
         sim("store-201", "projector", ports.projectors[2]),
         sim("room-101", "modbus", ports.meter),
-        server("master".into(), "master", layout.master_config(), "master"),
-    ];
+    ]);
+    if let Some(cluster) = &ports.cluster {
+        all.push(sim("lobby", "projector", cluster.lobby));
+    }
+    for index in 0..ports.masters.len() {
+        let name = layout.master_name(index);
+        let shown = match ports.masters.len() {
+            1 => name.clone(),
+            _ => format!("master {name}"),
+        };
+        all.push(server(shown, "master", layout.master_config(index), &name));
+    }
     for edge in EDGES {
         all.push(server(
             format!("edge {edge}"),
@@ -186,7 +313,7 @@ struct Api {
 
 impl Api {
     /// The API of the server whose data folder is `layout.data(name)`, on `port`.
-    fn new(layout: &Layout, port: u16, name: &str) -> anyhow::Result<Api> {
+    fn new(layout: &Layout, port: u16, name: &str, master: bool) -> anyhow::Result<Api> {
         let tls = tether_common::link::tls::api_client_config(&layout.ca())?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -195,7 +322,7 @@ impl Api {
         Ok(Api {
             // Development certificates: the master is `localhost`, an edge the loopback
             // address (no edge's certificate may name the master).
-            base: if name == "master" {
+            base: if master {
                 format!("https://localhost:{port}")
             } else {
                 format!("https://127.0.0.1:{port}")
@@ -227,8 +354,9 @@ impl Api {
     }
 }
 
-/// Waits until something accepts connections on `port`, failing if a process exits.
-async fn wait_for_listener(port: u16, processes: &mut [Process]) -> anyhow::Result<()> {
+/// Waits until something accepts connections on `port` (`what` listens there), failing
+/// if a process exits.
+async fn wait_for_listener(what: &str, port: u16, processes: &mut [Process]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -237,7 +365,7 @@ async fn wait_for_listener(port: u16, processes: &mut [Process]) -> anyhow::Resu
         fail_if_exited(processes)?;
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the master did not listen on port {port} within 30 s; see its log"
+            "{what} did not listen on port {port} within 30 s; see its log"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -258,18 +386,30 @@ fn fail_if_exited(processes: &mut [Process]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until the master has booted and both edges are online; fails, with the log's
-/// end, if a process exits first.
-async fn wait_until_up(api: &mut Api, processes: &mut [Process]) -> anyhow::Result<()> {
+/// Waits until every master has booted and both edges are online (each linked to one
+/// of them); fails, with the log's end, if a process exits first.
+async fn wait_until_up(apis: &mut [Api], processes: &mut [Process]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         fail_if_exited(processes)?;
-        api.read_token();
-        if !api.token.is_empty()
-            && let Ok(Value::Array(edges)) = api.get("/api/v1/edges").await
-            && edges.len() == EDGES.len()
-            && edges.iter().all(|e| e["online"] == true)
-        {
+        let mut online = std::collections::BTreeSet::new();
+        let mut answered = 0;
+        for api in apis.iter_mut() {
+            api.read_token();
+            if api.token.is_empty() {
+                continue;
+            }
+            if let Ok(Value::Array(edges)) = api.get("/api/v1/edges").await {
+                answered += 1;
+                online.extend(
+                    edges
+                        .iter()
+                        .filter(|e| e["online"] == true)
+                        .filter_map(|e| e["id"].as_str().map(str::to_string)),
+                );
+            }
+        }
+        if answered == apis.len() && online.len() == EDGES.len() {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -308,6 +448,7 @@ async fn wait_until_rooms_run(edges: &mut [Api], processes: &mut [Process]) -> a
 
 fn print_banner(layout: &Layout, ports: &Ports, token: &str, processes: &[Process]) {
     let ca = layout.ca();
+    let api = ports.master_api();
     let master_token = layout.data("master").join("admin.token");
     let edge_token = layout.data("site-1").join("admin.token");
     let edge_pid = processes
@@ -348,7 +489,6 @@ Try, in another terminal:
 Press Enter here to start stopped processes again (the edge takes its rooms back);
 Ctrl-C stops everything. Processes: {pids}.
 "#,
-        api = ports.master_api,
         edge = ports.edge_api[0],
         ca = ca.display(),
         master_token = master_token.display(),
@@ -357,16 +497,85 @@ Ctrl-C stops everything. Processes: {pids}.
     );
 }
 
+fn print_cluster_banner(layout: &Layout, ports: &Ports, token: &str, processes: &[Process]) {
+    let ca = layout.ca();
+    let token_file = layout.data(&layout.master_name(0)).join("admin.token");
+    let names: Vec<String> = (0..ports.masters.len())
+        .map(|i| layout.master_name(i))
+        .collect();
+    let dashboards: Vec<String> = ports
+        .masters
+        .iter()
+        .zip(&names)
+        .map(|(m, name)| {
+            format!(
+                "https://localhost:{}/dashboard/#token={token} ({name})",
+                m.api
+            )
+        })
+        .collect();
+    let pids: Vec<String> = processes
+        .iter()
+        .map(|p| format!("{} {}", p.name, p.pid))
+        .collect();
+    println!(
+        r#"
+Tether is running: {count} masters ({names}) on a local etcd, edges site-1 (North campus:
+room-101, room-102) and site-2 (South store: store-201), a lobby of no edge that one
+master runs, five simulated devices.
+
+  Dashboard    {dashboards}
+               (signed by the demo's own CA: accept the browser's warning, or trust {ca})
+  Admin token  {token} (every master's admin token works on every master)
+
+Try, in another terminal:
+
+  # which master holds which edge and runs which unit:
+  curl -s --cacert {ca} -H "Authorization: Bearer $(cat {token_file})" \
+    https://localhost:{api}/api/v1/masters
+  # present input 2 in the lobby, through any master (the one that runs it answers):
+  curl -s --cacert {ca} -H "Authorization: Bearer $(cat {token_file})" \
+    -d '{{"method":"present","args":[2]}}' \
+    https://localhost:{api}/api/v1/systems/lobby/modules/Room/1/exec
+  # kill the master that runs the lobby (its pid below): within its 3 s lease another
+  # master runs the lobby, and the dead master's edges link to the others; the rooms
+  # keep running on their edges all along.
+
+Press Enter here to start stopped processes again; Ctrl-C stops everything.
+Processes: {pids}.
+"#,
+        count = names.len(),
+        names = names.join(", "),
+        dashboards = dashboards.join("\n               "),
+        api = ports.master_api(),
+        ca = ca.display(),
+        token_file = token_file.display(),
+        pids = pids.join(", "),
+    );
+}
+
+/// The audit log, from the first master that answers.
+async fn read_audit(apis: &[Api]) -> Option<Vec<Value>> {
+    for api in apis {
+        if let Ok(Value::Array(records)) = api.get("/api/v1/audit").await {
+            return Some(records);
+        }
+    }
+    None
+}
+
 /// Until Ctrl-C: reports processes that exit and changes of control, and starts stopped
 /// processes again when Enter is pressed.
-async fn watch(api: &Api, processes: &mut [Process]) -> anyhow::Result<()> {
+async fn watch(apis: &[Api], processes: &mut [Process]) -> anyhow::Result<()> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     // Records already shown (or there before the demo was up), by their whole text.
-    let mut audit_seen: std::collections::HashSet<String> = match api.get("/api/v1/audit").await {
-        Ok(Value::Array(records)) => records.iter().map(Value::to_string).collect(),
-        _ => Default::default(),
-    };
+    let mut audit_seen: std::collections::HashSet<String> = read_audit(apis)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(Value::to_string)
+        .collect();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let stop = tether_common::shutdown::wait_for_signal();
     tokio::pin!(stop);
@@ -389,7 +598,7 @@ async fn watch(api: &Api, processes: &mut [Process]) -> anyhow::Result<()> {
                         println!("{} (pid {}) {how}", process.name, process.pid);
                     }
                 }
-                if let Ok(Value::Array(records)) = api.get("/api/v1/audit").await {
+                if let Some(records) = read_audit(apis).await {
                     for record in records {
                         if audit_seen.insert(record.to_string()) {
                             println!("{}", describe_audit(&record));
