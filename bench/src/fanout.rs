@@ -20,12 +20,19 @@ use crate::swarm::{Event, Swarm};
 /// The user whose record each measured change rewrites: users are in every edge's slice.
 const USER: &str = "fanout";
 
-/// A master seeded with `edges` edge locations, in a temporary folder.
+/// One master, or several in a cluster on a local etcd, seeded with `edges` edge
+/// locations, in a temporary folder.
 struct Master {
-    server: Server,
+    /// The masters' processes, the first first.
+    servers: Vec<Server>,
+    /// The first master's API.
     api: ApiClient,
-    link_addr: String,
+    /// Each master's link address.
+    link_addrs: Vec<String>,
     dir: PathBuf,
+    /// The cluster's etcd, among several masters.
+    #[cfg(feature = "cluster")]
+    _etcd: Option<tether_tests::etcd::Etcd>,
     _tmp: tempfile::TempDir,
 }
 
@@ -34,7 +41,7 @@ fn toml_path(path: &Path) -> String {
 }
 
 impl Master {
-    async fn start(edges: usize) -> anyhow::Result<Master> {
+    async fn start(edges: usize, masters: usize) -> anyhow::Result<Master> {
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().to_path_buf();
         let certs = dir.join("certs");
@@ -52,49 +59,97 @@ impl Master {
         }];
         pki::ensure(&certs.join("ca.pem"), &leaves, &secrets)?;
         let mut site = String::from("# Written by tether-bench: edge locations only.\n");
+        // Among several masters the swarm's first connect (tens of seconds for 10,000
+        // from one host) stays within the edges' failover timeout: the bench measures the
+        // links and the fan-out, not a mass failover and hand-back.
+        let timeout = match masters {
+            1 => String::new(),
+            _ => "timeout_ms = 300000\n".to_string(),
+        };
         for (i, secret) in secrets.iter().enumerate() {
             write!(
                 site,
-                "\n[[edges]]\nid = \"swarm-{i}\"\nsecret_file = {}\nfailover = true\n",
+                "\n[[edges]]\nid = \"swarm-{i}\"\nsecret_file = {}\nfailover = true\n{timeout}",
                 toml_path(secret)
             )?;
         }
         std::fs::write(dir.join("site.toml"), site)?;
-        let (api_port, link_port) = (tether_tests::free_port(), tether_tests::free_port());
-        let config = format!(
-            "data_dir = {data}\napi_listen = \"127.0.0.1:{api_port}\"\n\
-             link_listen = \"127.0.0.1:{link_port}\"\nseed = {seed}\n\n[tls]\n\
-             cert = {cert}\nkey = {key}\nca = {ca}\nrequire_client_cert = false\n",
-            data = toml_path(&dir.join("data")),
-            seed = toml_path(&dir.join("site.toml")),
-            cert = toml_path(&certs.join("master.pem")),
-            key = toml_path(&certs.join("master.key")),
-            ca = toml_path(&certs.join("ca.pem")),
+        #[cfg(feature = "cluster")]
+        let etcd = match masters {
+            1 => None,
+            _ => Some(tether_tests::etcd::Etcd::start(1).await),
+        };
+        #[cfg(not(feature = "cluster"))]
+        anyhow::ensure!(
+            masters == 1,
+            "several masters need tether-bench built with --features cluster"
         );
-        std::fs::write(dir.join("master.toml"), config)?;
-        let server = Server::start(
-            "master",
-            &bin("tether-master"),
-            &[
-                "--config",
-                dir.join("master.toml").to_str().unwrap_or_default(),
-            ],
-            &dir.join("master.log"),
-        );
-        server
-            .wait_for_log("master booted", Duration::from_secs(120))
-            .await;
-        let token = std::fs::read_to_string(dir.join("data/admin.token"))?;
-        let api = ApiClient::new(
-            &format!("https://localhost:{api_port}"),
-            &certs.join("ca.pem"),
-            Some(token.trim().to_string()),
-        );
+        // Every simulated edge connects from 127.0.0.1, all at once: the caps on pending
+        // handshakes (per address, a defence against one flooding host, and in all, which
+        // drops the oldest) are raised to the swarm's size, so that the bench measures
+        // the master, not the caps.
+        let (mut servers, mut link_addrs, mut api) = (Vec::new(), Vec::new(), None);
+        for index in 0..masters {
+            let name = match masters {
+                1 => "master".to_string(),
+                _ => format!("m{}", index + 1),
+            };
+            let (api_port, link_port) = (tether_tests::free_port(), tether_tests::free_port());
+            #[cfg(feature = "cluster")]
+            let cluster = etcd.as_ref().map_or_else(String::new, |etcd| {
+                format!(
+                    "\n[cluster]\nmaster_id = \"{name}\"\netcd = [\"{}\"]\n",
+                    etcd.endpoints()[0]
+                )
+            });
+            #[cfg(not(feature = "cluster"))]
+            let cluster = String::new();
+            let data = match masters {
+                1 => dir.join("data"),
+                _ => dir.join("data").join(&name),
+            };
+            let config = format!(
+                "data_dir = {data}\napi_listen = \"127.0.0.1:{api_port}\"\n\
+                 link_listen = \"127.0.0.1:{link_port}\"\nseed = {seed}\n\n[tls]\n\
+                 cert = {cert}\nkey = {key}\nca = {ca}\nrequire_client_cert = false\n\n\
+                 [limits]\npending_per_address = {edges}\nmax_pending_handshakes = {pending}\n{cluster}",
+                pending = edges.min(10_000),
+                data = toml_path(&data),
+                seed = toml_path(&dir.join("site.toml")),
+                cert = toml_path(&certs.join("master.pem")),
+                key = toml_path(&certs.join("master.key")),
+                ca = toml_path(&certs.join("ca.pem")),
+            );
+            let file = dir.join(format!("{name}.toml"));
+            std::fs::write(&file, config)?;
+            let server = Server::start(
+                &name,
+                &bin("tether-master"),
+                &["--config", file.to_str().unwrap_or_default()],
+                &dir.join(format!("{name}.log")),
+            );
+            // One after the other: the first seeds the shared model, the others find it.
+            server
+                .wait_for_log("master booted", Duration::from_secs(180))
+                .await;
+            if api.is_none() {
+                let token = std::fs::read_to_string(data.join("admin.token"))?;
+                api = Some(ApiClient::new(
+                    &format!("https://localhost:{api_port}"),
+                    &certs.join("ca.pem"),
+                    Some(token.trim().to_string()),
+                ));
+            }
+            servers.push(server);
+            link_addrs.push(format!("127.0.0.1:{link_port}"));
+        }
         Ok(Master {
-            server,
-            api,
-            link_addr: format!("127.0.0.1:{link_port}"),
+            servers,
+            api: api.ok_or_else(|| anyhow::anyhow!("no master"))?,
+            link_addrs,
             dir,
+            #[cfg(feature = "cluster")]
+            _etcd: etcd,
             _tmp: tmp,
         })
     }
@@ -106,11 +161,19 @@ impl Master {
         let tls = tls::client_config(&certs.join("ca.pem"), None)?;
         (0..edges)
             .map(|i| {
+                let edge_id = format!("swarm-{i}");
                 Ok(ConnectorConfig {
-                    master_addrs: vec![self.link_addr.clone()],
+                    // As an edge does: the masters in the order of its id's hash.
+                    master_addrs: tether_common::control::placement::rendezvous_order(
+                        &edge_id,
+                        &self.link_addrs,
+                    )
+                    .into_iter()
+                    .cloned()
+                    .collect(),
                     server_name: tls::server_name("localhost")?,
                     tls: tls.clone(),
-                    edge_id: format!("swarm-{i}"),
+                    edge_id,
                     secret: Secret::load(&certs.join(format!("secrets/swarm-{i}.secret")))?,
                     handshake_timeout: Duration::from_millis(5000),
                     reconnect: Duration::from_millis(3000),
@@ -120,11 +183,25 @@ impl Master {
             .collect()
     }
 
-    fn pid(&self) -> anyhow::Result<u32> {
-        self.server
-            .pid()
-            .ok_or_else(|| anyhow::anyhow!("the master is not running"))
+    fn pids(&self) -> anyhow::Result<Vec<u32>> {
+        self.servers
+            .iter()
+            .map(|s| {
+                s.pid()
+                    .ok_or_else(|| anyhow::anyhow!("a master is not running"))
+            })
+            .collect()
     }
+}
+
+/// Resident memory of the processes together, in bytes.
+fn rss_all(pids: &[u32]) -> anyhow::Result<u64> {
+    pids.iter().map(|pid| rss(*pid)).sum()
+}
+
+/// CPU time the processes have used together.
+fn cpu_time_all(pids: &[u32]) -> anyhow::Result<Duration> {
+    pids.iter().map(|pid| cpu_time(*pid)).sum()
 }
 
 /// Resident memory of a process, in bytes.
@@ -214,6 +291,7 @@ fn row(name: &str, series: &Series, reference: &Series) -> String {
 /// What one fan-out and storm run measured.
 struct Figures {
     edges: usize,
+    masters: usize,
     changes: usize,
     idle_rss: u64,
     linked_rss: u64,
@@ -225,24 +303,25 @@ struct Figures {
     reach: Series,
     /// Per change: until the last edge held it.
     all_reached: Series,
-    /// From the master's kill to its new process.
-    restarted_after: Duration,
-    storm: Series,
+    /// From the master's kill to its new process, and the edges' renegotiation after
+    /// (one master only).
+    storm: Option<(Duration, Series)>,
 }
 
-/// The fan-out and storm scenarios for `edges` simulated edges; `changes` model changes
-/// are measured one after the other.
-pub async fn run(edges: usize, changes: usize) -> anyhow::Result<()> {
-    print(&measure(edges, changes).await?);
+/// The fan-out and storm scenarios for `edges` simulated edges over `masters` masters;
+/// `changes` model changes are measured one after the other. The storm (the master killed
+/// under its edges) is measured with one master.
+pub async fn run(edges: usize, changes: usize, masters: usize) -> anyhow::Result<()> {
+    print(&measure(edges, changes, masters).await?);
     Ok(())
 }
 
-async fn measure(edges: usize, changes: usize) -> anyhow::Result<Figures> {
-    let mut master = Master::start(edges).await?;
-    let pid = master.pid()?;
-    // The master with N edge locations in its model and no link.
+async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result<Figures> {
+    let mut master = Master::start(edges, masters).await?;
+    let pids = master.pids()?;
+    // The masters with N edge locations in their model and no link.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_rss = rss(pid)?;
+    let idle_rss = rss_all(&pids)?;
 
     let connectors = master.connectors(edges)?;
     let started = Instant::now();
@@ -261,10 +340,13 @@ async fn measure(edges: usize, changes: usize) -> anyhow::Result<Figures> {
     // Steady state: every link up, heartbeats each second.
     tokio::time::sleep(Duration::from_secs(5)).await;
     drain(&mut swarm, &mut versions);
-    let linked_rss = rss(pid)?;
-    let cpu_before = cpu_time(pid)?;
+    let linked_rss = rss_all(&pids)?;
+    let cpu_before = cpu_time_all(&pids)?;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let idle_cpu = cpu_time(pid)?.saturating_sub(cpu_before).as_secs_f64() / 5.0;
+    let idle_cpu = cpu_time_all(&pids)?
+        .saturating_sub(cpu_before)
+        .as_secs_f64()
+        / 5.0;
     let rtt = Series::new(swarm.rtts());
 
     // Fan-out: the user record is rewritten; each edge's replica must take the change.
@@ -299,21 +381,28 @@ async fn measure(edges: usize, changes: usize) -> anyhow::Result<Figures> {
     let all_reached = Series::new(all_reached);
 
     // Storm: the master killed, started again at once; every edge must renegotiate.
-    drain(&mut swarm, &mut versions);
-    master.server.kill();
-    let killed = Instant::now();
-    master.server.restart();
-    let restarted = Instant::now();
-    let storm = collect(
-        &mut swarm,
-        &mut versions,
-        restarted,
-        Duration::from_secs(300),
-        |event| matches!(event, Event::Renegotiated { .. }),
-    )
-    .await?;
+    let storm = match master.servers.as_mut_slice() {
+        [server] => {
+            drain(&mut swarm, &mut versions);
+            server.kill();
+            let killed = Instant::now();
+            server.restart();
+            let restarted = Instant::now();
+            let storm = collect(
+                &mut swarm,
+                &mut versions,
+                restarted,
+                Duration::from_secs(300),
+                |event| matches!(event, Event::Renegotiated { .. }),
+            )
+            .await?;
+            Some((restarted.duration_since(killed), Series::new(storm)))
+        }
+        _ => None,
+    };
     Ok(Figures {
         edges,
+        masters,
         changes,
         idle_rss,
         linked_rss,
@@ -322,17 +411,23 @@ async fn measure(edges: usize, changes: usize) -> anyhow::Result<Figures> {
         connect,
         reach,
         all_reached,
-        restarted_after: restarted.duration_since(killed),
-        storm: Series::new(storm),
+        storm,
     })
 }
 
 fn print(f: &Figures) {
     let edges = f.edges;
-    println!("## fan-out and storm: {edges} simulated edges\n");
+    let (title, whose) = match f.masters {
+        1 => ("fan-out and storm".to_string(), "Master".to_string()),
+        n => (
+            format!("fan-out over {n} masters on etcd"),
+            format!("The {n} masters' memory together"),
+        ),
+    };
+    println!("## {title}: {edges} simulated edges\n");
     println!(
-        "Master memory: {:.1} MiB with {edges} edge locations and no link, {:.1} MiB with \
-         every link up: **{:.1} KiB per link**. Master CPU with every link up and idle \
+        "{whose}: {:.1} MiB with {edges} edge locations and no link, {:.1} MiB with \
+         every link up: **{:.1} KiB per link**. CPU with every link up and idle \
          (heartbeats only): {:.0} % of one core.\n",
         f.idle_rss as f64 / 1048576.0,
         f.linked_rss as f64 / 1048576.0,
@@ -358,19 +453,19 @@ fn print(f: &Figures) {
     );
     let name = "first connect: start to renegotiated (reference)";
     println!("{}", row(name, &f.connect, &f.connect));
+    let Some((restarted_after, storm)) = &f.storm else {
+        println!();
+        return;
+    };
     println!(
         "{}",
-        row(
-            "storm: master restart to renegotiated",
-            &f.storm,
-            &f.connect
-        )
+        row("storm: master restart to renegotiated", storm, &f.connect)
     );
     println!(
         "\nStorm: the master was started again {} ms after its SIGKILL; the last edge \
          renegotiated {} ms after the kill.\n",
-        f.restarted_after.as_millis(),
-        (f.restarted_after + f.storm.quantile(1.0)).as_millis()
+        restarted_after.as_millis(),
+        (*restarted_after + storm.quantile(1.0)).as_millis()
     );
 }
 
@@ -383,14 +478,27 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_small_swarm_takes_every_change_and_survives_a_master_restart() {
         tether_common::link::tls::install_crypto_provider();
-        let f = measure(20, 3).await.unwrap();
+        let f = measure(20, 3, 1).await.unwrap();
         assert_eq!(f.connect.count(), 20);
         assert_eq!(f.reach.count(), 20 * 3);
         assert_eq!(f.all_reached.count(), 3);
-        assert_eq!(f.storm.count(), 20);
+        let (restarted_after, storm) = f.storm.expect("a storm with one master");
+        assert_eq!(storm.count(), 20);
         assert_eq!(f.rtt.count(), 20, "every link measured its round trip");
         assert!(f.linked_rss > 0 && f.idle_rss > 0);
         // The edges come back no sooner than their reconnect period after the kill.
-        assert!(f.restarted_after + f.storm.quantile(0.0) >= Duration::from_millis(2900));
+        assert!(restarted_after + storm.quantile(0.0) >= Duration::from_millis(2900));
+    }
+
+    /// Over three masters on etcd: every edge links to one of them and takes every change
+    /// written on the first, whichever master it is linked to.
+    #[cfg(feature = "cluster")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_swarm_over_three_masters_takes_every_change() {
+        tether_common::link::tls::install_crypto_provider();
+        let f = measure(30, 2, 3).await.unwrap();
+        assert_eq!(f.connect.count(), 30);
+        assert_eq!(f.reach.count(), 30 * 2);
+        assert!(f.storm.is_none());
     }
 }

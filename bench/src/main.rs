@@ -62,6 +62,10 @@ enum Scenario {
         /// Model changes measured per run.
         #[arg(long, default_value_t = 10)]
         changes: usize,
+        /// Masters the edges spread over (more than one: a cluster on a local etcd, with
+        /// `--features cluster`; no storm then).
+        #[arg(long, default_value_t = 1)]
+        masters: usize,
     },
     /// SIGKILL of the master running a system of no edge, in a cluster of three on a
     /// local etcd: time to a survivor's first exec, beside etcd's lease expiry (built with
@@ -71,6 +75,18 @@ enum Scenario {
         /// Trials.
         #[arg(long, default_value_t = 20)]
         trials: usize,
+    },
+    /// Exec through a master of a cluster that does not run the module (one extra hop to
+    /// the master that does), against the master that runs it (built with
+    /// `--features cluster`).
+    #[cfg(feature = "cluster")]
+    Hop {
+        /// Calls per path (interleaved, after 200 warm-up calls each).
+        #[arg(long, default_value_t = 5000)]
+        requests: usize,
+        /// Seconds per throughput measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
     },
     /// Every scenario above, with its defaults.
     All,
@@ -90,9 +106,15 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Failover { trials } => failover::run(&Bench::start().await?, trials).await?,
         #[cfg(feature = "cluster")]
         Scenario::Masters { trials } => masters::run(trials).await?,
-        Scenario::Fanout { edges, changes } => {
+        #[cfg(feature = "cluster")]
+        Scenario::Hop { requests, seconds } => masters::hop(requests, seconds).await?,
+        Scenario::Fanout {
+            edges,
+            changes,
+            masters,
+        } => {
             for n in edges {
-                fanout::run(n, changes).await?;
+                fanout::run(n, changes, masters).await?;
             }
         }
         Scenario::All => {
@@ -102,17 +124,22 @@ async fn main() -> anyhow::Result<()> {
             failover::run(&bench, 20).await?;
             drop(bench);
             for n in [1000, 10000] {
-                fanout::run(n, 10).await?;
+                fanout::run(n, 10, 1).await?;
             }
         }
     }
     Ok(())
 }
 
-/// One exec of the echo module; its round trip, or why it failed.
+/// One exec of the echo module of system `bench`; its round trip, or why it failed.
 async fn echo(client: &ApiClient) -> Result<Duration, String> {
+    echo_in(client, "bench").await
+}
+
+/// One exec of the echo module of `system`; its round trip, or why it failed.
+pub(crate) async fn echo_in(client: &ApiClient, system: &str) -> Result<Duration, String> {
     let started = Instant::now();
-    let (status, body) = client.exec("bench", "Echo", 1, "echo", json!([7])).await;
+    let (status, body) = client.exec(system, "Echo", 1, "echo", json!([7])).await;
     if status == 200 && body["result"] == 7 {
         Ok(started.elapsed())
     } else if status == 0 {
@@ -171,10 +198,11 @@ async fn latency(bench: &Bench, requests: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `concurrency` callers for `seconds`; answers the calls' round trips, and the
-/// failures by answer (status and error code).
-async fn load(
+/// Runs `concurrency` callers of system `system`'s echo for `seconds`; answers the calls'
+/// round trips, and the failures by answer (status and error code).
+pub(crate) async fn load(
     client: &ApiClient,
+    system: &'static str,
     concurrency: usize,
     seconds: u64,
 ) -> (Vec<Duration>, std::collections::BTreeMap<String, usize>) {
@@ -186,7 +214,7 @@ async fn load(
             let mut took = Vec::new();
             let mut failed = std::collections::BTreeMap::<String, usize>::new();
             while Instant::now() < until {
-                match echo(&client).await {
+                match echo_in(&client, system).await {
                     Ok(d) => took.push(d),
                     Err(why) => *failed.entry(why).or_default() += 1,
                 }
@@ -217,7 +245,7 @@ async fn throughput(bench: &Bench, seconds: u64) -> anyhow::Result<()> {
             ("edge, direct (reference)", &bench.edge),
             ("through the master", &bench.demo.api),
         ] {
-            let (took, failed) = load(client, concurrency, seconds).await;
+            let (took, failed) = load(client, "bench", concurrency, seconds).await;
             let rate = took.len() as f64 / seconds as f64;
             if reference_rate == 0.0 {
                 reference_rate = rate;

@@ -61,8 +61,9 @@ async fn lists(api: &ApiClient, id: &str) -> bool {
             .is_some_and(|masters| masters.iter().any(|m| m["id"] == id))
 }
 
-pub async fn run(trials: usize) -> anyhow::Result<()> {
-    let mut cluster = Masters::start(MastersSpec {
+/// Three masters on a local etcd with the hall.
+async fn start() -> Masters {
+    Masters::start(MastersSpec {
         masters: 3,
         edges: Vec::new(),
         lease_ms: LEASE_MS,
@@ -74,7 +75,11 @@ pub async fn run(trials: usize) -> anyhow::Result<()> {
         )],
         etcd_members: 1,
     })
-    .await;
+    .await
+}
+
+pub async fn run(trials: usize) -> anyhow::Result<()> {
+    let mut cluster = start().await;
     let apis: Vec<ApiClient> = (0..cluster.masters.len())
         .map(|i| cluster.master_api(i))
         .collect();
@@ -146,5 +151,73 @@ pub async fn run(trials: usize) -> anyhow::Result<()> {
             "not met"
         }
     );
+    Ok(())
+}
+
+/// The extra hop: the hall's echo called through the master that runs it (the
+/// reference) and through another master, which sends the call on to it; latency
+/// interleaved call by call, then throughput at concurrency 1 and 16.
+pub async fn hop(requests: usize, seconds: u64) -> anyhow::Result<()> {
+    let cluster = start().await;
+    let apis: Vec<ApiClient> = (0..cluster.masters.len())
+        .map(|i| cluster.master_api(i))
+        .collect();
+    let holder =
+        tether_tests::wait_for("a master to run the hall", Duration::from_secs(30), || {
+            runner(&cluster, &apis)
+        })
+        .await;
+    let other = (holder + 1) % apis.len();
+    let paths = [
+        ("the master running the unit (reference)", &apis[holder]),
+        ("another master (one extra hop)", &apis[other]),
+    ];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(requests); paths.len()];
+    for round in 0..requests + 200 {
+        for (i, (_, client)) in paths.iter().enumerate() {
+            let took = crate::echo_in(client, "hall")
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            if round >= 200 {
+                samples[i].push(took);
+            }
+        }
+    }
+    let series: Vec<Series> = samples.into_iter().map(Series::new).collect();
+    println!(
+        "## the extra hop: exec of a master's module through another master of three, {requests} calls per path\n"
+    );
+    println!("| path | p50 ms | p99 ms | p50 ratio | p99 ratio |\n|---|---|---|---|---|");
+    for ((name, _), s) in paths.iter().zip(&series) {
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            ms(s.p50()),
+            ms(s.p99()),
+            crate::stats::ratio(s.p50(), series[0].p50()),
+            crate::stats::ratio(s.p99(), series[0].p99()),
+        );
+    }
+    println!(
+        "\n| concurrency | path | exec/s | p50 ms | p99 ms | failed | exec/s ratio |\n|---|---|---|---|---|---|---|"
+    );
+    for concurrency in [1, 16] {
+        let mut reference = 0.0;
+        for (name, client) in paths {
+            let (took, failed) = crate::load(client, "hall", concurrency, seconds).await;
+            let rate = took.len() as f64 / seconds as f64;
+            if reference == 0.0 {
+                reference = rate;
+            }
+            let failed: usize = failed.values().sum();
+            let s = Series::new(took);
+            println!(
+                "| {concurrency} | {name} | {rate:.0} | {} | {} | {failed} | {:.2} |",
+                ms(s.p50()),
+                ms(s.p99()),
+                rate / reference.max(f64::MIN_POSITIVE)
+            );
+        }
+    }
+    println!();
     Ok(())
 }

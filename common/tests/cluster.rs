@@ -1335,6 +1335,53 @@ fn a_grant_over_another_masters_reaches_the_edge_only_on_a_view_that_new() {
     assert_eq!(decisions(&actions), [(Owner::Edge, 2)], "{actions:?}");
 }
 
+/// The hash's pick, whose own link to the edge ended, learns that another master (the one
+/// the edge is linked to now) handed the edge a new grant: that is word from the edge,
+/// and the timeout counts again from then, so the pick does not take the edge over from
+/// under the master it is linked to.
+#[test]
+fn a_new_grant_to_the_edge_is_word_from_it_and_restarts_the_failover_timeout() {
+    let (mut m, now) = machine_on_lease();
+    let pick = PeerView {
+        fails_over: true,
+        linked_elsewhere: false,
+        link_ended: None,
+        running_elsewhere: false,
+    };
+    m.handle(now, MasterEvent::Peers(pick));
+    let at = |ms: u64| Now {
+        mono: Mono(START_MS + ms),
+        wall_ms: START_MS + ms,
+    };
+    // 4 s into the 5 s timeout, another master hands the edge a new grant.
+    let handed = ControlState {
+        owner: Owner::Edge,
+        epoch: 1,
+    };
+    m.handle(
+        at(4_000),
+        MasterEvent::Granted {
+            grant: handed,
+            here: false,
+        },
+    );
+    let actions = m.poll(at(6_000));
+    assert!(
+        !actions.iter().any(
+            |a| matches!(a, MasterAction::Issue { grant, .. } if grant.owner == Owner::Master)
+        ),
+        "no failover 2 s after word from the edge: {actions:?}"
+    );
+    // Without any more word, the timeout runs out 5 s after the grant.
+    let actions = m.poll(at(9_100));
+    assert!(
+        actions.iter().any(
+            |a| matches!(a, MasterAction::Issue { grant, .. } if grant.owner == Owner::Master)
+        ),
+        "{actions:?}"
+    );
+}
+
 #[test]
 fn rules_decided_again_judge_the_edge_as_it_stands_since_the_last_decision() {
     let (mut m, now) = machine_on_lease();

@@ -89,9 +89,13 @@ mod joined {
     /// A request to etcd that takes longer has failed.
     const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 
-    /// A connection to the cluster's etcd.
+    /// Connections to the cluster's etcd.
     pub struct Connected {
+        /// For the shared state: grants, claims, link keys, the model, audit, code.
         etcd: Etcd,
+        /// For presence (its keep-alives) and the watch of the cluster, on a connection of
+        /// their own: a burst of state requests (a mass failover) never delays them.
+        presence: Etcd,
         cluster: ClusterConfig,
     }
 
@@ -101,16 +105,19 @@ mod joined {
         let Some(cluster) = &config.cluster else {
             return Ok(None);
         };
-        let etcd = Etcd::connect_with(
-            &cluster.etcd,
-            &cluster.prefix,
-            ETCD_TIMEOUT,
-            tls_options(cluster)?,
-        )
-        .await
-        .context("cannot join the cluster ([cluster] etcd in master.toml)")?;
+        let connect = || async {
+            Etcd::connect_with(
+                &cluster.etcd,
+                &cluster.prefix,
+                ETCD_TIMEOUT,
+                tls_options(cluster)?,
+            )
+            .await
+            .context("cannot join the cluster ([cluster] etcd in master.toml)")
+        };
         Ok(Some(Connected {
-            etcd,
+            etcd: connect().await?,
+            presence: connect().await?,
             cluster: cluster.clone(),
         }))
     }
@@ -146,7 +153,11 @@ mod joined {
         admin_hash: String,
         store: Arc<Store>,
     ) -> anyhow::Result<Node> {
-        let Connected { etcd, cluster } = connected;
+        let Connected {
+            etcd,
+            presence: presence_etcd,
+            cluster,
+        } = connected;
         let cluster = &cluster;
         let audit = Arc::new(EtcdAudit::new(etcd.clone(), &cluster.master_id));
         let code = Arc::new(EtcdCode::new(etcd.clone()));
@@ -165,7 +176,7 @@ mod joined {
             "api_url": config.public_api_url(),
             "link": config.link_listen.to_string(),
         });
-        let presence = Presence::join(&etcd, &cluster.master_id, &info, cluster.lease_ms)
+        let presence = Presence::join(&presence_etcd, &cluster.master_id, &info, cluster.lease_ms)
             .await
             .context("cannot join the cluster")?;
         tracing::info!(master = %cluster.master_id, endpoints = %cluster.etcd.join(", "), "joined the cluster");
@@ -174,7 +185,7 @@ mod joined {
             &cluster.master_id,
             Some(presence.lease()),
         ));
-        let mirror = follow(etcd.clone());
+        let mirror = follow(presence_etcd.clone());
         // Nothing may run before the feed has published the lease.
         let (publish, inputs) = watch::channel(Arc::new(ClusterInputs {
             me: cluster.master_id.clone(),
@@ -183,7 +194,7 @@ mod joined {
         }));
         tokio::spawn(feed(
             Joined {
-                etcd,
+                etcd: presence_etcd,
                 control: control.clone(),
                 cluster: cluster.clone(),
                 info,
@@ -261,7 +272,7 @@ mod joined {
         Ok(())
     }
 
-    /// What joining again needs.
+    /// What joining again needs (`etcd`: the presence connection).
     struct Joined {
         etcd: Etcd,
         control: Arc<EtcdControl>,

@@ -348,6 +348,7 @@ impl Control {
             link: None,
             newest_link: 0,
             told: Told::default(),
+            relinked: None,
         };
         self.shared.runtime.set_grant(id, persisted.grant);
         self.shared.publish(id, persisted.grant);
@@ -663,7 +664,12 @@ struct Unit {
     newest_link: u64,
     /// What the machine was last told of the cluster.
     told: Told,
+    /// When this master last wrote the edge's link key again.
+    relinked: Option<std::time::Instant>,
 }
+
+/// A link key is written again at most this often (see [`Unit::cluster_changed`]).
+const RELINK_EVERY: Duration = Duration::from_secs(1);
 
 /// The cluster's inputs a unit last passed on to its machine.
 #[derive(Debug, Default)]
@@ -739,18 +745,30 @@ impl Unit {
     /// claim of this master's that stands while it runs nothing (one it could not
     /// withdraw while cut off from etcd).
     async fn cluster_changed(&mut self, inputs: &mut watch::Receiver<Arc<ClusterInputs>>) {
-        let now = inputs.borrow_and_update().clone();
-        let peers = now.peers(&self.edge);
+        // What this unit needs, copied out: the inputs (megabytes with thousands of
+        // edges) are not held across the awaits below, by thousands of units at once.
+        let (lease, peers, held, claimed_here, link_holder) = {
+            let now = inputs.borrow_and_update();
+            (
+                now.lease,
+                now.peers(&self.edge),
+                now.held(&self.edge),
+                now.claimed_here(&self.edge),
+                now.links
+                    .get(&self.edge)
+                    .map(|holder| (holder == &now.me, holder.clone())),
+            )
+        };
         let mut events = Vec::new();
-        if self.told.lease != Some(now.lease) {
-            self.told.lease = Some(now.lease);
-            events.push(MasterEvent::Lease(now.lease));
+        if self.told.lease != Some(lease) {
+            self.told.lease = Some(lease);
+            events.push(MasterEvent::Lease(lease));
         }
         if self.told.peers != Some(peers) {
             self.told.peers = Some(peers);
             events.push(MasterEvent::Peers(peers));
         }
-        if let Some(held) = now.held(&self.edge)
+        if let Some(held) = held
             && self.told.held != Some(held)
         {
             self.told.held = Some(held);
@@ -763,21 +781,52 @@ impl Unit {
             let actions = self.machine.handle(Now::system(), event);
             let _ = self.carry_out(actions).await;
         }
-        if now.claimed_here(&self.edge)
+        let Some(cluster) = self.shared.cluster.clone() else {
+            return;
+        };
+        if claimed_here
             && !self.machine.is_running()
-            && let Some(cluster) = &self.shared.cluster
             && let Err(err) = cluster.claims.clone().release(self.edge.clone()).await
         {
             tracing::warn!(edge = %self.edge, "cannot withdraw a stale claim: {err}");
         }
-        // Likewise a link key of this master's while it holds no link of the edge (an
-        // unlink that failed): it would keep the others from failing the edge over.
-        if now.links.get(&self.edge) == Some(&now.me)
-            && self.shared.registry.link(&self.edge).is_none()
-            && let Some(cluster) = &self.shared.cluster
-            && let Err(err) = cluster.claims.clone().unlink_stale(self.edge.clone()).await
-        {
-            tracing::warn!(edge = %self.edge, "cannot withdraw a stale link key: {err}");
+        let linked_here = link_holder.as_ref().is_some_and(|(here, _)| *here);
+        let live_link = self
+            .shared
+            .registry
+            .current(&self.edge)
+            .filter(|(_, link)| !link.is_closed());
+        match live_link {
+            // A link key of this master's while it holds no link of the edge (an unlink
+            // that failed): it would keep the others from failing the edge over.
+            None if linked_here => {
+                if let Err(err) = cluster.claims.clone().unlink_stale(self.edge.clone()).await {
+                    tracing::warn!(edge = %self.edge, "cannot withdraw a stale link key: {err}");
+                }
+            }
+            // A live link whose key is gone or names another master (a master whose own
+            // link had died wrote its key late, then withdrew it): written again, so
+            // that no master fails over an edge that is linked. Once a second at most,
+            // in case the other master holds a newer link and writes its own.
+            Some((generation, _))
+                if !linked_here && self.relinked.is_none_or(|at| at.elapsed() >= RELINK_EVERY) =>
+            {
+                self.relinked = Some(std::time::Instant::now());
+                tracing::info!(
+                    edge = %self.edge,
+                    key_names = ?link_holder.map(|(_, holder)| holder),
+                    "the edge's link key does not name this master, which holds its link: writing it again"
+                );
+                if let Err(err) = cluster
+                    .claims
+                    .clone()
+                    .link(self.edge.clone(), generation)
+                    .await
+                {
+                    tracing::warn!(edge = %self.edge, "cannot write the link key again: {err}");
+                }
+            }
+            _ => {}
         }
     }
 

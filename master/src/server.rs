@@ -556,15 +556,7 @@ async fn attach_links(
             .await;
             edge.link.closed().await;
             let reason = edge.link.close_reason().unwrap_or_default();
-            if let Some(cluster) = &cluster
-                && let Err(err) = cluster
-                    .claims
-                    .clone()
-                    .unlink(edge.edge_id.clone(), generation)
-                    .await
-            {
-                tracing::warn!(edge = %edge.edge_id, "cannot withdraw the link key: {err}");
-            }
+            // The unit hears first (its link key may wait behind other etcd requests).
             if let Some(last_heard) = registry.detach(&edge.edge_id, generation, &reason) {
                 control
                     .event(
@@ -573,6 +565,15 @@ async fn attach_links(
                         MasterEvent::LinkDown { last_heard },
                     )
                     .await;
+            }
+            if let Some(cluster) = &cluster
+                && let Err(err) = cluster
+                    .claims
+                    .clone()
+                    .unlink(edge.edge_id.clone(), generation)
+                    .await
+            {
+                tracing::warn!(edge = %edge.edge_id, "cannot withdraw the link key: {err}");
             }
         });
     }

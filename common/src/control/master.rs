@@ -387,6 +387,14 @@ impl MasterSide {
             MasterEvent::Lease(lease) => self.lease = lease,
             MasterEvent::Granted { grant, here } => {
                 self.seen = self.seen.max(grant.epoch);
+                // A new grant to the edge was decided by the master holding its link:
+                // word from the edge, so the failover timeout counts from now.
+                if grant.owner == Owner::Edge
+                    && grant.epoch > self.state.epoch
+                    && let Link::Down { last_heard } = &mut self.link
+                {
+                    *last_heard = (*last_heard).max(now.mono);
+                }
                 if grant.epoch > self.state.epoch {
                     self.state = grant;
                     self.here = here;

@@ -27,18 +27,22 @@ fn weight(key: &str, candidate: &str) -> u64 {
 /// `candidates` ordered by their weight for `key`, heaviest first (ties, which SHA-256
 /// makes vanishingly rare, by name).
 pub fn rendezvous_order<'a, S: AsRef<str>>(key: &str, candidates: &'a [S]) -> Vec<&'a S> {
-    let mut ordered: Vec<&S> = candidates.iter().collect();
-    ordered.sort_by(|a, b| {
-        weight(key, b.as_ref())
-            .cmp(&weight(key, a.as_ref()))
-            .then_with(|| a.as_ref().cmp(b.as_ref()))
-    });
-    ordered
+    let mut weighed: Vec<(u64, &S)> = candidates
+        .iter()
+        .map(|c| (weight(key, c.as_ref()), c))
+        .collect();
+    weighed.sort_by(|(wa, a), (wb, b)| wb.cmp(wa).then_with(|| a.as_ref().cmp(b.as_ref())));
+    weighed.into_iter().map(|(_, c)| c).collect()
 }
 
-/// The one candidate `key` goes to, if there is any.
+/// The one candidate `key` goes to, if there is any: the first of [`rendezvous_order`],
+/// with one hash per candidate (thousands of units ask at every change of the cluster).
 pub fn rendezvous_pick<'a, S: AsRef<str>>(key: &str, candidates: &'a [S]) -> Option<&'a S> {
-    rendezvous_order(key, candidates).into_iter().next()
+    candidates
+        .iter()
+        .map(|c| (weight(key, c.as_ref()), c))
+        .max_by(|(wa, a), (wb, b)| wa.cmp(wb).then_with(|| b.as_ref().cmp(a.as_ref())))
+        .map(|(_, c)| c)
 }
 
 /// Where a unit of no edge runs: on `current` while it is among the `live`, else on the
@@ -73,6 +77,18 @@ mod tests {
                 rendezvous_order(edge, &reversed)
                     .into_iter()
                     .collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn the_pick_is_the_first_of_the_order() {
+        let listed = masters(4);
+        for i in 0..500 {
+            let key = format!("edge-{i}");
+            assert_eq!(
+                rendezvous_pick(&key, &listed),
+                rendezvous_order(&key, &listed).first().copied()
             );
         }
     }

@@ -110,7 +110,9 @@ impl Grants for Store {
         })
     }
 
-    /// A master alone holds every master's grant: `here` changes nothing.
+    /// A master alone holds every master's grant: `here` changes nothing. Grants asked
+    /// for at once are stored in one transaction (one write to disk for a thousand edges
+    /// linking together), each compared as if alone.
     fn issue(
         self: Arc<Self>,
         unit: String,
@@ -119,10 +121,81 @@ impl Grants for Store {
         _here: bool,
     ) -> Pending<Result<(), IssueError>> {
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || self.issue_grant(&unit, expected, grant))
-                .await
-                .map_err(|err| IssueError::Store(StoreError::Stopped(err.to_string())))?
+            let queue = self
+                .grant_batches
+                .get_or_init(|| GrantQueue::start(Arc::downgrade(&self)))
+                .clone();
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            let job = GrantJob {
+                unit,
+                expected,
+                grant,
+                answer,
+            };
+            let stopped = || IssueError::Store(StoreError::Stopped("the grant writer".into()));
+            queue.0.send(job).await.map_err(|_| stopped())?;
+            answered.await.map_err(|_| stopped())?
         })
+    }
+}
+
+/// A grant waiting to be stored, and who waits for it.
+pub(super) struct GrantJob {
+    unit: String,
+    expected: ControlState,
+    grant: ControlState,
+    answer: tokio::sync::oneshot::Sender<Result<(), IssueError>>,
+}
+
+/// The queue of a store's grant writer.
+#[derive(Clone)]
+pub(super) struct GrantQueue(tokio::sync::mpsc::Sender<GrantJob>);
+
+/// Grants one transaction stores at most.
+const GRANTS_PER_TXN: usize = 1024;
+
+impl GrantQueue {
+    /// Starts the writer: it takes every grant waiting, stores them in one transaction,
+    /// and answers each. It ends with the store.
+    fn start(store: std::sync::Weak<Store>) -> GrantQueue {
+        let (queue, mut jobs) = tokio::sync::mpsc::channel::<GrantJob>(GRANTS_PER_TXN);
+        tokio::spawn(async move {
+            while let Some(first) = jobs.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < GRANTS_PER_TXN
+                    && let Ok(job) = jobs.try_recv()
+                {
+                    batch.push(job);
+                }
+                let Some(store) = store.upgrade() else {
+                    return;
+                };
+                let asked: Vec<(String, ControlState, ControlState)> = batch
+                    .iter()
+                    .map(|job| (job.unit.clone(), job.expected, job.grant))
+                    .collect();
+                let stored = tokio::task::spawn_blocking(move || store.issue_grants(&asked))
+                    .await
+                    .map_err(|err| StoreError::Stopped(err.to_string()))
+                    .and_then(|stored| stored);
+                match stored {
+                    Ok(answers) => {
+                        for (job, answer) in batch.into_iter().zip(answers) {
+                            let _ = job.answer.send(answer);
+                        }
+                    }
+                    Err(err) => {
+                        let text = err.to_string();
+                        for job in batch {
+                            let _ = job
+                                .answer
+                                .send(Err(IssueError::Store(StoreError::Stopped(text.clone()))));
+                        }
+                    }
+                }
+            }
+        });
+        GrantQueue(queue)
     }
 }
 
@@ -134,32 +207,51 @@ impl Store {
         expected: ControlState,
         grant: ControlState,
     ) -> Result<(), IssueError> {
-        let bytes = encode(grant);
-        let stored = self.write_txn(|txn| {
+        let mut answers = self.issue_grants(&[(unit.to_string(), expected, grant)])?;
+        answers.pop().unwrap_or(Ok(()))
+    }
+
+    /// Several [`issue_grant`](Self::issue_grant)s in one durable transaction, in order
+    /// (a later one of the same unit compares with what an earlier one stored); each
+    /// answered on its own. An error of the file fails them all (nothing stored).
+    pub fn issue_grants(
+        &self,
+        asked: &[(String, ControlState, ControlState)],
+    ) -> Result<Vec<Result<(), IssueError>>, StoreError> {
+        let outcomes = self.write_txn(|txn| {
             let mut table = txn.open_table(CONTROL)?;
-            let stored = match table.get(unit)? {
-                Some(bytes) => postcard::from_bytes(bytes.value()).ok(),
-                None => Some(ControlState::default()),
-            };
-            if stored == Some(expected) && grant.epoch > expected.epoch {
-                table.insert(unit, bytes.as_slice())?;
-                return Ok(None);
+            let mut outcomes = Vec::with_capacity(asked.len());
+            for (unit, expected, grant) in asked {
+                let stored = match table.get(unit.as_str())? {
+                    Some(bytes) => postcard::from_bytes(bytes.value()).ok(),
+                    None => Some(ControlState::default()),
+                };
+                if stored == Some(*expected) && grant.epoch > expected.epoch {
+                    table.insert(unit.as_str(), encode(*grant).as_slice())?;
+                    outcomes.push(None);
+                } else {
+                    outcomes.push(Some(stored));
+                }
             }
-            Ok(Some(stored))
+            Ok(outcomes)
         })?;
-        match stored {
-            None => Ok(()),
-            Some(Some(stored)) => Err(IssueError::Conflict {
-                unit: unit.to_string(),
-                expected,
-                grant,
-                stored,
-                stored_here: true,
-            }),
-            Some(None) => Err(IssueError::Store(
-                self.corrupt(format!("control state of {unit} does not decode")),
-            )),
-        }
+        Ok(asked
+            .iter()
+            .zip(outcomes)
+            .map(|((unit, expected, grant), outcome)| match outcome {
+                None => Ok(()),
+                Some(Some(stored)) => Err(IssueError::Conflict {
+                    unit: unit.clone(),
+                    expected: *expected,
+                    grant: *grant,
+                    stored,
+                    stored_here: true,
+                }),
+                Some(None) => Err(IssueError::Store(
+                    self.corrupt(format!("control state of {unit} does not decode")),
+                )),
+            })
+            .collect())
     }
 }
 
@@ -257,6 +349,44 @@ mod tests {
             .issue_grant("e", grant(Owner::Master, 1), grant(Owner::Edge, 2))
             .unwrap();
         assert_eq!(store.control_states().unwrap()["e"], grant(Owner::Edge, 2));
+    }
+
+    /// Grants asked for at once are stored together, each compared on its own: of two
+    /// over the same expected grant exactly one lands, and every other unit's lands.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grants_asked_at_once_are_stored_together_each_compared_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let start = ControlState::default();
+        let mut asked = Vec::new();
+        for unit in 0..300 {
+            let store = store.clone();
+            asked.push(tokio::spawn(async move {
+                store
+                    .issue(format!("u{unit}"), start, grant(Owner::Master, 1), true)
+                    .await
+            }));
+        }
+        let (one, two) = tokio::join!(
+            store
+                .clone()
+                .issue("twice".into(), start, grant(Owner::Master, 1), true),
+            store
+                .clone()
+                .issue("twice".into(), start, grant(Owner::Edge, 1), true),
+        );
+        for answer in asked {
+            answer.await.unwrap().unwrap();
+        }
+        assert!(one.is_ok() != two.is_ok(), "{one:?} {two:?}");
+        let states = store.control_states().unwrap();
+        assert_eq!(states.len(), 301);
+        let landed = if one.is_ok() {
+            Owner::Master
+        } else {
+            Owner::Edge
+        };
+        assert_eq!(states["twice"], grant(landed, 1));
     }
 
     #[test]

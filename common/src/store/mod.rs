@@ -113,6 +113,8 @@ pub struct Store {
     path: PathBuf,
     /// Each audit record once it is durable, with its sequence number, for live views.
     audit_appended: tokio::sync::broadcast::Sender<AuditEntry>,
+    /// Grants waiting to be stored together (started with the first).
+    grant_batches: std::sync::OnceLock<grants::GrantQueue>,
 }
 
 impl std::fmt::Debug for Store {
@@ -141,6 +143,7 @@ impl Store {
             db,
             path: path.to_path_buf(),
             audit_appended: tokio::sync::broadcast::channel(AUDIT_LIVE).0,
+            grant_batches: std::sync::OnceLock::new(),
         };
         // Create the tables, so that readers find them in a new file.
         store.write_txn(|txn| {
