@@ -162,7 +162,15 @@ mod joined {
         let audit = Arc::new(EtcdAudit::new(etcd.clone(), &cluster.master_id));
         let code = Arc::new(EtcdCode::new(etcd.clone()));
         tokio::spawn(share_audit(store, audit.clone()));
-        // Not on the lease: a master's token works on the others while it is down.
+        let info = serde_json::json!({
+            "api_url": config.public_api_url(),
+            "link": config.link_listen.to_string(),
+        });
+        let presence = Presence::join(&presence_etcd, &cluster.master_id, &info, cluster.lease_ms)
+            .await
+            .context("cannot join the cluster")?;
+        // Once present (a process refused for a live master's id writes nothing), and
+        // not on the lease: a master's token works on the others while it is down.
         etcd.client()
             .put(
                 etcd.key(&format!("admins/{}", cluster.master_id)),
@@ -171,13 +179,6 @@ mod joined {
             )
             .await
             .map_err(|err| etcd.error("cannot share this master's admin token", err))
-            .context("cannot join the cluster")?;
-        let info = serde_json::json!({
-            "api_url": config.public_api_url(),
-            "link": config.link_listen.to_string(),
-        });
-        let presence = Presence::join(&presence_etcd, &cluster.master_id, &info, cluster.lease_ms)
-            .await
             .context("cannot join the cluster")?;
         tracing::info!(master = %cluster.master_id, endpoints = %cluster.etcd.join(", "), "joined the cluster");
         let control = Arc::new(EtcdControl::new(

@@ -756,7 +756,7 @@ impl Unit {
                 now.claimed_here(&self.edge),
                 now.links
                     .get(&self.edge)
-                    .map(|holder| (holder == &now.me, holder.clone())),
+                    .map(|holder| (holder == &now.me, holder.clone(), now.live.contains(holder))),
             )
         };
         let mut events = Vec::new();
@@ -790,7 +790,12 @@ impl Unit {
         {
             tracing::warn!(edge = %self.edge, "cannot withdraw a stale claim: {err}");
         }
-        let linked_here = link_holder.as_ref().is_some_and(|(here, _)| *here);
+        let linked_here = link_holder.as_ref().is_some_and(|(here, ..)| *here);
+        // Another live master's key stands: it may hold a newer link (this one may be
+        // half-open), and the two would write over each other.
+        let held_by_live_other = link_holder
+            .as_ref()
+            .is_some_and(|(here, _, live)| !*here && *live);
         let live_link = self
             .shared
             .registry
@@ -804,17 +809,19 @@ impl Unit {
                     tracing::warn!(edge = %self.edge, "cannot withdraw a stale link key: {err}");
                 }
             }
-            // A live link whose key is gone or names another master (a master whose own
-            // link had died wrote its key late, then withdrew it): written again, so
-            // that no master fails over an edge that is linked. Once a second at most,
-            // in case the other master holds a newer link and writes its own.
+            // A live link whose key is gone or names a master no longer present (a master
+            // whose own link had died wrote its key late, then withdrew it): written
+            // again, so that no master fails over an edge that is linked. Once a second
+            // at most.
             Some((generation, _))
-                if !linked_here && self.relinked.is_none_or(|at| at.elapsed() >= RELINK_EVERY) =>
+                if !linked_here
+                    && !held_by_live_other
+                    && self.relinked.is_none_or(|at| at.elapsed() >= RELINK_EVERY) =>
             {
                 self.relinked = Some(std::time::Instant::now());
                 tracing::info!(
                     edge = %self.edge,
-                    key_names = ?link_holder.map(|(_, holder)| holder),
+                    key_names = ?link_holder.map(|(_, holder, _)| holder),
                     "the edge's link key does not name this master, which holds its link: writing it again"
                 );
                 if let Err(err) = cluster

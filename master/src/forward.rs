@@ -12,7 +12,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tether_common::api::{ApiError, PREFERRED_SERVER};
+use tether_common::api::{ApiError, PREFERRED_SERVER, checked_api_url};
 use tokio::sync::watch;
 
 use crate::control::ClusterInputs;
@@ -59,12 +59,13 @@ impl Forwarder {
         let unit = unit_of_path(&model, path)?;
         let inputs = self.inputs.borrow();
         let master = inputs.serving_master(&unit)?;
-        let api_url = inputs
-            .info
-            .get(master)?
-            .get("api_url")?
-            .as_str()?
-            .to_string();
+        let announced = inputs.info.get(master)?.get("api_url")?.as_str()?;
+        // It gets the client's token: a plain https origin only, and never this host's
+        // wildcard address (a master that announced its listen address as is).
+        let api_url = checked_api_url(announced)
+            .map_err(|why| tracing::warn!(master = %master, "not forwarding to it: {why}"))
+            .ok()
+            .filter(|url| !url.contains("://0.0.0.0") && !url.contains("://[::]"))?;
         Some((master.to_string(), api_url))
     }
 
@@ -164,11 +165,17 @@ pub async fn forward_to_holder(
             }
             response
         }
-        Err(err) => {
-            tracing::warn!(master = %master, "a call for a unit master {master} holds was not answered there: {err}; serving it here");
+        // Not reached at all: nothing ran there, so this master serves it as it can.
+        Err(err) if err.is_connect() => {
+            tracing::warn!(master = %master, "master {master}, which holds the unit, is not reached: {err}; serving the call here");
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
         }
+        // Sent, unanswered: it may have run there, so it is not run here too.
+        Err(err) => ApiError::unavailable(format!(
+            "master {master}, which holds the unit, did not answer the call: {err} (it may have run there)"
+        ))
+        .into_response(),
     }
 }
 

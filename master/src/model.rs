@@ -254,10 +254,13 @@ impl ModelService {
                 .await
             {
                 Ok(changes) => {
-                    if !self.install(base, next, &changes) {
-                        // Another master's write landed between the runs of a large
-                        // write: read them in order.
-                        self.catch_up().await?;
+                    // Another master's write landed between the runs of a large write:
+                    // read them in order. The write is committed whatever happens here
+                    // (the feed brings it later), so it is answered as done.
+                    if !self.install(base, next, &changes)
+                        && let Err(err) = self.catch_up().await
+                    {
+                        tracing::warn!("a committed write is not visible here yet: {err}");
                     }
                     return Ok(changes);
                 }
@@ -358,40 +361,36 @@ impl ModelService {
     }
 
     /// Brings the model up to the store's: the changes since its version from the log,
-    /// or the whole model when the log no longer reaches back.
+    /// or the whole model when the log no longer reaches back (or does not follow on).
     async fn catch_up(&self) -> Result<(), StoreError> {
         let (_, version) = self.snapshot();
-        match self.records.clone().changes_since(version).await? {
-            Some(changes) => {
-                if !self.apply(&changes) {
-                    // Someone applied past `version` meanwhile, from the feed: it is
-                    // newer than what was read.
-                    tracing::debug!(version, "the model moved on while catching up");
-                }
+        if let Some(changes) = self.records.clone().changes_since(version).await? {
+            let reached = changes.last().map_or(version, |c| c.version);
+            // Applied, or the feed applied as far meanwhile.
+            if self.apply(&changes) || self.snapshot().1 >= reached {
+                return Ok(());
             }
-            None => {
-                let loaded = self.records.clone().load().await?;
-                let _turn = self.applying.lock().unwrap_or_else(|p| p.into_inner());
-                let (_, now) = self.snapshot();
-                if loaded.state.version > now {
-                    tracing::warn!(
-                        from = now,
-                        to = loaded.state.version,
-                        "the change log no longer reaches back to this master's model: read it whole"
-                    );
-                    *self
-                        .record_versions
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner()) = loaded.record_versions;
-                    *self.recent.write().unwrap_or_else(|p| p.into_inner()) = RecentChanges {
-                        changes: VecDeque::new(),
-                        complete_after: loaded.state.version,
-                    };
-                    *self.model.write().unwrap_or_else(|p| p.into_inner()) =
-                        (Arc::new(loaded.model), loaded.state.version);
-                    self.version.send_replace(loaded.state.version);
-                }
-            }
+        }
+        let loaded = self.records.clone().load().await?;
+        let _turn = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, now) = self.snapshot();
+        if loaded.state.version > now {
+            tracing::warn!(
+                from = now,
+                to = loaded.state.version,
+                "the change log does not reach back to this master's model: read it whole"
+            );
+            *self
+                .record_versions
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = loaded.record_versions;
+            *self.recent.write().unwrap_or_else(|p| p.into_inner()) = RecentChanges {
+                changes: VecDeque::new(),
+                complete_after: loaded.state.version,
+            };
+            *self.model.write().unwrap_or_else(|p| p.into_inner()) =
+                (Arc::new(loaded.model), loaded.state.version);
+            self.version.send_replace(loaded.state.version);
         }
         Ok(())
     }

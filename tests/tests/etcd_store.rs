@@ -244,3 +244,74 @@ async fn a_short_loss_of_etcd_does_not_fence_the_master() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Masters with different change-log limits: one trims the log to its own floor, the
+/// other then writes a lower floor. The log no longer reaches back unbroken, and says so
+/// (a master or an edge behind it reads the whole model) rather than hand out changes
+/// with a gap. Large writes land in runs, in order, each with its own versions.
+#[tokio::test]
+async fn the_shared_log_never_answers_with_a_gap_and_large_writes_land_in_runs() {
+    use tether_common::protocol::EntityKind;
+    use tether_common::store::etcd::EtcdModel;
+    use tether_common::store::{CommitError, ModelStore, Write};
+
+    let server = EtcdServer::start(1).await;
+    let endpoints = server.endpoints();
+    let short = Arc::new(EtcdModel::open(connect(&endpoints).await).await.unwrap());
+    let long = Arc::new(EtcdModel::open(connect(&endpoints).await).await.unwrap());
+    assert_eq!(
+        short.model_id(),
+        long.model_id(),
+        "one model id for the cluster"
+    );
+    let user = |n: u64| -> Write {
+        (
+            EntityKind::User,
+            format!("u{n}"),
+            Some(format!(
+                r#"{{"id":"u{n}","name":"U","role":"viewer","token_hash":"x"}}"#
+            )),
+        )
+    };
+    // 30 writes with a limit of 10: entries up to version 20 are trimmed.
+    for n in 0..30 {
+        short.clone().commit(n, vec![user(n)], 10).await.unwrap();
+    }
+    // A write planned on an older version is refused whole.
+    let behind = long.clone().commit(29, vec![user(99)], 25).await;
+    assert!(
+        matches!(behind, Err(CommitError::Behind { base: 29 })),
+        "{behind:?}"
+    );
+    // One with a limit of 25 moves the floor back to 6.
+    long.clone().commit(30, vec![user(30)], 25).await.unwrap();
+    assert_eq!(
+        long.clone().changes_since(10).await.unwrap(),
+        None,
+        "the log does not reach back to 10 unbroken"
+    );
+    let since_25 = long
+        .clone()
+        .changes_since(25)
+        .await
+        .unwrap()
+        .expect("unbroken");
+    assert_eq!(
+        since_25.iter().map(|c| c.version).collect::<Vec<_>>(),
+        (26..=31).collect::<Vec<_>>()
+    );
+    // 250 records at once: three runs, versions 32..=281 in order.
+    let many: Vec<Write> = (1000..1250).map(user).collect();
+    let changes = short.clone().commit(31, many, 10_000).await.unwrap();
+    assert_eq!(
+        changes.iter().map(|c| c.version).collect::<Vec<_>>(),
+        (32..=281).collect::<Vec<_>>()
+    );
+    let loaded = long.clone().load().await.unwrap();
+    assert_eq!(loaded.state.version, 281);
+    assert_eq!(loaded.model.users.len(), 31 + 250);
+    assert_eq!(
+        loaded.record_versions[&(EntityKind::User, "u1249".into())],
+        281
+    );
+}

@@ -186,7 +186,11 @@ impl Repositories {
             return Ok(());
         }
         let _one = self.updating.lock().await;
-        if self.runtime.code().repo(id).map(|r| r.commit.as_str()) == Some(commit) {
+        // A pull here may have moved the repository while this waited: follow only what
+        // the record still names.
+        if self.runtime.code().repo(id).map(|r| r.commit.as_str()) == Some(commit)
+            || self.record(id)?.commit.as_deref() != Some(commit)
+        {
             return Ok(());
         }
         let Some(shared) = &self.shared else {

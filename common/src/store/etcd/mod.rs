@@ -31,6 +31,9 @@ pub const DEFAULT_PREFIX: &str = "/tether/";
 
 /// Keys one read asks for at most (a large folder is read in pages at one revision).
 const PAGE: i64 = 500;
+/// The largest answer a read or a watch takes: a page of large log entries or of code
+/// chunks, or a lagging watch's batch, is more than gRPC's default of 4 MiB.
+pub(super) const READ_LIMIT: usize = 64 << 20;
 
 /// A connection to an etcd cluster (cheap to clone: one channel, balanced over the
 /// endpoints).
@@ -126,6 +129,8 @@ impl Etcd {
             }
             let mut answer = self
                 .client()
+                .kv_client()
+                .max_decoding_message_size(READ_LIMIT)
                 .get(from.clone(), Some(options))
                 .await
                 .map_err(|err| self.error("cannot read", err))?;
@@ -940,6 +945,8 @@ async fn follow_once(
         .with_start_revision(revision + 1);
     let mut stream = etcd
         .client()
+        .watch_client()
+        .max_decoding_message_size(READ_LIMIT)
         .watch(prefix.clone(), Some(options))
         .await
         .map_err(|err| etcd.error("cannot watch the cluster's state", err))?;

@@ -339,7 +339,15 @@ impl ModelStore for EtcdModel {
                     })?;
                 changes.extend(entry.into_iter().filter(|c| c.version > since));
             }
-            Ok(Some(changes))
+            // Unbroken from `since` up to the version read, or not at all: masters with
+            // different log limits may have moved the floor back over entries already
+            // trimmed, and a gap would leave a copy of the model silently wrong.
+            let unbroken = changes
+                .iter()
+                .zip(since + 1..)
+                .all(|(change, expected)| change.version == expected)
+                && changes.last().map_or(since, |c| c.version) >= state.version;
+            Ok(unbroken.then_some(changes))
         })
     }
 
@@ -368,6 +376,8 @@ impl EtcdModel {
         let mut stream = self
             .etcd
             .client()
+            .watch_client()
+            .max_decoding_message_size(super::READ_LIMIT)
             .watch(prefix.clone(), Some(options))
             .await
             .map_err(|err| self.etcd.error("cannot watch the model", err))?;
