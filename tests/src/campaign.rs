@@ -128,12 +128,15 @@ struct Observed {
     violations: Vec<String>,
 }
 
-/// Two device sessions of one edge's projector open at once.
+/// Two device sessions of one simulator open at once.
 #[derive(Debug, Clone)]
-struct Dual {
-    edge: usize,
-    start: SystemTime,
-    end: SystemTime,
+pub struct Dual {
+    /// The simulator's index (an edge's, in this campaign).
+    pub edge: usize,
+    /// When the second session opened.
+    pub start: SystemTime,
+    /// When one of them closed.
+    pub end: SystemTime,
 }
 
 /// Runs the campaign; prints its report; panics listing every violation.
@@ -586,7 +589,7 @@ async fn wait_agreement(cluster: &Cluster, index: usize) {
 }
 
 /// Intervals in which a simulator had two or more sessions open.
-fn dual_sessions(sim: &Sim, edge: usize) -> Vec<Dual> {
+pub fn dual_sessions(sim: &Sim, edge: usize) -> Vec<Dual> {
     let mut open = 0usize;
     let mut since = None;
     let mut duals = Vec::new();

@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod flood;
 pub mod inproc;
 pub mod masters;
+pub mod masters_campaign;
 pub mod process;
 pub mod proxy;
 pub mod rogue;
