@@ -397,7 +397,8 @@ fn floods(cluster: &Cluster) -> Vec<Flood> {
     ]
 }
 
-fn system_record(index: usize, n: u64) -> Value {
+/// Room `index`'s record with the campaign's counter at `n`.
+pub fn system_record(index: usize, n: u64) -> Value {
     let i = index + 1;
     json!({"id": format!("room-{i}"), "name": format!("Room {i}"), "edge": format!("site-{i}"),
            "modules": [format!("proj-{i}")], "settings": {"campaign": n}})
@@ -449,11 +450,7 @@ async fn keep_executing(
                 json!([round.is_multiple_of(3)]),
             )
             .await;
-        let outcome = match (status, body["executed_by"].as_str()) {
-            (200, Some(by)) => format!("ok, run by {}", by.split(':').next().unwrap_or(by)),
-            (0, _) => "no answer".to_string(),
-            (status, _) => format!("error {status}"),
-        };
+        let outcome = exec_outcome(status, &body);
         *observed.lock().unwrap().execs.entry(outcome).or_default() += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -473,22 +470,46 @@ async fn keep_sampling_epochs(
             }
             let mut observed = observed.lock().unwrap();
             observed.epoch_samples += 1;
-            for edge in edges.as_array().into_iter().flatten() {
-                let (Some(id), Some(epoch)) = (edge["id"].as_str(), edge["epoch"].as_u64()) else {
-                    continue;
-                };
-                let key = (observer.to_string(), id.to_string());
-                let highest = observed.epochs.entry(key).or_insert(epoch);
-                if epoch < *highest {
-                    let violation =
-                        format!("{observer} showed {id}'s epoch {epoch} after {highest}");
-                    observed.violations.push(violation);
-                } else {
-                    *highest = epoch;
-                }
-            }
+            let Observed {
+                epochs, violations, ..
+            } = &mut *observed;
+            note_epochs(epochs, violations, observer, &edges);
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+/// Takes `observer`'s `GET /api/v1/edges` answer into the highest epochs seen, adding a
+/// violation for any that fell.
+pub fn note_epochs(
+    epochs: &mut HashMap<(String, String), u64>,
+    violations: &mut Vec<String>,
+    observer: &str,
+    edges: &Value,
+) {
+    for edge in edges.as_array().into_iter().flatten() {
+        let (Some(id), Some(epoch)) = (edge["id"].as_str(), edge["epoch"].as_u64()) else {
+            continue;
+        };
+        let highest = epochs
+            .entry((observer.to_string(), id.to_string()))
+            .or_insert(epoch);
+        if epoch < *highest {
+            violations.push(format!(
+                "{observer} showed {id}'s epoch {epoch} after {highest}"
+            ));
+        } else {
+            *highest = epoch;
+        }
+    }
+}
+
+/// An exec's answer as the report counts it.
+pub fn exec_outcome(status: u16, body: &Value) -> String {
+    match (status, body["executed_by"].as_str()) {
+        (200, Some(by)) => format!("ok, run by {}", by.split(':').next().unwrap_or(by)),
+        (0, _) => "no answer".to_string(),
+        (status, _) => format!("error {status}"),
     }
 }
 

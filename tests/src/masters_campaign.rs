@@ -25,10 +25,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::api::ApiClient;
-use crate::campaign::{CampaignSpec, Dual, GRACE, dual_sessions};
+use crate::campaign::{
+    CampaignSpec, Dual, GRACE, dual_sessions, exec_outcome, note_epochs, system_record,
+};
 use crate::masters::{Masters, MastersSpec};
 use crate::sim::Sim;
 use crate::wait_for;
@@ -323,12 +325,6 @@ async fn inflict(cluster: &mut Masters, rng: &mut StdRng) -> Fault {
     }
 }
 
-fn system_record(index: usize, n: u64) -> Value {
-    let i = index + 1;
-    json!({"id": format!("room-{i}"), "name": format!("Room {i}"), "edge": format!("site-{i}"),
-           "modules": [format!("proj-{i}")], "settings": {"campaign": n}})
-}
-
 /// Writes each room's counter in turn, through each master in turn.
 async fn keep_writing(
     masters: Vec<ApiClient>,
@@ -380,11 +376,7 @@ async fn keep_executing(
                 json!([round.is_multiple_of(2)]),
             )
             .await;
-        let outcome = match (status, body["executed_by"].as_str()) {
-            (200, Some(by)) => format!("ok, run by {}", by.split(':').next().unwrap_or(by)),
-            (0, _) => "no answer".to_string(),
-            (status, _) => format!("error {status}"),
-        };
+        let outcome = exec_outcome(status, &body);
         *observed.lock().unwrap().execs.entry(outcome).or_default() += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -407,22 +399,10 @@ async fn keep_sampling_epochs(
                 _ => format!("site-{}", i - 2),
             };
             let mut observed = observed.lock().unwrap();
-            for edge in edges.as_array().into_iter().flatten() {
-                let (Some(id), Some(epoch)) = (edge["id"].as_str(), edge["epoch"].as_u64()) else {
-                    continue;
-                };
-                let highest = observed
-                    .epochs
-                    .entry((observer.clone(), id.to_string()))
-                    .or_insert(epoch);
-                if epoch < *highest {
-                    let violation =
-                        format!("{observer} showed {id}'s epoch {epoch} after {highest}");
-                    observed.violations.push(violation);
-                } else {
-                    *highest = epoch;
-                }
-            }
+            let Observed {
+                epochs, violations, ..
+            } = &mut *observed;
+            note_epochs(epochs, violations, &observer, &edges);
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
