@@ -890,7 +890,33 @@ impl Unit {
 
     /// Carries out the machine's actions in order. A grant the store did not take stops
     /// the batch there: the machine is told, and tries again later.
+    /// Carries out the machine's actions, then publishes the grant it holds.
     async fn carry_out(&mut self, actions: Vec<MasterAction>) -> Result<(), NotIssued> {
+        let done = self.carry_out_actions(actions).await;
+        self.settle();
+        done
+    }
+
+    /// Publishes the grant the machine holds when it moved without issuing one here (it
+    /// took in another master's grant, or confirmed one): the API, the proxy's hints and
+    /// the runtime's fence read the published one, which would otherwise stay at this
+    /// master's last own grant.
+    fn settle(&self) {
+        let state = self.machine.state();
+        let published = self
+            .shared
+            .states
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&self.edge)
+            .copied();
+        if published != Some(state) {
+            self.shared.runtime.set_grant(&self.edge, state);
+            self.shared.publish(&self.edge, state);
+        }
+    }
+
+    async fn carry_out_actions(&mut self, actions: Vec<MasterAction>) -> Result<(), NotIssued> {
         let edge = self.edge.clone();
         let edge = edge.as_str();
         for action in actions {

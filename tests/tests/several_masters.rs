@@ -254,6 +254,24 @@ async fn an_edge_killed_is_taken_over_by_exactly_one_master_and_a_cut_one_hands_
         Some(survivor),
         "the room stays where it runs"
     );
+    // The master holding the edge's link shows the grant the edge holds, whichever
+    // master issued it (it may have taken it in from the other).
+    let own = edge.edge("site-1").await.expect("the edge's view");
+    wait_for(
+        "the link's master showing the edge's grant",
+        Duration::from_secs(5),
+        || async {
+            for i in 0..cluster.masters.len() {
+                let seen = cluster.master_api(i).edge("site-1").await?;
+                if seen["online"] == true {
+                    return (seen["owner"] == own["owner"] && seen["epoch"] == own["epoch"])
+                        .then_some(());
+                }
+            }
+            None
+        },
+    )
+    .await;
     assert_eq!(refused(&projector), 0, "{:?}", projector.events());
 }
 
