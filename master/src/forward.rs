@@ -22,6 +22,8 @@ use crate::model::ModelService;
 pub const FORWARDED_BY: &str = "tether-forwarded-by";
 /// Request headers a forwarded call keeps (the rest are the connection's own).
 const KEPT: [&str; 4] = ["authorization", "content-type", "accept", "if-match"];
+/// The largest answer taken from another master (a method's result, a status).
+const ANSWER_LIMIT: usize = 16 << 20;
 /// A call takes at most this long on the other master (a method's own timeout is less).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -92,10 +94,20 @@ impl Forwarder {
                 request = request.header(name, value.clone());
             }
         }
-        let answer = request.body(body).send().await?;
+        let mut answer = request.body(body).send().await?;
         let status = answer.status();
         let headers = answer.headers().clone();
-        let bytes = answer.bytes().await?;
+        // Another master is a peer like any: its answer is read up to a bound.
+        let mut bytes = Vec::new();
+        while let Some(chunk) = answer.chunk().await? {
+            if bytes.len() + chunk.len() > ANSWER_LIMIT {
+                return Ok(ApiError::unavailable(format!(
+                    "the master holding the unit answered more than {ANSWER_LIMIT} bytes"
+                ))
+                .into_response());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         let mut response = (status, bytes).into_response();
         for (name, value) in &headers {
             if *name == reqwest::header::CONTENT_TYPE
