@@ -173,7 +173,7 @@ impl Master {
                     .collect(),
                     server_name: tls::server_name("localhost")?,
                     tls: tls.clone(),
-                    edge_id,
+                    edge_id: edge_id.into(),
                     secret: Secret::load(&certs.join(format!("secrets/swarm-{i}.secret")))?,
                     handshake_timeout: Duration::from_millis(5000),
                     reconnect: Duration::from_millis(3000),

@@ -38,7 +38,7 @@ struct EdgeState {
     model_id: u64,
     version: u64,
     owner: Option<ControlOwner>,
-    epoch: u64,
+    epoch: tether_common::control::Epoch,
 }
 
 /// The running swarm; dropping it closes every link.

@@ -7,6 +7,7 @@
 //!   multiplexing, heartbeats, reconnects.
 //! - [`pki`]: development certificates and secrets.
 //! - [`api`]: the HTTPS client API's shell and the handlers both servers serve.
+//! - [`identity`]: edge, master and epoch as types.
 //! - [`hostile`]: the parsers of untrusted bytes behind one call each, for fuzzing.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -16,6 +17,7 @@ pub mod api;
 pub mod code;
 pub mod control;
 pub mod hostile;
+pub mod identity;
 pub mod link;
 pub mod logging;
 pub mod metrics;

@@ -340,7 +340,7 @@ mod tests {
             edge: "site-1".into(),
             from: Owner::Edge,
             to: Owner::Master,
-            epoch: 3,
+            epoch: crate::identity::Epoch(3),
             reason: "failover".into(),
             code: None,
         });

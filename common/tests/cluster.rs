@@ -21,8 +21,8 @@ use std::collections::{BTreeSet, VecDeque};
 use proptest::prelude::*;
 use tether_common::control::placement::rendezvous_pick;
 use tether_common::control::{
-    ControlState, EdgeAction, EdgeEvent, EdgeReport, EdgeSettings, EdgeSide, EdgeTiming, Held,
-    Lease, MasterAction, MasterEvent, MasterSide, Mono, Now, Owner, PeerView,
+    ControlState, EdgeAction, EdgeEvent, EdgeId, EdgeReport, EdgeSettings, EdgeSide, EdgeTiming,
+    Epoch, Held, Lease, MasterAction, MasterEvent, MasterSide, Mono, Now, Owner, PeerView, UnitId,
 };
 
 const RECONNECT_MS: u64 = 3000;
@@ -56,7 +56,7 @@ fn edge_name(e: usize) -> String {
 
 #[derive(Debug, Clone)]
 enum ToEdge {
-    Decision { owner: Owner, epoch: u64 },
+    Decision { owner: Owner, epoch: Epoch },
     Ready,
 }
 
@@ -113,7 +113,7 @@ struct Store {
     /// Per master: when etcd expires its lease.
     expiry: Vec<Option<u64>>,
     /// Per edge: every epoch issued.
-    issued: Vec<BTreeSet<u64>>,
+    issued: Vec<BTreeSet<Epoch>>,
 }
 
 struct MasterProc {
@@ -389,7 +389,7 @@ impl World {
             .map(|e| {
                 let (grant, holder) = self.store.grants[e];
                 MasterSide::in_cluster(
-                    &edge_name(e),
+                    UnitId::new(edge_name(e)),
                     self.settings(),
                     (grant, holder == Some(m)),
                     self.clock(),
@@ -423,7 +423,7 @@ impl World {
         }
         self.edges[e] = Some(EdgeProc {
             machine: EdgeSide::new(
-                &edge_name(e),
+                EdgeId::new(edge_name(e)),
                 self.edge_store[e],
                 timing(self.setup.masters),
             ),
@@ -664,7 +664,7 @@ impl World {
                     if state.epoch < self.edge_store[e].epoch {
                         self.fail(format!("{} epoch went back to {state:?}", edge_name(e)));
                     }
-                    if state.epoch != 0 && !self.store.issued[e].contains(&state.epoch) {
+                    if state.epoch != Epoch::ZERO && !self.store.issued[e].contains(&state.epoch) {
                         self.fail(format!(
                             "{} holds epoch {} no master issued",
                             edge_name(e),
@@ -1237,7 +1237,12 @@ fn machine_on_lease() -> (MasterSide, Now) {
         timeout_ms: 5_000,
         window: None,
     };
-    let mut m = MasterSide::in_cluster("e", settings, (ControlState::default(), true), now);
+    let mut m = MasterSide::in_cluster(
+        UnitId::new("e"),
+        settings,
+        (ControlState::default(), true),
+        now,
+    );
     m.handle(
         now,
         MasterEvent::Lease(Lease::Until(Mono(START_MS + 3_600_000))),
@@ -1250,7 +1255,7 @@ fn decisions(actions: &[MasterAction]) -> Vec<(Owner, u64)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            MasterAction::SendDecision { owner, epoch, .. } => Some((*owner, *epoch)),
+            MasterAction::SendDecision { owner, epoch, .. } => Some((*owner, epoch.get())),
             _ => None,
         })
         .collect()
@@ -1273,7 +1278,7 @@ fn a_grant_over_another_masters_reaches_the_edge_only_on_a_view_that_new() {
     // view has not shown it, nor that master's claim).
     let theirs = ControlState {
         owner: Owner::Master,
-        epoch: 1,
+        epoch: Epoch(1),
     };
     m.issue_failed(
         now,
@@ -1288,7 +1293,7 @@ fn a_grant_over_another_masters_reaches_the_edge_only_on_a_view_that_new() {
     };
     let actions = m.poll(later);
     assert!(
-        actions.iter().any(|a| matches!(a, MasterAction::Issue { grant, .. } if grant.owner == Owner::Edge && grant.epoch == 2)),
+        actions.iter().any(|a| matches!(a, MasterAction::Issue { grant, .. } if grant.owner == Owner::Edge && grant.epoch == Epoch(2))),
         "{actions:?}"
     );
     assert!(
@@ -1323,7 +1328,7 @@ fn a_grant_over_another_masters_reaches_the_edge_only_on_a_view_that_new() {
     );
     let granted = ControlState {
         owner: Owner::Edge,
-        epoch: 2,
+        epoch: Epoch(2),
     };
     let actions = m.handle(
         later,
@@ -1356,7 +1361,7 @@ fn a_new_grant_to_the_edge_is_word_from_it_and_restarts_the_failover_timeout() {
     // 4 s into the 5 s timeout, another master hands the edge a new grant.
     let handed = ControlState {
         owner: Owner::Edge,
-        epoch: 1,
+        epoch: Epoch(1),
     };
     m.handle(
         at(4_000),
@@ -1402,7 +1407,7 @@ fn rules_decided_again_judge_the_edge_as_it_stands_since_the_last_decision() {
     // the edge runs its modules since the decision, so rule 1 keeps them there.
     let theirs = ControlState {
         owner: Owner::Master,
-        epoch: 1,
+        epoch: Epoch(1),
     };
     let mut actions = m.handle(
         now,
@@ -1431,7 +1436,7 @@ fn rules_decided_again_judge_the_edge_as_it_stands_since_the_last_decision() {
         issued,
         [ControlState {
             owner: Owner::Edge,
-            epoch: 2
+            epoch: Epoch(2)
         }],
         "rule 1, not rule 4: {actions:?}"
     );

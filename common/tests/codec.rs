@@ -9,6 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use proptest::prelude::*;
+use tether_common::identity::Epoch;
 use tether_common::protocol::*;
 
 struct Counting;
@@ -139,10 +140,10 @@ fn audit() -> impl Strategy<Value = AuditRecord> {
         .prop_map(
             |(time_ms, edge, from, to, epoch, reason, code)| AuditRecord {
                 time_ms,
-                edge,
+                edge: edge.into(),
                 from,
                 to,
-                epoch,
+                epoch: Epoch(epoch),
                 reason,
                 code,
             },
@@ -154,7 +155,7 @@ fn request() -> impl Strategy<Value = Request> {
         (owner(), any::<u64>(), text()).prop_map(|(owner, epoch, reason)| {
             Request::ControlDecision {
                 owner,
-                epoch,
+                epoch: Epoch(epoch),
                 reason,
             }
         }),
@@ -170,7 +171,7 @@ fn request() -> impl Strategy<Value = Request> {
                 module,
                 method,
                 args,
-                epoch,
+                epoch: epoch.map(Epoch),
                 holder,
             }),
         module().prop_map(|module| Request::StatusRequest { module }),
@@ -209,7 +210,7 @@ fn request() -> impl Strategy<Value = Request> {
         (owner(), any::<u64>(), any::<bool>()).prop_map(|(owner, epoch, controlling)| {
             Request::ControlReport {
                 owner,
-                epoch,
+                epoch: Epoch(epoch),
                 controlling,
             }
         }),
@@ -260,7 +261,9 @@ fn remote_error() -> impl Strategy<Value = RemoteError> {
 fn response() -> impl Strategy<Value = Response> {
     prop_oneof![
         Just(Response::Ack),
-        any::<u64>().prop_map(|epoch| Response::ControlAck { epoch }),
+        any::<u64>().prop_map(|epoch| Response::ControlAck {
+            epoch: Epoch(epoch)
+        }),
         (json(), text()).prop_map(|(value, executed_by)| Response::Value { value, executed_by }),
         proptest::collection::vec((text(), json()), 0..4)
             .prop_map(|entries| Response::Status { entries }),
@@ -318,7 +321,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 module_id,
                 key,
                 value,
-                epoch,
+                epoch: Epoch(epoch),
             })
         }),
         (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_us)| Envelope::Ping { seq, sent_us }),

@@ -23,8 +23,8 @@ use std::collections::{BTreeSet, VecDeque};
 use proptest::prelude::*;
 use tether_common::control::master::ISSUE_RETRY_MS;
 use tether_common::control::{
-    ControlState, EdgeAction, EdgeEvent, EdgeReport, EdgeSettings, EdgeSide, EdgeTiming,
-    MasterAction, MasterEvent, MasterSide, Mono, Now, Owner, Window,
+    ControlState, EdgeAction, EdgeEvent, EdgeId, EdgeReport, EdgeSettings, EdgeSide, EdgeTiming,
+    Epoch, MasterAction, MasterEvent, MasterSide, Mono, Now, Owner, UnitId, Window,
 };
 use tether_common::model::RestoreWindow;
 
@@ -49,7 +49,7 @@ fn timing() -> EdgeTiming {
 
 #[derive(Debug, Clone)]
 enum ToEdge {
-    Decision { owner: Owner, epoch: u64 },
+    Decision { owner: Owner, epoch: Epoch },
     Ready,
 }
 
@@ -111,7 +111,7 @@ struct World {
     master_store_fails_until: u64,
     edge_store_fails_until: u64,
     /// Every epoch the master's store took.
-    issued: BTreeSet<u64>,
+    issued: BTreeSet<Epoch>,
     master: Option<MasterProc>,
     master_store: ControlState,
     edge: Option<EdgeProc>,
@@ -208,7 +208,12 @@ impl World {
         if self.master.is_some() {
             return;
         }
-        let machine = MasterSide::new("e", self.settings(), self.master_store, self.clock());
+        let machine = MasterSide::new(
+            UnitId::new("e"),
+            self.settings(),
+            self.master_store,
+            self.clock(),
+        );
         self.master = Some(MasterProc {
             machine,
             boot_at: self.now + BOOT_WAIT_MS,
@@ -223,7 +228,7 @@ impl World {
             return;
         }
         self.edge = Some(EdgeProc {
-            machine: EdgeSide::new("e", self.edge_store, timing()),
+            machine: EdgeSide::new(EdgeId::new("e"), self.edge_store, timing()),
             next_attempt: self.now,
         });
         self.edge_lost_at = self.now;
@@ -396,7 +401,7 @@ impl World {
                     if state.epoch < self.edge_store.epoch {
                         self.fail(format!("edge epoch went back to {state:?}"));
                     }
-                    if state.epoch != 0 && !self.issued.contains(&state.epoch) {
+                    if state.epoch != Epoch::ZERO && !self.issued.contains(&state.epoch) {
                         self.fail(format!(
                             "the edge holds epoch {} no master issued",
                             state.epoch
@@ -751,7 +756,7 @@ fn an_edge_that_dies_is_taken_over_after_its_timeout() {
     w.advance(200);
     assert!(w.master_running);
     assert_eq!(w.master_store.owner, Owner::Master);
-    assert_eq!(w.master_store.epoch, 1);
+    assert_eq!(w.master_store.epoch, Epoch(1));
 }
 
 #[test]
@@ -780,7 +785,7 @@ fn a_restarted_edge_stays_stopped_until_a_restore() {
     assert_eq!(w.edge_store.owner, Owner::Edge);
     // 1: the takeover (the reconnected edge is told of it: no new grant, it had seen
     // none later); 2: the restore.
-    assert_eq!(w.edge_store.epoch, 2);
+    assert_eq!(w.edge_store.epoch, Epoch(2));
 }
 
 #[test]
@@ -906,7 +911,7 @@ fn a_grant_the_store_refuses_is_not_acted_on_and_is_tried_again() {
         w.master_store,
         ControlState {
             owner: Owner::Master,
-            epoch: 1
+            epoch: Epoch(1)
         }
     );
 
@@ -929,10 +934,10 @@ fn a_grant_the_store_refuses_is_not_acted_on_and_is_tried_again() {
 #[test]
 fn the_edge_claims_under_the_last_granted_epoch_and_refuses_it_from_another_holder() {
     let mut edge = EdgeSide::new(
-        "e",
+        EdgeId::new("e"),
         ControlState {
             owner: Owner::Master,
-            epoch: 5,
+            epoch: Epoch(5),
         },
         timing(),
     );
@@ -945,7 +950,7 @@ fn the_edge_claims_under_the_last_granted_epoch_and_refuses_it_from_another_hold
     let actions = edge.handle(at(3_010), EdgeEvent::AttemptFailed);
     let claim = ControlState {
         owner: Owner::Edge,
-        epoch: 5,
+        epoch: Epoch(5),
     };
     assert_eq!(
         actions[0],
@@ -956,19 +961,27 @@ fn the_edge_claims_under_the_last_granted_epoch_and_refuses_it_from_another_hold
     // The master's grant of that epoch, delivered late, is refused: the same epoch with
     // another holder.
     let stale = edge
-        .decide(at(3_100), Owner::Master, 5, "late")
+        .decide(at(3_100), Owner::Master, Epoch(5), "late")
         .unwrap_err();
-    assert_eq!((stale.got, stale.seen), (5, 5));
+    assert_eq!((stale.got, stale.seen), (Epoch(5), Epoch(5)));
     assert!(edge.is_active() && edge.state() == claim);
     // An older one too; the claim confirmed, or a newer grant, are taken.
-    assert!(edge.decide(at(3_200), Owner::Master, 4, "older").is_err());
-    assert!(edge.decide(at(3_300), Owner::Edge, 5, "confirmed").is_ok());
-    let actions = edge.decide(at(3_400), Owner::Master, 6, "newer").unwrap();
+    assert!(
+        edge.decide(at(3_200), Owner::Master, Epoch(4), "older")
+            .is_err()
+    );
+    assert!(
+        edge.decide(at(3_300), Owner::Edge, Epoch(5), "confirmed")
+            .is_ok()
+    );
+    let actions = edge
+        .decide(at(3_400), Owner::Master, Epoch(6), "newer")
+        .unwrap();
     assert_eq!(
         actions[0],
         EdgeAction::Persist(ControlState {
             owner: Owner::Master,
-            epoch: 6
+            epoch: Epoch(6)
         }),
         "stored before the stop"
     );
@@ -984,10 +997,10 @@ fn the_edge_takes_over_by_its_stated_deadline_even_when_the_last_attempt_hangs()
         "three missed heartbeats, noticed within one more, the wait, the attempt's deadline"
     );
     let mut edge = EdgeSide::new(
-        "e",
+        EdgeId::new("e"),
         ControlState {
             owner: Owner::Master,
-            epoch: 1,
+            epoch: Epoch(1),
         },
         t,
     );
@@ -1003,7 +1016,7 @@ fn the_edge_takes_over_by_its_stated_deadline_even_when_the_last_attempt_hangs()
     assert!(edge.poll(at(deadline - 1)).is_empty());
     assert!(!edge.is_active());
     let actions = edge.poll(at(deadline));
-    assert!(actions.contains(&EdgeAction::StartModules { epoch: 1 }));
+    assert!(actions.contains(&EdgeAction::StartModules { epoch: Epoch(1) }));
     assert!(edge.is_active());
 }
 

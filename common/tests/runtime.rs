@@ -353,7 +353,7 @@ async fn a_module_whose_code_has_not_arrived_says_it_waits() {
 
 #[tokio::test]
 async fn the_fence_refuses_an_older_epoch_and_the_same_epoch_from_another_holder() {
-    use tether_common::control::{Claim, ControlState, Owner};
+    use tether_common::control::{Claim, ControlState, Epoch, Owner};
     let mut model = (*model(9, "{}", 1)).clone();
     model
         .set_json(EntityKind::Edge, "site-1", Some(r#"{"id":"site-1"}"#))
@@ -367,12 +367,12 @@ async fn the_fence_refuses_an_older_epoch_and_the_same_epoch_from_another_holder
     runtime.reconcile(Arc::new(model), |_| false).await;
     let held = ControlState {
         owner: Owner::Edge,
-        epoch: 5,
+        epoch: Epoch(5),
     };
     runtime.set_grant("site-1", held);
     let at = ModuleRef::new("s", "Dev", 1);
     let claim = |epoch, holder| Claim {
-        epoch: Some(epoch),
+        epoch: Some(Epoch(epoch)),
         holder,
     };
     assert_eq!(runtime.fence(&at, Claim::default()).unwrap(), Some(held));

@@ -22,7 +22,7 @@ use crate::replica::Replica;
 pub struct EdgeOverview {
     pub control: EdgeControl,
     pub replica: Arc<Replica>,
-    pub edge_id: String,
+    pub edge_id: tether_common::identity::EdgeId,
 }
 
 /// The routes, over this edge's control and replica.
@@ -59,7 +59,7 @@ impl EdgeOverview {
         let (model, _) = state.replica.snapshot();
         let mut edge = model
             .edges
-            .get(&state.edge_id)
+            .get(state.edge_id.as_str())
             .and_then(|record| serde_json::to_value(record).ok())
             .unwrap_or_else(|| json!({ "id": state.edge_id }));
         if let Value::Object(map) = &mut edge {

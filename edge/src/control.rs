@@ -17,8 +17,8 @@ use serde_json::Value;
 use tether_common::api::audit_entry_json;
 use tether_common::control::clock::wall_now_ms;
 use tether_common::control::{
-    ControlState, EdgeAction, EdgeEvent, EdgeSide, EdgeTiming, Now, Owner, StaleDecision,
-    owner_name,
+    ControlState, EdgeAction, EdgeEvent, EdgeId, EdgeSide, EdgeTiming, Epoch, Now, Owner,
+    StaleDecision, owner_name,
 };
 use tether_common::link::{Link, LinkError};
 use tether_common::protocol::{AuditRecord, ErrorCode, Json, Notice, Request};
@@ -66,9 +66,9 @@ enum Command {
     Link(EdgeEvent, Option<Link>),
     Decision {
         owner: Owner,
-        epoch: u64,
+        epoch: Epoch,
         reason: String,
-        reply: oneshot::Sender<Result<u64, DecisionRefused>>,
+        reply: oneshot::Sender<Result<Epoch, DecisionRefused>>,
     },
     ReplicaChanged,
 }
@@ -103,8 +103,9 @@ impl EdgeControl {
             ..ControlView::default()
         }));
         let (commands, receiver) = mpsc::unbounded_channel();
+        let edge_id = EdgeId::new(edge_id);
         let task = Task {
-            edge_id: edge_id.to_string(),
+            edge_id: edge_id.clone(),
             machine: EdgeSide::new(edge_id, persisted, timing),
             replica: replica.clone(),
             runtime,
@@ -134,9 +135,9 @@ impl EdgeControl {
     pub async fn decide(
         &self,
         owner: Owner,
-        epoch: u64,
+        epoch: Epoch,
         reason: String,
-    ) -> Result<u64, DecisionRefused> {
+    ) -> Result<Epoch, DecisionRefused> {
         let (reply, answer) = oneshot::channel();
         let _ = self.commands.send(Command::Decision {
             owner,
@@ -171,7 +172,7 @@ async fn follow_replica(replica: Arc<Replica>, control: EdgeControl) {
 }
 
 struct Task {
-    edge_id: String,
+    edge_id: EdgeId,
     machine: EdgeSide,
     replica: Arc<Replica>,
     runtime: Runtime,
@@ -231,7 +232,7 @@ impl Task {
                         Ok(actions) => {
                             tracing::info!(
                                 owner = owner_name(owner),
-                                epoch,
+                                epoch = %epoch,
                                 "control decision: {reason}"
                             );
                             self.carry_out(actions)
@@ -284,7 +285,7 @@ impl Task {
                     r.audit(
                         &model,
                         &code,
-                        (&self.edge_id, state.owner, state.epoch),
+                        (self.edge_id.clone().into(), state.owner, state.epoch),
                         wall_now_ms(),
                     )
                 })
@@ -325,7 +326,7 @@ impl Task {
                     return Err(why);
                 }
                 EdgeAction::StartModules { epoch } => {
-                    tracing::info!(epoch, "this edge runs its modules");
+                    tracing::info!(%epoch, "this edge runs its modules");
                     self.publish();
                     self.reconcile().await;
                 }
@@ -352,7 +353,7 @@ impl Task {
                     tracing::warn!(
                         from = owner_name(record.from),
                         to = owner_name(record.to),
-                        epoch = record.epoch,
+                        epoch = %record.epoch,
                         "change of owner: {}",
                         record.reason
                     );
@@ -475,7 +476,7 @@ async fn send_status(
     module_id: &str,
     key: String,
     value: &Value,
-    epoch: u64,
+    epoch: Epoch,
 ) -> Result<(), ()> {
     let notice = Notice::StatusChanged {
         module_id: module_id.to_string(),

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::control::EdgeControl;
 use crate::proxy::EdgeLinks;
 use crate::replica::Replica;
-use tether_common::control::{EdgeEvent, EdgeTiming};
+use tether_common::control::{EdgeEvent, EdgeId, EdgeTiming};
 use tether_common::proxy::LinkRemote;
 use tether_common::shutdown::StopOn;
 
@@ -65,7 +65,7 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
         .collect(),
         server_name: tls::server_name(&config.master_name)?,
         tls: tls::client_config(&config.tls.ca, Some((&config.tls.cert, &config.tls.key)))?,
-        edge_id: config.edge_id.clone(),
+        edge_id: EdgeId::new(config.edge_id.clone()),
         secret,
         handshake_timeout: Duration::from_millis(timing.handshake_timeout_ms),
         reconnect: Duration::from_millis(timing.reconnect_ms),
@@ -112,7 +112,7 @@ async fn serve(
         booted: false.into(),
     });
     let runtime = Runtime::new(
-        Executor::Edge(config.edge_id.clone()),
+        Executor::Edge(EdgeId::new(config.edge_id.clone())),
         ScriptLimits::default(),
     );
     // Round trips to the master, in the metrics under this edge's id.
@@ -138,7 +138,7 @@ async fn serve(
     let overview = crate::api::EdgeOverview {
         control: control.clone(),
         replica: replica.clone(),
-        edge_id: config.edge_id.clone(),
+        edge_id: EdgeId::new(config.edge_id.clone()),
     };
     let live = Live::new(runtime.clone(), Arc::new(overview.clone()));
     let api_limits = ApiLimits::from_config(&config.limits);

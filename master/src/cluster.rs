@@ -70,8 +70,8 @@ mod joined {
     use std::time::Duration;
 
     use anyhow::Context;
-    use tether_common::control::Lease;
     use tether_common::control::lease::begin_stopping;
+    use tether_common::control::{Lease, MasterId};
     use tether_common::store::etcd::{
         Etcd, EtcdAudit, EtcdCode, EtcdControl, EtcdModel, Mirror, Presence, follow,
     };
@@ -159,14 +159,15 @@ mod joined {
             cluster,
         } = connected;
         let cluster = &cluster;
-        let audit = Arc::new(EtcdAudit::new(etcd.clone(), &cluster.master_id));
+        let me = MasterId::new(cluster.master_id.as_str());
+        let audit = Arc::new(EtcdAudit::new(etcd.clone(), &me));
         let code = Arc::new(EtcdCode::new(etcd.clone()));
         tokio::spawn(share_audit(store, audit.clone()));
         let info = serde_json::json!({
             "api_url": config.public_api_url(),
             "link": config.link_listen.to_string(),
         });
-        let presence = Presence::join(&presence_etcd, &cluster.master_id, &info, cluster.lease_ms)
+        let presence = Presence::join(&presence_etcd, &me, &info, cluster.lease_ms)
             .await
             .context("cannot join the cluster")?;
         // Once present (a process refused for a live master's id writes nothing), and
@@ -181,15 +182,11 @@ mod joined {
             .map_err(|err| etcd.error("cannot share this master's admin token", err))
             .context("cannot join the cluster")?;
         tracing::info!(master = %cluster.master_id, endpoints = %cluster.etcd.join(", "), "joined the cluster");
-        let control = Arc::new(EtcdControl::new(
-            etcd.clone(),
-            &cluster.master_id,
-            Some(presence.lease()),
-        ));
+        let control = Arc::new(EtcdControl::new(etcd.clone(), &me, Some(presence.lease())));
         let mirror = follow(presence_etcd.clone());
         // Nothing may run before the feed has published the lease.
         let (publish, inputs) = watch::channel(Arc::new(ClusterInputs {
-            me: cluster.master_id.clone(),
+            me: me.clone(),
             lease: Lease::Lost,
             ..ClusterInputs::default()
         }));
@@ -289,7 +286,7 @@ mod joined {
         mut mirror: watch::Receiver<Arc<Mirror>>,
         publish: watch::Sender<Arc<ClusterInputs>>,
     ) {
-        let me = joined.cluster.master_id.clone();
+        let me = MasterId::new(joined.cluster.master_id.as_str());
         let mut held = presence.held_until();
         loop {
             let lease = match *held.borrow_and_update() {
@@ -321,7 +318,7 @@ mod joined {
             tracing::warn!("the presence lease is gone: joining the cluster again");
             match Presence::join(
                 &joined.etcd,
-                &joined.cluster.master_id,
+                &MasterId::new(joined.cluster.master_id.as_str()),
                 &joined.info,
                 joined.cluster.lease_ms,
             )
@@ -339,9 +336,9 @@ mod joined {
         }
     }
 
-    fn inputs(me: &str, lease: Lease, mirror: &Mirror) -> ClusterInputs {
+    fn inputs(me: &MasterId, lease: Lease, mirror: &Mirror) -> ClusterInputs {
         ClusterInputs {
-            me: me.to_string(),
+            me: me.clone(),
             lease,
             live: mirror.masters(),
             links: mirror.links(),

@@ -23,8 +23,8 @@ use tether_common::api::audit_entry_json;
 use tether_common::control::clock::wall_now_ms;
 use tether_common::control::placement::rendezvous_pick;
 use tether_common::control::{
-    AuditRecord, ControlState, EdgeSettings, Lease, MasterAction, MasterEvent, MasterSide, Mono,
-    Now, Owner, PeerView, RestoreRefused, Window, owner_name,
+    AuditRecord, ControlState, EdgeId, EdgeSettings, Epoch, Lease, MasterAction, MasterEvent,
+    MasterId, MasterSide, Mono, Now, Owner, PeerView, RestoreRefused, UnitId, Window, owner_name,
 };
 use tether_common::link::LinkError;
 use tether_common::model::{EdgeRecord, Model, Standby};
@@ -77,62 +77,61 @@ pub enum RestoreError {
 #[derive(Debug, Clone, Default)]
 pub struct ClusterInputs {
     /// This master's id.
-    pub me: String,
+    pub me: MasterId,
     /// Until when this master may run units.
     pub lease: Lease,
     /// The masters present.
-    pub live: Vec<String>,
+    pub live: Vec<MasterId>,
     /// Edge to the master holding its link.
-    pub links: BTreeMap<String, String>,
+    pub links: BTreeMap<EdgeId, MasterId>,
     /// Edge to when its link key last went.
-    pub link_ended: BTreeMap<String, Mono>,
+    pub link_ended: BTreeMap<EdgeId, Mono>,
     /// Unit to the master claiming to run it.
-    pub runners: BTreeMap<String, String>,
+    pub runners: BTreeMap<UnitId, MasterId>,
     /// Unit to its stored grant and, for a master's grant, the master it names.
-    pub grants: BTreeMap<String, (ControlState, Option<String>)>,
+    pub grants: BTreeMap<UnitId, (ControlState, Option<MasterId>)>,
     /// What each present master said of itself (its API and link addresses).
-    pub info: BTreeMap<String, serde_json::Value>,
+    pub info: BTreeMap<MasterId, serde_json::Value>,
     /// The hashes of every master's admin token.
     pub admins: Vec<String>,
 }
 
 impl ClusterInputs {
     /// What this master knows of the others, for `unit`.
-    pub fn peers(&self, unit: &str) -> PeerView {
-        let other = |master: Option<&String>| master.is_some_and(|m| *m != self.me);
+    pub fn peers(&self, unit: &UnitId) -> PeerView {
+        let other = |master: Option<&MasterId>| master.is_some_and(|m| *m != self.me);
         PeerView {
             fails_over: rendezvous_pick(unit, &self.live) == Some(&self.me),
-            linked_elsewhere: other(self.links.get(unit)),
-            link_ended: self.link_ended.get(unit).copied(),
+            linked_elsewhere: other(self.links.get(unit.as_str())),
+            link_ended: self.link_ended.get(unit.as_str()).copied(),
             running_elsewhere: other(self.runners.get(unit)),
         }
     }
 
     /// `unit`'s stored grant as this master sees it.
-    pub fn held(&self, unit: &str) -> Option<Held> {
+    pub fn held(&self, unit: &UnitId) -> Option<Held> {
         self.grants.get(unit).map(|(grant, master)| Held {
             grant: *grant,
-            here: master.as_deref() == Some(self.me.as_str()),
+            here: master.as_ref() == Some(&self.me),
         })
     }
 
     /// Whether this master's claim of `unit` stands.
-    pub fn claimed_here(&self, unit: &str) -> bool {
+    pub fn claimed_here(&self, unit: &UnitId) -> bool {
         self.runners.get(unit) == Some(&self.me)
     }
 
     /// The master that should serve a client's call for `unit`, when not this one: the
     /// one holding the edge's link (it reaches the edge, or runs the unit itself), else
     /// the one running the unit. `None`: this master holds it, or nobody does.
-    pub fn serving_master(&self, unit: &str) -> Option<&str> {
-        let here = |master: Option<&String>| master == Some(&self.me);
-        if here(self.links.get(unit)) || here(self.runners.get(unit)) {
+    pub fn serving_master(&self, unit: &UnitId) -> Option<&MasterId> {
+        let linked = self.links.get(unit.as_str());
+        let running = self.runners.get(unit);
+        let here = |master: Option<&MasterId>| master == Some(&self.me);
+        if here(linked) || here(running) {
             return None;
         }
-        self.links
-            .get(unit)
-            .or_else(|| self.runners.get(unit))
-            .map(String::as_str)
+        linked.or(running)
     }
 }
 
@@ -146,16 +145,18 @@ mod tests {
             me: "m1".into(),
             ..ClusterInputs::default()
         };
-        assert_eq!(inputs.serving_master("e1"), None, "nobody holds it");
-        inputs.runners.insert("e1".into(), "m3".into());
-        assert_eq!(inputs.serving_master("e1"), Some("m3"));
+        let unit = UnitId::new("e1");
+        let serving = |inputs: &ClusterInputs| inputs.serving_master(&unit).cloned();
+        assert_eq!(serving(&inputs), None, "nobody holds it");
+        inputs.runners.insert(unit.clone(), "m3".into());
+        assert_eq!(serving(&inputs), Some("m3".into()));
         inputs.links.insert("e1".into(), "m2".into());
-        assert_eq!(inputs.serving_master("e1"), Some("m2"), "the link first");
-        inputs.runners.insert("e1".into(), "m1".into());
-        assert_eq!(inputs.serving_master("e1"), None, "run here");
+        assert_eq!(serving(&inputs), Some("m2".into()), "the link first");
+        inputs.runners.insert(unit.clone(), "m1".into());
+        assert_eq!(serving(&inputs), None, "run here");
         inputs.runners.clear();
         inputs.links.insert("e1".into(), "m1".into());
-        assert_eq!(inputs.serving_master("e1"), None, "linked here");
+        assert_eq!(serving(&inputs), None, "linked here");
     }
 }
 
@@ -203,7 +204,7 @@ struct Shared {
     /// Edge locations whose modules the master runs now.
     running: Mutex<HashSet<String>>,
     /// The grants stored last, for a unit whose task is made (again) later.
-    persisted: Mutex<BTreeMap<String, Held>>,
+    persisted: Mutex<BTreeMap<UnitId, Held>>,
     /// The cluster this master belongs to, if any.
     cluster: Option<ClusterHooks>,
     states: Arc<RwLock<HashMap<String, ControlState>>>,
@@ -213,7 +214,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct Control {
     coordinator: mpsc::UnboundedSender<Coordination>,
-    units: Arc<RwLock<HashMap<String, mpsc::Sender<UnitCommand>>>>,
+    units: Arc<RwLock<HashMap<UnitId, mpsc::Sender<UnitCommand>>>>,
     shared: Arc<Shared>,
     /// The model the unit tasks follow.
     model: Arc<watch::Sender<Arc<Model>>>,
@@ -284,15 +285,16 @@ impl Control {
                 Some(_) => model.local_units(),
                 None => Default::default(),
             };
-            units.retain(|id, _| model.edges.contains_key(id) || local.contains(id));
+            units.retain(|id, _| model.edges.contains_key(id.as_str()) || local.contains(id));
             for (id, record) in &model.edges {
-                if !units.contains_key(id) {
-                    units.insert(id.clone(), self.start_unit(id, settings(record)));
+                if !units.contains_key(id.as_str()) {
+                    let unit = UnitId::from(EdgeId::new(id.as_str()));
+                    units.insert(unit.clone(), self.start_unit(unit, settings(record)));
                 }
             }
             for id in &local {
                 if !units.contains_key(id) {
-                    units.insert(id.clone(), self.start_unit(id, LOCAL_UNIT));
+                    units.insert(id.clone(), self.start_unit(id.clone(), LOCAL_UNIT));
                 }
             }
         }
@@ -301,7 +303,7 @@ impl Control {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
-            .cloned()
+            .map(|unit| unit.to_string())
             .collect();
         self.shared
             .running
@@ -316,13 +318,13 @@ impl Control {
     }
 
     /// Makes an edge location's unit: its machine from the grant stored last, its task.
-    fn start_unit(&self, id: &str, settings: EdgeSettings) -> mpsc::Sender<UnitCommand> {
+    fn start_unit(&self, id: UnitId, settings: EdgeSettings) -> mpsc::Sender<UnitCommand> {
         let persisted = self
             .shared
             .persisted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(id)
+            .get(&id)
             .copied()
             .unwrap_or(Held {
                 grant: ControlState::default(),
@@ -333,15 +335,17 @@ impl Control {
         // inputs say so; a master alone needs none.
         let machine = match self.shared.cluster {
             Some(_) => MasterSide::in_cluster(
-                id,
+                id.clone(),
                 settings,
                 (persisted.grant, persisted.here),
                 Now::system(),
             ),
-            None => MasterSide::new(id, settings, persisted.grant, Now::system()),
+            None => MasterSide::new(id.clone(), settings, persisted.grant, Now::system()),
         };
+        self.shared.runtime.set_grant(&id, persisted.grant);
+        self.shared.publish(&id, persisted.grant);
         let unit = Unit {
-            edge: id.to_string(),
+            unit: id,
             machine,
             shared: self.shared.clone(),
             me: commands.downgrade(),
@@ -350,8 +354,6 @@ impl Control {
             told: Told::default(),
             relinked: None,
         };
-        self.shared.runtime.set_grant(id, persisted.grant);
-        self.shared.publish(id, persisted.grant);
         tokio::spawn(unit.run(receiver, self.booted.subscribe()));
         commands
     }
@@ -381,7 +383,7 @@ impl Control {
     /// that controls, under the current epoch, and kept only for modules the runtime keeps
     /// warm (standby = "warm"). Handled here, not by the unit's task, so that a chatty
     /// edge cannot fill its queue.
-    pub fn status(&self, edge: &str, module_id: &str, key: &str, value: Value, epoch: u64) {
+    pub fn status(&self, edge: &str, module_id: &str, key: &str, value: Value, epoch: Epoch) {
         let current = self.state(edge);
         if current.is_some_and(|s| s.owner == Owner::Edge && epoch >= s.epoch) {
             self.runtime.standby_status(module_id, key, value);
@@ -479,7 +481,7 @@ impl Control {
                         edge = %event.edge,
                         from = owner_name(event.from),
                         to = owner_name(event.to),
-                        epoch = event.epoch,
+                        epoch = %event.epoch,
                         "the edge reports a change of owner: {reason}"
                     ),
                 }
@@ -496,7 +498,7 @@ impl Control {
         let state = self.state(edge).unwrap_or_default();
         let record = AuditRecord {
             time_ms: now_ms(),
-            edge: edge.to_string(),
+            edge: UnitId::new(edge),
             from: state.owner,
             to: state.owner,
             epoch: state.epoch,
@@ -520,7 +522,10 @@ impl Control {
         let records = tokio::task::spawn_blocking(move || store.audit_after(0)).await??;
         Ok(records
             .iter()
-            .filter(|entry| edge.as_ref().is_none_or(|e| &entry.record.edge == e))
+            .filter(|entry| {
+                edge.as_ref()
+                    .is_none_or(|e| entry.record.edge.as_str() == e)
+            })
             .map(audit_entry_json)
             .collect())
     }
@@ -565,13 +570,13 @@ impl Shared {
             .insert(edge.to_string(), state);
     }
 
-    fn published_epoch(&self, edge: &str) -> u64 {
+    fn published_epoch(&self, edge: &str) -> Epoch {
         self.states
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(edge)
             .map(|s| s.epoch)
-            .unwrap_or(0)
+            .unwrap_or_default()
     }
 
     /// Runs the modules of no edge and of the edges the master controls, and keeps the
@@ -620,7 +625,7 @@ impl Shared {
                     !running(&edge)
                         && model
                             .edges
-                            .get(&edge)
+                            .get(edge.as_str())
                             .is_some_and(|e| e.standby == Standby::Warm)
                 })
             })
@@ -641,9 +646,9 @@ impl Shared {
                     .modules
                     .get(&r.module)
                     .and_then(|m| model.module_edge(m))
-                    .unwrap_or_default();
+                    .map_or_else(|| UnitId::new(""), UnitId::from);
                 let epoch = self.published_epoch(&edge);
-                r.audit(model, &code, (&edge, Owner::Master, epoch), now_ms())
+                r.audit(model, &code, (edge, Owner::Master, epoch), now_ms())
             })
             .collect();
         self.store.record_audits(records, AUDIT_KEEP).await;
@@ -652,7 +657,7 @@ impl Shared {
 
 /// One edge location's control: its machine, fed by its own queue.
 struct Unit {
-    edge: String,
+    unit: UnitId,
     machine: MasterSide,
     shared: Arc<Shared>,
     /// The unit's own queue, for the acknowledgements of the decisions it sends (weak, so
@@ -714,9 +719,9 @@ impl Unit {
                         return;
                     }
                     let now = model.borrow_and_update().clone();
-                    match now.edges.get(&self.edge) {
+                    match now.edges.get(self.unit.as_str()) {
                         Some(record) => self.machine.set_settings(settings(record)),
-                        None if now.local_units().contains(&self.edge) => {}
+                        None if now.local_units().contains(&self.unit) => {}
                         None => return,
                     }
                 }
@@ -751,11 +756,11 @@ impl Unit {
             let now = inputs.borrow_and_update();
             (
                 now.lease,
-                now.peers(&self.edge),
-                now.held(&self.edge),
-                now.claimed_here(&self.edge),
+                now.peers(&self.unit),
+                now.held(&self.unit),
+                now.claimed_here(&self.unit),
                 now.links
-                    .get(&self.edge)
+                    .get(self.unit.as_str())
                     .map(|holder| (holder == &now.me, holder.clone(), now.live.contains(holder))),
             )
         };
@@ -786,10 +791,14 @@ impl Unit {
         };
         if claimed_here
             && !self.machine.is_running()
-            && let Err(err) = cluster.claims.clone().release(self.edge.clone()).await
+            && let Err(err) = cluster.claims.clone().release(self.unit.clone()).await
         {
-            tracing::warn!(edge = %self.edge, "cannot withdraw a stale claim: {err}");
+            tracing::warn!(edge = %self.unit, "cannot withdraw a stale claim: {err}");
         }
+        // Link keys are an edge's; a unit of no edge has none.
+        let Some(edge) = self.unit.edge() else {
+            return;
+        };
         let linked_here = link_holder.as_ref().is_some_and(|(here, ..)| *here);
         // Another live master's key stands: it may hold a newer link (this one may be
         // half-open), and the two would write over each other.
@@ -799,14 +808,14 @@ impl Unit {
         let live_link = self
             .shared
             .registry
-            .current(&self.edge)
+            .current(&self.unit)
             .filter(|(_, link)| !link.is_closed());
         match live_link {
             // A link key of this master's while it holds no link of the edge (an unlink
             // that failed): it would keep the others from failing the edge over.
             None if linked_here => {
-                if let Err(err) = cluster.claims.clone().unlink_stale(self.edge.clone()).await {
-                    tracing::warn!(edge = %self.edge, "cannot withdraw a stale link key: {err}");
+                if let Err(err) = cluster.claims.clone().unlink_stale(edge).await {
+                    tracing::warn!(edge = %self.unit, "cannot withdraw a stale link key: {err}");
                 }
             }
             // A live link whose key is gone or names a master no longer present (a master
@@ -820,17 +829,12 @@ impl Unit {
             {
                 self.relinked = Some(std::time::Instant::now());
                 tracing::info!(
-                    edge = %self.edge,
+                    edge = %self.unit,
                     key_names = ?link_holder.map(|(_, holder, _)| holder),
                     "the edge's link key does not name this master, which holds its link: writing it again"
                 );
-                if let Err(err) = cluster
-                    .claims
-                    .clone()
-                    .link(self.edge.clone(), generation)
-                    .await
-                {
-                    tracing::warn!(edge = %self.edge, "cannot write the link key again: {err}");
+                if let Err(err) = cluster.claims.clone().link(edge, generation).await {
+                    tracing::warn!(edge = %self.unit, "cannot write the link key again: {err}");
                 }
             }
             _ => {}
@@ -882,7 +886,7 @@ impl Unit {
                 vec![event]
             }
             other => {
-                tracing::debug!(edge = %self.edge, generation, ?other, "event of a replaced link ignored");
+                tracing::debug!(edge = %self.unit, generation, ?other, "event of a replaced link ignored");
                 Vec::new()
             }
         }
@@ -908,16 +912,16 @@ impl Unit {
             .states
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&self.edge)
+            .get(self.unit.as_str())
             .copied();
         if published != Some(state) {
-            self.shared.runtime.set_grant(&self.edge, state);
-            self.shared.publish(&self.edge, state);
+            self.shared.runtime.set_grant(&self.unit, state);
+            self.shared.publish(&self.unit, state);
         }
     }
 
     async fn carry_out_actions(&mut self, actions: Vec<MasterAction>) -> Result<(), NotIssued> {
-        let edge = self.edge.clone();
+        let edge = self.unit.clone();
         let edge = edge.as_str();
         for action in actions {
             match action {
@@ -930,7 +934,7 @@ impl Unit {
                         .shared
                         .grants
                         .clone()
-                        .issue(edge.to_string(), expected, grant, here)
+                        .issue(self.unit.clone(), expected, grant, here)
                         .await;
                     let stored = match issued {
                         Ok(()) => {
@@ -942,7 +946,7 @@ impl Unit {
                                 .persisted
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .insert(edge.to_string(), Held { grant, here });
+                                .insert(self.unit.clone(), Held { grant, here });
                             continue;
                         }
                         Err(err) => {
@@ -967,7 +971,7 @@ impl Unit {
                         edge,
                         from = owner_name(record.from),
                         to = owner_name(record.to),
-                        epoch = record.epoch,
+                        epoch = %record.epoch,
                         "change of owner: {}",
                         record.reason
                     );
@@ -981,7 +985,7 @@ impl Unit {
                         .shared
                         .grants
                         .clone()
-                        .confirm(edge.to_string(), grant)
+                        .confirm(self.unit.clone(), grant)
                         .await
                     {
                         tracing::warn!(edge, ?grant, "the grant changed meanwhile: {err}");
@@ -995,8 +999,8 @@ impl Unit {
                         continue;
                     };
                     let epoch = self.machine.state().epoch;
-                    if let Err(err) = cluster.claims.clone().claim(edge.to_string(), epoch).await {
-                        tracing::error!(edge, epoch, "not started, the claim was refused: {err}");
+                    if let Err(err) = cluster.claims.clone().claim(self.unit.clone(), epoch).await {
+                        tracing::error!(edge, %epoch, "not started, the claim was refused: {err}");
                         self.shared.runtime.metrics().grant_store_failed(edge);
                         self.machine.issue_failed(Now::system(), None);
                         return Err(NotIssued(err.to_string()));
@@ -1004,7 +1008,7 @@ impl Unit {
                 }
                 MasterAction::ReleaseRunning => {
                     if let Some(cluster) = &self.shared.cluster
-                        && let Err(err) = cluster.claims.clone().release(edge.to_string()).await
+                        && let Err(err) = cluster.claims.clone().release(self.unit.clone()).await
                     {
                         // It goes with the lease, or when etcd is back (cluster_changed).
                         tracing::warn!(edge, "cannot withdraw the claim yet: {err}");
@@ -1016,10 +1020,10 @@ impl Unit {
                     if let Some(cluster) = &self.shared.cluster
                         && !cluster.inputs.borrow().lease.allows(Now::system().mono)
                     {
-                        tracing::warn!(edge, epoch, "not started: the lease lapsed meanwhile");
+                        tracing::warn!(edge, %epoch, "not started: the lease lapsed meanwhile");
                         continue;
                     }
-                    tracing::info!(edge, epoch, "the master starts the edge's modules");
+                    tracing::info!(edge, %epoch, "the master starts the edge's modules");
                     self.set_running(true);
                     self.shared.reconcile(|_| false).await;
                 }
@@ -1062,21 +1066,21 @@ impl Unit {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if running {
-            set.insert(self.edge.clone());
+            set.insert(self.unit.to_string());
         } else {
-            set.remove(&self.edge);
+            set.remove(self.unit.as_str());
         }
     }
 
     /// Sends a decision without waiting: the acknowledgement comes back as an event. An
     /// edge that refuses it (a stale epoch) or does not answer loses its link, and the
     /// next link negotiates afresh.
-    fn send_decision(&self, owner: Owner, epoch: u64, reason: String) {
-        let Some((generation, link)) = self.shared.registry.current(&self.edge) else {
+    fn send_decision(&self, owner: Owner, epoch: Epoch, reason: String) {
+        let Some((generation, link)) = self.shared.registry.current(&self.unit) else {
             return;
         };
         let me = self.me.clone();
-        let edge = self.edge.clone();
+        let edge = self.unit.clone();
         tokio::spawn(async move {
             let request = Request::ControlDecision {
                 owner,
@@ -1091,16 +1095,16 @@ impl Unit {
                     }
                 }
                 Ok(other) => {
-                    tracing::error!(edge, "the edge answered a decision with {other:?}");
+                    tracing::error!(%edge, "the edge answered a decision with {other:?}");
                     link.close("unexpected answer to a control decision");
                 }
                 Err(LinkError::Remote(err)) if err.code == ErrorCode::StaleEpoch => {
-                    tracing::warn!(edge, "the edge refused a decision: {}", err.message);
+                    tracing::warn!(%edge, "the edge refused a decision: {}", err.message);
                     link.close(format!("control decision refused: {}", err.message));
                 }
                 Err(err) => {
                     if !link.is_closed() {
-                        tracing::warn!(edge, "control decision failed: {err}");
+                        tracing::warn!(%edge, "control decision failed: {err}");
                         link.close(format!("control decision failed: {err}"));
                     }
                 }

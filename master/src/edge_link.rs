@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tether_common::api::checked_api_url;
 use tether_common::code::fetch::serve_blobs;
-use tether_common::control::{ControlState, EdgeReport, MasterEvent};
+use tether_common::control::{ControlState, EdgeId, EdgeReport, MasterEvent};
 use tether_common::link::{Incoming, Link};
 use tether_common::model::sync::ReplicaPosition;
 use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request, Response};
@@ -29,7 +29,7 @@ const BLOB_FETCHES_PER_LINK: usize = 2;
 /// Serves one link (the registry's `generation` of the edge's links) until it closes. Every request is first checked against the link
 /// policy ([`LinkGuard::admit`]): an edge speaks for its own site only.
 pub async fn serve_edge(
-    edge_id: String,
+    edge_id: EdgeId,
     generation: u64,
     link: Link,
     mut incoming: mpsc::Receiver<Incoming>,
@@ -145,7 +145,7 @@ pub async fn serve_edge(
                     state: ControlState { owner, epoch },
                     controlling,
                 };
-                tracing::info!(edge = %edge_id, ?owner, epoch, controlling, "edge reports its control state");
+                tracing::info!(edge = %edge_id, ?owner, %epoch, controlling, "edge reports its control state");
                 control
                     .event(&edge_id, generation, MasterEvent::Report(report))
                     .await;

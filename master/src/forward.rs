@@ -13,6 +13,7 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tether_common::api::{ApiError, PREFERRED_SERVER, checked_api_url};
+use tether_common::control::UnitId;
 use tokio::sync::watch;
 
 use crate::control::ClusterInputs;
@@ -88,7 +89,7 @@ impl Forwarder {
         let mut request = self
             .http
             .request(parts.method.clone(), url)
-            .header(FORWARDED_BY, me);
+            .header(FORWARDED_BY, me.as_str());
         for name in KEPT {
             if let Some(value) = parts.headers.get(name) {
                 request = request.header(name, value.clone());
@@ -124,7 +125,7 @@ impl Forwarder {
 /// The unit that serves a call to `path`: for a module's call (`/api/v1/systems/S/
 /// modules/NAME/INDEX/...`) the module's (its edge's id, or the unit it runs in among the
 /// masters); for a system's action (`/api/v1/systems/S/start` ...) the system's.
-fn unit_of_path(model: &tether_common::model::Model, path: &str) -> Option<String> {
+fn unit_of_path(model: &tether_common::model::Model, path: &str) -> Option<UnitId> {
     let rest = path.strip_prefix("/api/v1/systems/")?;
     let parts: Vec<&str> = rest.split('/').collect();
     match parts.as_slice() {
@@ -132,6 +133,7 @@ fn unit_of_path(model: &tether_common::model::Model, path: &str) -> Option<Strin
             let module = model.system_module(system, name, index.parse().ok()?)?;
             model
                 .module_edge(module)
+                .map(UnitId::from)
                 .or_else(|| model.local_unit(module))
         }
         [system, "start" | "stop" | "expire"] => {
@@ -139,8 +141,8 @@ fn unit_of_path(model: &tether_common::model::Model, path: &str) -> Option<Strin
             Some(
                 record
                     .edge
-                    .clone()
-                    .unwrap_or_else(|| format!("system:{system}")),
+                    .as_ref()
+                    .map_or_else(|| UnitId::system(system), UnitId::from),
             )
         }
         _ => None,

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use tether_common::control::EdgeId;
 use tether_common::model::{
     DriverRecord, EdgeRecord, Model, ModuleRecord, RepositoryRecord, Settings, SystemRecord,
 };
@@ -138,7 +139,7 @@ pub fn site_writes(site: &SiteFile, root: &RepositoriesRoot) -> anyhow::Result<V
             port: module.port,
             uri: module.uri.clone(),
             settings: settings(&module.settings)?,
-            edge: module.edge.clone(),
+            edge: module.edge.clone().map(EdgeId::new),
         };
         writes.push(write(EntityKind::Module, &record.id, &record)?);
     }
@@ -146,7 +147,7 @@ pub fn site_writes(site: &SiteFile, root: &RepositoriesRoot) -> anyhow::Result<V
         let record = SystemRecord {
             id: system.id.clone(),
             name: system.name.clone(),
-            edge: system.edge.clone(),
+            edge: system.edge.clone().map(EdgeId::new),
             modules: system.modules.clone(),
             settings: settings(&system.settings)?,
         };

@@ -23,7 +23,7 @@ use crate::edges::EdgeRegistry;
 use crate::model::ModelService;
 use crate::proxy::MasterLinks;
 use crate::repos::RepositoriesRoot;
-use tether_common::control::MasterEvent;
+use tether_common::control::{MasterEvent, MasterId};
 use tether_common::proxy::LinkRemote;
 use tether_common::shutdown::StopOn;
 
@@ -192,7 +192,12 @@ async fn serve(
     // Boot, in DESIGN.md's order. Load edges and systems, and every module but the edges'.
     let registry = EdgeRegistry::new(base_dir.clone());
     // Among several masters, what one ran names it.
-    let executor = Executor::Master(config.cluster.as_ref().map(|c| c.master_id.clone()));
+    let executor = Executor::Master(
+        config
+            .cluster
+            .as_ref()
+            .map(|c| MasterId::new(c.master_id.as_str())),
+    );
     let runtime = Runtime::new(executor, ScriptLimits::default());
     // In a cluster the grants, claims and link keys live in etcd.
     let cluster = match cluster {

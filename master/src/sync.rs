@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tether_common::control::EdgeId;
 use tether_common::link::Link;
 use tether_common::model::sync::ReplicaPosition;
 use tether_common::protocol::{ErrorCode, RemoteError, Request, Response};
@@ -54,7 +55,7 @@ pub async fn answer_sync(
 
 /// Pushes each new model version to the edge, from where its replica stands.
 pub async fn push_changes(
-    edge_id: String,
+    edge_id: EdgeId,
     link: Link,
     model: Arc<ModelService>,
     mut synced: watch::Receiver<Option<ReplicaPosition>>,

@@ -46,7 +46,7 @@ pub fn edge_connector(cluster: &Cluster, edge: &str, link: LinkConfig) -> Connec
             )),
         )
         .expect("the edge's TLS files"),
-        edge_id: edge.to_string(),
+        edge_id: edge.into(),
         secret: Secret::load(&certs.join(format!("{edge}.secret"))).expect("the edge's secret"),
         handshake_timeout: Duration::from_secs(5),
         reconnect: Duration::from_secs(3),
@@ -74,13 +74,13 @@ impl RogueEdge {
             .unwrap_or_else(|err| panic!("the rogue edge cannot link as {edge}: {err}"));
         let answering = tokio::spawn(answer_meekly(incoming));
         let rogue = RogueEdge {
-            edge_id: edge.to_string(),
+            edge_id: edge.into(),
             link,
             answering,
         };
         let report = Request::ControlReport {
             owner: ControlOwner::Edge,
-            epoch: 0,
+            epoch: tether_common::control::Epoch::ZERO,
             controlling: false,
         };
         rogue
@@ -135,7 +135,7 @@ impl RogueEdge {
                 module_id: module_id.to_string(),
                 key: key.to_string(),
                 value: tether_common::protocol::Json(value.to_string()),
-                epoch,
+                epoch: tether_common::control::Epoch(epoch),
             })
             .await
             .expect("the notice goes out");

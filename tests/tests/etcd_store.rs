@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_common::control::clock::mono_now;
-use tether_common::control::{ControlState, Owner};
+use tether_common::control::{ControlState, Epoch, Owner};
 use tether_common::store::Grants;
 use tether_common::store::etcd::{DEFAULT_PREFIX, Etcd, EtcdControl, JoinError, Presence};
 use tether_tests::etcd::Etcd as EtcdServer;
@@ -25,14 +25,21 @@ async fn connect(endpoints: &[String]) -> Etcd {
 }
 
 fn grant(owner: Owner, epoch: u64) -> ControlState {
-    ControlState { owner, epoch }
+    ControlState {
+        owner,
+        epoch: Epoch(epoch),
+    }
 }
 
 #[tokio::test]
 async fn grants_are_issued_by_compare_and_set_and_racing_masters_never_share_an_epoch() {
     let server = EtcdServer::start(1).await;
     let endpoints = server.endpoints();
-    let one = Arc::new(EtcdControl::new(connect(&endpoints).await, "m1", None));
+    let one = Arc::new(EtcdControl::new(
+        connect(&endpoints).await,
+        &"m1".into(),
+        None,
+    ));
     let start = ControlState::default();
     one.clone()
         .issue("e".into(), start, grant(Owner::Master, 1), true)
@@ -59,7 +66,11 @@ async fn grants_are_issued_by_compare_and_set_and_racing_masters_never_share_an_
     // Four deciders on two connections (two masters), each deciding from what it read.
     let mut deciders = Vec::new();
     for decider in 0..4u64 {
-        let grants = Arc::new(EtcdControl::new(connect(&endpoints).await, "m1", None));
+        let grants = Arc::new(EtcdControl::new(
+            connect(&endpoints).await,
+            &"m1".into(),
+            None,
+        ));
         deciders.push(tokio::spawn(async move {
             let owner = if decider % 2 == 0 {
                 Owner::Master
@@ -76,7 +87,7 @@ async fn grants_are_issued_by_compare_and_set_and_racing_masters_never_share_an_
                     .get("f")
                     .map(|held| held.grant)
                     .unwrap_or_default();
-                let next = grant(owner, read.epoch + 1);
+                let next = grant(owner, read.epoch.next().get());
                 if grants
                     .clone()
                     .issue("f".into(), read, next, true)
@@ -93,7 +104,7 @@ async fn grants_are_issued_by_compare_and_set_and_racing_masters_never_share_an_
     for decider in deciders {
         all.extend(decider.await.unwrap());
     }
-    let distinct: BTreeSet<u64> = all.iter().copied().collect();
+    let distinct: BTreeSet<Epoch> = all.iter().copied().collect();
     assert_eq!(
         distinct.len(),
         all.len(),
@@ -132,18 +143,24 @@ async fn a_master_id_in_use_is_refused_and_a_restarted_master_waits_out_its_old_
     let server = EtcdServer::start(1).await;
     let etcd = connect(&server.endpoints()).await;
     let info = serde_json::json!({"api_url": "https://m1"});
-    let first = Presence::join(&etcd, "m1", &info, 2000).await.unwrap();
-    let second = Presence::join(&etcd, "m1", &info, 2000).await;
+    let first = Presence::join(&etcd, &"m1".into(), &info, 2000)
+        .await
+        .unwrap();
+    let second = Presence::join(&etcd, &"m1".into(), &info, 2000).await;
     assert!(
         matches!(second, Err(JoinError::DuplicateId(ref id)) if id == "m1"),
         "{:?}",
         second.err().map(|e| e.to_string())
     );
-    assert!(Presence::join(&etcd, "m2", &info, 2000).await.is_ok());
+    assert!(
+        Presence::join(&etcd, &"m2".into(), &info, 2000)
+            .await
+            .is_ok()
+    );
     // The first master dies (its lease no longer kept alive) and starts again at once,
     // within its time to live: its old key is waited out, not taken for a duplicate.
     drop(first);
-    let again = Presence::join(&etcd, "m1", &info, 2000).await;
+    let again = Presence::join(&etcd, &"m1".into(), &info, 2000).await;
     assert!(again.is_ok(), "{:?}", again.err().map(|e| e.to_string()));
 }
 
@@ -156,7 +173,7 @@ async fn joined_through_a_proxy(server: &EtcdServer, ttl_ms: u64) -> (FaultProxy
         .unwrap();
     let proxy = FaultProxy::start(0, upstream).await;
     let through_proxy = connect(&[format!("http://{}", proxy.addr())]).await;
-    let presence = Presence::join(&through_proxy, "m1", &serde_json::json!({}), ttl_ms)
+    let presence = Presence::join(&through_proxy, &"m1".into(), &serde_json::json!({}), ttl_ms)
         .await
         .unwrap();
     let held = presence.held_until();

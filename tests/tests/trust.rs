@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tether_common::code::content_hash;
+use tether_common::identity::Epoch;
 use tether_common::link::LinkError;
 use tether_common::protocol::{
     AuditRecord, ControlOwner, ErrorCode, ModelBatch, ModuleRef, RepositoryAction, Request,
@@ -268,7 +269,7 @@ async fn a_rogue_edge_reaches_nothing_of_another_site() {
             "control decision",
             Request::ControlDecision {
                 owner: ControlOwner::Master,
-                epoch: 999,
+                epoch: Epoch(999),
                 reason: "rogue".into(),
             },
             "control decision",
@@ -346,7 +347,7 @@ async fn a_rogue_edge_reaches_nothing_of_another_site() {
         edge: "site-1".into(),
         from: ControlOwner::Edge,
         to: ControlOwner::Master,
-        epoch: 1,
+        epoch: Epoch(1),
         reason: "forged".into(),
         code: None,
     };
@@ -439,7 +440,7 @@ async fn a_rogue_edge_reaches_nothing_of_another_site() {
         edge: "site-2".into(),
         from: ControlOwner::Edge,
         to: ControlOwner::Edge,
-        epoch: 0,
+        epoch: Epoch(0),
         reason: "took control\n2026-01-01T00:00:00Z  INFO FORGED LINE\u{1b}[31m".into(),
         code: None,
     };
@@ -654,7 +655,7 @@ async fn what_an_edge_can_make_the_master_hold_is_bounded() {
         edge: "site-2".into(),
         from: ControlOwner::Edge,
         to: ControlOwner::Edge,
-        epoch: i,
+        epoch: Epoch(i),
         reason: "x".repeat(2000),
         code: None,
     };

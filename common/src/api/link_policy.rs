@@ -266,7 +266,7 @@ mod tests {
                 "a control decision",
                 Request::ControlDecision {
                     owner: ControlOwner::Master,
-                    epoch: 1,
+                    epoch: crate::identity::Epoch(1),
                     reason: String::new(),
                 },
                 LinkNeed::Never("a control decision"),

@@ -2,6 +2,7 @@
 //! module runs: `GET /api/v1/systems[/{id}]`, per module `exec`, `status` and `debug`,
 //! and per system `start`, `stop` and `expire`.
 
+use crate::identity::Epoch;
 use axum::Json;
 use axum::Router;
 use axum::extract::{Extension, Path, State};
@@ -65,7 +66,7 @@ struct ExecBody {
     /// this side's is refused (409), so a client acting on a stale view of who controls
     /// the room finds out.
     #[serde(default)]
-    epoch: Option<u64>,
+    epoch: Option<Epoch>,
 }
 
 type ModulePath = Path<(String, String, String)>;
@@ -231,7 +232,7 @@ pub(super) async fn client_exec(
     module: &ModuleRef,
     method: &str,
     args: Vec<Value>,
-    epoch: Option<u64>,
+    epoch: Option<Epoch>,
     origin: &Origin,
 ) -> Result<crate::runtime::Executed, ExecError> {
     let started = std::time::Instant::now();

@@ -7,6 +7,7 @@
 //! unbound or until the socket closes. A client too slow to take what it is sent is cut
 //! off rather than buffered for without limit.
 
+use crate::identity::Epoch;
 use std::collections::{HashMap, HashSet};
 
 use axum::Extension;
@@ -55,7 +56,7 @@ struct Command {
     args: Vec<Value>,
     /// `exec`: the caller's epoch, fenced as on HTTP.
     #[serde(default)]
-    epoch: Option<u64>,
+    epoch: Option<Epoch>,
 }
 
 fn one() -> u32 {

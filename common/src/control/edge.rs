@@ -15,7 +15,7 @@
 //! hears the edge, outranks it; a decision that carries the claim's epoch with another
 //! holder is refused like an older one.
 
-use super::{AuditRecord, Claim, ControlState, EdgeReport, Mono, Now, Owner};
+use super::{AuditRecord, Claim, ControlState, EdgeId, EdgeReport, Epoch, Mono, Now, Owner};
 
 /// Lost links or failed attempts, in a row, after which the edge takes control.
 pub const LOSSES_BEFORE_TAKEOVER: u32 = 2;
@@ -130,7 +130,7 @@ pub enum EdgeAction {
     /// Start this edge's modules under this epoch.
     StartModules {
         /// The epoch they run under.
-        epoch: u64,
+        epoch: Epoch,
     },
     /// Stop them and wait until their devices are disconnected.
     StopModules,
@@ -153,11 +153,11 @@ pub enum EdgeAction {
 )]
 pub struct StaleDecision {
     /// The decision's epoch.
-    pub got: u64,
+    pub got: Epoch,
     /// The decision's holder.
     pub got_owner: Owner,
     /// The newest epoch the edge has seen.
-    pub seen: u64,
+    pub seen: Epoch,
     /// The holder it has for that epoch.
     pub seen_owner: Owner,
 }
@@ -172,7 +172,7 @@ struct BeforePersist {
 /// The edge's control machine.
 #[derive(Debug, Clone)]
 pub struct EdgeSide {
-    edge_id: String,
+    edge_id: EdgeId,
     timing: EdgeTiming,
     state: ControlState,
     active: bool,
@@ -188,9 +188,9 @@ pub struct EdgeSide {
 
 impl EdgeSide {
     /// A machine for an edge that has just started with `persisted` from its replica.
-    pub fn new(edge_id: &str, persisted: ControlState, timing: EdgeTiming) -> Self {
+    pub fn new(edge_id: EdgeId, persisted: ControlState, timing: EdgeTiming) -> Self {
         EdgeSide {
-            edge_id: edge_id.to_string(),
+            edge_id,
             timing,
             state: persisted,
             active: false,
@@ -285,7 +285,7 @@ impl EdgeSide {
         &mut self,
         now: Now,
         owner: Owner,
-        epoch: u64,
+        epoch: Epoch,
         reason: &str,
     ) -> Result<Vec<EdgeAction>, StaleDecision> {
         self.before_persist = None;
@@ -373,7 +373,7 @@ impl EdgeSide {
     fn audit(&self, now: Now, from: Owner, reason: &str) -> AuditRecord {
         AuditRecord {
             time_ms: now.wall_ms,
-            edge: self.edge_id.clone(),
+            edge: self.edge_id.clone().into(),
             from,
             to: self.state.owner,
             epoch: self.state.epoch,

@@ -29,7 +29,8 @@
 //! runs anything, and its lease never ends.
 
 use super::rules::{Situation, negotiate};
-use super::{AuditRecord, ControlState, EdgeReport, Held, Mono, Now, Owner, Window};
+use super::{AuditRecord, ControlState, EdgeReport, Epoch, Held, Mono, Now, Owner, Window};
+use crate::identity::UnitId;
 
 /// How long the machine waits before it tries again to issue a grant the store refused.
 pub const ISSUE_RETRY_MS: u64 = 1000;
@@ -110,7 +111,7 @@ pub enum MasterEvent {
     /// The edge acknowledged a decision: it has stopped or started its modules.
     Acked {
         /// The decision's epoch.
-        epoch: u64,
+        epoch: Epoch,
     },
     /// The edge's link closed (or died of missed heartbeats).
     LinkDown {
@@ -161,7 +162,7 @@ pub enum MasterAction {
     /// Start the edge's modules here, under this epoch.
     StartModules {
         /// The epoch they run under.
-        epoch: u64,
+        epoch: Epoch,
     },
     /// Stop the edge's modules here and wait until their devices are disconnected.
     StopModules,
@@ -171,7 +172,7 @@ pub enum MasterAction {
         /// The owner.
         owner: Owner,
         /// Its epoch.
-        epoch: u64,
+        epoch: Epoch,
         /// Why.
         reason: String,
     },
@@ -186,10 +187,10 @@ pub enum MasterAction {
 pub enum RestoreRefused {
     /// The edge already controls its modules.
     #[error("edge {0} already controls its modules")]
-    AlreadyEdge(String),
+    AlreadyEdge(UnitId),
     /// The edge is not connected, so it could not take the modules.
     #[error("edge {0} is not connected; control can only go back to a connected edge")]
-    Offline(String),
+    Offline(UnitId),
     /// The master has not finished booting.
     #[error("the master is still booting")]
     Booting,
@@ -222,17 +223,18 @@ struct BeforeIssue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Pending {
     owner: Owner,
-    epoch: u64,
+    epoch: Epoch,
     reason: String,
     /// Released only on a view of the store at least this new (the grant this master
     /// issued over another master's: an older view may not show that master's claim).
-    view_from: u64,
+    view_from: Epoch,
 }
 
-/// The master's control machine for one edge location.
+/// The master's control machine for one unit: an edge location, or (in a cluster) a
+/// system of no edge, which has no link and is failed over at once.
 #[derive(Debug, Clone)]
 pub struct MasterSide {
-    edge_id: String,
+    unit: UnitId,
     settings: EdgeSettings,
     state: ControlState,
     /// For a master's grant: whether it is this master's.
@@ -242,7 +244,7 @@ pub struct MasterSide {
     /// A decision to send once no other master runs the modules.
     pending: Option<Pending>,
     /// The newest grant epoch the store's view has shown this master.
-    seen: u64,
+    seen: Epoch,
     /// The grant the last issue replaced was another master's.
     replaced_other: bool,
     booted: bool,
@@ -260,11 +262,11 @@ pub struct MasterSide {
 impl MasterSide {
     /// A machine for a master that is booting: it has `persisted` from its store and has
     /// not heard from the edge since `now`.
-    pub fn new(edge_id: &str, settings: EdgeSettings, persisted: ControlState, now: Now) -> Self {
+    pub fn new(unit: UnitId, settings: EdgeSettings, persisted: ControlState, now: Now) -> Self {
         MasterSide {
             peers: PeerView::ALONE,
             lease: Lease::Alone,
-            ..Self::in_cluster(edge_id, settings, (persisted, true), now)
+            ..Self::in_cluster(unit, settings, (persisted, true), now)
         }
     }
 
@@ -272,13 +274,13 @@ impl MasterSide {
     /// master's grant) it names this master. Until told otherwise ([`MasterEvent::Lease`],
     /// [`MasterEvent::Peers`]) it has no lease and fails nothing over.
     pub fn in_cluster(
-        edge_id: &str,
+        unit: UnitId,
         settings: EdgeSettings,
         (persisted, here): (ControlState, bool),
         now: Now,
     ) -> Self {
         MasterSide {
-            edge_id: edge_id.to_string(),
+            unit,
             settings,
             state: persisted,
             here,
@@ -322,9 +324,9 @@ impl MasterSide {
         matches!(self.link, Link::Up { .. })
     }
 
-    /// The edge location's id.
-    pub fn edge_id(&self) -> &str {
-        &self.edge_id
+    /// The unit this machine decides for.
+    pub fn unit(&self) -> &UnitId {
+        &self.unit
     }
 
     /// The edge's record changed; the new settings apply from the next poll.
@@ -464,14 +466,14 @@ impl MasterSide {
             return Err(RestoreRefused::Booting);
         }
         if self.state.owner == Owner::Edge {
-            return Err(RestoreRefused::AlreadyEdge(self.edge_id.clone()));
+            return Err(RestoreRefused::AlreadyEdge(self.unit.clone()));
         }
         let Link::Up {
             report: Some(report),
             ..
         } = self.link
         else {
-            return Err(RestoreRefused::Offline(self.edge_id.clone()));
+            return Err(RestoreRefused::Offline(self.unit.clone()));
         };
         let mut actions = Vec::new();
         self.hand_to_edge(now, report, "manual restore", &mut actions);
@@ -713,7 +715,7 @@ impl MasterSide {
             .pending
             .as_ref()
             .filter(|p| p.epoch == self.state.epoch)
-            .map_or(0, |p| p.view_from);
+            .map_or(Epoch::ZERO, |p| p.view_from);
         let view_from = if replaced_other {
             self.state.epoch
         } else {
@@ -779,10 +781,10 @@ impl MasterSide {
         actions: &mut Vec<MasterAction>,
     ) {
         let before = self.state;
-        let seen = report.map_or(0, |r| r.state.epoch);
+        let seen = report.map_or(Epoch::ZERO, |r| r.state.epoch);
         let grant = ControlState {
             owner,
-            epoch: before.epoch.max(seen) + 1,
+            epoch: before.epoch.max(seen).next(),
         };
         // Another master may run under the grant replaced, and claim to only a moment
         // after it (the claim goes with its grant, but this master's view may predate
@@ -805,7 +807,7 @@ impl MasterSide {
         if before.owner != owner {
             actions.push(MasterAction::Audit(AuditRecord {
                 time_ms: now.wall_ms,
-                edge: self.edge_id.clone(),
+                edge: self.unit.clone(),
                 from: before.owner,
                 to: owner,
                 epoch: grant.epoch,

@@ -19,6 +19,7 @@ pub mod window;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::identity::{EdgeId, Epoch, MasterId, UnitId};
 pub use crate::protocol::{AuditRecord, ControlOwner as Owner};
 pub use clock::{Mono, Now};
 pub use edge::{EdgeAction, EdgeEvent, EdgeSide, EdgeTiming, StaleDecision};
@@ -37,7 +38,7 @@ pub struct ControlState {
     /// Who runs the modules.
     pub owner: Owner,
     /// Raised on every change of owner; anything carrying an older one is refused.
-    pub epoch: u64,
+    pub epoch: Epoch,
 }
 
 impl ControlState {
@@ -61,14 +62,14 @@ impl ControlState {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Claim {
     /// The epoch claimed, if any.
-    pub epoch: Option<u64>,
+    pub epoch: Option<Epoch>,
     /// The holder claimed for it, if known.
     pub holder: Option<Owner>,
 }
 
 impl Claim {
     /// A client's claim: an epoch, or nothing.
-    pub fn epoch(epoch: Option<u64>) -> Claim {
+    pub fn epoch(epoch: Option<Epoch>) -> Claim {
         Claim {
             epoch,
             holder: None,
@@ -89,7 +90,7 @@ impl Default for ControlState {
     fn default() -> Self {
         ControlState {
             owner: Owner::Edge,
-            epoch: 0,
+            epoch: Epoch::ZERO,
         }
     }
 }

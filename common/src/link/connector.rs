@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::handshake::{client_exporter, edge_handshake};
 use super::{Incoming, Link, LinkConfig, Secret};
+use crate::identity::EdgeId;
 
 /// How an edge reaches its master(s).
 #[derive(Debug, Clone)]
@@ -24,7 +25,7 @@ pub struct ConnectorConfig {
     /// TLS client configuration (CA, client certificate).
     pub tls: Arc<rustls::ClientConfig>,
     /// This edge's id.
-    pub edge_id: String,
+    pub edge_id: EdgeId,
     /// This edge's secret.
     pub secret: Secret,
     /// Connect plus handshake must finish within this.

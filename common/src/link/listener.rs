@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::{master_handshake, server_exporter};
 use super::{Incoming, Link, LinkConfig, Secret};
 use crate::admission::{Activity, Admission, AdmissionLimits, Watched};
+use crate::identity::EdgeId;
 
 /// Where the listener learns which edges exist and their secrets.
 pub trait EdgeSecrets: Send + Sync + 'static {
@@ -77,8 +78,8 @@ impl Drop for Counted {
 /// An edge that proved its identity.
 #[derive(Debug)]
 pub struct AuthenticatedEdge {
-    /// Its id.
-    pub edge_id: String,
+    /// Its id, as its secret and its certificate proved it.
+    pub edge_id: EdgeId,
     /// Its address.
     pub addr: SocketAddr,
     /// The link.
@@ -177,7 +178,7 @@ pub async fn run_listener(
                 drop((slot, linked));
             });
             let edge = AuthenticatedEdge {
-                edge_id,
+                edge_id: EdgeId::new(edge_id),
                 addr,
                 link,
                 incoming,

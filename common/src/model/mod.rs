@@ -16,6 +16,7 @@ pub use records::{
 pub use slice::SliceKey;
 pub use validate::{ModelError, check_id};
 
+use crate::identity::{EdgeId, UnitId};
 use crate::protocol::EntityKind;
 
 /// Every entity kind, in the order a snapshot lists them (what others refer to first).
@@ -219,7 +220,7 @@ impl Model {
     }
 
     /// The edge that runs a module: its own `edge`, else that of the first system listing it.
-    pub fn module_edge(&self, module: &ModuleRecord) -> Option<String> {
+    pub fn module_edge(&self, module: &ModuleRecord) -> Option<EdgeId> {
         module.edge.clone().or_else(|| {
             self.systems_of(&module.id)
                 .find_map(|system| system.edge.clone())
@@ -229,7 +230,7 @@ impl Model {
     /// For a module of no edge, the unit it runs in among several masters: its system
     /// (`system:ID`, the first by id when several list it), or itself (`module:ID`) when no
     /// system does. `None` for a module of an edge.
-    pub fn local_unit(&self, module: &ModuleRecord) -> Option<String> {
+    pub fn local_unit(&self, module: &ModuleRecord) -> Option<UnitId> {
         if self.module_edge(module).is_some() {
             return None;
         }
@@ -237,15 +238,12 @@ impl Model {
             self.systems_of(&module.id)
                 .map(|system| system.id.as_str())
                 .min()
-                .map_or_else(
-                    || format!("module:{}", module.id),
-                    |id| format!("system:{id}"),
-                ),
+                .map_or_else(|| UnitId::module(&module.id), UnitId::system),
         )
     }
 
     /// The units of modules of no edge ([`local_unit`](Self::local_unit)).
-    pub fn local_units(&self) -> std::collections::BTreeSet<String> {
+    pub fn local_units(&self) -> std::collections::BTreeSet<UnitId> {
         self.modules
             .values()
             .filter_map(|module| self.local_unit(module))

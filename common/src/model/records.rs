@@ -7,6 +7,7 @@ use tether_config::defaults;
 
 pub use tether_config::{DriverKind, RestoreWindow, Standby, Transport};
 
+use crate::identity::EdgeId;
 use crate::protocol::EntityKind;
 
 /// Settings: a JSON object of key to value.
@@ -138,7 +139,7 @@ pub struct ModuleRecord {
     pub settings: Settings,
     /// Edge id, or none for a module of the master.
     #[serde(default)]
-    pub edge: Option<String>,
+    pub edge: Option<EdgeId>,
 }
 
 /// A control system (a room): an ordered list of modules.
@@ -152,7 +153,7 @@ pub struct SystemRecord {
     pub name: String,
     /// Edge id, or none for a system of the master.
     #[serde(default)]
-    pub edge: Option<String>,
+    pub edge: Option<EdgeId>,
     /// Module ids, in order.
     #[serde(default)]
     pub modules: Vec<String>,

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Json;
+use crate::identity::{Epoch, UnitId};
 
 /// Who runs an edge location's modules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,14 +117,15 @@ pub enum RepositoryAction {
 pub struct AuditRecord {
     /// Unix time in milliseconds.
     pub time_ms: u64,
-    /// Edge location id.
-    pub edge: String,
+    /// The unit: the edge location's id (or, for a master's own record in a cluster,
+    /// `system:ID` of a system of no edge).
+    pub edge: UnitId,
     /// Owner before.
     pub from: ControlOwner,
     /// Owner after.
     pub to: ControlOwner,
     /// Epoch after.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// Why.
     pub reason: String,
     /// For a change of driver code rather than of owner: what changed (`from`, `to` and
@@ -155,7 +157,7 @@ pub enum Request {
         /// The owner.
         owner: ControlOwner,
         /// The epoch of this decision.
-        epoch: u64,
+        epoch: Epoch,
         /// Why, for the audit log.
         reason: String,
     },
@@ -172,7 +174,7 @@ pub enum Request {
         /// The sender's view of the target edge location's grant (its epoch, and the
         /// holder where the sender knows it); a claim the receiver does not admit (an
         /// older epoch, or the same epoch with another holder) is refused.
-        epoch: Option<u64>,
+        epoch: Option<Epoch>,
         /// The holder the sender claims for that epoch.
         holder: Option<ControlOwner>,
     },
@@ -253,7 +255,7 @@ pub enum Request {
         /// The edge's persisted owner.
         owner: ControlOwner,
         /// The edge's persisted epoch.
-        epoch: u64,
+        epoch: Epoch,
         /// Whether its modules are loaded and running now.
         controlling: bool,
     },
@@ -285,7 +287,7 @@ pub enum Response {
     /// A control decision was acted on: the modules are stopped or started.
     ControlAck {
         /// The epoch acted on.
-        epoch: u64,
+        epoch: Epoch,
     },
     /// A method's result.
     Value {
@@ -356,6 +358,6 @@ pub enum Notice {
         /// New value.
         value: Json,
         /// The epoch under which the edge ran the module.
-        epoch: u64,
+        epoch: Epoch,
     },
 }

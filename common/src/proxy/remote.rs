@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{broadcast, mpsc};
 
 use super::errors::from_link;
+use crate::identity::EdgeId;
 use crate::link::{Link, LinkError, ResponseStream};
 use crate::protocol::{Json, OnBehalf, Request, Response, StreamItem};
 use crate::runtime::{
@@ -441,7 +442,7 @@ impl<L: Links> Remote for LinkRemote<L> {
     fn system_action(
         &self,
         system: String,
-        edge: Option<String>,
+        edge: Option<EdgeId>,
         origin: Origin,
         action: SystemAction,
     ) -> BoxFuture<'static, Result<String, ExecError>> {

@@ -19,6 +19,7 @@ mod standby;
 mod tcp;
 mod transport;
 
+use crate::identity::{EdgeId, Epoch, MasterId, UnitId};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -96,7 +97,7 @@ impl ReloadRefused {
         &self,
         model: &Model,
         code: &Code,
-        (edge, owner, epoch): (&str, ControlOwner, u64),
+        (edge, owner, epoch): (UnitId, ControlOwner, Epoch),
         time_ms: u64,
     ) -> AuditRecord {
         let repository = model
@@ -110,7 +111,7 @@ impl ReloadRefused {
             .unwrap_or_default();
         AuditRecord {
             time_ms,
-            edge: edge.to_string(),
+            edge,
             from: owner,
             to: owner,
             epoch,
@@ -165,9 +166,9 @@ const STATUS_CHANGES: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Executor {
     /// The edge server of this location.
-    Edge(String),
+    Edge(EdgeId),
     /// A master; its id among several.
-    Master(Option<String>),
+    Master(Option<MasterId>),
 }
 
 impl std::fmt::Display for Executor {

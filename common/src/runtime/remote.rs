@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use super::{DebugLine, ExecError};
 use crate::control::Claim;
+use crate::identity::EdgeId;
 use crate::protocol::{ModuleRef, OnBehalf};
 
 /// Where a call comes from, as far as routing and the far side's authorization need to
@@ -62,7 +63,7 @@ pub struct RemoteCall {
     /// The module, as clients address it.
     pub module: ModuleRef,
     /// The module's edge location (`None`: a module of the master).
-    pub edge: Option<String>,
+    pub edge: Option<EdgeId>,
     /// Where the call comes from.
     pub origin: Origin,
     /// What the caller claims of the module's edge location's grant, to be fenced where
@@ -141,7 +142,7 @@ pub trait Remote: Send + Sync {
     fn system_action(
         &self,
         system: String,
-        edge: Option<String>,
+        edge: Option<EdgeId>,
         origin: Origin,
         action: SystemAction,
     ) -> BoxFuture<'static, Result<String, ExecError>>;

@@ -1,6 +1,7 @@
 //! The audit log on disk, beside the model in the same database: changes of owner and of
 //! code, this server's own and those about each edge. Both sides keep their own.
 
+use crate::identity::Epoch;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{META, Store, StoreError};
@@ -255,7 +256,7 @@ impl Store {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharedAuditEntry {
     /// The master that stored it.
-    pub master: String,
+    pub master: crate::identity::MasterId,
     /// The entry, with that master's sequence number.
     pub entry: AuditEntry,
 }
@@ -282,10 +283,10 @@ pub trait SharedAudit: Send + Sync {
 #[cfg_attr(test, derive(serde::Serialize))]
 struct AuditRecordV1 {
     time_ms: u64,
-    edge: String,
+    edge: crate::identity::UnitId,
     from: crate::control::Owner,
     to: crate::control::Owner,
-    epoch: u64,
+    epoch: Epoch,
     reason: String,
 }
 
@@ -316,7 +317,7 @@ mod tests {
             edge: "site-1".into(),
             from: Owner::Edge,
             to: Owner::Master,
-            epoch,
+            epoch: Epoch(epoch),
             reason: "test".into(),
             code: None,
         }
@@ -331,7 +332,7 @@ mod tests {
             assert!(store.control_states().unwrap().is_empty());
             let state = ControlState {
                 owner: Owner::Master,
-                epoch: 4,
+                epoch: Epoch(4),
             };
             store.set_control_state("site-1", state).unwrap();
             for epoch in 1..=5 {
@@ -340,12 +341,12 @@ mod tests {
             store.set_audit_reported(4).unwrap();
         }
         let store = Store::open(&path).unwrap();
-        assert_eq!(store.control_states().unwrap()["site-1"].epoch, 4);
+        assert_eq!(store.control_states().unwrap()["site-1"].epoch, Epoch(4));
         let kept: Vec<u64> = store
             .audit_after(0)
             .unwrap()
             .iter()
-            .map(|entry| entry.record.epoch)
+            .map(|entry| entry.record.epoch.get())
             .collect();
         assert_eq!(kept, vec![3, 4, 5], "the newest three are kept, in order");
         assert_eq!(store.audit_reported().unwrap(), 4);
@@ -375,7 +376,7 @@ mod tests {
         let entries = store.audit_after(0).unwrap();
         let seen: Vec<(u64, AuditSource, &str)> = entries
             .iter()
-            .map(|e| (e.record.epoch, e.source, e.record.edge.as_str()))
+            .map(|e| (e.record.epoch.get(), e.source, e.record.edge.as_str()))
             .collect();
         assert_eq!(
             seen,
@@ -404,12 +405,12 @@ mod tests {
             edge: "site-1".into(),
             from: Owner::Edge,
             to: Owner::Master,
-            epoch: 3,
+            epoch: Epoch(3),
             reason: "edge link down".into(),
         };
         let bytes = postcard::to_stdvec(&old).unwrap();
         let read = decode_audit(&bytes).unwrap();
-        assert_eq!((read.epoch, read.code), (3, None));
+        assert_eq!((read.epoch, read.code), (Epoch(3), None));
         assert_eq!(read.reason, "edge link down");
         let current = record(9);
         let bytes = postcard::to_stdvec(&current).unwrap();

@@ -5,6 +5,7 @@
 //! grant only by [`Grants::issue`], a compare-and-set on the stored one that also demands a
 //! higher epoch, so however many deciders race, no two grants of a location share an epoch.
 
+use crate::identity::{EdgeId, Epoch, UnitId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -26,7 +27,7 @@ pub enum IssueError {
     )]
     Conflict {
         /// The edge location.
-        unit: String,
+        unit: UnitId,
         /// The grant the decider expected to replace.
         expected: ControlState,
         /// The grant it tried to issue.
@@ -73,14 +74,14 @@ pub use crate::control::Held;
 pub trait Grants: Send + Sync {
     /// Every edge location's stored grant (a location never granted is absent: it is the
     /// edge's, at epoch 0).
-    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, Held>, StoreError>>;
+    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<UnitId, Held>, StoreError>>;
 
     /// Stores `grant` for `unit` if the stored grant is `expected` (absent counts as the
     /// default) and `grant`'s epoch is above it; durable when it answers `Ok`. A master's
     /// grant names this master when `here`, else the master the expected grant names.
     fn issue(
         self: Arc<Self>,
-        unit: String,
+        unit: UnitId,
         expected: ControlState,
         grant: ControlState,
         here: bool,
@@ -90,7 +91,7 @@ pub trait Grants: Send + Sync {
     /// not). A master alone wrote it and nobody else: it is.
     fn confirm(
         self: Arc<Self>,
-        _unit: String,
+        _unit: UnitId,
         _grant: ControlState,
     ) -> Pending<Result<(), IssueError>> {
         Box::pin(async { Ok(()) })
@@ -98,14 +99,14 @@ pub trait Grants: Send + Sync {
 }
 
 impl Grants for Store {
-    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, Held>, StoreError>> {
+    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<UnitId, Held>, StoreError>> {
         Box::pin(async move {
             let states = tokio::task::spawn_blocking(move || self.control_states())
                 .await
                 .map_err(|err| StoreError::Stopped(err.to_string()))??;
             Ok(states
                 .into_iter()
-                .map(|(unit, grant)| (unit, Held { grant, here: true }))
+                .map(|(unit, grant)| (UnitId::new(unit), Held { grant, here: true }))
                 .collect())
         })
     }
@@ -115,7 +116,7 @@ impl Grants for Store {
     /// linking together), each compared as if alone.
     fn issue(
         self: Arc<Self>,
-        unit: String,
+        unit: UnitId,
         expected: ControlState,
         grant: ControlState,
         _here: bool,
@@ -141,7 +142,7 @@ impl Grants for Store {
 
 /// A grant waiting to be stored, and who waits for it.
 pub(super) struct GrantJob {
-    unit: String,
+    unit: UnitId,
     expected: ControlState,
     grant: ControlState,
     answer: tokio::sync::oneshot::Sender<Result<(), IssueError>>,
@@ -170,7 +171,7 @@ impl GrantQueue {
                 let Some(store) = store.upgrade() else {
                     return;
                 };
-                let asked: Vec<(String, ControlState, ControlState)> = batch
+                let asked: Vec<(UnitId, ControlState, ControlState)> = batch
                     .iter()
                     .map(|job| (job.unit.clone(), job.expected, job.grant))
                     .collect();
@@ -207,7 +208,7 @@ impl Store {
         expected: ControlState,
         grant: ControlState,
     ) -> Result<(), IssueError> {
-        let mut answers = self.issue_grants(&[(unit.to_string(), expected, grant)])?;
+        let mut answers = self.issue_grants(&[(UnitId::new(unit), expected, grant)])?;
         answers.pop().unwrap_or(Ok(()))
     }
 
@@ -216,7 +217,7 @@ impl Store {
     /// answered on its own. An error of the file fails them all (nothing stored).
     pub fn issue_grants(
         &self,
-        asked: &[(String, ControlState, ControlState)],
+        asked: &[(UnitId, ControlState, ControlState)],
     ) -> Result<Vec<Result<(), IssueError>>, StoreError> {
         let outcomes = self.write_txn(|txn| {
             let mut table = txn.open_table(CONTROL)?;
@@ -261,22 +262,22 @@ impl Store {
 pub trait Claims: Send + Sync {
     /// Claims `unit` under this master's grant of `epoch`; refused when the grant is not
     /// that, or another master's claim stands, or the lease is gone.
-    fn claim(self: Arc<Self>, unit: String, epoch: u64) -> Pending<Result<(), StoreError>>;
+    fn claim(self: Arc<Self>, unit: UnitId, epoch: Epoch) -> Pending<Result<(), StoreError>>;
 
     /// Withdraws this master's claim of `unit`, if it has one.
-    fn release(self: Arc<Self>, unit: String) -> Pending<Result<(), StoreError>>;
+    fn release(self: Arc<Self>, unit: UnitId) -> Pending<Result<(), StoreError>>;
 
     /// Says this master holds `edge`'s link, the one of `generation` (refused when the
     /// lease is gone).
-    fn link(self: Arc<Self>, edge: String, generation: u64) -> Pending<Result<(), StoreError>>;
+    fn link(self: Arc<Self>, edge: EdgeId, generation: u64) -> Pending<Result<(), StoreError>>;
 
     /// Withdraws that, if the link key is still that link's (a newer link of the same edge
     /// keeps its own).
-    fn unlink(self: Arc<Self>, edge: String, generation: u64) -> Pending<Result<(), StoreError>>;
+    fn unlink(self: Arc<Self>, edge: EdgeId, generation: u64) -> Pending<Result<(), StoreError>>;
 
     /// Withdraws a link key of this master's for `edge`, whatever its link (one an unlink
     /// that failed left while the master holds no link of the edge).
-    fn unlink_stale(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>>;
+    fn unlink_stale(self: Arc<Self>, edge: EdgeId) -> Pending<Result<(), StoreError>>;
 }
 
 fn encode(state: ControlState) -> Vec<u8> {
@@ -324,7 +325,10 @@ mod tests {
     use crate::control::Owner;
 
     fn grant(owner: Owner, epoch: u64) -> ControlState {
-        ControlState { owner, epoch }
+        ControlState {
+            owner,
+            epoch: Epoch(epoch),
+        }
     }
 
     #[test]
@@ -363,7 +367,12 @@ mod tests {
             let store = store.clone();
             asked.push(tokio::spawn(async move {
                 store
-                    .issue(format!("u{unit}"), start, grant(Owner::Master, 1), true)
+                    .issue(
+                        UnitId::new(format!("u{unit}")),
+                        start,
+                        grant(Owner::Master, 1),
+                        true,
+                    )
                     .await
             }));
         }
@@ -411,7 +420,10 @@ mod tests {
                             .get("e")
                             .copied()
                             .unwrap_or_default();
-                        let next = grant(owner, read.epoch + 1);
+                        let next = ControlState {
+                            owner,
+                            epoch: read.epoch.next(),
+                        };
                         if store.issue_grant("e", read, next).is_ok() {
                             issued.lock().unwrap().push(next);
                         }
@@ -419,7 +431,7 @@ mod tests {
                 });
             }
         });
-        let mut epochs: Vec<u64> = issued
+        let mut epochs: Vec<Epoch> = issued
             .into_inner()
             .unwrap()
             .iter()

@@ -64,7 +64,7 @@ async fn audit(
                             query
                                 .edge
                                 .as_ref()
-                                .is_none_or(|edge| &e.entry.record.edge == edge)
+                                .is_none_or(|edge| e.entry.record.edge.as_str() == edge)
                         })
                         .map(|e| {
                             let mut view = tether_common::api::audit_entry_json(&e.entry);

@@ -13,6 +13,7 @@ use serde_json::Value;
 use tether_common::api::{
     Access, ApiLimits, Health, Live, Overview, health, live_routes, module_routes, protect,
 };
+use tether_common::control::MasterId;
 use tether_common::runtime::Runtime;
 use tether_common::store::Store;
 
@@ -138,12 +139,15 @@ async fn masters(
             "lease_age_ms": null,
         })]);
     };
-    let held = |map: &std::collections::BTreeMap<String, String>, master: &str| -> Vec<String> {
+    fn held<K: ToString>(
+        map: &std::collections::BTreeMap<K, MasterId>,
+        master: &MasterId,
+    ) -> Vec<String> {
         map.iter()
             .filter(|(_, m)| *m == master)
-            .map(|(unit, _)| unit.clone())
+            .map(|(unit, _)| unit.to_string())
             .collect()
-    };
+    }
     axum::Json(
         cluster
             .live

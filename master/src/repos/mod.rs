@@ -498,10 +498,10 @@ impl Repositories {
     async fn audit(&self, id: &str, from: Option<String>, to: &str, refused: bool, reason: String) {
         let record = AuditRecord {
             time_ms: now_ms(),
-            edge: String::new(),
+            edge: Default::default(),
             from: ControlOwner::Master,
             to: ControlOwner::Master,
-            epoch: 0,
+            epoch: Default::default(),
             reason,
             code: Some(CodeAudit {
                 repository: id.to_string(),

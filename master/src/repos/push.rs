@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_common::code::{commit_label, short};
+use tether_common::control::EdgeId;
 use tether_common::link::Link;
 use tether_common::protocol::{EntityKind, RepositoryAction, Request, Response};
 
@@ -21,7 +22,7 @@ const UPDATE_TIMEOUT: Duration = Duration::from_secs(120);
 const RETRY: Duration = Duration::from_secs(3);
 
 /// Runs until the link closes.
-pub async fn push_code(edge_id: String, link: Link, repos: Arc<Repositories>) {
+pub async fn push_code(edge_id: EdgeId, link: Link, repos: Arc<Repositories>) {
     let mut generation = repos.watch();
     let mut version = repos.model().watch_version();
     // What the edge acknowledged on this link, by repository.

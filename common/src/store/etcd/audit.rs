@@ -9,6 +9,7 @@ use etcd_client::{DeleteOptions, Txn, TxnOp};
 use super::Etcd;
 use super::model::prefix_end;
 use crate::control::AuditRecord;
+use crate::identity::MasterId;
 use crate::store::grants::Pending;
 use crate::store::{AuditEntry, AuditSource, SharedAudit, SharedAuditEntry, StoreError};
 
@@ -25,15 +26,15 @@ struct StoredEntry {
 #[derive(Debug, Clone)]
 pub struct EtcdAudit {
     etcd: Etcd,
-    master_id: String,
+    master_id: MasterId,
 }
 
 impl EtcdAudit {
     /// Master `master_id`'s hand.
-    pub fn new(etcd: Etcd, master_id: &str) -> Self {
+    pub fn new(etcd: Etcd, master_id: &MasterId) -> Self {
         EtcdAudit {
             etcd,
-            master_id: master_id.to_string(),
+            master_id: master_id.clone(),
         }
     }
 
@@ -95,7 +96,7 @@ impl SharedAudit for EtcdAudit {
                 let key = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
                 let Some((master, seq)) = key
                     .split_once('/')
-                    .and_then(|(master, seq)| Some((master.to_string(), seq.parse().ok()?)))
+                    .and_then(|(master, seq)| Some((MasterId::new(master), seq.parse().ok()?)))
                 else {
                     continue;
                 };

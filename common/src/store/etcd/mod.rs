@@ -6,6 +6,7 @@
 //! `mod_revision` (the etcd revision that last wrote it), not its bytes, so a change of
 //! encoding between versions of Tether cannot make two deciders both win.
 
+use crate::identity::{EdgeId, Epoch, MasterId, UnitId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,7 +172,7 @@ struct StoredGrant {
     #[serde(flatten)]
     grant: ControlState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    master: Option<String>,
+    master: Option<MasterId>,
 }
 
 /// One master's view of the control state the masters share in etcd: grants
@@ -182,7 +183,7 @@ struct StoredGrant {
 #[derive(Debug, Clone)]
 pub struct EtcdControl {
     etcd: Etcd,
-    master_id: String,
+    master_id: MasterId,
     /// The presence lease this master writes under (0: none, only in tests without
     /// presence); replaced when the master joins again on a new lease.
     lease: Arc<std::sync::atomic::AtomicI64>,
@@ -199,10 +200,10 @@ type Read = (StoredGrant, Option<i64>);
 
 impl EtcdControl {
     /// Master `master_id`'s view, writing under `lease` (its presence lease).
-    pub fn new(etcd: Etcd, master_id: &str, lease: Option<i64>) -> Self {
+    pub fn new(etcd: Etcd, master_id: &MasterId, lease: Option<i64>) -> Self {
         EtcdControl {
             etcd,
-            master_id: master_id.to_string(),
+            master_id: master_id.clone(),
             lease: Arc::new(lease.unwrap_or(0).into()),
             slots: Arc::new(tokio::sync::Semaphore::new(CONTROL_IN_FLIGHT)),
         }
@@ -279,7 +280,7 @@ impl EtcdControl {
         }
     }
 
-    async fn all(&self) -> Result<BTreeMap<String, Held>, StoreError> {
+    async fn all(&self) -> Result<BTreeMap<UnitId, Held>, StoreError> {
         let prefix = self.grant_key("");
         let answer = self
             .etcd
@@ -293,7 +294,7 @@ impl EtcdControl {
             let stored = self.decode(&unit, kv.value())?;
             let here = stored.master.as_deref() == Some(self.master_id.as_str());
             grants.insert(
-                unit,
+                UnitId::new(unit),
                 Held {
                     grant: stored.grant,
                     here,
@@ -311,7 +312,7 @@ impl EtcdControl {
         here: bool,
     ) -> Result<(), IssueError> {
         let conflict = |stored: StoredGrant| IssueError::Conflict {
-            unit: unit.to_string(),
+            unit: UnitId::new(unit),
             expected,
             grant,
             stored_here: stored.master.as_deref() == Some(self.master_id.as_str()),
@@ -344,7 +345,7 @@ impl EtcdControl {
         if grant.owner == Owner::Master && here {
             for key in [self.link_key(unit), self.claim_key(unit)] {
                 match self.owner_of(&key).await? {
-                    (Some(owner), _) if link_master(&owner) != self.master_id => {
+                    (Some(owner), _) if self.master_id != link_master(&owner) => {
                         return Err(conflict(stored));
                     }
                     (_, revision) => when.push(match revision {
@@ -398,7 +399,7 @@ impl EtcdControl {
         }
     }
 
-    async fn claim_unit(&self, unit: &str, epoch: u64) -> Result<(), StoreError> {
+    async fn claim_unit(&self, unit: &str, epoch: Epoch) -> Result<(), StoreError> {
         let (stored, revision) = self.read(unit).await?;
         let mine = StoredGrant {
             grant: ControlState {
@@ -480,7 +481,7 @@ impl EtcdControl {
 }
 
 impl Grants for EtcdControl {
-    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<String, Held>, StoreError>> {
+    fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<UnitId, Held>, StoreError>> {
         Box::pin(async move {
             let _slot = self.slot().await;
             self.all().await
@@ -489,7 +490,7 @@ impl Grants for EtcdControl {
 
     fn issue(
         self: Arc<Self>,
-        unit: String,
+        unit: UnitId,
         expected: ControlState,
         grant: ControlState,
         here: bool,
@@ -502,7 +503,7 @@ impl Grants for EtcdControl {
 
     fn confirm(
         self: Arc<Self>,
-        unit: String,
+        unit: UnitId,
         grant: ControlState,
     ) -> Pending<Result<(), IssueError>> {
         Box::pin(async move {
@@ -519,7 +520,7 @@ impl EtcdControl {
             return Ok(());
         }
         Err(IssueError::Conflict {
-            unit: unit.to_string(),
+            unit: UnitId::new(unit),
             expected: grant,
             grant,
             stored_here: stored.master.as_deref() == Some(self.master_id.as_str()),
@@ -529,14 +530,14 @@ impl EtcdControl {
 }
 
 impl Claims for EtcdControl {
-    fn claim(self: Arc<Self>, unit: String, epoch: u64) -> Pending<Result<(), StoreError>> {
+    fn claim(self: Arc<Self>, unit: UnitId, epoch: Epoch) -> Pending<Result<(), StoreError>> {
         Box::pin(async move {
             let _slot = self.slot().await;
             self.claim_unit(&unit, epoch).await
         })
     }
 
-    fn release(self: Arc<Self>, unit: String) -> Pending<Result<(), StoreError>> {
+    fn release(self: Arc<Self>, unit: UnitId) -> Pending<Result<(), StoreError>> {
         Box::pin(async move {
             let _slot = self.slot().await;
             let key = self.claim_key(&unit);
@@ -545,14 +546,14 @@ impl Claims for EtcdControl {
         })
     }
 
-    fn link(self: Arc<Self>, edge: String, generation: u64) -> Pending<Result<(), StoreError>> {
+    fn link(self: Arc<Self>, edge: EdgeId, generation: u64) -> Pending<Result<(), StoreError>> {
         Box::pin(async move {
             let _slot = self.slot().await;
             self.link_edge(&edge, generation).await
         })
     }
 
-    fn unlink(self: Arc<Self>, edge: String, generation: u64) -> Pending<Result<(), StoreError>> {
+    fn unlink(self: Arc<Self>, edge: EdgeId, generation: u64) -> Pending<Result<(), StoreError>> {
         Box::pin(async move {
             let _slot = self.slot().await;
             let key = self.link_key(&edge);
@@ -562,12 +563,12 @@ impl Claims for EtcdControl {
         })
     }
 
-    fn unlink_stale(self: Arc<Self>, edge: String) -> Pending<Result<(), StoreError>> {
+    fn unlink_stale(self: Arc<Self>, edge: EdgeId) -> Pending<Result<(), StoreError>> {
         Box::pin(async move {
             let _slot = self.slot().await;
             let key = self.link_key(&edge);
             match self.owner_of(&key).await? {
-                (Some(value), _) if link_master(&value) == self.master_id => {
+                (Some(value), _) if self.master_id == link_master(&value) => {
                     self.delete_if(key, &value, "cannot withdraw a link key")
                         .await
                 }
@@ -601,7 +602,7 @@ pub enum JoinError {
     #[error(
         "master id {0:?} is already in use by a live master (its presence key exists under another lease): give each master its own master_id"
     )]
-    DuplicateId(String),
+    DuplicateId(MasterId),
     /// etcd failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -615,7 +616,7 @@ impl Presence {
     /// same id, and refused.
     pub async fn join(
         etcd: &Etcd,
-        master_id: &str,
+        master_id: &MasterId,
         info: &serde_json::Value,
         ttl_ms: u64,
     ) -> Result<Presence, JoinError> {
@@ -653,7 +654,7 @@ impl Presence {
             }
             let _ = client.lease_revoke(lease).await;
             if tokio::time::Instant::now() >= give_up {
-                return Err(JoinError::DuplicateId(master_id.to_string()));
+                return Err(JoinError::DuplicateId(master_id.clone()));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
@@ -784,8 +785,8 @@ pub struct Mirror {
     /// Keys under the prefix (without it) and their values.
     keys: BTreeMap<String, Vec<u8>>,
     /// The grants decoded, once each as they come (thousands are read at every change).
-    grants: BTreeMap<String, (ControlState, Option<String>)>,
-    link_ended: BTreeMap<String, Mono>,
+    grants: BTreeMap<UnitId, (ControlState, Option<MasterId>)>,
+    link_ended: BTreeMap<EdgeId, Mono>,
     /// Whether the mirror follows etcd now (false: etcd out of reach, the mirror frozen).
     pub following: bool,
 }
@@ -799,9 +800,9 @@ impl Mirror {
     }
 
     /// The ids of the masters present (their leases live).
-    pub fn masters(&self) -> Vec<String> {
+    pub fn masters(&self) -> Vec<MasterId> {
         self.under("masters/")
-            .map(|(id, _)| id.to_string())
+            .map(|(id, _)| MasterId::new(id))
             .collect()
     }
 
@@ -812,17 +813,17 @@ impl Mirror {
     }
 
     /// Every edge's link holder.
-    pub fn links(&self) -> BTreeMap<String, String> {
+    pub fn links(&self) -> BTreeMap<EdgeId, MasterId> {
         self.under("links/")
             .map(|(edge, m)| {
                 let value = String::from_utf8_lossy(m);
-                (edge.to_string(), link_master(&value).to_string())
+                (EdgeId::new(edge), MasterId::new(link_master(&value)))
             })
             .collect()
     }
 
     /// When each edge's link key last went, as this master saw it.
-    pub fn links_ended(&self) -> BTreeMap<String, Mono> {
+    pub fn links_ended(&self) -> BTreeMap<EdgeId, Mono> {
         self.link_ended.clone()
     }
 
@@ -834,14 +835,14 @@ impl Mirror {
     }
 
     /// Every claimed unit and the master claiming it.
-    pub fn runners(&self) -> BTreeMap<String, String> {
+    pub fn runners(&self) -> BTreeMap<UnitId, MasterId> {
         self.under("running/")
-            .map(|(unit, m)| (unit.to_string(), String::from_utf8_lossy(m).into_owned()))
+            .map(|(unit, m)| (UnitId::new(unit), MasterId::new(String::from_utf8_lossy(m))))
             .collect()
     }
 
     /// Every stored grant, and for a master's grant the master it names.
-    pub fn grants(&self) -> BTreeMap<String, (ControlState, Option<String>)> {
+    pub fn grants(&self) -> BTreeMap<UnitId, (ControlState, Option<MasterId>)> {
         self.grants.clone()
     }
 
@@ -850,7 +851,7 @@ impl Mirror {
         if let Some(edge) = key.strip_prefix("links/")
             && gone
         {
-            self.link_ended.insert(edge.to_string(), mono_now());
+            self.link_ended.insert(EdgeId::new(edge), mono_now());
         }
         if let Some(unit) = key.strip_prefix("grants/") {
             let decoded = value
@@ -859,7 +860,7 @@ impl Mirror {
             match decoded {
                 Some(stored) => self
                     .grants
-                    .insert(unit.to_string(), (stored.grant, stored.master)),
+                    .insert(UnitId::new(unit), (stored.grant, stored.master)),
                 None => self.grants.remove(unit),
             };
         }
