@@ -138,6 +138,7 @@ impl ClusterInputs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tether_common::store::{Pending, StoreError};
 
     #[test]
     fn a_call_goes_to_the_link_holder_then_to_the_runner_and_stays_where_either_is_here() {
@@ -157,6 +158,92 @@ mod tests {
         inputs.runners.clear();
         inputs.links.insert("e1".into(), "m1".into());
         assert_eq!(serving(&inputs), None, "linked here");
+    }
+
+    /// Claims and link keys always taken: this test is about what the unit publishes.
+    struct Granting;
+
+    impl Claims for Granting {
+        fn claim(self: Arc<Self>, _: UnitId, _: Epoch) -> Pending<Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn release(self: Arc<Self>, _: UnitId) -> Pending<Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn link(self: Arc<Self>, _: EdgeId, _: u64) -> Pending<Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn unlink(self: Arc<Self>, _: EdgeId, _: u64) -> Pending<Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn unlink_stale(self: Arc<Self>, _: EdgeId) -> Pending<Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A grant another master issued reaches this master's machine through the cluster's
+    /// inputs, not through an issue of its own: what the API, the proxy's hints and the
+    /// runtime's fence read must follow it all the same.
+    #[tokio::test]
+    async fn a_grant_learned_from_another_master_is_published_as_the_units_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("master.redb")).unwrap());
+        let runtime = Runtime::new(
+            tether_common::runtime::Executor::Master(Some("m1".into())),
+            tether_common::runtime::ScriptLimits::default(),
+        );
+        let (publish, inputs) = watch::channel(Arc::new(ClusterInputs {
+            me: "m1".into(),
+            lease: Lease::Lost,
+            ..ClusterInputs::default()
+        }));
+        let control = Control::start(
+            store.clone(),
+            store,
+            runtime,
+            EdgeRegistry::new(dir.path().to_path_buf()),
+            Some(ClusterHooks {
+                claims: Arc::new(Granting),
+                inputs,
+            }),
+        )
+        .await
+        .unwrap();
+        let mut model = Model::default();
+        model
+            .set_json(
+                tether_common::protocol::EntityKind::Edge,
+                "e1",
+                Some(r#"{"id":"e1","failover":true,"timeout_ms":60000}"#),
+            )
+            .unwrap();
+        control.model_changed(Arc::new(model));
+        control.booted();
+        assert_eq!(control.state("e1"), Some(ControlState::default()));
+
+        let theirs = ControlState {
+            owner: Owner::Master,
+            epoch: Epoch(4),
+        };
+        let unit = UnitId::new("e1");
+        publish.send_replace(Arc::new(ClusterInputs {
+            me: "m1".into(),
+            lease: Lease::Until(tether_common::control::clock::mono_now().plus(60_000)),
+            live: vec!["m1".into(), "m2".into()],
+            runners: [(unit.clone(), "m2".into())].into(),
+            grants: [(unit, (theirs, Some("m2".into())))].into(),
+            ..ClusterInputs::default()
+        }));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while control.state("e1") != Some(theirs) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            control.state("e1"),
+            Some(theirs),
+            "m2's grant, as m1 shows it"
+        );
+        assert!(control.running_here().is_empty(), "m1 runs nothing of m2's");
     }
 }
 

@@ -658,3 +658,79 @@ async fn code_pulled_on_one_master_runs_on_every_master_and_edge_from_the_shared
         assert_eq!(record["commit"], pulled["commit"], "m{}: {record}", i + 1);
     }
 }
+
+/// The master holding an edge's link keeps its link key written: a key withdrawn by
+/// someone else (a master whose own, dead link of the edge wrote the key late and then
+/// withdrew it) is written again, so no master fails over an edge that is linked.
+#[tokio::test]
+async fn a_link_key_withdrawn_under_a_live_link_is_written_again_and_nothing_fails_over() {
+    use tether_common::store::etcd::{DEFAULT_PREFIX, Etcd};
+    let projector = Sim::projector();
+    let cluster = start(&projector, 2).await;
+    let edge = cluster.edge_admin(0).await;
+    wait_for(
+        "the edge to run its room",
+        Duration::from_secs(20),
+        || async { (executor(&edge).await.as_deref() == Some("edge:site-1")).then_some(()) },
+    )
+    .await;
+    let holder_of_link = || async {
+        let (_, body) = cluster.master_api(0).get("/api/v1/masters").await;
+        body.as_array()?
+            .iter()
+            .find(|m| {
+                m["edges"]
+                    .as_array()
+                    .is_some_and(|edges| edges.iter().any(|e| e == "site-1"))
+            })
+            .and_then(|m| m["id"].as_str().map(str::to_string))
+    };
+    let holder = wait_for(
+        "a master to hold the link's key",
+        Duration::from_secs(10),
+        || holder_of_link(),
+    )
+    .await;
+
+    let etcd = Etcd::connect(
+        &cluster.etcd.endpoints(),
+        DEFAULT_PREFIX,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("etcd answers");
+    etcd.client()
+        .delete(etcd.key("links/site-1"), None)
+        .await
+        .expect("the key is deleted");
+    let gone_at = Instant::now();
+    // Read from etcd itself: a master's view may still show the key a moment after.
+    let back = wait_for(
+        "the link key written again",
+        Duration::from_secs(5),
+        || async {
+            let answer = etcd
+                .client()
+                .get(etcd.key("links/site-1"), None)
+                .await
+                .ok()?;
+            let value = answer.kvs().first()?.value_str().ok()?.to_string();
+            value.split_once('#').map(|(master, _)| master.to_string())
+        },
+    )
+    .await;
+    assert_eq!(back, holder, "by the master that holds the link");
+    println!("link key back after {:?}", gone_at.elapsed());
+
+    // Past the failover timeout: the edge still runs its room, and no master took it.
+    tokio::time::sleep(Duration::from_millis(TIMEOUT_MS + 1500)).await;
+    assert_eq!(executor(&edge).await.as_deref(), Some("edge:site-1"));
+    for i in 0..cluster.masters.len() {
+        assert!(
+            takeovers(&cluster.master_api(i)).await.is_empty(),
+            "m{} recorded a takeover of a linked edge",
+            i + 1
+        );
+    }
+    assert_eq!(refused(&projector), 0, "never two sessions");
+}
