@@ -74,6 +74,7 @@ async fn start() -> Masters {
             "fn echo(x) { x }\n".into(),
         )],
         etcd_members: 1,
+        clock_offsets_s: Vec::new(),
     })
     .await
 }

@@ -17,6 +17,7 @@ pub mod process;
 pub mod proxy;
 pub mod rogue;
 pub mod sim;
+pub mod skew;
 pub mod ws;
 
 use std::time::{Duration, Instant};

@@ -32,6 +32,8 @@ pub struct MastersSpec {
     /// etcd's members. With one, each master reaches it through a fault proxy of its own;
     /// with more, each master lists every member's own address.
     pub etcd_members: usize,
+    /// Each master's wall clock, off by this many seconds (by index; missing: none).
+    pub clock_offsets_s: Vec<i64>,
 }
 
 /// One master of the cluster.
@@ -118,11 +120,14 @@ impl Masters {
                 ),
             )
             .unwrap();
-            let server = Server::start(
+            let server = Server::start_with_env(
                 &id,
                 &bin("tether-master"),
                 &["--config", config.to_str().unwrap()],
                 &root.join(format!("{id}.log")),
+                crate::skew::wall_clock_off_by(
+                    spec.clock_offsets_s.get(i - 1).copied().unwrap_or(0),
+                ),
             );
             masters.push(Master {
                 id,

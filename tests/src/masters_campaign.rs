@@ -164,6 +164,7 @@ pub async fn run(spec: CampaignSpec) {
         site_extra: site(&sims),
         files: Vec::new(),
         etcd_members: 3,
+        clock_offsets_s: Vec::new(),
     })
     .await;
     wait_for("a master to run the hall", Duration::from_secs(30), || {

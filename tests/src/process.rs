@@ -37,17 +37,31 @@ pub struct Server {
     program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
+    /// Environment set for the process beside the test's own.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Server {
     /// Starts `program args`, appending stdout and stderr to `log`.
     pub fn start(name: &str, program: &Path, args: &[&str], log: &Path) -> Server {
+        Server::start_with_env(name, program, args, log, Vec::new())
+    }
+
+    /// [`start`](Self::start) with `env` set for the process (kept across restarts).
+    pub fn start_with_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        log: &Path,
+        env: Vec<(String, String)>,
+    ) -> Server {
         let mut server = Server {
             name: name.to_string(),
             program: program.to_path_buf(),
             args: args.iter().map(|a| a.to_string()).collect(),
             log: log.to_path_buf(),
+            env,
             child: None,
         };
         server.spawn();
@@ -68,6 +82,7 @@ impl Server {
                 std::env::var("TETHER_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -22,17 +22,14 @@ async fn a_long_fault_campaign_loses_nothing() {
 }
 
 /// The campaign among several masters (`tests/src/masters_campaign.rs`): masters and etcd
-/// members as targets as well as edges. `TETHER_CAMPAIGN_SEED` replays it too.
+/// members as targets as well as edges, 30 faults in every `cargo test` with the `cluster`
+/// feature. `TETHER_CAMPAIGN_SEED` replays it.
 ///
-/// Opt-in until repeated runs show the fix of the defect it found holds: in about one
-/// run in two, once the faults stopped, the master holding an edge's link kept showing an
-/// older grant (edge, epoch 3) than the one stored and shown by the edge and the other
-/// masters (master, epoch 4): its machine had taken in the newer grant, but the copy its
-/// API, proxy and fence read was published only for grants it issued itself (fixed by
-/// `Unit::settle`). No write was lost and no device saw two controllers in those runs.
+/// It found one defect, since fixed (`Unit::settle`): once the faults stopped, the master
+/// holding an edge's link could keep showing an older grant than the one stored, because
+/// the copy its API, proxy and fence read was published only for grants it issued itself.
 #[cfg(feature = "cluster")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "opt-in until repeated runs confirm the fix of the stale published grant: see the comment"]
 async fn a_short_fault_campaign_among_several_masters_loses_nothing() {
     let seed = CampaignSpec::from_env(30).seed;
     tether_tests::masters_campaign::run(CampaignSpec { faults: 30, seed }).await;

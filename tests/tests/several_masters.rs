@@ -84,6 +84,7 @@ async fn start(projector: &Sim, masters: usize) -> Masters {
             "fn ping() { \"pong\" }\n".into(),
         )],
         etcd_members: 1,
+        clock_offsets_s: Vec::new(),
     })
     .await
 }
@@ -327,6 +328,15 @@ modules = ["hall-note", "hall-display"]
 /// `masters` masters on etcd of `members`, two edges with a room each, and a hall of no
 /// edge whose display is the projector returned; with each edge's admin API.
 async fn start_hall(masters: usize, members: usize) -> (Sim, Masters, [ApiClient; 2]) {
+    start_hall_skewed(masters, members, Vec::new()).await
+}
+
+/// [`start_hall`] with each master's wall clock off by the seconds given.
+async fn start_hall_skewed(
+    masters: usize,
+    members: usize,
+    clock_offsets_s: Vec<i64>,
+) -> (Sim, Masters, [ApiClient; 2]) {
     let projector = Sim::projector();
     let cluster = Masters::start(MastersSpec {
         masters,
@@ -339,6 +349,7 @@ async fn start_hall(masters: usize, members: usize) -> (Sim, Masters, [ApiClient
             "fn ping() { \"pong\" }\n".into(),
         )],
         etcd_members: members,
+        clock_offsets_s,
     })
     .await;
     let edges = [cluster.edge_admin(0).await, cluster.edge_admin(1).await];
@@ -414,6 +425,108 @@ async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_kee
             );
         }
     }
+}
+
+/// Masters whose wall clocks are minutes apart (one 5 min behind, one 5 min ahead) agree
+/// all the same: leases are etcd's time to live and each master's monotonic clock, and
+/// failure detection is each master's own monotonic clock, so no wall clock is compared
+/// with another. An edge killed is taken by exactly one master after its timeout; the
+/// master running the hall killed, a survivor runs it after the lease, with no overlap.
+#[tokio::test]
+async fn masters_whose_clocks_are_minutes_apart_fail_over_on_time_and_once() {
+    const OFFSETS_S: [i64; 3] = [0, -300, 300];
+    let (projector, mut cluster, edges) = start_hall_skewed(3, 1, OFFSETS_S.to_vec()).await;
+    wait_for(
+        "site-1 to run its room",
+        Duration::from_secs(15),
+        || async {
+            let (status, body) = edges[0].exec("room-1", "Note", 1, "ping", json!([])).await;
+            (status == 200 && body["executed_by"] == "edge:site-1").then_some(())
+        },
+    )
+    .await;
+    let holder = wait_for("a master to run the hall", Duration::from_secs(10), || {
+        runner_of(&cluster, "hall")
+    })
+    .await;
+
+    // site-1's edge killed: one master takes its room, after timeout_ms.
+    cluster.edges[0].kill();
+    let killed = Instant::now();
+    let (status, body) = wait_for(
+        "a master to run room-1",
+        Duration::from_secs(15),
+        || async {
+            for i in 0..cluster.masters.len() {
+                let (status, body) = cluster
+                    .master_api(i)
+                    .exec("room-1", "Note", 1, "ping", json!([]))
+                    .await;
+                if status == 200 && body["executed_by"].as_str()?.starts_with("master:") {
+                    return Some((status, body));
+                }
+            }
+            None
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    eprintln!("{body} after {took:?}");
+    assert_eq!(status, 200);
+    assert!(
+        took >= Duration::from_millis(TIMEOUT_MS),
+        "not before timeout_ms: {took:?}"
+    );
+    let records = wait_for(
+        "the takeover in the shared audit",
+        Duration::from_secs(5),
+        || async {
+            let records = takeovers_of(&cluster.master_api(0), "site-1").await;
+            (!records.is_empty()).then_some(records)
+        },
+    )
+    .await;
+    assert_eq!(records.len(), 1, "exactly one master took it: {records:?}");
+    // The clocks really are apart: each master's log is stamped with its own wall clock.
+    for (i, master) in cluster.masters.iter().enumerate() {
+        let log = master.server.log_text();
+        let last = log
+            .lines()
+            .rev()
+            .find_map(|line| humantime::parse_rfc3339_weak(line.split_whitespace().next()?).ok());
+        let stamped = last.expect("a stamped log line");
+        let off_s = match stamped.duration_since(std::time::SystemTime::now()) {
+            Ok(ahead) => ahead.as_secs() as i64,
+            Err(behind) => -(behind.duration().as_secs() as i64),
+        };
+        assert!(
+            (off_s - OFFSETS_S[i]).abs() < 60,
+            "m{}'s clock should be {} s off, its log says {off_s} s",
+            i + 1,
+            OFFSETS_S[i]
+        );
+    }
+
+    // The hall's master killed: a survivor runs the hall after the lease, no overlap.
+    cluster.masters[holder].server.kill();
+    let killed = Instant::now();
+    let survivor = wait_for(
+        "a survivor to run the hall",
+        Duration::from_millis(2 * LEASE_MS + 5_000),
+        || runner_of(&cluster, "hall"),
+    )
+    .await;
+    let took = killed.elapsed();
+    eprintln!(
+        "{} ran the hall after {took:?}",
+        cluster.masters[survivor].id
+    );
+    assert_ne!(survivor, holder);
+    assert!(
+        took < Duration::from_millis(LEASE_MS + 1_500),
+        "within the lease and a little: {took:?}"
+    );
+    assert_eq!(refused(&projector), 0, "{:?}", projector.events());
 }
 
 #[tokio::test]
@@ -688,7 +801,7 @@ async fn a_link_key_withdrawn_under_a_live_link_is_written_again_and_nothing_fai
     let holder = wait_for(
         "a master to hold the link's key",
         Duration::from_secs(10),
-        || holder_of_link(),
+        holder_of_link,
     )
     .await;
 

@@ -24,6 +24,7 @@ async fn start() -> Masters {
         site_extra: String::new(),
         files: Vec::new(),
         etcd_members: 1,
+        clock_offsets_s: Vec::new(),
     })
     .await
 }
