@@ -12,15 +12,14 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+pub use tether_common::api::FORWARDED_BY;
 use tether_common::api::{ApiError, PREFERRED_SERVER, checked_api_url};
-use tether_common::control::UnitId;
+use tether_common::control::{MasterId, UnitId};
 use tokio::sync::watch;
 
 use crate::control::ClusterInputs;
 use crate::model::ModelService;
 
-/// Says which master sent a call on (and that it must not go further).
-pub const FORWARDED_BY: &str = "tether-forwarded-by";
 /// Request headers a forwarded call keeps (the rest are the connection's own).
 const KEPT: [&str; 4] = ["authorization", "content-type", "accept", "if-match"];
 /// The largest answer taken from another master (a method's result, a status).
@@ -31,9 +30,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// What forwarding needs: the cluster as this master follows it, the model (to find a
 /// module's unit) and a client trusting the cluster's CA.
 pub struct Forwarder {
-    inputs: watch::Receiver<Arc<ClusterInputs>>,
+    pub(crate) inputs: watch::Receiver<Arc<ClusterInputs>>,
     model: Arc<ModelService>,
     http: reqwest::Client,
+    /// For the WebSockets of clients' sessions sent on ([`crate::ws_relay`]).
+    pub(crate) tls: Arc<rustls::ClientConfig>,
 }
 
 impl Forwarder {
@@ -45,7 +46,7 @@ impl Forwarder {
         tls: rustls::ClientConfig,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
+            .use_preconfigured_tls(tls.clone())
             .connect_timeout(Duration::from_secs(3))
             .timeout(CALL_TIMEOUT)
             .build()?;
@@ -53,15 +54,39 @@ impl Forwarder {
             inputs,
             model,
             http,
+            tls: Arc::new(tls),
         })
     }
 
     /// The master (id, API address) that should serve a call to `path`, when not this one.
-    fn holder_of(&self, path: &str) -> Option<(String, String)> {
+    fn holder_of(&self, path: &str) -> Option<(MasterId, String)> {
         let (model, _) = self.model.snapshot();
         let unit = unit_of_path(&model, path)?;
+        self.holder_of_unit(&unit)
+    }
+
+    /// The master (id, API address) that should serve `system`'s module `name` `index`,
+    /// when not this one.
+    pub(crate) fn holder_of_module(
+        &self,
+        system: &str,
+        name: &str,
+        index: u32,
+    ) -> Option<(MasterId, String)> {
+        let (model, _) = self.model.snapshot();
+        let unit = unit_of_module(&model, system, name, index)?;
+        self.holder_of_unit(&unit)
+    }
+
+    fn holder_of_unit(&self, unit: &UnitId) -> Option<(MasterId, String)> {
         let inputs = self.inputs.borrow();
-        let master = inputs.serving_master(&unit)?;
+        let master = inputs.serving_master(unit)?;
+        self.api_url_of(&inputs, master)
+            .map(|url| (master.clone(), url))
+    }
+
+    /// `master`'s announced API address, when it may be given a client's token.
+    pub(crate) fn api_url_of(&self, inputs: &ClusterInputs, master: &MasterId) -> Option<String> {
         let announced = inputs.info.get(master)?.get("api_url")?.as_str()?;
         // It gets the client's token: a plain https origin only, and never this host's
         // wildcard address (a master that announced its listen address as is).
@@ -69,7 +94,7 @@ impl Forwarder {
             .map_err(|why| tracing::warn!(master = %master, "not forwarding to it: {why}"))
             .ok()
             .filter(|url| !url.contains("://0.0.0.0") && !url.contains("://[::]"))?;
-        Some((master.to_string(), api_url))
+        Some(api_url)
     }
 
     async fn send(
@@ -130,11 +155,7 @@ fn unit_of_path(model: &tether_common::model::Model, path: &str) -> Option<UnitI
     let parts: Vec<&str> = rest.split('/').collect();
     match parts.as_slice() {
         [system, "modules", name, index, _] => {
-            let module = model.system_module(system, name, index.parse().ok()?)?;
-            model
-                .module_edge(module)
-                .map(UnitId::from)
-                .or_else(|| model.local_unit(module))
+            unit_of_module(model, system, name, index.parse().ok()?)
         }
         [system, "start" | "stop" | "expire"] => {
             let record = model.systems.get(*system)?;
@@ -147,6 +168,21 @@ fn unit_of_path(model: &tether_common::model::Model, path: &str) -> Option<UnitI
         }
         _ => None,
     }
+}
+
+/// The unit `system`'s module `name` `index` runs in: its edge's, or its own among the
+/// masters.
+fn unit_of_module(
+    model: &tether_common::model::Model,
+    system: &str,
+    name: &str,
+    index: u32,
+) -> Option<UnitId> {
+    let module = model.system_module(system, name, index)?;
+    model
+        .module_edge(module)
+        .map(UnitId::from)
+        .or_else(|| model.local_unit(module))
 }
 
 /// Middleware on the module routes: sends a call on to the master that holds its unit.

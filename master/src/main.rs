@@ -16,6 +16,7 @@ mod repos;
 mod seed;
 mod server;
 mod sync;
+mod ws_relay;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use tether_tests::api::ApiClient;
 use tether_tests::masters::{Masters, MastersSpec};
 use tether_tests::sim::Sim;
+use tether_tests::ws::WsClient;
 use tether_tests::{CORE, wait_for};
 
 const TIMEOUT_MS: u64 = 2000;
@@ -383,6 +384,35 @@ async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_kee
     )
     .await;
 
+    // A WebSocket client of another master binds the hall display's status: its
+    // binding is made on the holder, and follows the hall to wherever it moves.
+    let other = (0..cluster.masters.len()).find(|i| *i != holder).unwrap();
+    let mut ws = WsClient::connect(
+        &format!(
+            "https://localhost:{}",
+            cluster.masters[other].api_addr.port()
+        ),
+        &cluster.path("certs/ca.pem"),
+        &cluster.master_api(other).token().unwrap(),
+    )
+    .await
+    .expect("a WebSocket to another master");
+    ws.send(json!({"id": 1, "cmd": "bind", "sys": "hall", "mod": "Display", "key": "connected"}))
+        .await;
+    assert_eq!(
+        ws.answer(1, Duration::from_secs(5)).await["type"],
+        "success"
+    );
+    let connected =
+        |m: &Value| m["type"] == "notify" && m["key"] == "connected" && m["value"] == true;
+    ws.wait(
+        "the hall display connected",
+        Duration::from_secs(10),
+        connected,
+    )
+    .await;
+    ws.clear();
+
     // SIGKILL it: a survivor runs the hall once the lease is gone.
     cluster.masters[holder].server.kill();
     let killed = Instant::now();
@@ -405,6 +435,12 @@ async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_kee
         "within the lease and a little: {took:?}"
     );
     assert_eq!(refused(&projector), 0, "{:?}", projector.events());
+    ws.wait(
+        "the hall display connected again, through the binding made before",
+        Duration::from_secs(10),
+        connected,
+    )
+    .await;
 
     // The edges kept their rooms all along, and are linked to survivors.
     for (i, edge) in edges.iter().enumerate() {
@@ -687,6 +723,52 @@ async fn any_master_serves_any_call_by_sending_it_to_the_holder_and_takes_every_
         assert_eq!(answer.status, 200, "m{}: {:?}", i + 1, answer.body);
         assert_eq!(answer.body["executed_by"], "edge:site-1");
     }
+
+    // The same over a WebSocket to a master that holds neither: the hall's exec runs on
+    // its holder, its display's status binding and the room's come through, with a
+    // redirect hint naming the holder.
+    let other = (0..cluster.masters.len()).find(|i| *i != holder).unwrap();
+    let token = cluster.master_api(other).token().unwrap();
+    let mut ws = WsClient::connect(
+        &format!(
+            "https://localhost:{}",
+            cluster.masters[other].api_addr.port()
+        ),
+        &cluster.path("certs/ca.pem"),
+        &token,
+    )
+    .await
+    .expect("a WebSocket to a master that holds nothing");
+    ws.send(json!({"id": 1, "cmd": "exec", "sys": "hall", "mod": "Note", "method": "ping"}))
+        .await;
+    let answer = ws.answer(1, Duration::from_secs(5)).await;
+    assert_eq!(answer["type"], "success", "{answer}");
+    assert_eq!(
+        answer["executed_by"],
+        format!("master:{}", cluster.masters[holder].id)
+    );
+    let hint = ws
+        .wait("a redirect hint", Duration::from_secs(5), |m| {
+            m["type"] == "redirect" && m["sys"] == "hall"
+        })
+        .await;
+    assert_eq!(hint["server"], holder_url.as_str());
+    ws.send(json!({"id": 2, "cmd": "bind", "sys": "hall", "mod": "Display", "key": "connected"}))
+        .await;
+    assert_eq!(
+        ws.answer(2, Duration::from_secs(5)).await["type"],
+        "success"
+    );
+    let notice = ws
+        .wait("the hall display's status", Duration::from_secs(10), |m| {
+            m["type"] == "notify" && m["sys"] == "hall" && m["key"] == "connected"
+        })
+        .await;
+    assert_eq!(notice["value"], true, "{notice}");
+    ws.send(json!({"id": 3, "cmd": "exec", "sys": "room-1", "mod": "Note", "method": "ping"}))
+        .await;
+    let answer = ws.answer(3, Duration::from_secs(5)).await;
+    assert_eq!(answer["executed_by"], "edge:site-1", "{answer}");
 
     // Every master's admin token works on every master; so does a user's.
     let m1_token = cluster.master_api(0).token();

@@ -234,6 +234,17 @@ impl Access {
     }
 }
 
+/// The token a client presented, kept with its request for what must present it again on
+/// the client's behalf (a WebSocket command sent on to the master that serves its module).
+#[derive(Clone)]
+pub struct PresentedToken(pub String);
+
+impl std::fmt::Debug for PresentedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresentedToken(..)")
+    }
+}
+
 /// The bearer token of a request; on the WebSocket route also `?access_token=`, since a
 /// browser cannot set headers on a WebSocket.
 fn presented(request: &Request) -> Option<String> {
@@ -278,6 +289,7 @@ pub async fn authorize(State(access): State<Access>, mut request: Request, next:
         return refuse(request, refused).await;
     }
     request.extensions_mut().insert(principal);
+    request.extensions_mut().insert(PresentedToken(token));
     next.run(request).await
 }
 

@@ -32,6 +32,9 @@ pub trait Overview: Send + Sync {
 pub struct Live {
     pub(super) runtime: Runtime,
     pub(super) overview: Arc<dyn Overview>,
+    /// Where WebSocket commands for modules another server serves go (a master of a
+    /// cluster); none: every command is served here.
+    pub(super) relay: Option<Arc<dyn super::WsRelay>>,
 }
 
 impl Live {
@@ -53,7 +56,17 @@ impl Live {
                 }
             }
         });
-        Live { runtime, overview }
+        Live {
+            runtime,
+            overview,
+            relay: None,
+        }
+    }
+
+    /// Sends WebSocket commands for modules another server serves there, through `relay`.
+    pub fn with_relay(mut self, relay: Arc<dyn super::WsRelay>) -> Self {
+        self.relay = Some(relay);
+        self
     }
 
     fn metrics(&self) -> &Arc<Metrics> {

@@ -12,7 +12,9 @@ mod modules;
 mod token;
 mod ws;
 
-pub use access::{Access, Need, Principal, Role, authorize, need, new_token, token_hash};
+pub use access::{
+    Access, Need, PresentedToken, Principal, Role, authorize, need, new_token, token_hash,
+};
 pub use audit::{audit_entry_json, audit_json, rfc3339};
 pub use error::ApiError;
 pub use health::{Health, health};
@@ -21,6 +23,7 @@ pub use link_policy::{LinkNeed, link_need, link_target, pin_module};
 pub use live::{Live, Overview, live_routes};
 pub use modules::{PREFERRED_SERVER, checked_api_url, module_routes, system_routes, system_view};
 pub use token::{AdminToken, TokenError};
+pub use ws::{Elsewhere, FORWARDED_BY, Upstream, WsRelay};
 
 /// Puts `routes` behind the bearer token and the body limit. The token is checked first,
 /// so a client without one never has its body read.

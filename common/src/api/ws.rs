@@ -7,13 +7,16 @@
 //! unbound or until the socket closes. A client too slow to take what it is sent is cut
 //! off rather than buffered for without limit.
 
-use crate::identity::Epoch;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::http::HeaderMap;
 use axum::response::Response;
+use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -21,7 +24,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::Live;
-use super::{ApiError, Principal};
+use super::{ApiError, PresentedToken, Principal};
+use crate::identity::Epoch;
 use crate::protocol::ModuleRef;
 use crate::runtime::{ExecError, Runtime, StatusEvent};
 
@@ -63,15 +67,73 @@ fn one() -> u32 {
     1
 }
 
+/// Says which master sent a call or a WebSocket on (and that it must not go further).
+pub const FORWARDED_BY: &str = "tether-forwarded-by";
+
+/// Sends a WebSocket client's module commands on to the server that serves the module
+/// (another master of a cluster, holding the edge's link or running the unit), on a
+/// WebSocket of its own with the client's token, and brings the answers back: a client
+/// may bind and call any module on any master.
+pub trait WsRelay: Send + Sync {
+    /// The server serving `system`'s module `name` `index`, when it is not this one.
+    fn serving_elsewhere(&self, system: &str, name: &str, index: u32) -> Option<Elsewhere>;
+    /// Opens a WebSocket to `server` with the client's `token`.
+    fn open(&self, server: &str, token: &str) -> BoxFuture<'static, Result<Upstream, String>>;
+}
+
+/// Another server that serves a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Elsewhere {
+    /// Its id (one WebSocket to it per session).
+    pub server: String,
+    /// Its API address, for the client's redirect hint.
+    pub api_url: String,
+}
+
+/// A WebSocket to another server, opened for one client's session.
+pub struct Upstream {
+    /// Command texts to send there.
+    pub commands: mpsc::Sender<String>,
+    /// The messages it sends; closed when the socket ends.
+    pub messages: mpsc::Receiver<Value>,
+}
+
 /// `GET /api/v1/ws`: upgrades to the WebSocket API.
 pub(super) async fn ws(
     State(live): State<Live>,
     Extension(principal): Extension<Principal>,
+    token: Option<Extension<PresentedToken>>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // A session another master sent on is served here: never sent further.
+    let relay = match (&live.relay, token, headers.contains_key(FORWARDED_BY)) {
+        (Some(relay), Some(Extension(PresentedToken(token))), false) => {
+            Some((relay.clone(), token))
+        }
+        _ => None,
+    };
     upgrade
         .max_message_size(MAX_MESSAGE)
-        .on_upgrade(move |socket| session(socket, live, principal))
+        .on_upgrade(move |socket| session(socket, live, principal, relay))
+}
+
+/// A WebSocket to another server this session sends commands on.
+struct Upstreamed {
+    commands: mpsc::Sender<String>,
+    /// Execs sent there and not yet answered (their ids).
+    pending: HashSet<String>,
+    /// Forwards its messages to the session.
+    task: JoinHandle<()>,
+}
+
+/// What a module's commands made on another server, to make again wherever the module
+/// is served when that server's socket ends.
+#[derive(Default)]
+struct Relayed {
+    server: String,
+    /// The `bind` and `debug` commands sent, in order.
+    commands: Vec<String>,
 }
 
 /// One module's status binding on a socket: the keys bound, the values last sent.
@@ -96,9 +158,41 @@ struct Session {
     hinted: HashSet<String>,
     /// Status events of the bindings, back to the session to filter and send.
     events: mpsc::Sender<(Key, StatusEvent)>,
+    /// Where commands for modules served elsewhere go, with the client's token.
+    relay: Option<(Arc<dyn WsRelay>, String)>,
+    /// The other servers' sockets, by server.
+    upstreams: HashMap<String, Upstreamed>,
+    /// The modules whose bindings or debug streams live on another server.
+    relayed: HashMap<Key, Relayed>,
+    /// Messages of the other servers' sockets (`None`: that socket ended).
+    from_upstreams: mpsc::Sender<(String, Option<Value>)>,
+    /// Servers whose socket would not open, not tried again before then.
+    unreachable: HashMap<String, Instant>,
 }
 
-async fn session(socket: WebSocket, live: Live, principal: Principal) {
+/// How often a session in a cluster checks that its bindings are where their modules are
+/// served, and moves those that are not.
+const REHOME_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// A server whose WebSocket would not open is not tried again for this long (its
+/// commands are served here meanwhile).
+const UNREACHABLE_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `text` (a command) without its id: a command the session makes again itself, whose
+/// answer nobody waits for.
+fn without_id(text: &str) -> String {
+    let mut value: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    if let Some(map) = value.as_object_mut() {
+        map.insert("id".into(), Value::Null);
+    }
+    value.to_string()
+}
+
+async fn session(
+    socket: WebSocket,
+    live: Live,
+    principal: Principal,
+    relay: Option<(Arc<dyn WsRelay>, String)>,
+) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<Value>(OUT_QUEUE);
     let writer = tokio::spawn(async move {
@@ -114,6 +208,7 @@ async fn session(socket: WebSocket, live: Live, principal: Principal) {
         Some(sink)
     });
     let (events, mut events_rx) = mpsc::channel(OUT_QUEUE);
+    let (from_upstreams, mut upstream_rx) = mpsc::channel(OUT_QUEUE);
     let mut session = Session {
         runtime: live.runtime.clone(),
         live,
@@ -124,7 +219,14 @@ async fn session(socket: WebSocket, live: Live, principal: Principal) {
         debugs: HashMap::new(),
         hinted: HashSet::new(),
         events,
+        relay,
+        upstreams: HashMap::new(),
+        relayed: HashMap::new(),
+        from_upstreams,
+        unreachable: HashMap::new(),
     };
+    let mut rehome = tokio::time::interval(REHOME_EVERY);
+    rehome.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Why the server ends the session, when the client should be told.
     let mut close = None;
     loop {
@@ -156,7 +258,24 @@ async fn session(socket: WebSocket, live: Live, principal: Principal) {
                     break;
                 }
             }
+            _ = rehome.tick(), if session.relay.is_some() => {
+                if !session.rehome().await {
+                    break;
+                }
+            }
+            Some((server, message)) = upstream_rx.recv() => {
+                let kept = match message {
+                    Some(message) => session.upstream_message(&server, message),
+                    None => session.upstream_ended(&server).await,
+                };
+                if !kept {
+                    break;
+                }
+            }
         }
+    }
+    for (_, upstream) in session.upstreams.drain() {
+        upstream.task.abort();
     }
     for (_, binding) in session.bindings.drain() {
         binding.task.abort();
@@ -250,6 +369,9 @@ impl Session {
                 ));
             }
         };
+        if let Some(sent) = self.relay_command(&command, text).await {
+            return sent;
+        }
         let answer = match command.cmd.as_str() {
             "watch" => self.watch(command.topic.as_deref()),
             "unwatch" => {
@@ -263,6 +385,8 @@ impl Session {
         let message = match answer {
             // An exec: its answer follows when the method returns.
             Ok(Value::Null) => None,
+            // A binding made again by the session itself (it has no id): nobody waits.
+            Ok(_) if command.id.is_null() => None,
             Ok(mut body) => {
                 body["type"] = json!("success");
                 body["id"] = command.id.clone();
@@ -272,6 +396,241 @@ impl Session {
         };
         let sent = message.is_none_or(|message| self.send(message));
         sent && command.sys.as_ref().is_none_or(|system| self.hint(system))
+    }
+
+    /// Sends a module's command to the server that serves the module, when that is
+    /// another: `Some(false)` when the client must be cut off, `None` when the command is
+    /// served here (no other server serves the module, or it could not be reached).
+    async fn relay_command(&mut self, command: &Command, text: &str) -> Option<bool> {
+        let (relay, token) = self.relay.clone()?;
+        let (Some(sys), Some(module)) = (&command.sys, &command.module) else {
+            return None;
+        };
+        let key: Key = (sys.clone(), module.clone(), command.index);
+        // A binding or debug stream made here stays here (it follows its module).
+        match command.cmd.as_str() {
+            "bind" | "unbind" if self.bindings.contains_key(&key) => return None,
+            "debug" | "ignore" if self.debugs.contains_key(&key) => return None,
+            _ => {}
+        }
+        let (server, api_url) = match (command.cmd.as_str(), self.relayed.get(&key)) {
+            // Unbound where it was bound.
+            ("bind" | "debug" | "unbind" | "ignore", Some(relayed)) => {
+                (relayed.server.clone(), None)
+            }
+            ("bind" | "debug" | "exec", _) => {
+                let elsewhere = relay.serving_elsewhere(sys, module, command.index)?;
+                (elsewhere.server, Some(elsewhere.api_url))
+            }
+            _ => return None,
+        };
+        if !self.upstreams.contains_key(&server) {
+            if self
+                .unreachable
+                .get(&server)
+                .is_some_and(|until| Instant::now() < *until)
+            {
+                return None;
+            }
+            match relay.open(&server, &token).await {
+                Ok(upstream) => self.add_upstream(&server, upstream),
+                Err(err) => {
+                    tracing::warn!(%server, "not sending a WebSocket command on to {server}: {err}; serving it here");
+                    self.unreachable
+                        .insert(server, Instant::now() + UNREACHABLE_PAUSE);
+                    return None;
+                }
+            }
+        }
+        let upstream = self.upstreams.get_mut(&server)?;
+        if upstream.commands.try_send(text.to_string()).is_err() {
+            // Its socket ended (the end is on its way) or it does not keep up.
+            return Some(self.send(error_json(
+                &command.id,
+                ApiError::unavailable(format!(
+                    "master {server}, which serves {sys}'s {module}, does not take commands now"
+                )),
+            )));
+        }
+        match command.cmd.as_str() {
+            "exec" => {
+                upstream.pending.insert(command.id.to_string());
+            }
+            "bind" | "debug" => {
+                let relayed = self.relayed.entry(key).or_default();
+                relayed.server = server;
+                relayed.commands.push(without_id(text));
+            }
+            "unbind" => self.forget(&key, "bind", command.key.as_deref()),
+            "ignore" => self.forget(&key, "debug", None),
+            _ => {}
+        }
+        let hinted = match api_url {
+            Some(api_url) if self.hinted.insert(sys.clone()) => {
+                self.send(json!({"type": "redirect", "sys": sys, "server": api_url}))
+            }
+            _ => true,
+        };
+        Some(hinted)
+    }
+
+    /// Moves the bindings and debug streams whose modules are now served elsewhere than
+    /// where they were made (a unit moved between masters, or came here); false when the
+    /// client must be cut off.
+    async fn rehome(&mut self) -> bool {
+        let Some((relay, _)) = self.relay.clone() else {
+            return true;
+        };
+        let serving = |key: &Key| {
+            relay
+                .serving_elsewhere(&key.0, &key.1, key.2)
+                .map(|e| e.server)
+        };
+        let local: HashSet<Key> = self
+            .bindings
+            .keys()
+            .chain(self.debugs.keys())
+            .cloned()
+            .collect();
+        let mut texts = Vec::new();
+        for key in local {
+            if serving(&key).is_none() {
+                continue;
+            }
+            let (sys, module, index) = (&key.0, &key.1, key.2);
+            let command = |cmd: &str, status_key: Option<&String>| {
+                json!({"id": null, "cmd": cmd, "sys": sys, "mod": module, "index": index,
+                    "key": status_key})
+                .to_string()
+            };
+            if let Some(binding) = self.bindings.remove(&key) {
+                binding.task.abort();
+                match &binding.keys {
+                    None => texts.push(command("bind", None)),
+                    Some(keys) => texts.extend(keys.iter().map(|k| command("bind", Some(k)))),
+                }
+            }
+            if let Some(task) = self.debugs.remove(&key) {
+                task.abort();
+                texts.push(command("debug", None));
+            }
+        }
+        let moved: Vec<Key> = self
+            .relayed
+            .iter()
+            .filter(|(key, relayed)| serving(key).as_ref() != Some(&relayed.server))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in moved {
+            let Some(relayed) = self.relayed.remove(&key) else {
+                continue;
+            };
+            if let Some(upstream) = self.upstreams.get(&relayed.server) {
+                for cmd in ["unbind", "ignore"] {
+                    let text = json!({"id": null, "cmd": cmd, "sys": key.0, "mod": key.1,
+                        "index": key.2})
+                    .to_string();
+                    let _ = upstream.commands.try_send(text);
+                }
+            }
+            texts.extend(relayed.commands);
+        }
+        for text in texts {
+            if !Box::pin(self.command(&text)).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Drops the relayed `cmd` commands of `key`: its debug stream, or its bindings (of
+    /// one status key, or all).
+    fn forget(&mut self, key: &Key, cmd: &str, status_key: Option<&str>) {
+        if let Some(relayed) = self.relayed.get_mut(key) {
+            relayed.commands.retain(|text| {
+                serde_json::from_str::<Command>(text).map_or(true, |c| {
+                    c.cmd != cmd || status_key.is_some_and(|k| c.key.as_deref() != Some(k))
+                })
+            });
+            if relayed.commands.is_empty() {
+                self.relayed.remove(key);
+            }
+        }
+    }
+
+    fn add_upstream(&mut self, server: &str, mut upstream: Upstream) {
+        let (to_session, name) = (self.from_upstreams.clone(), server.to_string());
+        let task = tokio::spawn(async move {
+            while let Some(message) = upstream.messages.recv().await {
+                if to_session
+                    .send((name.clone(), Some(message)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = to_session.send((name, None)).await;
+        });
+        self.upstreams.insert(
+            server.to_string(),
+            Upstreamed {
+                commands: upstream.commands,
+                pending: HashSet::new(),
+                task,
+            },
+        );
+    }
+
+    /// Passes on a message of another server's socket; false when the client is too slow.
+    fn upstream_message(&mut self, server: &str, message: Value) -> bool {
+        if message["type"] == "success" && message["id"].is_null() {
+            return true;
+        }
+        if matches!(message["type"].as_str(), Some("success" | "error"))
+            && let Some(upstream) = self.upstreams.get_mut(server)
+        {
+            upstream.pending.remove(&message["id"].to_string());
+        }
+        self.send(message)
+    }
+
+    /// Another server's socket ended: its unanswered execs are answered 503 (they may
+    /// have run there, so they are not run again), and the bindings and debug streams
+    /// made there are made again wherever their modules are served now.
+    async fn upstream_ended(&mut self, server: &str) -> bool {
+        let Some(upstream) = self.upstreams.remove(server) else {
+            return true;
+        };
+        for id in &upstream.pending {
+            let id: Value = serde_json::from_str(id).unwrap_or(Value::Null);
+            let message = error_json(
+                &id,
+                ApiError::unavailable(format!(
+                    "master {server} did not answer the call before its socket ended (it may have run there)"
+                )),
+            );
+            if !self.send(message) {
+                return false;
+            }
+        }
+        let moved: Vec<Key> = self
+            .relayed
+            .iter()
+            .filter(|(_, relayed)| relayed.server == server)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in moved {
+            let Some(relayed) = self.relayed.remove(&key) else {
+                continue;
+            };
+            for text in relayed.commands {
+                if !Box::pin(self.command(&text)).await {
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Starts a watch of `edges` or `audit`; its messages follow this command's answer.

@@ -49,6 +49,11 @@ pub fn router(
     limits: ApiLimits,
 ) -> Router {
     let live = Live::new(state.runtime.clone(), Arc::new(state.clone()));
+    // In a cluster a WebSocket client's commands for modules other masters serve go there.
+    let live = match &state.forwarder {
+        Some(forwarder) => live.with_relay(forwarder.clone()),
+        None => live,
+    };
     let protected = records::routes()
         .merge(control::routes())
         .merge(users::routes())
