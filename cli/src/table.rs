@@ -90,12 +90,25 @@ pub fn masters(value: &Value) -> String {
                         cell(&master["alive"]),
                         list(&master["edges"]),
                         list(&master["units"]),
+                        master["lease_age_ms"]
+                            .as_u64()
+                            .map_or_else(|| "-".into(), |ms| format!("{} s", ms / 1000)),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    render(&["ID", "API", "ALIVE", "EDGES LINKED", "UNITS RUN"], rows)
+    render(
+        &[
+            "ID",
+            "API",
+            "ALIVE",
+            "EDGES LINKED",
+            "UNITS RUN",
+            "LEASE AGE",
+        ],
+        rows,
+    )
 }
 
 pub fn systems(value: &Value) -> String {

@@ -20,6 +20,8 @@ pub struct Node {
     pub code: Arc<dyn SharedCode>,
     /// Claims, link keys and the cluster's inputs, for the control.
     pub hooks: ClusterHooks,
+    /// How long ago each master's lease was renewed, for `GET /api/v1/masters`.
+    pub lease_ages: Arc<dyn crate::api::LeaseAges>,
 }
 
 /// A connection to the cluster's etcd (none can be made without the `cluster` feature).
@@ -88,6 +90,16 @@ mod joined {
     const STOP_ALLOWANCE_MS: u64 = 500;
     /// A request to etcd that takes longer has failed.
     const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// Asks etcd of the masters' presence leases.
+    struct EtcdLeaseAges(Etcd);
+
+    impl crate::api::LeaseAges for EtcdLeaseAges {
+        fn lease_age_ms(&self, lease: i64) -> futures::future::BoxFuture<'static, Option<u64>> {
+            let etcd = self.0.clone();
+            Box::pin(async move { etcd.lease_age_ms(lease).await })
+        }
+    }
 
     /// Connections to the cluster's etcd.
     pub struct Connected {
@@ -184,6 +196,7 @@ mod joined {
         tracing::info!(master = %cluster.master_id, endpoints = %cluster.etcd.join(", "), "joined the cluster");
         let control = Arc::new(EtcdControl::new(etcd.clone(), &me, Some(presence.lease())));
         let mirror = follow(presence_etcd.clone());
+        let presence_etcd_for_ages = presence_etcd.clone();
         // Nothing may run before the feed has published the lease.
         let (publish, inputs) = watch::channel(Arc::new(ClusterInputs {
             me: me.clone(),
@@ -202,6 +215,7 @@ mod joined {
             publish,
         ));
         Ok(Node {
+            lease_ages: Arc::new(EtcdLeaseAges(presence_etcd_for_ages)),
             code,
             audit,
             grants: control.clone(),
@@ -345,6 +359,7 @@ mod joined {
             link_ended: mirror.links_ended(),
             runners: mirror.runners(),
             grants: mirror.grants(),
+            leases: mirror.master_leases(),
             info: mirror
                 .masters()
                 .into_iter()

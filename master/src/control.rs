@@ -92,6 +92,8 @@ pub struct ClusterInputs {
     pub grants: BTreeMap<UnitId, (ControlState, Option<MasterId>)>,
     /// What each present master said of itself (its API and link addresses).
     pub info: BTreeMap<MasterId, serde_json::Value>,
+    /// Each present master's presence lease.
+    pub leases: BTreeMap<MasterId, i64>,
     /// The hashes of every master's admin token.
     pub admins: Vec<String>,
 }

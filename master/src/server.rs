@@ -344,6 +344,7 @@ async fn serve(
     };
     let state = crate::api::AppState {
         forwarder,
+        lease_ages: cluster.as_ref().map(|node| node.lease_ages.clone()),
         shared_audit: cluster.as_ref().map(|node| node.audit.clone()),
         model: model.clone(),
         edges: registry.clone(),

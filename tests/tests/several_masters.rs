@@ -156,6 +156,11 @@ async fn an_edge_killed_is_taken_over_by_exactly_one_master_and_a_cut_one_hands_
         .filter_map(|m| m["id"].as_str())
         .collect();
     assert_eq!(ids, ["m1", "m2"], "{listed}");
+    for master in listed.as_array().unwrap() {
+        // etcd counts in whole seconds; a lease is renewed every third of its time.
+        let age = master["lease_age_ms"].as_u64();
+        assert!(age.is_some_and(|age| age < LEASE_MS), "{master}");
+    }
 
     // The edge dies: exactly one master takes over, after the timeout.
     cluster.edges[0].kill();

@@ -39,6 +39,14 @@ pub struct AppState {
     pub shared_audit: Option<Arc<dyn tether_common::store::SharedAudit>>,
     /// In a cluster: sends calls for units other masters hold to them.
     pub forwarder: Option<Arc<crate::forward::Forwarder>>,
+    /// In a cluster: how long ago each master's lease was renewed.
+    pub lease_ages: Option<Arc<dyn LeaseAges>>,
+}
+
+/// Asks the cluster's etcd how long ago a master's presence lease was renewed.
+pub trait LeaseAges: Send + Sync {
+    /// Milliseconds since `lease` was renewed, in etcd's whole seconds (`None`: unknown).
+    fn lease_age_ms(&self, lease: i64) -> futures::future::BoxFuture<'static, Option<u64>>;
 }
 
 /// The router: health is open (for load balancers and probes); the rest needs the token.
@@ -153,11 +161,26 @@ async fn masters(
             .map(|(unit, _)| unit.to_string())
             .collect()
     }
+    // Asked of etcd for every master at once (a second at most).
+    let ages = futures::future::join_all(cluster.live.iter().map(|master| {
+        let (asked, lease) = (
+            state.lease_ages.clone(),
+            cluster.leases.get(master).copied(),
+        );
+        async move {
+            match (asked, lease) {
+                (Some(asked), Some(lease)) => asked.lease_age_ms(lease).await,
+                _ => None,
+            }
+        }
+    }))
+    .await;
     axum::Json(
         cluster
             .live
             .iter()
-            .map(|master| {
+            .zip(ages)
+            .map(|(master, age)| {
                 let info = cluster.info.get(master);
                 serde_json::json!({
                     "id": master,
@@ -165,7 +188,7 @@ async fn masters(
                     "alive": true,
                     "edges": held(&cluster.links, master),
                     "units": held(&cluster.runners, master),
-                    "lease_age_ms": null,
+                    "lease_age_ms": age,
                 })
             })
             .collect(),

@@ -107,6 +107,18 @@ impl Etcd {
         self.client.clone()
     }
 
+    /// How long ago `lease` was last renewed, in whole seconds as etcd counts them
+    /// (`None`: etcd does not know it, or did not answer within a second).
+    pub async fn lease_age_ms(&self, lease: i64) -> Option<u64> {
+        let mut client = self.client();
+        let asked = client.lease_time_to_live(lease, None);
+        let answer = tokio::time::timeout(Duration::from_secs(1), asked)
+            .await
+            .ok()?
+            .ok()?;
+        (answer.ttl() >= 0).then(|| (answer.granted_ttl() - answer.ttl()).max(0) as u64 * 1000)
+    }
+
     /// The full key of `rest` under the prefix.
     pub fn key(&self, rest: &str) -> String {
         format!("{}{rest}", self.prefix)
@@ -787,6 +799,8 @@ pub struct Mirror {
     /// The grants decoded, once each as they come (thousands are read at every change).
     grants: BTreeMap<UnitId, (ControlState, Option<MasterId>)>,
     link_ended: BTreeMap<EdgeId, Mono>,
+    /// Each present master's presence lease.
+    master_leases: BTreeMap<MasterId, i64>,
     /// Whether the mirror follows etcd now (false: etcd out of reach, the mirror frozen).
     pub following: bool,
 }
@@ -804,6 +818,11 @@ impl Mirror {
         self.under("masters/")
             .map(|(id, _)| MasterId::new(id))
             .collect()
+    }
+
+    /// Each present master's presence lease (to ask etcd how long ago it was renewed).
+    pub fn master_leases(&self) -> BTreeMap<MasterId, i64> {
+        self.master_leases.clone()
     }
 
     /// What a present master said of itself when it joined.
@@ -844,6 +863,17 @@ impl Mirror {
     /// Every stored grant, and for a master's grant the master it names.
     pub fn grants(&self) -> BTreeMap<UnitId, (ControlState, Option<MasterId>)> {
         self.grants.clone()
+    }
+
+    /// Keeps a master's presence lease as its key comes (`None`: the key went).
+    fn lease_of(&mut self, key: &str, lease: Option<i64>) {
+        let Some(master) = key.strip_prefix("masters/") else {
+            return;
+        };
+        match lease {
+            Some(lease) => self.master_leases.insert(MasterId::new(master), lease),
+            None => self.master_leases.remove(master),
+        };
     }
 
     fn set(&mut self, key: String, value: Option<Vec<u8>>) {
@@ -924,7 +954,10 @@ async fn follow_once(
             _ => None,
         })
         .flatten()
-        .map(|kv| (strip(kv.key()), kv.value().to_vec()))
+        .map(|kv| {
+            current.lease_of(&strip(kv.key()), Some(kv.lease()));
+            (strip(kv.key()), kv.value().to_vec())
+        })
         .collect();
     // What went while the mirror was not following went then, as far as it can tell.
     let gone: Vec<String> = current
@@ -934,6 +967,7 @@ async fn follow_once(
         .cloned()
         .collect();
     for key in gone {
+        current.lease_of(&key, None);
         current.set(key, None);
     }
     for (key, value) in fresh {
@@ -989,6 +1023,7 @@ async fn follow_once(
                 etcd_client::EventType::Put => Some(kv.value().to_vec()),
                 etcd_client::EventType::Delete => None,
             };
+            current.lease_of(&key, value.as_ref().map(|_| kv.lease()));
             current.set(key, value);
             changed = true;
         }

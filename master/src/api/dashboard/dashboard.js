@@ -215,7 +215,9 @@ async function loadMasters() {
       el("td", {}, master.api_url || "–"),
       el("td", {}, el("span", { class: "badge " + (master.alive ? "on" : "off") }, master.alive ? "alive" : "gone")),
       el("td", { class: "edges" }, list(master.edges)),
-      el("td", { class: "units" }, list(master.units)))));
+      el("td", { class: "units" }, list(master.units)),
+      el("td", { class: "lease" },
+        master.lease_age_ms == null ? "–" : `${Math.floor(master.lease_age_ms / 1000)} s`))));
 }
 
 async function restoreEdge(id) {
