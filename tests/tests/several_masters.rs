@@ -419,26 +419,7 @@ async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_kee
     ws.clear();
 
     // SIGKILL it: a survivor runs the hall once the lease is gone.
-    cluster.masters[holder].server.kill();
-    let killed = Instant::now();
-    let survivor = wait_for(
-        "a survivor to run the hall",
-        Duration::from_millis(2 * LEASE_MS + 5_000),
-        || runner_of(&cluster, "hall"),
-    )
-    .await;
-    let took = killed.elapsed();
-    eprintln!(
-        "{} ran the hall {} ms after {} was killed (lease_ms {LEASE_MS})",
-        cluster.masters[survivor].id,
-        took.as_millis(),
-        cluster.masters[holder].id
-    );
-    assert_ne!(survivor, holder);
-    assert!(
-        took < Duration::from_millis(LEASE_MS + 1_500),
-        "within the lease and a little: {took:?}"
-    );
+    kill_the_halls_master(&mut cluster, holder).await;
     assert_eq!(refused(&projector), 0, "{:?}", projector.events());
     ws.wait(
         "the hall display connected again, through the binding made before",
@@ -468,6 +449,49 @@ async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_kee
     }
 }
 
+/// SIGKILLs `holder`, which runs the hall, and waits for a survivor to run it: within
+/// the lease and a little. The survivor.
+async fn kill_the_halls_master(cluster: &mut Masters, holder: usize) -> usize {
+    cluster.masters[holder].server.kill();
+    let killed = Instant::now();
+    let survivor = wait_for(
+        "a survivor to run the hall",
+        Duration::from_millis(2 * LEASE_MS + 5_000),
+        || runner_of(cluster, "hall"),
+    )
+    .await;
+    let took = killed.elapsed();
+    eprintln!(
+        "{} ran the hall {} ms after {} was killed (lease_ms {LEASE_MS})",
+        cluster.masters[survivor].id,
+        took.as_millis(),
+        cluster.masters[holder].id
+    );
+    assert_ne!(survivor, holder);
+    assert!(
+        took < Duration::from_millis(LEASE_MS + 1_500),
+        "within the lease and a little: {took:?}"
+    );
+    survivor
+}
+
+/// Waits for site-1 to run its room and for a master to run the hall; that master.
+async fn room_and_hall_running(cluster: &Masters, site_1: &ApiClient) -> usize {
+    wait_for(
+        "site-1 to run its room",
+        Duration::from_secs(15),
+        || async {
+            let (status, body) = site_1.exec("room-1", "Note", 1, "ping", json!([])).await;
+            (status == 200 && body["executed_by"] == "edge:site-1").then_some(())
+        },
+    )
+    .await;
+    wait_for("a master to run the hall", Duration::from_secs(10), || {
+        runner_of(cluster, "hall")
+    })
+    .await
+}
+
 /// Masters whose wall clocks are minutes apart (one 5 min behind, one 5 min ahead) agree
 /// all the same: leases are etcd's time to live and each master's monotonic clock, and
 /// failure detection is each master's own monotonic clock, so no wall clock is compared
@@ -477,19 +501,7 @@ async fn a_master_killed_hands_its_system_of_no_edge_to_a_survivor_and_edges_kee
 async fn masters_whose_clocks_are_minutes_apart_fail_over_on_time_and_once() {
     const OFFSETS_S: [i64; 3] = [0, -300, 300];
     let (projector, mut cluster, edges) = start_hall_skewed(3, 1, OFFSETS_S.to_vec()).await;
-    wait_for(
-        "site-1 to run its room",
-        Duration::from_secs(15),
-        || async {
-            let (status, body) = edges[0].exec("room-1", "Note", 1, "ping", json!([])).await;
-            (status == 200 && body["executed_by"] == "edge:site-1").then_some(())
-        },
-    )
-    .await;
-    let holder = wait_for("a master to run the hall", Duration::from_secs(10), || {
-        runner_of(&cluster, "hall")
-    })
-    .await;
+    let holder = room_and_hall_running(&cluster, &edges[0]).await;
 
     // site-1's edge killed: one master takes its room, after timeout_ms.
     cluster.edges[0].kill();
@@ -549,24 +561,7 @@ async fn masters_whose_clocks_are_minutes_apart_fail_over_on_time_and_once() {
     }
 
     // The hall's master killed: a survivor runs the hall after the lease, no overlap.
-    cluster.masters[holder].server.kill();
-    let killed = Instant::now();
-    let survivor = wait_for(
-        "a survivor to run the hall",
-        Duration::from_millis(2 * LEASE_MS + 5_000),
-        || runner_of(&cluster, "hall"),
-    )
-    .await;
-    let took = killed.elapsed();
-    eprintln!(
-        "{} ran the hall after {took:?}",
-        cluster.masters[survivor].id
-    );
-    assert_ne!(survivor, holder);
-    assert!(
-        took < Duration::from_millis(LEASE_MS + 1_500),
-        "within the lease and a little: {took:?}"
-    );
+    kill_the_halls_master(&mut cluster, holder).await;
     assert_eq!(refused(&projector), 0, "{:?}", projector.events());
 }
 
@@ -689,19 +684,7 @@ async fn losing_one_etcd_member_changes_nothing_and_losing_quorum_stops_units_no
 #[tokio::test]
 async fn any_master_serves_any_call_by_sending_it_to_the_holder_and_takes_every_masters_tokens() {
     let (_projector, cluster, edges) = start_hall(3, 1).await;
-    wait_for(
-        "site-1 to run its room",
-        Duration::from_secs(15),
-        || async {
-            let (status, body) = edges[0].exec("room-1", "Note", 1, "ping", json!([])).await;
-            (status == 200 && body["executed_by"] == "edge:site-1").then_some(())
-        },
-    )
-    .await;
-    let holder = wait_for("a master to run the hall", Duration::from_secs(10), || {
-        runner_of(&cluster, "hall")
-    })
-    .await;
+    let holder = room_and_hall_running(&cluster, &edges[0]).await;
     let holder_url = format!(
         "https://localhost:{}",
         cluster.masters[holder].api_addr.port()
