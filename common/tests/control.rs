@@ -169,10 +169,13 @@ impl World {
             failover: self.setup.failover,
             timeout_ms: self.setup.timeout_ms,
             window: self.setup.window.as_ref().map(|(start, length_s)| {
-                Window::new(&RestoreWindow {
-                    start: start.clone(),
-                    length_s: *length_s,
-                })
+                Window::new(
+                    &RestoreWindow {
+                        start: start.clone(),
+                        length_s: *length_s,
+                    },
+                    None,
+                )
                 .unwrap()
             }),
         }

@@ -23,7 +23,7 @@ pub use load::load_file;
 pub use master::{MasterConfig, MasterTls};
 pub use site::{
     Driver, DriverKind, Module, Repository, RestoreWindow, SiteEdge, SiteFile, Standby, System,
-    Transport,
+    Transport, parse_time_zone,
 };
 
 /// The defaults DESIGN.md asks to keep, in one place.

@@ -134,6 +134,14 @@ impl RestoreWindow {
     }
 }
 
+/// Parses an IANA time zone name (`Europe/Amsterdam`, `UTC`); the error says what is
+/// expected, for the caller to prefix with the key.
+pub fn parse_time_zone(name: &str) -> Result<chrono_tz::Tz, String> {
+    name.parse::<chrono_tz::Tz>().map_err(|_| {
+        format!("an IANA time zone name such as \"Europe/Amsterdam\" or \"UTC\", not {name:?}")
+    })
+}
+
 /// Parses a 5-field cron expression (no seconds, no year), as restore windows use.
 fn parse_cron(text: &str) -> Result<croner::Cron, String> {
     use croner::parser::{CronParser, Seconds, Year};
@@ -174,6 +182,10 @@ pub struct SiteEdge {
     pub standby: Standby,
     /// Optional automatic restore window.
     pub restore_window: Option<RestoreWindow>,
+    /// The IANA time zone its restore window is read in (`Europe/Amsterdam`); UTC when
+    /// absent.
+    #[serde(default)]
+    pub time_zone: Option<String>,
     /// User ids allowed to restore this edge and start or stop its systems.
     #[serde(default)]
     pub admins: Vec<String>,
@@ -351,6 +363,15 @@ impl SiteFile {
                     ));
                 }
             }
+            if let Some(zone) = &edge.time_zone
+                && let Err(expected) = parse_time_zone(zone)
+            {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("edges[{i}].time_zone"),
+                    expected,
+                ));
+            }
         }
         for (i, module) in self.modules.iter().enumerate() {
             must_exist(
@@ -494,5 +515,20 @@ modules = ["proj-101"]
             .to_string();
         assert!(err.contains("edges[0].restore_window.start"), "{err}");
         assert!(err.contains("0 25 * * *"), "{err}");
+    }
+
+    #[test]
+    fn a_time_zone_is_an_iana_name_and_a_bad_one_names_the_key() {
+        let zoned = GOOD.replace(
+            "restore_window = {",
+            "time_zone = \"Europe/Amsterdam\"\nrestore_window = {",
+        );
+        let site = load(&zoned).unwrap();
+        assert_eq!(site.edges[0].time_zone.as_deref(), Some("Europe/Amsterdam"));
+        let err = load(&zoned.replace("Europe/Amsterdam", "Europe/Atlantis"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `edges[0].time_zone`"), "{err}");
+        assert!(err.contains("Europe/Atlantis"), "{err}");
     }
 }

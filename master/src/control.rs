@@ -625,7 +625,7 @@ fn settings(record: &EdgeRecord) -> EdgeSettings {
         failover: record.failover,
         timeout_ms: record.timeout_ms,
         window: record.restore_window.as_ref().and_then(|w| {
-            Window::new(w)
+            Window::new(w, record.time_zone.as_deref())
                 .map_err(|err| tracing::error!(edge = %record.id, "restore window ignored: {err}"))
                 .ok()
         }),

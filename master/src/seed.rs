@@ -123,6 +123,7 @@ pub fn site_writes(site: &SiteFile, root: &RepositoriesRoot) -> anyhow::Result<V
             failover: edge.failover,
             timeout_ms: edge.timeout_ms,
             restore_window: edge.restore_window.clone(),
+            time_zone: edge.time_zone.clone(),
             standby: edge.standby,
             admins: edge.admins.clone(),
             commit: None,

@@ -308,8 +308,23 @@ async fn an_invalid_window_is_refused() {
         "{body}"
     );
     record["restore_window"] = json!({"start": "0 2 * * *", "length_s": 0});
-    let (status, body) = master.put("/api/v1/edges/site-1", record).await;
+    let (status, body) = master.put("/api/v1/edges/site-1", record.clone()).await;
     assert_eq!(status, 422, "{body}");
+    // The window is read in the location's time zone: an IANA name, or 422 naming it.
+    record["restore_window"] = json!({"start": "0 2 * * *", "length_s": 3600});
+    record["time_zone"] = json!("Europe/Atlantis");
+    let (status, body) = master.put("/api/v1/edges/site-1", record.clone()).await;
+    assert_eq!(status, 422, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("time_zone") && message.contains("Europe/Atlantis"),
+        "{body}"
+    );
+    record["time_zone"] = json!("Europe/Amsterdam");
+    let (status, body) = master.put("/api/v1/edges/site-1", record).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, stored) = master.get("/api/v1/edges/site-1").await;
+    assert_eq!(stored["time_zone"], "Europe/Amsterdam", "{stored}");
 }
 
 #[tokio::test]

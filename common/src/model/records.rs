@@ -42,6 +42,10 @@ pub struct EdgeRecord {
     /// Automatic restore window.
     #[serde(default)]
     pub restore_window: Option<RestoreWindow>,
+    /// The IANA time zone the restore window is read in; UTC when absent. (Left out
+    /// when absent, so records without one read as before on edges of older versions.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
     /// Standby level on the master.
     #[serde(default)]
     pub standby: Standby,

@@ -96,6 +96,13 @@ impl Model {
                         )));
                     }
                 }
+                if let Some(zone) = &edge.time_zone
+                    && let Err(expected) = tether_config::parse_time_zone(zone)
+                {
+                    return Err(ModelError::Invalid(format!(
+                        "key `time_zone`: expected {expected}"
+                    )));
+                }
                 for (i, admin) in edge.admins.iter().enumerate() {
                     check_id(&format!("admins[{i}]"), admin)?;
                 }
