@@ -13,6 +13,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod admission;
+pub mod alerts;
 pub mod api;
 pub mod code;
 pub mod control;

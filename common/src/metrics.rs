@@ -45,6 +45,8 @@ pub struct Metrics {
     link_connections: IntGaugeVec,
     link_refused: IntCounterVec,
     grant_store_failures: IntCounterVec,
+    alerts_pending: IntGaugeVec,
+    alerts_dropped: IntCounterVec,
     /// One scrape at a time: each resets and refills the state gauges.
     scraping: Mutex<()>,
 }
@@ -157,8 +159,20 @@ impl Metrics {
             "Grants (changes of owner, or an edge's own claim) that could not be stored and so were not carried out, by edge; each is tried again",
             &["edge"],
         );
+        let alerts_pending = gauges(
+            "tether_alerts_pending",
+            "Audit events not yet taken by an [[alerts]] receiver, by receiver (its URL without credentials or query)",
+            &["receiver"],
+        );
+        let alerts_dropped = counters(
+            "tether_alerts_dropped_total",
+            "Audit events an [[alerts]] receiver will never get: the oldest dropped over its max_pending, or let go by the audit log before delivery",
+            &["receiver"],
+        );
         Metrics {
             registry,
+            alerts_pending,
+            alerts_dropped,
             grant_store_failures,
             link_connections,
             link_refused,
@@ -184,6 +198,20 @@ impl Metrics {
     /// Something of `edge`'s link was refused or dropped (`what`: its kind).
     pub fn refused(&self, edge: &str, what: &str) {
         self.link_refused.with_label_values(&[edge, what]).inc();
+    }
+
+    /// Events not yet taken by alert `receiver`.
+    pub fn alerts_pending(&self, receiver: &str, pending: u64) {
+        self.alerts_pending
+            .with_label_values(&[receiver])
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
+    /// Events alert `receiver` will never get.
+    pub fn alerts_dropped(&self, receiver: &str, count: u64) {
+        self.alerts_dropped
+            .with_label_values(&[receiver])
+            .inc_by(count);
     }
 
     /// A grant of `edge` could not be stored, so it was not carried out.

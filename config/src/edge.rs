@@ -53,6 +53,10 @@ pub struct EdgeConfig {
     pub limits: Limits,
     /// TLS identity and trust.
     pub tls: EdgeTls,
+    /// Receivers every audit event is POSTed to: `[[alerts]]` (an edge cut off from the
+    /// master still alerts).
+    #[serde(default)]
+    pub alerts: Vec<crate::AlertConfig>,
 }
 
 /// The edge's trust in the master (the CA) and its own client certificate.
@@ -122,6 +126,7 @@ impl EdgeConfig {
         };
         config.tls.api_cert = or_beside(&config.tls.api_cert, format!("{stem}-api.pem"));
         config.tls.api_key = or_beside(&config.tls.api_key, format!("{stem}-api.key"));
+        crate::alerts::prepare(&mut config.alerts, &base, path)?;
         config.validate(path)?;
         Ok(config)
     }

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+mod alerts;
 mod cluster;
 mod edge;
 mod error;
@@ -15,6 +16,7 @@ mod load;
 mod master;
 mod site;
 
+pub use alerts::AlertConfig;
 pub use cluster::{ClusterConfig, ClusterTls};
 pub use edge::{EdgeConfig, EdgeTls};
 pub use error::ConfigError;

@@ -58,6 +58,9 @@ pub struct MasterConfig {
     /// Several masters sharing their state in etcd; absent: this master alone on redb.
     #[serde(default)]
     pub cluster: Option<crate::ClusterConfig>,
+    /// Receivers every audit event is POSTed to: `[[alerts]]`.
+    #[serde(default)]
+    pub alerts: Vec<crate::AlertConfig>,
 }
 
 /// The master's certificate, key and the CA its edges' client certificates chain to.
@@ -118,6 +121,7 @@ impl MasterConfig {
         if let Some(cluster) = &mut config.cluster {
             cluster.resolve(&base);
         }
+        crate::alerts::prepare(&mut config.alerts, &base, path)?;
         config.validate(path)?;
         Ok(config)
     }

@@ -128,6 +128,14 @@ async fn serve(
         runtime.clone(),
         timing(&config),
     )?;
+    // Every audit event to the [[alerts]] receivers, from the edge's own log: an edge cut
+    // off from its master still alerts.
+    tether_common::alerts::start(
+        replica.store(),
+        &config.alerts,
+        &format!("edge:{}", config.edge_id),
+        runtime.metrics().clone(),
+    )?;
     // Calls for modules the edge does not run go to the master.
     let links = Arc::new(EdgeLinks::new(control.clone(), replica.clone()));
     runtime.set_remote(Arc::new(LinkRemote::new(links.clone())));

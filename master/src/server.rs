@@ -199,6 +199,14 @@ async fn serve(
             .map(|c| MasterId::new(c.master_id.as_str())),
     );
     let runtime = Runtime::new(executor, ScriptLimits::default());
+    // Every audit event of this master's own log to the [[alerts]] receivers.
+    let name = config.cluster.as_ref().map_or(&config.id, |c| &c.master_id);
+    tether_common::alerts::start(
+        model.store(),
+        &config.alerts,
+        &format!("master:{name}"),
+        runtime.metrics().clone(),
+    )?;
     // In a cluster the grants, claims and link keys live in etcd.
     let cluster = match cluster {
         Some(connected) => Some(

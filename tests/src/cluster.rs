@@ -31,6 +31,8 @@ pub struct ClusterSpec {
     pub boot_wait_ms: u64,
     /// Lines added to master.toml before its `[tls]` table.
     pub master_extra: String,
+    /// Lines added to every edge's toml before its `[tls]` table.
+    pub edge_extra: String,
     /// Files written into the cluster's folder before anything starts (path, content),
     /// such as a repository of test drivers (inside `repos/`, the repositories root).
     pub files: Vec<(String, String)>,
@@ -52,6 +54,7 @@ impl ClusterSpec {
             edge_settings: String::new(),
             site_extra: String::new(),
             master_extra: String::new(),
+            edge_extra: String::new(),
             files: Vec::new(),
             repositories_root: "repos".into(),
         }
@@ -147,9 +150,9 @@ impl Cluster {
                 format!(
                     "edge_id = \"{edge}\"\ndata_dir = \"data/{edge}\"\napi_listen = \"{edge_api}\"\n\
                      master = \"{master_addr}\"\nmaster_name = \"localhost\"\nsecret_file = \"certs/{edge}.secret\"\n\
-                     heartbeat_ms = {}\n\
+                     heartbeat_ms = {}\n{}\n\
                      [tls]\ncert = \"certs/{edge}.pem\"\nkey = \"certs/{edge}.key\"\nca = \"certs/ca.pem\"\n",
-                    spec.heartbeat_ms
+                    spec.heartbeat_ms, spec.edge_extra
                 ),
             )
             .unwrap();

@@ -15,6 +15,7 @@ pub mod masters;
 pub mod masters_campaign;
 pub mod process;
 pub mod proxy;
+pub mod receiver;
 pub mod rogue;
 pub mod sim;
 pub mod skew;

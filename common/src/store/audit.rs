@@ -214,40 +214,59 @@ impl Store {
 
     /// The newest audit sequence number the master has acknowledged.
     pub fn audit_reported(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
-        Ok(meta
-            .get(AUDIT_REPORTED)
-            .map_err(|e| self.db_error(e))?
-            .map(|v| v.value())
-            .unwrap_or(0))
+        Ok(self.audit_mark(AUDIT_REPORTED)?.unwrap_or(0))
     }
 
     /// Records that the master has the audit records up to `seq`.
     pub fn set_audit_reported(&self, seq: u64) -> Result<(), StoreError> {
-        self.write_txn(|txn| {
-            txn.open_table(META)?.insert(AUDIT_REPORTED, seq)?;
-            Ok(())
-        })
+        self.set_audit_mark(AUDIT_REPORTED, seq)
     }
 
     /// The newest audit sequence number a master of a cluster has shared in etcd.
     pub fn audit_shared(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
-        Ok(meta
-            .get(AUDIT_SHARED)
-            .map_err(|e| self.db_error(e))?
-            .map(|v| v.value())
-            .unwrap_or(0))
+        Ok(self.audit_mark(AUDIT_SHARED)?.unwrap_or(0))
     }
 
     /// Records that the audit records up to `seq` are shared.
     pub fn set_audit_shared(&self, seq: u64) -> Result<(), StoreError> {
+        self.set_audit_mark(AUDIT_SHARED, seq)
+    }
+
+    /// How far a reader of the audit log (named `name`) has taken it, if it has begun.
+    pub fn audit_mark(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(err) => return Err(self.db_error(err)),
+        };
+        Ok(meta
+            .get(name)
+            .map_err(|e| self.db_error(e))?
+            .map(|v| v.value()))
+    }
+
+    /// Records that reader `name` has taken the audit log up to `seq`.
+    pub fn set_audit_mark(&self, name: &str, seq: u64) -> Result<(), StoreError> {
         self.write_txn(|txn| {
-            txn.open_table(META)?.insert(AUDIT_SHARED, seq)?;
+            txn.open_table(META)?.insert(name, seq)?;
             Ok(())
         })
+    }
+
+    /// The newest audit sequence number given out (0: none yet).
+    pub fn newest_audit_seq(&self) -> Result<u64, StoreError> {
+        let counted = self.audit_mark(AUDIT_SEQ)?.unwrap_or(0);
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let newest = match txn.open_table(AUDIT) {
+            Ok(audit) => audit
+                .last()
+                .map_err(|e| self.db_error(e))?
+                .map_or(0, |(seq, _)| seq.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(err) => return Err(self.db_error(err)),
+        };
+        Ok(counted.max(newest))
     }
 }
 
