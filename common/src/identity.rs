@@ -145,6 +145,13 @@ string_identity!(
 );
 
 string_identity!(
+    /// One edge server of a location with several (`nodes = ["site-1a", "site-1b"]`): the
+    /// id of its secret, its certificate and its link. A location without `nodes` is one
+    /// node with the location's id.
+    NodeId
+);
+
+string_identity!(
     /// A master among several (`master_id` in `[cluster]`): the holder named in its
     /// grants, claims and link keys, and in `executed_by`.
     MasterId

@@ -83,13 +83,20 @@ mod tests {
     #[test]
     fn a_receiver_is_an_http_url_and_a_bad_one_names_the_key() {
         let file = Path::new("master.toml");
-        assert!(alert("https://hooks.example/x", 10).validate(file, 0).is_ok());
+        assert!(
+            alert("https://hooks.example/x", 10)
+                .validate(file, 0)
+                .is_ok()
+        );
         assert!(alert("http://127.0.0.1:9/a", 10).validate(file, 0).is_ok());
         for bad in ["ftp://x", "hooks.example", "https://", "https:///path"] {
             let err = alert(bad, 10).validate(file, 2).unwrap_err().to_string();
             assert!(err.contains("alerts[2].url"), "{bad}: {err}");
         }
-        let err = alert("https://x", 0).validate(file, 0).unwrap_err().to_string();
+        let err = alert("https://x", 0)
+            .validate(file, 0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("alerts[0].max_pending"), "{err}");
     }
 }

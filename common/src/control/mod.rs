@@ -13,13 +13,14 @@ pub mod clock;
 pub mod edge;
 pub mod lease;
 pub mod master;
+pub mod pair;
 pub mod placement;
 pub mod rules;
 pub mod window;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::identity::{EdgeId, Epoch, MasterId, UnitId};
+pub use crate::identity::{EdgeId, Epoch, MasterId, NodeId, UnitId};
 pub use crate::protocol::{AuditRecord, ControlOwner as Owner};
 pub use clock::{Mono, Now};
 pub use edge::{EdgeAction, EdgeEvent, EdgeSide, EdgeTiming, StaleDecision};

@@ -1,0 +1,659 @@
+//! Site pairs: a location with two edge nodes, one holding its modules and one standing
+//! by, with the master as witness (DESIGN.md, "Site pairs and collector arrays"; the shape
+//! of VOLTTRON's failover agent, with a grant instead of a query). Two sans-I/O machines:
+//!
+//! - [`NodeSide`], on each node: runs the modules while a grant names it; as holder cut off
+//!   from both its peer and every master it follows the location's [`Isolation`]; with
+//!   no master to witness, a standby takes over only after `unwitnessed_takeover_ms`, when
+//!   that is set.
+//! - [`WitnessSide`], on the master: grants the standby only when the holder has been off
+//!   the master for `pair_timeout_ms` *and* the standby reports that it has not heard the
+//!   holder for as long; takes the modules itself only when no node has been linked for
+//!   the location's `timeout_ms`; hands over to a peer that reaches more of the devices
+//!   (after a hold-down, so that flapping devices do not make the pair flap).
+//!
+//! Every decision is a grant with a new epoch, issued by the witness alone; every side
+//! refuses an older grant. Why a holder with `isolation = "stop"` never overlaps a
+//! standby: it stops [`stop_after_ms`] after it last heard anyone, while a standby is
+//! granted only `pair_timeout_ms` after it last heard the holder, later by at least the
+//! heartbeats the holder's silence takes to be noticed.
+//!
+//! Not wired into the servers yet: the nodes' links, their reports and the shells are the
+//! next step of the issue; this is the rule set they will carry out, and its property test
+//! (`common/tests/pair.rs`).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Epoch, Mono, NodeId};
+
+/// What a holder cut off from its peer and from every master does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Rooms keep running (two holders are possible while the cut lasts; reported).
+    #[default]
+    Continue,
+    /// The holder stops its modules before a standby can have been granted them.
+    Stop,
+}
+
+/// A location's pair settings (the edge record's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairSettings {
+    /// How long the holder must be off the master, and unheard by the standby, before
+    /// the standby is granted the modules.
+    pub pair_timeout_ms: u64,
+    /// How long no node may be linked before the master takes the modules itself.
+    pub timeout_ms: u64,
+    /// What a holder cut off from both does.
+    pub isolation: Isolation,
+    /// With no master reachable, a standby takes over after this long without hearing
+    /// the holder or any master (off: never without a witness).
+    pub unwitnessed_takeover_ms: Option<u64>,
+    /// How long the holder must reach fewer devices than its linked peer before it hands
+    /// over to it.
+    pub device_hold_down_ms: u64,
+}
+
+/// A holder with `isolation = "stop"` stops this long after it last heard its peer or a
+/// master: half the pair timeout, so that it is stopped before any standby can be granted.
+/// That holds while a lost link is noticed within three heartbeats and a heartbeat is at
+/// most a quarter of the pair timeout (the standby's silence counts from the holder's last
+/// frame, a heartbeat at most before the cut): the holder has stopped by the cut plus
+/// `max(pair_timeout / 2, 3 heartbeats)`, the standby starts after the cut plus
+/// `pair_timeout - 1 heartbeat`. The configuration keeps to it.
+pub fn stop_after_ms(settings: &PairSettings) -> u64 {
+    settings.pair_timeout_ms / 2
+}
+
+impl PairSettings {
+    /// Whether the settings can keep their promises, with links heartbeating every
+    /// `heartbeat_ms`; the error names the key.
+    pub fn check(&self, heartbeat_ms: u64) -> Result<(), String> {
+        if heartbeat_ms.saturating_mul(4) > self.pair_timeout_ms {
+            return Err(format!(
+                "key `pair_timeout_ms`: expected at least four heartbeats ({} ms), not {}",
+                heartbeat_ms * 4,
+                self.pair_timeout_ms
+            ));
+        }
+        if self.isolation == Isolation::Stop && self.unwitnessed_takeover_ms.is_some() {
+            // A standby taking over without a witness is cut off from both by definition:
+            // under "stop" it could never run.
+            return Err("key `unwitnessed_takeover_ms`: expected none with isolation = \"stop\" (a takeover without a witness is made cut off from both)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Who holds a location's modules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PairHolder {
+    /// One of its nodes.
+    Node(NodeId),
+    /// The master.
+    Master,
+    /// Released, on the way to the node named (a handover from a holder that is alive
+    /// and linked, to a peer that reaches more devices): the holder is told to stop first,
+    /// and the node is granted the modules once the holder has said it took the release,
+    /// so a witness that dies between the two steps leaves nobody running rather than two.
+    Moving(NodeId),
+}
+
+/// A grant: who holds, under which epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairGrant {
+    /// The holder.
+    pub holder: PairHolder,
+    /// Raised by the witness on every change of holder.
+    pub epoch: Epoch,
+}
+
+impl PairGrant {
+    /// Whether `other` supersedes this grant (a newer epoch).
+    pub fn superseded_by(&self, other: &PairGrant) -> bool {
+        other.epoch > self.epoch
+    }
+}
+
+/// What a node tells the witness of itself, on its link and whenever it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// The grant it holds to.
+    pub epoch: Epoch,
+    /// Whether its link to its peer is up.
+    pub hears_peer: bool,
+    /// How long it has not heard its peer (0 while it does).
+    pub peer_silent_ms: u64,
+    /// How many of the location's devices it reaches.
+    pub devices: u32,
+}
+
+/// What a node tells its peer, on their link, whenever it changes: the grant it holds to
+/// and whether it runs. A node named by a grant starts only once its peer has said it
+/// does not run under that grant or a newer one, or has not been heard for the pair
+/// timeout (so a handover between two nodes that hear each other is break before make).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerNote {
+    /// The epoch of the grant it holds to.
+    pub epoch: Epoch,
+    /// Whether it runs the modules.
+    pub running: bool,
+}
+
+/// When a link was last heard, and whether it is up.
+#[derive(Debug, Clone, Copy, Default)]
+struct Heard {
+    up: bool,
+    /// The last message, or the moment it came up (`None`: never, since start).
+    last: Option<Mono>,
+}
+
+impl Heard {
+    fn silent_ms(&self, now: Mono, since_start: Mono) -> u64 {
+        if self.up {
+            return 0;
+        }
+        now.since(self.last.unwrap_or(since_start))
+    }
+}
+
+/// What happens to a node. A link found down carries when it was last heard (its last
+/// frame), not when the loss was noticed: silences are counted from there, so that a
+/// holder's stop and a standby's grant are timed from the same moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// Its link to a master came up.
+    MasterUp,
+    /// Its link to every master was found down.
+    MasterDown {
+        /// The last frame from a master.
+        last_heard: Mono,
+    },
+    /// Its link to its peer came up.
+    PeerUp,
+    /// Its link to its peer was found down.
+    PeerDown {
+        /// The last frame from the peer.
+        last_heard: Mono,
+    },
+    /// A grant, from a master or passed on by the peer.
+    Granted(PairGrant),
+    /// How many of the location's devices it reaches now.
+    Devices(u32),
+    /// Its peer's note.
+    PeerNote(PeerNote),
+}
+
+/// What a node's shell must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAction {
+    /// Start the location's modules under this epoch.
+    Start {
+        /// The grant's epoch (or the claim's, taken without a witness).
+        epoch: Epoch,
+    },
+    /// Stop them; why, for the log and the audit.
+    Stop {
+        /// Why.
+        reason: &'static str,
+    },
+    /// Send this report to the master(s) (and so to the witness).
+    Report(NodeReport),
+    /// Send this note to the peer (and its grant, when it changed).
+    TellPeer(PeerNote),
+}
+
+/// One node's machine.
+#[derive(Debug, Clone)]
+pub struct NodeSide {
+    me: NodeId,
+    settings: PairSettings,
+    grant: PairGrant,
+    /// Taken without a witness (`unwitnessed_takeover_ms`), until a grant says otherwise.
+    claimed: bool,
+    master: Heard,
+    peer: Heard,
+    /// The peer's last note, while its link is up.
+    peer_note: Option<PeerNote>,
+    devices: u32,
+    running: bool,
+    started: Mono,
+    /// Until it has heard a grant from a master or its peer a node runs nothing: at its
+    /// start (for a boot wait at most) its stored grant may be stale, and so may it be
+    /// after it stopped, cut off from both, under `isolation = "stop"`.
+    awaiting_grant: bool,
+    /// Whether the wait is the boot's (it ends after the pair timeout even unheard).
+    booting: bool,
+}
+
+impl NodeSide {
+    /// A node starting with `persisted`, the last grant it stored, at `now`.
+    pub fn new(me: NodeId, settings: PairSettings, persisted: PairGrant, now: Mono) -> Self {
+        NodeSide {
+            me,
+            settings,
+            grant: persisted,
+            claimed: false,
+            master: Heard::default(),
+            peer: Heard::default(),
+            peer_note: None,
+            devices: 0,
+            running: false,
+            started: now,
+            awaiting_grant: true,
+            booting: true,
+        }
+    }
+
+    /// Whether its modules run.
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// The grant it holds to.
+    pub fn grant(&self) -> &PairGrant {
+        &self.grant
+    }
+
+    /// Whether it runs on a claim of its own, made without a witness.
+    pub fn claimed(&self) -> bool {
+        self.claimed
+    }
+
+    /// Its note for its peer.
+    pub fn note(&self) -> PeerNote {
+        PeerNote {
+            epoch: self.grant.epoch,
+            running: self.running,
+        }
+    }
+
+    /// Its report for the witness.
+    pub fn report(&self, now: Mono) -> NodeReport {
+        NodeReport {
+            epoch: self.grant.epoch,
+            hears_peer: self.peer.up,
+            peer_silent_ms: self.peer.silent_ms(now, self.started),
+            devices: self.devices,
+        }
+    }
+
+    /// Takes in an event; answers what to do.
+    pub fn handle(&mut self, now: Mono, event: NodeEvent) -> Vec<NodeAction> {
+        let mut actions = Vec::new();
+        match event {
+            NodeEvent::MasterUp => {
+                self.master = Heard {
+                    up: true,
+                    last: Some(now),
+                };
+                actions.push(NodeAction::Report(self.report(now)));
+            }
+            NodeEvent::MasterDown { last_heard } => {
+                self.master = Heard {
+                    up: false,
+                    last: Some(last_heard),
+                };
+            }
+            NodeEvent::PeerUp => {
+                self.peer = Heard {
+                    up: true,
+                    last: Some(now),
+                };
+                actions.push(NodeAction::Report(self.report(now)));
+                actions.push(NodeAction::TellPeer(self.note()));
+            }
+            NodeEvent::PeerDown { last_heard } => {
+                self.peer = Heard {
+                    up: false,
+                    last: Some(last_heard),
+                };
+                self.peer_note = None;
+                actions.push(NodeAction::Report(self.report(now)));
+            }
+            NodeEvent::PeerNote(note) => {
+                self.peer_note = Some(note);
+            }
+            NodeEvent::Granted(grant) => {
+                self.awaiting_grant = false;
+                self.booting = false;
+                // A grant at least as new as the one held ends a claim made without a
+                // witness: the witness (or the holder, through the peer) is heard again.
+                if grant.epoch >= self.grant.epoch {
+                    self.claimed = false;
+                }
+                if self.grant.superseded_by(&grant) {
+                    self.grant = grant;
+                    // The witness and the peer learn that this node took it (and stopped,
+                    // if it must).
+                    let before = self.running;
+                    self.decide(now, &mut actions);
+                    actions.push(NodeAction::Report(self.report(now)));
+                    if before == self.running {
+                        actions.push(NodeAction::TellPeer(self.note()));
+                    }
+                    return actions;
+                }
+            }
+            NodeEvent::Devices(devices) => {
+                if devices != self.devices {
+                    self.devices = devices;
+                    actions.push(NodeAction::Report(self.report(now)));
+                }
+            }
+        }
+        self.decide(now, &mut actions);
+        actions
+    }
+
+    /// Time passed: answers what to do now.
+    pub fn poll(&mut self, now: Mono) -> Vec<NodeAction> {
+        let mut actions = Vec::new();
+        self.decide(now, &mut actions);
+        actions
+    }
+
+    fn decide(&mut self, now: Mono, actions: &mut Vec<NodeAction>) {
+        if self.booting && now.since(self.started) >= self.settings.pair_timeout_ms {
+            self.booting = false;
+            self.awaiting_grant = false;
+        }
+        let named = self.grant.holder == PairHolder::Node(self.me.clone());
+        let master_silent = self.master.silent_ms(now, self.started);
+        let peer_silent = self.peer.silent_ms(now, self.started);
+        if !named
+            && !self.claimed
+            && let Some(after) = self.settings.unwitnessed_takeover_ms
+            && master_silent >= after
+            && peer_silent >= after
+        {
+            // No witness and no holder heard for that long: take it (VOLTTRON's simple
+            // mode), under the last grant's epoch, which the next grant outranks.
+            self.claimed = true;
+        }
+        let holds = named || self.claimed;
+        let isolated_stop = self.settings.isolation == Isolation::Stop
+            && master_silent.min(peer_silent) >= stop_after_ms(&self.settings);
+        if isolated_stop && holds {
+            // Heard again, it runs only once a grant says it still holds.
+            self.awaiting_grant = true;
+        }
+        // Break before make: a node starts once its peer has said it does not run under
+        // this grant or a newer one, or after the peer has been silent for the pair
+        // timeout (cut off: under "stop" it has stopped by then).
+        let peer_clear = self.claimed
+            || peer_silent >= self.settings.pair_timeout_ms
+            || self
+                .peer_note
+                .is_some_and(|note| !note.running && note.epoch >= self.grant.epoch);
+        let run = holds && !isolated_stop && !self.awaiting_grant && (self.running || peer_clear);
+        if run && !self.running {
+            self.running = true;
+            actions.push(NodeAction::Start {
+                epoch: self.grant.epoch,
+            });
+            actions.push(NodeAction::TellPeer(self.note()));
+        } else if !run && self.running {
+            self.running = false;
+            actions.push(NodeAction::Stop {
+                reason: if holds {
+                    "cut off from its peer and every master (isolation = \"stop\")"
+                } else {
+                    "another holder was granted the modules"
+                },
+            });
+            // Only once stopped: the peer may start on this note.
+            actions.push(NodeAction::TellPeer(self.note()));
+        }
+    }
+}
+
+/// What the witness hears of a location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WitnessEvent {
+    /// A node's link came up.
+    Up(NodeId),
+    /// A node's link was found down; its last frame came then.
+    Down(NodeId, Mono),
+    /// A node's report.
+    Report(NodeId, NodeReport),
+    /// An operator asks the modules back from the master to the preferred linked node.
+    Restore,
+}
+
+/// What the witness's shell must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WitnessAction {
+    /// Store this grant (compare-and-set), then send it to every linked node.
+    Issue(PairGrant),
+    /// The master runs the modules now (a grant naming it was issued).
+    Start {
+        /// Its epoch.
+        epoch: Epoch,
+    },
+    /// The master stops them (a node was granted them).
+    Stop,
+}
+
+#[derive(Debug, Clone, Default)]
+struct NodeView {
+    link: Heard,
+    report: Option<(NodeReport, Mono)>,
+    /// Since when it has reached more devices than the holder (for the hold-down).
+    better_since: Option<Mono>,
+}
+
+/// The master's machine for one location with nodes.
+#[derive(Debug, Clone)]
+pub struct WitnessSide {
+    nodes: Vec<NodeId>,
+    views: Vec<NodeView>,
+    settings: PairSettings,
+    grant: PairGrant,
+    running: bool,
+    started: Mono,
+}
+
+impl WitnessSide {
+    /// The witness of a location of `nodes` (the first preferred), from the grant it
+    /// stored last, at `now`.
+    pub fn new(
+        nodes: Vec<NodeId>,
+        settings: PairSettings,
+        persisted: PairGrant,
+        now: Mono,
+    ) -> Self {
+        WitnessSide {
+            views: vec![NodeView::default(); nodes.len()],
+            nodes,
+            settings,
+            grant: persisted,
+            running: false,
+            started: now,
+        }
+    }
+
+    /// The grant stored last.
+    pub fn grant(&self) -> &PairGrant {
+        &self.grant
+    }
+
+    /// Whether the master runs the modules.
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    fn index(&self, node: &NodeId) -> Option<usize> {
+        self.nodes.iter().position(|n| n == node)
+    }
+
+    /// Takes in an event; answers what to do.
+    pub fn handle(&mut self, now: Mono, event: WitnessEvent) -> Vec<WitnessAction> {
+        let mut actions = Vec::new();
+        match event {
+            WitnessEvent::Up(node) => {
+                if let Some(i) = self.index(&node) {
+                    self.views[i].link = Heard {
+                        up: true,
+                        last: Some(now),
+                    };
+                }
+            }
+            WitnessEvent::Down(node, last_heard) => {
+                if let Some(i) = self.index(&node) {
+                    self.views[i].link = Heard {
+                        up: false,
+                        last: Some(last_heard),
+                    };
+                    self.views[i].report = None;
+                    self.views[i].better_since = None;
+                }
+            }
+            WitnessEvent::Report(node, report) => {
+                if let Some(i) = self.index(&node) {
+                    self.views[i].report = Some((report, now));
+                }
+            }
+            WitnessEvent::Restore => {
+                if self.grant.holder == PairHolder::Master
+                    && let Some(i) = (0..self.nodes.len()).find(|i| self.views[*i].link.up)
+                {
+                    self.issue(PairHolder::Node(self.nodes[i].clone()), &mut actions);
+                }
+            }
+        }
+        self.decide(now, &mut actions);
+        actions
+    }
+
+    /// Time passed: answers what to do now.
+    pub fn poll(&mut self, now: Mono) -> Vec<WitnessAction> {
+        let mut actions = Vec::new();
+        self.decide(now, &mut actions);
+        actions
+    }
+
+    fn issue(&mut self, holder: PairHolder, actions: &mut Vec<WitnessAction>) {
+        let grant = PairGrant {
+            holder,
+            epoch: self.grant.epoch.next(),
+        };
+        self.grant = grant.clone();
+        actions.push(WitnessAction::Issue(grant));
+    }
+
+    fn decide(&mut self, now: Mono, actions: &mut Vec<WitnessAction>) {
+        match self.grant.holder.clone() {
+            PairHolder::Node(holder) => self.decide_for_node(now, &holder, actions),
+            PairHolder::Moving(to) => self.decide_move(now, &to, actions),
+            // The master keeps what it took until a restore (as with one edge).
+            PairHolder::Master => {}
+        }
+        let run = self.grant.holder == PairHolder::Master;
+        if run && !self.running {
+            self.running = true;
+            actions.push(WitnessAction::Start {
+                epoch: self.grant.epoch,
+            });
+        } else if !run && self.running {
+            self.running = false;
+            actions.push(WitnessAction::Stop);
+        }
+    }
+
+    fn decide_for_node(&mut self, now: Mono, holder: &NodeId, actions: &mut Vec<WitnessAction>) {
+        let Some(h) = self.index(holder) else {
+            return;
+        };
+        let timeout = self.settings.pair_timeout_ms;
+        let holder_off = self.views[h].link.silent_ms(now, self.started);
+        // A standby that has not heard the holder for the pair timeout, while the holder
+        // has been off the master as long: it is granted the modules.
+        let witnessed = (0..self.nodes.len()).filter(|s| *s != h).find(|s| {
+            let view = &self.views[*s];
+            view.link.up
+                && view.report.as_ref().is_some_and(|(report, at)| {
+                    !report.hears_peer && report.peer_silent_ms + now.since(*at) >= timeout
+                })
+        });
+        if holder_off >= timeout
+            && let Some(s) = witnessed
+        {
+            self.issue(PairHolder::Node(self.nodes[s].clone()), actions);
+            return;
+        }
+        // No node linked for the location's timeout: the master takes the modules.
+        let all_off = self
+            .views
+            .iter()
+            .all(|view| view.link.silent_ms(now, self.started) >= self.settings.timeout_ms);
+        if all_off {
+            self.issue(PairHolder::Master, actions);
+            return;
+        }
+        // Devices count as health: a linked peer that reaches more of them than the
+        // holder for the hold-down gets the modules, the holder released first.
+        let holder_devices = self.views[h]
+            .report
+            .as_ref()
+            .filter(|_| self.views[h].link.up)
+            .map(|(report, _)| report.devices);
+        for s in (0..self.nodes.len()).filter(|s| *s != h) {
+            let better = self.views[s].link.up
+                && holder_devices.is_some_and(|held| {
+                    self.views[s]
+                        .report
+                        .as_ref()
+                        .is_some_and(|(report, _)| report.devices > held)
+                });
+            if !better {
+                self.views[s].better_since = None;
+                continue;
+            }
+            let since = *self.views[s].better_since.get_or_insert(now);
+            if now.since(since) >= self.settings.device_hold_down_ms {
+                self.views[s].better_since = None;
+                self.issue(PairHolder::Moving(self.nodes[s].clone()), actions);
+                return;
+            }
+        }
+    }
+
+    /// A move to `to`: granted once every other node has said it took the release (so it
+    /// stopped), or has been gone long enough to be failed over (off the master and
+    /// unheard by `to` for the pair timeout).
+    fn decide_move(&mut self, now: Mono, to: &NodeId, actions: &mut Vec<WitnessAction>) {
+        let Some(t) = self.index(to) else {
+            return;
+        };
+        let timeout = self.settings.pair_timeout_ms;
+        let epoch = self.grant.epoch;
+        let to_report = self.views[t].report.clone();
+        let released = (0..self.nodes.len()).filter(|o| *o != t).all(|o| {
+            let view = &self.views[o];
+            let acked = view.link.up
+                && view
+                    .report
+                    .as_ref()
+                    .is_some_and(|(report, _)| report.epoch >= epoch);
+            let gone = view.link.silent_ms(now, self.started) >= timeout
+                && to_report.as_ref().is_some_and(|(report, at)| {
+                    !report.hears_peer && report.peer_silent_ms + now.since(*at) >= timeout
+                });
+            acked || gone
+        });
+        if released && self.views[t].link.up {
+            self.issue(PairHolder::Node(to.clone()), actions);
+            return;
+        }
+        // Nobody linked for the location's timeout: the master takes the modules.
+        if self
+            .views
+            .iter()
+            .all(|view| view.link.silent_ms(now, self.started) >= self.settings.timeout_ms)
+        {
+            self.issue(PairHolder::Master, actions);
+        }
+    }
+}

@@ -1,0 +1,731 @@
+//! A site pair (nodes A, preferred, and B) and its witness (the master), their machines
+//! stepped together in simulated time: random cuts and heals of each of the three links
+//! (A-master, B-master, A-B), kills and restarts of every side, devices reached changing,
+//! restores. Each side notices a lost link on its own, within three heartbeats of the
+//! last frame it heard; links come back after a reconnect delay of their own.
+//!
+//! Asserted at every step:
+//! - two nodes run the modules at once only while the link between them is cut (or was,
+//!   within a reconnect), and then only where the location allows it: with
+//!   `isolation = "continue"` while the old holder is cut off from the master too, with
+//!   `unwitnessed_takeover_ms` while both are; with `"stop"` and no unwitnessed takeover,
+//!   never;
+//! - the master runs them with a node only while that node's link to it is cut (or was,
+//!   within a reconnect);
+//! - no epoch is issued twice, and epochs only grow.
+//!
+//! After healing everything: exactly one side runs the modules, the one the witness's
+//! grant names, and every node holds that grant.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use proptest::prelude::*;
+use tether_common::control::pair::{
+    Isolation, NodeAction, NodeEvent, NodeSide, PairGrant, PairHolder, PairSettings, WitnessAction,
+    WitnessEvent, WitnessSide,
+};
+use tether_common::control::{Epoch, Mono, NodeId};
+
+const HEARTBEAT_MS: u64 = 500;
+const LATENCY_MS: u64 = 20;
+const RECONNECT_MAX_MS: u64 = 1000;
+const STEP_MS: u64 = 10;
+/// After a link heals, how long a stale holder may still run: the link's return, the
+/// grant's delivery, a poll.
+const GRACE_MS: u64 = RECONNECT_MAX_MS + 4 * LATENCY_MS + 2 * STEP_MS;
+
+const A: usize = 0;
+const B: usize = 1;
+/// Links: each node's to the master, and theirs to each other.
+const AM: usize = 0;
+const BM: usize = 1;
+const AB: usize = 2;
+
+fn node_id(i: usize) -> NodeId {
+    NodeId::new(["site-1a", "site-1b"][i])
+}
+
+fn first_grant() -> PairGrant {
+    PairGrant {
+        holder: PairHolder::Node(node_id(A)),
+        epoch: Epoch::ZERO,
+    }
+}
+
+/// A small deterministic generator for the sides' own delays.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Node(usize),
+    Master,
+}
+
+#[derive(Debug, Clone)]
+enum Delivery {
+    /// A link's end notices it down (its last frame at `last_heard`) or up.
+    Noticed {
+        link: usize,
+        end: Side,
+        up: bool,
+        last_heard: u64,
+    },
+    GrantTo(usize, PairGrant),
+    NoteTo(usize, tether_common::control::pair::PeerNote),
+    ReportFrom(usize, tether_common::control::pair::NodeReport),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Advance(u64),
+    Cut(usize),
+    Heal(usize),
+    Kill(Side),
+    Start(Side),
+    Devices(usize, u32),
+    Restore,
+}
+
+struct World {
+    now: u64,
+    settings: PairSettings,
+    rng: Rng,
+    nodes: [Option<NodeSide>; 2],
+    stored: [PairGrant; 2],
+    witness: Option<WitnessSide>,
+    witness_stored: PairGrant,
+    /// Incarnations, so that what was on its way to a killed side is dropped.
+    generation: [u64; 3],
+    cut: [bool; 3],
+    /// Whether each link was physically up, as of the last change.
+    was_up: [bool; 3],
+    /// When each link last went physically down, and whether it is down now.
+    down_since: [Option<u64>; 3],
+    /// When each link last came back (for the grace after a heal).
+    up_since: [u64; 3],
+    queue: VecDeque<(u64, u64, Side, Delivery)>,
+    issued: BTreeSet<Epoch>,
+    devices: [u32; 2],
+}
+
+fn ends(link: usize) -> (Side, Side) {
+    match link {
+        AM => (Side::Node(A), Side::Master),
+        BM => (Side::Node(B), Side::Master),
+        _ => (Side::Node(A), Side::Node(B)),
+    }
+}
+
+fn gen_index(side: Side) -> usize {
+    match side {
+        Side::Node(i) => i,
+        Side::Master => 2,
+    }
+}
+
+impl World {
+    fn new(settings: PairSettings, seed: u64) -> World {
+        let now = 0;
+        let mut world = World {
+            now,
+            settings,
+            rng: Rng(seed | 1),
+            nodes: [
+                Some(NodeSide::new(
+                    node_id(A),
+                    settings,
+                    first_grant(),
+                    Mono(now),
+                )),
+                Some(NodeSide::new(
+                    node_id(B),
+                    settings,
+                    first_grant(),
+                    Mono(now),
+                )),
+            ],
+            stored: [first_grant(), first_grant()],
+            witness: Some(WitnessSide::new(
+                vec![node_id(A), node_id(B)],
+                settings,
+                first_grant(),
+                Mono(now),
+            )),
+            witness_stored: first_grant(),
+            generation: [0; 3],
+            cut: [false; 3],
+            was_up: [false; 3],
+            down_since: [Some(0); 3],
+            up_since: [0; 3],
+            queue: VecDeque::new(),
+            issued: BTreeSet::new(),
+            devices: [3, 3],
+        };
+        for i in [A, B] {
+            if let Some(node) = &mut world.nodes[i] {
+                let _ = node.handle(Mono(now), NodeEvent::Devices(world.devices[i]));
+            }
+        }
+        world.links_changed();
+        world
+    }
+
+    fn alive(&self, side: Side) -> bool {
+        match side {
+            Side::Node(i) => self.nodes[i].is_some(),
+            Side::Master => self.witness.is_some(),
+        }
+    }
+
+    fn physically_up(&self, link: usize) -> bool {
+        let (a, b) = ends(link);
+        !self.cut[link] && self.alive(a) && self.alive(b)
+    }
+
+    /// Schedules each end's noticing of every link whose physical state changed.
+    fn links_changed(&mut self) {
+        for link in 0..3 {
+            let up = self.physically_up(link);
+            if up == self.was_up[link] {
+                continue;
+            }
+            self.was_up[link] = up;
+            let (a, b) = ends(link);
+            if up {
+                self.down_since[link] = None;
+                self.up_since[link] = self.now;
+                let delay = LATENCY_MS + self.rng.below(RECONNECT_MAX_MS - LATENCY_MS);
+                for end in [a, b] {
+                    self.schedule(
+                        delay,
+                        end,
+                        Delivery::Noticed {
+                            link,
+                            end,
+                            up: true,
+                            last_heard: 0,
+                        },
+                    );
+                }
+            } else {
+                self.down_since[link] = Some(self.now);
+                // The last frame came within a heartbeat before; each end notices after
+                // its own three heartbeats of silence, at most.
+                let last_heard = self.now.saturating_sub(self.rng.below(HEARTBEAT_MS));
+                for end in [a, b] {
+                    let notice = last_heard + 3 * HEARTBEAT_MS - self.rng.below(HEARTBEAT_MS);
+                    let delay = notice.saturating_sub(self.now).max(1);
+                    self.schedule(
+                        delay,
+                        end,
+                        Delivery::Noticed {
+                            link,
+                            end,
+                            up: false,
+                            last_heard,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn schedule(&mut self, delay: u64, to: Side, delivery: Delivery) {
+        let generation = self.generation[gen_index(to)];
+        self.queue
+            .push_back((self.now + delay, generation, to, delivery));
+    }
+
+    fn send_grant(&mut self, to: usize, grant: PairGrant) {
+        self.schedule(LATENCY_MS, Side::Node(to), Delivery::GrantTo(to, grant));
+    }
+
+    fn node_actions(&mut self, i: usize, before: PairGrant, actions: Vec<NodeAction>) {
+        for action in actions {
+            match action {
+                NodeAction::Report(report) => {
+                    self.schedule(LATENCY_MS, Side::Master, Delivery::ReportFrom(i, report));
+                }
+                NodeAction::TellPeer(note) => {
+                    self.schedule(LATENCY_MS, Side::Node(1 - i), Delivery::NoteTo(1 - i, note));
+                }
+                _ => {}
+            }
+        }
+        // A node stores a grant it took, and passes it on to its peer.
+        let Some(node) = &self.nodes[i] else { return };
+        let grant = node.grant().clone();
+        if grant != before {
+            self.stored[i] = grant.clone();
+            self.send_grant(1 - i, grant);
+        }
+    }
+
+    fn witness_actions(&mut self, actions: Vec<WitnessAction>) -> Result<(), String> {
+        for action in actions {
+            if let WitnessAction::Issue(grant) = action {
+                if self
+                    .issued
+                    .iter()
+                    .next_back()
+                    .is_some_and(|last| *last >= grant.epoch)
+                {
+                    return Err(format!(
+                        "epoch {:?} issued after {:?}",
+                        grant.epoch, self.issued
+                    ));
+                }
+                self.issued.insert(grant.epoch);
+                self.witness_stored = grant.clone();
+                for i in [A, B] {
+                    self.send_grant(i, grant.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, to: Side, delivery: Delivery) -> Result<(), String> {
+        let now = Mono(self.now);
+        match delivery {
+            Delivery::Noticed {
+                link,
+                end,
+                up,
+                last_heard,
+            } => {
+                // A notice of a state that changed again meanwhile is dropped.
+                if self.physically_up(link) != up {
+                    return Ok(());
+                }
+                match end {
+                    Side::Master => {
+                        let node = node_id(if link == AM { A } else { B });
+                        let event = match up {
+                            true => WitnessEvent::Up(node),
+                            false => WitnessEvent::Down(node, Mono(last_heard)),
+                        };
+                        let Some(witness) = &mut self.witness else {
+                            return Ok(());
+                        };
+                        let actions = witness.handle(now, event);
+                        let grant = witness.grant().clone();
+                        self.witness_actions(actions)?;
+                        // A node linking gets the grant.
+                        if up {
+                            self.send_grant(if link == AM { A } else { B }, grant);
+                        }
+                    }
+                    Side::Node(i) => {
+                        let event = match (link == AB, up) {
+                            (false, true) => NodeEvent::MasterUp,
+                            (false, false) => NodeEvent::MasterDown {
+                                last_heard: Mono(last_heard),
+                            },
+                            (true, true) => NodeEvent::PeerUp,
+                            (true, false) => NodeEvent::PeerDown {
+                                last_heard: Mono(last_heard),
+                            },
+                        };
+                        let Some(node) = &mut self.nodes[i] else {
+                            return Ok(());
+                        };
+                        let before = node.grant().clone();
+                        let actions = node.handle(now, event);
+                        let grant = node.grant().clone();
+                        self.node_actions(i, before, actions);
+                        if link == AB && up {
+                            self.send_grant(1 - i, grant);
+                        }
+                    }
+                }
+            }
+            Delivery::GrantTo(i, grant) => {
+                // Over the master's link or the peer's: either will do while up.
+                if !(self.physically_up(if i == A { AM } else { BM }) || self.physically_up(AB)) {
+                    return Ok(());
+                }
+                let Some(node) = &mut self.nodes[i] else {
+                    return Ok(());
+                };
+                let before = node.grant().clone();
+                let actions = node.handle(now, NodeEvent::Granted(grant));
+                self.node_actions(i, before, actions);
+            }
+            Delivery::NoteTo(i, note) => {
+                if !self.physically_up(AB) {
+                    return Ok(());
+                }
+                let Some(node) = &mut self.nodes[i] else {
+                    return Ok(());
+                };
+                let before = node.grant().clone();
+                let actions = node.handle(now, NodeEvent::PeerNote(note));
+                self.node_actions(i, before, actions);
+            }
+            Delivery::ReportFrom(i, report) => {
+                if !self.physically_up(if i == A { AM } else { BM }) {
+                    return Ok(());
+                }
+                let Some(witness) = &mut self.witness else {
+                    return Ok(());
+                };
+                let actions = witness.handle(now, WitnessEvent::Report(node_id(i), report));
+                self.witness_actions(actions)?;
+            }
+        }
+        let _ = to;
+        Ok(())
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        self.now += STEP_MS;
+        loop {
+            let due = self
+                .queue
+                .iter()
+                .enumerate()
+                .filter(|(_, (at, ..))| *at <= self.now)
+                .min_by_key(|(_, (at, ..))| *at)
+                .map(|(i, _)| i);
+            let Some(index) = due else { break };
+            let (_, generation, to, delivery) = self.queue.remove(index).unwrap();
+            if generation != self.generation[gen_index(to)] || !self.alive(to) {
+                continue;
+            }
+            self.deliver(to, delivery)?;
+        }
+        let now = Mono(self.now);
+        for i in [A, B] {
+            if let Some(node) = &mut self.nodes[i] {
+                let before = node.grant().clone();
+                let actions = node.poll(now);
+                self.node_actions(i, before, actions);
+            }
+        }
+        if let Some(witness) = &mut self.witness {
+            let actions = witness.poll(now);
+            self.witness_actions(actions)?;
+        }
+        self.check()
+    }
+
+    /// Whether `link` is down now, or came back within the grace.
+    fn recently_down(&self, link: usize) -> bool {
+        self.down_since[link].is_some() || self.now.saturating_sub(self.up_since[link]) <= GRACE_MS
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let running = |i: usize| self.nodes[i].as_ref().is_some_and(|n| n.is_running());
+        let master_runs = self.witness.as_ref().is_some_and(|w| w.is_running());
+        if running(A) && running(B) {
+            let apart = self.recently_down(AB);
+            let allowed = apart
+                && match (
+                    self.settings.isolation,
+                    self.settings.unwitnessed_takeover_ms,
+                ) {
+                    (_, Some(_)) if self.recently_down(AM) && self.recently_down(BM) => true,
+                    (Isolation::Continue, _) => self.recently_down(AM) || self.recently_down(BM),
+                    (Isolation::Stop, _) => false,
+                };
+            if !allowed {
+                return Err(format!(
+                    "at {} ms both nodes run: cut {:?}, down since {:?}, grants {:?} / {:?}",
+                    self.now,
+                    self.cut,
+                    self.down_since,
+                    self.nodes[A].as_ref().map(|n| n.grant().clone()),
+                    self.nodes[B].as_ref().map(|n| n.grant().clone()),
+                ));
+            }
+        }
+        for (i, link) in [(A, AM), (B, BM)] {
+            if master_runs && running(i) && !self.recently_down(link) {
+                return Err(format!(
+                    "at {} ms the master and node {i} run while linked: down since {:?}",
+                    self.now, self.down_since
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, op: Op) -> Result<(), String> {
+        match op {
+            Op::Advance(ms) => {
+                for _ in 0..ms / STEP_MS {
+                    self.step()?;
+                }
+                return Ok(());
+            }
+            Op::Cut(link) => self.cut[link] = true,
+            Op::Heal(link) => self.cut[link] = false,
+            Op::Kill(side) => {
+                self.generation[gen_index(side)] += 1;
+                match side {
+                    Side::Node(i) => self.nodes[i] = None,
+                    Side::Master => self.witness = None,
+                }
+            }
+            Op::Start(side) => {
+                if self.alive(side) {
+                    return Ok(());
+                }
+                self.generation[gen_index(side)] += 1;
+                let now = Mono(self.now);
+                match side {
+                    Side::Node(i) => {
+                        let mut node =
+                            NodeSide::new(node_id(i), self.settings, self.stored[i].clone(), now);
+                        let _ = node.handle(now, NodeEvent::Devices(self.devices[i]));
+                        self.nodes[i] = Some(node);
+                    }
+                    Side::Master => {
+                        self.witness = Some(WitnessSide::new(
+                            vec![node_id(A), node_id(B)],
+                            self.settings,
+                            self.witness_stored.clone(),
+                            now,
+                        ))
+                    }
+                }
+            }
+            Op::Devices(i, devices) => {
+                self.devices[i] = devices;
+                if let Some(node) = &mut self.nodes[i] {
+                    let before = node.grant().clone();
+                    let actions = node.handle(Mono(self.now), NodeEvent::Devices(devices));
+                    self.node_actions(i, before, actions);
+                }
+            }
+            Op::Restore => {
+                if let Some(witness) = &mut self.witness {
+                    let actions = witness.handle(Mono(self.now), WitnessEvent::Restore);
+                    self.witness_actions(actions)?;
+                }
+            }
+        }
+        self.links_changed();
+        Ok(())
+    }
+
+    /// Everything healed and started, and time for the dust to settle: one runs, the
+    /// one the witness names, and both nodes hold its grant.
+    fn settle(&mut self) -> Result<(), String> {
+        for link in 0..3 {
+            self.apply(Op::Heal(link))?;
+        }
+        for side in [Side::Node(A), Side::Node(B), Side::Master] {
+            self.apply(Op::Start(side))?;
+        }
+        self.apply(Op::Advance(
+            self.settings.timeout_ms + self.settings.pair_timeout_ms + 5_000,
+        ))?;
+        let witness = self.witness.as_ref().unwrap();
+        let grant = witness.grant().clone();
+        let runners: Vec<String> = [A, B]
+            .into_iter()
+            .filter(|i| self.nodes[*i].as_ref().unwrap().is_running())
+            .map(|i| node_id(i).to_string())
+            .chain(witness.is_running().then(|| "master".to_string()))
+            .collect();
+        let expected = match &grant.holder {
+            PairHolder::Node(node) => node.to_string(),
+            PairHolder::Master => "master".to_string(),
+            PairHolder::Moving(node) => format!("(still moving to {node})"),
+        };
+        if runners != [expected.clone()] {
+            return Err(format!(
+                "after healing {runners:?} run; the grant names {expected}"
+            ));
+        }
+        for i in [A, B] {
+            let held = self.nodes[i].as_ref().unwrap().grant();
+            if *held != grant {
+                return Err(format!("node {i} holds {held:?}, the witness {grant:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn side() -> impl Strategy<Value = Side> {
+    prop_oneof![Just(Side::Node(A)), Just(Side::Node(B)), Just(Side::Master)]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1u64..12_000).prop_map(Op::Advance),
+        2 => (0usize..3).prop_map(Op::Cut),
+        2 => (0usize..3).prop_map(Op::Heal),
+        1 => side().prop_map(Op::Kill),
+        1 => side().prop_map(Op::Start),
+        1 => ((0usize..2), (0u32..4)).prop_map(|(i, d)| Op::Devices(i, d)),
+        1 => Just(Op::Restore),
+    ]
+}
+
+fn settings() -> impl Strategy<Value = PairSettings> {
+    (
+        prop_oneof![Just(Isolation::Continue), Just(Isolation::Stop)],
+        prop_oneof![Just(None), Just(Some(7_000u64))],
+    )
+        .prop_map(|(isolation, unwitnessed)| PairSettings {
+            pair_timeout_ms: 5_000,
+            timeout_ms: 8_000,
+            isolation,
+            // (the configuration refuses it with "stop")
+            unwitnessed_takeover_ms: unwitnessed.filter(|_| isolation == Isolation::Continue),
+            device_hold_down_ms: 2_000,
+        })
+        .prop_filter("valid settings", |s| s.check(HEARTBEAT_MS).is_ok())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 2_000,
+        max_shrink_iters: 2_000,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn a_pair_and_its_witness_never_run_twice_beyond_what_the_location_allows(
+        settings in settings(),
+        seed in any::<u64>(),
+        ops in proptest::collection::vec(op(), 1..40),
+    ) {
+        let mut world = World::new(settings, seed);
+        for op in ops {
+            if let Err(why) = world.apply(op) {
+                prop_assert!(false, "{why}");
+            }
+        }
+        if let Err(why) = world.settle() {
+            prop_assert!(false, "{why}");
+        }
+    }
+}
+
+/// The issue's cases, one by one, with "stop": the holder cut off from both stops before
+/// the standby is granted the modules; cut from the master alone, or from its peer alone,
+/// nothing changes.
+#[test]
+fn the_holder_cut_off_from_both_stops_before_the_standby_is_granted() {
+    let settings = PairSettings {
+        pair_timeout_ms: 5_000,
+        timeout_ms: 8_000,
+        isolation: Isolation::Stop,
+        unwitnessed_takeover_ms: None,
+        device_hold_down_ms: 2_000,
+    };
+    let mut world = World::new(settings, 7);
+    world.apply(Op::Advance(3_000)).unwrap();
+    let runs = |w: &World, i: usize| w.nodes[i].as_ref().unwrap().is_running();
+    assert!(runs(&world, A) && !runs(&world, B), "A, preferred, holds");
+    // Cut from the master alone, then from its peer alone: nothing changes.
+    for link in [AM, AB] {
+        world.apply(Op::Cut(link)).unwrap();
+        world.apply(Op::Advance(12_000)).unwrap();
+        assert!(
+            runs(&world, A) && !runs(&world, B),
+            "cut {link}: A keeps it"
+        );
+        world.apply(Op::Heal(link)).unwrap();
+        world.apply(Op::Advance(3_000)).unwrap();
+    }
+    assert_eq!(world.issued.len(), 0, "no grant was issued");
+    // Both: A stops, then B is granted them.
+    world.apply(Op::Cut(AM)).unwrap();
+    world.apply(Op::Cut(AB)).unwrap();
+    let cut = world.now;
+    let mut stopped = None;
+    let mut started = None;
+    for _ in 0..1_500 {
+        world.step().unwrap();
+        if stopped.is_none() && !runs(&world, A) {
+            stopped = Some(world.now - cut);
+        }
+        if started.is_none() && runs(&world, B) {
+            started = Some(world.now - cut);
+        }
+    }
+    let (stopped, started) = (stopped.unwrap(), started.unwrap());
+    assert!(
+        stopped < started,
+        "A stopped at {stopped} ms, B started at {started} ms"
+    );
+    assert!(started <= 5_000 + 3 * HEARTBEAT_MS + 200, "{started}");
+}
+
+/// Devices count as health: a holder that reaches fewer of them than its linked peer
+/// hands over after the hold-down, once; a flap shorter than the hold-down changes nothing.
+#[test]
+fn a_holder_that_reaches_fewer_devices_than_its_peer_hands_over_once() {
+    let settings = PairSettings {
+        pair_timeout_ms: 5_000,
+        timeout_ms: 8_000,
+        isolation: Isolation::Continue,
+        unwitnessed_takeover_ms: None,
+        device_hold_down_ms: 2_000,
+    };
+    let mut world = World::new(settings, 11);
+    world.apply(Op::Advance(3_000)).unwrap();
+    let runs = |w: &World, i: usize| w.nodes[i].as_ref().unwrap().is_running();
+    assert!(runs(&world, A));
+    // A flap: A loses two devices for a second, then has them again.
+    world.apply(Op::Devices(A, 1)).unwrap();
+    world.apply(Op::Advance(1_000)).unwrap();
+    world.apply(Op::Devices(A, 3)).unwrap();
+    world.apply(Op::Advance(5_000)).unwrap();
+    assert!(
+        runs(&world, A) && world.issued.is_empty(),
+        "a flap hands nothing over"
+    );
+    // For good: B, which reaches all three, gets the modules, once.
+    world.apply(Op::Devices(A, 1)).unwrap();
+    world.apply(Op::Advance(5_000)).unwrap();
+    assert!(runs(&world, B) && !runs(&world, A));
+    world.apply(Op::Advance(20_000)).unwrap();
+    // Once: the release (A stops), then B's grant, and nothing after.
+    assert_eq!(world.issued.len(), 2, "once: {:?}", world.issued);
+    assert_eq!(
+        world.witness.as_ref().unwrap().grant(),
+        &PairGrant {
+            holder: PairHolder::Node(node_id(B)),
+            epoch: Epoch(2)
+        }
+    );
+}
+
+#[test]
+fn settings_that_cannot_keep_their_promises_are_refused_naming_the_key() {
+    let good = PairSettings {
+        pair_timeout_ms: 5_000,
+        timeout_ms: 8_000,
+        isolation: Isolation::Stop,
+        unwitnessed_takeover_ms: None,
+        device_hold_down_ms: 2_000,
+    };
+    assert!(good.check(1_000).is_ok());
+    let err = good.check(2_000).unwrap_err();
+    assert!(err.contains("pair_timeout_ms"), "{err}");
+    let both = PairSettings {
+        unwitnessed_takeover_ms: Some(10_000),
+        ..good
+    };
+    assert!(
+        both.check(1_000)
+            .unwrap_err()
+            .contains("unwitnessed_takeover_ms")
+    );
+}
