@@ -9,6 +9,7 @@
 //! - [`master`]: the master's side, one machine per edge location.
 //! - [`edge`]: the edge's side.
 
+pub mod array;
 pub mod clock;
 pub mod edge;
 pub mod lease;
