@@ -108,6 +108,17 @@ async fn the_command_line_client_covers_the_api() {
     let edges: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(edges[0]["id"], "site-1");
 
+    // The same client from the master's binary (what the demo's banner suggests).
+    let out = Command::new(tether_tests::process::bin("tether-master"))
+        .args(["cli", "--server", &cli.server, "--ca", &cli.ca])
+        .args(["--token-file", &cli.token_file, "edges"])
+        .env_remove("TETHER_TOKEN")
+        .output()
+        .expect("run tether-master cli");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let same = text(&out.stdout);
+    assert!(same.starts_with("ID") && same.contains("site-1"), "{same}");
+
     // The masters: one, itself, holding site-1's link.
     let out = cli.run(&["masters"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

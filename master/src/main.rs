@@ -65,6 +65,19 @@ enum Command {
     /// processes, two sites seeded with rooms; prints the dashboard address, the admin
     /// token and commands to try. Ctrl-C stops everything it started.
     Demo(demo::DemoArgs),
+    /// The command-line client, `tether`, from this binary: `tether-master cli --server
+    /// URL --ca FILE --token-file FILE edges` (`tether-master cli --help` lists its
+    /// commands).
+    #[command(disable_help_flag = true)]
+    Cli {
+        /// The client's arguments.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<std::ffi::OsString>,
+    },
     /// A process of the demo (started by `demo`; it ends when the demo's pipe closes).
     #[command(hide = true, subcommand)]
     DemoChild(demo::Child),
@@ -88,6 +101,9 @@ fn main() -> ExitCode {
             }
         },
         (Some(Command::Demo(args)), _) => demo::run(args, cli.log_format),
+        (Some(Command::Cli { args }), _) => {
+            tether_cli::main_from(std::iter::once("tether-master cli".into()).chain(args))
+        }
         (Some(Command::DemoChild(child)), _) => {
             logging::init(cli.log_format);
             match demo::run_child(child) {

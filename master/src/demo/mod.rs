@@ -446,6 +446,14 @@ async fn wait_until_rooms_run(edges: &mut [Api], processes: &mut [Process]) -> a
     }
 }
 
+/// This program's path, for commands the banner suggests: they run at once, from what the
+/// demo's build already made.
+fn this_program() -> String {
+    std::env::current_exe()
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|_| "tether-master".into())
+}
+
 fn print_banner(layout: &Layout, ports: &Ports, token: &str, processes: &[Process]) {
     let ca = layout.ca();
     let api = ports.master_api();
@@ -480,8 +488,8 @@ Try, in another terminal:
   curl -s --cacert {ca} -H "Authorization: Bearer $(cat {edge_token})" \
     -d '{{"method":"present","args":[3]}}' \
     https://127.0.0.1:{edge}/api/v1/systems/room-101/modules/Room/1/exec
-  # with the command-line client:
-  cargo run -q -p tether-cli -- --server https://localhost:{api} --ca {ca} \
+  # with the command-line client (`tether`, in this binary; `cli --help` lists more):
+  {exe} cli --server https://localhost:{api} --ca {ca} \
     --token-file {master_token} edges
   # kill site-1's edge; after its 5 s timeout the master runs its rooms (see the dashboard):
   kill -9 {edge_pid}
@@ -490,6 +498,7 @@ Press Enter here to start stopped processes again (the edge takes its rooms back
 Ctrl-C stops everything. Processes: {pids}.
 "#,
         edge = ports.edge_api[0],
+        exe = this_program(),
         ca = ca.display(),
         master_token = master_token.display(),
         edge_token = edge_token.display(),
@@ -531,8 +540,8 @@ master runs, five simulated devices.
 Try, in another terminal:
 
   # which master holds which edge and runs which unit:
-  curl -s --cacert {ca} -H "Authorization: Bearer $(cat {token_file})" \
-    https://localhost:{api}/api/v1/masters
+  {exe} cli --server https://localhost:{api} --ca {ca} \
+    --token-file {token_file} masters
   # present input 2 in the lobby, through any master (the one that runs it answers):
   curl -s --cacert {ca} -H "Authorization: Bearer $(cat {token_file})" \
     -d '{{"method":"present","args":[2]}}' \
@@ -548,6 +557,7 @@ Processes: {pids}.
         names = names.join(", "),
         dashboards = dashboards.join("\n               "),
         api = ports.master_api(),
+        exe = this_program(),
         ca = ca.display(),
         token_file = token_file.display(),
         pids = pids.join(", "),
