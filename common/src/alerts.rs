@@ -7,7 +7,8 @@
 //! the receiver (or the network to it) is down, and an edge cut off from its master still
 //! alerts. Each receiver keeps at most `max_pending` events: beyond, the oldest are
 //! dropped (the mark moved past them) and counted in `tether_alerts_dropped_total`, as are
-//! events the audit log let go before they were delivered. A crash between a 2xx and the
+//! events the audit log let go before they were delivered (it keeps the newest of each
+//! kind, so the numbers left have gaps, counted as the mark passes them). A crash between a 2xx and the
 //! mark may send one event again: each carries `id` (`SERVER:SEQ`), the same every time,
 //! for a receiver to drop a repeat.
 
@@ -57,8 +58,13 @@ pub enum AlertError {
     },
 }
 
+/// The store's marks of the receivers, by URL (one receiver per URL: the configuration
+/// refuses two).
+const MARK_PREFIX: &str = "alerts_sent ";
+
 /// Starts one delivery task per receiver of `receivers`, sending `store`'s audit events
-/// as `server` (`master:ID` or `edge:ID`), counted in `metrics`.
+/// as `server` (`master:ID` or `edge:ID`), counted in `metrics`. The marks of receivers
+/// no longer configured are forgotten: one configured again later starts from then.
 pub fn start(
     store: Arc<Store>,
     receivers: &[AlertConfig],
@@ -66,13 +72,27 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> Result<(), AlertError> {
     let mut senders = Vec::new();
-    for receiver in receivers {
+    for (index, receiver) in receivers.iter().enumerate() {
         senders.push(Sender::new(
             store.clone(),
+            index,
             receiver,
             server.to_string(),
             metrics.clone(),
         )?);
+    }
+    let kept: Vec<&str> = senders.iter().map(|s| s.mark.as_str()).collect();
+    match store.audit_marks(MARK_PREFIX) {
+        Ok(marks) => {
+            for mark in marks.iter().filter(|m| !kept.contains(&m.as_str())) {
+                if let Err(err) = store.remove_audit_mark(mark) {
+                    tracing::warn!(
+                        "cannot forget the mark of a receiver no longer configured: {err}"
+                    );
+                }
+            }
+        }
+        Err(err) => tracing::warn!("cannot read the alert receivers' marks: {err}"),
     }
     for sender in senders {
         tokio::spawn(sender.run());
@@ -84,7 +104,8 @@ pub fn start(
 struct Sender {
     store: Arc<Store>,
     url: String,
-    /// The receiver as metrics and logs name it: the URL without query or credentials.
+    /// The receiver as metrics and logs name it: its place in the file, scheme and host
+    /// (a webhook's path or query may hold its secret).
     label: String,
     token: Option<String>,
     http: reqwest::Client,
@@ -95,49 +116,63 @@ struct Sender {
     metrics: Arc<Metrics>,
 }
 
-fn read(url: &str, what: &'static str, path: &std::path::Path) -> Result<String, AlertError> {
+fn read(label: &str, what: &'static str, path: &std::path::Path) -> Result<String, AlertError> {
     std::fs::read_to_string(path).map_err(|err| AlertError::File {
-        url: url.to_string(),
+        url: label.to_string(),
         what,
         path: path.display().to_string(),
         err: err.to_string(),
     })
 }
 
+/// A page read from the store: the events to send, how many are pending, where the
+/// receiver stands after the bound, and how many the bound dropped.
+struct Page {
+    entries: Vec<AuditEntry>,
+    pending: u64,
+    position: u64,
+    dropped: u64,
+}
+
 impl Sender {
     fn new(
         store: Arc<Store>,
+        index: usize,
         receiver: &AlertConfig,
         server: String,
         metrics: Arc<Metrics>,
     ) -> Result<Sender, AlertError> {
         let url = receiver.url.clone();
+        let label = format!("alerts[{index}] {}", origin(&url));
         let token = match &receiver.token_file {
-            Some(path) => Some(read(&url, "token_file", path)?.trim().to_string()),
+            Some(path) => Some(read(&label, "token_file", path)?.trim().to_string()),
             None => None,
         };
         crate::link::tls::install_crypto_provider();
+        // A redirect would turn the POST into a GET (and drop the token on another
+        // host): it is an answer like any other that is not 2xx, and tried again.
         let mut http = reqwest::Client::builder()
             .timeout(POST_TIMEOUT)
-            .connect_timeout(POST_TIMEOUT);
+            .connect_timeout(POST_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(path) = &receiver.ca_file {
-            let pem = read(&url, "ca_file", path)?;
+            let pem = read(&label, "ca_file", path)?;
             let ca = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|err| {
                 AlertError::Client {
-                    url: url.clone(),
+                    url: label.clone(),
                     err: format!("ca_file {} is not a PEM certificate: {err}", path.display()),
                 }
             })?;
             http = http.add_root_certificate(ca);
         }
         let http = http.build().map_err(|err| AlertError::Client {
-            url: url.clone(),
-            err: err.to_string(),
+            url: label.clone(),
+            err: err.without_url().to_string(),
         })?;
         Ok(Sender {
             store,
-            label: label(&url),
-            mark: format!("alerts_sent {url}"),
+            label,
+            mark: format!("{MARK_PREFIX}{url}"),
             url,
             token,
             http,
@@ -149,11 +184,16 @@ impl Sender {
 
     async fn run(self) {
         let mut appended = self.store.subscribe_audit();
+        // Where this receiver stands, read once and then kept here: a mark that could not
+        // be stored is stored with the next, and no event is sent twice for it.
+        let mut position = None;
         let mut backoff = BACKOFF_START;
         loop {
-            match self.deliver_pending().await {
+            match self.deliver_pending(&mut position).await {
                 Ok(()) => {
                     backoff = BACKOFF_START;
+                    // What was appended meanwhile was read with the page.
+                    while appended.try_recv().is_ok() {}
                     let _ = tokio::time::timeout(IDLE_LOOK, appended.recv()).await;
                 }
                 Err(err) => {
@@ -170,62 +210,80 @@ impl Sender {
         }
     }
 
-    /// The events after the mark, oldest first, at most [`BATCH`]; the pending count.
-    async fn pending(&self) -> Result<(u64, Vec<AuditEntry>, u64), String> {
+    /// The next page after `known` (or after the stored mark), over the bound dropped.
+    async fn page(&self, known: Option<u64>) -> Result<Page, String> {
         let (store, mark, max) = (self.store.clone(), self.mark.clone(), self.max_pending);
-        let metrics = (self.metrics.clone(), self.label.clone());
-        tokio::task::spawn_blocking(move || {
-            let newest = store.newest_audit_seq().map_err(|e| e.to_string())?;
-            // A receiver new to this server starts from now, not from its history.
-            let Some(mut sent) = store.audit_mark(&mark).map_err(|e| e.to_string())? else {
-                store
-                    .set_audit_mark(&mark, newest)
-                    .map_err(|e| e.to_string())?;
-                return Ok((newest, Vec::new(), 0));
+        tokio::task::spawn_blocking(move || -> Result<Page, crate::store::StoreError> {
+            let mut position = match known {
+                Some(position) => position,
+                None => match store.audit_mark(&mark)? {
+                    Some(position) => position,
+                    // A receiver new to this server starts from now, not from its history.
+                    None => {
+                        let newest = store.newest_audit_seq()?;
+                        store.set_audit_mark(&mark, newest)?;
+                        newest
+                    }
+                },
             };
-            // Over the bound: the oldest go, counted.
-            let over = newest.saturating_sub(sent).saturating_sub(max);
-            if over > 0 {
-                sent += over;
-                store
-                    .set_audit_mark(&mark, sent)
-                    .map_err(|e| e.to_string())?;
-                metrics.0.alerts_dropped(&metrics.1, over);
+            let (mut entries, mut pending) = store.audit_page(position, BATCH)?;
+            let mut dropped = 0;
+            // Over the bound: the oldest present events go, counted.
+            if pending > max {
+                let excess = pending - max;
+                let (skipped, _) = store.audit_page(position, excess as usize)?;
+                if let Some(last) = skipped.last() {
+                    position = last.seq;
+                    dropped = excess;
+                    (entries, pending) = store.audit_page(position, BATCH)?;
+                    // Stored when it can be; kept here meanwhile.
+                    let _ = store.set_audit_mark(&mark, position);
+                }
             }
-            let mut entries = store.audit_after(sent).map_err(|e| e.to_string())?;
-            // Events the log itself let go before delivery (it keeps its newest).
-            let first = entries.first().map_or(newest + 1, |e| e.seq);
-            let gone = first.saturating_sub(sent + 1);
-            if gone > 0 {
-                sent = first - 1;
-                store
-                    .set_audit_mark(&mark, sent)
-                    .map_err(|e| e.to_string())?;
-                metrics.0.alerts_dropped(&metrics.1, gone);
-            }
-            let pending = entries.len() as u64;
-            entries.truncate(BATCH);
-            Ok((sent, entries, pending))
+            Ok(Page {
+                entries,
+                pending,
+                position,
+                dropped,
+            })
         })
         .await
         .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
     }
 
     /// Delivers every pending event in order; an error stops at the first not taken.
-    async fn deliver_pending(&self) -> Result<(), String> {
+    async fn deliver_pending(&self, position: &mut Option<u64>) -> Result<(), String> {
         loop {
-            let (_, entries, mut pending) = self.pending().await?;
+            let page = self.page(*position).await?;
+            let mut sent = page.position;
+            *position = Some(sent);
+            if page.dropped > 0 {
+                self.metrics.alerts_dropped(&self.label, page.dropped);
+            }
+            let mut pending = page.pending;
             self.metrics.alerts_pending(&self.label, pending);
-            if entries.is_empty() {
+            if page.entries.is_empty() {
                 return Ok(());
             }
-            for entry in entries {
+            for entry in page.entries {
+                // Events the audit log let go before they were delivered (it keeps its
+                // newest of each kind): counted once, as the mark passes them.
+                let gone = entry.seq.saturating_sub(sent + 1);
+                if gone > 0 {
+                    self.metrics.alerts_dropped(&self.label, gone);
+                }
                 self.post(&entry).await?;
-                let (store, mark, seq) = (self.store.clone(), self.mark.clone(), entry.seq);
-                tokio::task::spawn_blocking(move || store.set_audit_mark(&mark, seq))
+                sent = entry.seq;
+                *position = Some(sent);
+                let (store, mark) = (self.store.clone(), self.mark.clone());
+                let stored = tokio::task::spawn_blocking(move || store.set_audit_mark(&mark, sent))
                     .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                if let Err(err) = stored {
+                    tracing::warn!(receiver = %self.label, "cannot store how far alerts went: {err}; kept in memory, stored with the next");
+                }
                 pending = pending.saturating_sub(1);
                 self.metrics.alerts_pending(&self.label, pending);
             }
@@ -246,7 +304,11 @@ impl Sender {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let answer = request.send().await.map_err(|err| err.to_string())?;
+        // Without the URL: its path or query may hold the receiver's secret.
+        let answer = request
+            .send()
+            .await
+            .map_err(|err| err.without_url().to_string())?;
         match answer.status() {
             status if status.is_success() => Ok(()),
             status => Err(format!("the receiver answered {status}")),
@@ -254,16 +316,14 @@ impl Sender {
     }
 }
 
-/// A receiver's URL as metrics and logs may show it: without credentials or query.
-fn label(url: &str) -> String {
-    let without_query = url.split(['?', '#']).next().unwrap_or(url);
-    match without_query.split_once("://") {
-        Some((scheme, rest)) => {
-            let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-            format!("{scheme}://{rest}")
-        }
-        None => without_query.to_string(),
-    }
+/// A URL's scheme and host (with its port), without credentials, path or query.
+fn origin(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    format!("{scheme}://{host}")
 }
 
 #[cfg(test)]
@@ -271,14 +331,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_receiver_is_named_without_its_credentials_or_query() {
+    fn a_receiver_is_named_without_its_credentials_path_or_query() {
         assert_eq!(
-            label("https://user:secret@hooks.example/x?token=t"),
-            "https://hooks.example/x"
+            origin("https://user:secret@hooks.example/x/T0KEN?token=t"),
+            "https://hooks.example"
         );
-        assert_eq!(
-            label("http://127.0.0.1:9/alerts"),
-            "http://127.0.0.1:9/alerts"
-        );
+        assert_eq!(origin("http://127.0.0.1:9/a@b"), "http://127.0.0.1:9");
     }
 }

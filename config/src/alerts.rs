@@ -38,20 +38,36 @@ impl AlertConfig {
 
     pub(crate) fn validate(&self, file: &Path, index: usize) -> Result<(), ConfigError> {
         let key = |name: &str| format!("alerts[{index}].{name}");
-        let rest = self
-            .url
-            .strip_prefix("https://")
-            .or_else(|| self.url.strip_prefix("http://"));
-        if rest.is_none_or(|rest| rest.is_empty() || rest.starts_with('/')) {
+        if !valid_url(&self.url) {
+            // Not the URL itself: its path or query may hold the receiver's secret.
             return Err(ConfigError::invalid(
                 file,
                 key("url"),
-                format!("an http:// or https:// URL, not {:?}", self.url),
+                "an http:// or https:// URL with a host (and a port of 1 to 65535, if any)",
             ));
         }
         check_range(file, &key("max_pending"), self.max_pending, 1..=10_000_000)?;
         Ok(())
     }
+}
+
+/// Whether `url` is `http://` or `https://`, then a host, an optional port, and anything.
+fn valid_url(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    let Some(rest) = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = match host_port.rsplit_once(':') {
+        // An IPv6 address in brackets has colons of its own.
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (host_port, None),
+    };
+    !host.is_empty() && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 /// Resolves and validates every receiver of a file.
@@ -63,6 +79,16 @@ pub(crate) fn prepare(
     for (i, alert) in alerts.iter_mut().enumerate() {
         alert.resolve(base);
         alert.validate(file, i)?;
+    }
+    // One receiver per URL: each keeps its own place in the audit log, by its URL.
+    for (i, alert) in alerts.iter().enumerate() {
+        if alerts[..i].iter().any(|other| other.url == alert.url) {
+            return Err(ConfigError::invalid(
+                file,
+                format!("alerts[{i}].url"),
+                "a URL no other [[alerts]] has",
+            ));
+        }
     }
     Ok(())
 }
@@ -89,7 +115,15 @@ mod tests {
                 .is_ok()
         );
         assert!(alert("http://127.0.0.1:9/a", 10).validate(file, 0).is_ok());
-        for bad in ["ftp://x", "hooks.example", "https://", "https:///path"] {
+        assert!(alert("HTTPS://[::1]:8443/a", 10).validate(file, 0).is_ok());
+        for bad in [
+            "ftp://x",
+            "hooks.example",
+            "https://",
+            "https:///path",
+            "http://h:badport/x",
+            "http://h:0/x",
+        ] {
             let err = alert(bad, 10).validate(file, 2).unwrap_err().to_string();
             assert!(err.contains("alerts[2].url"), "{bad}: {err}");
         }
@@ -98,5 +132,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("alerts[0].max_pending"), "{err}");
+    }
+
+    #[test]
+    fn two_receivers_of_one_url_are_refused() {
+        let mut alerts = vec![alert("https://a/x", 10), alert("https://a/x", 10)];
+        let err = prepare(&mut alerts, Path::new("."), Path::new("edge.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("alerts[1].url"), "{err}");
     }
 }

@@ -158,58 +158,99 @@ impl Store {
     /// The audit records after sequence number `after`, this server's own and those
     /// about edges, oldest first.
     pub fn audit_after(&self, after: u64) -> Result<Vec<AuditEntry>, StoreError> {
+        Ok(self.audit_page(after, usize::MAX)?.0)
+    }
+
+    /// The oldest `limit` audit records after sequence number `after`, and how many there
+    /// are after it in all: a reader far behind decodes one page at a time, not the log.
+    pub fn audit_page(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<AuditEntry>, u64), StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let mut entries = Vec::new();
-        match txn.open_table(AUDIT) {
+        // The oldest `limit` sequence numbers of each kind, and the counts.
+        let mut own_seqs = Vec::new();
+        let mut total = 0u64;
+        let audit = match txn.open_table(AUDIT) {
             Ok(audit) => {
                 for entry in audit.range(after + 1..).map_err(|e| self.db_error(e))? {
-                    let (seq, bytes) = entry.map_err(|e| self.db_error(e))?;
-                    let record = decode_audit(bytes.value()).map_err(|err| {
-                        self.corrupt(format!(
-                            "audit record {} does not decode: {err}",
-                            seq.value()
-                        ))
-                    })?;
-                    entries.push(AuditEntry {
-                        seq: seq.value(),
-                        source: AuditSource::Own,
-                        record,
-                    });
+                    let (seq, _) = entry.map_err(|e| self.db_error(e))?;
+                    if own_seqs.len() < limit {
+                        own_seqs.push(seq.value());
+                    }
+                    total += 1;
                 }
+                Some(audit)
             }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(err) => return Err(self.db_error(err)),
-        }
-        let (by_seq, by_edge) = match (txn.open_table(EDGE_AUDIT_SEQ), txn.open_table(EDGE_AUDIT)) {
-            (Ok(by_seq), Ok(by_edge)) => (by_seq, by_edge),
+        };
+        let edges = match (txn.open_table(EDGE_AUDIT_SEQ), txn.open_table(EDGE_AUDIT)) {
+            (Ok(by_seq), Ok(by_edge)) => Some((by_seq, by_edge)),
             (Err(redb::TableError::TableDoesNotExist(_)), _)
-            | (_, Err(redb::TableError::TableDoesNotExist(_))) => return Ok(entries),
+            | (_, Err(redb::TableError::TableDoesNotExist(_))) => None,
             (Err(err), _) | (_, Err(err)) => return Err(self.db_error(err)),
         };
-        let own = entries.len();
-        for entry in by_seq.range(after + 1..).map_err(|e| self.db_error(e))? {
-            let (seq, edge) = entry.map_err(|e| self.db_error(e))?;
-            let (seq, edge) = (seq.value(), edge.value());
-            let bytes = by_edge
-                .get((edge, seq))
-                .map_err(|e| self.db_error(e))?
-                .ok_or_else(|| self.corrupt(format!("audit record {seq} of {edge} is missing")))?;
-            let (source, record): (AuditSource, AuditRecord) = postcard::from_bytes(bytes.value())
-                .map_err(|err| {
-                    self.corrupt(format!(
-                        "audit record {seq} of {edge} does not decode: {err}"
-                    ))
-                })?;
-            entries.push(AuditEntry {
-                seq,
-                source,
-                record,
-            });
+        let mut edge_seqs = Vec::new();
+        if let Some((by_seq, _)) = &edges {
+            for entry in by_seq.range(after + 1..).map_err(|e| self.db_error(e))? {
+                let (seq, edge) = entry.map_err(|e| self.db_error(e))?;
+                if edge_seqs.len() < limit {
+                    edge_seqs.push((seq.value(), edge.value().to_string()));
+                }
+                total += 1;
+            }
         }
-        if entries.len() > own {
-            entries.sort_by_key(|entry| entry.seq);
+        // The page: the oldest `limit` of both, decoded.
+        let mut page: Vec<(u64, Option<String>)> = own_seqs
+            .into_iter()
+            .map(|seq| (seq, None))
+            .chain(edge_seqs.into_iter().map(|(seq, edge)| (seq, Some(edge))))
+            .collect();
+        page.sort_by_key(|(seq, _)| *seq);
+        page.truncate(limit);
+        let mut entries = Vec::with_capacity(page.len());
+        for (seq, edge) in page {
+            let entry = match (edge, &audit, &edges) {
+                (None, Some(audit), _) => {
+                    let bytes = audit
+                        .get(seq)
+                        .map_err(|e| self.db_error(e))?
+                        .ok_or_else(|| self.corrupt(format!("audit record {seq} is missing")))?;
+                    let record = decode_audit(bytes.value()).map_err(|err| {
+                        self.corrupt(format!("audit record {seq} does not decode: {err}"))
+                    })?;
+                    AuditEntry {
+                        seq,
+                        source: AuditSource::Own,
+                        record,
+                    }
+                }
+                (Some(edge), _, Some((_, by_edge))) => {
+                    let bytes = by_edge
+                        .get((edge.as_str(), seq))
+                        .map_err(|e| self.db_error(e))?
+                        .ok_or_else(|| {
+                            self.corrupt(format!("audit record {seq} of {edge} is missing"))
+                        })?;
+                    let (source, record): (AuditSource, AuditRecord) =
+                        postcard::from_bytes(bytes.value()).map_err(|err| {
+                            self.corrupt(format!(
+                                "audit record {seq} of {edge} does not decode: {err}"
+                            ))
+                        })?;
+                    AuditEntry {
+                        seq,
+                        source,
+                        record,
+                    }
+                }
+                _ => continue,
+            };
+            entries.push(entry);
         }
-        Ok(entries)
+        Ok((entries, total))
     }
 
     /// The newest audit sequence number the master has acknowledged.
@@ -250,6 +291,33 @@ impl Store {
     pub fn set_audit_mark(&self, name: &str, seq: u64) -> Result<(), StoreError> {
         self.write_txn(|txn| {
             txn.open_table(META)?.insert(name, seq)?;
+            Ok(())
+        })
+    }
+
+    /// The names of the marks that begin with `prefix`.
+    pub fn audit_marks(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(err) => return Err(self.db_error(err)),
+        };
+        let mut names = Vec::new();
+        for entry in meta.range(prefix..).map_err(|e| self.db_error(e))? {
+            let (name, _) = entry.map_err(|e| self.db_error(e))?;
+            if !name.value().starts_with(prefix) {
+                break;
+            }
+            names.push(name.value().to_string());
+        }
+        Ok(names)
+    }
+
+    /// Forgets reader `name`'s mark.
+    pub fn remove_audit_mark(&self, name: &str) -> Result<(), StoreError> {
+        self.write_txn(|txn| {
+            txn.open_table(META)?.remove(name)?;
             Ok(())
         })
     }
