@@ -20,10 +20,15 @@ use tokio_tungstenite::tungstenite::{Message, http::HeaderValue};
 use crate::forward::Forwarder;
 
 /// The largest message taken from another master (a method's result, a status value).
-const MESSAGE_LIMIT: usize = 4 << 20;
+const MESSAGE_LIMIT: usize = 1 << 20;
 /// Messages of another master queued for the client's session at most (so at most this
-/// many times [`MESSAGE_LIMIT`] held per socket); a full queue stops reading that socket.
+/// many times [`MESSAGE_LIMIT`] held per socket, beside the few the session lets into the
+/// client's queue); a full queue stops reading that socket.
 const MESSAGES_QUEUED: usize = 16;
+/// The other master is pinged this often while the socket is quiet...
+const PING_EVERY: Duration = Duration::from_secs(10);
+/// ...and a socket silent this long (a half-open connection to a dead master) is closed.
+const SILENT_LIMIT: Duration = Duration::from_secs(30);
 /// Commands queued for another master at most; a client sending faster is told so.
 const COMMANDS_QUEUED: usize = 64;
 /// Connect, TLS and the upgrade take at most this long.
@@ -52,9 +57,10 @@ impl WsRelay for Forwarder {
             let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
                 .map_err(|_| "the client's token is not a header value".to_string())?;
             headers.insert("authorization", bearer);
-            if let Ok(me) = HeaderValue::from_str(me.as_str()) {
-                headers.insert(FORWARDED_BY, me);
-            }
+            // Without it the other master would send the session on again.
+            let me = HeaderValue::from_str(me.as_str())
+                .map_err(|_| format!("this master's id {me:?} is not a header value"))?;
+            headers.insert(FORWARDED_BY, me);
             let config = WebSocketConfig::default()
                 .max_message_size(Some(MESSAGE_LIMIT))
                 .max_frame_size(Some(MESSAGE_LIMIT));
@@ -91,8 +97,20 @@ async fn pump<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut sink, mut stream) = socket.split();
+    let mut heard = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = ping.tick() => {
+                if heard.elapsed() >= SILENT_LIMIT {
+                    tracing::warn!(%server, "the WebSocket to master {server} was silent for {SILENT_LIMIT:?}: closed");
+                    break;
+                }
+                if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break;
+                }
+            }
             command = commands.recv() => match command {
                 Some(text) => {
                     if sink.send(Message::Text(text.into())).await.is_err() {
@@ -102,25 +120,30 @@ async fn pump<S>(
                 // The client's session ended.
                 None => break,
             },
-            message = stream.next() => match message {
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<Value>(&text) {
-                    Ok(value) => {
-                        if messages.send(value).await.is_err() {
+            message = stream.next() => {
+                if matches!(message, Some(Ok(_))) {
+                    heard = tokio::time::Instant::now();
+                }
+                match message {
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<Value>(&text) {
+                        Ok(value) => {
+                            if messages.send(value).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(err) => {
+                            tracing::warn!(%server, "master {server} sent a WebSocket message that is not JSON: {err}");
                             break;
                         }
-                    }
-                    Err(err) => {
-                        tracing::warn!(%server, "master {server} sent a WebSocket message that is not JSON: {err}");
+                    },
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Err(err)) => {
+                        tracing::debug!(%server, "WebSocket to master {server} ended: {err}");
                         break;
                     }
-                },
-                Some(Ok(Message::Close(_))) | None => break,
-                Some(Err(err)) => {
-                    tracing::debug!(%server, "WebSocket to master {server} ended: {err}");
-                    break;
+                    Some(Ok(_)) => {}
                 }
-                Some(Ok(_)) => {}
-            },
+            }
         }
     }
     let _ = sink.close().await;

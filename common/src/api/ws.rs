@@ -121,20 +121,55 @@ pub(super) async fn ws(
 /// A WebSocket to another server this session sends commands on.
 struct Upstreamed {
     commands: mpsc::Sender<String>,
-    /// Execs sent there and not yet answered (their ids).
-    pending: HashSet<String>,
+    /// The ids (as JSON text) of commands sent there whose answer is awaited: when sent,
+    /// and whether it was an exec (answered 503 if the socket ends first).
+    awaiting: HashMap<String, (Instant, bool)>,
     /// Forwards its messages to the session.
     task: JoinHandle<()>,
 }
 
-/// What a module's commands made on another server, to make again wherever the module
-/// is served when that server's socket ends.
+/// What one module's commands made on another server: a binding (of some status keys,
+/// or all) and a debug stream, to be made again wherever the module is served next.
 #[derive(Default)]
 struct Relayed {
     server: String,
-    /// The `bind` and `debug` commands sent, in order.
-    commands: Vec<String>,
+    /// `Some(None)`: every key bound; `Some(Some(keys))`: those; `None`: no binding.
+    binding: Option<Option<HashSet<String>>>,
+    debug: bool,
 }
+
+impl Relayed {
+    /// The commands that make it again (under [`REMADE`], whose success nobody awaits).
+    fn remake(&self, key: &Key) -> Vec<String> {
+        let command = |cmd: &str, status_key: Option<&String>| {
+            json!({"id": REMADE, "cmd": cmd, "sys": key.0, "mod": key.1, "index": key.2,
+                "key": status_key})
+            .to_string()
+        };
+        let mut commands = Vec::new();
+        match &self.binding {
+            Some(None) => commands.push(command("bind", None)),
+            Some(Some(keys)) => commands.extend(keys.iter().map(|k| command("bind", Some(k)))),
+            None => {}
+        }
+        if self.debug {
+            commands.push(command("debug", None));
+        }
+        commands
+    }
+}
+
+/// The id of commands the session makes again itself (a binding following its module):
+/// their success is not passed on.
+const REMADE: &str = "tether:remade";
+/// Commands awaiting an answer from one other server, at most: more are refused 503.
+const AWAITING_MAX: usize = 256;
+/// An exec sent on and unanswered this long is answered 504.
+const RELAYED_EXEC_DEADLINE: std::time::Duration = std::time::Duration::from_secs(65);
+/// Another server's messages are taken only while the client's queue holds fewer than
+/// this many (each at most the relay's message limit): a slow client stops the reading
+/// of the other server's socket rather than let its messages pile up.
+const RELAYED_QUEUED: usize = 64;
 
 /// One module's status binding on a socket: the keys bound, the values last sent.
 struct Binding {
@@ -176,16 +211,6 @@ const REHOME_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// A server whose WebSocket would not open is not tried again for this long (its
 /// commands are served here meanwhile).
 const UNREACHABLE_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// `text` (a command) without its id: a command the session makes again itself, whose
-/// answer nobody waits for.
-fn without_id(text: &str) -> String {
-    let mut value: Value = serde_json::from_str(text).unwrap_or(Value::Null);
-    if let Some(map) = value.as_object_mut() {
-        map.insert("id".into(), Value::Null);
-    }
-    value.to_string()
-}
 
 async fn session(
     socket: WebSocket,
@@ -263,7 +288,8 @@ async fn session(
                     break;
                 }
             }
-            Some((server, message)) = upstream_rx.recv() => {
+            Some((server, message)) = upstream_rx.recv(),
+                if session.out.capacity() + RELAYED_QUEUED > OUT_QUEUE => {
                 let kept = match message {
                     Some(message) => session.upstream_message(&server, message),
                     None => session.upstream_ended(&server).await,
@@ -385,8 +411,8 @@ impl Session {
         let message = match answer {
             // An exec: its answer follows when the method returns.
             Ok(Value::Null) => None,
-            // A binding made again by the session itself (it has no id): nobody waits.
-            Ok(_) if command.id.is_null() => None,
+            // A binding made again by the session itself: nobody waits for its success.
+            Ok(_) if command.id == REMADE => None,
             Ok(mut body) => {
                 body["type"] = json!("success");
                 body["id"] = command.id.clone();
@@ -407,14 +433,14 @@ impl Session {
             return None;
         };
         let key: Key = (sys.clone(), module.clone(), command.index);
-        // A binding or debug stream made here stays here (it follows its module).
-        match command.cmd.as_str() {
+        let cmd = command.cmd.as_str();
+        // A binding or debug stream made here stays here until moved (`rehome`).
+        match cmd {
             "bind" | "unbind" if self.bindings.contains_key(&key) => return None,
             "debug" | "ignore" if self.debugs.contains_key(&key) => return None,
             _ => {}
         }
-        let (server, api_url) = match (command.cmd.as_str(), self.relayed.get(&key)) {
-            // Unbound where it was bound.
+        let (server, api_url) = match (cmd, self.relayed.get(&key)) {
             ("bind" | "debug" | "unbind" | "ignore", Some(relayed)) => {
                 (relayed.server.clone(), None)
             }
@@ -425,11 +451,7 @@ impl Session {
             _ => return None,
         };
         if !self.upstreams.contains_key(&server) {
-            if self
-                .unreachable
-                .get(&server)
-                .is_some_and(|until| Instant::now() < *until)
-            {
+            if self.paused(&server) {
                 return None;
             }
             match relay.open(&server, &token).await {
@@ -443,8 +465,9 @@ impl Session {
             }
         }
         let upstream = self.upstreams.get_mut(&server)?;
-        if upstream.commands.try_send(text.to_string()).is_err() {
-            // Its socket ended (the end is on its way) or it does not keep up.
+        if upstream.awaiting.len() >= AWAITING_MAX
+            || upstream.commands.try_send(text.to_string()).is_err()
+        {
             return Some(self.send(error_json(
                 &command.id,
                 ApiError::unavailable(format!(
@@ -452,19 +475,10 @@ impl Session {
                 )),
             )));
         }
-        match command.cmd.as_str() {
-            "exec" => {
-                upstream.pending.insert(command.id.to_string());
-            }
-            "bind" | "debug" => {
-                let relayed = self.relayed.entry(key).or_default();
-                relayed.server = server;
-                relayed.commands.push(without_id(text));
-            }
-            "unbind" => self.forget(&key, "bind", command.key.as_deref()),
-            "ignore" => self.forget(&key, "debug", None),
-            _ => {}
-        }
+        upstream
+            .awaiting
+            .insert(command.id.to_string(), (Instant::now(), cmd == "exec"));
+        self.note_relayed(&key, &server, command);
         let hinted = match api_url {
             Some(api_url) if self.hinted.insert(sys.clone()) => {
                 self.send(json!({"type": "redirect", "sys": sys, "server": api_url}))
@@ -474,9 +488,64 @@ impl Session {
         Some(hinted)
     }
 
+    /// Keeps what `command`, sent to `server`, made there (or undid).
+    fn note_relayed(&mut self, key: &Key, server: &str, command: &Command) {
+        match command.cmd.as_str() {
+            "bind" => {
+                let relayed = self.relayed.entry(key.clone()).or_default();
+                relayed.server = server.to_string();
+                relayed.binding = match (relayed.binding.take(), &command.key) {
+                    (Some(Some(mut keys)), Some(k)) => {
+                        keys.insert(k.clone());
+                        Some(Some(keys))
+                    }
+                    (None, Some(k)) => Some(Some(HashSet::from([k.clone()]))),
+                    (Some(None), _) | (_, None) => Some(None),
+                };
+            }
+            "debug" => {
+                let relayed = self.relayed.entry(key.clone()).or_default();
+                relayed.server = server.to_string();
+                relayed.debug = true;
+            }
+            "unbind" | "ignore" => {
+                let Some(relayed) = self.relayed.get_mut(key) else {
+                    return;
+                };
+                if command.cmd == "ignore" {
+                    relayed.debug = false;
+                } else {
+                    match (&mut relayed.binding, &command.key) {
+                        (Some(Some(keys)), Some(k)) => {
+                            keys.remove(k);
+                            if keys.is_empty() {
+                                relayed.binding = None;
+                            }
+                        }
+                        (_, None) => relayed.binding = None,
+                        _ => {}
+                    }
+                }
+                if relayed.binding.is_none() && !relayed.debug {
+                    self.relayed.remove(key);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether `server`'s socket would not open a moment ago (its commands are served
+    /// here until the pause is over).
+    fn paused(&self, server: &str) -> bool {
+        self.unreachable
+            .get(server)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
     /// Moves the bindings and debug streams whose modules are now served elsewhere than
-    /// where they were made (a unit moved between masters, or came here); false when the
-    /// client must be cut off.
+    /// where they were made (a unit moved between masters, or came here); answers the
+    /// execs another server left unanswered past their deadline; closes the sockets no
+    /// longer used. False when the client must be cut off.
     async fn rehome(&mut self) -> bool {
         let Some((relay, _)) = self.relay.clone() else {
             return true;
@@ -486,76 +555,91 @@ impl Session {
                 .serving_elsewhere(&key.0, &key.1, key.2)
                 .map(|e| e.server)
         };
+        let mut texts = Vec::new();
         let local: HashSet<Key> = self
             .bindings
             .keys()
             .chain(self.debugs.keys())
             .cloned()
             .collect();
-        let mut texts = Vec::new();
         for key in local {
-            if serving(&key).is_none() {
+            // Moved only where it can go (a server that would not open is not tried).
+            if serving(&key).is_none_or(|server| self.paused(&server)) {
                 continue;
             }
-            let (sys, module, index) = (&key.0, &key.1, key.2);
-            let command = |cmd: &str, status_key: Option<&String>| {
-                json!({"id": null, "cmd": cmd, "sys": sys, "mod": module, "index": index,
-                    "key": status_key})
-                .to_string()
-            };
+            let mut relayed = Relayed::default();
             if let Some(binding) = self.bindings.remove(&key) {
                 binding.task.abort();
-                match &binding.keys {
-                    None => texts.push(command("bind", None)),
-                    Some(keys) => texts.extend(keys.iter().map(|k| command("bind", Some(k)))),
-                }
+                relayed.binding = Some(binding.keys);
             }
             if let Some(task) = self.debugs.remove(&key) {
                 task.abort();
-                texts.push(command("debug", None));
+                relayed.debug = true;
             }
+            texts.extend(relayed.remake(&key));
         }
         let moved: Vec<Key> = self
             .relayed
             .iter()
-            .filter(|(key, relayed)| serving(key).as_ref() != Some(&relayed.server))
+            .filter(|(key, relayed)| match serving(key) {
+                Some(server) => server != relayed.server && !self.paused(&server),
+                None => true,
+            })
             .map(|(key, _)| key.clone())
             .collect();
         for key in moved {
             let Some(relayed) = self.relayed.remove(&key) else {
                 continue;
             };
-            if let Some(upstream) = self.upstreams.get(&relayed.server) {
-                for cmd in ["unbind", "ignore"] {
-                    let text = json!({"id": null, "cmd": cmd, "sys": key.0, "mod": key.1,
-                        "index": key.2})
-                    .to_string();
-                    let _ = upstream.commands.try_send(text);
-                }
+            // Undone there first; a socket that cannot take it is closed (which undoes
+            // everything made there).
+            let undo = ["unbind", "ignore"].map(|cmd| {
+                json!({"id": REMADE, "cmd": cmd, "sys": key.0, "mod": key.1, "index": key.2})
+                    .to_string()
+            });
+            if let Some(upstream) = self.upstreams.get(&relayed.server)
+                && undo
+                    .iter()
+                    .any(|text| upstream.commands.try_send(text.clone()).is_err())
+                && let Some(upstream) = self.upstreams.remove(&relayed.server)
+            {
+                upstream.task.abort();
             }
-            texts.extend(relayed.commands);
+            texts.extend(relayed.remake(&key));
         }
         for text in texts {
             if !Box::pin(self.command(&text)).await {
                 return false;
             }
         }
-        true
-    }
-
-    /// Drops the relayed `cmd` commands of `key`: its debug stream, or its bindings (of
-    /// one status key, or all).
-    fn forget(&mut self, key: &Key, cmd: &str, status_key: Option<&str>) {
-        if let Some(relayed) = self.relayed.get_mut(key) {
-            relayed.commands.retain(|text| {
-                serde_json::from_str::<Command>(text).map_or(true, |c| {
-                    c.cmd != cmd || status_key.is_some_and(|k| c.key.as_deref() != Some(k))
-                })
+        // Execs unanswered past their deadline; sockets nothing uses any more.
+        let mut late = Vec::new();
+        for (server, upstream) in &mut self.upstreams {
+            upstream.awaiting.retain(|id, (sent, exec)| {
+                let keep = sent.elapsed() < RELAYED_EXEC_DEADLINE;
+                if !keep && *exec {
+                    late.push((server.clone(), id.clone()));
+                }
+                keep
             });
-            if relayed.commands.is_empty() {
-                self.relayed.remove(key);
+        }
+        for (server, id) in late {
+            let id: Value = serde_json::from_str(&id).unwrap_or(Value::Null);
+            let message = json!({"type": "error", "id": id, "code": "timeout",
+                "message": format!("master {server} did not answer the call in time (it may have run there)")});
+            if !self.send(message) {
+                return false;
             }
         }
+        let used: HashSet<String> = self.relayed.values().map(|r| r.server.clone()).collect();
+        self.upstreams.retain(|server, upstream| {
+            let keep = used.contains(server) || !upstream.awaiting.is_empty();
+            if !keep {
+                upstream.task.abort();
+            }
+            keep
+        });
+        true
     }
 
     fn add_upstream(&mut self, server: &str, mut upstream: Upstream) {
@@ -576,33 +660,64 @@ impl Session {
             server.to_string(),
             Upstreamed {
                 commands: upstream.commands,
-                pending: HashSet::new(),
+                awaiting: HashMap::new(),
                 task,
             },
         );
     }
 
-    /// Passes on a message of another server's socket; false when the client is too slow.
+    /// Passes on a message of another server's socket, when it is about what this
+    /// session sent there (anything else of a peer's is dropped, its redirect hints
+    /// included: this session hints itself); false when the client is too slow.
     fn upstream_message(&mut self, server: &str, message: Value) -> bool {
-        if message["type"] == "success" && message["id"].is_null() {
+        let Some(upstream) = self.upstreams.get_mut(server) else {
             return true;
+        };
+        match message["type"].as_str() {
+            Some(kind @ ("success" | "error")) => {
+                if upstream
+                    .awaiting
+                    .remove(&message["id"].to_string())
+                    .is_none()
+                    || (kind == "success" && message["id"] == REMADE)
+                {
+                    return true;
+                }
+                self.send(message)
+            }
+            Some(kind @ ("notify" | "debug")) => {
+                let key: Key = (
+                    message["sys"].as_str().unwrap_or_default().to_string(),
+                    message["mod"].as_str().unwrap_or_default().to_string(),
+                    message["index"].as_u64().unwrap_or(0) as u32,
+                );
+                let ours = self.relayed.get(&key).is_some_and(|relayed| {
+                    relayed.server == server
+                        && match kind {
+                            "notify" => relayed.binding.is_some(),
+                            _ => relayed.debug,
+                        }
+                });
+                !ours || self.send(message)
+            }
+            _ => true,
         }
-        if matches!(message["type"].as_str(), Some("success" | "error"))
-            && let Some(upstream) = self.upstreams.get_mut(server)
-        {
-            upstream.pending.remove(&message["id"].to_string());
-        }
-        self.send(message)
     }
 
     /// Another server's socket ended: its unanswered execs are answered 503 (they may
     /// have run there, so they are not run again), and the bindings and debug streams
-    /// made there are made again wherever their modules are served now.
+    /// made there are made again (here, until the pause after the end is over; then
+    /// `rehome` moves them to where their modules are served).
     async fn upstream_ended(&mut self, server: &str) -> bool {
         let Some(upstream) = self.upstreams.remove(server) else {
             return true;
         };
-        for id in &upstream.pending {
+        self.unreachable
+            .insert(server.to_string(), Instant::now() + UNREACHABLE_PAUSE);
+        for (id, (_, exec)) in &upstream.awaiting {
+            if !exec {
+                continue;
+            }
             let id: Value = serde_json::from_str(id).unwrap_or(Value::Null);
             let message = error_json(
                 &id,
@@ -624,7 +739,7 @@ impl Session {
             let Some(relayed) = self.relayed.remove(&key) else {
                 continue;
             };
-            for text in relayed.commands {
+            for text in relayed.remake(&key) {
                 if !Box::pin(self.command(&text)).await {
                     return false;
                 }
