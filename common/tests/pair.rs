@@ -79,7 +79,8 @@ enum Delivery {
         up: bool,
         last_heard: u64,
     },
-    GrantTo(usize, PairGrant),
+    /// A grant to a node; whether a master sent it (else the peer passed it on).
+    GrantTo(usize, PairGrant, bool),
     NoteTo(usize, tether_common::control::pair::PeerNote),
     ReportFrom(usize, tether_common::control::pair::NodeReport),
 }
@@ -113,6 +114,10 @@ struct World {
     /// When each link last came back (for the grace after a heal).
     up_since: [u64; 3],
     queue: VecDeque<(u64, u64, Side, Delivery)>,
+    /// Whether each end of each link has noticed it up (frames flow to it then).
+    noticed: [[bool; 2]; 3],
+    /// The last heartbeat each link carried.
+    beat: [u64; 3],
     issued: BTreeSet<Epoch>,
     devices: [u32; 2],
 }
@@ -167,6 +172,8 @@ impl World {
             down_since: [Some(0); 3],
             up_since: [0; 3],
             queue: VecDeque::new(),
+            noticed: [[false; 2]; 3],
+            beat: [0; 3],
             issued: BTreeSet::new(),
             devices: [3, 3],
         };
@@ -218,11 +225,12 @@ impl World {
                 }
             } else {
                 self.down_since[link] = Some(self.now);
-                // The last frame came within a heartbeat before; each end notices after
-                // its own three heartbeats of silence, at most.
-                let last_heard = self.now.saturating_sub(self.rng.below(HEARTBEAT_MS));
+                // Each end's last frame came within a heartbeat before (each its own), and
+                // each notices the silence on a heartbeat tick past three heartbeats: one
+                // to four heartbeats after that frame, each at its own time.
                 for end in [a, b] {
-                    let notice = last_heard + 3 * HEARTBEAT_MS - self.rng.below(HEARTBEAT_MS);
+                    let last_heard = self.now.saturating_sub(self.rng.below(HEARTBEAT_MS));
+                    let notice = last_heard + HEARTBEAT_MS + self.rng.below(3 * HEARTBEAT_MS);
                     let delay = notice.saturating_sub(self.now).max(1);
                     self.schedule(
                         delay,
@@ -245,8 +253,12 @@ impl World {
             .push_back((self.now + delay, generation, to, delivery));
     }
 
-    fn send_grant(&mut self, to: usize, grant: PairGrant) {
-        self.schedule(LATENCY_MS, Side::Node(to), Delivery::GrantTo(to, grant));
+    fn send_grant(&mut self, to: usize, grant: PairGrant, from_master: bool) {
+        self.schedule(
+            LATENCY_MS,
+            Side::Node(to),
+            Delivery::GrantTo(to, grant, from_master),
+        );
     }
 
     fn node_actions(&mut self, i: usize, before: PairGrant, actions: Vec<NodeAction>) {
@@ -266,7 +278,7 @@ impl World {
         let grant = node.grant().clone();
         if grant != before {
             self.stored[i] = grant.clone();
-            self.send_grant(1 - i, grant);
+            self.send_grant(1 - i, grant, false);
         }
     }
 
@@ -287,7 +299,7 @@ impl World {
                 self.issued.insert(grant.epoch);
                 self.witness_stored = grant.clone();
                 for i in [A, B] {
-                    self.send_grant(i, grant.clone());
+                    self.send_grant(i, grant.clone(), true);
                 }
             }
         }
@@ -307,6 +319,9 @@ impl World {
                 if self.physically_up(link) != up {
                     return Ok(());
                 }
+                let (first, _) = ends(link);
+                let index = usize::from(gen_index(end) != gen_index(first));
+                self.noticed[link][index] = up;
                 match end {
                     Side::Master => {
                         let node = node_id(if link == AM { A } else { B });
@@ -322,7 +337,7 @@ impl World {
                         self.witness_actions(actions)?;
                         // A node linking gets the grant.
                         if up {
-                            self.send_grant(if link == AM { A } else { B }, grant);
+                            self.send_grant(if link == AM { A } else { B }, grant, true);
                         }
                     }
                     Side::Node(i) => {
@@ -344,21 +359,26 @@ impl World {
                         let grant = node.grant().clone();
                         self.node_actions(i, before, actions);
                         if link == AB && up {
-                            self.send_grant(1 - i, grant);
+                            self.send_grant(1 - i, grant, false);
                         }
                     }
                 }
             }
-            Delivery::GrantTo(i, grant) => {
-                // Over the master's link or the peer's: either will do while up.
-                if !(self.physically_up(if i == A { AM } else { BM }) || self.physically_up(AB)) {
+            Delivery::GrantTo(i, grant, from_master) => {
+                // Over the link it was sent on, if that link is still up.
+                let link = match (from_master, i) {
+                    (true, A) => AM,
+                    (true, _) => BM,
+                    (false, _) => AB,
+                };
+                if !self.physically_up(link) {
                     return Ok(());
                 }
                 let Some(node) = &mut self.nodes[i] else {
                     return Ok(());
                 };
                 let before = node.grant().clone();
-                let actions = node.handle(now, NodeEvent::Granted(grant));
+                let actions = node.handle(now, NodeEvent::Granted { grant, from_master });
                 self.node_actions(i, before, actions);
             }
             Delivery::NoteTo(i, note) => {
@@ -389,6 +409,30 @@ impl World {
 
     fn step(&mut self) -> Result<(), String> {
         self.now += STEP_MS;
+        // Heartbeats: a node hears a frame on each link it has noticed up, while the link
+        // is up, once a heartbeat.
+        for link in 0..3 {
+            if !self.physically_up(link) || self.now - self.beat[link] < HEARTBEAT_MS {
+                continue;
+            }
+            self.beat[link] = self.now;
+            let (first, second) = ends(link);
+            for (index, end) in [first, second].into_iter().enumerate() {
+                let Side::Node(i) = end else { continue };
+                if !self.noticed[link][index] {
+                    continue;
+                }
+                let event = match link {
+                    AB => NodeEvent::PeerHeard,
+                    _ => NodeEvent::MasterHeard,
+                };
+                if let Some(node) = &mut self.nodes[i] {
+                    let before = node.grant().clone();
+                    let actions = node.handle(Mono(self.now), event);
+                    self.node_actions(i, before, actions);
+                }
+            }
+        }
         loop {
             let due = self
                 .queue
@@ -728,4 +772,35 @@ fn settings_that_cannot_keep_their_promises_are_refused_naming_the_key() {
             .unwrap_err()
             .contains("unwitnessed_takeover_ms")
     );
+}
+
+/// The holder SIGKILLed: the standby holds within the pair timeout and a second.
+#[test]
+fn the_standby_holds_within_the_pair_timeout_and_a_second_of_the_holders_death() {
+    let mut slowest = 0;
+    for seed in 1..20 {
+        let settings = PairSettings {
+            pair_timeout_ms: 5_000,
+            timeout_ms: 8_000,
+            isolation: Isolation::Stop,
+            unwitnessed_takeover_ms: None,
+            device_hold_down_ms: 2_000,
+        };
+        let mut world = World::new(settings, seed);
+        world.apply(Op::Advance(3_000)).unwrap();
+        world.apply(Op::Kill(Side::Node(A))).unwrap();
+        let killed = world.now;
+        let mut held = None;
+        for _ in 0..1_000 {
+            world.step().unwrap();
+            if world.nodes[B].as_ref().unwrap().is_running() {
+                held = Some(world.now - killed);
+                break;
+            }
+        }
+        let held = held.expect("the standby holds");
+        assert!(held <= 5_000 + 1_000, "seed {seed}: after {held} ms");
+        slowest = slowest.max(held);
+    }
+    eprintln!("the standby held at most {slowest} ms after the holder's death");
 }

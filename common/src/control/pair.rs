@@ -13,10 +13,15 @@
 //!   (after a hold-down, so that flapping devices do not make the pair flap).
 //!
 //! Every decision is a grant with a new epoch, issued by the witness alone; every side
-//! refuses an older grant. Why a holder with `isolation = "stop"` never overlaps a
-//! standby: it stops [`stop_after_ms`] after it last heard anyone, while a standby is
-//! granted only `pair_timeout_ms` after it last heard the holder, later by at least the
-//! heartbeats the holder's silence takes to be noticed.
+//! refuses an older grant. Break before make throughout: a node starts under a grant only
+//! once its peer has said it does not run (or has been silent for the pair timeout), or
+//! the witness itself sent the grant and the peer is not heard running; a handover from a
+//! live holder goes through a release ([`PairHolder::Moving`]); the master stops its own
+//! modules before it grants them to a node. A node running on a claim (an unwitnessed
+//! takeover) keeps them until the witness decides, or until it hears the holder running.
+//! A witness that starts holding the modules itself runs them only once every node has
+//! been heard, or after the pair timeout. Why a holder with `isolation = "stop"` never
+//! overlaps a standby: see [`stop_after_ms`].
 //!
 //! Not wired into the servers yet: the nodes' links, their reports and the shells are the
 //! next step of the issue; this is the rule set they will carry out, and its property test
@@ -57,11 +62,12 @@ pub struct PairSettings {
 
 /// A holder with `isolation = "stop"` stops this long after it last heard its peer or a
 /// master: half the pair timeout, so that it is stopped before any standby can be granted.
-/// That holds while a lost link is noticed within three heartbeats and a heartbeat is at
-/// most a quarter of the pair timeout (the standby's silence counts from the holder's last
-/// frame, a heartbeat at most before the cut): the holder has stopped by the cut plus
-/// `max(pair_timeout / 2, 3 heartbeats)`, the standby starts after the cut plus
-/// `pair_timeout - 1 heartbeat`. The configuration keeps to it.
+/// Silences count from the last frame (the shell reports every frame, [`NodeEvent::
+/// MasterHeard`]), not from when a lost link is noticed (heartbeats later): the holder
+/// stops by the cut plus `pair_timeout / 2` and a poll, while a standby is granted the
+/// modules no earlier than the cut plus `pair_timeout` less a heartbeat (its own last
+/// frame from the holder). With a heartbeat at most a quarter of the pair timeout, which
+/// the configuration keeps to, a quarter of the pair timeout is left for the stop.
 pub fn stop_after_ms(settings: &PairSettings) -> u64 {
     settings.pair_timeout_ms / 2
 }
@@ -127,6 +133,13 @@ pub struct NodeReport {
     pub peer_silent_ms: u64,
     /// How many of the location's devices it reaches.
     pub devices: u32,
+    /// Whether it runs the modules.
+    pub running: bool,
+    /// Whether it runs them on a claim of its own, made without a witness.
+    pub claimed: bool,
+    /// Its peer's last note, while their link is up (a holder that cannot reach the
+    /// witness still tells it, through its peer, that it stopped).
+    pub peer_note: Option<PeerNote>,
 }
 
 /// What a node tells its peer, on their link, whenever it changes: the grant it holds to
@@ -150,10 +163,9 @@ struct Heard {
 }
 
 impl Heard {
+    /// How long since its last frame (a link up but silent counts: the loss of a link is
+    /// noticed only heartbeats later, and the decisions are timed from the last frame).
     fn silent_ms(&self, now: Mono, since_start: Mono) -> u64 {
-        if self.up {
-            return 0;
-        }
         now.since(self.last.unwrap_or(since_start))
     }
 }
@@ -177,8 +189,18 @@ pub enum NodeEvent {
         /// The last frame from the peer.
         last_heard: Mono,
     },
-    /// A grant, from a master or passed on by the peer.
-    Granted(PairGrant),
+    /// A frame from a master (a heartbeat, anything): the master link is alive.
+    MasterHeard,
+    /// A frame from the peer.
+    PeerHeard,
+    /// A grant, from a master (`from_master`) or passed on by the peer.
+    Granted {
+        /// The grant.
+        grant: PairGrant,
+        /// Whether a master sent it: the witness's word (a grant naming this node, from
+        /// the witness, clears its start; one passed on by the peer needs the peer's note).
+        from_master: bool,
+    },
     /// How many of the location's devices it reaches now.
     Devices(u32),
     /// Its peer's note.
@@ -219,6 +241,8 @@ pub struct NodeSide {
     devices: u32,
     running: bool,
     started: Mono,
+    /// The epoch of a grant naming this node that a master itself sent it.
+    witnessed: Option<Epoch>,
     /// Until it has heard a grant from a master or its peer a node runs nothing: at its
     /// start (for a boot wait at most) its stored grant may be stale, and so may it be
     /// after it stopped, cut off from both, under `isolation = "stop"`.
@@ -243,6 +267,7 @@ impl NodeSide {
             started: now,
             awaiting_grant: true,
             booting: true,
+            witnessed: None,
         }
     }
 
@@ -274,6 +299,9 @@ impl NodeSide {
         NodeReport {
             epoch: self.grant.epoch,
             hears_peer: self.peer.up,
+            running: self.running,
+            claimed: self.claimed,
+            peer_note: self.peer_note,
             peer_silent_ms: self.peer.silent_ms(now, self.started),
             devices: self.devices,
         }
@@ -314,13 +342,21 @@ impl NodeSide {
             }
             NodeEvent::PeerNote(note) => {
                 self.peer_note = Some(note);
+                self.peer.last = Some(now);
+                // The witness hears of it too (a release acknowledged through the peer).
+                actions.push(NodeAction::Report(self.report(now)));
             }
-            NodeEvent::Granted(grant) => {
+            NodeEvent::MasterHeard => self.master.last = Some(now),
+            NodeEvent::PeerHeard => self.peer.last = Some(now),
+            NodeEvent::Granted { grant, from_master } => {
                 self.awaiting_grant = false;
                 self.booting = false;
-                // A grant at least as new as the one held ends a claim made without a
-                // witness: the witness (or the holder, through the peer) is heard again.
-                if grant.epoch >= self.grant.epoch {
+                if from_master && grant.holder == PairHolder::Node(self.me.clone()) {
+                    self.witnessed = Some(grant.epoch);
+                }
+                // A newer grant ends a claim made without a witness (the witness decided;
+                // until then the claimant keeps the rooms running).
+                if grant.epoch > self.grant.epoch {
                     self.claimed = false;
                 }
                 if self.grant.superseded_by(&grant) {
@@ -372,6 +408,14 @@ impl NodeSide {
             // mode), under the last grant's epoch, which the next grant outranks.
             self.claimed = true;
         }
+        // A claim ends as soon as the holder is heard running again (through the peer).
+        if self.claimed
+            && self
+                .peer_note
+                .is_some_and(|note| note.running && note.epoch >= self.grant.epoch)
+        {
+            self.claimed = false;
+        }
         let holds = named || self.claimed;
         let isolated_stop = self.settings.isolation == Isolation::Stop
             && master_silent.min(peer_silent) >= stop_after_ms(&self.settings);
@@ -382,7 +426,11 @@ impl NodeSide {
         // Break before make: a node starts once its peer has said it does not run under
         // this grant or a newer one, or after the peer has been silent for the pair
         // timeout (cut off: under "stop" it has stopped by then).
+        // A grant from the witness itself clears the start too, unless the peer is heard
+        // running (a grant the witness sent before may predate the peer's return).
         let peer_clear = self.claimed
+            || (self.witnessed == Some(self.grant.epoch)
+                && self.peer_note.is_none_or(|note| !note.running))
             || peer_silent >= self.settings.pair_timeout_ms
             || self
                 .peer_note
@@ -519,6 +567,11 @@ impl WitnessSide {
                 if self.grant.holder == PairHolder::Master
                     && let Some(i) = (0..self.nodes.len()).find(|i| self.views[*i].link.up)
                 {
+                    // Break before make: the master's modules stop before the grant goes.
+                    if self.running {
+                        self.running = false;
+                        actions.push(WitnessAction::Stop);
+                    }
                     self.issue(PairHolder::Node(self.nodes[i].clone()), &mut actions);
                 }
             }
@@ -547,8 +600,31 @@ impl WitnessSide {
         match self.grant.holder.clone() {
             PairHolder::Node(holder) => self.decide_for_node(now, &holder, actions),
             PairHolder::Moving(to) => self.decide_move(now, &to, actions),
-            // The master keeps what it took until a restore (as with one edge).
-            PairHolder::Master => {}
+            // The master keeps what it took until a restore (as with one edge), unless a
+            // node runs them on a claim of its own (taken while no master was there): the
+            // node keeps them, the master stopping first.
+            PairHolder::Master => {
+                let claimant = (0..self.nodes.len()).find(|c| {
+                    self.views[*c].link.up
+                        && self.views[*c]
+                            .report
+                            .as_ref()
+                            .is_some_and(|(report, _)| report.claimed)
+                });
+                if let Some(c) = claimant {
+                    if self.running {
+                        self.running = false;
+                        actions.push(WitnessAction::Stop);
+                    }
+                    self.issue(PairHolder::Node(self.nodes[c].clone()), actions);
+                }
+            }
+        }
+        // A master that starts (again) holding the modules runs them once every node has
+        // been heard, or after the pair timeout: a node may have claimed them meanwhile.
+        let heard_all = self.views.iter().all(|view| view.report.is_some());
+        if !self.running && now.since(self.started) < self.settings.pair_timeout_ms && !heard_all {
+            return;
         }
         let run = self.grant.holder == PairHolder::Master;
         if run && !self.running {
@@ -567,7 +643,36 @@ impl WitnessSide {
             return;
         };
         let timeout = self.settings.pair_timeout_ms;
-        let holder_off = self.views[h].link.silent_ms(now, self.started);
+        let holder_off = match self.views[h].link.up {
+            true => 0,
+            false => self.views[h].link.silent_ms(now, self.started),
+        };
+        // A node that runs on a claim of its own (taken without a witness) is decided for
+        // as soon as it is heard: it keeps the modules when the holder is gone; else the
+        // holder does (at once when it runs, else once the claimant has stopped).
+        let claimant = (0..self.nodes.len()).filter(|c| *c != h).find(|c| {
+            self.views[*c].link.up
+                && self.views[*c]
+                    .report
+                    .as_ref()
+                    .is_some_and(|(report, _)| report.claimed)
+        });
+        if let Some(c) = claimant {
+            let holder_runs = self.views[h].link.up
+                && self.views[h]
+                    .report
+                    .as_ref()
+                    .is_some_and(|(report, _)| report.running);
+            let next = if holder_off >= timeout {
+                PairHolder::Node(self.nodes[c].clone())
+            } else if holder_runs {
+                PairHolder::Node(holder.clone())
+            } else {
+                PairHolder::Moving(holder.clone())
+            };
+            self.issue(next, actions);
+            return;
+        }
         // A standby that has not heard the holder for the pair timeout, while the holder
         // has been off the master as long: it is granted the modules.
         let witnessed = (0..self.nodes.len()).filter(|s| *s != h).find(|s| {
@@ -584,10 +689,9 @@ impl WitnessSide {
             return;
         }
         // No node linked for the location's timeout: the master takes the modules.
-        let all_off = self
-            .views
-            .iter()
-            .all(|view| view.link.silent_ms(now, self.started) >= self.settings.timeout_ms);
+        let all_off = self.views.iter().all(|view| {
+            !view.link.up && view.link.silent_ms(now, self.started) >= self.settings.timeout_ms
+        });
         if all_off {
             self.issue(PairHolder::Master, actions);
             return;
@@ -637,22 +741,36 @@ impl WitnessSide {
                     .report
                     .as_ref()
                     .is_some_and(|(report, _)| report.epoch >= epoch);
-            let gone = view.link.silent_ms(now, self.started) >= timeout
+            let gone = !view.link.up
+                && view.link.silent_ms(now, self.started) >= timeout
                 && to_report.as_ref().is_some_and(|(report, at)| {
                     !report.hears_peer && report.peer_silent_ms + now.since(*at) >= timeout
                 });
-            acked || gone
+            // Acknowledged through the peer: `to` heard it say it stopped under the move.
+            let through_peer = to_report.as_ref().is_some_and(|(report, _)| {
+                report
+                    .peer_note
+                    .is_some_and(|note| !note.running && note.epoch >= epoch)
+            });
+            acked || gone || through_peer
         });
         if released && self.views[t].link.up {
             self.issue(PairHolder::Node(to.clone()), actions);
             return;
         }
-        // Nobody linked for the location's timeout: the master takes the modules.
-        if self
-            .views
-            .iter()
-            .all(|view| view.link.silent_ms(now, self.started) >= self.settings.timeout_ms)
+        // `to` gone meanwhile: the modules go back to a linked node (it stopped for the
+        // move, and `to` is off).
+        if !self.views[t].link.up
+            && self.views[t].link.silent_ms(now, self.started) >= timeout
+            && let Some(o) = (0..self.nodes.len()).find(|o| *o != t && self.views[*o].link.up)
         {
+            self.issue(PairHolder::Node(self.nodes[o].clone()), actions);
+            return;
+        }
+        // Nobody linked for the location's timeout: the master takes the modules.
+        if self.views.iter().all(|view| {
+            !view.link.up && view.link.silent_ms(now, self.started) >= self.settings.timeout_ms
+        }) {
             self.issue(PairHolder::Master, actions);
         }
     }
