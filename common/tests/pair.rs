@@ -660,18 +660,24 @@ proptest! {
     }
 }
 
+/// The settings of the cases below: pair timeout 5 s, location timeout 8 s, no
+/// unwitnessed takeover, a device hold-down of 2 s.
+fn fixed(isolation: Isolation) -> PairSettings {
+    PairSettings {
+        pair_timeout_ms: 5_000,
+        timeout_ms: 8_000,
+        isolation,
+        unwitnessed_takeover_ms: None,
+        device_hold_down_ms: 2_000,
+    }
+}
+
 /// The cases, one by one, with "stop": the holder cut off from both stops before
 /// the standby is granted the modules; cut from the master alone, or from its peer alone,
 /// nothing changes.
 #[test]
 fn the_holder_cut_off_from_both_stops_before_the_standby_is_granted() {
-    let settings = PairSettings {
-        pair_timeout_ms: 5_000,
-        timeout_ms: 8_000,
-        isolation: Isolation::Stop,
-        unwitnessed_takeover_ms: None,
-        device_hold_down_ms: 2_000,
-    };
+    let settings = fixed(Isolation::Stop);
     let mut world = World::new(settings, 7);
     world.apply(Op::Advance(3_000)).unwrap();
     let runs = |w: &World, i: usize| w.nodes[i].as_ref().unwrap().is_running();
@@ -715,13 +721,7 @@ fn the_holder_cut_off_from_both_stops_before_the_standby_is_granted() {
 /// hands over after the hold-down, once; a flap shorter than the hold-down changes nothing.
 #[test]
 fn a_holder_that_reaches_fewer_devices_than_its_peer_hands_over_once() {
-    let settings = PairSettings {
-        pair_timeout_ms: 5_000,
-        timeout_ms: 8_000,
-        isolation: Isolation::Continue,
-        unwitnessed_takeover_ms: None,
-        device_hold_down_ms: 2_000,
-    };
+    let settings = fixed(Isolation::Continue);
     let mut world = World::new(settings, 11);
     world.apply(Op::Advance(3_000)).unwrap();
     let runs = |w: &World, i: usize| w.nodes[i].as_ref().unwrap().is_running();
@@ -753,13 +753,7 @@ fn a_holder_that_reaches_fewer_devices_than_its_peer_hands_over_once() {
 
 #[test]
 fn settings_that_cannot_keep_their_promises_are_refused_naming_the_key() {
-    let good = PairSettings {
-        pair_timeout_ms: 5_000,
-        timeout_ms: 8_000,
-        isolation: Isolation::Stop,
-        unwitnessed_takeover_ms: None,
-        device_hold_down_ms: 2_000,
-    };
+    let good = fixed(Isolation::Stop);
     assert!(good.check(1_000).is_ok());
     let err = good.check(2_000).unwrap_err();
     assert!(err.contains("pair_timeout_ms"), "{err}");
@@ -779,13 +773,7 @@ fn settings_that_cannot_keep_their_promises_are_refused_naming_the_key() {
 fn the_standby_holds_within_the_pair_timeout_and_a_second_of_the_holders_death() {
     let mut slowest = 0;
     for seed in 1..20 {
-        let settings = PairSettings {
-            pair_timeout_ms: 5_000,
-            timeout_ms: 8_000,
-            isolation: Isolation::Stop,
-            unwitnessed_takeover_ms: None,
-            device_hold_down_ms: 2_000,
-        };
+        let settings = fixed(Isolation::Stop);
         let mut world = World::new(settings, seed);
         world.apply(Op::Advance(3_000)).unwrap();
         world.apply(Op::Kill(Side::Node(A))).unwrap();

@@ -587,6 +587,19 @@ impl WitnessSide {
         actions
     }
 
+    /// A linked node (other than `except`) that reports running on a claim of its own.
+    fn claimant(&self, except: Option<usize>) -> Option<usize> {
+        (0..self.nodes.len())
+            .filter(|c| Some(*c) != except)
+            .find(|c| {
+                self.views[*c].link.up
+                    && self.views[*c]
+                        .report
+                        .as_ref()
+                        .is_some_and(|(report, _)| report.claimed)
+            })
+    }
+
     fn issue(&mut self, holder: PairHolder, actions: &mut Vec<WitnessAction>) {
         let grant = PairGrant {
             holder,
@@ -604,14 +617,7 @@ impl WitnessSide {
             // node runs them on a claim of its own (taken while no master was there): the
             // node keeps them, the master stopping first.
             PairHolder::Master => {
-                let claimant = (0..self.nodes.len()).find(|c| {
-                    self.views[*c].link.up
-                        && self.views[*c]
-                            .report
-                            .as_ref()
-                            .is_some_and(|(report, _)| report.claimed)
-                });
-                if let Some(c) = claimant {
+                if let Some(c) = self.claimant(None) {
                     if self.running {
                         self.running = false;
                         actions.push(WitnessAction::Stop);
@@ -650,14 +656,7 @@ impl WitnessSide {
         // A node that runs on a claim of its own (taken without a witness) is decided for
         // as soon as it is heard: it keeps the modules when the holder is gone; else the
         // holder does (at once when it runs, else once the claimant has stopped).
-        let claimant = (0..self.nodes.len()).filter(|c| *c != h).find(|c| {
-            self.views[*c].link.up
-                && self.views[*c]
-                    .report
-                    .as_ref()
-                    .is_some_and(|(report, _)| report.claimed)
-        });
-        if let Some(c) = claimant {
+        if let Some(c) = self.claimant(Some(h)) {
             let holder_runs = self.views[h].link.up
                 && self.views[h]
                     .report
