@@ -1,7 +1,8 @@
 //! Alerts (`[[alerts]]`): every audit event POSTed to a small HTTP receiver in the test,
-//! one POST per event and in order; the receiver down for 30 s and up again: everything
-//! kept is delivered, nothing twice, and the bound drops the oldest and counts them; an
-//! edge cut off from its master alerts on its own.
+//! one POST per event and in order; the receiver down for 30 s (the master SIGKILLed and
+//! restarted meanwhile) and up again: everything kept is delivered, nothing twice, and
+//! the bound drops the oldest and counts them; an edge cut off from its master alerts on
+//! its own.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -108,6 +109,11 @@ async fn every_audit_event_is_posted_once_in_order_kept_while_the_receiver_is_do
         (dropped == 10 && pending == MAX_PENDING).then_some(())
     })
     .await;
+    // Kept on disk: the master SIGKILLed and started again meanwhile loses none of them.
+    drop(rogue);
+    cluster.master.kill();
+    cluster.master.restart();
+    cluster.wait_master_up().await;
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(down.elapsed())).await;
     assert_eq!(
         from(&receiver, "master:master").len(),
@@ -146,7 +152,6 @@ async fn every_audit_event_is_posted_once_in_order_kept_while_the_receiver_is_do
         alert_metric(&master, "tether_alerts_pending", &url).await,
         0
     );
-    drop(rogue);
 
     // An edge cut off from its master alerts on its own: the edge back under the master,
     // the master killed, the edge takes its modules and says so.
