@@ -78,6 +78,26 @@ impl LeaseClock {
     }
 }
 
+/// The two clocks read together: the monotonic clock, which stops while the machine is
+/// suspended (a paused VM, a laptop asleep), and the boot clock, which does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockPair {
+    /// Monotonic milliseconds.
+    pub mono_ms: u64,
+    /// Milliseconds since boot, suspended time included.
+    pub boot_ms: u64,
+}
+
+/// How long the machine was away between two reads beyond what the monotonic clock
+/// counted. A lease is counted on the monotonic clock, so after a suspend longer than its
+/// margin the master would believe a lease held that etcd has expired meanwhile (and a
+/// survivor may have started its units): such a lease must be taken as lost at once.
+pub fn unseen_ms(before: ClockPair, after: ClockPair) -> u64 {
+    let boot = after.boot_ms.saturating_sub(before.boot_ms);
+    let mono = after.mono_ms.saturating_sub(before.mono_ms);
+    boot.saturating_sub(mono)
+}
+
 /// When to begin stopping, for units that must be stopped by `until` and take up to
 /// `stop_ms` to stop.
 pub fn begin_stopping(until: Mono, stop_ms: u64) -> Mono {
@@ -115,5 +135,23 @@ mod tests {
         let clock = LeaseClock::new(1000);
         assert_eq!(clock.margin_ms(), MIN_MARGIN_MS);
         assert_eq!(clock.keep_alive_every_ms(), 333);
+    }
+
+    #[test]
+    fn a_suspend_is_the_boot_clock_running_ahead_of_the_monotonic_one() {
+        let before = ClockPair {
+            mono_ms: 1_000,
+            boot_ms: 5_000,
+        };
+        let running = ClockPair {
+            mono_ms: 1_100,
+            boot_ms: 5_100,
+        };
+        assert_eq!(unseen_ms(before, running), 0);
+        let after_a_pause = ClockPair {
+            mono_ms: 1_100,
+            boot_ms: 65_100,
+        };
+        assert_eq!(unseen_ms(before, after_a_pause), 60_000);
     }
 }

@@ -24,7 +24,7 @@ pub use model::EtcdModel;
 use super::StoreError;
 use super::grants::{Claims, Grants, Held, IssueError, Pending};
 use crate::control::clock::{Mono, mono_now};
-use crate::control::lease::LeaseClock;
+use crate::control::lease::{ClockPair, LeaseClock, unseen_ms};
 use crate::control::{ControlState, Owner};
 
 /// The prefix of every key Tether writes, unless the configuration names another.
@@ -706,8 +706,35 @@ async fn keep_alive(
     let answer_within = every / 2;
     let mut stream = None;
     let mut next_send = tokio::time::Instant::now() + every;
+    let mut clocks = clock_pair();
     loop {
-        tokio::time::sleep_until(next_send).await;
+        // Until the next send, a look at the clocks now and then: after a suspend of the
+        // machine longer than the lease's margin, the lease counted on the monotonic
+        // clock (which stopped meanwhile) may have expired in etcd, and another master
+        // may run the units: it is taken as lost at once, the units stop, and the master
+        // joins again.
+        let wake = tokio::time::sleep_until(next_send);
+        tokio::pin!(wake);
+        loop {
+            tokio::select! {
+                _ = &mut wake => break,
+                _ = tokio::time::sleep(SUSPEND_LOOK) => {}
+            }
+            let now = clock_pair();
+            let unseen = unseen_ms(clocks, now);
+            clocks = now;
+            if unseen >= clock.margin_ms() {
+                tracing::error!(
+                    lease,
+                    unseen_ms = unseen,
+                    "the machine was suspended for longer than the lease's margin: the presence lease is taken as lost"
+                );
+                clock.lost();
+                publish.send_replace(clock.held_until());
+                return;
+            }
+        }
+        clocks = clock_pair();
         if stream.is_none() {
             stream =
                 match tokio::time::timeout(answer_within, etcd.client().lease_keep_alive(lease))
@@ -783,6 +810,20 @@ fn link_master(value: &str) -> &str {
 /// Whether etcd answered that the lease no longer exists (it expired).
 fn lease_gone(err: &etcd_client::Error) -> bool {
     err.to_string().contains("lease not found")
+}
+
+/// How often the keep-alive task looks for a suspend of the machine.
+const SUSPEND_LOOK: Duration = Duration::from_millis(100);
+
+/// The monotonic and boot clocks, read together.
+fn clock_pair() -> ClockPair {
+    let boot = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    ClockPair {
+        mono_ms: mono_now().0,
+        boot_ms: (boot.tv_sec as u64)
+            .saturating_mul(1000)
+            .saturating_add(boot.tv_nsec as u64 / 1_000_000),
+    }
 }
 
 /// The pause before trying a failed keep-alive again (not a busy loop against an etcd
