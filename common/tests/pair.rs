@@ -1,8 +1,9 @@
 //! A site pair (nodes A, preferred, and B) and its witness (the master), their machines
 //! stepped together in simulated time: random cuts and heals of each of the three links
 //! (A-master, B-master, A-B), kills and restarts of every side, devices reached changing,
-//! restores. Each side notices a lost link on its own, within three heartbeats of the
-//! last frame it heard; links come back after a reconnect delay of their own.
+//! restores, links flapping up for a moment. Each side notices a lost link on its own,
+//! one to four heartbeats after the last frame it heard; links come back after a
+//! reconnect delay of their own.
 //!
 //! Asserted at every step:
 //! - two nodes run the modules at once only while the link between them is cut (or was,
@@ -94,6 +95,8 @@ enum Op {
     Start(Side),
     Devices(usize, u32),
     Restore,
+    /// A cut link up for a moment, then cut again (maybe too short to be noticed).
+    Flap(usize, u64),
 }
 
 struct World {
@@ -198,6 +201,12 @@ impl World {
         !self.cut[link] && self.alive(a) && self.alive(b)
     }
 
+    /// Whether messages flow over `link`: up, and both ends have their end of it (a link
+    /// is established at both ends before anything is sent over it).
+    fn carries(&self, link: usize) -> bool {
+        self.physically_up(link) && self.noticed[link][0] && self.noticed[link][1]
+    }
+
     /// Schedules each end's noticing of every link whose physical state changed.
     fn links_changed(&mut self) {
         for link in 0..3 {
@@ -210,10 +219,11 @@ impl World {
             if up {
                 self.down_since[link] = None;
                 self.up_since[link] = self.now;
+                // The connect completes at one end, the other a latency later.
                 let delay = LATENCY_MS + self.rng.below(RECONNECT_MAX_MS - LATENCY_MS);
-                for end in [a, b] {
+                for (k, end) in [a, b].into_iter().enumerate() {
                     self.schedule(
-                        delay,
+                        delay + k as u64 * LATENCY_MS,
                         end,
                         Delivery::Noticed {
                             link,
@@ -321,6 +331,11 @@ impl World {
                 }
                 let (first, _) = ends(link);
                 let index = usize::from(gen_index(end) != gen_index(first));
+                // A link this end never had up (it flapped before being noticed) is not
+                // noticed going down either: no frame ever came over it.
+                if !up && !self.noticed[link][index] {
+                    return Ok(());
+                }
                 self.noticed[link][index] = up;
                 match end {
                     Side::Master => {
@@ -371,7 +386,7 @@ impl World {
                     (true, _) => BM,
                     (false, _) => AB,
                 };
-                if !self.physically_up(link) {
+                if !self.carries(link) {
                     return Ok(());
                 }
                 let Some(node) = &mut self.nodes[i] else {
@@ -382,7 +397,7 @@ impl World {
                 self.node_actions(i, before, actions);
             }
             Delivery::NoteTo(i, note) => {
-                if !self.physically_up(AB) {
+                if !self.carries(AB) {
                     return Ok(());
                 }
                 let Some(node) = &mut self.nodes[i] else {
@@ -393,7 +408,7 @@ impl World {
                 self.node_actions(i, before, actions);
             }
             Delivery::ReportFrom(i, report) => {
-                if !self.physically_up(if i == A { AM } else { BM }) {
+                if !self.carries(if i == A { AM } else { BM }) {
                     return Ok(());
                 }
                 let Some(witness) = &mut self.witness else {
@@ -552,6 +567,11 @@ impl World {
                     self.node_actions(i, before, actions);
                 }
             }
+            Op::Flap(link, ms) => {
+                self.apply(Op::Heal(link))?;
+                self.apply(Op::Advance(ms))?;
+                self.cut[link] = true;
+            }
             Op::Restore => {
                 if let Some(witness) = &mut self.witness {
                     let actions = witness.handle(Mono(self.now), WitnessEvent::Restore);
@@ -616,6 +636,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => side().prop_map(Op::Start),
         1 => ((0usize..2), (0u32..4)).prop_map(|(i, d)| Op::Devices(i, d)),
         1 => Just(Op::Restore),
+        1 => ((0usize..3), (10u64..300)).prop_map(|(link, ms)| Op::Flap(link, ms)),
     ]
 }
 

@@ -14,8 +14,9 @@
 //!
 //! Every decision is a grant with a new epoch, issued by the witness alone; every side
 //! refuses an older grant. Break before make throughout: a node starts under a grant only
-//! once its peer has said it does not run (or has been silent for the pair timeout), or
-//! the witness itself sent the grant and the peer is not heard running; a handover from a
+//! once its peer has said it does not run under that grant or a newer one (or has been
+//! silent for the pair timeout), or the witness itself sent the grant and the peer is not
+//! linked; a handover from a
 //! live holder goes through a release ([`PairHolder::Moving`]); the master stops its own
 //! modules before it grants them to a node. A node running on a claim (an unwitnessed
 //! takeover) keeps them until the witness decides, or until it hears the holder running.
@@ -391,9 +392,14 @@ impl NodeSide {
     }
 
     fn decide(&mut self, now: Mono, actions: &mut Vec<NodeAction>) {
+        // Unheard for the boot wait, a node runs its stored grant only where rooms are to
+        // keep running cut off from both ("continue"): under "stop" it waits for a grant
+        // (a link that came up and went before the grant did would not make it isolated).
         if self.booting && now.since(self.started) >= self.settings.pair_timeout_ms {
             self.booting = false;
-            self.awaiting_grant = false;
+            if self.settings.isolation == Isolation::Continue {
+                self.awaiting_grant = false;
+            }
         }
         let named = self.grant.holder == PairHolder::Node(self.me.clone());
         let master_silent = self.master.silent_ms(now, self.started);
@@ -426,11 +432,11 @@ impl NodeSide {
         // Break before make: a node starts once its peer has said it does not run under
         // this grant or a newer one, or after the peer has been silent for the pair
         // timeout (cut off: under "stop" it has stopped by then).
-        // A grant from the witness itself clears the start too, unless the peer is heard
-        // running (a grant the witness sent before may predate the peer's return).
+        // A grant from the witness itself clears the start too while the peer is not
+        // linked; while it is, its note decides (it has heard of this grant and does not
+        // run), so that two grants crossing on their way never start both.
         let peer_clear = self.claimed
-            || (self.witnessed == Some(self.grant.epoch)
-                && self.peer_note.is_none_or(|note| !note.running))
+            || (self.witnessed == Some(self.grant.epoch) && !self.peer.up)
             || peer_silent >= self.settings.pair_timeout_ms
             || self
                 .peer_note
@@ -567,12 +573,15 @@ impl WitnessSide {
                 if self.grant.holder == PairHolder::Master
                     && let Some(i) = (0..self.nodes.len()).find(|i| self.views[*i].link.up)
                 {
-                    // Break before make: the master's modules stop before the grant goes.
+                    // Break before make: the master's modules stop before the grant goes,
+                    // and the node is granted them through a release, once the other
+                    // node has said it does not run (a stale holder cut off from the
+                    // master may still run its rooms) or has been gone long enough.
                     if self.running {
                         self.running = false;
                         actions.push(WitnessAction::Stop);
                     }
-                    self.issue(PairHolder::Node(self.nodes[i].clone()), &mut actions);
+                    self.issue(PairHolder::Moving(self.nodes[i].clone()), &mut actions);
                 }
             }
         }
