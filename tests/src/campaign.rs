@@ -109,12 +109,12 @@ impl Fault {
 
 /// One data-model write and how it ended.
 #[derive(Debug, Clone, Copy)]
-struct Write {
-    system: usize,
-    n: u64,
+pub(crate) struct Write {
+    pub(crate) system: usize,
+    pub(crate) n: u64,
     /// `Some(true)`: 2xx; `Some(false)`: refused (4xx); `None`: no answer or a 5xx, so
     /// it may or may not have been applied.
-    acked: Option<bool>,
+    pub(crate) acked: Option<bool>,
 }
 
 /// What the client saw; shared with its tasks.
@@ -152,8 +152,11 @@ pub async fn run(spec: CampaignSpec) {
     let running = Arc::new(AtomicBool::new(true));
     let tasks = vec![
         tokio::spawn(keep_writing(
-            client(&cluster, None),
-            observed.clone(),
+            vec![client(&cluster, None)],
+            {
+                let observed = observed.clone();
+                move |write| observed.lock().unwrap().writes.push(write)
+            },
             running.clone(),
         )),
         tokio::spawn(keep_executing(
@@ -404,23 +407,26 @@ pub fn system_record(index: usize, n: u64) -> Value {
            "modules": [format!("proj-{i}")], "settings": {"campaign": n}})
 }
 
-async fn keep_writing(master: ApiClient, observed: Arc<Mutex<Observed>>, running: Arc<AtomicBool>) {
-    let mut n = 0;
+/// Writes each room's counter in turn (through each of `via` in turn), telling `record`
+/// how each write ended.
+pub(crate) async fn keep_writing(
+    via: Vec<ApiClient>,
+    record: impl Fn(Write) + Send + 'static,
+    running: Arc<AtomicBool>,
+) {
+    let mut n = 0u64;
     while running.load(Ordering::SeqCst) {
         n += 1;
         let system = (n % 2) as usize;
+        let through = &via[(n as usize / 2) % via.len()];
         let path = format!("/api/v1/systems/room-{}", system + 1);
-        let (status, _) = master.put(&path, system_record(system, n)).await;
+        let (status, _) = through.put(&path, system_record(system, n)).await;
         let acked = match status {
             200..=299 => Some(true),
             400..=499 => Some(false),
             _ => None,
         };
-        observed
-            .lock()
-            .unwrap()
-            .writes
-            .push(Write { system, n, acked });
+        record(Write { system, n, acked });
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
 }

@@ -29,7 +29,7 @@ use serde_json::json;
 
 use crate::api::ApiClient;
 use crate::campaign::{
-    CampaignSpec, Dual, GRACE, dual_sessions, exec_outcome, note_epochs, system_record,
+    CampaignSpec, Dual, GRACE, Write, dual_sessions, exec_outcome, keep_writing, note_epochs,
 };
 use crate::masters::{Masters, MastersSpec};
 use crate::sim::Sim;
@@ -68,14 +68,6 @@ struct Fault {
     ran_hall: bool,
     start: SystemTime,
     end: SystemTime,
-}
-
-/// One model write and how it ended (`None`: no answer, or 5xx).
-#[derive(Debug, Clone, Copy)]
-struct Write {
-    system: usize,
-    n: u64,
-    acked: Option<bool>,
 }
 
 #[derive(Default)]
@@ -178,7 +170,10 @@ pub async fn run(spec: CampaignSpec) {
     let tasks = vec![
         tokio::spawn(keep_writing(
             masters.clone(),
-            observed.clone(),
+            {
+                let observed = observed.clone();
+                move |write| observed.lock().unwrap().writes.push(write)
+            },
             running.clone(),
         )),
         tokio::spawn(keep_executing(
@@ -323,37 +318,6 @@ async fn inflict(cluster: &mut Masters, rng: &mut StdRng) -> Fault {
         ran_hall,
         start,
         end: SystemTime::now(),
-    }
-}
-
-/// Writes each room's counter in turn, through each master in turn.
-async fn keep_writing(
-    masters: Vec<ApiClient>,
-    observed: Arc<Mutex<Observed>>,
-    running: Arc<AtomicBool>,
-) {
-    let mut n = 0u64;
-    while running.load(Ordering::SeqCst) {
-        n += 1;
-        let system = (n % 2) as usize;
-        let via = &masters[(n as usize / 2) % masters.len()];
-        let (status, _) = via
-            .put(
-                &format!("/api/v1/systems/room-{}", system + 1),
-                system_record(system, n),
-            )
-            .await;
-        let acked = match status {
-            200..=299 => Some(true),
-            400..=499 => Some(false),
-            _ => None,
-        };
-        observed
-            .lock()
-            .unwrap()
-            .writes
-            .push(Write { system, n, acked });
-        tokio::time::sleep(Duration::from_millis(40)).await;
     }
 }
 
