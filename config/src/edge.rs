@@ -57,6 +57,35 @@ pub struct EdgeConfig {
     /// master still alerts).
     #[serde(default)]
     pub alerts: Vec<crate::AlertConfig>,
+    /// This server as one node of a site pair: `[pair]` (none: the location's only
+    /// server).
+    #[serde(default)]
+    pub pair: Option<EdgePair>,
+}
+
+/// A site pair's node: its id, and how it reaches its peer. One node of the pair listens
+/// for the other (`peer_listen`), the other connects to it (`peer`); the link between
+/// them is the edge link's TLS, secret handshake and heartbeats, authenticated with the
+/// location's secret, which both nodes hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgePair {
+    /// This node's id: one of the location's `nodes`. Its link to the master
+    /// authenticates as this id, with `secret_file` and `tls.cert` (which names it).
+    pub node_id: String,
+    /// The other node's id.
+    pub peer_id: String,
+    /// Where this node listens for its peer (with its API certificate).
+    #[serde(default)]
+    pub peer_listen: Option<SocketAddr>,
+    /// The peer's address, `host:port`, when this node connects to it.
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// The name on the peer's API certificate (checked by TLS), when connecting.
+    #[serde(default)]
+    pub peer_name: Option<String>,
+    /// The location's secret (hex), shared by its nodes for their link, mode 0600.
+    pub secret_file: PathBuf,
 }
 
 /// The edge's trust in the master (the CA) and its own client certificate.
@@ -127,6 +156,9 @@ impl EdgeConfig {
         config.tls.api_cert = or_beside(&config.tls.api_cert, format!("{stem}-api.pem"));
         config.tls.api_key = or_beside(&config.tls.api_key, format!("{stem}-api.key"));
         crate::alerts::prepare(&mut config.alerts, &base, path)?;
+        if let Some(pair) = &mut config.pair {
+            pair.secret_file = resolve(&base, &pair.secret_file);
+        }
         config.validate(path)?;
         Ok(config)
     }
@@ -205,7 +237,52 @@ impl EdgeConfig {
                 "the name on the master's certificate",
             ));
         }
+        if let Some(pair) = &self.pair {
+            pair.validate(file, &self.edge_id)?;
+        }
         Ok(())
+    }
+}
+
+impl EdgePair {
+    fn validate(&self, file: &Path, edge_id: &str) -> Result<(), ConfigError> {
+        check_id(file, "pair.node_id", &self.node_id)?;
+        check_id(file, "pair.peer_id", &self.peer_id)?;
+        if self.node_id == edge_id || self.peer_id == edge_id || self.node_id == self.peer_id {
+            return Err(ConfigError::invalid(
+                file,
+                "pair.node_id",
+                "this node's id, other than the location's (edge_id) and the peer's",
+            ));
+        }
+        match (&self.peer_listen, &self.peer) {
+            (Some(_), Some(_)) | (None, None) => Err(ConfigError::invalid(
+                file,
+                "pair.peer",
+                "either peer (host:port this node connects to) or peer_listen (where it listens for its peer), one of the two",
+            )),
+            (None, Some(peer)) => {
+                let port_ok = peer.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                });
+                if !port_ok {
+                    return Err(ConfigError::invalid(
+                        file,
+                        "pair.peer",
+                        format!("host:port of the peer's pair listener, not {peer:?}"),
+                    ));
+                }
+                if self.peer_name.as_deref().is_none_or(str::is_empty) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        "pair.peer_name",
+                        "the name on the peer's API certificate",
+                    ));
+                }
+                Ok(())
+            }
+            (Some(_), None) => Ok(()),
+        }
     }
 }
 
@@ -286,6 +363,31 @@ ca = "ca.pem"
             .to_string();
         assert!(err.contains("cafile"), "{err}");
         assert!(err.contains("edge.toml:12"), "{err}");
+    }
+
+    #[test]
+    fn a_pair_node_names_one_way_to_its_peer() {
+        let listen = format!(
+            "{GOOD}[pair]\nnode_id = \"site-1a\"\npeer_id = \"site-1b\"\npeer_listen = \"127.0.0.1:17501\"\nsecret_file = \"site-1.secret\"\n"
+        );
+        let config = load(&listen).unwrap();
+        let pair = config.pair.unwrap();
+        assert!(pair.secret_file.is_absolute());
+        let both = listen.replace(
+            "peer_listen = \"127.0.0.1:17501\"",
+            "peer_listen = \"127.0.0.1:17501\"\npeer = \"127.0.0.1:17502\"",
+        );
+        let err = load(&both).unwrap_err().to_string();
+        assert!(err.contains("key `pair.peer`"), "{err}");
+        let nameless = listen.replace(
+            "peer_listen = \"127.0.0.1:17501\"",
+            "peer = \"127.0.0.1:17501\"",
+        );
+        let err = load(&nameless).unwrap_err().to_string();
+        assert!(err.contains("key `pair.peer_name`"), "{err}");
+        let same = listen.replace("\"site-1b\"", "\"site-1a\"");
+        let err = load(&same).unwrap_err().to_string();
+        assert!(err.contains("key `pair.node_id`"), "{err}");
     }
 
     #[test]

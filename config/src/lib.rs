@@ -18,14 +18,14 @@ mod site;
 
 pub use alerts::AlertConfig;
 pub use cluster::{ClusterConfig, ClusterTls};
-pub use edge::{EdgeConfig, EdgeTls};
+pub use edge::{EdgeConfig, EdgePair, EdgeTls};
 pub use error::ConfigError;
 pub use limits::{Limits, limit_defaults};
 pub use load::load_file;
 pub use master::{MasterConfig, MasterTls};
 pub use site::{
-    Driver, DriverKind, Module, Repository, RestoreWindow, SiteEdge, SiteFile, Standby, System,
-    Transport, parse_time_zone,
+    Driver, DriverKind, Isolation, Module, Repository, RestoreWindow, SiteEdge, SiteFile, Standby,
+    System, Transport, check_pair, parse_time_zone,
 };
 
 /// The defaults DESIGN.md asks to keep, in one place.
@@ -50,4 +50,10 @@ pub mod defaults {
     pub const MODULE_CONCURRENCY: u32 = 1;
     /// A cluster master's presence lease (etcd).
     pub const LEASE_MS: u64 = 5000;
+    /// A site pair: how long the holder must be off the master, and unheard by its
+    /// standby, before the standby is granted the modules.
+    pub const PAIR_TIMEOUT_MS: u64 = 5000;
+    /// A site pair: how long the holder must reach fewer devices than its linked peer
+    /// before it hands over (so that a flapping device does not make the pair flap).
+    pub const DEVICE_HOLD_DOWN_MS: u64 = 10_000;
 }

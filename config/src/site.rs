@@ -103,6 +103,10 @@ pub struct Driver {
     /// How long a method may run before its caller gets a timeout.
     #[serde(default = "default_exec_timeout_ms")]
     pub timeout_ms: u64,
+    /// A collector array: the `schedule_every` polls of its modules are split over the
+    /// live nodes of a site pair (read-only polls, on a device that allows two sessions).
+    #[serde(default)]
+    pub shared_polling: bool,
 }
 
 /// Who keeps an edge's modules ready on the master while the edge runs them.
@@ -189,6 +193,101 @@ pub struct SiteEdge {
     /// User ids allowed to restore this edge and start or stop its systems.
     #[serde(default)]
     pub admins: Vec<String>,
+    /// A site pair's nodes, the first preferred (none: one node, the location itself).
+    /// Each node's secret is `ID.secret` beside `secret_file`.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// A pair: how long the holder must be gone before its standby is granted the
+    /// modules (default 5000).
+    #[serde(default)]
+    pub pair_timeout_ms: Option<u64>,
+    /// A pair: what a holder cut off from its peer and every master does.
+    #[serde(default)]
+    pub isolation: Option<Isolation>,
+    /// A pair: with no master reachable, a standby takes over after this long (off by
+    /// default: never without a witness).
+    #[serde(default)]
+    pub unwitnessed_takeover_ms: Option<u64>,
+    /// A pair: how long the holder must reach fewer devices than its peer before it
+    /// hands over (default 10000).
+    #[serde(default)]
+    pub device_hold_down_ms: Option<u64>,
+}
+
+/// What a site pair's holder cut off from its peer and from every master does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Rooms keep running (two holders are possible while the cut lasts; reported).
+    #[default]
+    Continue,
+    /// The holder stops its modules before a standby can have been granted them.
+    Stop,
+}
+
+/// Checks a location's pair keys (the site file's and the model's rules); the error
+/// names the key (without its table) and what was expected.
+pub fn check_pair(
+    id: &str,
+    nodes: &[String],
+    pair_timeout_ms: Option<u64>,
+    isolation: Option<Isolation>,
+    unwitnessed_takeover_ms: Option<u64>,
+) -> Result<(), (String, String)> {
+    let pair_keys =
+        pair_timeout_ms.is_some() || isolation.is_some() || unwitnessed_takeover_ms.is_some();
+    if nodes.is_empty() {
+        return match pair_keys {
+            true => Err((
+                "nodes".into(),
+                "a list of nodes: the pair keys apply to a location with nodes".into(),
+            )),
+            false => Ok(()),
+        };
+    }
+    if nodes.len() > 8 {
+        return Err((
+            "nodes".into(),
+            format!("at most 8 nodes, not {}", nodes.len()),
+        ));
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        if node == id {
+            return Err((
+                format!("nodes[{i}]"),
+                format!("a node id other than the location's own ({id:?})"),
+            ));
+        }
+        if nodes[..i].contains(node) {
+            return Err((
+                format!("nodes[{i}]"),
+                format!("each node once; {node:?} is named twice"),
+            ));
+        }
+    }
+    let timeout = pair_timeout_ms.unwrap_or(defaults::PAIR_TIMEOUT_MS);
+    // Four heartbeats of the default link at least (a node checks its own heartbeat too).
+    if !(4 * defaults::HEARTBEAT_MS..=600_000).contains(&timeout) {
+        return Err((
+            "pair_timeout_ms".into(),
+            format!(
+                "a value in {}..=600000, not {timeout}",
+                4 * defaults::HEARTBEAT_MS
+            ),
+        ));
+    }
+    if let Some(after) = unwitnessed_takeover_ms {
+        if isolation == Some(Isolation::Stop) {
+            return Err(("unwitnessed_takeover_ms".into(), "none with isolation = \"stop\" (a takeover without a witness is made cut off from both)".into()));
+        }
+        if !(timeout..=86_400_000).contains(&after) {
+            return Err((
+                "unwitnessed_takeover_ms".into(),
+                format!("a value in {timeout}..=86400000 (at least pair_timeout_ms), not {after}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A module: one driver instance for one device.
@@ -369,6 +468,34 @@ impl SiteFile {
                 return Err(ConfigError::invalid(
                     file,
                     format!("edges[{i}].time_zone"),
+                    expected,
+                ));
+            }
+            for (j, node) in edge.nodes.iter().enumerate() {
+                let key = format!("edges[{i}].nodes[{j}]");
+                check_id(file, &key, node)?;
+                let taken = (node != &edge.id && edges.contains(node.as_str()))
+                    || self.edges[..i]
+                        .iter()
+                        .any(|other| other.nodes.contains(node));
+                if taken {
+                    return Err(ConfigError::invalid(
+                        file,
+                        key,
+                        format!("a node id no other location or node has, not {node:?}"),
+                    ));
+                }
+            }
+            if let Err((key, expected)) = check_pair(
+                &edge.id,
+                &edge.nodes,
+                edge.pair_timeout_ms,
+                edge.isolation,
+                edge.unwitnessed_takeover_ms,
+            ) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("edges[{i}].{key}"),
                     expected,
                 ));
             }

@@ -69,6 +69,18 @@ impl EdgeOverview {
             map.insert("controlling".into(), view.active.into());
             map.insert("master_ready".into(), view.master_ready.into());
             map.insert("takeover_worst_ms".into(), view.takeover_worst_ms.into());
+            if let Some(pair) = &view.pair {
+                map.insert(
+                    "node".into(),
+                    json!({
+                        "id": pair.node,
+                        "role": if pair.holder.as_ref() == Some(&pair.node) { "holder" } else { "standby" },
+                        "holder": pair.holder,
+                        "peer_online": pair.peer_online,
+                        "claimed": pair.claimed,
+                    }),
+                );
+            }
             // What it runs, which the master's record shows once the edge has reported it.
             let commit = commit_label(&state.replica.code().commits());
             map.insert("commit".into(), commit.into());

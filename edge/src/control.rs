@@ -16,8 +16,9 @@ use std::time::Duration;
 use serde_json::Value;
 use tether_common::api::audit_entry_json;
 use tether_common::control::clock::wall_now_ms;
+use tether_common::control::pair::{PairGrant, PeerNote};
 use tether_common::control::{
-    ControlState, EdgeAction, EdgeEvent, EdgeId, EdgeSide, EdgeTiming, Epoch, Now, Owner,
+    ControlState, EdgeAction, EdgeEvent, EdgeId, EdgeSide, EdgeTiming, Epoch, NodeId, Now, Owner,
     StaleDecision, owner_name,
 };
 use tether_common::link::{Link, LinkError};
@@ -31,7 +32,7 @@ use crate::replica::Replica;
 /// How long the master may take to take a report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Audit records kept on an edge.
-const AUDIT_KEEP: u64 = 10_000;
+pub(crate) const AUDIT_KEEP: u64 = 10_000;
 
 /// Why a decision of the master was not acted on.
 #[derive(Debug, thiserror::Error)]
@@ -45,10 +46,15 @@ pub enum DecisionRefused {
     /// The control task has stopped (shutdown).
     #[error("the edge is shutting down")]
     Stopped,
+    /// This edge is a node of a site pair: its witness grants, nobody decides.
+    #[error(
+        "this edge is a node of a site pair: it takes pair grants from its witness, not control decisions"
+    )]
+    PairNode,
 }
 
 /// What the API shows of this edge's control.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ControlView {
     /// Owner and epoch.
     pub state: ControlState,
@@ -60,9 +66,11 @@ pub struct ControlView {
     pub master_ready: bool,
     /// The longest from a silent cut of the master link to this edge running its modules.
     pub takeover_worst_ms: u64,
+    /// A site pair's node: its pair.
+    pub pair: Option<crate::pair::PairView>,
 }
 
-enum Command {
+pub(crate) enum Command {
     Link(EdgeEvent, Option<Link>),
     Decision {
         owner: Owner,
@@ -71,6 +79,24 @@ enum Command {
         reply: oneshot::Sender<Result<Epoch, DecisionRefused>>,
     },
     ReplicaChanged,
+    /// A site pair's grant, from the witness (`from_master`) or passed on by the peer.
+    Granted {
+        grant: PairGrant,
+        from_master: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The link to a site pair's peer.
+    Peer(PeerEvent),
+}
+
+/// What happens on a site pair's link between its nodes.
+pub enum PeerEvent {
+    /// It came up.
+    Up(Link),
+    /// This link went down.
+    Down(Link),
+    /// The peer's note.
+    Note(PeerNote),
 }
 
 /// A handle on the control task.
@@ -81,16 +107,59 @@ pub struct EdgeControl {
     store: Arc<Store>,
 }
 
+/// Runs `location`'s modules of the replica while `active`, none otherwise, and records
+/// the reloads refused (audited under `state`, reported over `link`).
+pub(crate) async fn reconcile_modules(
+    replica: &Replica,
+    runtime: &Runtime,
+    store: &Arc<Store>,
+    link: Option<&Link>,
+    location: &EdgeId,
+    (active, state): (bool, ControlState),
+) {
+    let (model, _) = replica.snapshot();
+    let wanted = model.clone();
+    let edge_id = location.clone();
+    let code = replica.code();
+    runtime.set_code(code.clone());
+    let refused = runtime
+        .reconcile(model.clone(), move |module| {
+            active && wanted.module_edge(module).as_deref() == Some(edge_id.as_str())
+        })
+        .await;
+    if !refused.is_empty() {
+        let records: Vec<AuditRecord> = refused
+            .iter()
+            .map(|r| {
+                r.audit(
+                    &model,
+                    &code,
+                    (location.clone().into(), state.owner, state.epoch),
+                    wall_now_ms(),
+                )
+            })
+            .collect();
+        store.record_audits(records, AUDIT_KEEP).await;
+        if let Some(link) = link {
+            tokio::spawn(report_audits(link.clone(), store.clone()));
+        }
+    }
+}
+
 impl EdgeControl {
     /// Starts the control task from the state persisted in the replica's database. No
     /// module runs until the master decides, or the master is found unreachable.
     pub fn start(
         edge_id: &str,
+        node: Option<NodeId>,
         replica: Arc<Replica>,
         runtime: Runtime,
         timing: EdgeTiming,
     ) -> anyhow::Result<EdgeControl> {
         let store = replica.store();
+        if let Some(node) = node {
+            return Self::start_node(edge_id, node, replica, runtime, timing);
+        }
         let persisted = store
             .control_states()?
             .get(edge_id)
@@ -125,6 +194,57 @@ impl EdgeControl {
         Ok(control)
     }
 
+    /// A site pair's node: its task over the grant it stored last.
+    fn start_node(
+        edge_id: &str,
+        node: NodeId,
+        replica: Arc<Replica>,
+        runtime: Runtime,
+        timing: EdgeTiming,
+    ) -> anyhow::Result<EdgeControl> {
+        let store = replica.store();
+        let view = Arc::new(RwLock::new(ControlView {
+            takeover_worst_ms: timing.worst_case_takeover_ms(),
+            ..ControlView::default()
+        }));
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let task = crate::pair::NodeTask::new(
+            EdgeId::new(edge_id),
+            node,
+            replica.clone(),
+            runtime,
+            view.clone(),
+            timing.heartbeat_ms,
+        )?;
+        tokio::spawn(task.run(receiver));
+        let control = EdgeControl {
+            commands,
+            view,
+            store,
+        };
+        let _ = control.commands.send(Command::ReplicaChanged);
+        tokio::spawn(follow_replica(replica, control.clone()));
+        Ok(control)
+    }
+
+    /// A site pair's grant; answers once it is taken (and stored).
+    pub async fn granted(&self, grant: PairGrant, from_master: bool) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.commands.send(Command::Granted {
+            grant,
+            from_master,
+            reply,
+        });
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the edge is shutting down".into()))
+    }
+
+    /// Something happened on the link to a site pair's peer.
+    pub fn peer_event(&self, event: PeerEvent) {
+        let _ = self.commands.send(Command::Peer(event));
+    }
+
     /// The link came up (with it), went down, or an attempt failed.
     pub fn link_event(&self, event: EdgeEvent, link: Option<Link>) {
         let _ = self.commands.send(Command::Link(event, link));
@@ -150,7 +270,7 @@ impl EdgeControl {
 
     /// What the API shows.
     pub fn view(&self) -> ControlView {
-        *self.view.read().unwrap_or_else(|p| p.into_inner())
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The changes of owner this edge decided alone, oldest first.
@@ -248,6 +368,12 @@ impl Task {
                     let _ = reply.send(answer);
                 }
                 Command::ReplicaChanged => self.reconcile().await,
+                Command::Granted { reply, .. } => {
+                    let _ = reply.send(Err(
+                        "this edge is no node of a site pair: it takes control decisions".into(),
+                    ));
+                }
+                Command::Peer(_) => {}
             }
             self.publish();
         }
@@ -260,41 +386,22 @@ impl Task {
             online: self.link.is_some(),
             master_ready: self.machine.master_ready(),
             takeover_worst_ms: self.machine.timing().worst_case_takeover_ms(),
+            pair: None,
         };
     }
 
     /// Runs this edge's modules of the replica while it controls them; none otherwise.
     async fn reconcile(&self) {
-        let (model, _) = self.replica.snapshot();
-        let wanted = model.clone();
-        let active = self.machine.is_active();
-        let edge_id = self.edge_id.clone();
-        let code = self.replica.code();
-        self.runtime.set_code(code.clone());
-        let refused = self
-            .runtime
-            .reconcile(model.clone(), move |module| {
-                active && wanted.module_edge(module).as_deref() == Some(edge_id.as_str())
-            })
-            .await;
-        if !refused.is_empty() {
-            let state = self.machine.state();
-            let records: Vec<AuditRecord> = refused
-                .iter()
-                .map(|r| {
-                    r.audit(
-                        &model,
-                        &code,
-                        (self.edge_id.clone().into(), state.owner, state.epoch),
-                        wall_now_ms(),
-                    )
-                })
-                .collect();
-            self.store.record_audits(records, AUDIT_KEEP).await;
-            if let Some(link) = &self.link {
-                tokio::spawn(report_audits(link.clone(), self.store.clone()));
-            }
-        }
+        let decided = (self.machine.is_active(), self.machine.state());
+        reconcile_modules(
+            &self.replica,
+            &self.runtime,
+            &self.store,
+            self.link.as_ref(),
+            &self.edge_id,
+            decided,
+        )
+        .await;
     }
 
     /// Carries out the machine's actions in order; a grant or claim the store did not
@@ -373,7 +480,7 @@ impl Task {
 }
 
 /// Sleeps for `wait`, or forever when there is nothing to wait for.
-async fn sleep_or_never(wait: Option<Duration>) {
+pub(crate) async fn sleep_or_never(wait: Option<Duration>) {
     match wait {
         Some(wait) => tokio::time::sleep(wait).await,
         None => std::future::pending().await,
@@ -387,7 +494,7 @@ const AUDIT_RETRY: Duration = Duration::from_secs(5);
 
 /// Sends the master the audit records it has not acknowledged yet, a batch at a time,
 /// waiting when the master's rate limit says so, until all are taken or the link goes.
-async fn report_audits(link: Link, store: Arc<Store>) {
+pub(crate) async fn report_audits(link: Link, store: Arc<Store>) {
     // One reporter at a time, so that two links' reporters never send a record twice.
     static REPORTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _one = REPORTING.lock().await;
@@ -432,7 +539,7 @@ async fn report_audits(link: Link, store: Arc<Store>) {
 /// Streams every status change of the modules running here to the master, starting with
 /// their whole maps, until the link closes. A subscriber that falls behind sends the
 /// whole maps again.
-async fn stream_status(link: Link, runtime: Runtime, view: Arc<RwLock<ControlView>>) {
+pub(crate) async fn stream_status(link: Link, runtime: Runtime, view: Arc<RwLock<ControlView>>) {
     let epoch = || view.read().unwrap_or_else(|p| p.into_inner()).state.epoch;
     let mut changes = runtime.subscribe_status();
     'resend: loop {

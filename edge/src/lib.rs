@@ -5,6 +5,7 @@
 mod api;
 mod code;
 mod control;
+mod pair;
 mod proxy;
 mod replica;
 mod server;

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::control::EdgeControl;
 use crate::proxy::EdgeLinks;
 use crate::replica::Replica;
-use tether_common::control::{EdgeEvent, EdgeId, EdgeTiming};
+use tether_common::control::{EdgeEvent, EdgeId, EdgeTiming, NodeId};
 use tether_common::proxy::LinkRemote;
 use tether_common::shutdown::StopOn;
 
@@ -41,8 +41,13 @@ fn timing(config: &EdgeConfig) -> EdgeTiming {
 pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     let config = EdgeConfig::load(config_path)?;
     tls::install_crypto_provider();
+    // A site pair's node links (to the master and its peer) as itself.
+    let link_id = config
+        .pair
+        .as_ref()
+        .map_or(config.edge_id.clone(), |pair| pair.node_id.clone());
     if config.tls.create_dev_certs {
-        let [link, mut api] = pki::edge_leaves(&config.edge_id, &config.tls.cert, &config.tls.key);
+        let [link, mut api] = pki::edge_leaves(&link_id, &config.tls.cert, &config.tls.key);
         (api.cert, api.key) = (config.tls.api_cert.clone(), config.tls.api_key.clone());
         for path in pki::ensure(
             &config.tls.ca,
@@ -65,13 +70,17 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
         .collect(),
         server_name: tls::server_name(&config.master_name)?,
         tls: tls::client_config(&config.tls.ca, Some((&config.tls.cert, &config.tls.key)))?,
-        edge_id: EdgeId::new(config.edge_id.clone()),
+        edge_id: EdgeId::new(link_id.clone()),
         secret,
         handshake_timeout: Duration::from_millis(timing.handshake_timeout_ms),
         reconnect: Duration::from_millis(timing.reconnect_ms),
         link: timing.link_config(config.max_frame_bytes as usize),
     };
     let api_tls = tls::server_config(&config.tls.api_cert, &config.tls.api_key, None)?;
+    let peer = match &config.pair {
+        Some(pair) => Some(peer_link(&config, pair, &connector)?),
+        None => None,
+    };
     // Everything is checked; only now write to the data folder.
     tether_common::store::create_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
@@ -87,7 +96,58 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
         })?,
     );
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, token, connector, api_tls, replica, stop))
+    runtime.block_on(serve(
+        config, token, connector, api_tls, replica, peer, stop,
+    ))
+}
+
+/// How a site pair's node reaches its peer, from its `[pair]` table: it listens (with its
+/// API certificate, asking for a client certificate of the CA) or connects (with its link
+/// certificate), authenticating with the location's secret either way.
+fn peer_link(
+    config: &EdgeConfig,
+    pair: &tether_config::EdgePair,
+    connector: &ConnectorConfig,
+) -> anyhow::Result<PeerSetup> {
+    let secret = Secret::load(&pair.secret_file).with_context(|| {
+        format!(
+            "cannot read the pair's secret (pair.secret_file {})",
+            pair.secret_file.display()
+        )
+    })?;
+    let link = crate::pair::peer_link_config(config.heartbeat_ms, config.max_frame_bytes as usize);
+    Ok(match (&pair.peer_listen, &pair.peer) {
+        (Some(addr), _) => PeerSetup::Listen {
+            addr: *addr,
+            tls: tls::link_server_config(
+                &config.tls.api_cert,
+                &config.tls.api_key,
+                Some(&config.tls.ca),
+            )?,
+            peer: NodeId::new(pair.peer_id.clone()),
+            secret,
+            link,
+        },
+        (None, peer) => PeerSetup::Connect(ConnectorConfig {
+            master_addrs: peer.iter().cloned().collect(),
+            server_name: tls::server_name(pair.peer_name.as_deref().unwrap_or_default())?,
+            secret,
+            link,
+            ..connector.clone()
+        }),
+    })
+}
+
+/// A site pair's peer link, checked before anything is written.
+enum PeerSetup {
+    Listen {
+        addr: std::net::SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        peer: NodeId,
+        secret: Secret,
+        link: tether_common::link::LinkConfig,
+    },
+    Connect(ConnectorConfig),
 }
 
 async fn serve(
@@ -96,6 +156,7 @@ async fn serve(
     mut connector: ConnectorConfig,
     api_tls: Arc<rustls::ServerConfig>,
     replica: Arc<Replica>,
+    peer: Option<PeerSetup>,
     stop: StopOn,
 ) -> anyhow::Result<()> {
     let api_listener =
@@ -111,10 +172,17 @@ async fn serve(
         id: config.edge_id.clone(),
         booted: false.into(),
     });
-    let runtime = Runtime::new(
-        Executor::Edge(EdgeId::new(config.edge_id.clone())),
-        ScriptLimits::default(),
-    );
+    // A pair's node names itself in `executed_by`.
+    let node = config
+        .pair
+        .as_ref()
+        .map(|pair| NodeId::new(pair.node_id.clone()));
+    let executor = node
+        .clone()
+        .map_or(EdgeId::new(config.edge_id.clone()), |n| {
+            EdgeId::new(n.as_str())
+        });
+    let runtime = Runtime::new(Executor::Edge(executor), ScriptLimits::default());
     // Round trips to the master, in the metrics under this edge's id.
     let (metrics, edge_id) = (runtime.metrics().clone(), config.edge_id.clone());
     connector.link.on_rtt = Some(RttObserver(Arc::new(move |_, rtt| {
@@ -124,6 +192,7 @@ async fn serve(
     // starts the modules from it after one more attempt.
     let control = EdgeControl::start(
         &config.edge_id,
+        node,
         replica.clone(),
         runtime.clone(),
         timing(&config),
@@ -170,6 +239,36 @@ async fn serve(
         shutdown.clone(),
     ));
 
+    if let Some(peer) = peer {
+        let how = match peer {
+            PeerSetup::Listen {
+                addr,
+                tls,
+                peer,
+                secret,
+                link,
+            } => {
+                let listener =
+                    tether_common::admission::bind_listener(addr).with_context(|| {
+                        format!("cannot listen for the pair's peer on {addr} (pair.peer_listen)")
+                    })?;
+                crate::pair::PeerLink::Listen {
+                    listener,
+                    tls,
+                    peer,
+                    secret,
+                    config: peer_listener_config(&config, link),
+                }
+            }
+            PeerSetup::Connect(connector) => crate::pair::PeerLink::Connect(connector),
+        };
+        tokio::spawn(crate::pair::run_peer_link(
+            how,
+            control.clone(),
+            runtime.clone(),
+            shutdown.clone(),
+        ));
+    }
     let (events_tx, events_rx) = mpsc::channel(16);
     tokio::spawn(maintain_link(connector, events_tx, shutdown.clone()));
     tokio::spawn(follow_link(
@@ -199,6 +298,24 @@ async fn serve(
     runtime.stop_all().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// The peer listener's settings: one peer, so a few handshakes at once.
+fn peer_listener_config(
+    config: &EdgeConfig,
+    link: tether_common::link::LinkConfig,
+) -> tether_common::link::ListenerConfig {
+    tether_common::link::ListenerConfig {
+        handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+        first_byte_timeout: Duration::from_millis(config.limits.first_byte_timeout_ms),
+        pending: tether_common::admission::AdmissionLimits {
+            max_pending: 8,
+            max_per_address: 4,
+        },
+        max_links: 2,
+        gauges: None,
+        link,
+    }
 }
 
 /// The replica: `{"model_id", "version", "records": {kind: {id: record}}}`.

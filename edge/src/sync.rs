@@ -148,6 +148,11 @@ async fn answer_requests(
                 }
                 Err(other) => Err(RemoteError::new(ErrorCode::Internal, other.to_string())),
             },
+            Request::PairGrant { grant } => control
+                .granted(grant, true)
+                .await
+                .map(|()| Response::Ack)
+                .map_err(|why| RemoteError::new(ErrorCode::Internal, why)),
             Request::MasterReady => {
                 control.link_event(EdgeEvent::MasterReady, None);
                 Ok(Response::Ack)

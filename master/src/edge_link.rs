@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tether_common::api::checked_api_url;
 use tether_common::code::fetch::serve_blobs;
-use tether_common::control::{ControlState, EdgeId, EdgeReport, MasterEvent};
+use tether_common::control::{ControlState, EdgeId, EdgeReport, MasterEvent, NodeId};
 use tether_common::link::{Incoming, Link};
 use tether_common::model::sync::ReplicaPosition;
 use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request, Response};
@@ -15,7 +15,7 @@ use tether_common::report::printable;
 use tether_common::runtime::MAX_STATUS_VALUE;
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::control::Control;
+use crate::control::{Control, NodeLinkEvent};
 use crate::link_guard::{AuditRefused, LinkGuard, REASON_MAX, cut, fetchable, runs_module};
 use crate::repos::push_code;
 use crate::server::LinkContext;
@@ -27,9 +27,11 @@ use crate::sync::{answer_sync, push_changes};
 const BLOB_FETCHES_PER_LINK: usize = 2;
 
 /// Serves one link (the registry's `generation` of the edge's links) until it closes. Every request is first checked against the link
-/// policy ([`LinkGuard::admit`]): an edge speaks for its own site only.
+/// policy ([`LinkGuard::admit`]): an edge speaks for its own site only. A site pair's node
+/// (`node`) speaks for its location, `edge_id`.
 pub async fn serve_edge(
     edge_id: EdgeId,
+    node: Option<NodeId>,
     generation: u64,
     link: Link,
     mut incoming: mpsc::Receiver<Incoming>,
@@ -95,6 +97,11 @@ pub async fn serve_edge(
                 }
                 continue;
             }
+            Incoming::Notice(Notice::PeerNote(_) | Notice::PeerGrant(_), _) => {
+                metrics.refused(&edge_id, "notice");
+                tracing::debug!(edge = %edge_id, "a note meant for a pair's peer, sent to the master, is ignored");
+                continue;
+            }
         };
         let answer = match request.body {
             Request::FetchBlobs { hashes } => {
@@ -136,6 +143,10 @@ pub async fn serve_edge(
                 };
                 answer_sync(&edge_id, &model, at, &position_tx).await
             }
+            Request::ControlReport { .. } if node.is_some() => Err(RemoteError::new(
+                ErrorCode::BadRequest,
+                "a site pair's node reports with NodeReport",
+            )),
             Request::ControlReport {
                 owner,
                 epoch,
@@ -169,9 +180,22 @@ pub async fn serve_edge(
                     })
                 }
             },
+            Request::NodeReport(report) => match &node {
+                Some(node) => {
+                    let event = NodeLinkEvent::Report(report);
+                    control.node_event(&edge_id, node, generation, event).await;
+                    Ok(Response::Ack)
+                }
+                None => Err(RemoteError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "edge {edge_id} is not a node of a site pair: it reports with ControlReport"
+                    ),
+                )),
+            },
             Request::Hello { api_url } => match checked_api_url(&api_url) {
                 Ok(api_url) => {
-                    registry.set_api_url(&edge_id, api_url);
+                    registry.set_api_url(node.as_deref().unwrap_or(&edge_id), api_url);
                     Ok(Response::Ack)
                 }
                 Err(why) => {

@@ -25,6 +25,32 @@ struct EdgeEntry {
     /// The edge's client API as it announced it; kept while it is offline, because a
     /// client may reach an edge the master cannot.
     api_url: Option<String>,
+    /// A site pair's node: its location (the record is the location's).
+    location: Option<String>,
+    /// A site pair's location: the node its witness granted the modules last.
+    holder: Option<String>,
+}
+
+impl EdgeEntry {
+    fn new(record: &EdgeRecord, secret: Option<Secret>, location: Option<String>) -> Self {
+        EdgeEntry {
+            record: record.clone(),
+            secret,
+            link: None,
+            connected_since_ms: None,
+            last_seen_ms: None,
+            api_url: None,
+            location,
+            holder: None,
+        }
+    }
+
+    fn live_link(&self) -> Option<&Link> {
+        self.link
+            .as_ref()
+            .map(|(_, link)| link)
+            .filter(|link| !link.is_closed())
+    }
 }
 
 /// Every edge of the model and its link.
@@ -59,6 +85,10 @@ impl EdgeRegistry {
     }
 
     fn load_secret(&self, record: &EdgeRecord) -> Option<Secret> {
+        // A pair's location never links itself: its nodes do, each with its own secret.
+        if record.is_pair() {
+            return None;
+        }
         let Some(file) = &record.secret_file else {
             tracing::error!(edge = %record.id, "edge cannot authenticate: its record names no secret_file");
             return None;
@@ -72,18 +102,63 @@ impl EdgeRegistry {
         }
     }
 
+    /// A site pair's node's secret: `NODE.secret` beside the location's `secret_file`
+    /// (where `tether-master certs --edges` writes it).
+    fn load_node_secret(&self, record: &EdgeRecord, node: &str) -> Option<Secret> {
+        let Some(file) = &record.secret_file else {
+            tracing::error!(edge = %record.id, node, "node cannot authenticate: its location's record names no secret_file (node secrets are beside it)");
+            return None;
+        };
+        let path = self.base_dir.join(file);
+        let path = path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(format!("{node}.secret"));
+        match Secret::load(&path) {
+            Ok(secret) => Some(secret),
+            Err(err) => {
+                tracing::error!(edge = %record.id, node, "node cannot authenticate: {err}");
+                None
+            }
+        }
+    }
+
     /// Follows the model's edges: new ones are added, changed ones updated (their secret
     /// read again), deleted ones removed and their links closed. An edge whose secret
-    /// cannot be read is logged and cannot authenticate; the others are unaffected.
+    /// cannot be read is logged and cannot authenticate; the others are unaffected. A
+    /// site pair's nodes are entries of their own (their links), tied to their location.
     pub fn sync(&self, records: &BTreeMap<String, EdgeRecord>) {
         let mut edges = self.lock();
+        let nodes: BTreeMap<&str, &EdgeRecord> = records
+            .values()
+            .flat_map(|record| record.nodes.iter().map(move |node| (node.as_str(), record)))
+            .collect();
         edges.retain(|id, entry| {
-            let keep = records.contains_key(id);
+            let keep = match &entry.location {
+                None => records.get(id).is_some_and(|r| r.is_pair() == entry.record.is_pair()),
+                Some(location) => nodes.get(id.as_str()).is_some_and(|r| &r.id == location),
+            };
             if !keep && let Some((_, link)) = &entry.link {
-                link.close("the edge was deleted from the data model");
+                link.close("the edge (or node) was deleted from the data model, or changed from one node to a pair");
             }
             keep
         });
+        for (node, record) in &nodes {
+            match edges.get_mut(*node) {
+                Some(entry) if entry.record == **record => {}
+                Some(entry) => {
+                    if entry.record.secret_file != record.secret_file {
+                        entry.secret = self.load_node_secret(record, node);
+                    }
+                    entry.record = (*record).clone();
+                }
+                None => {
+                    let secret = self.load_node_secret(record, node);
+                    let entry = EdgeEntry::new(record, secret, Some(record.id.clone()));
+                    edges.insert(node.to_string(), entry);
+                }
+            }
+        }
         for (id, record) in records {
             match edges.get_mut(id) {
                 Some(entry) if entry.record == *record => {}
@@ -94,14 +169,7 @@ impl EdgeRegistry {
                     entry.record = record.clone();
                 }
                 None => {
-                    let entry = EdgeEntry {
-                        record: record.clone(),
-                        secret: self.load_secret(record),
-                        link: None,
-                        connected_since_ms: None,
-                        last_seen_ms: None,
-                        api_url: None,
-                    };
+                    let entry = EdgeEntry::new(record, self.load_secret(record), None);
                     edges.insert(id.clone(), entry);
                 }
             }
@@ -148,9 +216,34 @@ impl EdgeRegistry {
         }
     }
 
-    /// The edge's current link, if it is connected.
+    /// The link that reaches the edge location's modules, if it is connected: the
+    /// edge's own, or for a site pair the node its witness granted them last.
     pub fn link(&self, edge_id: &str) -> Option<Link> {
-        self.current(edge_id).map(|(_, link)| link)
+        let edges = self.lock();
+        let entry = edges.get(edge_id)?;
+        let entry = match &entry.holder {
+            Some(node) => edges.get(node)?,
+            None => entry,
+        };
+        entry.live_link().cloned()
+    }
+
+    /// A site pair's node's current link.
+    pub fn link_of_node(&self, node: &str) -> Option<Link> {
+        self.lock().get(node)?.live_link().cloned()
+    }
+
+    /// A site pair's node's location (none: not a node).
+    pub fn location_of(&self, id: &str) -> Option<String> {
+        self.lock().get(id)?.location.clone()
+    }
+
+    /// A site pair: the node its witness granted the location's modules (none: the
+    /// master, or a move in progress).
+    pub fn set_holder(&self, location: &str, node: Option<&str>) {
+        if let Some(entry) = self.lock().get_mut(location) {
+            entry.holder = node.map(str::to_string);
+        }
     }
 
     /// The edge's current link and its generation, if it is connected.
@@ -167,9 +260,14 @@ impl EdgeRegistry {
         }
     }
 
-    /// The API address the edge announced last.
+    /// The API address the edge (a pair: the holder node) announced last.
     pub fn api_url(&self, edge_id: &str) -> Option<String> {
-        self.lock().get(edge_id)?.api_url.clone()
+        let edges = self.lock();
+        let entry = edges.get(edge_id)?;
+        match &entry.holder {
+            Some(node) => edges.get(node)?.api_url.clone(),
+            None => entry.api_url.clone(),
+        }
     }
 
     /// How many of the model's edges are connected now.
@@ -215,12 +313,64 @@ impl EdgeRegistry {
             (&mut view, serde_json::to_value(state))
         {
             map.extend(state);
+            if record.is_pair() {
+                let holder = entry.and_then(|e| e.holder.as_deref());
+                map.insert(
+                    "online".into(),
+                    record
+                        .nodes
+                        .iter()
+                        .any(|n| edges.get(n).is_some_and(|e| e.live_link().is_some()))
+                        .into(),
+                );
+                map.insert("nodes".into(), node_views(&edges, record, holder));
+            }
             let control = control.unwrap_or_default();
             map.insert("owner".into(), owner_name(control.owner).into());
             map.insert("epoch".into(), control.epoch.into());
         }
         Some(view)
     }
+}
+
+/// A site pair's nodes as `GET /api/v1/edges` shows them: each one's link, its role
+/// (`holder` or `standby`) and its collector-array slot (`[rank, of]` among the nodes
+/// online, in the order of `nodes`; none while offline).
+fn node_views(
+    edges: &HashMap<String, EdgeEntry>,
+    record: &EdgeRecord,
+    holder: Option<&str>,
+) -> Value {
+    let online: Vec<&String> = record
+        .nodes
+        .iter()
+        .filter(|n| {
+            edges
+                .get(n.as_str())
+                .is_some_and(|e| e.live_link().is_some())
+        })
+        .collect();
+    let views = record.nodes.iter().map(|node| {
+        let entry = edges.get(node.as_str());
+        let link = entry.and_then(EdgeEntry::live_link);
+        let last_seen = link
+            .map(|l| l.last_seen_unix_ms())
+            .or(entry.and_then(|e| e.last_seen_ms));
+        let slot = online
+            .iter()
+            .position(|n| *n == node)
+            .map(|r| serde_json::json!([r, online.len()]));
+        serde_json::json!({
+            "id": node,
+            "online": link.is_some(),
+            "role": if holder == Some(node.as_str()) { "holder" } else { "standby" },
+            "last_seen": last_seen.map(rfc3339),
+            "rtt_ms": link.and_then(|l| l.rtt()).map(|rtt| (rtt.as_secs_f64() * 1e6).round() / 1e3),
+            "api_url": entry.and_then(|e| e.api_url.clone()),
+            "array_slot": slot,
+        })
+    });
+    Value::Array(views.collect())
 }
 
 impl EdgeSecrets for EdgeRegistry {

@@ -112,6 +112,7 @@ pub fn site_writes(site: &SiteFile, root: &RepositoriesRoot) -> anyhow::Result<V
             frame_length: driver.frame_length,
             concurrency: driver.concurrency,
             timeout_ms: driver.timeout_ms,
+            shared_polling: driver.shared_polling,
         };
         writes.push(write(EntityKind::Driver, &record.id, &record)?);
     }
@@ -128,6 +129,11 @@ pub fn site_writes(site: &SiteFile, root: &RepositoriesRoot) -> anyhow::Result<V
             admins: edge.admins.clone(),
             commit: None,
             secret_file: Some(absolute(&edge.secret_file)),
+            nodes: edge.nodes.clone(),
+            pair_timeout_ms: edge.pair_timeout_ms,
+            isolation: edge.isolation,
+            unwitnessed_takeover_ms: edge.unwitnessed_takeover_ms,
+            device_hold_down_ms: edge.device_hold_down_ms,
         };
         writes.push(write(EntityKind::Edge, &record.id, &record)?);
     }

@@ -498,6 +498,34 @@ async fn close_links_without_lease(
     }
 }
 
+/// Serves a site pair's node's link until it closes; its witness hears it come and go.
+async fn serve_node(
+    context: LinkContext,
+    location: String,
+    edge: AuthenticatedEdge,
+    generation: u64,
+) {
+    let (control, registry) = (context.control.clone(), context.registry.clone());
+    let node = edge.edge_id.clone();
+    let up = crate::control::NodeLinkEvent::Up;
+    control.node_event(&location, &node, generation, up).await;
+    crate::edge_link::serve_edge(
+        tether_common::control::EdgeId::new(location.as_str()),
+        Some(tether_common::control::NodeId::new(node.as_str())),
+        generation,
+        edge.link.clone(),
+        edge.incoming,
+        context,
+    )
+    .await;
+    edge.link.closed().await;
+    let reason = edge.link.close_reason().unwrap_or_default();
+    if let Some(last_heard) = registry.detach(&node, generation, &reason) {
+        let down = crate::control::NodeLinkEvent::Down { last_heard };
+        control.node_event(&location, &node, generation, down).await;
+    }
+}
+
 /// Registers each authenticated edge and serves what it sends until its link closes. In
 /// a cluster a link is kept only while this master's lease allows and once its key is in
 /// etcd (so that no other master fails the edge over).
@@ -515,6 +543,11 @@ async fn attach_links(
         };
         let context = context.clone();
         let cluster = cluster.clone();
+        // A site pair's node: its own life (no cluster keys: pairs have one master yet).
+        if let Some(location) = registry.location_of(&edge.edge_id) {
+            tokio::spawn(serve_node(context, location, edge, generation));
+            continue;
+        }
         tokio::spawn(async move {
             if let Some(cluster) = &cluster {
                 let now = tether_common::control::clock::mono_now();
@@ -562,6 +595,7 @@ async fn attach_links(
                 .await;
             crate::edge_link::serve_edge(
                 edge.edge_id.clone(),
+                None,
                 generation,
                 edge.link.clone(),
                 edge.incoming,

@@ -13,6 +13,7 @@ pub mod flood;
 pub mod inproc;
 pub mod masters;
 pub mod masters_campaign;
+pub mod pair;
 pub mod process;
 pub mod proxy;
 pub mod receiver;

@@ -55,7 +55,9 @@ pub fn link_need(model: &Model, edge: &str, body: &Request) -> LinkNeed {
         | Request::ControlReport { .. }
         | Request::Hello { .. }
         | Request::FetchBlobs { .. }
-        | Request::AuditEvents { .. } => LinkNeed::Own,
+        | Request::AuditEvents { .. }
+        | Request::NodeReport(_) => LinkNeed::Own,
+        Request::PairGrant { .. } => LinkNeed::Never("a pair grant"),
         Request::ControlDecision { .. } => LinkNeed::Never("a control decision"),
         Request::MasterReady => LinkNeed::Never("a master-ready notice"),
         Request::ModelChanges(_) => LinkNeed::Never("data-model changes"),

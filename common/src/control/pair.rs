@@ -32,16 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Epoch, Mono, NodeId};
 
-/// What a holder cut off from its peer and from every master does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Isolation {
-    /// Rooms keep running (two holders are possible while the cut lasts; reported).
-    #[default]
-    Continue,
-    /// The holder stops its modules before a standby can have been granted them.
-    Stop,
-}
+pub use tether_config::Isolation;
 
 /// A location's pair settings (the edge record's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +65,20 @@ pub fn stop_after_ms(settings: &PairSettings) -> u64 {
 }
 
 impl PairSettings {
+    /// A location's settings, from its record (the defaults where it names none).
+    pub fn of(record: &crate::model::EdgeRecord) -> PairSettings {
+        use tether_config::defaults;
+        PairSettings {
+            pair_timeout_ms: record.pair_timeout_ms.unwrap_or(defaults::PAIR_TIMEOUT_MS),
+            timeout_ms: record.timeout_ms,
+            isolation: record.isolation.unwrap_or_default(),
+            unwitnessed_takeover_ms: record.unwitnessed_takeover_ms,
+            device_hold_down_ms: record
+                .device_hold_down_ms
+                .unwrap_or(defaults::DEVICE_HOLD_DOWN_MS),
+        }
+    }
+
     /// Whether the settings can keep their promises, with links heartbeating every
     /// `heartbeat_ms`; the error names the key.
     pub fn check(&self, heartbeat_ms: u64) -> Result<(), String> {
@@ -117,6 +122,35 @@ pub struct PairGrant {
 }
 
 impl PairGrant {
+    /// The grant a location starts from before its witness has issued one: its
+    /// preferred (first) node, epoch 0 (the first grant issued outranks it).
+    pub fn initial(nodes: &[String]) -> PairGrant {
+        PairGrant {
+            holder: PairHolder::Node(NodeId::new(nodes.first().cloned().unwrap_or_default())),
+            epoch: Epoch::default(),
+        }
+    }
+
+    /// The owner and epoch the API, the audit log and the runtime's fence read: the
+    /// master, or the edge (one of the nodes, or on the way to one).
+    pub fn control_state(&self) -> super::ControlState {
+        super::ControlState {
+            owner: match self.holder {
+                PairHolder::Master => super::Owner::Master,
+                PairHolder::Node(_) | PairHolder::Moving(_) => super::Owner::Edge,
+            },
+            epoch: self.epoch,
+        }
+    }
+
+    /// The node that holds (none: the master, or a move in progress).
+    pub fn node(&self) -> Option<&NodeId> {
+        match &self.holder {
+            PairHolder::Node(node) => Some(node),
+            _ => None,
+        }
+    }
+
     /// Whether `other` supersedes this grant (a newer epoch).
     pub fn superseded_by(&self, other: &PairGrant) -> bool {
         other.epoch > self.epoch
@@ -275,6 +309,11 @@ impl NodeSide {
     /// Whether its modules run.
     pub fn is_running(&self) -> bool {
         self.running
+    }
+
+    /// The location's settings changed (its record was edited).
+    pub fn set_settings(&mut self, settings: PairSettings) {
+        self.settings = settings;
     }
 
     /// The grant it holds to.
@@ -526,6 +565,11 @@ impl WitnessSide {
             running: false,
             started: now,
         }
+    }
+
+    /// The location's settings changed (its record was edited).
+    pub fn set_settings(&mut self, settings: PairSettings) {
+        self.settings = settings;
     }
 
     /// The grant stored last.

@@ -10,8 +10,8 @@ mod validate;
 use std::collections::BTreeMap;
 
 pub use records::{
-    DriverKind, DriverRecord, EdgeRecord, ModuleRecord, Record, RepositoryRecord, RestoreWindow,
-    Settings, Standby, SystemRecord, Transport, UserRecord,
+    DriverKind, DriverRecord, EdgeRecord, Isolation, ModuleRecord, Record, RepositoryRecord,
+    RestoreWindow, Settings, Standby, SystemRecord, Transport, UserRecord,
 };
 pub use slice::SliceKey;
 pub use validate::{ModelError, check_id};

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tether_config::defaults;
 
-pub use tether_config::{DriverKind, RestoreWindow, Standby, Transport};
+pub use tether_config::{DriverKind, Isolation, RestoreWindow, Standby, Transport};
 
 use crate::identity::EdgeId;
 use crate::protocol::EntityKind;
@@ -60,6 +60,33 @@ pub struct EdgeRecord {
     /// never enters the model, so it is never replicated, listed or logged.
     #[serde(default)]
     pub secret_file: Option<String>,
+    /// A site pair's nodes, the first preferred (none: the location is one node, with
+    /// the location's id). Each node's secret is `ID.secret` beside `secret_file`.
+    /// The pair keys below are left out when absent, so that a record of one node reads
+    /// as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// A pair: how long the holder must be gone before its standby is granted the
+    /// modules (default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pair_timeout_ms: Option<u64>,
+    /// A pair: what a holder cut off from its peer and every master does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
+    /// A pair: with no master reachable, a standby takes over after this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unwitnessed_takeover_ms: Option<u64>,
+    /// A pair: how long the holder must reach fewer devices than its peer before it
+    /// hands over (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_hold_down_ms: Option<u64>,
+}
+
+impl EdgeRecord {
+    /// Whether the location is a site pair (it has nodes).
+    pub fn is_pair(&self) -> bool {
+        !self.nodes.is_empty()
+    }
 }
 
 /// A driver repository: a folder of scripts, or a git working copy.
@@ -117,6 +144,10 @@ pub struct DriverRecord {
     /// How long a method may run before its caller gets a timeout.
     #[serde(default = "exec_timeout_ms")]
     pub timeout_ms: u64,
+    /// A collector array: its modules' `schedule_every` polls are split over the live
+    /// nodes of a site pair; methods and writes stay on the holder. (Left out when off.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_polling: bool,
 }
 
 /// A module: one driver instance for one device.

@@ -106,6 +106,39 @@ impl Model {
                 for (i, admin) in edge.admins.iter().enumerate() {
                     check_id(&format!("admins[{i}]"), admin)?;
                 }
+                if let Some((other, _)) = self
+                    .edges
+                    .iter()
+                    .find(|(_, e)| e.nodes.iter().any(|n| n == id))
+                {
+                    return Err(ModelError::Invalid(format!(
+                        "key `id`: expected an id no node has; {id:?} is a node of location {other:?}"
+                    )));
+                }
+                for (i, node) in edge.nodes.iter().enumerate() {
+                    let key = format!("nodes[{i}]");
+                    check_id(&key, node)?;
+                    // A node's id is what its link authenticates as: it names one node of
+                    // one location, never another location.
+                    let taken = self.edges.iter().any(|(other_id, other)| {
+                        other_id != id && (other_id == node || other.nodes.contains(node))
+                    });
+                    if taken {
+                        return Err(ModelError::Invalid(format!(
+                            "key `{key}`: expected a node id no other location or node has, not {node:?}"
+                        )));
+                    }
+                }
+                tether_config::check_pair(
+                    id,
+                    &edge.nodes,
+                    edge.pair_timeout_ms,
+                    edge.isolation,
+                    edge.unwitnessed_takeover_ms,
+                )
+                .map_err(|(key, expected)| {
+                    ModelError::Invalid(format!("key `{key}`: expected {expected}"))
+                })?;
             }
             EntityKind::Repository => {
                 if let Some(repository) = self.repositories.get(id)

@@ -277,6 +277,15 @@ pub enum Request {
         /// The module.
         module: ModuleRef,
     },
+    /// Master (the witness) to a site pair's node: who holds the location's modules, under
+    /// which epoch. Answer: [`Response::Ack`] once the node has taken it.
+    PairGrant {
+        /// The grant.
+        grant: crate::control::pair::PairGrant,
+    },
+    /// A site pair's node to master: where it stands (on every link, and on every
+    /// change). Answer: [`Response::Ack`].
+    NodeReport(crate::control::pair::NodeReport),
 }
 
 /// Answers.
@@ -360,4 +369,9 @@ pub enum Notice {
         /// The epoch under which the edge ran the module.
         epoch: Epoch,
     },
+    /// A site pair's node to its peer: the grant it holds to, and whether it runs.
+    PeerNote(crate::control::pair::PeerNote),
+    /// A site pair's node to its peer: a grant it took from the witness, passed on (the
+    /// peer may not reach the witness).
+    PeerGrant(crate::control::pair::PairGrant),
 }

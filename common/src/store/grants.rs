@@ -16,6 +16,9 @@ use crate::control::ControlState;
 
 /// Edge location id to its postcard [`ControlState`].
 const CONTROL: TableDefinition<&str, &[u8]> = TableDefinition::new("control");
+/// A site pair's grant, per location: on the master the witness's last issue, on a node
+/// the last it took.
+const PAIR_GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("pair_grants");
 
 /// Why a grant was not issued. Either way it must not be acted on.
 #[derive(Debug, thiserror::Error)]
@@ -314,6 +317,42 @@ impl Store {
         let bytes = encode(state);
         self.write_txn(|txn| {
             txn.open_table(CONTROL)?.insert(edge, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+}
+
+impl Store {
+    /// A site pair's grant stored last for `location`, if any.
+    pub fn pair_grant(
+        &self,
+        location: &str,
+    ) -> Result<Option<crate::control::pair::PairGrant>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = match txn.open_table(PAIR_GRANTS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(err) => return Err(self.db_error(err)),
+        };
+        let Some(bytes) = table.get(location).map_err(|e| self.db_error(e))? else {
+            return Ok(None);
+        };
+        postcard::from_bytes(bytes.value())
+            .map(Some)
+            .map_err(|err| self.corrupt(format!("pair grant of {location} does not decode: {err}")))
+    }
+
+    /// Stores a site pair's grant for `location`, durably.
+    pub fn set_pair_grant(
+        &self,
+        location: &str,
+        grant: &crate::control::pair::PairGrant,
+    ) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(grant)
+            .map_err(|err| self.corrupt(format!("pair grant does not encode: {err}")))?;
+        self.write_txn(|txn| {
+            txn.open_table(PAIR_GRANTS)?
+                .insert(location, bytes.as_slice())?;
             Ok(())
         })
     }

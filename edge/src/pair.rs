@@ -1,0 +1,544 @@
+//! A site pair's node (DESIGN.md, "Site pairs and collector arrays"): the control task
+//! that owns the node's [`NodeSide`] machine, and the link to its peer.
+//!
+//! The task feeds the machine the master link and the peer link (up, down, and every frame
+//! heard, looked at every [`POLL`]), the witness's grants and the peer's notes, and carries
+//! out its actions in order: a grant is stored before what follows it is acted on; the
+//! modules start or stop (a stop completes, devices disconnected, before the peer is told
+//! so: break before make); reports go to the master, notes and grants to the peer.
+//!
+//! The peer link is the edge link: TLS (the listening node presents its API certificate,
+//! the connecting one its link certificate, which names it), the secret handshake with
+//! the location's secret, heartbeats. Over it the holder also streams its modules' status,
+//! which the standby keeps for the modules it keeps warm, so a takeover starts from it.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tether_common::control::clock::wall_now_ms;
+use tether_common::control::pair::{NodeAction, NodeEvent, NodeSide, PairGrant, PairSettings};
+use tether_common::control::{AuditRecord, ControlState, EdgeId, Mono, NodeId, Owner, clock};
+use tether_common::link::{
+    AuthenticatedEdge, EdgeSecrets, Incoming, Link, LinkConfig, LinkEvent, ListenerConfig, Secret,
+};
+use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request};
+use tether_common::runtime::Runtime;
+use tether_common::store::Store;
+use tokio::sync::mpsc;
+
+use crate::control::{
+    AUDIT_KEEP, Command, ControlView, EdgeControl, PeerEvent, reconcile_modules, report_audits,
+    stream_status,
+};
+use crate::replica::Replica;
+
+/// How often the node looks at its links' last frames and at the time.
+const POLL: Duration = Duration::from_millis(100);
+/// How long the master may take to take a report.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// One node's control.
+pub(crate) struct NodeTask {
+    location: EdgeId,
+    node: NodeId,
+    machine: NodeSide,
+    /// The grant stored last.
+    stored: PairGrant,
+    replica: Arc<Replica>,
+    runtime: Runtime,
+    store: Arc<Store>,
+    master: Option<Link>,
+    peer: Option<Link>,
+    /// The last frames fed to the machine, per link.
+    master_heard: Option<Mono>,
+    peer_heard: Option<Mono>,
+    view: Arc<RwLock<ControlView>>,
+    heartbeat_ms: u64,
+}
+
+impl NodeTask {
+    pub(crate) fn new(
+        location: EdgeId,
+        node: NodeId,
+        replica: Arc<Replica>,
+        runtime: Runtime,
+        view: Arc<RwLock<ControlView>>,
+        heartbeat_ms: u64,
+    ) -> anyhow::Result<NodeTask> {
+        let store = replica.store();
+        let (model, _) = replica.snapshot();
+        let record = model.edges.get(location.as_str());
+        let nodes = record.map(|r| r.nodes.clone()).unwrap_or_default();
+        let stored = match store.pair_grant(location.as_str())? {
+            Some(grant) => grant,
+            None => PairGrant::initial(&nodes),
+        };
+        let settings = settings(record, location.as_str(), heartbeat_ms);
+        runtime.set_grant(&location, stored.control_state());
+        Ok(NodeTask {
+            machine: NodeSide::new(node.clone(), settings, stored.clone(), clock::mono_now()),
+            location,
+            node,
+            stored,
+            replica,
+            runtime,
+            store,
+            master: None,
+            peer: None,
+            master_heard: None,
+            peer_heard: None,
+            view,
+            heartbeat_ms,
+        })
+    }
+
+    pub(crate) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        tracing::info!(edge = %self.location, node = %self.node, grant = ?self.stored, "site pair node: waiting for its witness's grant");
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command).await,
+                    None => return,
+                },
+                _ = tokio::time::sleep(POLL) => {
+                    let mut actions = self.feed_heard();
+                    actions.extend(self.machine.poll(clock::mono_now()));
+                    self.carry_out(actions).await;
+                }
+            }
+            self.publish();
+        }
+    }
+
+    /// Tells the machine of the frames heard since it last looked (the silences it
+    /// times are counted from the last frame of each link).
+    fn feed_heard(&mut self) -> Vec<NodeAction> {
+        let now = clock::mono_now();
+        let mut actions = Vec::new();
+        if let Some(link) = &self.master {
+            let heard = link.last_heard();
+            if self.master_heard != Some(heard) {
+                self.master_heard = Some(heard);
+                actions.extend(self.machine.handle(now, NodeEvent::MasterHeard));
+            }
+        }
+        if let Some(link) = &self.peer {
+            let heard = link.last_heard();
+            if self.peer_heard != Some(heard) {
+                self.peer_heard = Some(heard);
+                actions.extend(self.machine.handle(now, NodeEvent::PeerHeard));
+            }
+        }
+        actions
+    }
+
+    async fn command(&mut self, command: Command) {
+        let now = clock::mono_now();
+        let actions = match command {
+            Command::Link(event, link) => {
+                use tether_common::control::EdgeEvent;
+                match event {
+                    EdgeEvent::LinkUp => {
+                        self.master = link.clone();
+                        self.master_heard = None;
+                        if let Some(link) = link {
+                            tokio::spawn(report_audits(link.clone(), self.store.clone()));
+                            let status =
+                                stream_status(link, self.runtime.clone(), self.view.clone());
+                            tokio::spawn(status);
+                        }
+                        self.machine.handle(now, NodeEvent::MasterUp)
+                    }
+                    EdgeEvent::LinkDown | EdgeEvent::AttemptFailed => match self.master.take() {
+                        Some(old) => {
+                            let last_heard = old.last_heard();
+                            self.machine
+                                .handle(now, NodeEvent::MasterDown { last_heard })
+                        }
+                        None => Vec::new(),
+                    },
+                    EdgeEvent::MasterReady => Vec::new(),
+                }
+            }
+            Command::Decision { reply, .. } => {
+                let _ = reply.send(Err(crate::control::DecisionRefused::PairNode));
+                Vec::new()
+            }
+            Command::ReplicaChanged => {
+                let (model, _) = self.replica.snapshot();
+                let record = model.edges.get(self.location.as_str());
+                self.machine.set_settings(settings(
+                    record,
+                    self.location.as_str(),
+                    self.heartbeat_ms,
+                ));
+                self.reconcile().await;
+                Vec::new()
+            }
+            Command::Granted {
+                grant,
+                from_master,
+                reply,
+            } => {
+                let actions = self
+                    .machine
+                    .handle(now, NodeEvent::Granted { grant, from_master });
+                // Stored before anything it leads to is acted on.
+                let stored = self.persist().await;
+                let _ = reply.send(stored.clone());
+                if stored.is_err() {
+                    return;
+                }
+                actions
+            }
+            Command::Peer(PeerEvent::Up(link)) => {
+                if let Some(old) = self.peer.replace(link.clone()) {
+                    old.close("replaced by a newer link from the peer");
+                }
+                self.peer_heard = None;
+                // The holder's status, for the standby's warm modules.
+                tokio::spawn(stream_status(link, self.runtime.clone(), self.view.clone()));
+                self.machine.handle(now, NodeEvent::PeerUp)
+            }
+            Command::Peer(PeerEvent::Down(link)) => match &self.peer {
+                Some(current) if current.same_link(&link) => {
+                    self.peer = None;
+                    let last_heard = link.last_heard();
+                    self.machine.handle(now, NodeEvent::PeerDown { last_heard })
+                }
+                _ => Vec::new(),
+            },
+            Command::Peer(PeerEvent::Note(note)) => {
+                self.machine.handle(now, NodeEvent::PeerNote(note))
+            }
+        };
+        self.carry_out(actions).await;
+    }
+
+    /// Stores the machine's grant if it changed.
+    async fn persist(&mut self) -> Result<(), String> {
+        let grant = self.machine.grant().clone();
+        if grant == self.stored {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let location = self.location.to_string();
+        let to_store = grant.clone();
+        let stored =
+            tokio::task::spawn_blocking(move || store.set_pair_grant(&location, &to_store)).await;
+        match stored {
+            Ok(Ok(())) => {
+                self.stored = grant;
+                Ok(())
+            }
+            Ok(Err(err)) => Err(format!("the pair grant could not be stored: {err}")),
+            Err(err) => Err(format!("the pair grant could not be stored: {err}")),
+        }
+    }
+
+    async fn carry_out(&mut self, actions: Vec<NodeAction>) {
+        for action in actions {
+            match action {
+                NodeAction::Start { epoch } => {
+                    if let Err(err) = self.persist().await {
+                        tracing::error!("not started: {err}");
+                        return;
+                    }
+                    let reason = match self.machine.claimed() {
+                        true => format!(
+                            "site pair: node {} takes the modules without a witness (no master and no holder heard for unwitnessed_takeover_ms)",
+                            self.node
+                        ),
+                        false => format!("site pair: node {} runs the modules", self.node),
+                    };
+                    tracing::warn!(edge = %self.location, node = %self.node, %epoch, "{reason}");
+                    self.runtime.set_grant(
+                        &self.location,
+                        ControlState {
+                            owner: Owner::Edge,
+                            epoch,
+                        },
+                    );
+                    self.publish();
+                    self.reconcile().await;
+                    self.audit(Owner::Master, Owner::Edge, epoch, reason).await;
+                }
+                NodeAction::Stop { reason } => {
+                    tracing::warn!(edge = %self.location, node = %self.node, "site pair: this node stops the modules: {reason}");
+                    self.publish();
+                    self.reconcile().await;
+                    let epoch = self.machine.grant().epoch;
+                    let reason =
+                        format!("site pair: node {} stops the modules: {reason}", self.node);
+                    self.audit(Owner::Edge, Owner::Master, epoch, reason).await;
+                }
+                NodeAction::Report(report) => {
+                    if let Some(link) = self.master.clone() {
+                        tokio::spawn(async move {
+                            if let Err(err) = link
+                                .request(Request::NodeReport(report), REPORT_TIMEOUT)
+                                .await
+                            {
+                                tracing::warn!("node report not taken: {err}");
+                            }
+                        });
+                    }
+                }
+                NodeAction::TellPeer(note) => {
+                    if let Some(link) = &self.peer {
+                        // The grant first: the note is read against it.
+                        let grant = Notice::PeerGrant(self.machine.grant().clone());
+                        let sent = match link.notify(grant).await {
+                            Ok(()) => link.notify(Notice::PeerNote(note)).await,
+                            Err(err) => Err(err),
+                        };
+                        if let Err(err) = sent {
+                            tracing::debug!("note to the peer not sent: {err}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a start or stop of this node's modules in its audit log (reported to the
+    /// master, and to the alert receivers, even while the master is out of reach).
+    async fn audit(
+        &self,
+        from: Owner,
+        to: Owner,
+        epoch: tether_common::control::Epoch,
+        reason: String,
+    ) {
+        let record = AuditRecord {
+            time_ms: wall_now_ms(),
+            edge: self.location.clone().into(),
+            from,
+            to,
+            epoch,
+            reason,
+            code: None,
+        };
+        self.store.record_audits(vec![record], AUDIT_KEEP).await;
+        if let Some(link) = self.master.clone() {
+            tokio::spawn(report_audits(link, self.store.clone()));
+        }
+    }
+
+    async fn reconcile(&self) {
+        let state = ControlState {
+            owner: Owner::Edge,
+            epoch: self.machine.grant().epoch,
+        };
+        reconcile_modules(
+            &self.replica,
+            &self.runtime,
+            &self.store,
+            self.master.as_ref(),
+            &self.location,
+            (self.machine.is_running(), state),
+        )
+        .await;
+        // The standby keeps its location's drivers compiled, with the holder's status.
+        if !self.machine.is_running() {
+            let (model, _) = self.replica.snapshot();
+            let location = self.location.clone();
+            self.runtime
+                .keep_warm(&model, |module| module.edge.as_ref() == Some(&location))
+                .await;
+        }
+    }
+
+    fn publish(&self) {
+        // Read apart: a guard in the assigned value would live through the write below.
+        let takeover_worst_ms = self
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .takeover_worst_ms;
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = ControlView {
+            state: self.machine.grant().control_state(),
+            active: self.machine.is_running(),
+            online: self.master.is_some(),
+            master_ready: self.master.is_some(),
+            takeover_worst_ms,
+            pair: Some(PairView {
+                node: self.node.clone(),
+                holder: self.machine.grant().node().cloned(),
+                peer_online: self.peer.is_some(),
+                claimed: self.machine.claimed(),
+            }),
+        };
+    }
+}
+
+/// What the API shows of a pair node.
+#[derive(Debug, Clone)]
+pub struct PairView {
+    /// This node.
+    pub node: NodeId,
+    /// The node its grant names (none: the master, or a move in progress).
+    pub holder: Option<NodeId>,
+    /// Whether its link to its peer is up.
+    pub peer_online: bool,
+    /// Whether it runs on a claim made without a witness.
+    pub claimed: bool,
+}
+
+/// The pair settings of `location` from its record; the defaults while the replica has
+/// none. A heartbeat too slow for the pair timeout is logged: the isolation promise needs
+/// four heartbeats in a pair timeout.
+fn settings(
+    record: Option<&tether_common::model::EdgeRecord>,
+    location: &str,
+    heartbeat_ms: u64,
+) -> PairSettings {
+    use tether_config::defaults;
+    let settings = match record {
+        Some(record) => PairSettings::of(record),
+        None => PairSettings {
+            pair_timeout_ms: defaults::PAIR_TIMEOUT_MS,
+            timeout_ms: defaults::EDGE_TIMEOUT_MS,
+            isolation: Default::default(),
+            unwitnessed_takeover_ms: None,
+            device_hold_down_ms: defaults::DEVICE_HOLD_DOWN_MS,
+        },
+    };
+    if let Err(err) = settings.check(heartbeat_ms) {
+        tracing::error!(
+            edge = location,
+            "the pair's settings do not fit this node's heartbeat_ms ({heartbeat_ms}): {err}"
+        );
+    }
+    settings
+}
+
+/// The peer's secret, for the listening node: the location's, for the peer's id only.
+struct PeerSecret {
+    peer: NodeId,
+    secret: Secret,
+}
+
+impl EdgeSecrets for PeerSecret {
+    fn secret(&self, id: &str) -> Option<Secret> {
+        (id == self.peer.as_str()).then(|| self.secret.clone())
+    }
+}
+
+/// How a node reaches its peer.
+pub(crate) enum PeerLink {
+    /// It listens (with its API certificate, asking for the peer's link certificate).
+    Listen {
+        listener: tokio::net::TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        peer: NodeId,
+        secret: Secret,
+        config: ListenerConfig,
+    },
+    /// It connects.
+    Connect(tether_common::link::ConnectorConfig),
+}
+
+/// Keeps the link to the peer until `shutdown`, telling `control` of it, and serves what
+/// the peer sends.
+pub(crate) async fn run_peer_link(
+    how: PeerLink,
+    control: EdgeControl,
+    runtime: Runtime,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    match how {
+        PeerLink::Listen {
+            listener,
+            tls,
+            peer,
+            secret,
+            config,
+        } => {
+            let (accepted_tx, mut accepted) = mpsc::channel::<AuthenticatedEdge>(4);
+            let secrets = Arc::new(PeerSecret { peer, secret });
+            tokio::spawn(tether_common::link::run_listener(
+                listener,
+                tls,
+                secrets,
+                config,
+                accepted_tx,
+                shutdown,
+            ));
+            while let Some(peer) = accepted.recv().await {
+                tokio::spawn(serve_peer(
+                    peer.link,
+                    peer.incoming,
+                    control.clone(),
+                    runtime.clone(),
+                ));
+            }
+        }
+        PeerLink::Connect(connector) => {
+            let (events_tx, mut events) = mpsc::channel(16);
+            tokio::spawn(tether_common::link::maintain_link(
+                connector, events_tx, shutdown,
+            ));
+            while let Some(event) = events.recv().await {
+                if let LinkEvent::Up { link, incoming } = event {
+                    tokio::spawn(serve_peer(link, incoming, control.clone(), runtime.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Serves one link from the peer until it closes: its notes and passed-on grants to
+/// control, its modules' status to the warm standby; requests are refused (the peer asks
+/// the master, not its peer, for calls).
+async fn serve_peer(
+    link: Link,
+    mut incoming: mpsc::Receiver<Incoming>,
+    control: EdgeControl,
+    runtime: Runtime,
+) {
+    tracing::info!(peer = %link.peer(), "site pair: the link to the peer is up");
+    control.peer_event(PeerEvent::Up(link.clone()));
+    while let Some(item) = incoming.recv().await {
+        match item {
+            Incoming::Notice(Notice::PeerNote(note), _) => {
+                control.peer_event(PeerEvent::Note(note))
+            }
+            Incoming::Notice(Notice::PeerGrant(grant), _) => {
+                if let Err(err) = control.granted(grant, false).await {
+                    tracing::warn!("a grant passed on by the peer was not taken: {err}");
+                }
+            }
+            Incoming::Notice(
+                Notice::StatusChanged {
+                    module_id,
+                    key,
+                    value,
+                    ..
+                },
+                _,
+            ) => {
+                if value.0.len() <= tether_common::runtime::MAX_STATUS_VALUE
+                    && let Ok(value) = serde_json::from_str(&value.0)
+                {
+                    runtime.standby_status(&module_id, &key, value);
+                }
+            }
+            Incoming::Request(request) => {
+                let refused = RemoteError::new(
+                    ErrorCode::Unsupported,
+                    "a site pair's peer link carries notes only",
+                );
+                request.responder.respond(Err(refused)).await;
+            }
+        }
+    }
+    link.closed().await;
+    tracing::warn!(peer = %link.peer(), "site pair: the link to the peer is down: {}", link.close_reason().unwrap_or_default());
+    control.peer_event(PeerEvent::Down(link));
+}
+
+/// Link settings for the peer link: the edge link's.
+pub(crate) fn peer_link_config(heartbeat_ms: u64, max_frame: usize) -> LinkConfig {
+    LinkConfig::with_heartbeat(Duration::from_millis(heartbeat_ms), max_frame)
+}

@@ -1,0 +1,228 @@
+//! A site pair as real processes: a master, and one location (`site-1`) of two nodes
+//! (`site-1a`, which listens for its peer, and `site-1b`, which connects), with a fault
+//! proxy on each node's link to the master and one on the link between the nodes, so a
+//! test can cut any of the three.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::api::ApiClient;
+use crate::cluster::{copy_core_drivers, run_certs};
+use crate::process::{Server, bin};
+use crate::proxy::FaultProxy;
+use crate::{free_port, wait_for};
+
+/// The location.
+pub const LOCATION: &str = "site-1";
+/// Its nodes, the first preferred.
+pub const NODES: [&str; 2] = ["site-1a", "site-1b"];
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct PairSpec {
+    /// TOML keys added to the location's `[[edges]]` table (`isolation = "stop"`).
+    pub edge_settings: String,
+    /// TOML appended to the site file (repositories, drivers, modules, systems).
+    pub site_extra: String,
+    /// Heartbeats of every link.
+    pub heartbeat_ms: u64,
+    /// Files written into the folder before anything starts (path, content).
+    pub files: Vec<(String, String)>,
+}
+
+/// A running pair. Dropping it kills every process and removes the folder.
+pub struct PairSite {
+    /// The master.
+    pub master: Server,
+    /// The nodes, in [`NODES`] order.
+    pub nodes: Vec<Server>,
+    /// The proxy on each node's link to the master, in [`NODES`] order.
+    pub master_links: Vec<FaultProxy>,
+    /// The proxy on the link between the nodes.
+    pub peer_link: FaultProxy,
+    /// The master's API address.
+    pub api_addr: SocketAddr,
+    /// Each node's API address.
+    pub node_api_addrs: Vec<SocketAddr>,
+    /// The temporary folder, last: removed after the processes are killed.
+    pub dir: tempfile::TempDir,
+}
+
+impl PairSite {
+    /// Writes certificates (`tether-master certs --edges site-1,site-1a,site-1b`) and
+    /// configuration, starts the master, waits for its API, then starts both nodes.
+    pub async fn start(spec: PairSpec) -> PairSite {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().to_path_buf();
+        let ids: Vec<String> = std::iter::once(LOCATION)
+            .chain(NODES)
+            .map(str::to_string)
+            .collect();
+        run_certs(&root.join("certs"), &ids);
+        copy_core_drivers(&root.join(crate::CORE));
+        for (path, content) in &spec.files {
+            let path = root.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
+        let link_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let api_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let nodes = NODES.map(|n| format!("\"{n}\"")).join(", ");
+        std::fs::write(
+            root.join("site.toml"),
+            format!(
+                "[[edges]]\nid = \"{LOCATION}\"\nname = \"North campus\"\nsecret_file = \"certs/{LOCATION}.secret\"\n\
+                 nodes = [{nodes}]\n{}\n\n{}",
+                spec.edge_settings, spec.site_extra
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("master.toml"),
+            format!(
+                "data_dir = \"data/master\"\napi_listen = \"{api_addr}\"\nlink_listen = \"{link_addr}\"\n\
+                 seed = \"site.toml\"\nrepositories_root = \"repos\"\nheartbeat_ms = {}\nboot_wait_ms = 300\n\
+                 [tls]\ncert = \"certs/master.pem\"\nkey = \"certs/master.key\"\nca = \"certs/ca.pem\"\n",
+                spec.heartbeat_ms
+            ),
+        )
+        .unwrap();
+        let master = Server::start(
+            "master",
+            &bin("tether-master"),
+            &["--config", root.join("master.toml").to_str().unwrap()],
+            &root.join("master.log"),
+        );
+        let peer_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let peer_link = FaultProxy::start(0, peer_addr).await;
+        let mut master_links = Vec::new();
+        let mut node_api_addrs = Vec::new();
+        for (i, node) in NODES.iter().enumerate() {
+            let proxy = FaultProxy::start(0, link_addr).await;
+            let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let peer = match i {
+                0 => format!("peer_listen = \"{peer_addr}\""),
+                _ => format!(
+                    "peer = \"{}\"\npeer_name = \"{}\"",
+                    peer_link.addr(),
+                    NODES[0]
+                ),
+            };
+            std::fs::write(
+                root.join(format!("{node}.toml")),
+                format!(
+                    "edge_id = \"{LOCATION}\"\ndata_dir = \"data/{node}\"\napi_listen = \"{api}\"\n\
+                     master = \"{}\"\nmaster_name = \"localhost\"\nsecret_file = \"certs/{node}.secret\"\n\
+                     heartbeat_ms = {}\nreconnect_ms = 500\n\
+                     [pair]\nnode_id = \"{node}\"\npeer_id = \"{}\"\n{peer}\nsecret_file = \"certs/{LOCATION}.secret\"\n\
+                     [tls]\ncert = \"certs/{node}.pem\"\nkey = \"certs/{node}.key\"\nca = \"certs/ca.pem\"\n",
+                    proxy.addr(),
+                    spec.heartbeat_ms,
+                    NODES[1 - i],
+                ),
+            )
+            .unwrap();
+            master_links.push(proxy);
+            node_api_addrs.push(api);
+        }
+        let mut site = PairSite {
+            master,
+            nodes: Vec::new(),
+            master_links,
+            peer_link,
+            api_addr,
+            node_api_addrs,
+            dir,
+        };
+        site.wait_master_up().await;
+        for node in NODES {
+            let server = Server::start(
+                node,
+                &bin("tether-edge"),
+                &[
+                    "--config",
+                    site.path(&format!("{node}.toml")).to_str().unwrap(),
+                ],
+                &site.path(&format!("{node}.log")),
+            );
+            site.nodes.push(server);
+        }
+        site
+    }
+
+    /// A path inside the folder.
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    /// An API client of the master with its admin token.
+    pub fn master_api(&self) -> ApiClient {
+        let token = std::fs::read_to_string(self.path("data/master/admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string());
+        ApiClient::new(
+            &format!("https://localhost:{}", self.api_addr.port()),
+            &self.path("certs/ca.pem"),
+            token,
+        )
+    }
+
+    /// An API client of node `index` with its admin token (waiting for the file).
+    pub async fn node_api(&self, index: usize) -> ApiClient {
+        let path = self.path(&format!("data/{}/admin.token", NODES[index]));
+        let token = wait_for(
+            "the node's admin token",
+            Duration::from_secs(10),
+            || async {
+                std::fs::read_to_string(&path)
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+            },
+        )
+        .await;
+        ApiClient::new(
+            &format!("https://127.0.0.1:{}", self.node_api_addrs[index].port()),
+            &self.path("certs/ca.pem"),
+            Some(token),
+        )
+    }
+
+    async fn wait_master_up(&self) {
+        let api = self.master_api();
+        wait_for("the master's API", Duration::from_secs(20), || async {
+            let (status, body) = api.get("/api/v1/health").await;
+            (status == 200 && body["booted"] == true).then_some(())
+        })
+        .await;
+    }
+
+    /// The master's view of the location (`GET /api/v1/edges`).
+    pub async fn location(&self) -> serde_json::Value {
+        self.master_api()
+            .edge(LOCATION)
+            .await
+            .expect("the location in /api/v1/edges")
+    }
+
+    /// Node `index`'s own view of its pair (`node` of its `GET /api/v1/edges`).
+    pub async fn node_view(&self, index: usize) -> Option<serde_json::Value> {
+        let api = self.node_api(index).await;
+        Some(api.edge(LOCATION).await?["node"].clone())
+    }
+
+    /// Waits until the master names `node` the holder (`role = "holder"`, with both its
+    /// link and the grant saying so), within `limit`.
+    pub async fn wait_holder(&self, node: &str, limit: Duration) {
+        wait_for(&format!("{node} to hold the modules"), limit, || async {
+            let location = self.location().await;
+            location["nodes"]
+                .as_array()?
+                .iter()
+                .any(|n| n["id"] == node && n["role"] == "holder")
+                .then_some(())
+        })
+        .await;
+    }
+}
