@@ -54,6 +54,10 @@ pub(crate) struct NodeTask {
     peer_heard: Option<Mono>,
     view: Arc<RwLock<ControlView>>,
     heartbeat_ms: u64,
+    /// Since when it has run the modules cut off from its peer and every master (wall
+    /// clock, for the audit), until a grant decides: under `isolation = "continue"` a
+    /// standby may have been granted them meanwhile, and that overlap is reported.
+    isolated_since: Option<(std::time::Instant, u64)>,
 }
 
 impl NodeTask {
@@ -89,6 +93,7 @@ impl NodeTask {
             peer_heard: None,
             view,
             heartbeat_ms,
+            isolated_since: None,
         })
     }
 
@@ -104,6 +109,14 @@ impl NodeTask {
                     let mut actions = self.feed_heard();
                     actions.extend(self.machine.poll(clock::mono_now()));
                     self.carry_out(actions).await;
+                    if self.machine.is_running()
+                        && self.master.is_none()
+                        && self.peer.is_none()
+                        && self.isolated_since.is_none()
+                    {
+                        tracing::warn!(edge = %self.location, node = %self.node, "site pair: this node runs the modules cut off from its peer and every master");
+                        self.isolated_since = Some((std::time::Instant::now(), wall_now_ms()));
+                    }
                 }
             }
             self.publish();
@@ -180,6 +193,10 @@ impl NodeTask {
                 from_master,
                 reply,
             } => {
+                // The witness confirms this node: whatever it ran cut off was its own.
+                if from_master && grant.node() == Some(&self.node) {
+                    self.isolated_since = None;
+                }
                 let actions = self
                     .machine
                     .handle(now, NodeEvent::Granted { grant, from_master });
@@ -268,8 +285,18 @@ impl NodeTask {
                     self.publish();
                     self.reconcile().await;
                     let epoch = self.machine.grant().epoch;
-                    let reason =
-                        format!("site pair: node {} stops the modules: {reason}", self.node);
+                    let reason = match self.isolated_since.take() {
+                        // Cut off from both it kept the rooms running, and another holder
+                        // was granted them meanwhile: two holders, for at most this long.
+                        Some((since, wall)) if self.machine.grant().node() != Some(&self.node) => format!(
+                            "site pair: node {} stops the modules: {reason}; it ran them cut off from its peer and every master for {} ms from {} (isolation = \"continue\"), while node {} was granted them: two holders for at most that long",
+                            self.node,
+                            since.elapsed().as_millis(),
+                            tether_common::api::rfc3339(wall),
+                            self.machine.grant().node().map(|n| n.as_str()).unwrap_or("(none)"),
+                        ),
+                        _ => format!("site pair: node {} stops the modules: {reason}", self.node),
+                    };
                     self.audit(Owner::Edge, Owner::Master, epoch, reason).await;
                 }
                 NodeAction::Report(report) => {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tether_tests::api::ApiClient;
-use tether_tests::pair::{NODES, PairSite, PairSpec};
+use tether_tests::pair::{LOCATION, NODES, PairSite, PairSpec};
 use tether_tests::sim::Sim;
 use tether_tests::{CORE, wait_for};
 
@@ -195,4 +195,191 @@ async fn a_holder_killed_is_replaced_by_its_standby_within_the_pair_timeout_from
             .contains("node site-1b holds")),
         "{records:?}"
     );
+}
+
+/// Whether node `index` runs the location's modules, as its own API says.
+async fn controlling(site: &PairSite, index: usize) -> bool {
+    let api = site.node_api(index).await;
+    api.edge(LOCATION)
+        .await
+        .is_some_and(|edge| edge["controlling"] == true)
+}
+
+/// The audit record of node `index` whose reason contains `needle`.
+async fn node_record(site: &PairSite, index: usize, needle: &str) -> Option<Value> {
+    let api = site.node_api(index).await;
+    audit(&api)
+        .await
+        .into_iter()
+        .find(|r| r["reason"].as_str().unwrap_or_default().contains(needle))
+}
+
+/// Nothing changes for a pair timeout and more: the same holder under the same epoch,
+/// the standby idle, and the holder serving its own API.
+async fn assert_unchanged(site: &PairSite, epoch: &Value, what: &str) {
+    tokio::time::sleep(Duration::from_millis(PAIR_TIMEOUT_MS + 1500)).await;
+    let location = site.location().await;
+    assert_eq!(&location["epoch"], epoch, "{what}: {location}");
+    assert!(controlling(site, 0).await, "{what}: the holder runs");
+    assert!(!controlling(site, 1).await, "{what}: the standby does not");
+    let holder = site.node_api(0).await;
+    let (status, body) = holder.exec("room", "Note", 1, "ping", json!([])).await;
+    assert_eq!(
+        (status, body["executed_by"].clone()),
+        (200, json!("edge:site-1a")),
+        "{what}: {body}"
+    );
+}
+
+#[tokio::test]
+async fn one_link_cut_at_a_time_changes_nothing() {
+    let projector = Sim::projector();
+    let site = start(&projector, "").await;
+    let epoch = site.location().await["epoch"].clone();
+
+    // The holder's link to the master, the peer link up: the standby vouches for it.
+    site.master_links[0].cut();
+    assert_unchanged(&site, &epoch, "holder cut off from the master").await;
+    site.master_links[0].heal();
+    wait_for("the holder back on the master", Duration::from_secs(10), || async {
+        let location = site.location().await;
+        (location["nodes"][0]["online"] == true).then_some(())
+    })
+    .await;
+
+    // The peer link, both master links up: the witness sees the holder.
+    site.peer_link.cut();
+    assert_unchanged(&site, &epoch, "peer link cut").await;
+    wait_executor(&site.master_api(), "edge:site-1a", Duration::from_secs(5)).await;
+    site.peer_link.heal();
+}
+
+/// Cuts the holder off from both its peer and the master, until healed.
+fn cut_holder_off(site: &PairSite) {
+    site.master_links[0].cut();
+    site.peer_link.cut();
+}
+
+fn heal(site: &PairSite) {
+    site.master_links[0].heal();
+    site.peer_link.heal();
+}
+
+#[tokio::test]
+async fn a_holder_cut_off_from_both_under_stop_stops_before_the_standby_starts() {
+    let projector = Sim::projector();
+    let site = start(&projector, "isolation = \"stop\"").await;
+    let master = site.master_api();
+    cut_holder_off(&site);
+    let cut_at = Instant::now();
+    let took = wait_executor(
+        &master,
+        "edge:site-1b",
+        Duration::from_millis(PAIR_TIMEOUT_MS + 2000),
+    )
+    .await;
+    eprintln!("the standby holds {} ms after the cut", took.as_millis());
+    assert!(!controlling(&site, 0).await, "the old holder has stopped");
+    let stopped = node_record(&site, 0, "isolation = \"stop\"")
+        .await
+        .expect("the old holder's stop in its audit log");
+    let started = node_record(&site, 1, "node site-1b runs the modules")
+        .await
+        .expect("the standby's start in its audit log");
+    let (stopped, started) = (stopped["time"].clone(), started["time"].clone());
+    assert!(
+        stopped.as_str() < started.as_str(),
+        "break before make: stopped {stopped}, started {started}"
+    );
+    heal(&site);
+    // Healed, the old holder learns the new grant and stays stopped.
+    wait_for("the old holder back on the master", Duration::from_secs(10), || async {
+        let location = site.location().await;
+        (location["nodes"][0]["online"] == true).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!controlling(&site, 0).await, "the old holder stays stopped");
+    assert!(controlling(&site, 1).await);
+    assert!(cut_at.elapsed() > took);
+}
+
+#[tokio::test]
+async fn a_holder_cut_off_from_both_under_continue_overlaps_no_longer_than_the_cut_and_says_so() {
+    let projector = Sim::projector();
+    let site = start(&projector, "").await;
+    let master = site.master_api();
+    cut_holder_off(&site);
+    let cut_at = Instant::now();
+    wait_executor(
+        &master,
+        "edge:site-1b",
+        Duration::from_millis(PAIR_TIMEOUT_MS + 2000),
+    )
+    .await;
+    let overlap_from = Instant::now();
+    assert!(controlling(&site, 0).await, "rooms keep running on the old holder");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    heal(&site);
+    let cut_for = cut_at.elapsed();
+    wait_for("the old holder to stop", Duration::from_secs(10), || async {
+        (!controlling(&site, 0).await).then_some(())
+    })
+    .await;
+    let overlap = overlap_from.elapsed();
+    eprintln!(
+        "cut {} ms, overlap at most {} ms",
+        cut_for.as_millis(),
+        overlap.as_millis()
+    );
+    assert!(overlap < cut_for, "overlap {overlap:?}, cut {cut_for:?}");
+    // Reported: in the old holder's audit log, and so in the master's.
+    let needle = "two holders for at most";
+    assert!(node_record(&site, 0, needle).await.is_some());
+    wait_for("the overlap in the master's audit log", Duration::from_secs(10), || async {
+        audit(&master)
+            .await
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap_or_default().contains(needle))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_a_witness_a_standby_never_takes_over() {
+    let projector = Sim::projector();
+    let mut site = start(&projector, "").await;
+    site.master_links[0].cut();
+    site.master_links[1].cut();
+    tokio::time::sleep(Duration::from_millis(PAIR_TIMEOUT_MS)).await;
+    site.nodes[0].kill();
+    tokio::time::sleep(Duration::from_millis(PAIR_TIMEOUT_MS + 3000)).await;
+    assert!(!controlling(&site, 1).await, "no witness, no takeover");
+}
+
+#[tokio::test]
+async fn without_a_witness_a_standby_takes_over_after_unwitnessed_takeover_ms() {
+    const AFTER_MS: u64 = 6000;
+    let projector = Sim::projector();
+    let mut site = start(&projector, &format!("unwitnessed_takeover_ms = {AFTER_MS}")).await;
+    site.master_links[0].cut();
+    site.master_links[1].cut();
+    tokio::time::sleep(Duration::from_millis(PAIR_TIMEOUT_MS)).await;
+    site.nodes[0].kill();
+    let killed = Instant::now();
+    let standby = site.node_api(1).await;
+    let took = wait_executor(
+        &standby,
+        "edge:site-1b",
+        Duration::from_millis(AFTER_MS + 2000),
+    )
+    .await;
+    eprintln!("unwitnessed takeover {} ms after the kill", took.as_millis());
+    assert!(
+        killed.elapsed() >= Duration::from_millis(AFTER_MS - 1000),
+        "not before unwitnessed_takeover_ms: {:?}",
+        killed.elapsed()
+    );
+    assert!(node_record(&site, 1, "without a witness").await.is_some());
 }
