@@ -61,6 +61,11 @@ pub struct EdgeConfig {
     /// server).
     #[serde(default)]
     pub pair: Option<EdgePair>,
+    /// Where this server reaches devices the data model names at other addresses:
+    /// `"host:port" = "host:port"` (a node of a pair on its own network path, or behind
+    /// a NAT). Empty: every device at its record's address.
+    #[serde(default)]
+    pub device_routes: std::collections::BTreeMap<String, String>,
 }
 
 /// A site pair's node: its id, and how it reaches its peer. One node of the pair listens
@@ -240,8 +245,34 @@ impl EdgeConfig {
         if let Some(pair) = &self.pair {
             pair.validate(file, &self.edge_id)?;
         }
+        for (from, to) in &self.device_routes {
+            for address in [from, to] {
+                if split_host_port(address).is_none() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("device_routes.{from:?}"),
+                        format!("host:port to host:port, not {address:?}"),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
+
+    /// `device_routes` as (host, port) pairs, keyed by `host:port` (checked at load).
+    pub fn device_routes(&self) -> std::collections::HashMap<String, (String, u16)> {
+        self.device_routes
+            .iter()
+            .filter_map(|(from, to)| Some((from.clone(), split_host_port(to)?)))
+            .collect()
+    }
+}
+
+/// `host:port`, split; none unless both are there and the port is a number above 0.
+fn split_host_port(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+    (!host.is_empty()).then(|| (host.to_string(), port))
 }
 
 impl EdgePair {

@@ -233,9 +233,12 @@ pub fn check_pair(
     pair_timeout_ms: Option<u64>,
     isolation: Option<Isolation>,
     unwitnessed_takeover_ms: Option<u64>,
+    device_hold_down_ms: Option<u64>,
 ) -> Result<(), (String, String)> {
-    let pair_keys =
-        pair_timeout_ms.is_some() || isolation.is_some() || unwitnessed_takeover_ms.is_some();
+    let pair_keys = pair_timeout_ms.is_some()
+        || isolation.is_some()
+        || unwitnessed_takeover_ms.is_some()
+        || device_hold_down_ms.is_some();
     if nodes.is_empty() {
         return match pair_keys {
             true => Err((
@@ -274,6 +277,14 @@ pub fn check_pair(
                 "a value in {}..=600000, not {timeout}",
                 4 * defaults::HEARTBEAT_MS
             ),
+        ));
+    }
+    if let Some(hold) = device_hold_down_ms
+        && !(1000..=3_600_000).contains(&hold)
+    {
+        return Err((
+            "device_hold_down_ms".into(),
+            format!("a value in 1000..=3600000, not {hold}"),
         ));
     }
     if let Some(after) = unwitnessed_takeover_ms {
@@ -492,6 +503,7 @@ impl SiteFile {
                 edge.pair_timeout_ms,
                 edge.isolation,
                 edge.unwitnessed_takeover_ms,
+                edge.device_hold_down_ms,
             ) {
                 return Err(ConfigError::invalid(
                     file,

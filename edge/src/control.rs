@@ -87,6 +87,8 @@ pub(crate) enum Command {
     },
     /// The link to a site pair's peer.
     Peer(PeerEvent),
+    /// A site pair's node reaches this many of its location's devices.
+    Devices(u32),
 }
 
 /// What happens on a site pair's link between its nodes.
@@ -245,6 +247,11 @@ impl EdgeControl {
         let _ = self.commands.send(Command::Peer(event));
     }
 
+    /// A site pair's node reaches this many of its location's devices now.
+    pub fn devices(&self, reached: u32) {
+        let _ = self.commands.send(Command::Devices(reached));
+    }
+
     /// The link came up (with it), went down, or an attempt failed.
     pub fn link_event(&self, event: EdgeEvent, link: Option<Link>) {
         let _ = self.commands.send(Command::Link(event, link));
@@ -373,7 +380,7 @@ impl Task {
                         "this edge is no node of a site pair: it takes control decisions".into(),
                     ));
                 }
-                Command::Peer(_) => {}
+                Command::Peer(_) | Command::Devices(_) => {}
             }
             self.publish();
         }

@@ -225,6 +225,7 @@ impl NodeTask {
                 }
                 _ => Vec::new(),
             },
+            Command::Devices(reached) => self.machine.handle(now, NodeEvent::Devices(reached)),
             Command::Peer(PeerEvent::Note(note)) => {
                 self.machine.handle(now, NodeEvent::PeerNote(note))
             }
@@ -288,13 +289,19 @@ impl NodeTask {
                     let reason = match self.isolated_since.take() {
                         // Cut off from both it kept the rooms running, and another holder
                         // was granted them meanwhile: two holders, for at most this long.
-                        Some((since, wall)) if self.machine.grant().node() != Some(&self.node) => format!(
-                            "site pair: node {} stops the modules: {reason}; it ran them cut off from its peer and every master for {} ms from {} (isolation = \"continue\"), while node {} was granted them: two holders for at most that long",
-                            self.node,
-                            since.elapsed().as_millis(),
-                            tether_common::api::rfc3339(wall),
-                            self.machine.grant().node().map(|n| n.as_str()).unwrap_or("(none)"),
-                        ),
+                        Some((since, wall)) if self.machine.grant().node() != Some(&self.node) => {
+                            format!(
+                                "site pair: node {} stops the modules: {reason}; it ran them cut off from its peer and every master for {} ms from {} (isolation = \"continue\"), while node {} was granted them: two holders for at most that long",
+                                self.node,
+                                since.elapsed().as_millis(),
+                                tether_common::api::rfc3339(wall),
+                                self.machine
+                                    .grant()
+                                    .node()
+                                    .map(|n| n.as_str())
+                                    .unwrap_or("(none)"),
+                            )
+                        }
                         _ => format!("site pair: node {} stops the modules: {reason}", self.node),
                     };
                     self.audit(Owner::Edge, Owner::Master, epoch, reason).await;
@@ -438,6 +445,69 @@ fn settings(
         );
     }
     settings
+}
+
+/// How often a node counts the devices it reaches.
+const DEVICE_COUNT_EVERY: Duration = Duration::from_secs(2);
+/// How long a probe of a device may take to connect.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Probes in flight at once.
+const PROBES_AT_ONCE: usize = 32;
+
+/// Counts the location's devices this node reaches, every [`DEVICE_COUNT_EVERY`], and
+/// tells control (devices count as health: a holder that reaches fewer than its peer
+/// hands over). A module running here counts by its device connection; one that does not
+/// (the standby's) by a TCP connect to the address this node reaches it at, closed at once.
+pub(crate) async fn count_devices(
+    location: EdgeId,
+    replica: Arc<Replica>,
+    runtime: Runtime,
+    control: EdgeControl,
+) {
+    loop {
+        let (model, _) = replica.snapshot();
+        let devices: Vec<(String, Option<(String, u16)>)> = model
+            .modules
+            .values()
+            .filter(|module| module.edge.as_ref() == Some(&location))
+            .filter(|module| {
+                model
+                    .drivers
+                    .get(&module.driver)
+                    .is_some_and(|d| d.transport != tether_common::model::Transport::None)
+            })
+            .filter_map(|module| {
+                let address = runtime.device_address(&model, module)?;
+                Some((module.id.clone(), Some(address)))
+            })
+            .collect();
+        let mut probes = tokio::task::JoinSet::new();
+        let mut reached = 0u32;
+        for (module, address) in devices {
+            if let Some(connected) = runtime.device_connected(&module) {
+                reached += u32::from(connected);
+                continue;
+            }
+            let Some((host, port)) = address else {
+                continue;
+            };
+            while probes.len() >= PROBES_AT_ONCE {
+                reached += u32::from(probes.join_next().await.is_some_and(|r| r.unwrap_or(false)));
+            }
+            probes.spawn(async move {
+                let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+                matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, connect).await,
+                    Ok(Ok(_))
+                )
+            });
+        }
+        while let Some(result) = probes.join_next().await {
+            reached += u32::from(result.unwrap_or(false));
+        }
+        control.devices(reached);
+        tokio::time::sleep(DEVICE_COUNT_EVERY).await;
+    }
 }
 
 /// The peer's secret, for the listening node: the location's, for the peer's id only.

@@ -183,6 +183,7 @@ async fn serve(
             EdgeId::new(n.as_str())
         });
     let runtime = Runtime::new(Executor::Edge(executor), ScriptLimits::default());
+    runtime.set_device_routes(config.device_routes());
     // Round trips to the master, in the metrics under this edge's id.
     let (metrics, edge_id) = (runtime.metrics().clone(), config.edge_id.clone());
     connector.link.on_rtt = Some(RttObserver(Arc::new(move |_, rtt| {
@@ -239,6 +240,14 @@ async fn serve(
         shutdown.clone(),
     ));
 
+    if config.pair.is_some() {
+        tokio::spawn(crate::pair::count_devices(
+            EdgeId::new(config.edge_id.clone()),
+            replica.clone(),
+            runtime.clone(),
+            control.clone(),
+        ));
+    }
     if let Some(peer) = peer {
         let how = match peer {
             PeerSetup::Listen {

@@ -29,6 +29,9 @@ pub struct PairSpec {
     pub heartbeat_ms: u64,
     /// Files written into the folder before anything starts (path, content).
     pub files: Vec<(String, String)>,
+    /// TOML added to each node's file (by index) after its top-level keys: tables such
+    /// as `[device_routes]`.
+    pub node_extra: Vec<String>,
 }
 
 /// A running pair. Dropping it kills every process and removes the folder.
@@ -114,11 +117,12 @@ impl PairSite {
                 format!(
                     "edge_id = \"{LOCATION}\"\ndata_dir = \"data/{node}\"\napi_listen = \"{api}\"\n\
                      master = \"{}\"\nmaster_name = \"localhost\"\nsecret_file = \"certs/{node}.secret\"\n\
-                     heartbeat_ms = {}\nreconnect_ms = 500\n\
+                     heartbeat_ms = {}\nreconnect_ms = 500\n{}\n\
                      [pair]\nnode_id = \"{node}\"\npeer_id = \"{}\"\n{peer}\nsecret_file = \"certs/{LOCATION}.secret\"\n\
                      [tls]\ncert = \"certs/{node}.pem\"\nkey = \"certs/{node}.key\"\nca = \"certs/ca.pem\"\n",
                     proxy.addr(),
                     spec.heartbeat_ms,
+                    spec.node_extra.get(i).map(String::as_str).unwrap_or_default(),
                     NODES[1 - i],
                 ),
             )

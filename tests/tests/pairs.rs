@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tether_tests::api::ApiClient;
 use tether_tests::pair::{LOCATION, NODES, PairSite, PairSpec};
+use tether_tests::proxy::FaultProxy;
 use tether_tests::sim::Sim;
 use tether_tests::{CORE, wait_for};
 
@@ -69,7 +70,12 @@ modules = ["proj", "note"]
 }
 
 async fn start(projector: &Sim, settings: &str) -> PairSite {
+    start_with(projector, settings, Vec::new()).await
+}
+
+async fn start_with(projector: &Sim, settings: &str, node_extra: Vec<String>) -> PairSite {
     let spec = PairSpec {
+        node_extra,
         edge_settings: format!(
             "pair_timeout_ms = {PAIR_TIMEOUT_MS}\ntimeout_ms = 20000\nstandby = \"warm\"\n{settings}"
         ),
@@ -241,10 +247,14 @@ async fn one_link_cut_at_a_time_changes_nothing() {
     site.master_links[0].cut();
     assert_unchanged(&site, &epoch, "holder cut off from the master").await;
     site.master_links[0].heal();
-    wait_for("the holder back on the master", Duration::from_secs(10), || async {
-        let location = site.location().await;
-        (location["nodes"][0]["online"] == true).then_some(())
-    })
+    wait_for(
+        "the holder back on the master",
+        Duration::from_secs(10),
+        || async {
+            let location = site.location().await;
+            (location["nodes"][0]["online"] == true).then_some(())
+        },
+    )
     .await;
 
     // The peer link, both master links up: the witness sees the holder.
@@ -293,10 +303,14 @@ async fn a_holder_cut_off_from_both_under_stop_stops_before_the_standby_starts()
     );
     heal(&site);
     // Healed, the old holder learns the new grant and stays stopped.
-    wait_for("the old holder back on the master", Duration::from_secs(10), || async {
-        let location = site.location().await;
-        (location["nodes"][0]["online"] == true).then_some(())
-    })
+    wait_for(
+        "the old holder back on the master",
+        Duration::from_secs(10),
+        || async {
+            let location = site.location().await;
+            (location["nodes"][0]["online"] == true).then_some(())
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!controlling(&site, 0).await, "the old holder stays stopped");
@@ -318,13 +332,18 @@ async fn a_holder_cut_off_from_both_under_continue_overlaps_no_longer_than_the_c
     )
     .await;
     let overlap_from = Instant::now();
-    assert!(controlling(&site, 0).await, "rooms keep running on the old holder");
+    assert!(
+        controlling(&site, 0).await,
+        "rooms keep running on the old holder"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     heal(&site);
     let cut_for = cut_at.elapsed();
-    wait_for("the old holder to stop", Duration::from_secs(10), || async {
-        (!controlling(&site, 0).await).then_some(())
-    })
+    wait_for(
+        "the old holder to stop",
+        Duration::from_secs(10),
+        || async { (!controlling(&site, 0).await).then_some(()) },
+    )
     .await;
     let overlap = overlap_from.elapsed();
     eprintln!(
@@ -336,13 +355,17 @@ async fn a_holder_cut_off_from_both_under_continue_overlaps_no_longer_than_the_c
     // Reported: in the old holder's audit log, and so in the master's.
     let needle = "two holders for at most";
     assert!(node_record(&site, 0, needle).await.is_some());
-    wait_for("the overlap in the master's audit log", Duration::from_secs(10), || async {
-        audit(&master)
-            .await
-            .iter()
-            .any(|r| r["reason"].as_str().unwrap_or_default().contains(needle))
-            .then_some(())
-    })
+    wait_for(
+        "the overlap in the master's audit log",
+        Duration::from_secs(10),
+        || async {
+            audit(&master)
+                .await
+                .iter()
+                .any(|r| r["reason"].as_str().unwrap_or_default().contains(needle))
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -375,11 +398,67 @@ async fn without_a_witness_a_standby_takes_over_after_unwitnessed_takeover_ms() 
         Duration::from_millis(AFTER_MS + 2000),
     )
     .await;
-    eprintln!("unwitnessed takeover {} ms after the kill", took.as_millis());
+    eprintln!(
+        "unwitnessed takeover {} ms after the kill",
+        took.as_millis()
+    );
     assert!(
         killed.elapsed() >= Duration::from_millis(AFTER_MS - 1000),
         "not before unwitnessed_takeover_ms: {:?}",
         killed.elapsed()
     );
     assert!(node_record(&site, 1, "without a witness").await.is_some());
+}
+
+#[tokio::test]
+async fn a_device_the_holder_cannot_reach_but_its_standby_can_moves_the_modules_once() {
+    const HOLD_DOWN_MS: u64 = 2000;
+    let projector = Sim::projector();
+    let device: std::net::SocketAddr = projector.addr.parse().unwrap();
+    // Each node reaches the projector on a path of its own.
+    let paths = [
+        FaultProxy::start(0, device).await,
+        FaultProxy::start(0, device).await,
+    ];
+    let routes = paths
+        .iter()
+        .map(|path| format!("[device_routes]\n\"{device}\" = \"{}\"\n", path.addr()))
+        .collect();
+    let site = start_with(
+        &projector,
+        &format!("device_hold_down_ms = {HOLD_DOWN_MS}"),
+        routes,
+    )
+    .await;
+    let master = site.master_api();
+    let epoch = site.location().await["epoch"].as_u64().unwrap();
+    wait_for(
+        "the holder's device session",
+        Duration::from_secs(5),
+        || async { (projector.open_sessions() == 1).then_some(()) },
+    )
+    .await;
+
+    // The holder's path to the device goes (refused from now on), the standby's stays.
+    let [holder_path, _standby_path] = paths;
+    holder_path.reset();
+    drop(holder_path);
+    let lost = Instant::now();
+    wait_executor(&master, "edge:site-1b", Duration::from_secs(15)).await;
+    eprintln!(
+        "handed over {} ms after the holder lost the device",
+        lost.elapsed().as_millis()
+    );
+    wait_for(
+        "the standby's device session",
+        Duration::from_secs(10),
+        || async { (projector.open_sessions() == 1).then_some(()) },
+    )
+    .await;
+    // Once: released, then granted, and nothing after (two hold-downs more).
+    tokio::time::sleep(Duration::from_millis(3 * HOLD_DOWN_MS)).await;
+    let location = site.location().await;
+    assert_eq!(location["epoch"].as_u64(), Some(epoch + 2), "{location}");
+    assert_eq!(location["nodes"][1]["role"], "holder", "{location}");
+    assert!(controlling(&site, 1).await && !controlling(&site, 0).await);
 }

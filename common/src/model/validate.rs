@@ -135,6 +135,7 @@ impl Model {
                     edge.pair_timeout_ms,
                     edge.isolation,
                     edge.unwitnessed_takeover_ms,
+                    edge.device_hold_down_ms,
                 )
                 .map_err(|(key, expected)| {
                     ModelError::Invalid(format!("key `{key}`: expected {expected}"))

@@ -198,6 +198,9 @@ pub(crate) struct Inner {
     wanted: RwLock<HashSet<String>>,
     /// What the server asked this side to run, before stopped systems are taken out.
     requested: RwLock<HashSet<String>>,
+    /// Where this server reaches a device the model names at another address
+    /// (`host:port` to `host:port`; an edge's `[device_routes]`).
+    device_routes: RwLock<HashMap<String, (String, u16)>>,
     /// Systems stopped by an operator: their modules do not run until started.
     stopped_systems: Mutex<HashSet<String>>,
     /// Module lookups by system, name and index (a system's cache; see
@@ -271,6 +274,7 @@ impl Runtime {
                 modules: Mutex::new(HashMap::new()),
                 wanted: RwLock::default(),
                 requested: RwLock::default(),
+                device_routes: RwLock::default(),
                 stopped_systems: Mutex::default(),
                 lookups: Mutex::default(),
                 remote: RwLock::new(None),
@@ -283,6 +287,44 @@ impl Runtime {
 
     pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
         Runtime { inner }
+    }
+
+    /// Where this server reaches the devices the model names at other addresses: from
+    /// `host:port` (as the module's record says) to `host:port`.
+    pub fn set_device_routes(&self, routes: HashMap<String, (String, u16)>) {
+        *self
+            .inner
+            .device_routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = routes;
+    }
+
+    /// The address this server reaches `module`'s device at, if it has one: its record's,
+    /// or the route configured for it.
+    pub fn device_address(&self, model: &Model, module: &ModuleRecord) -> Option<(String, u16)> {
+        let port = module
+            .port
+            .or_else(|| model.drivers.get(&module.driver)?.default_port)?;
+        let host = module.host.clone()?;
+        Some(self.route((host, port)))
+    }
+
+    fn route(&self, (host, port): (String, u16)) -> (String, u16) {
+        let routes = self
+            .inner
+            .device_routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        routes
+            .get(&format!("{host}:{port}"))
+            .cloned()
+            .unwrap_or((host, port))
+    }
+
+    /// `spec` with its device reached where this server's routes say.
+    fn routed(&self, mut spec: ModuleSpec) -> ModuleSpec {
+        spec.address = spec.address.map(|address| self.route(address));
+        spec
     }
 
     /// `master`, `master:ID` or `edge:ID`.
@@ -405,7 +447,7 @@ impl Runtime {
             .values()
             .filter(|module| wanted_here.contains(&module.id))
             .filter_map(|module| match ModuleSpec::new(&model, &code, module) {
-                Ok(spec) => Some(spec),
+                Ok(spec) => Some(self.routed(spec)),
                 Err(why) => {
                     tracing::warn!(module = %module.id, "module not started: {why}");
                     None
@@ -590,6 +632,7 @@ impl Runtime {
             .values()
             .filter(|module| wanted(module))
             .filter_map(|module| ModuleSpec::new(model, &code, module).ok())
+            .map(|spec| self.routed(spec))
             .collect();
         let to_compile = self.inner.standby.retain(&specs);
         if to_compile.is_empty() {
@@ -783,6 +826,15 @@ impl Runtime {
     /// This server's metrics.
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
         &self.inner.metrics
+    }
+
+    /// Whether module `module_id`'s device connection is up, if it runs here with one.
+    pub fn device_connected(&self, module_id: &str) -> Option<bool> {
+        lock(&self.inner.modules)
+            .get(module_id)?
+            .shared
+            .health()
+            .connected
     }
 
     /// Per module running here: the location it belongs to (`edge:ID` or `master`) and,
