@@ -109,15 +109,26 @@ pub struct EdgeControl {
     store: Arc<Store>,
 }
 
-/// Runs `location`'s modules of the replica while `active`, none otherwise, and records
-/// the reloads refused (audited under `state`, reported over `link`).
+/// Which of its location's modules an edge runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Running {
+    /// Every one (it holds them).
+    All,
+    /// Those of collector-array drivers, to poll only (a pair's standby node).
+    Polling,
+    /// None.
+    Nothing,
+}
+
+/// Runs `location`'s modules of the replica as `running` says, and records the reloads
+/// refused (audited under `state`, reported over `link`).
 pub(crate) async fn reconcile_modules(
     replica: &Replica,
     runtime: &Runtime,
     store: &Arc<Store>,
     link: Option<&Link>,
     location: &EdgeId,
-    (active, state): (bool, ControlState),
+    (running, state): (Running, ControlState),
 ) {
     let (model, _) = replica.snapshot();
     let wanted = model.clone();
@@ -126,7 +137,18 @@ pub(crate) async fn reconcile_modules(
     runtime.set_code(code.clone());
     let refused = runtime
         .reconcile(model.clone(), move |module| {
-            active && wanted.module_edge(module).as_deref() == Some(edge_id.as_str())
+            let ours = wanted.module_edge(module).as_deref() == Some(edge_id.as_str());
+            let polls = || {
+                wanted
+                    .drivers
+                    .get(&module.driver)
+                    .is_some_and(|driver| driver.shared_polling)
+            };
+            ours && match running {
+                Running::All => true,
+                Running::Polling => polls(),
+                Running::Nothing => false,
+            }
         })
         .await;
     if !refused.is_empty() {
@@ -399,7 +421,11 @@ impl Task {
 
     /// Runs this edge's modules of the replica while it controls them; none otherwise.
     async fn reconcile(&self) {
-        let decided = (self.machine.is_active(), self.machine.state());
+        let running = match self.machine.is_active() {
+            true => Running::All,
+            false => Running::Nothing,
+        };
+        let decided = (running, self.machine.state());
         reconcile_modules(
             &self.replica,
             &self.runtime,

@@ -27,8 +27,8 @@ use tether_common::store::Store;
 use tokio::sync::mpsc;
 
 use crate::control::{
-    AUDIT_KEEP, Command, ControlView, EdgeControl, PeerEvent, reconcile_modules, report_audits,
-    stream_status,
+    AUDIT_KEEP, Command, ControlView, EdgeControl, PeerEvent, Running, reconcile_modules,
+    report_audits, stream_status,
 };
 use crate::replica::Replica;
 
@@ -120,7 +120,26 @@ impl NodeTask {
                 }
             }
             self.publish();
+            self.set_array_slot();
         }
+    }
+
+    /// This node's turn in its location's collector arrays: its rank among the live nodes
+    /// (itself, and its peer while their link is up) in the location's order.
+    fn set_array_slot(&self) {
+        let (model, _) = self.replica.snapshot();
+        let Some(record) = model.edges.get(self.location.as_str()) else {
+            return;
+        };
+        let peer_up = self.peer.is_some();
+        let live: Vec<NodeId> = record
+            .nodes
+            .iter()
+            .filter(|node| node.as_str() == self.node.as_str() || peer_up)
+            .map(NodeId::new)
+            .collect();
+        self.runtime
+            .set_array_slot(tether_common::control::array::slot(&live, &self.node));
     }
 
     /// Tells the machine of the frames heard since it last looked (the silences it
@@ -246,6 +265,10 @@ impl NodeTask {
             tokio::task::spawn_blocking(move || store.set_pair_grant(&location, &to_store)).await;
         match stored {
             Ok(Ok(())) => {
+                // Calls this node sends on carry the grant it holds (the holder's fence
+                // refuses an older one).
+                self.runtime
+                    .set_grant(&self.location, grant.control_state());
                 self.stored = grant;
                 Ok(())
             }
@@ -364,13 +387,38 @@ impl NodeTask {
             owner: Owner::Edge,
             epoch: self.machine.grant().epoch,
         };
+        // The standby runs its collector arrays' modules to poll only: their calls go to
+        // the holder (marked before they start, so none is served here meanwhile).
+        let (model, _) = self.replica.snapshot();
+        let running = match self.machine.is_running() {
+            true => {
+                self.runtime.set_poll_only(Default::default());
+                Running::All
+            }
+            false => {
+                let polling = model
+                    .modules
+                    .values()
+                    .filter(|m| m.edge.as_ref() == Some(&self.location))
+                    .filter(|m| {
+                        model
+                            .drivers
+                            .get(&m.driver)
+                            .is_some_and(|d| d.shared_polling)
+                    })
+                    .map(|m| m.id.clone())
+                    .collect();
+                self.runtime.set_poll_only(polling);
+                Running::Polling
+            }
+        };
         reconcile_modules(
             &self.replica,
             &self.runtime,
             &self.store,
             self.master.as_ref(),
             &self.location,
-            (self.machine.is_running(), state),
+            (running, state),
         )
         .await;
         // The standby keeps its location's drivers compiled, with the holder's status.
@@ -616,9 +664,13 @@ async fn serve_peer(
                 _,
             ) => {
                 if value.0.len() <= tether_common::runtime::MAX_STATUS_VALUE
-                    && let Ok(value) = serde_json::from_str(&value.0)
+                    && let Ok(value) = serde_json::from_str::<serde_json::Value>(&value.0)
                 {
-                    runtime.standby_status(&module_id, &key, value);
+                    // A collector array's read by the peer: the holder's module takes it;
+                    // else it is the holder's status, kept for a warm start.
+                    if !runtime.peer_status(&module_id, &key, value.clone()) {
+                        runtime.standby_status(&module_id, &key, value);
+                    }
                 }
             }
             Incoming::Request(request) => {

@@ -68,7 +68,9 @@ pub async fn serve_edge(
                     request.responder.respond(Err(error)).await;
                     continue;
                 }
-                match serve_call(&runtime, request, &edge_id) {
+                // A pair's node is named: a call it sends on goes to the holder node,
+                // unless that is itself.
+                match serve_call(&runtime, request, node.as_deref().unwrap_or(&edge_id)) {
                     None => continue,
                     Some(request) => *request,
                 }

@@ -228,6 +228,11 @@ impl EdgeRegistry {
         entry.live_link().cloned()
     }
 
+    /// A site pair: the node its witness granted the location's modules last.
+    pub fn holder(&self, location: &str) -> Option<String> {
+        self.lock().get(location)?.holder.clone()
+    }
+
     /// A site pair's node's current link.
     pub fn link_of_node(&self, node: &str) -> Option<Link> {
         self.lock().get(node)?.live_link().cloned()

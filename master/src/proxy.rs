@@ -37,6 +37,13 @@ impl Links for MasterLinks {
                 "neither edge {edge} nor the master runs the module now (control is changing hands)"
             )));
         }
+        if via.is_some() && self.registry.holder(edge).as_deref() == via {
+            // The pair's holder asked for its own module: the same loop, through its node.
+            return Err(ExecError::NotHere(format!(
+                "neither node {} of edge {edge} nor the master runs the module now (control is changing hands)",
+                via.unwrap_or_default()
+            )));
+        }
         self.registry.link(edge).ok_or_else(|| {
             ExecError::Unavailable(format!(
                 "edge {edge} runs the module and is unreachable: its link is down"

@@ -81,6 +81,25 @@ impl Session {
                 json!({ "command": name, "address": address, "value": value }),
             );
         };
+        // Every read is logged with its peer: who polls the device, and when (a
+        // collector array's turns).
+        let read = |name: &str, address: u16, quantity: u16| {
+            emit(
+                "read",
+                Some(self.peer),
+                json!({ "function": name, "address": address, "quantity": quantity }),
+            );
+        };
+        match &request {
+            Request::ReadHoldingRegisters(address, quantity) => {
+                read("read_holding", *address, *quantity)
+            }
+            Request::ReadInputRegisters(address, quantity) => {
+                read("read_input", *address, *quantity)
+            }
+            Request::ReadCoils(address, quantity) => read("read_coils", *address, *quantity),
+            _ => {}
+        }
         Ok(match request {
             Request::ReadHoldingRegisters(address, quantity) => Response::ReadHoldingRegisters(
                 meter.holding[range(address, quantity, SIZE)?].to_vec(),

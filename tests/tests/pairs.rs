@@ -462,3 +462,162 @@ async fn a_device_the_holder_cannot_reach_but_its_standby_can_moves_the_modules_
     assert_eq!(location["nodes"][1]["role"], "holder", "{location}");
     assert!(controlling(&site, 1).await && !controlling(&site, 0).await);
 }
+
+/// A collector array: a meter whose driver declares `shared_polling`, polled every
+/// `POLL_MS` in all.
+fn array_site(meter: u16) -> String {
+    format!(
+        r#"
+[[repositories]]
+id = "core"
+path = "{CORE}"
+
+[[drivers]]
+id = "meter"
+repository = "core"
+file = "meter.rhai"
+transport = "modbus"
+shared_polling = true
+default_settings = {{ poll_ms = {POLL_MS} }}
+
+[[modules]]
+id = "meter"
+driver = "meter"
+name = "Meter"
+host = "127.0.0.1"
+port = {meter}
+edge = "site-1"
+
+[[systems]]
+id = "plant"
+name = "Plant"
+edge = "site-1"
+modules = ["meter"]
+"#
+    )
+}
+
+const POLL_MS: u64 = 1000;
+
+/// The meter's polls (its input-register reads, one a poll) from `since` on, as (ms since
+/// `since`, peer).
+fn polls(meter: &Sim, since: std::time::SystemTime) -> Vec<(u64, String)> {
+    meter
+        .events_of("read")
+        .into_iter()
+        .filter(|e| e["function"] == "read_input")
+        .filter_map(|e| {
+            let at = humantime::parse_rfc3339(e["time"].as_str()?).ok()?;
+            let ms = at.duration_since(since).ok()?.as_millis() as u64;
+            Some((ms, e["peer"].as_str()?.to_string()))
+        })
+        .collect()
+}
+
+/// The longest time between two polls, the first counted from 0.
+fn longest_gap(polls: &[(u64, String)]) -> u64 {
+    let mut last = 0;
+    let mut longest = 0;
+    for (at, _) in polls {
+        longest = longest.max(at - last);
+        last = *at;
+    }
+    longest
+}
+
+#[tokio::test]
+async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_and_a_return() {
+    let meter = Sim::modbus();
+    let spec = PairSpec {
+        edge_settings: format!("pair_timeout_ms = {PAIR_TIMEOUT_MS}\ntimeout_ms = 20000"),
+        site_extra: array_site(meter.port()),
+        heartbeat_ms: HEARTBEAT_MS,
+        files: Vec::new(),
+        node_extra: Vec::new(),
+    };
+    let mut site = PairSite::start(spec).await;
+    site.wait_holder(NODES[0], Duration::from_secs(20)).await;
+    // Both nodes poll once their peer link is up.
+    wait_for("both nodes polling", Duration::from_secs(20), || async {
+        let peers: std::collections::HashSet<String> = polls(&meter, std::time::UNIX_EPOCH)
+            .into_iter()
+            .map(|(_, peer)| peer)
+            .collect();
+        (peers.len() == 2).then_some(())
+    })
+    .await;
+    // Settled (the connects' own polls are over): they alternate, an interval apart.
+    tokio::time::sleep(Duration::from_millis(2 * POLL_MS)).await;
+    let start = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(8 * POLL_MS)).await;
+    let turns = polls(&meter, start);
+    eprintln!("two nodes: {turns:?}");
+    assert!(
+        (7..=9).contains(&turns.len()),
+        "once an interval in all: {turns:?}"
+    );
+    for pair in turns.windows(2) {
+        assert_ne!(pair[0].1, pair[1].1, "the nodes alternate: {turns:?}");
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            (POLL_MS / 2..=POLL_MS * 3 / 2).contains(&gap),
+            "an interval apart: {turns:?}"
+        );
+    }
+    // The client reads what either node read: the holder's status follows every poll.
+    let (status, body) = site
+        .master_api()
+        .exec("plant", "Meter", 1, "register", json!([0]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Methods stay on the holder: the standby, which polls the meter too, sends a call on.
+    let standby = site.node_api(1).await;
+    let (status, body) = standby
+        .exec("plant", "Meter", 1, "register", json!([0]))
+        .await;
+    assert_eq!(
+        (status, body["executed_by"].clone()),
+        (200, json!("edge:site-1a")),
+        "{body}"
+    );
+
+    // The standby killed: the holder alone reads every interval, within one of the loss.
+    site.nodes[1].kill();
+    let lost = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(5 * POLL_MS)).await;
+    let alone = polls(&meter, lost);
+    eprintln!("one node: {alone:?}");
+    assert!(alone.len() >= 4, "every interval: {alone:?}");
+    assert!(
+        alone.first().is_some_and(|(at, _)| *at <= POLL_MS + 300),
+        "within one interval of the loss: {alone:?}"
+    );
+    let peers: std::collections::HashSet<&String> = alone.iter().map(|(_, p)| p).collect();
+    assert_eq!(peers.len(), 1, "{alone:?}");
+
+    // Back: they take turns again.
+    site.nodes[1].restart();
+    wait_for(
+        "the restarted node polling",
+        Duration::from_secs(20),
+        || async {
+            let peers: std::collections::HashSet<String> = polls(&meter, lost)
+                .into_iter()
+                .map(|(_, peer)| peer)
+                .collect();
+            (peers.len() == 2).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2 * POLL_MS)).await;
+    let again_from = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(6 * POLL_MS)).await;
+    let again = polls(&meter, again_from);
+    eprintln!("two nodes again: {again:?}");
+    for pair in again.windows(2) {
+        assert_ne!(pair[0].1, pair[1].1, "they alternate again: {again:?}");
+    }
+    // No gap longer than two intervals anywhere.
+    let all = polls(&meter, start);
+    assert!(longest_gap(&all) <= 2 * POLL_MS, "{all:?}");
+}

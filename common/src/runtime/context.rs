@@ -200,6 +200,12 @@ impl ModuleShared {
         }
     }
 
+    /// Sets one status value within the caps; answers whether it changed.
+    pub(super) fn set_status(&self, key: &str, value: Value) -> Result<bool, String> {
+        let previous = lock(&self.status).set(key, value.clone())?;
+        Ok(previous.as_ref() != Some(&value))
+    }
+
     /// The status map.
     pub(super) fn status(&self) -> Map<String, Value> {
         lock(&self.status).map().clone()
@@ -330,11 +336,7 @@ impl ModuleContext {
     /// announced to the runtime's subscribers (runtime-state sync to the master, and
     /// clients bound to the status).
     pub(super) fn set_status(&self, key: &str, value: Value) -> Result<(), String> {
-        let previous = {
-            let mut map = lock(&self.shared.status);
-            map.set(key, value.clone())?
-        };
-        if previous.as_ref() != Some(&value)
+        if self.shared.set_status(key, value)?
             && let Some(runtime) = self.runtime.upgrade()
         {
             // No subscriber is fine.
@@ -380,11 +382,35 @@ impl ModuleContext {
         let cancel = self.cancel.clone();
         let schedules = self.schedules.clone();
         let function = function.to_string();
+        // A collector array's poll takes its turn among the live nodes (none: alone).
+        let mut array = match (repeat && self.spec.shared_polling, self.runtime.upgrade()) {
+            (true, Some(runtime)) => Some(runtime.array_slot.subscribe()),
+            _ => None,
+        };
         self.handle.spawn(async move {
             loop {
+                let wait = match &mut array {
+                    Some(slot) => match *slot.borrow_and_update() {
+                        Some(slot) => {
+                            let now = crate::control::clock::wall_now_ms();
+                            let at = crate::control::array::next_poll(slot, ms as u64, now + 1);
+                            Duration::from_millis(at - now)
+                        }
+                        None => period,
+                    },
+                    None => period,
+                };
+                let turn_changed = async {
+                    match &mut array {
+                        Some(slot) => slot.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(period) => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    // Another turn: the next poll is computed again (within an interval).
+                    true = turn_changed => continue,
                 }
                 let job = Job::callback(JobKind::Scheduled(function.clone()), Vec::new());
                 // A full queue skips this tick rather than pile up work.

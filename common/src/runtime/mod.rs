@@ -201,6 +201,12 @@ pub(crate) struct Inner {
     /// Where this server reaches a device the model names at another address
     /// (`host:port` to `host:port`; an edge's `[device_routes]`).
     device_routes: RwLock<HashMap<String, (String, u16)>>,
+    /// A site pair's node: its turn in its location's collector arrays (none: it polls
+    /// alone, every interval).
+    array_slot: tokio::sync::watch::Sender<Option<crate::control::array::Slot>>,
+    /// Modules that run here to poll only (a collector array's standby node): their
+    /// calls go to the holder.
+    poll_only: RwLock<HashSet<String>>,
     /// Systems stopped by an operator: their modules do not run until started.
     stopped_systems: Mutex<HashSet<String>>,
     /// Module lookups by system, name and index (a system's cache; see
@@ -275,6 +281,8 @@ impl Runtime {
                 wanted: RwLock::default(),
                 requested: RwLock::default(),
                 device_routes: RwLock::default(),
+                array_slot: tokio::sync::watch::channel(None).0,
+                poll_only: RwLock::default(),
                 stopped_systems: Mutex::default(),
                 lookups: Mutex::default(),
                 remote: RwLock::new(None),
@@ -287,6 +295,63 @@ impl Runtime {
 
     pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
         Runtime { inner }
+    }
+
+    /// This node's turn in its location's collector arrays (none: it polls alone); the
+    /// schedules of `shared_polling` drivers follow it from their next poll.
+    pub fn set_array_slot(&self, slot: Option<crate::control::array::Slot>) {
+        self.inner.array_slot.send_if_modified(|current| {
+            let changed = *current != slot;
+            *current = slot;
+            changed
+        });
+    }
+
+    /// The modules that run here to poll only (a collector array's standby): calls for
+    /// them are not served here but sent on, to the holder.
+    pub fn set_poll_only(&self, modules: HashSet<String>) {
+        *self
+            .inner
+            .poll_only
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = modules;
+    }
+
+    fn polls_only(&self, module: &str) -> bool {
+        self.inner
+            .poll_only
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(module)
+    }
+
+    /// A status value the other node of a collector array read: set on the module here,
+    /// as its own script would, when it runs here for calls (the holder). Answers whether
+    /// it was set.
+    pub fn peer_status(&self, module_id: &str, key: &str, value: Value) -> bool {
+        if self.polls_only(module_id) {
+            return false;
+        }
+        let Some(module) = lock(&self.inner.modules).get(module_id).cloned() else {
+            return false;
+        };
+        if !module.spec.shared_polling {
+            return false;
+        }
+        match module.shared.set_status(key, value) {
+            Ok(true) => {
+                let _ = self.inner.status_changes.send(StatusChange {
+                    module_id: module_id.to_string(),
+                    key: key.to_string(),
+                });
+                true
+            }
+            Ok(false) => true,
+            Err(err) => {
+                tracing::debug!(module = %module_id, "a status value from the peer is refused: {err}");
+                false
+            }
+        }
     }
 
     /// Where this server reaches the devices the model names at other addresses: from
@@ -703,6 +768,12 @@ impl Runtime {
                 module
             }
         };
+        if self.polls_only(&module.id) {
+            return Err(ExecError::NotHere(format!(
+                "module {} only polls here (a collector array's standby): the holder serves its calls",
+                module.id
+            )));
+        }
         let running = lock(&self.inner.modules).get(&module.id).cloned();
         running.ok_or_else(|| {
             let requested = self

@@ -35,6 +35,9 @@ pub struct ModuleSpec {
     pub timeout_ms: u64,
     /// The systems listing this module, by id (`system(...)` looks in the first).
     pub systems: Vec<String>,
+    /// A collector array's driver: its `schedule_every` polls take turns with the other
+    /// live nodes of its site pair.
+    pub shared_polling: bool,
 }
 
 impl ModuleSpec {
@@ -69,6 +72,7 @@ impl ModuleSpec {
             concurrency: driver.concurrency.max(1) as usize,
             timeout_ms: driver.timeout_ms,
             systems: model.systems_of(&module.id).map(|s| s.id.clone()).collect(),
+            shared_polling: driver.shared_polling,
         })
     }
 
