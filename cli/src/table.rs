@@ -56,6 +56,33 @@ pub fn edges(value: &Value) -> String {
         "last_seen",
         "failover",
     ];
+    let mut rows = rows(value, &keys);
+    // A site pair's nodes: `site-1a*` holds, `site-1b-` is offline.
+    let nodes = |edge: &Value| {
+        edge["nodes"]
+            .as_array()
+            .filter(|nodes| !nodes.is_empty())
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .map(|node| {
+                        let mark = match (node["role"].as_str(), node["online"].as_bool()) {
+                            (_, Some(false)) => "-",
+                            (Some("holder"), _) => "*",
+                            _ => "",
+                        };
+                        format!("{}{mark}", cell(&node["id"]))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_else(|| "-".into())
+    };
+    if let Some(edges) = value.as_array() {
+        for (row, edge) in rows.iter_mut().zip(edges) {
+            row.push(nodes(edge));
+        }
+    }
     render(
         &[
             "ID",
@@ -66,8 +93,9 @@ pub fn edges(value: &Value) -> String {
             "RTT MS",
             "LAST SEEN",
             "FAILOVER",
+            "NODES (*HOLDS, -OFFLINE)",
         ],
-        rows(value, &keys),
+        rows,
     )
 }
 
@@ -230,5 +258,11 @@ mod tests {
         assert_eq!(column(lines[0]), column(lines[1]));
         assert_eq!(column(lines[1]), column(lines[2]));
         assert!(lines[2].contains(" - "), "{table}");
+        let pair = edges(&json!([
+            {"id": "site-1", "nodes": [
+                {"id": "site-1a", "online": false, "role": "standby"},
+                {"id": "site-1b", "online": true, "role": "holder"}]}
+        ]));
+        assert!(pair.contains("site-1a-,site-1b*"), "{pair}");
     }
 }

@@ -302,7 +302,7 @@ impl NodeTask {
                     );
                     self.publish();
                     self.reconcile().await;
-                    self.audit(Owner::Master, Owner::Edge, epoch, reason).await;
+                    self.audit(Owner::Edge, Owner::Edge, epoch, reason).await;
                 }
                 NodeAction::Stop { reason } => {
                     tracing::warn!(edge = %self.location, node = %self.node, "site pair: this node stops the modules: {reason}");
@@ -327,7 +327,7 @@ impl NodeTask {
                         }
                         _ => format!("site pair: node {} stops the modules: {reason}", self.node),
                     };
-                    self.audit(Owner::Edge, Owner::Master, epoch, reason).await;
+                    self.audit(Owner::Edge, Owner::Edge, epoch, reason).await;
                 }
                 NodeAction::Report(report) => {
                     if let Some(link) = self.master.clone() {

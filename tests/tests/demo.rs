@@ -60,19 +60,19 @@ async fn the_demo_starts_clean_answers_through_the_master_and_stops_on_sigint() 
     let started: Vec<u32> = demo.pids.values().copied().collect();
     assert_eq!(
         started.len(),
-        7,
-        "four devices, a master, two edges: {:?}",
+        8,
+        "four devices, a master, a pair of edge nodes and an edge: {:?}",
         demo.pids
     );
     assert!(started.iter().all(|pid| alive(*pid)));
 
-    // A room of site-1, through the master: the edge runs it and the projector obeys.
+    // A room of site-1, through the master: its holder node runs it and the projector obeys.
     let (status, answer) = demo
         .api
         .exec("room-101", "Room", 1, "present", json!([2]))
         .await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["executed_by"], "edge:site-1");
+    assert_eq!(answer["executed_by"], "edge:site-1a");
     assert_eq!(answer["result"], 2);
     let display = tether_tests::wait_for("the display on input 2", Duration::from_secs(10), || {
         let api = demo.api.clone();
@@ -142,7 +142,7 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
     .unwrap_or(0.0);
 
     let mut browser = Browser::open(&demo.dashboard).await;
-    let owners = r#"Object.fromEntries([...document.querySelectorAll('#edges tbody tr')]
+    let owners = r#"Object.fromEntries([...document.querySelectorAll('#edges tbody tr[data-edge]')]
         .map(tr => [tr.dataset.edge, tr.querySelector('.owner').textContent + '/' +
             tr.querySelector('.online').textContent]))"#;
     browser
@@ -190,7 +190,7 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
         result
             .as_str()
             .unwrap()
-            .contains("result 4, executed by edge:site-1"),
+            .contains("result 4, executed by edge:site-1a"),
         "{result}"
     );
     browser
@@ -202,19 +202,19 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
         )
         .await;
 
-    // Kill site-1's edge: after its 5 s timeout the master owns it, on the page as it is.
+    // Kill site-2's edge: after its 5 s timeout the master owns it, on the page as it is.
     let killed_at = Instant::now();
-    let edge = demo.pid("edge site-1");
+    let edge = demo.pid("edge site-2");
     std::process::Command::new("kill")
         .args(["-9", &edge.to_string()])
         .status()
         .unwrap();
     browser
         .wait_for(
-            "site-1 offline and owned by the master",
+            "site-2 offline and owned by the master",
             Duration::from_secs(20),
             owners,
-            |v| *v == json!({"site-1": "master/offline", "site-2": "edge/online"}),
+            |v| *v == json!({"site-1": "edge/online", "site-2": "master/offline"}),
         )
         .await;
     let shown_after = killed_at.elapsed();
@@ -229,7 +229,7 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
             "[...document.querySelectorAll('#timeline li')].map(li => li.dataset.edge + '>' + li.dataset.to + ' ' + li.textContent)",
             |v| {
                 v.as_array().is_some_and(|items| {
-                    items.iter().any(|i| i.as_str().unwrap_or("").starts_with("site-1>master"))
+                    items.iter().any(|i| i.as_str().unwrap_or("").starts_with("site-2>master"))
                 })
             },
         )
@@ -243,29 +243,29 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
         42,
         "the page was not reloaded"
     );
-    // The masters' table: the demo's one master, now running site-1's modules.
+    // The masters' table: the demo's one master, now running site-2's modules.
     browser
         .wait_for(
             "the master listed with the units it runs",
             Duration::from_secs(10),
             "[...document.querySelectorAll('#masters tbody tr')].map(tr => tr.dataset.master + ':' + tr.querySelector('.units').textContent)",
-            |v| v.as_array().is_some_and(|rows| rows.len() == 1 && rows[0].as_str().is_some_and(|r| r.contains("site-1"))),
+            |v| v.as_array().is_some_and(|rows| rows.len() == 1 && rows[0].as_str().is_some_and(|r| r.contains("site-2"))),
         )
         .await;
-    // The RTT chart has points for both edges.
+    // The RTT chart has points for the edge.
     let legend = browser
         .eval("document.getElementById('rtt-legend').textContent")
         .await;
-    assert!(legend.to_string().contains("site-1") && legend.to_string().contains("site-2"));
+    assert!(legend.to_string().contains("site-2"), "{legend}");
     if let Some(path) = std::env::var_os("TETHER_SCREENSHOT") {
         browser.screenshot(Path::new(&path)).await;
     }
     println!("the dashboard showed the takeover {shown_after:?} after the kill (timeout 5 s)");
 
-    // The master now runs site-1's rooms; the metrics say so.
+    // The master now runs site-2's room; the metrics say so.
     let (status, answer) = demo
         .api
-        .exec("room-101", "Room", 1, "present", json!([1]))
+        .exec("store-201", "Room", 1, "present", json!([1]))
         .await;
     assert_eq!(
         (status, &answer["executed_by"]),
@@ -274,18 +274,18 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
     );
     let after = scrape(&demo.api).await;
     assert_eq!(
-        sample(&after, "tether_link_up", &[("edge", "site-1")]),
+        sample(&after, "tether_link_up", &[("edge", "site-2")]),
         Some(0.0)
     );
     assert_eq!(
-        sample(&after, "tether_link_up", &[("edge", "site-2")]),
+        sample(&after, "tether_link_up", &[("edge", "site-1")]),
         Some(1.0)
     );
     assert_eq!(
         sample(
             &after,
             "tether_edge_owner",
-            &[("edge", "site-1"), ("owner", "master")]
+            &[("edge", "site-2"), ("owner", "master")]
         ),
         Some(1.0)
     );
@@ -293,12 +293,12 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
         sample(
             &after,
             "tether_takeovers_total",
-            &[("edge", "site-1"), ("to", "master")]
+            &[("edge", "site-2"), ("to", "master")]
         ),
         Some(1.0)
     );
-    let epoch_before = sample(&before, "tether_edge_epoch", &[("edge", "site-1")]).unwrap();
-    let epoch_after = sample(&after, "tether_edge_epoch", &[("edge", "site-1")]).unwrap();
+    let epoch_before = sample(&before, "tether_edge_epoch", &[("edge", "site-2")]).unwrap();
+    let epoch_after = sample(&after, "tether_edge_epoch", &[("edge", "site-2")]).unwrap();
     assert!(
         epoch_after > epoch_before,
         "{epoch_before} -> {epoch_after}"
@@ -329,15 +329,15 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
         ),
         Some(1.0)
     );
-    // Room 101 and 102 (logic, projectors, meter) run on the master, their devices connected.
+    // Store 201 (logic, projector) runs on the master, its device connected.
     let running = sample(
         &after,
         "tether_modules_running",
-        &[("location", "edge:site-1")],
+        &[("location", "edge:site-2")],
     );
-    assert_eq!(running, Some(5.0));
+    assert_eq!(running, Some(2.0));
     let connected = tether_tests::wait_for(
-        "site-1's three devices connected to the master",
+        "site-2's device connected to the master",
         Duration::from_secs(10),
         || {
             let api = demo.api.clone();
@@ -346,14 +346,14 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
                 let n = sample(
                     &scrape,
                     "tether_modules_connected",
-                    &[("location", "edge:site-1")],
+                    &[("location", "edge:site-2")],
                 )?;
-                (n == 3.0).then_some(n)
+                (n == 1.0).then_some(n)
             }
         },
     )
     .await;
-    assert_eq!(connected, 3.0);
+    assert_eq!(connected, 1.0);
     let rtt_count = sample(
         &after,
         "tether_link_rtt_seconds_count",
@@ -364,42 +364,43 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
     // Without the token, no metrics.
     let (status, _, _) = demo.api.with_token(None).get_text("/metrics").await;
     assert_eq!(status, 401);
-    // An edge's own metrics: its link to the master, its modules and devices.
-    let site2 = demo.edge_api("site-2");
-    let edge_metrics = scrape(&site2).await;
+    // A node's own metrics: its link to the master, its modules and devices (room 101
+    // and 102: logic, projectors, the meter).
+    let site1a = demo.edge_api("site-1a");
+    let edge_metrics = scrape(&site1a).await;
     assert_eq!(
-        sample(&edge_metrics, "tether_link_up", &[("edge", "site-2")]),
+        sample(&edge_metrics, "tether_link_up", &[("edge", "site-1")]),
         Some(1.0)
     );
     assert_eq!(
         sample(
             &edge_metrics,
             "tether_modules_running",
-            &[("location", "edge:site-2")]
+            &[("location", "edge:site-1")]
         ),
-        Some(2.0)
+        Some(5.0)
     );
     assert_eq!(
         sample(
             &edge_metrics,
             "tether_modules_connected",
-            &[("location", "edge:site-2")]
+            &[("location", "edge:site-1")]
         ),
-        Some(1.0)
+        Some(3.0)
     );
 
     // The edge comes back (by hand here: the demo's Enter key has no terminal in a test);
     // the master keeps its rooms until the dashboard's Restore button hands them back.
     let mut edge = Server::start(
-        "edge site-1",
+        "edge site-2",
         &bin("tether-edge"),
-        &["--config", demo.dir.join("site-1.toml").to_str().unwrap()],
-        &demo.dir.join("logs/site-1-again.log"),
+        &["--config", demo.dir.join("site-2.toml").to_str().unwrap()],
+        &demo.dir.join("logs/site-2-again.log"),
     );
-    let restore = "document.querySelector('#edges tr[data-edge=\"site-1\"] button')";
+    let restore = "document.querySelector('#edges tr[data-edge=\"site-2\"] button')";
     browser
         .wait_for(
-            "site-1 online, its Restore button enabled",
+            "site-2 online, its Restore button enabled",
             Duration::from_secs(20),
             &format!("{restore}.disabled"),
             |v| *v == false,
@@ -408,7 +409,7 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
     browser.eval(&format!("{restore}.click(); true")).await;
     browser
         .wait_for(
-            "site-1 its own owner again",
+            "site-2 its own owner again",
             Duration::from_secs(10),
             owners,
             |v| *v == json!({"site-1": "edge/online", "site-2": "edge/online"}),
@@ -419,7 +420,7 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
             "the restore in the timeline",
             Duration::from_secs(5),
             "[...document.querySelectorAll('#timeline li')].map(li => li.dataset.edge + '>' + li.dataset.to)",
-            |v| v.as_array().is_some_and(|items| items.iter().any(|i| i == "site-1>edge")),
+            |v| v.as_array().is_some_and(|items| items.iter().any(|i| i == "site-2>edge")),
         )
         .await;
     let restored = scrape(&demo.api).await;
@@ -427,7 +428,7 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
         sample(
             &restored,
             "tether_takeovers_total",
-            &[("edge", "site-1"), ("to", "edge")]
+            &[("edge", "site-2"), ("to", "edge")]
         ),
         Some(1.0)
     );
@@ -437,13 +438,53 @@ async fn the_dashboard_and_metrics_follow_a_takeover_live() {
         "the page was not reloaded"
     );
     edge.kill();
+
+    // Site 1 is a pair: its nodes under it, site-1a holding, site-1b standing by, both
+    // reading the meter in turn. Killing the holder moves the rooms to the standby within
+    // the pair timeout; the master stays out of it.
+    let nodes = r#"[...document.querySelectorAll('#edges tr.node')].map(tr => tr.dataset.node + ':' +
+        tr.querySelector('.online').textContent + '/' + tr.querySelector('.role').textContent)"#;
+    browser
+        .wait_for(
+            "site-1's nodes under it",
+            Duration::from_secs(10),
+            nodes,
+            |v| *v == json!(["site-1a:online/holder", "site-1b:online/standby"]),
+        )
+        .await;
+    let killed_at = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-9", &demo.pid("edge site-1a").to_string()])
+        .status()
+        .unwrap();
+    browser
+        .wait_for(
+            "site-1b holding the rooms",
+            Duration::from_secs(15),
+            nodes,
+            |v| *v == json!(["site-1a:offline/standby", "site-1b:online/holder"]),
+        )
+        .await;
+    println!(
+        "the dashboard showed the pair's takeover {:?} after the kill (pair timeout 5 s)",
+        killed_at.elapsed()
+    );
+    let (status, answer) = demo
+        .api
+        .exec("room-101", "Room", 1, "present", json!([3]))
+        .await;
+    assert_eq!(
+        (status, &answer["executed_by"]),
+        (200, &json!("edge:site-1b")),
+        "{answer}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_demo_killed_with_sigkill_leaves_no_process_behind() {
     let mut demo = Demo::start().await;
     let started: Vec<u32> = demo.pids.values().copied().collect();
-    assert_eq!(started.len(), 7);
+    assert_eq!(started.len(), 8);
     // No chance to clean up: the children see their stdin close and stop by themselves.
     demo.process.kill();
     tether_tests::wait_for(

@@ -20,8 +20,46 @@ const DRIVERS: [(&str, &str); 3] = [
     ("room.rhai", include_str!("../../../drivers/room.rhai")),
 ];
 
-/// The edges of the demo.
-pub const EDGES: [&str; 2] = ["site-1", "site-2"];
+/// The edge locations of the demo.
+pub const LOCATIONS: [&str; 2] = ["site-1", "site-2"];
+
+/// One edge server of the demo: a location's only server, or a node of a site pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeServer {
+    /// Its name (its configuration `NAME.toml`, data folder and certificate).
+    pub name: &'static str,
+    /// Its location.
+    pub location: &'static str,
+    /// A pair's node: its peer, and whether it listens for it (else it connects).
+    pub pair: Option<(&'static str, bool)>,
+}
+
+/// With one master, North campus is a site pair (site-1a holds, site-1b stands by) and
+/// South store one edge; among several masters (where pairs are not supported yet) each
+/// location is one edge.
+pub fn edge_servers(masters: usize) -> Vec<EdgeServer> {
+    let single = |name| EdgeServer {
+        name,
+        location: name,
+        pair: None,
+    };
+    match masters {
+        0 | 1 => vec![
+            EdgeServer {
+                name: "site-1a",
+                location: "site-1",
+                pair: Some(("site-1b", true)),
+            },
+            EdgeServer {
+                name: "site-1b",
+                location: "site-1",
+                pair: Some(("site-1a", false)),
+            },
+            single("site-2"),
+        ],
+        _ => vec![single("site-1"), single("site-2")],
+    }
+}
 
 /// One master's ports.
 #[derive(Debug, Clone, Copy)]
@@ -46,7 +84,10 @@ pub struct ClusterPorts {
 pub struct Ports {
     /// Each master's, the first first.
     pub masters: Vec<MasterPorts>,
-    pub edge_api: [u16; 2],
+    /// The edge servers' APIs, in [`edge_servers`] order.
+    pub edge_api: [u16; 3],
+    /// Where site-1a listens for its peer.
+    pub peer: u16,
     /// Projectors of room-101, room-102 (site-1) and store-201 (site-2).
     pub projectors: [u16; 3],
     /// The meter of room-101.
@@ -59,13 +100,14 @@ impl Ports {
     /// How many ports the demo uses with `masters` masters.
     pub fn count(masters: usize) -> usize {
         match masters {
-            0 | 1 => 8,
-            n => 8 + 2 * (n - 1) + 3,
+            0 | 1 => 10,
+            n => 10 + 2 * (n - 1) + 3,
         }
     }
 
-    /// `base`, `base + 1`, ... in a fixed order (the first master's API, the edges' APIs,
-    /// its link, the devices; then the other masters', the lobby's projector, etcd's);
+    /// `base`, `base + 1`, ... in a fixed order (the first master's API, two edges' APIs,
+    /// its link, the devices, a third edge's API, the pair's peer link; then the other
+    /// masters', the lobby's projector, etcd's);
     /// `0` picks free ones.
     pub fn pick(base: u16, masters: usize) -> anyhow::Result<Ports> {
         let count = Self::count(masters);
@@ -91,7 +133,7 @@ impl Ports {
             api: ports[0],
             link: ports[3],
         }];
-        let rest = &ports[8..];
+        let rest = &ports[10..];
         for pair in rest.chunks(2).take(masters.saturating_sub(1)) {
             all.push(MasterPorts {
                 api: pair[0],
@@ -108,7 +150,8 @@ impl Ports {
         });
         Ok(Ports {
             masters: all,
-            edge_api: [ports[1], ports[2]],
+            edge_api: [ports[1], ports[2], ports[8]],
+            peer: ports[9],
             projectors: [ports[4], ports[5], ports[6]],
             meter: ports[7],
             cluster,
@@ -165,6 +208,10 @@ impl Layout {
     pub fn master_config(&self, index: usize) -> PathBuf {
         self.dir.join(format!("{}.toml", self.master_name(index)))
     }
+    /// The edge servers, in [`edge_servers`] order.
+    pub fn edge_servers(&self) -> Vec<EdgeServer> {
+        edge_servers(self.masters)
+    }
     pub fn edge_config(&self, edge: &str) -> PathBuf {
         self.dir.join(format!("{edge}.toml"))
     }
@@ -214,8 +261,15 @@ impl Layout {
 
     /// Writes the certificates, drivers, site file and configurations.
     pub fn write(&self, ports: &Ports) -> anyhow::Result<()> {
-        let edges: Vec<String> = EDGES.iter().map(|e| e.to_string()).collect();
-        tether_common::pki::write_dir(&self.certs(), &edges)?;
+        // Every location's secret (a pair's nodes share it for their link) and every
+        // server's own.
+        let mut ids: Vec<String> = LOCATIONS.iter().map(|e| e.to_string()).collect();
+        for server in self.edge_servers() {
+            if !ids.iter().any(|id| id == server.name) {
+                ids.push(server.name.to_string());
+            }
+        }
+        tether_common::pki::write_dir(&self.certs(), &ids)?;
         let drivers = self.dir.join("drivers");
         fs::create_dir_all(&drivers)?;
         for (name, text) in DRIVERS {
@@ -226,8 +280,8 @@ impl Layout {
         for index in 0..ports.masters.len() {
             fs::write(self.master_config(index), master_file(self, ports, index))?;
         }
-        for (i, edge) in EDGES.iter().enumerate() {
-            fs::write(self.edge_config(edge), edge_file(self, ports, i))?;
+        for (i, server) in self.edge_servers().iter().enumerate() {
+            fs::write(self.edge_config(server.name), edge_file(self, ports, i))?;
         }
         Ok(())
     }
@@ -290,8 +344,27 @@ require_client_cert = true
 }
 
 fn edge_file(layout: &Layout, ports: &Ports, index: usize) -> String {
-    let edge = EDGES[index];
+    let server = layout.edge_servers()[index];
+    let edge = server.name;
     let certs = layout.certs();
+    let pair = match server.pair {
+        None => String::new(),
+        Some((peer, listens)) => {
+            let way = match listens {
+                true => format!("peer_listen = \"127.0.0.1:{}\"", ports.peer),
+                false => format!(
+                    "peer = \"127.0.0.1:{}\"\npeer_name = \"{peer}\"",
+                    ports.peer
+                ),
+            };
+            format!(
+                "\n# A node of site pair {location}: it links to its peer with the location's secret.\n\
+                 [pair]\nnode_id = \"{edge}\"\npeer_id = \"{peer}\"\n{way}\nsecret_file = {secret}\n",
+                location = server.location,
+                secret = toml_path(&certs.join(format!("{}.secret", server.location))),
+            )
+        }
+    };
     // An edge lists every master (in the order of a hash of its id it tries them).
     let masters = match ports.masters.as_slice() {
         [one] => format!("master = \"127.0.0.1:{}\"", one.link),
@@ -305,7 +378,7 @@ fn edge_file(layout: &Layout, ports: &Ports, index: usize) -> String {
     };
     format!(
         r#"# Written by tether-master demo.
-edge_id = "{edge}"
+edge_id = "{location}"
 data_dir = {data}
 api_listen = "127.0.0.1:{api}"
 {masters}
@@ -316,7 +389,8 @@ secret_file = {secret}
 cert = {cert}
 key = {key}
 ca = {ca}
-"#,
+{pair}"#,
+        location = server.location,
         data = toml_path(&layout.data(edge)),
         api = ports.edge_api[index],
         secret = toml_path(&certs.join(format!("{edge}.secret"))),
@@ -358,6 +432,16 @@ modules = ["lobby-logic", "proj-lobby"]
         ),
         None => String::new(),
     };
+    // North campus as a site pair: its holder's death moves the rooms to its standby
+    // within the pair timeout; the meter is a collector array, read by both in turn.
+    let pair = layout.edge_servers().iter().any(|s| s.pair.is_some());
+    let (nodes, shared_polling) = match pair {
+        true => (
+            "\nnodes = [\"site-1a\", \"site-1b\"]\npair_timeout_ms = 5000",
+            "\nshared_polling = true",
+        ),
+        false => ("", ""),
+    };
     let sites = format!(
         r#"# Written by tether-master demo: two sites, three rooms, simulated devices.
 
@@ -381,7 +465,7 @@ name = "Modbus energy meter"
 repository = "core"
 file = "meter.rhai"
 transport = "modbus"
-default_settings = {{ poll_ms = 1000 }}
+default_settings = {{ poll_ms = 1000 }}{shared_polling}
 
 [[drivers]]
 id = "room"
@@ -397,7 +481,7 @@ name = "North campus"
 secret_file = {secret1}
 failover = true
 timeout_ms = 5000
-standby = "warm"
+standby = "warm"{nodes}
 
 [[edges]]
 id = "site-2"
@@ -479,6 +563,8 @@ modules = ["store-201-logic", "proj-201"]
         secret1 = secret("site-1"),
         secret2 = secret("site-2"),
         meter = ports.meter,
+        nodes = nodes,
+        shared_polling = shared_polling,
     );
     format!("{sites}{lobby}")
 }
@@ -500,9 +586,14 @@ mod tests {
         let site = tether_config::SiteFile::load(&layout.dir.join("site.toml")).unwrap();
         assert_eq!(site.edges.len(), 2);
         assert_eq!(site.systems.len(), 3);
-        for edge in EDGES {
-            let config = tether_config::EdgeConfig::load(&layout.edge_config(edge)).unwrap();
-            assert_eq!(config.edge_id, edge);
+        assert_eq!(site.edges[0].nodes, ["site-1a", "site-1b"]);
+        for server in layout.edge_servers() {
+            let config = tether_config::EdgeConfig::load(&layout.edge_config(server.name)).unwrap();
+            assert_eq!(config.edge_id, server.location);
+            assert_eq!(
+                config.pair.map(|pair| pair.node_id),
+                server.pair.map(|_| server.name.to_string())
+            );
         }
         // A second start empties the folder it made...
         std::fs::write(layout.dir.join("data-left-over"), "x").unwrap();
@@ -545,8 +636,8 @@ mod tests {
             assert_eq!(cluster.etcd, [format!("http://127.0.0.1:{etcd}")]);
             assert_eq!(master.link_listen.port(), ports.masters[index].link);
         }
-        for edge in EDGES {
-            let config = tether_config::EdgeConfig::load(&layout.edge_config(edge)).unwrap();
+        for server in layout.edge_servers() {
+            let config = tether_config::EdgeConfig::load(&layout.edge_config(server.name)).unwrap();
             assert_eq!(config.master_addrs().len(), 3);
         }
         let site = tether_config::SiteFile::load(&layout.dir.join("site.toml")).unwrap();
@@ -557,6 +648,7 @@ mod tests {
         );
         let mut all: Vec<u16> = ports.masters.iter().flat_map(|m| [m.api, m.link]).collect();
         all.extend(ports.edge_api);
+        all.push(ports.peer);
         all.extend(ports.projectors);
         all.extend([
             ports.meter,

@@ -19,7 +19,7 @@ use tether_common::shutdown::StopOn;
 use tokio::io::AsyncBufReadExt;
 
 use children::Process;
-use files::{EDGES, Layout, Ports};
+use files::{LOCATIONS, Layout, Ports};
 
 /// `tether-master demo` options.
 #[derive(Debug, Args)]
@@ -28,8 +28,8 @@ pub struct DemoArgs {
     /// start (only if an earlier demo made it).
     #[arg(long, value_name = "DIR", default_value = "data/demo")]
     dir: PathBuf,
-    /// The first of the 8 ports the demo uses on 127.0.0.1 (master API, two edge APIs,
-    /// the edge link, four devices); 0 picks free ones.
+    /// The first of the 10 ports the demo uses on 127.0.0.1 (master API, three edge
+    /// APIs, the edge link, the pair's peer link, four devices); 0 picks free ones.
     #[arg(long, value_name = "PORT", default_value_t = 8443)]
     base_port: u16,
     /// How many masters: 1 (on its embedded database), or 2 to 5 in a cluster on a local
@@ -158,10 +158,13 @@ async fn demo(args: DemoArgs, log_format: LogFormat) -> anyhow::Result<()> {
             .map(|i| Api::new(&layout, ports.masters[i].api, &layout.master_name(i), true))
             .collect::<anyhow::Result<Vec<Api>>>()?;
         wait_until_up(&mut apis, &mut processes).await?;
-        let mut edges = EDGES
+        // The servers that run rooms at the start: a pair's standby runs none.
+        let mut edges = layout
+            .edge_servers()
             .iter()
             .zip(ports.edge_api)
-            .map(|(edge, port)| Api::new(&layout, port, edge, false))
+            .filter(|(server, _)| server.pair.is_none_or(|(_, listens)| listens))
+            .map(|(server, port)| Api::new(&layout, port, server.name, false))
             .collect::<anyhow::Result<Vec<Api>>>()?;
         wait_until_rooms_run(&mut edges, &mut processes).await?;
         match &ports.cluster {
@@ -292,12 +295,12 @@ fn plan(
         };
         all.push(server(shown, "master", layout.master_config(index), &name));
     }
-    for edge in EDGES {
+    for edge in layout.edge_servers() {
         all.push(server(
-            format!("edge {edge}"),
+            format!("edge {}", edge.name),
             "edge",
-            layout.edge_config(edge),
-            edge,
+            layout.edge_config(edge.name),
+            edge.name,
         ));
     }
     all
@@ -409,7 +412,7 @@ async fn wait_until_up(apis: &mut [Api], processes: &mut [Process]) -> anyhow::R
                 );
             }
         }
-        if answered == apis.len() && online.len() == EDGES.len() {
+        if answered == apis.len() && online.len() == LOCATIONS.len() {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -458,20 +461,23 @@ fn print_banner(layout: &Layout, ports: &Ports, token: &str, processes: &[Proces
     let ca = layout.ca();
     let api = ports.master_api();
     let master_token = layout.data("master").join("admin.token");
-    let edge_token = layout.data("site-1").join("admin.token");
-    let edge_pid = processes
-        .iter()
-        .find(|p| p.name == "edge site-1")
-        .map(|p| p.pid)
-        .unwrap_or(0);
+    let edge_token = layout.data("site-1a").join("admin.token");
+    let pid = |name: &str| {
+        processes
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.pid)
+            .unwrap_or(0)
+    };
     let pids: Vec<String> = processes
         .iter()
         .map(|p| format!("{} {}", p.name, p.pid))
         .collect();
     println!(
         r#"
-Tether is running: a master, edges site-1 (North campus: room-101, room-102) and site-2
-(South store: store-201), four simulated devices.
+Tether is running: a master; site-1 (North campus: room-101, room-102), a site pair of two
+edge nodes, site-1a holding its rooms and site-1b standing by, with the master as witness;
+site-2 (South store: store-201), one edge; four simulated devices.
 
   Dashboard    https://localhost:{api}/dashboard/#token={token}
                (signed by the demo's own CA: accept the browser's warning, or trust {ca})
@@ -480,28 +486,35 @@ Tether is running: a master, edges site-1 (North campus: room-101, room-102) and
 
 Try, in another terminal:
 
-  # present input 2 in room-101, through the master (site-1's edge runs the room):
+  # present input 2 in room-101, through the master (site-1a runs the room):
   curl -s --cacert {ca} -H "Authorization: Bearer $(cat {master_token})" \
     -d '{{"method":"present","args":[2]}}' \
     https://localhost:{api}/api/v1/systems/room-101/modules/Room/1/exec
-  # the same, on the edge itself:
+  # the same, on the node itself:
   curl -s --cacert {ca} -H "Authorization: Bearer $(cat {edge_token})" \
     -d '{{"method":"present","args":[3]}}' \
     https://127.0.0.1:{edge}/api/v1/systems/room-101/modules/Room/1/exec
   # with the command-line client (`tether`, in this binary; `cli --help` lists more):
   {exe} cli --server https://localhost:{api} --ca {ca} \
     --token-file {master_token} edges
-  # kill site-1's edge; after its 5 s timeout the master runs its rooms (see the dashboard):
-  kill -9 {edge_pid}
+  # kill site-1's holder: within its 5 s pair timeout site-1b runs the rooms (dashboard):
+  kill -9 {holder_pid}
+  # kill site-2's edge: after its 5 s timeout the master runs store-201:
+  kill -9 {site2_pid}
+  # room-101's meter is a collector array: the two nodes read it in turn, one a second
+  # (each read is a line of {meter_log} with the reader's address).
 
-Press Enter here to start stopped processes again (the edge takes its rooms back);
-Ctrl-C stops everything. Processes: {pids}.
+Press Enter here to start stopped processes again (a node stands by, an edge takes its
+rooms back); Ctrl-C stops everything. Processes: {pids}.
 "#,
         edge = ports.edge_api[0],
         exe = this_program(),
         ca = ca.display(),
         master_token = master_token.display(),
         edge_token = edge_token.display(),
+        holder_pid = pid("edge site-1a"),
+        site2_pid = pid("edge site-2"),
+        meter_log = layout.log("modbus-room-101").display(),
         pids = pids.join(", "),
     );
 }

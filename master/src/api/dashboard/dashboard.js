@@ -176,16 +176,33 @@ function ownerBadge(owner) {
   return el("span", { class: `owner owner-${owner}` }, owner);
 }
 
+// A site pair's node, drawn under its location: its link, its role, its array slot.
+function nodeRow(edge, node) {
+  const slot = Array.isArray(node.array_slot) ? `array slot ${node.array_slot[0] + 1} of ${node.array_slot[1]}` : "array slot –";
+  return el("tr", { class: "node", "data-node": node.id, "data-location": edge.id },
+    el("td", { class: "id" }, "↳ ", node.id),
+    el("td", {}, "node"),
+    el("td", { class: "online" },
+      el("span", { class: "badge " + (node.online ? "on" : "off") }, node.online ? "online" : "offline")),
+    el("td", { class: "role" }, el("span", { class: `role role-${node.role}` }, node.role)),
+    el("td", {}, slot),
+    el("td", {}, typeof node.rtt_ms === "number" && node.online ? `${node.rtt_ms.toFixed(2)} ms` : "–"),
+    el("td", {}, ago(node.last_seen)),
+    el("td", {}, ""),
+    el("td", {}, ""),
+    el("td", {}, ""));
+}
+
 function renderEdges() {
   const body = $("edges").tBodies[0];
-  body.replaceChildren(...state.edges.map((edge) => {
+  body.replaceChildren(...state.edges.flatMap((edge) => {
     const restore = el("button", { type: "button", textContent: "Restore" });
     restore.disabled = !(edge.owner === "master" && edge.online);
     restore.title = restore.disabled
       ? "a restore gives control back to a connected edge the master controls"
       : `stop the master's modules of ${edge.id} and hand them back`;
     restore.onclick = () => restoreEdge(edge.id);
-    return el("tr", { "data-edge": edge.id },
+    const row = el("tr", { "data-edge": edge.id },
       el("td", { class: "id" }, edge.id),
       el("td", {}, edge.name || ""),
       el("td", { class: "online" },
@@ -197,6 +214,7 @@ function renderEdges() {
       el("td", {}, edge.standby || ""),
       el("td", { title: edge.commit || "" }, (edge.commit || "–").slice(0, 12)),
       el("td", {}, restore));
+    return [row, ...(edge.nodes || []).map((node) => nodeRow(edge, node))];
   }));
 }
 
