@@ -220,8 +220,9 @@ mod joined {
             audit,
             grants: control.clone(),
             hooks: ClusterHooks {
-                claims: control,
+                claims: control.clone(),
                 inputs,
+                pair_grants: control,
             },
         })
     }
@@ -359,6 +360,7 @@ mod joined {
             link_ended: mirror.links_ended(),
             runners: mirror.runners(),
             grants: mirror.grants(),
+            pair_grants: mirror.pair_grants(),
             leases: mirror.master_leases(),
             info: mirror
                 .masters()

@@ -31,7 +31,7 @@ use tether_common::model::{EdgeRecord, Model, Standby};
 use tether_common::protocol::{ErrorCode, Request, Response};
 use tether_common::report::printable;
 use tether_common::runtime::{ReloadRefused, Runtime};
-use tether_common::store::{AuditSource, Claims, Grants, Held, Store};
+use tether_common::store::{AuditSource, Claims, Grants, Held, PairGrants, Store};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::edges::EdgeRegistry;
@@ -99,6 +99,8 @@ pub struct ClusterInputs {
     pub leases: BTreeMap<MasterId, i64>,
     /// The hashes of every master's admin token.
     pub admins: Vec<String>,
+    /// Each site pair's stored grant.
+    pub pair_grants: BTreeMap<UnitId, tether_common::control::pair::PairGrant>,
 }
 
 impl ClusterInputs {
@@ -186,6 +188,26 @@ mod tests {
         }
     }
 
+    /// No site pair in this test.
+    struct NoPairs;
+
+    impl PairGrants for NoPairs {
+        fn load_pair(
+            self: Arc<Self>,
+            _: UnitId,
+        ) -> Pending<Result<Option<tether_common::control::pair::PairGrant>, StoreError>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn issue_pair(
+            self: Arc<Self>,
+            _: UnitId,
+            _: Option<tether_common::control::pair::PairGrant>,
+            _: tether_common::control::pair::PairGrant,
+        ) -> Pending<Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
     /// A grant another master issued reaches this master's machine through the cluster's
     /// inputs, not through an issue of its own: what the API, the proxy's hints and the
     /// runtime's fence read must follow it all the same.
@@ -210,6 +232,7 @@ mod tests {
             Some(ClusterHooks {
                 claims: Arc::new(Granting),
                 inputs,
+                pair_grants: Arc::new(NoPairs),
             }),
         )
         .await
@@ -259,6 +282,8 @@ pub struct ClusterHooks {
     pub claims: Arc<dyn Claims>,
     /// The inputs, as they change.
     pub inputs: watch::Receiver<Arc<ClusterInputs>>,
+    /// Site pairs' grants (compare-and-set, with the claim of a master's).
+    pub pair_grants: Arc<dyn PairGrants>,
 }
 
 /// A unit of modules of no edge in a cluster: no edge to wait for, so the master the hash
@@ -303,6 +328,8 @@ struct Shared {
     runtime: Runtime,
     store: Arc<Store>,
     grants: Arc<dyn Grants>,
+    /// Where site pairs' grants are stored.
+    pair_grants: Arc<dyn PairGrants>,
     registry: Arc<EdgeRegistry>,
     /// The model the coordinator follows.
     model: watch::Receiver<Arc<Model>>,
@@ -344,10 +371,15 @@ impl Control {
         let (model_tx, model) = watch::channel(Arc::new(Model::default()));
         let states = Arc::new(RwLock::new(HashMap::new()));
         let units = Arc::new(RwLock::new(HashMap::new()));
+        let pair_grants: Arc<dyn PairGrants> = match &cluster {
+            Some(cluster) => cluster.pair_grants.clone(),
+            None => store.clone(),
+        };
         let shared = Arc::new(Shared {
             runtime: runtime.clone(),
             store: store.clone(),
             grants,
+            pair_grants,
             registry,
             model,
             running: Mutex::default(),
@@ -399,16 +431,9 @@ impl Control {
                     continue;
                 }
                 let unit = UnitId::from(EdgeId::new(id.as_str()));
-                let commands = if !record.is_pair() {
-                    self.start_unit(unit.clone(), settings(record))
-                } else if self.shared.cluster.is_some() {
-                    // The witness's grants live in this master's store: among several
-                    // masters two witnesses could grant at once. Not yet supported: the
-                    // nodes keep their last grant (and so the rooms) meanwhile.
-                    tracing::error!(edge = %id, "site pairs are not supported among several masters yet: this location has no witness");
-                    continue;
-                } else {
-                    self.start_witness(record)
+                let commands = match record.is_pair() {
+                    false => self.start_unit(unit.clone(), settings(record)),
+                    true => self.start_witness(record),
                 };
                 let handle = UnitHandle {
                     commands,

@@ -56,6 +56,8 @@ impl EdgeEntry {
 /// Every edge of the model and its link.
 pub struct EdgeRegistry {
     edges: Mutex<HashMap<String, EdgeEntry>>,
+    /// The site pairs this master witnesses: only their nodes may link here.
+    witnessed: Mutex<std::collections::HashSet<String>>,
     /// Relative secret files are resolved against this folder (master.toml's).
     base_dir: PathBuf,
     next_generation: std::sync::atomic::AtomicU64,
@@ -79,6 +81,7 @@ impl EdgeRegistry {
     pub fn new(base_dir: PathBuf) -> Arc<Self> {
         Arc::new(EdgeRegistry {
             edges: Mutex::new(HashMap::new()),
+            witnessed: Mutex::default(),
             base_dir,
             next_generation: 1.into(),
         })
@@ -233,6 +236,27 @@ impl EdgeRegistry {
         self.lock().get(location)?.holder.clone()
     }
 
+    /// Whether this master witnesses site pair `location` (only then may its nodes link).
+    pub fn set_witnessed(&self, location: &str, witnessed: bool) {
+        let mut set = self.witnessed.lock().unwrap_or_else(|p| p.into_inner());
+        if witnessed {
+            set.insert(location.to_string());
+        } else {
+            set.remove(location);
+        }
+    }
+
+    /// Closes the links of site pair `location`'s nodes, saying why.
+    pub fn close_nodes(&self, location: &str, why: &str) {
+        for entry in self.lock().values() {
+            if entry.location.as_deref() == Some(location)
+                && let Some((_, link)) = &entry.link
+            {
+                link.close(why.to_string());
+            }
+        }
+    }
+
     /// A site pair's node's current link.
     pub fn link_of_node(&self, node: &str) -> Option<Link> {
         self.lock().get(node)?.live_link().cloned()
@@ -275,14 +299,17 @@ impl EdgeRegistry {
         }
     }
 
-    /// How many of the model's edges are connected now.
+    /// How many of the model's edge locations are connected now (a pair: any node).
     pub fn connected(&self) -> (usize, usize) {
         let edges = self.lock();
-        let online = edges
-            .values()
-            .filter(|e| e.link.as_ref().is_some_and(|(_, l)| !l.is_closed()))
-            .count();
-        (online, edges.len())
+        let mut online = std::collections::HashSet::new();
+        for (id, entry) in edges.iter() {
+            if entry.live_link().is_some() {
+                online.insert(entry.location.as_deref().unwrap_or(id));
+            }
+        }
+        let locations = edges.values().filter(|e| e.location.is_none()).count();
+        (online.len(), locations)
     }
 
     /// Closes every link (shutdown).
@@ -380,8 +407,20 @@ fn node_views(
 
 impl EdgeSecrets for EdgeRegistry {
     fn secret(&self, edge_id: &str) -> Option<Secret> {
-        self.lock()
-            .get(edge_id)
-            .and_then(|entry| entry.secret.clone())
+        let edges = self.lock();
+        let entry = edges.get(edge_id)?;
+        // A pair's node links only to the master that witnesses its pair: refused in the
+        // handshake elsewhere, it tries the next master at once.
+        if let Some(location) = &entry.location
+            && !self
+                .witnessed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(location)
+        {
+            tracing::info!(node = edge_id, %location, "node link refused: another master witnesses its site pair");
+            return None;
+        }
+        entry.secret.clone()
     }
 }

@@ -32,20 +32,38 @@ pub struct PairSpec {
     /// TOML added to each node's file (by index) after its top-level keys: tables such
     /// as `[device_routes]`.
     pub node_extra: Vec<String>,
+    /// Masters: one alone (each node's link to it behind a fault proxy), or several on a
+    /// local etcd (`m1`, `m2` ...; each node lists them all, without proxies).
+    pub masters: usize,
+}
+
+impl Default for PairSpec {
+    fn default() -> Self {
+        PairSpec {
+            edge_settings: String::new(),
+            site_extra: String::new(),
+            heartbeat_ms: 500,
+            files: Vec::new(),
+            node_extra: Vec::new(),
+            masters: 1,
+        }
+    }
 }
 
 /// A running pair. Dropping it kills every process and removes the folder.
 pub struct PairSite {
-    /// The master.
-    pub master: Server,
+    /// The masters (one, or several), in order.
+    pub masters: Vec<Server>,
+    /// Their API addresses.
+    pub api_addrs: Vec<SocketAddr>,
+    /// Several masters' etcd.
+    pub etcd: Option<crate::etcd::Etcd>,
     /// The nodes, in [`NODES`] order.
     pub nodes: Vec<Server>,
-    /// The proxy on each node's link to the master, in [`NODES`] order.
+    /// The proxy on each node's link to the master, in [`NODES`] order (one master).
     pub master_links: Vec<FaultProxy>,
     /// The proxy on the link between the nodes.
     pub peer_link: FaultProxy,
-    /// The master's API address.
-    pub api_addr: SocketAddr,
     /// Each node's API address.
     pub node_api_addrs: Vec<SocketAddr>,
     /// The temporary folder, last: removed after the processes are killed.
@@ -69,8 +87,6 @@ impl PairSite {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, content).unwrap();
         }
-        let link_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let api_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let nodes = NODES.map(|n| format!("\"{n}\"")).join(", ");
         std::fs::write(
             root.join("site.toml"),
@@ -81,28 +97,70 @@ impl PairSite {
             ),
         )
         .unwrap();
-        std::fs::write(
-            root.join("master.toml"),
-            format!(
-                "data_dir = \"data/master\"\napi_listen = \"{api_addr}\"\nlink_listen = \"{link_addr}\"\n\
-                 seed = \"site.toml\"\nrepositories_root = \"repos\"\nheartbeat_ms = {}\nboot_wait_ms = 300\n\
-                 [tls]\ncert = \"certs/master.pem\"\nkey = \"certs/master.key\"\nca = \"certs/ca.pem\"\n",
-                spec.heartbeat_ms
-            ),
-        )
-        .unwrap();
-        let master = Server::start(
-            "master",
-            &bin("tether-master"),
-            &["--config", root.join("master.toml").to_str().unwrap()],
-            &root.join("master.log"),
-        );
+        let etcd = match spec.masters {
+            0 | 1 => None,
+            _ => Some(crate::etcd::Etcd::start(1).await),
+        };
+        let mut masters = Vec::new();
+        let mut api_addrs = Vec::new();
+        let mut link_addrs = Vec::new();
+        for i in 1..=spec.masters.max(1) {
+            let id = match etcd {
+                None => "master".to_string(),
+                Some(_) => format!("m{i}"),
+            };
+            let link_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let api_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let cluster = match &etcd {
+                None => String::new(),
+                Some(etcd) => format!(
+                    "[cluster]\nmaster_id = \"{id}\"\netcd = [\"{}\"]\nlease_ms = 2000\n",
+                    etcd.endpoints()[0]
+                ),
+            };
+            std::fs::write(
+                root.join(format!("{id}.toml")),
+                format!(
+                    "id = \"{id}\"\ndata_dir = \"data/{id}\"\napi_listen = \"{api_addr}\"\napi_url = \"https://localhost:{}\"\nlink_listen = \"{link_addr}\"\n\
+                     seed = \"site.toml\"\nrepositories_root = \"repos\"\nheartbeat_ms = {}\nboot_wait_ms = 300\n\
+                     [tls]\ncert = \"certs/master.pem\"\nkey = \"certs/master.key\"\nca = \"certs/ca.pem\"\n{cluster}",
+                    api_addr.port(),
+                    spec.heartbeat_ms
+                ),
+            )
+            .unwrap();
+            masters.push(Server::start(
+                &id,
+                &bin("tether-master"),
+                &[
+                    "--config",
+                    root.join(format!("{id}.toml")).to_str().unwrap(),
+                ],
+                &root.join(format!("{id}.log")),
+            ));
+            api_addrs.push(api_addr);
+            link_addrs.push(link_addr);
+        }
         let peer_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let peer_link = FaultProxy::start(0, peer_addr).await;
         let mut master_links = Vec::new();
         let mut node_api_addrs = Vec::new();
         for (i, node) in NODES.iter().enumerate() {
-            let proxy = FaultProxy::start(0, link_addr).await;
+            let masters_key = match link_addrs.as_slice() {
+                [one] => {
+                    let proxy = FaultProxy::start(0, *one).await;
+                    let key = format!("master = \"{}\"", proxy.addr());
+                    master_links.push(proxy);
+                    key
+                }
+                all => format!(
+                    "masters = [{}]",
+                    all.iter()
+                        .map(|a| format!("\"{a}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
             let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let peer = match i {
                 0 => format!("peer_listen = \"{peer_addr}\""),
@@ -116,30 +174,31 @@ impl PairSite {
                 root.join(format!("{node}.toml")),
                 format!(
                     "edge_id = \"{LOCATION}\"\ndata_dir = \"data/{node}\"\napi_listen = \"{api}\"\n\
-                     master = \"{}\"\nmaster_name = \"localhost\"\nsecret_file = \"certs/{node}.secret\"\n\
+                     {masters_key}\nmaster_name = \"localhost\"\nsecret_file = \"certs/{node}.secret\"\n\
                      heartbeat_ms = {}\nreconnect_ms = 500\n{}\n\
                      [pair]\nnode_id = \"{node}\"\npeer_id = \"{}\"\n{peer}\nsecret_file = \"certs/{LOCATION}.secret\"\n\
                      [tls]\ncert = \"certs/{node}.pem\"\nkey = \"certs/{node}.key\"\nca = \"certs/ca.pem\"\n",
-                    proxy.addr(),
                     spec.heartbeat_ms,
                     spec.node_extra.get(i).map(String::as_str).unwrap_or_default(),
                     NODES[1 - i],
                 ),
             )
             .unwrap();
-            master_links.push(proxy);
             node_api_addrs.push(api);
         }
         let mut site = PairSite {
-            master,
+            masters,
+            api_addrs,
+            etcd,
             nodes: Vec::new(),
             master_links,
             peer_link,
-            api_addr,
             node_api_addrs,
             dir,
         };
-        site.wait_master_up().await;
+        for i in 0..site.masters.len() {
+            site.wait_master_up(i).await;
+        }
         for node in NODES {
             let server = Server::start(
                 node,
@@ -160,13 +219,23 @@ impl PairSite {
         self.dir.path().join(relative)
     }
 
-    /// An API client of the master with its admin token.
+    /// An API client of the (first) master with its admin token.
     pub fn master_api(&self) -> ApiClient {
-        let token = std::fs::read_to_string(self.path("data/master/admin.token"))
+        self.master_api_at(0)
+    }
+
+    /// An API client of master `index` with the first master's admin token (every
+    /// master's works on each among several).
+    pub fn master_api_at(&self, index: usize) -> ApiClient {
+        let name = match self.etcd {
+            None => "master",
+            Some(_) => "m1",
+        };
+        let token = std::fs::read_to_string(self.path(&format!("data/{name}/admin.token")))
             .ok()
             .map(|t| t.trim().to_string());
         ApiClient::new(
-            &format!("https://localhost:{}", self.api_addr.port()),
+            &format!("https://localhost:{}", self.api_addrs[index].port()),
             &self.path("certs/ca.pem"),
             token,
         )
@@ -193,8 +262,12 @@ impl PairSite {
         )
     }
 
-    async fn wait_master_up(&self) {
-        let api = self.master_api();
+    async fn wait_master_up(&self, index: usize) {
+        let api = ApiClient::new(
+            &format!("https://localhost:{}", self.api_addrs[index].port()),
+            &self.path("certs/ca.pem"),
+            None,
+        );
         wait_for("the master's API", Duration::from_secs(20), || async {
             let (status, body) = api.get("/api/v1/health").await;
             (status == 200 && body["booted"] == true).then_some(())

@@ -508,8 +508,8 @@ async fn the_demo_with_three_masters_moves_the_lobby_when_its_master_is_killed()
     let mut demo = Demo::start_with(&["--masters", "3"]).await;
     assert_eq!(
         demo.pids.len(),
-        11,
-        "etcd, five devices, three masters, two edges: {:?}",
+        12,
+        "etcd, five devices, three masters, a pair of edge nodes and an edge: {:?}",
         demo.pids
     );
     let (status, masters) = demo.api.get("/api/v1/masters").await;
@@ -553,12 +553,12 @@ async fn the_demo_with_three_masters_moves_the_lobby_when_its_master_is_killed()
     assert!(moved_to.starts_with("master:m"), "{moved_to}");
     // The rooms never left their edges.
     let (status, answer) = demo
-        .edge_api("site-1")
+        .edge_api("site-1a")
         .exec("room-101", "Room", 1, "present", json!([4]))
         .await;
     assert_eq!(
         (status, &answer["executed_by"]),
-        (200, &json!("edge:site-1"))
+        (200, &json!("edge:site-1a"))
     );
 
     let exit = demo

@@ -82,6 +82,7 @@ async fn start_with(projector: &Sim, settings: &str, node_extra: Vec<String>) ->
         site_extra: site(projector.port()),
         heartbeat_ms: HEARTBEAT_MS,
         files: vec![("repos/extra-drivers/note.rhai".into(), NOTE.into())],
+        masters: 1,
     };
     let site = PairSite::start(spec).await;
     wait_executor(&site.master_api(), "edge:site-1a", Duration::from_secs(20)).await;
@@ -534,6 +535,7 @@ async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_an
         heartbeat_ms: HEARTBEAT_MS,
         files: Vec::new(),
         node_extra: Vec::new(),
+        masters: 1,
     };
     let mut site = PairSite::start(spec).await;
     site.wait_holder(NODES[0], Duration::from_secs(20)).await;
@@ -620,4 +622,90 @@ async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_an
     // No gap longer than two intervals anywhere.
     let all = polls(&meter, start);
     assert!(longest_gap(&all) <= 2 * POLL_MS, "{all:?}");
+}
+
+/// The master that witnesses the pair: the one whose row in `GET /api/v1/masters` lists
+/// the location among the edges it links.
+#[cfg(feature = "cluster")]
+async fn witness(api: &ApiClient) -> Option<String> {
+    let (status, masters) = api.get("/api/v1/masters").await;
+    if status != 200 {
+        return None;
+    }
+    masters.as_array()?.iter().find_map(|master| {
+        let links = master["edges"].as_array()?;
+        links
+            .iter()
+            .any(|e| e == LOCATION)
+            .then(|| master["id"].as_str().map(str::to_string))?
+    })
+}
+
+#[cfg(feature = "cluster")]
+#[tokio::test]
+async fn among_several_masters_one_witnesses_and_its_death_changes_nothing_in_the_pair() {
+    let projector = Sim::projector();
+    let spec = PairSpec {
+        edge_settings: format!("pair_timeout_ms = {PAIR_TIMEOUT_MS}\ntimeout_ms = 20000"),
+        site_extra: site(projector.port()),
+        heartbeat_ms: HEARTBEAT_MS,
+        files: vec![("repos/extra-drivers/note.rhai".into(), NOTE.into())],
+        masters: 3,
+        ..PairSpec::default()
+    };
+    let mut site = PairSite::start(spec).await;
+    // Every master serves the pair's rooms: the others send the calls to the witness.
+    for i in 0..3 {
+        wait_executor(
+            &site.master_api_at(i),
+            "edge:site-1a",
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+    let first = site.master_api_at(0);
+    let old = wait_for("the witness", Duration::from_secs(10), || witness(&first)).await;
+    let index = |id: &str| id.trim_start_matches('m').parse::<usize>().unwrap() - 1;
+    let epoch = {
+        let api = site.master_api_at(index(&old));
+        api.edge(LOCATION).await.unwrap()["epoch"].clone()
+    };
+
+    // The witness dies: another takes the role once its lease is gone, the nodes link to
+    // it, and the pair goes on as it was (the standby still hears the holder).
+    site.masters[index(&old)].kill();
+    let survivor = site.master_api_at((index(&old) + 1) % 3);
+    let new = wait_for("a new witness", Duration::from_secs(20), || async {
+        witness(&survivor).await.filter(|w| *w != old)
+    })
+    .await;
+    let witness_api = site.master_api_at(index(&new));
+    wait_for(
+        "both nodes on the new witness",
+        Duration::from_secs(20),
+        || async {
+            let location = witness_api.edge(LOCATION).await?;
+            let nodes = location["nodes"].as_array()?;
+            nodes.iter().all(|n| n["online"] == true).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(PAIR_TIMEOUT_MS)).await;
+    let location = witness_api.edge(LOCATION).await.unwrap();
+    assert_eq!(location["epoch"], epoch, "no grant changed: {location}");
+    assert!(controlling(&site, 0).await && !controlling(&site, 1).await);
+    wait_executor(&survivor, "edge:site-1a", Duration::from_secs(5)).await;
+
+    // The new witness fails the holder over.
+    site.nodes[0].kill();
+    let took = wait_executor(
+        &survivor,
+        "edge:site-1b",
+        Duration::from_millis(PAIR_TIMEOUT_MS + 2000),
+    )
+    .await;
+    eprintln!(
+        "the new witness's standby holds {} ms after the holder's SIGKILL",
+        took.as_millis()
+    );
 }

@@ -101,6 +101,55 @@ pub trait Grants: Send + Sync {
     }
 }
 
+/// Where a site pair's witness stores its grants: a master's redb file, or etcd among
+/// several masters (where a compare-and-set keeps two witnesses from both deciding).
+pub trait PairGrants: Send + Sync {
+    /// The grant stored last for `location`, if any.
+    fn load_pair(
+        self: Arc<Self>,
+        location: UnitId,
+    ) -> Pending<Result<Option<PairGrant>, StoreError>>;
+
+    /// Stores `grant` for `location` if the stored one is still `expected` (none: none
+    /// stored), with this master's claim of the modules when it names the master
+    /// (`running`) and without it otherwise; durable when it answers `Ok`.
+    fn issue_pair(
+        self: Arc<Self>,
+        location: UnitId,
+        expected: Option<PairGrant>,
+        grant: PairGrant,
+    ) -> Pending<Result<(), StoreError>>;
+}
+
+use crate::control::pair::PairGrant;
+
+impl PairGrants for Store {
+    fn load_pair(
+        self: Arc<Self>,
+        location: UnitId,
+    ) -> Pending<Result<Option<PairGrant>, StoreError>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || self.pair_grant(location.as_str()))
+                .await
+                .map_err(|err| StoreError::Stopped(err.to_string()))?
+        })
+    }
+
+    /// A master alone is the only witness: what it stored is what it expects.
+    fn issue_pair(
+        self: Arc<Self>,
+        location: UnitId,
+        _expected: Option<PairGrant>,
+        grant: PairGrant,
+    ) -> Pending<Result<(), StoreError>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || self.set_pair_grant(location.as_str(), &grant))
+                .await
+                .map_err(|err| StoreError::Stopped(err.to_string()))?
+        })
+    }
+}
+
 impl Grants for Store {
     fn grants(self: Arc<Self>) -> Pending<Result<BTreeMap<UnitId, Held>, StoreError>> {
         Box::pin(async move {

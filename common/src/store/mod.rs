@@ -16,7 +16,7 @@ mod model_store;
 
 pub use audit::{AuditEntry, AuditSource, SharedAudit, SharedAuditEntry};
 pub use code::{CommitCode, SharedCode};
-pub use grants::{Claims, Grants, Held, IssueError, Pending};
+pub use grants::{Claims, Grants, Held, IssueError, PairGrants, Pending};
 pub use model_store::{CommitError, Fed, LoadedModel, ModelStore, RedbModel};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};

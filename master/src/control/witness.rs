@@ -5,6 +5,15 @@
 //! the store did not take is not sent, and is tried again on the next poll), and the
 //! master's own start or stop of the location's modules completes before what follows.
 //!
+//! Among several masters one master witnesses a pair at a time: the one the rendezvous
+//! hash of the location picks among the live masters, while its lease allows. Only it
+//! accepts the pair's node links (the others refuse them in the handshake, so a node moves
+//! on to the next master in its list at once, and never counts a refused link as heard),
+//! so it sees both nodes as a master alone does. Its grants go to etcd by compare-and-set
+//! (a stale witness's grant is refused), a grant naming the master carries its claim of the
+//! modules, and it holds the location's link key, so that the other masters send clients'
+//! calls for the pair's rooms to it. The others follow the stored grant for their API.
+//!
 //! Its grants are published like a single edge's (owner `edge` while a node holds, with
 //! the grant's epoch), so the API, the runtime's fence and the proxy's hints read them as
 //! they read an edge's; the registry learns the holder node, so calls reach it.
@@ -16,12 +25,13 @@ use std::time::Duration;
 use tether_common::control::pair::{
     NodeReport, PairGrant, PairHolder, PairSettings, WitnessAction, WitnessEvent, WitnessSide,
 };
-use tether_common::control::{AuditRecord, NodeId, Now, UnitId};
+use tether_common::control::placement::rendezvous_pick;
+use tether_common::control::{AuditRecord, EdgeId, NodeId, Now, UnitId};
 use tether_common::model::EdgeRecord;
 use tether_common::protocol::Request;
 use tokio::sync::{mpsc, watch};
 
-use super::{AUDIT_KEEP, RestoreError, Shared, UnitCommand, now_ms};
+use super::{AUDIT_KEEP, ClusterInputs, RestoreError, Shared, UnitCommand, now_ms};
 
 /// How often the witness looks at the time (its deadlines are a pair timeout or more).
 const POLL: Duration = Duration::from_millis(100);
@@ -42,59 +52,34 @@ pub enum NodeLinkEvent {
     Report(NodeReport),
 }
 
-/// One pair location's witness.
+/// One pair location's witness (or, among several masters, its follower).
 pub(super) struct Witness {
     location: UnitId,
     nodes: Vec<String>,
-    machine: WitnessSide,
+    settings: PairSettings,
+    /// While this master witnesses the pair.
+    machine: Option<WitnessSide>,
     shared: Arc<Shared>,
     /// The current link generation of each node.
     links: HashMap<NodeId, u64>,
-    /// The grant stored and sent last (a grant the store refused is tried again).
+    /// The grant stored last, as this master knows it (none: none stored).
     sent: Option<PairGrant>,
+    /// Whether the location's modules run here (the master holds them, its claim stored).
+    running_here: bool,
 }
 
 impl Witness {
-    /// The witness of `record`'s location, from the grant stored last.
+    /// The witness of `record`'s location; it begins witnessing in [`run`](Self::run).
     pub(super) fn new(shared: Arc<Shared>, record: &EdgeRecord) -> Witness {
-        // A location new to this witness: its first grant names the preferred node, at
-        // epoch 1 (above the epoch 0 a node starts from), stored and sent after the
-        // boot wait.
-        let first = PairGrant {
-            epoch: PairGrant::initial(&record.nodes).epoch.next(),
-            ..PairGrant::initial(&record.nodes)
-        };
-        let (persisted, sent) = match shared.store.pair_grant(&record.id) {
-            Ok(Some(grant)) => (grant.clone(), Some(grant)),
-            Ok(None) => (first, None),
-            Err(err) => {
-                // Refusing to witness would leave the nodes without one; nodes refuse a
-                // grant not newer than theirs, so a stale first grant changes nothing.
-                tracing::error!(edge = %record.id, "cannot read the stored pair grant: {err}");
-                (first, None)
-            }
-        };
-        let nodes: Vec<NodeId> = record.nodes.iter().map(NodeId::new).collect();
-        let location = UnitId::new(record.id.as_str());
-        shared.publish(&location, persisted.control_state());
-        shared
-            .runtime
-            .set_grant(&location, persisted.control_state());
-        shared
-            .registry
-            .set_holder(&record.id, persisted.node().map(|n| n.as_str()));
         Witness {
-            machine: WitnessSide::new(
-                nodes,
-                PairSettings::of(record),
-                persisted.clone(),
-                Now::system().mono,
-            ),
-            location,
+            location: UnitId::new(record.id.as_str()),
             nodes: record.nodes.clone(),
+            settings: PairSettings::of(record),
+            machine: None,
             shared,
             links: HashMap::new(),
-            sent,
+            sent: None,
+            running_here: false,
         }
     }
 
@@ -104,33 +89,159 @@ impl Witness {
         mut booted: watch::Receiver<bool>,
     ) {
         let mut model = self.shared.model.clone();
+        let mut inputs = self.shared.cluster.as_ref().map(|c| c.inputs.clone());
+        match &mut inputs {
+            Some(inputs) => self.cluster_changed(inputs).await,
+            None => self.begin().await,
+        }
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.command(command).await,
-                    None => return,
+                    None => break,
                 },
                 changed = model.changed() => {
                     if changed.is_err() {
-                        return;
+                        break;
                     }
                     let now = model.borrow_and_update().clone();
                     match now.edges.get(self.location.as_str()) {
                         // Other nodes make another unit (the coordinator replaces this one).
                         Some(record) if record.nodes == self.nodes => {
-                            self.machine.set_settings(PairSettings::of(record))
+                            self.settings = PairSettings::of(record);
+                            if let Some(machine) = &mut self.machine {
+                                machine.set_settings(self.settings);
+                            }
                         }
-                        _ => return,
+                        _ => break,
+                    }
+                }
+                changed = async { inputs.as_mut().map(|i| i.changed()).unwrap().await }, if inputs.is_some() => {
+                    match (changed, inputs.as_mut()) {
+                        (Ok(()), Some(inputs)) => self.cluster_changed(inputs).await,
+                        _ => break,
                     }
                 }
                 _ = tokio::time::sleep(POLL) => {
+                    if let Some(inputs) = &mut inputs {
+                        // The lease runs out with time alone.
+                        self.cluster_changed(inputs).await;
+                    }
                     // Nothing is decided before the boot wait: the nodes have that long to
                     // link, as an edge has.
-                    if *booted.borrow_and_update() {
-                        let actions = self.machine.poll(Now::system().mono);
+                    if *booted.borrow_and_update()
+                        && let Some(machine) = &mut self.machine
+                    {
+                        let actions = machine.poll(Now::system().mono);
                         self.carry_out(actions).await;
                     }
                 }
+            }
+        }
+        self.end("the location was removed or changed").await;
+    }
+
+    /// Among several masters: witnesses the pair while this master is the one to, and
+    /// follows the stored grant otherwise.
+    async fn cluster_changed(&mut self, inputs: &mut watch::Receiver<Arc<ClusterInputs>>) {
+        let (should, stored) = {
+            let now = inputs.borrow_and_update();
+            let picked = rendezvous_pick(self.location.as_str(), &now.live) == Some(&now.me);
+            (
+                picked && now.lease.allows(Now::system().mono),
+                now.pair_grants.get(&self.location).cloned(),
+            )
+        };
+        match (self.machine.is_some(), should) {
+            (false, true) => self.begin().await,
+            (true, false) => {
+                self.end("another master witnesses the pair now, or this master's lease is gone")
+                    .await
+            }
+            (false, false) => {
+                if let Some(stored) = stored
+                    && self.sent.as_ref() != Some(&stored)
+                {
+                    self.publish(&stored);
+                    self.sent = Some(stored);
+                }
+            }
+            (true, true) => {}
+        }
+    }
+
+    /// Starts witnessing: from the grant stored last (a location new to the witnesses
+    /// gets its first, naming the preferred node at epoch 1, above the epoch 0 a node
+    /// starts from), with no node linked yet; node links are accepted from now on.
+    async fn begin(&mut self) {
+        let first = PairGrant {
+            epoch: PairGrant::initial(&self.nodes).epoch.next(),
+            ..PairGrant::initial(&self.nodes)
+        };
+        let stored = self
+            .shared
+            .pair_grants
+            .clone()
+            .load_pair(self.location.clone())
+            .await;
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(err) => {
+                // Tried again on the next change or poll.
+                tracing::error!(edge = %self.location, "cannot read the stored pair grant, so not witnessing yet: {err}");
+                return;
+            }
+        };
+        let grant = stored.clone().unwrap_or(first);
+        tracing::info!(edge = %self.location, ?grant, "this master witnesses the site pair");
+        self.publish(&grant);
+        self.sent = stored;
+        self.links.clear();
+        self.machine = Some(WitnessSide::new(
+            self.nodes.iter().map(NodeId::new).collect(),
+            self.settings,
+            grant,
+            Now::system().mono,
+        ));
+        self.shared
+            .registry
+            .set_witnessed(self.location.as_str(), true);
+        // Clients' calls for the pair's rooms come here from the other masters.
+        if let Some(cluster) = &self.shared.cluster {
+            let edge = EdgeId::new(self.location.as_str());
+            if let Err(err) = cluster.claims.clone().link(edge, 0).await {
+                tracing::warn!(edge = %self.location, "cannot store the pair's link key: {err}");
+            }
+        }
+        // A first grant is stored (and sent) at once.
+        self.carry_out(Vec::new()).await;
+    }
+
+    /// Stops witnessing: node links closed (they go to the master that witnesses now),
+    /// the location's modules stopped here and their claim withdrawn.
+    async fn end(&mut self, why: &str) {
+        if self.machine.take().is_none() {
+            return;
+        }
+        tracing::warn!(edge = %self.location, "this master no longer witnesses the site pair: {why}");
+        self.shared
+            .registry
+            .set_witnessed(self.location.as_str(), false);
+        self.shared
+            .registry
+            .close_nodes(self.location.as_str(), why);
+        self.links.clear();
+        if self.running_here {
+            self.stop_here().await;
+        }
+        if let Some(cluster) = &self.shared.cluster {
+            let claims = cluster.claims.clone();
+            if let Err(err) = claims.clone().release(self.location.clone()).await {
+                tracing::warn!(edge = %self.location, "cannot withdraw the claim yet: {err}");
+            }
+            let edge = EdgeId::new(self.location.as_str());
+            if let Err(err) = claims.unlink(edge, 0).await {
+                tracing::warn!(edge = %self.location, "cannot withdraw the pair's link key: {err}");
             }
         }
     }
@@ -142,6 +253,9 @@ impl Witness {
                 generation,
                 event,
             } => {
+                if self.machine.is_none() {
+                    return;
+                }
                 let event = match event {
                     NodeLinkEvent::Up => {
                         let newer = self.links.get(&node).is_none_or(|g| generation > *g);
@@ -170,29 +284,34 @@ impl Witness {
                         WitnessEvent::Report(node, report)
                     }
                 };
-                let actions = self.machine.handle(Now::system().mono, event);
-                self.carry_out(actions).await;
+                if let Some(machine) = &mut self.machine {
+                    let actions = machine.handle(Now::system().mono, event);
+                    self.carry_out(actions).await;
+                }
             }
             UnitCommand::Restore(reply) => {
-                let before = self.machine.grant().clone();
-                let actions = self
-                    .machine
-                    .handle(Now::system().mono, WitnessEvent::Restore);
-                let answer = if self.machine.grant() == &before {
-                    Err(RestoreError::NotStored(match before.holder {
+                let Some(machine) = &mut self.machine else {
+                    let _ = reply.send(Err(RestoreError::NotStored(
+                        "another master witnesses this site pair: restore it there".into(),
+                    )));
+                    return;
+                };
+                let before = machine.grant().clone();
+                let actions = machine.handle(Now::system().mono, WitnessEvent::Restore);
+                let moved = machine.grant() != &before;
+                self.carry_out(actions).await;
+                let answer = match (&self.sent, &self.machine) {
+                    _ if !moved => Err(RestoreError::NotStored(match before.holder {
                         PairHolder::Master => "no node of the pair is linked to this master".into(),
                         _ => "a node of the pair holds the modules already".into(),
-                    }))
-                } else {
-                    Ok(())
-                };
-                self.carry_out(actions).await;
-                let answer = answer.and_then(|()| match &self.sent {
-                    Some(sent) if sent == self.machine.grant() => Ok(sent.control_state()),
+                    })),
+                    (Some(sent), Some(machine)) if sent == machine.grant() => {
+                        Ok(sent.control_state())
+                    }
                     _ => Err(RestoreError::NotStored(
                         "the grant could not be stored".into(),
                     )),
-                });
+                };
                 let _ = reply.send(answer);
             }
             UnitCommand::Link { .. } => {
@@ -213,41 +332,97 @@ impl Witness {
                 }
                 WitnessAction::Start { epoch } => {
                     tracing::info!(edge = %self.location, %epoch, "the master starts the pair's modules (no node linked)");
-                    self.shared.set_running(&self.location, true);
-                    self.shared.reconcile(|_| false).await;
+                    self.start_here().await;
                 }
                 WitnessAction::Stop => {
                     tracing::info!(edge = %self.location, "the master stops the pair's modules");
-                    self.shared.set_running(&self.location, false);
-                    self.shared.stop_unit_modules(&self.location).await;
+                    self.stop_here().await;
                 }
             }
         }
+        let Some(machine) = &self.machine else {
+            return;
+        };
         // A grant the store refused earlier: again.
-        let current = self.machine.grant().clone();
-        if self.sent.as_ref() != Some(&current) {
-            self.store_and_send(current).await;
+        let current = machine.grant().clone();
+        let wants_running = machine.is_running();
+        if self.sent.as_ref() != Some(&current) && !self.store_and_send(current).await {
+            return;
+        }
+        // A start whose claim was refused: again.
+        if wants_running && !self.running_here {
+            self.start_here().await;
         }
     }
 
+    /// Runs the location's modules here, once this master's claim is stored (among
+    /// several masters: the stored grant written again, which carries the claim).
+    async fn start_here(&mut self) {
+        if self.running_here {
+            return;
+        }
+        if self.shared.cluster.is_some() {
+            let Some(sent) = self.sent.clone() else {
+                return;
+            };
+            let claimed = self
+                .shared
+                .pair_grants
+                .clone()
+                .issue_pair(self.location.clone(), Some(sent.clone()), sent)
+                .await;
+            if let Err(err) = claimed {
+                tracing::warn!(edge = %self.location, "not started, the claim was refused (tried again): {err}");
+                return;
+            }
+        }
+        self.running_here = true;
+        self.shared.set_running(&self.location, true);
+        self.shared.reconcile(|_| false).await;
+    }
+
+    /// Stops the location's modules here, devices disconnected, before what follows.
+    async fn stop_here(&mut self) {
+        self.running_here = false;
+        self.shared.set_running(&self.location, false);
+        self.shared.stop_unit_modules(&self.location).await;
+    }
+
     /// Stores `grant`, then publishes it and sends it to every linked node; false when it
-    /// could not be stored (nothing sent).
+    /// could not be stored (nothing sent). Among several masters a refusal whose stored
+    /// grant differs means another witness decided: this one starts again from it.
     async fn store_and_send(&mut self, grant: PairGrant) -> bool {
-        let store = self.shared.store.clone();
-        let location = self.location.to_string();
-        let stored = {
-            let grant = grant.clone();
-            tokio::task::spawn_blocking(move || store.set_pair_grant(&location, &grant)).await
-        };
-        if let Err(err) = stored
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        {
+        let stored = self
+            .shared
+            .pair_grants
+            .clone()
+            .issue_pair(self.location.clone(), self.sent.clone(), grant.clone())
+            .await;
+        if let Err(err) = stored {
             tracing::error!(edge = %self.location, ?grant, "pair grant not stored, so not sent (tried again): {err}");
             self.shared
                 .runtime
                 .metrics()
                 .grant_store_failed(&self.location);
+            let reread = self
+                .shared
+                .pair_grants
+                .clone()
+                .load_pair(self.location.clone())
+                .await;
+            if let Ok(Some(stored)) = reread
+                && self.sent.as_ref() != Some(&stored)
+            {
+                tracing::warn!(edge = %self.location, ?stored, "another witness stored a newer pair grant: starting again from it");
+                self.sent = Some(stored.clone());
+                self.publish(&stored);
+                self.machine = Some(WitnessSide::new(
+                    self.nodes.iter().map(NodeId::new).collect(),
+                    self.settings,
+                    stored,
+                    Now::system().mono,
+                ));
+            }
             return false;
         }
         let before = self
@@ -255,12 +430,8 @@ impl Witness {
             .replace(grant.clone())
             .map(|g| g.control_state())
             .unwrap_or_default();
+        self.publish(&grant);
         let state = grant.control_state();
-        self.shared.runtime.set_grant(&self.location, state);
-        self.shared.publish(&self.location, state);
-        self.shared
-            .registry
-            .set_holder(&self.location, grant.node().map(|n| n.as_str()));
         let record = AuditRecord {
             time_ms: now_ms(),
             edge: self.location.clone(),
@@ -279,6 +450,16 @@ impl Witness {
             self.send_grant_to(node, grant.clone());
         }
         true
+    }
+
+    /// What the API, the runtime's fence and the proxy read of the location.
+    fn publish(&self, grant: &PairGrant) {
+        let state = grant.control_state();
+        self.shared.runtime.set_grant(&self.location, state);
+        self.shared.publish(&self.location, state);
+        self.shared
+            .registry
+            .set_holder(&self.location, grant.node().map(|n| n.as_str()));
     }
 
     /// Sends `grant` to `node`'s current link, without waiting.

@@ -34,31 +34,25 @@ pub struct EdgeServer {
     pub pair: Option<(&'static str, bool)>,
 }
 
-/// With one master, North campus is a site pair (site-1a holds, site-1b stands by) and
-/// South store one edge; among several masters (where pairs are not supported yet) each
-/// location is one edge.
-pub fn edge_servers(masters: usize) -> Vec<EdgeServer> {
-    let single = |name| EdgeServer {
-        name,
-        location: name,
-        pair: None,
-    };
-    match masters {
-        0 | 1 => vec![
-            EdgeServer {
-                name: "site-1a",
-                location: "site-1",
-                pair: Some(("site-1b", true)),
-            },
-            EdgeServer {
-                name: "site-1b",
-                location: "site-1",
-                pair: Some(("site-1a", false)),
-            },
-            single("site-2"),
-        ],
-        _ => vec![single("site-1"), single("site-2")],
-    }
+/// North campus is a site pair (site-1a holds, site-1b stands by), South store one edge.
+pub fn edge_servers() -> Vec<EdgeServer> {
+    vec![
+        EdgeServer {
+            name: "site-1a",
+            location: "site-1",
+            pair: Some(("site-1b", true)),
+        },
+        EdgeServer {
+            name: "site-1b",
+            location: "site-1",
+            pair: Some(("site-1a", false)),
+        },
+        EdgeServer {
+            name: "site-2",
+            location: "site-2",
+            pair: None,
+        },
+    ]
 }
 
 /// One master's ports.
@@ -210,7 +204,7 @@ impl Layout {
     }
     /// The edge servers, in [`edge_servers`] order.
     pub fn edge_servers(&self) -> Vec<EdgeServer> {
-        edge_servers(self.masters)
+        edge_servers()
     }
     pub fn edge_config(&self, edge: &str) -> PathBuf {
         self.dir.join(format!("{edge}.toml"))
@@ -434,14 +428,10 @@ modules = ["lobby-logic", "proj-lobby"]
     };
     // North campus as a site pair: its holder's death moves the rooms to its standby
     // within the pair timeout; the meter is a collector array, read by both in turn.
-    let pair = layout.edge_servers().iter().any(|s| s.pair.is_some());
-    let (nodes, shared_polling) = match pair {
-        true => (
-            "\nnodes = [\"site-1a\", \"site-1b\"]\npair_timeout_ms = 5000",
-            "\nshared_polling = true",
-        ),
-        false => ("", ""),
-    };
+    let (nodes, shared_polling) = (
+        "\nnodes = [\"site-1a\", \"site-1b\"]\npair_timeout_ms = 5000",
+        "\nshared_polling = true",
+    );
     let sites = format!(
         r#"# Written by tether-master demo: two sites, three rooms, simulated devices.
 

@@ -542,9 +542,10 @@ fn print_cluster_banner(layout: &Layout, ports: &Ports, token: &str, processes: 
         .collect();
     println!(
         r#"
-Tether is running: {count} masters ({names}) on a local etcd, edges site-1 (North campus:
-room-101, room-102) and site-2 (South store: store-201), a lobby of no edge that one
-master runs, five simulated devices.
+Tether is running: {count} masters ({names}) on a local etcd; site-1 (North campus:
+room-101, room-102), a site pair of nodes site-1a and site-1b, witnessed by one master;
+site-2 (South store: store-201), one edge; a lobby of no edge that one master runs; five
+simulated devices.
 
   Dashboard    {dashboards}
                (signed by the demo's own CA: accept the browser's warning, or trust {ca})
@@ -561,7 +562,7 @@ Try, in another terminal:
     https://localhost:{api}/api/v1/systems/lobby/modules/Room/1/exec
   # kill the master that runs the lobby (its pid below): within its 3 s lease another
   # master runs the lobby, and the dead master's edges link to the others; the rooms
-  # keep running on their edges all along.
+  # keep running on their edges all along (a pair's nodes move to its new witness).
 
 Press Enter here to start stopped processes again; Ctrl-C stops everything.
 Processes: {pids}.

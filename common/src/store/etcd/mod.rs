@@ -22,9 +22,10 @@ pub use code::EtcdCode;
 pub use model::EtcdModel;
 
 use super::StoreError;
-use super::grants::{Claims, Grants, Held, IssueError, Pending};
+use super::grants::{Claims, Grants, Held, IssueError, PairGrants, Pending};
 use crate::control::clock::{Mono, mono_now};
 use crate::control::lease::{ClockPair, LeaseClock, unseen_ms};
+use crate::control::pair::{PairGrant, PairHolder};
 use crate::control::{ControlState, Owner};
 
 /// The prefix of every key Tether writes, unless the configuration names another.
@@ -541,6 +542,120 @@ impl EtcdControl {
     }
 }
 
+impl EtcdControl {
+    fn pair_key(&self, location: &str) -> String {
+        self.etcd.key(&format!("pair_grants/{location}"))
+    }
+
+    /// A pair's stored grant and the revision that wrote it.
+    async fn read_pair(
+        &self,
+        location: &str,
+    ) -> Result<(Option<PairGrant>, Option<i64>), StoreError> {
+        let answer = self
+            .etcd
+            .client()
+            .get(self.pair_key(location), None)
+            .await
+            .map_err(|err| self.etcd.error("cannot read a pair grant", err))?;
+        match answer.kvs().first() {
+            None => Ok((None, None)),
+            Some(kv) => {
+                let grant = serde_json::from_slice(kv.value()).map_err(|err| {
+                    self.refused(format!(
+                        "the pair grant of {location} does not decode: {err}"
+                    ))
+                })?;
+                Ok((Some(grant), Some(kv.mod_revision())))
+            }
+        }
+    }
+
+    /// A compare-and-set on the pair grant, under this master's lease; a grant naming
+    /// the master carries this master's claim of the modules (none other's may stand),
+    /// any other grant withdraws this master's claim.
+    async fn issue_pair_grant(
+        &self,
+        location: &str,
+        expected: Option<PairGrant>,
+        grant: PairGrant,
+    ) -> Result<(), StoreError> {
+        let (stored, revision) = self.read_pair(location).await?;
+        if stored != expected {
+            return Err(self.refused(format!(
+                "pair grant of {location} refused: it is {stored:?}, not {expected:?} (another witness decided)"
+            )));
+        }
+        let key = self.pair_key(location);
+        let mut when = self.lease_holds();
+        when.push(match revision {
+            Some(revision) => Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+        });
+        // A grant always encodes: an enum, strings and an integer.
+        let value = serde_json::to_vec(&grant).unwrap_or_default();
+        let claim = self.claim_key(location);
+        let (owner, claim_revision) = self.owner_of(&claim).await?;
+        let mine = owner.as_deref() == Some(self.master_id.as_str());
+        let mut then = vec![TxnOp::put(key, value, None)];
+        if grant.holder == PairHolder::Master {
+            if owner.is_some() && !mine {
+                return Err(self.refused(format!(
+                    "pair grant of {location} refused: master {} claims its modules",
+                    owner.unwrap_or_default()
+                )));
+            }
+            then.push(TxnOp::put(
+                claim.clone(),
+                self.master_id.as_bytes(),
+                self.put_options(),
+            ));
+        } else if mine {
+            then.push(TxnOp::delete(claim.clone(), None));
+        }
+        when.push(match claim_revision {
+            Some(revision) => Compare::mod_revision(claim, CompareOp::Equal, revision),
+            None => Compare::version(claim, CompareOp::Equal, 0),
+        });
+        if self
+            .commit(
+                Txn::new().when(when).and_then(then),
+                "cannot issue a pair grant",
+            )
+            .await?
+        {
+            return Ok(());
+        }
+        Err(self.refused(format!(
+            "pair grant of {location} refused: it changed meanwhile, a claim changed, or this master's lease is gone"
+        )))
+    }
+}
+
+impl PairGrants for EtcdControl {
+    fn load_pair(
+        self: Arc<Self>,
+        location: UnitId,
+    ) -> Pending<Result<Option<PairGrant>, StoreError>> {
+        Box::pin(async move {
+            let _slot = self.slot().await;
+            self.read_pair(&location).await.map(|(grant, _)| grant)
+        })
+    }
+
+    fn issue_pair(
+        self: Arc<Self>,
+        location: UnitId,
+        expected: Option<PairGrant>,
+        grant: PairGrant,
+    ) -> Pending<Result<(), StoreError>> {
+        Box::pin(async move {
+            let _slot = self.slot().await;
+            self.issue_pair_grant(&location, expected, grant).await
+        })
+    }
+}
+
 impl Claims for EtcdControl {
     fn claim(self: Arc<Self>, unit: UnitId, epoch: Epoch) -> Pending<Result<(), StoreError>> {
         Box::pin(async move {
@@ -906,6 +1021,15 @@ impl Mirror {
         self.grants.clone()
     }
 
+    /// Every site pair's stored grant (one that does not decode is left out).
+    pub fn pair_grants(&self) -> BTreeMap<UnitId, PairGrant> {
+        self.under("pair_grants/")
+            .filter_map(|(location, value)| {
+                Some((UnitId::new(location), serde_json::from_slice(value).ok()?))
+            })
+            .collect()
+    }
+
     /// Keeps a master's presence lease as its key comes (`None`: the key went).
     fn lease_of(&mut self, key: &str, lease: Option<i64>) {
         let Some(master) = key.strip_prefix("masters/") else {
@@ -946,7 +1070,14 @@ impl Mirror {
 const MIRROR_EVERY: Duration = Duration::from_millis(20);
 
 /// The folders a [`Mirror`] holds.
-const MIRRORED: [&str; 5] = ["masters/", "links/", "running/", "grants/", "admins/"];
+const MIRRORED: [&str; 6] = [
+    "masters/",
+    "links/",
+    "running/",
+    "grants/",
+    "admins/",
+    "pair_grants/",
+];
 
 /// Follows the control's folders under `etcd`'s prefix into a [`Mirror`]: a read, then a watch from
 /// the revision after it; when the watch fails (etcd out of reach) the mirror is marked
