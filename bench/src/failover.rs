@@ -1,4 +1,4 @@
-//! Failover: site-1's edge killed with SIGKILL (time from the kill to the master's first
+//! Failover: site-2's edge killed with SIGKILL (time from the kill to the master's first
 //! successful exec of its module, and that minus `timeout_ms`), then, with the master in control
 //! and the edge back, the master killed (time from the kill to the edge's first successful
 //! exec of its own module, minus the edge's 3 s rule). Each trial leaves the demo as it
@@ -13,7 +13,7 @@ use tether_tests::process::{Server, bin};
 use crate::setup::Bench;
 use crate::stats::{Series, ms};
 
-/// site-1's failover timeout in the demo's site file.
+/// site-2's failover timeout in the demo's site file.
 const TIMEOUT_MS: u64 = 5000;
 /// The edge's rule: after the master link drops, wait 3 s and try once more.
 const EDGE_RULE_MS: u64 = 3000;
@@ -22,14 +22,19 @@ const PROBE_EVERY: Duration = Duration::from_millis(1);
 
 /// A process of the demo that the bench now starts itself: killing the demo's own child
 /// the first time, then its own.
-enum Process {
+pub(crate) enum Process {
     Demo(u32),
     Own(Server),
 }
 
 impl Process {
     /// `program --config config`, started by the bench, logging to `logs`.
-    fn own(program: &str, config: &std::path::Path, logs: &std::path::Path, trial: usize) -> Self {
+    pub(crate) fn own(
+        program: &str,
+        config: &std::path::Path,
+        logs: &std::path::Path,
+        trial: usize,
+    ) -> Self {
         Process::Own(Server::start(
             program,
             &bin(program),
@@ -38,7 +43,7 @@ impl Process {
         ))
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         match self {
             Process::Demo(pid) => {
                 let _ = std::process::Command::new("kill")
@@ -67,9 +72,9 @@ async fn first_exec_on(client: &ApiClient, executor: &str, limit: Duration) -> I
     }
 }
 
-/// site-1 as the master's API shows it: online, and its owner.
-async fn site_1(api: &ApiClient) -> Option<(bool, String)> {
-    let (status, body): (u16, Value) = api.get("/api/v1/edges/site-1").await;
+/// site-2 as the master's API shows it: online, and its owner.
+async fn site_2(api: &ApiClient) -> Option<(bool, String)> {
+    let (status, body): (u16, Value) = api.get("/api/v1/edges/site-2").await;
     (status == 200).then(|| {
         (
             body["online"] == true,
@@ -78,39 +83,39 @@ async fn site_1(api: &ApiClient) -> Option<(bool, String)> {
     })
 }
 
-async fn wait_site_1(api: &ApiClient, online: bool, owner: &str) {
-    let what = format!("site-1 online={online} owner={owner}");
+async fn wait_site_2(api: &ApiClient, online: bool, owner: &str) {
+    let what = format!("site-2 online={online} owner={owner}");
     tether_tests::wait_for(&what, Duration::from_secs(60), || async {
-        (site_1(api).await == Some((online, owner.to_string()))).then_some(())
+        (site_2(api).await == Some((online, owner.to_string()))).then_some(())
     })
     .await;
 }
 
 pub async fn run(bench: &Bench, trials: usize) -> anyhow::Result<()> {
     let demo = &bench.demo;
-    let mut edge = Process::Demo(demo.pid("edge site-1"));
+    let mut edge = Process::Demo(demo.pid("edge site-2"));
     let mut master = Process::Demo(demo.pid("master"));
     let logs = demo.dir.join("bench-logs");
     std::fs::create_dir_all(&logs)?;
     let (mut takeovers, mut edge_controls) = (Vec::new(), Vec::new());
     for trial in 0..trials {
         // The edge dies; the master takes over after timeout_ms.
-        wait_site_1(&demo.api, true, "edge").await;
+        wait_site_2(&demo.api, true, "edge").await;
         edge.kill();
         let killed = Instant::now();
         let done = first_exec_on(&demo.api, "master", Duration::from_secs(60)).await;
         takeovers.push(done.duration_since(killed));
         // The edge comes back; the master keeps control (it runs the modules).
-        edge = Process::own("tether-edge", &demo.dir.join("site-1.toml"), &logs, trial);
-        wait_site_1(&demo.api, true, "master").await;
+        edge = Process::own("tether-edge", &demo.dir.join("site-2.toml"), &logs, trial);
+        wait_site_2(&demo.api, true, "master").await;
         // The master dies; the edge takes control after its 3 s rule.
         master.kill();
         let killed = Instant::now();
-        let done = first_exec_on(&bench.edge, "edge:site-1", Duration::from_secs(60)).await;
+        let done = first_exec_on(&bench.edge, "edge:site-2", Duration::from_secs(60)).await;
         edge_controls.push(done.duration_since(killed));
         master = Process::own("tether-master", &demo.dir.join("master.toml"), &logs, trial);
     }
-    wait_site_1(&demo.api, true, "edge").await;
+    wait_site_2(&demo.api, true, "edge").await;
     let takeovers = Series::new(takeovers);
     let edge_controls = Series::new(edge_controls);
     println!("## failover: {trials} trials each, SIGKILL\n");

@@ -60,8 +60,8 @@ pub fn ensure_installed() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts HAProxy on a free port in front of site-1's API on `backend`, with the demo's
-/// master certificate for its own TLS and its CA to check the edge's (named `site-1`).
+/// Starts HAProxy on a free port in front of site-2's API on `backend`, with the demo's
+/// master certificate for its own TLS and its CA to check the edge's (named `site-2`).
 pub fn start(dir: &Path, backend: u16) -> anyhow::Result<HaProxy> {
     ensure_installed()?;
     let certs = dir.join("certs");
@@ -73,7 +73,7 @@ pub fn start(dir: &Path, backend: u16) -> anyhow::Result<HaProxy> {
     let config = format!(
         "global\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
          frontend bench\n  bind 127.0.0.1:{port} ssl crt {crt}\n  default_backend edge\n\n\
-         backend edge\n  http-reuse always\n  server edge 127.0.0.1:{backend} ssl verify required ca-file {ca} sni str(site-1) verifyhost site-1\n",
+         backend edge\n  http-reuse always\n  server edge 127.0.0.1:{backend} ssl verify required ca-file {ca} sni str(site-2) verifyhost site-2\n",
         crt = crt.display(),
         ca = certs.join("ca.pem").display(),
     );

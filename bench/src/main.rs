@@ -10,6 +10,7 @@ mod fanout;
 mod haproxy;
 #[cfg(feature = "cluster")]
 mod masters;
+mod pair;
 mod setup;
 mod stats;
 mod swarm;
@@ -46,7 +47,7 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-    /// SIGKILL of site-1's edge (time to the master's first successful exec, minus
+    /// SIGKILL of site-2's edge (time to the master's first successful exec, minus
     /// timeout_ms) and of the master (time to the edge's, minus its 3 s rule).
     Failover {
         /// Trials of each.
@@ -88,6 +89,17 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Site pairs (the demo's site-1): SIGKILL of the holder node (time to the standby's
+    /// first successful exec, minus pair_timeout_ms), and the collector array's reads of
+    /// the meter with one and two nodes, and the longest gap across a node's SIGKILL.
+    Pair {
+        /// Takeover trials.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// Seconds of reads per array size.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Every scenario above, with its defaults.
     All,
 }
@@ -104,6 +116,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Latency { requests } => latency(&Bench::start().await?, requests).await?,
         Scenario::Throughput { seconds } => throughput(&Bench::start().await?, seconds).await?,
         Scenario::Failover { trials } => failover::run(&Bench::start().await?, trials).await?,
+        Scenario::Pair { trials, seconds } => {
+            pair::run(&Bench::start().await?, trials, seconds).await?
+        }
         #[cfg(feature = "cluster")]
         Scenario::Masters { trials } => masters::run(trials).await?,
         #[cfg(feature = "cluster")]
@@ -122,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             latency(&bench, 5000).await?;
             throughput(&bench, 5).await?;
             failover::run(&bench, 20).await?;
+            pair::run(&bench, 20, 60).await?;
             drop(bench);
             for n in [1000, 10000] {
                 fanout::run(n, 10, 1).await?;

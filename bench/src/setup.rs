@@ -1,5 +1,6 @@
-//! The system under test: `tether-master demo` (a master, two edges, simulated devices),
-//! plus a logic module that answers at once (`Echo` in system `bench` on site-1), so a
+//! The system under test: `tether-master demo` (a master, a site pair, an edge, simulated
+//! devices), plus a logic module that answers at once (`Echo` in system `bench` on site-2, the
+//! location of one edge), so a
 //! measured call costs Tether and nothing else.
 
 use std::time::Duration;
@@ -12,10 +13,10 @@ use tether_tests::demo::Demo;
 const ECHO: &str =
     "// A logic module that answers at once: a call's cost without a device.\nfn echo(x) { x }\n";
 
-/// The demo with the echo module running on site-1's edge.
+/// The demo with the echo module running on site-2's edge.
 pub struct Bench {
     pub demo: Demo,
-    /// site-1's edge API, with its admin token.
+    /// site-2's edge API, with its admin token.
     pub edge: ApiClient,
 }
 
@@ -38,13 +39,13 @@ impl Bench {
         let driver = json!({"id": "echo", "name": "Echo", "repository": "core",
             "file": "echo.rhai", "kind": "logic", "transport": "none"});
         must("driver", api.post("/api/v1/drivers", driver).await).await?;
-        let module = json!({"id": "echo-1", "driver": "echo", "name": "Echo", "edge": "site-1"});
+        let module = json!({"id": "echo-1", "driver": "echo", "name": "Echo", "edge": "site-2"});
         must("module", api.post("/api/v1/modules", module).await).await?;
         let system =
-            json!({"id": "bench", "name": "Bench", "edge": "site-1", "modules": ["echo-1"]});
+            json!({"id": "bench", "name": "Bench", "edge": "site-2", "modules": ["echo-1"]});
         must("system", api.post("/api/v1/systems", system).await).await?;
-        let edge = demo.edge_api("site-1");
-        tether_tests::wait_for("the echo module on site-1", Duration::from_secs(30), || {
+        let edge = demo.edge_api("site-2");
+        tether_tests::wait_for("the echo module on site-2", Duration::from_secs(30), || {
             let edge = edge.clone();
             async move {
                 let (status, _) = edge.exec("bench", "Echo", 1, "echo", json!([1])).await;

@@ -22,8 +22,8 @@ use std::collections::{BTreeSet, VecDeque};
 
 use proptest::prelude::*;
 use tether_common::control::pair::{
-    Isolation, NodeAction, NodeEvent, NodeSide, PairGrant, PairHolder, PairSettings, WitnessAction,
-    WitnessEvent, WitnessSide,
+    Isolation, NodeAction, NodeEvent, NodeReport, NodeSide, PairGrant, PairHolder, PairSettings,
+    WitnessAction, WitnessEvent, WitnessSide,
 };
 use tether_common::control::{Epoch, Mono, NodeId};
 
@@ -812,4 +812,47 @@ fn the_standby_holds_within_the_pair_timeout_and_a_second_of_the_holders_death()
         slowest = slowest.max(held);
     }
     eprintln!("the standby held at most {slowest} ms after the holder's death");
+}
+
+/// A witness whose store lost grants (a restored backup) hears a node hold a newer epoch:
+/// its next grant goes above it, so the nodes take it rather than refuse it as old.
+#[test]
+fn a_witness_behind_its_nodes_issues_above_their_epoch() {
+    let mut witness = WitnessSide::new(
+        vec![node_id(A), node_id(B)],
+        fixed(Isolation::Continue),
+        first_grant(),
+        Mono(0),
+    );
+    witness.handle(Mono(0), WitnessEvent::Up(node_id(B)));
+    witness.raise_epoch(Epoch(41));
+    witness.raise_epoch(Epoch(7));
+    assert_eq!(witness.grant().epoch, Epoch(41), "raised, never lowered");
+    // The holder (A) has never linked; B has not heard it for the pair timeout.
+    let report = NodeReport {
+        epoch: Epoch(41),
+        hears_peer: false,
+        peer_silent_ms: 6_000,
+        devices: 0,
+        running: false,
+        claimed: false,
+        peer_note: None,
+    };
+    let mut actions = witness.handle(Mono(6_000), WitnessEvent::Report(node_id(B), report));
+    actions.extend(witness.poll(Mono(6_000)));
+    let issued: Vec<&PairGrant> = actions
+        .iter()
+        .filter_map(|a| match a {
+            WitnessAction::Issue(grant) => Some(grant),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        issued,
+        [&PairGrant {
+            holder: PairHolder::Node(node_id(B)),
+            epoch: Epoch(42)
+        }],
+        "{actions:?}"
+    );
 }

@@ -16,11 +16,12 @@ use std::time::Duration;
 use serde_json::Value;
 use tether_common::api::audit_entry_json;
 use tether_common::control::clock::wall_now_ms;
-use tether_common::control::pair::{PairGrant, PeerNote};
+use tether_common::control::pair::{GrantProof, PairGrant, PeerNote};
 use tether_common::control::{
     ControlState, EdgeAction, EdgeEvent, EdgeId, EdgeSide, EdgeTiming, Epoch, NodeId, Now, Owner,
     StaleDecision, owner_name,
 };
+use tether_common::link::Secret;
 use tether_common::link::{Link, LinkError};
 use tether_common::protocol::{AuditRecord, ErrorCode, Json, Notice, Request};
 use tether_common::runtime::Runtime;
@@ -79,10 +80,10 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<Epoch, DecisionRefused>>,
     },
     ReplicaChanged,
-    /// A site pair's grant, from the witness (`from_master`) or passed on by the peer.
+    /// A site pair's grant from the witness, with its proofs.
     Granted {
         grant: PairGrant,
-        from_master: bool,
+        proofs: Vec<GrantProof>,
         reply: oneshot::Sender<Result<(), String>>,
     },
     /// The link to a site pair's peer.
@@ -97,8 +98,13 @@ pub enum PeerEvent {
     Up(Link),
     /// This link went down.
     Down(Link),
-    /// The peer's note.
-    Note(PeerNote),
+}
+
+/// What a site pair's peer sent last: a peer that sends faster than the node takes it in
+/// fills nothing (each note and grant replaces the one before).
+pub(crate) struct PeerInbox {
+    pub(crate) note: tokio::sync::watch::Sender<Option<PeerNote>>,
+    pub(crate) grant: tokio::sync::watch::Sender<Option<(PairGrant, Vec<GrantProof>)>>,
 }
 
 /// A handle on the control task.
@@ -107,6 +113,8 @@ pub struct EdgeControl {
     commands: mpsc::UnboundedSender<Command>,
     view: Arc<RwLock<ControlView>>,
     store: Arc<Store>,
+    /// A site pair's node: what its peer sent.
+    inbox: Option<Arc<PeerInbox>>,
 }
 
 /// Which of its location's modules an edge runs.
@@ -175,7 +183,7 @@ impl EdgeControl {
     /// module runs until the master decides, or the master is found unreachable.
     pub fn start(
         edge_id: &str,
-        node: Option<NodeId>,
+        node: Option<(NodeId, Secret)>,
         replica: Arc<Replica>,
         runtime: Runtime,
         timing: EdgeTiming,
@@ -211,6 +219,7 @@ impl EdgeControl {
             commands,
             view,
             store,
+            inbox: None,
         };
         // Load the replica's systems (no module runs yet), so the API can answer for them.
         let _ = control.commands.send(Command::ReplicaChanged);
@@ -218,10 +227,11 @@ impl EdgeControl {
         Ok(control)
     }
 
-    /// A site pair's node: its task over the grant it stored last.
+    /// A site pair's node: its task over the grant it stored last; `secret` is its own,
+    /// which proves its grants.
     fn start_node(
         edge_id: &str,
-        node: NodeId,
+        (node, secret): (NodeId, Secret),
         replica: Arc<Replica>,
         runtime: Runtime,
         timing: EdgeTiming,
@@ -232,31 +242,50 @@ impl EdgeControl {
             ..ControlView::default()
         }));
         let (commands, receiver) = mpsc::unbounded_channel();
+        let (note, notes) = tokio::sync::watch::channel(None);
+        let (grant, grants) = tokio::sync::watch::channel(None);
         let task = crate::pair::NodeTask::new(
             EdgeId::new(edge_id),
-            node,
+            (node, secret),
             replica.clone(),
             runtime,
             view.clone(),
             timing.heartbeat_ms,
         )?;
-        tokio::spawn(task.run(receiver));
+        tokio::spawn(task.run(receiver, (notes, grants)));
         let control = EdgeControl {
             commands,
             view,
             store,
+            inbox: Some(Arc::new(PeerInbox { note, grant })),
         };
         let _ = control.commands.send(Command::ReplicaChanged);
         tokio::spawn(follow_replica(replica, control.clone()));
         Ok(control)
     }
 
-    /// A site pair's grant; answers once it is taken (and stored).
-    pub async fn granted(&self, grant: PairGrant, from_master: bool) -> Result<(), String> {
+    /// The peer's note.
+    pub fn peer_note(&self, note: PeerNote) {
+        if let Some(inbox) = &self.inbox {
+            inbox.note.send_replace(Some(note));
+        }
+    }
+
+    /// A grant the peer passed on, with the witness's proofs (the latest replaces one
+    /// not yet taken in: the node refuses an older grant anyway, and a forged one with a
+    /// high epoch must not hold the place of the real ones that follow).
+    pub fn peer_grant(&self, grant: PairGrant, proofs: Vec<GrantProof>) {
+        if let Some(inbox) = &self.inbox {
+            inbox.grant.send_replace(Some((grant, proofs)));
+        }
+    }
+
+    /// A site pair's grant from the witness; answers once it is taken (and stored).
+    pub async fn granted(&self, grant: PairGrant, proofs: Vec<GrantProof>) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
         let _ = self.commands.send(Command::Granted {
             grant,
-            from_master,
+            proofs,
             reply,
         });
         answer

@@ -16,7 +16,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tether_common::control::clock::wall_now_ms;
-use tether_common::control::pair::{NodeAction, NodeEvent, NodeSide, PairGrant, PairSettings};
+use tether_common::control::pair::{
+    GrantProof, MAX_GRANT_PROOFS, NodeAction, NodeEvent, NodeReport, NodeSide, PairGrant,
+    PairSettings, PeerNote,
+};
 use tether_common::control::{AuditRecord, ControlState, EdgeId, Mono, NodeId, Owner, clock};
 use tether_common::link::{
     AuthenticatedEdge, EdgeSecrets, Incoming, Link, LinkConfig, LinkEvent, ListenerConfig, Secret,
@@ -24,7 +27,7 @@ use tether_common::link::{
 use tether_common::protocol::{ErrorCode, Notice, RemoteError, Request};
 use tether_common::runtime::Runtime;
 use tether_common::store::Store;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::control::{
     AUDIT_KEEP, Command, ControlView, EdgeControl, PeerEvent, Running, reconcile_modules,
@@ -41,9 +44,18 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 pub(crate) struct NodeTask {
     location: EdgeId,
     node: NodeId,
+    /// This node's own secret: a grant is taken only with its proof under it.
+    secret: Secret,
     machine: NodeSide,
-    /// The grant stored last.
+    /// The grant stored last, and the witness's proofs of it (passed on to the peer).
     stored: PairGrant,
+    proofs: Vec<GrantProof>,
+    /// The last grant passed on to the peer (a grant goes to the peer when it changes).
+    relayed: PairGrant,
+    /// The peer's last note the machine took.
+    note_taken: Option<PeerNote>,
+    /// The latest report, for the link to the master (one sender a link, in order).
+    report: watch::Sender<Option<NodeReport>>,
     replica: Arc<Replica>,
     runtime: Runtime,
     store: Arc<Store>,
@@ -63,7 +75,7 @@ pub(crate) struct NodeTask {
 impl NodeTask {
     pub(crate) fn new(
         location: EdgeId,
-        node: NodeId,
+        (node, secret): (NodeId, Secret),
         replica: Arc<Replica>,
         runtime: Runtime,
         view: Arc<RwLock<ControlView>>,
@@ -83,7 +95,12 @@ impl NodeTask {
             machine: NodeSide::new(node.clone(), settings, stored.clone(), clock::mono_now()),
             location,
             node,
+            secret,
+            relayed: stored.clone(),
             stored,
+            proofs: Vec::new(),
+            note_taken: None,
+            report: watch::channel(None).0,
             replica,
             runtime,
             store,
@@ -97,15 +114,46 @@ impl NodeTask {
         })
     }
 
-    pub(crate) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    pub(crate) async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        (mut notes, mut grants): PeerInboxes,
+    ) {
         tracing::info!(edge = %self.location, node = %self.node, grant = ?self.stored, "site pair node: waiting for its witness's grant");
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.command(command).await,
                     None => return,
                 },
-                _ = tokio::time::sleep(POLL) => {
+                changed = notes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let note = *notes.borrow_and_update();
+                    // The same note again (a link come back) changes nothing.
+                    if let Some(note) = note
+                        && self.note_taken != Some(note)
+                    {
+                        self.note_taken = Some(note);
+                        let actions = self.machine.handle(clock::mono_now(), NodeEvent::PeerNote(note));
+                        self.carry_out(actions).await;
+                    }
+                }
+                changed = grants.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let passed_on = grants.borrow_and_update().clone();
+                    if let Some((grant, proofs)) = passed_on
+                        && let Err(err) = self.take_grant(grant, proofs, false).await
+                    {
+                        tracing::warn!("a grant passed on by the peer was not taken: {err}");
+                    }
+                }
+                _ = tick.tick() => {
                     let mut actions = self.feed_heard();
                     actions.extend(self.machine.poll(clock::mono_now()));
                     self.carry_out(actions).await;
@@ -122,6 +170,50 @@ impl NodeTask {
             self.publish();
             self.set_array_slot();
         }
+    }
+
+    /// Takes a grant, from the witness (`from_master`) or passed on by the peer: only with
+    /// a valid proof of its own, and a newer one stored before the machine acts on it.
+    async fn take_grant(
+        &mut self,
+        grant: PairGrant,
+        proofs: Vec<GrantProof>,
+        from_master: bool,
+    ) -> Result<(), String> {
+        if proofs.len() > MAX_GRANT_PROOFS {
+            return Err(format!(
+                "{} proofs: a grant carries at most {MAX_GRANT_PROOFS}",
+                proofs.len()
+            ));
+        }
+        let proven = proofs.iter().any(|proof| {
+            proof.node == self.node
+                && tether_common::link::auth::verify_grant_proof(
+                    &self.secret,
+                    self.location.as_str(),
+                    &grant,
+                    &proof.mac,
+                )
+        });
+        if !proven {
+            return Err(format!(
+                "epoch {}: no valid proof for node {} (not the witness's, or altered)",
+                grant.epoch, self.node
+            ));
+        }
+        // The witness confirms this node: whatever it ran cut off was its own.
+        if from_master && grant.node() == Some(&self.node) {
+            self.isolated_since = None;
+        }
+        if self.machine.grant().superseded_by(&grant) {
+            self.store_grant(&grant).await?;
+            self.proofs = proofs;
+        }
+        let actions = self
+            .machine
+            .handle(clock::mono_now(), NodeEvent::Granted { grant, from_master });
+        self.carry_out(actions).await;
+        Ok(())
     }
 
     /// This node's turn in its location's collector arrays: its rank among the live nodes
@@ -175,6 +267,7 @@ impl NodeTask {
                         self.master_heard = None;
                         if let Some(link) = link {
                             tokio::spawn(report_audits(link.clone(), self.store.clone()));
+                            tokio::spawn(send_reports(link.clone(), self.report.subscribe()));
                             let status =
                                 stream_status(link, self.runtime.clone(), self.view.clone());
                             tokio::spawn(status);
@@ -209,29 +302,22 @@ impl NodeTask {
             }
             Command::Granted {
                 grant,
-                from_master,
+                proofs,
                 reply,
             } => {
-                // The witness confirms this node: whatever it ran cut off was its own.
-                if from_master && grant.node() == Some(&self.node) {
-                    self.isolated_since = None;
+                let taken = self.take_grant(grant, proofs, true).await;
+                if let Err(err) = &taken {
+                    tracing::warn!("a grant from the master was not taken: {err}");
                 }
-                let actions = self
-                    .machine
-                    .handle(now, NodeEvent::Granted { grant, from_master });
-                // Stored before anything it leads to is acted on.
-                let stored = self.persist().await;
-                let _ = reply.send(stored.clone());
-                if stored.is_err() {
-                    return;
-                }
-                actions
+                let _ = reply.send(taken);
+                return;
             }
             Command::Peer(PeerEvent::Up(link)) => {
                 if let Some(old) = self.peer.replace(link.clone()) {
                     old.close("replaced by a newer link from the peer");
                 }
                 self.peer_heard = None;
+                self.note_taken = None;
                 // The holder's status, for the standby's warm modules.
                 tokio::spawn(stream_status(link, self.runtime.clone(), self.view.clone()));
                 self.machine.handle(now, NodeEvent::PeerUp)
@@ -245,19 +331,12 @@ impl NodeTask {
                 _ => Vec::new(),
             },
             Command::Devices(reached) => self.machine.handle(now, NodeEvent::Devices(reached)),
-            Command::Peer(PeerEvent::Note(note)) => {
-                self.machine.handle(now, NodeEvent::PeerNote(note))
-            }
         };
         self.carry_out(actions).await;
     }
 
-    /// Stores the machine's grant if it changed.
-    async fn persist(&mut self) -> Result<(), String> {
-        let grant = self.machine.grant().clone();
-        if grant == self.stored {
-            return Ok(());
-        }
+    /// Stores a grant newer than the one stored (before the machine takes it).
+    async fn store_grant(&mut self, grant: &PairGrant) -> Result<(), String> {
         let store = self.store.clone();
         let location = self.location.to_string();
         let to_store = grant.clone();
@@ -269,7 +348,7 @@ impl NodeTask {
                 // refuses an older one).
                 self.runtime
                     .set_grant(&self.location, grant.control_state());
-                self.stored = grant;
+                self.stored = grant.clone();
                 Ok(())
             }
             Ok(Err(err)) => Err(format!("the pair grant could not be stored: {err}")),
@@ -281,10 +360,6 @@ impl NodeTask {
         for action in actions {
             match action {
                 NodeAction::Start { epoch } => {
-                    if let Err(err) = self.persist().await {
-                        tracing::error!("not started: {err}");
-                        return;
-                    }
                     let reason = match self.machine.claimed() {
                         true => format!(
                             "site pair: node {} takes the modules without a witness (no master and no holder heard for unwitnessed_takeover_ms)",
@@ -330,23 +405,29 @@ impl NodeTask {
                     self.audit(Owner::Edge, Owner::Edge, epoch, reason).await;
                 }
                 NodeAction::Report(report) => {
-                    if let Some(link) = self.master.clone() {
-                        tokio::spawn(async move {
-                            if let Err(err) = link
-                                .request(Request::NodeReport(report), REPORT_TIMEOUT)
-                                .await
-                            {
-                                tracing::warn!("node report not taken: {err}");
-                            }
-                        });
-                    }
+                    self.report.send_replace(Some(report));
                 }
                 NodeAction::TellPeer(note) => {
                     if let Some(link) = &self.peer {
-                        // The grant first: the note is read against it.
-                        let grant = Notice::PeerGrant(self.machine.grant().clone());
-                        let sent = match link.notify(grant).await {
-                            Ok(()) => link.notify(Notice::PeerNote(note)).await,
+                        // A grant taken since the last goes first (the note is read
+                        // against it), with the witness's proofs: the peer may not reach
+                        // the witness.
+                        let grant = self.machine.grant().clone();
+                        let sent = match grant != self.relayed {
+                            true => {
+                                let passed_on = Notice::PeerGrant {
+                                    grant: grant.clone(),
+                                    proofs: self.proofs.clone(),
+                                };
+                                link.notify(passed_on).await
+                            }
+                            false => Ok(()),
+                        };
+                        let sent = match sent {
+                            Ok(()) => {
+                                self.relayed = grant;
+                                link.notify(Notice::PeerNote(note)).await
+                            }
                             Err(err) => Err(err),
                         };
                         if let Err(err) = sent {
@@ -467,6 +548,31 @@ pub struct PairView {
     pub claimed: bool,
 }
 
+/// What the peer sent last: its note, and a grant it passed on.
+pub(crate) type PeerInboxes = (
+    watch::Receiver<Option<PeerNote>>,
+    watch::Receiver<Option<(PairGrant, Vec<GrantProof>)>>,
+);
+
+/// Sends the master each report of this node, the latest first, in order, until the link
+/// closes: a report is the node's whole state, so one that is overtaken is not sent.
+async fn send_reports(link: Link, mut reports: watch::Receiver<Option<NodeReport>>) {
+    loop {
+        let report = reports.borrow_and_update().clone();
+        if let Some(report) = report
+            && let Err(err) = link
+                .request(Request::NodeReport(report), REPORT_TIMEOUT)
+                .await
+        {
+            tracing::warn!("node report not taken: {err}");
+        }
+        tokio::select! {
+            changed = reports.changed() => if changed.is_err() { return },
+            _ = link.closed() => return,
+        }
+    }
+}
+
 /// The pair settings of `location` from its record; the defaults while the replica has
 /// none. A heartbeat too slow for the pair timeout is logged: the isolation promise needs
 /// four heartbeats in a pair timeout.
@@ -504,8 +610,10 @@ const PROBES_AT_ONCE: usize = 32;
 
 /// Counts the location's devices this node reaches, every [`DEVICE_COUNT_EVERY`], and
 /// tells control (devices count as health: a holder that reaches fewer than its peer
-/// hands over). A module running here counts by its device connection; one that does not
-/// (the standby's) by a TCP connect to the address this node reaches it at, closed at once.
+/// hands over). A device counts when it accepts a TCP connection at the address this node
+/// reaches it at (closed at once); one a module here is connected to counts without a
+/// probe. Both nodes measure the same way, so a device that accepts connections but fails
+/// its sessions does not move the modules back and forth.
 pub(crate) async fn count_devices(
     location: EdgeId,
     replica: Arc<Replica>,
@@ -532,8 +640,11 @@ pub(crate) async fn count_devices(
         let mut probes = tokio::task::JoinSet::new();
         let mut reached = 0u32;
         for (module, address) in devices {
-            if let Some(connected) = runtime.device_connected(&module) {
-                reached += u32::from(connected);
+            // Both nodes measure the same: the device accepts a connection. A module
+            // connected to it here says so without a probe (a probe would take a session
+            // of a device that allows one).
+            if runtime.device_connected(&module) == Some(true) {
+                reached += 1;
                 continue;
             }
             let Some((host, port)) = address else {
@@ -646,13 +757,9 @@ async fn serve_peer(
     control.peer_event(PeerEvent::Up(link.clone()));
     while let Some(item) = incoming.recv().await {
         match item {
-            Incoming::Notice(Notice::PeerNote(note), _) => {
-                control.peer_event(PeerEvent::Note(note))
-            }
-            Incoming::Notice(Notice::PeerGrant(grant), _) => {
-                if let Err(err) = control.granted(grant, false).await {
-                    tracing::warn!("a grant passed on by the peer was not taken: {err}");
-                }
+            Incoming::Notice(Notice::PeerNote(note), _) => control.peer_note(note),
+            Incoming::Notice(Notice::PeerGrant { grant, proofs }, _) => {
+                control.peer_grant(grant, proofs)
             }
             Incoming::Notice(
                 Notice::StatusChanged {

@@ -191,6 +191,11 @@ async fn serve(
     })));
     // The replica alone is enough to run: if the master cannot be reached, control
     // starts the modules from it after one more attempt.
+    // A pair's node proves the witness's grants with its own secret.
+    let node = match node {
+        Some(node) => Some((node, Secret::load(&config.secret_file)?)),
+        None => None,
+    };
     let control = EdgeControl::start(
         &config.edge_id,
         node,

@@ -148,8 +148,8 @@ async fn answer_requests(
                 }
                 Err(other) => Err(RemoteError::new(ErrorCode::Internal, other.to_string())),
             },
-            Request::PairGrant { grant } => control
-                .granted(grant, true)
+            Request::PairGrant { grant, proofs } => control
+                .granted(grant, proofs)
                 .await
                 .map(|()| Response::Ack)
                 .map_err(|why| RemoteError::new(ErrorCode::Internal, why)),

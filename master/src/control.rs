@@ -321,6 +321,8 @@ enum UnitCommand {
 struct UnitHandle {
     commands: mpsc::Sender<UnitCommand>,
     nodes: Vec<String>,
+    /// Its task: a unit made again for the location waits for it to end.
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// What every unit's task shares.
@@ -422,30 +424,45 @@ impl Control {
                 Some(_) => model.local_units(),
                 None => Default::default(),
             };
-            units.retain(|id, handle| match model.edges.get(id.as_str()) {
-                Some(record) => record.nodes == handle.nodes,
-                None => local.contains(id),
-            });
+            // A unit replaced (its location became a pair, or one edge, or changed its
+            // nodes) ends, its queue's last sender gone, before its successor begins.
+            let mut retired_tasks: HashMap<UnitId, tokio::task::JoinHandle<()>> = HashMap::new();
+            for (id, handle) in std::mem::take(&mut *units) {
+                let keep = match model.edges.get(id.as_str()) {
+                    Some(record) => record.nodes == handle.nodes,
+                    None => local.contains(&id),
+                };
+                if keep {
+                    units.insert(id, handle);
+                } else {
+                    retired_tasks.insert(id, handle.task);
+                }
+            }
             for (id, record) in &model.edges {
                 if units.contains_key(id.as_str()) {
                     continue;
                 }
                 let unit = UnitId::from(EdgeId::new(id.as_str()));
-                let commands = match record.is_pair() {
-                    false => self.start_unit(unit.clone(), settings(record)),
-                    true => self.start_witness(record),
+                let after = retired_tasks.remove(&unit);
+                let (commands, task) = match record.is_pair() {
+                    false => self.start_unit(unit.clone(), settings(record), after),
+                    true => self.start_witness(record, after),
                 };
                 let handle = UnitHandle {
                     commands,
                     nodes: record.nodes.clone(),
+                    task,
                 };
                 units.insert(unit, handle);
             }
             for id in &local {
                 if !units.contains_key(id) {
+                    let (commands, task) =
+                        self.start_unit(id.clone(), LOCAL_UNIT, retired_tasks.remove(id));
                     let handle = UnitHandle {
-                        commands: self.start_unit(id.clone(), LOCAL_UNIT),
+                        commands,
                         nodes: Vec::new(),
+                        task,
                     };
                     units.insert(id.clone(), handle);
                 }
@@ -470,8 +487,14 @@ impl Control {
         self.coordinate(Coordination::Model);
     }
 
-    /// Makes an edge location's unit: its machine from the grant stored last, its task.
-    fn start_unit(&self, id: UnitId, settings: EdgeSettings) -> mpsc::Sender<UnitCommand> {
+    /// Makes an edge location's unit: its machine from the grant stored last, its task
+    /// (begun once the location's previous unit, `after`, has ended).
+    fn start_unit(
+        &self,
+        id: UnitId,
+        settings: EdgeSettings,
+        after: Option<tokio::task::JoinHandle<()>>,
+    ) -> (mpsc::Sender<UnitCommand>, tokio::task::JoinHandle<()>) {
         let persisted = self
             .shared
             .persisted
@@ -507,16 +530,27 @@ impl Control {
             told: Told::default(),
             relinked: None,
         };
-        tokio::spawn(unit.run(receiver, self.booted.subscribe()));
-        commands
+        let booted = self.booted.subscribe();
+        let task = tokio::spawn(async move {
+            if let Some(previous) = after {
+                let _ = previous.await;
+            }
+            unit.run(receiver, booted).await
+        });
+        (commands, task)
     }
 
-    /// Makes a site pair location's witness and its task.
-    fn start_witness(&self, record: &EdgeRecord) -> mpsc::Sender<UnitCommand> {
+    /// Makes a site pair location's witness and its task (begun once the location's
+    /// previous unit, `after`, has ended).
+    fn start_witness(
+        &self,
+        record: &EdgeRecord,
+        after: Option<tokio::task::JoinHandle<()>>,
+    ) -> (mpsc::Sender<UnitCommand>, tokio::task::JoinHandle<()>) {
         let (commands, receiver) = mpsc::channel(UNIT_QUEUE);
         let witness = witness::Witness::new(self.shared.clone(), record);
-        tokio::spawn(witness.run(receiver, self.booted.subscribe()));
-        commands
+        let task = tokio::spawn(witness.run(receiver, self.booted.subscribe(), after));
+        (commands, task)
     }
 
     /// Something happened on site pair node `node`'s link of `generation`, for its

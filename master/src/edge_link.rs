@@ -99,7 +99,7 @@ pub async fn serve_edge(
                 }
                 continue;
             }
-            Incoming::Notice(Notice::PeerNote(_) | Notice::PeerGrant(_), _) => {
+            Incoming::Notice(Notice::PeerNote(_) | Notice::PeerGrant { .. }, _) => {
                 metrics.refused(&edge_id, "notice");
                 tracing::debug!(edge = %edge_id, "a note meant for a pair's peer, sent to the master, is ignored");
                 continue;

@@ -246,6 +246,22 @@ impl EdgeRegistry {
         }
     }
 
+    /// Whether this master witnesses site pair `location`.
+    pub fn witnesses(&self, location: &str) -> bool {
+        self.witnessed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(location)
+    }
+
+    /// A site pair's node's own secret (the witness proves its grants with it).
+    pub fn node_secret(&self, node: &str) -> Option<Secret> {
+        let edges = self.lock();
+        let entry = edges.get(node)?;
+        entry.location.as_ref()?;
+        entry.secret.clone()
+    }
+
     /// Closes the links of site pair `location`'s nodes, saying why.
     pub fn close_nodes(&self, location: &str, why: &str) {
         for entry in self.lock().values() {

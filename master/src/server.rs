@@ -507,6 +507,13 @@ async fn serve_node(
 ) {
     let (control, registry) = (context.control.clone(), context.registry.clone());
     let node = edge.edge_id.clone();
+    // Its pair may have moved to another witness since its handshake.
+    if !registry.witnesses(&location) {
+        edge.link
+            .close("another master witnesses this node's site pair now");
+        registry.detach(&node, generation, "not witnessed here");
+        return;
+    }
     let up = crate::control::NodeLinkEvent::Up;
     control.node_event(&location, &node, generation, up).await;
     crate::edge_link::serve_edge(
@@ -543,7 +550,8 @@ async fn attach_links(
         };
         let context = context.clone();
         let cluster = cluster.clone();
-        // A site pair's node: its own life (no cluster keys: pairs have one master yet).
+        // A site pair's node: linked only to its pair's witness, which holds the pair's
+        // link key (none of the node's own).
         if let Some(location) = registry.location_of(&edge.edge_id) {
             tokio::spawn(serve_node(context, location, edge, generation));
             continue;

@@ -64,6 +64,8 @@ pub struct PairSite {
     pub master_links: Vec<FaultProxy>,
     /// The proxy on the link between the nodes.
     pub peer_link: FaultProxy,
+    /// Where site-1a listens for its peer (behind [`peer_link`](Self::peer_link)).
+    pub peer_addr: SocketAddr,
     /// Each node's API address.
     pub node_api_addrs: Vec<SocketAddr>,
     /// The temporary folder, last: removed after the processes are killed.
@@ -193,6 +195,7 @@ impl PairSite {
             nodes: Vec::new(),
             master_links,
             peer_link,
+            peer_addr,
             node_api_addrs,
             dir,
         };

@@ -291,12 +291,18 @@ async fn a_holder_cut_off_from_both_under_stop_stops_before_the_standby_starts()
     .await;
     eprintln!("the standby holds {} ms after the cut", took.as_millis());
     assert!(!controlling(&site, 0).await, "the old holder has stopped");
-    let stopped = node_record(&site, 0, "isolation = \"stop\"")
-        .await
-        .expect("the old holder's stop in its audit log");
-    let started = node_record(&site, 1, "node site-1b runs the modules")
-        .await
-        .expect("the standby's start in its audit log");
+    let stopped = wait_for(
+        "the old holder's stop in its audit log",
+        Duration::from_secs(5),
+        || node_record(&site, 0, "isolation = \"stop\""),
+    )
+    .await;
+    let started = wait_for(
+        "the standby's start in its audit log",
+        Duration::from_secs(5),
+        || node_record(&site, 1, "node site-1b runs the modules"),
+    )
+    .await;
     let (stopped, started) = (stopped["time"].clone(), started["time"].clone());
     assert!(
         stopped.as_str() < started.as_str(),
@@ -355,7 +361,12 @@ async fn a_holder_cut_off_from_both_under_continue_overlaps_no_longer_than_the_c
     assert!(overlap < cut_for, "overlap {overlap:?}, cut {cut_for:?}");
     // Reported: in the old holder's audit log, and so in the master's.
     let needle = "two holders for at most";
-    assert!(node_record(&site, 0, needle).await.is_some());
+    wait_for(
+        "the overlap in the old holder's audit log",
+        Duration::from_secs(5),
+        || node_record(&site, 0, needle),
+    )
+    .await;
     wait_for(
         "the overlap in the master's audit log",
         Duration::from_secs(10),
@@ -408,7 +419,13 @@ async fn without_a_witness_a_standby_takes_over_after_unwitnessed_takeover_ms() 
         "not before unwitnessed_takeover_ms: {:?}",
         killed.elapsed()
     );
-    assert!(node_record(&site, 1, "without a witness").await.is_some());
+    // Its audit record follows the start.
+    wait_for(
+        "the claim in the standby's audit log",
+        Duration::from_secs(5),
+        || node_record(&site, 1, "without a witness"),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -707,5 +724,74 @@ async fn among_several_masters_one_witnesses_and_its_death_changes_nothing_in_th
     eprintln!(
         "the new witness's standby holds {} ms after the holder's SIGKILL",
         took.as_millis()
+    );
+}
+
+/// A peer that passes on a grant the witness did not prove (a forged epoch at the top,
+/// which would make the node ignore every real grant) is not believed.
+#[tokio::test]
+async fn a_grant_passed_on_without_the_witness_proof_is_refused() {
+    use tether_common::control::pair::{GrantProof, PairGrant, PairHolder};
+    use tether_common::control::{EdgeId, Epoch, NodeId};
+    use tether_common::link::{ConnectorConfig, LinkConfig, Secret, connect_once, tls};
+    use tether_common::protocol::Notice;
+
+    let projector = Sim::projector();
+    let site = start(&projector, "").await;
+    let epoch = site.location().await["epoch"].clone();
+    tls::install_crypto_provider();
+    let certs = site.path("certs");
+    // site-1b's identity and the location's secret: the peer link's own credentials. The
+    // real site-1b's link is cut, so that its reconnects do not replace this one.
+    site.peer_link.cut();
+    let connector = ConnectorConfig {
+        master_addrs: vec![site.peer_addr.to_string()],
+        server_name: tls::server_name("site-1a").unwrap(),
+        tls: tls::client_config(
+            &certs.join("ca.pem"),
+            Some((&certs.join("site-1b.pem"), &certs.join("site-1b.key"))),
+        )
+        .unwrap(),
+        edge_id: EdgeId::new("site-1b"),
+        secret: Secret::load(&certs.join("site-1.secret")).unwrap(),
+        handshake_timeout: Duration::from_secs(5),
+        reconnect: Duration::from_secs(1),
+        link: LinkConfig::with_heartbeat(Duration::from_millis(HEARTBEAT_MS), 1 << 20),
+    };
+    let (link, _incoming) = connect_once(&connector)
+        .await
+        .expect("the peer's credentials link");
+    let forged = PairGrant {
+        holder: PairHolder::Node(NodeId::new("site-1b")),
+        epoch: Epoch(u64::MAX),
+    };
+    // No proof; then one made with the forger's own node secret, not site-1a's.
+    link.notify(Notice::PeerGrant {
+        grant: forged.clone(),
+        proofs: Vec::new(),
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let own = Secret::load(&certs.join("site-1b.secret")).unwrap();
+    let mac = tether_common::link::auth::grant_proof(&own, LOCATION, &forged);
+    link.notify(Notice::PeerGrant {
+        grant: forged,
+        proofs: vec![GrantProof {
+            node: NodeId::new("site-1a"),
+            mac,
+        }],
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let view = site.node_view(0).await.expect("site-1a's view");
+    assert_eq!(view["holder"], "site-1a", "{view}");
+    assert!(controlling(&site, 0).await);
+    assert_eq!(site.location().await["epoch"], epoch);
+    assert_eq!(
+        site.nodes[0].count_in_log("no valid proof"),
+        2,
+        "both refused"
     );
 }

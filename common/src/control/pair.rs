@@ -157,6 +157,21 @@ impl PairGrant {
     }
 }
 
+/// A grant's proof for one node: [`crate::link::auth::grant_proof`] under that node's own
+/// secret. The witness sends a grant with a proof for every node of the location; a node
+/// takes a grant (from the witness, or passed on by its peer) only with a valid proof of
+/// its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantProof {
+    /// The node it is for.
+    pub node: NodeId,
+    /// The MAC.
+    pub mac: [u8; 32],
+}
+
+/// The most proofs a grant carries (a location's nodes at most).
+pub const MAX_GRANT_PROOFS: usize = 8;
+
 /// What a node tells the witness of itself, on its link and whenever it changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeReport {
@@ -570,6 +585,16 @@ impl WitnessSide {
     /// The location's settings changed (its record was edited).
     pub fn set_settings(&mut self, settings: PairSettings) {
         self.settings = settings;
+    }
+
+    /// A node holds a grant of `epoch`, above the last this witness stored (its store lost
+    /// grants: a restored backup, a pair moved onto etcd): it issues above it from now on,
+    /// or the nodes would refuse its grants as old. The holder it names is left as it is:
+    /// at worst a device handover stops and starts the holder once.
+    pub fn raise_epoch(&mut self, epoch: Epoch) {
+        if epoch > self.grant.epoch {
+            self.grant.epoch = epoch;
+        }
     }
 
     /// The grant stored last.

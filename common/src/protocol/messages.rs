@@ -282,6 +282,8 @@ pub enum Request {
     PairGrant {
         /// The grant.
         grant: crate::control::pair::PairGrant,
+        /// Its proof for each node of the location.
+        proofs: Vec<crate::control::pair::GrantProof>,
     },
     /// A site pair's node to master: where it stands (on every link, and on every
     /// change). Answer: [`Response::Ack`].
@@ -371,7 +373,12 @@ pub enum Notice {
     },
     /// A site pair's node to its peer: the grant it holds to, and whether it runs.
     PeerNote(crate::control::pair::PeerNote),
-    /// A site pair's node to its peer: a grant it took from the witness, passed on (the
-    /// peer may not reach the witness).
-    PeerGrant(crate::control::pair::PairGrant),
+    /// A site pair's node to its peer: a grant it took from the witness, passed on with
+    /// the witness's proofs (the peer may not reach the witness).
+    PeerGrant {
+        /// The grant.
+        grant: crate::control::pair::PairGrant,
+        /// Its proof for each node of the location.
+        proofs: Vec<crate::control::pair::GrantProof>,
+    },
 }

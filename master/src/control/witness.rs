@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_common::control::pair::{
-    NodeReport, PairGrant, PairHolder, PairSettings, WitnessAction, WitnessEvent, WitnessSide,
+    GrantProof, NodeReport, PairGrant, PairHolder, PairSettings, WitnessAction, WitnessEvent,
+    WitnessSide,
 };
 use tether_common::control::placement::rendezvous_pick;
 use tether_common::control::{AuditRecord, EdgeId, NodeId, Now, UnitId};
@@ -33,8 +34,11 @@ use tokio::sync::{mpsc, watch};
 
 use super::{AUDIT_KEEP, ClusterInputs, RestoreError, Shared, UnitCommand, now_ms};
 
-/// How often the witness looks at the time (its deadlines are a pair timeout or more).
-const POLL: Duration = Duration::from_millis(100);
+/// How often the witness looks at the time while a node is off this master (a failover
+/// is then a matter of time, and its grant should not wait for a slow poll) ...
+const POLL_PENDING: Duration = Duration::from_millis(25);
+/// ... and while both are linked (a device hold-down, a lease running out).
+const POLL_QUIET: Duration = Duration::from_millis(250);
 /// How long a node may take to take a grant.
 const GRANT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -62,6 +66,9 @@ pub(super) struct Witness {
     shared: Arc<Shared>,
     /// The current link generation of each node.
     links: HashMap<NodeId, u64>,
+    /// The newest link generation heard of each node (kept after its link went, so that
+    /// a late event of an older link is never taken for a live one).
+    newest: HashMap<NodeId, u64>,
     /// The grant stored last, as this master knows it (none: none stored).
     sent: Option<PairGrant>,
     /// Whether the location's modules run here (the master holds them, its claim stored).
@@ -78,6 +85,7 @@ impl Witness {
             machine: None,
             shared,
             links: HashMap::new(),
+            newest: HashMap::new(),
             sent: None,
             running_here: false,
         }
@@ -87,13 +95,20 @@ impl Witness {
         mut self,
         mut commands: mpsc::Receiver<UnitCommand>,
         mut booted: watch::Receiver<bool>,
+        after: Option<tokio::task::JoinHandle<()>>,
     ) {
+        // The location's previous unit (other nodes, or one edge) ends first: its end
+        // closes links and stops modules that this one may hold.
+        if let Some(previous) = after {
+            let _ = previous.await;
+        }
         let mut model = self.shared.model.clone();
         let mut inputs = self.shared.cluster.as_ref().map(|c| c.inputs.clone());
         match &mut inputs {
             Some(inputs) => self.cluster_changed(inputs).await,
             None => self.begin().await,
         }
+        let mut next_poll = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
@@ -122,7 +137,8 @@ impl Witness {
                         _ => break,
                     }
                 }
-                _ = tokio::time::sleep(POLL) => {
+                _ = tokio::time::sleep_until(next_poll) => {
+                    next_poll = tokio::time::Instant::now() + self.poll_period();
                     if let Some(inputs) = &mut inputs {
                         // The lease runs out with time alone.
                         self.cluster_changed(inputs).await;
@@ -137,8 +153,18 @@ impl Witness {
                     }
                 }
             }
+            // A node gone meanwhile: look sooner.
+            next_poll = next_poll.min(tokio::time::Instant::now() + self.poll_period());
         }
         self.end("the location was removed or changed").await;
+    }
+
+    /// How soon to look at the time again: soon while a node is off this master.
+    fn poll_period(&self) -> Duration {
+        match self.machine.is_some() && self.links.len() < self.nodes.len() {
+            true => POLL_PENDING,
+            false => POLL_QUIET,
+        }
     }
 
     /// Among several masters: witnesses the pair while this master is the one to, and
@@ -254,14 +280,22 @@ impl Witness {
                 event,
             } => {
                 if self.machine.is_none() {
+                    // Linked in the instant this master stopped witnessing: it goes to the
+                    // witness (a node must not count as heard a master that never grants).
+                    if let NodeLinkEvent::Up = event
+                        && let Some(link) = self.shared.registry.link_of_node(&node)
+                    {
+                        link.close("this master does not witness the node's site pair");
+                    }
                     return;
                 }
                 let event = match event {
                     NodeLinkEvent::Up => {
-                        let newer = self.links.get(&node).is_none_or(|g| generation > *g);
+                        let newer = self.newest.get(&node).is_none_or(|g| generation > *g);
                         if !newer {
                             return;
                         }
+                        self.newest.insert(node.clone(), generation);
                         self.links.insert(node.clone(), generation);
                         // It learns the grant at once (once stored), whatever the machine
                         // decides.
@@ -280,6 +314,15 @@ impl Witness {
                     NodeLinkEvent::Report(report) => {
                         if self.links.get(&node) != Some(&generation) {
                             return;
+                        }
+                        if let Some(machine) = &mut self.machine
+                            && report.epoch > machine.grant().epoch
+                        {
+                            // Grants this witness never stored: its store lost them (a
+                            // restored backup, a pair moved onto etcd). It issues above
+                            // the node's from now on (stored with its next grant).
+                            tracing::warn!(edge = %self.location, %node, node_epoch = %report.epoch, witness_epoch = %machine.grant().epoch, "a node holds a newer pair grant than this witness stored: issuing above it");
+                            machine.raise_epoch(report.epoch);
                         }
                         WitnessEvent::Report(node, report)
                     }
@@ -422,6 +465,11 @@ impl Witness {
                     stored,
                     Now::system().mono,
                 ));
+                // The new machine runs nothing yet: neither may this master (it starts
+                // again under the stored grant if that names it, with its claim).
+                if self.running_here {
+                    self.stop_here().await;
+                }
             }
             return false;
         }
@@ -462,15 +510,35 @@ impl Witness {
             .set_holder(&self.location, grant.node().map(|n| n.as_str()));
     }
 
-    /// Sends `grant` to `node`'s current link, without waiting.
+    /// `grant`'s proof for each node: a node takes a grant only with its own, so one its
+    /// peer passes on cannot be forged by the peer.
+    fn proofs(&self, grant: &PairGrant) -> Vec<GrantProof> {
+        self.nodes
+            .iter()
+            .filter_map(|node| {
+                let secret = self.shared.registry.node_secret(node)?;
+                Some(GrantProof {
+                    node: NodeId::new(node.as_str()),
+                    mac: tether_common::link::auth::grant_proof(
+                        &secret,
+                        self.location.as_str(),
+                        grant,
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    /// Sends `grant` to `node`'s current link, with its proofs, without waiting.
     fn send_grant_to(&self, node: &NodeId, grant: PairGrant) {
         let Some(link) = self.shared.registry.link_of_node(node) else {
             return;
         };
+        let proofs = self.proofs(&grant);
         let location = self.location.clone();
         tokio::spawn(async move {
             if let Err(err) = link
-                .request(Request::PairGrant { grant }, GRANT_TIMEOUT)
+                .request(Request::PairGrant { grant, proofs }, GRANT_TIMEOUT)
                 .await
             {
                 tracing::warn!(edge = %location, node = %link.peer(), "the node did not take the pair grant: {err}");

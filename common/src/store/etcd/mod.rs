@@ -597,14 +597,16 @@ impl EtcdControl {
         let claim = self.claim_key(location);
         let (owner, claim_revision) = self.owner_of(&claim).await?;
         let mine = owner.as_deref() == Some(self.master_id.as_str());
+        // Another master's claim stands: it runs the modules (a witness before this one,
+        // its lease not yet gone), and no grant may move them while it does.
+        if owner.is_some() && !mine {
+            return Err(self.refused(format!(
+                "pair grant of {location} refused: master {} claims its modules",
+                owner.unwrap_or_default()
+            )));
+        }
         let mut then = vec![TxnOp::put(key, value, None)];
         if grant.holder == PairHolder::Master {
-            if owner.is_some() && !mine {
-                return Err(self.refused(format!(
-                    "pair grant of {location} refused: master {} claims its modules",
-                    owner.unwrap_or_default()
-                )));
-            }
             then.push(TxnOp::put(
                 claim.clone(),
                 self.master_id.as_bytes(),
