@@ -105,6 +105,8 @@ pub enum PeerEvent {
 pub(crate) struct PeerInbox {
     pub(crate) note: tokio::sync::watch::Sender<Option<PeerNote>>,
     pub(crate) grant: tokio::sync::watch::Sender<Option<(PairGrant, Vec<GrantProof>)>>,
+    /// Whether the peer polls its collector arrays.
+    pub(crate) polling: tokio::sync::watch::Sender<bool>,
 }
 
 /// A handle on the control task.
@@ -244,6 +246,7 @@ impl EdgeControl {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (note, notes) = tokio::sync::watch::channel(None);
         let (grant, grants) = tokio::sync::watch::channel(None);
+        let (polling, peer_polling) = tokio::sync::watch::channel(false);
         let task = crate::pair::NodeTask::new(
             EdgeId::new(edge_id),
             (node, secret),
@@ -252,12 +255,16 @@ impl EdgeControl {
             view.clone(),
             timing.heartbeat_ms,
         )?;
-        tokio::spawn(task.run(receiver, (notes, grants)));
+        tokio::spawn(task.run(receiver, (notes, grants, peer_polling)));
         let control = EdgeControl {
             commands,
             view,
             store,
-            inbox: Some(Arc::new(PeerInbox { note, grant })),
+            inbox: Some(Arc::new(PeerInbox {
+                note,
+                grant,
+                polling,
+            })),
         };
         let _ = control.commands.send(Command::ReplicaChanged);
         tokio::spawn(follow_replica(replica, control.clone()));
@@ -268,6 +275,13 @@ impl EdgeControl {
     pub fn peer_note(&self, note: PeerNote) {
         if let Some(inbox) = &self.inbox {
             inbox.note.send_replace(Some(note));
+        }
+    }
+
+    /// Whether the peer polls its collector arrays (false again when its link goes).
+    pub fn peer_polling(&self, polling: bool) {
+        if let Some(inbox) = &self.inbox {
+            inbox.polling.send_replace(polling);
         }
     }
 

@@ -56,6 +56,13 @@ pub(crate) struct NodeTask {
     note_taken: Option<PeerNote>,
     /// The latest report, for the link to the master (one sender a link, in order).
     report: watch::Sender<Option<NodeReport>>,
+    /// This node's collector-array slot, for the link to the master.
+    slot: watch::Sender<Option<(u64, u64)>>,
+    /// Whether this node polls its location's collector arrays, whether its peer does,
+    /// and what the peer was told last (none: nothing yet on this link).
+    polling: bool,
+    peer_polling: bool,
+    told_polling: Option<bool>,
     replica: Arc<Replica>,
     runtime: Runtime,
     store: Arc<Store>,
@@ -101,6 +108,10 @@ impl NodeTask {
             proofs: Vec::new(),
             note_taken: None,
             report: watch::channel(None).0,
+            slot: watch::channel(None).0,
+            polling: false,
+            peer_polling: false,
+            told_polling: None,
             replica,
             runtime,
             store,
@@ -117,7 +128,7 @@ impl NodeTask {
     pub(crate) async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
-        (mut notes, mut grants): PeerInboxes,
+        (mut notes, mut grants, mut peer_polling): PeerInboxes,
     ) {
         tracing::info!(edge = %self.location, node = %self.node, grant = ?self.stored, "site pair node: waiting for its witness's grant");
         let mut tick = tokio::time::interval(POLL);
@@ -153,7 +164,14 @@ impl NodeTask {
                         tracing::warn!("a grant passed on by the peer was not taken: {err}");
                     }
                 }
+                changed = peer_polling.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.peer_polling = *peer_polling.borrow_and_update();
+                }
                 _ = tick.tick() => {
+                    self.tell_polling().await;
                     let mut actions = self.feed_heard();
                     actions.extend(self.machine.poll(clock::mono_now()));
                     self.carry_out(actions).await;
@@ -216,22 +234,64 @@ impl NodeTask {
         Ok(())
     }
 
-    /// This node's turn in its location's collector arrays: its rank among the live nodes
-    /// (itself, and its peer while their link is up) in the location's order.
+    /// This node's turn in its location's collector arrays: its rank among the nodes that
+    /// poll (itself, and its peer while their link is up), in the location's order. A
+    /// node whose array modules do not reach their devices takes no turn, so the other
+    /// reads every interval rather than half the reads going missing.
     fn set_array_slot(&self) {
         let (model, _) = self.replica.snapshot();
         let Some(record) = model.edges.get(self.location.as_str()) else {
             return;
         };
-        let peer_up = self.peer.is_some();
+        let peer_polls = self.peer.is_some() && self.peer_polling;
         let live: Vec<NodeId> = record
             .nodes
             .iter()
-            .filter(|node| node.as_str() == self.node.as_str() || peer_up)
+            .filter(|node| match node.as_str() == self.node.as_str() {
+                true => self.polling,
+                false => peer_polls,
+            })
             .map(NodeId::new)
             .collect();
-        self.runtime
-            .set_array_slot(tether_common::control::array::slot(&live, &self.node));
+        let slot = tether_common::control::array::slot(&live, &self.node);
+        self.runtime.set_array_slot(slot);
+        self.slot.send_if_modified(|told| {
+            let now = slot.map(|s| (s.rank, s.of));
+            let changed = *told != now;
+            *told = now;
+            changed
+        });
+    }
+
+    /// Whether this node polls its collector arrays now: its modules of `shared_polling`
+    /// drivers run here and each reaches its device. The peer hears of every change.
+    async fn tell_polling(&mut self) {
+        let polling = {
+            let (model, _) = self.replica.snapshot();
+            let arrays: Vec<&String> = model
+                .modules
+                .values()
+                .filter(|m| m.edge.as_ref() == Some(&self.location))
+                .filter(|m| {
+                    model
+                        .drivers
+                        .get(&m.driver)
+                        .is_some_and(|d| d.shared_polling)
+                })
+                .map(|m| &m.id)
+                .collect();
+            !arrays.is_empty()
+                && arrays
+                    .iter()
+                    .all(|id| self.runtime.device_connected(id) == Some(true))
+        };
+        self.polling = polling;
+        if let Some(link) = &self.peer
+            && self.told_polling != Some(polling)
+            && link.notify(Notice::PeerPolling { polling }).await.is_ok()
+        {
+            self.told_polling = Some(polling);
+        }
     }
 
     /// Tells the machine of the frames heard since it last looked (the silences it
@@ -268,6 +328,7 @@ impl NodeTask {
                         if let Some(link) = link {
                             tokio::spawn(report_audits(link.clone(), self.store.clone()));
                             tokio::spawn(send_reports(link.clone(), self.report.subscribe()));
+                            tokio::spawn(send_slots(link.clone(), self.slot.subscribe()));
                             let status =
                                 stream_status(link, self.runtime.clone(), self.view.clone());
                             tokio::spawn(status);
@@ -318,6 +379,7 @@ impl NodeTask {
                 }
                 self.peer_heard = None;
                 self.note_taken = None;
+                self.told_polling = None;
                 // The holder's status, for the standby's warm modules.
                 tokio::spawn(stream_status(link, self.runtime.clone(), self.view.clone()));
                 self.machine.handle(now, NodeEvent::PeerUp)
@@ -325,6 +387,7 @@ impl NodeTask {
             Command::Peer(PeerEvent::Down(link)) => match &self.peer {
                 Some(current) if current.same_link(&link) => {
                     self.peer = None;
+                    self.peer_polling = false;
                     let last_heard = link.last_heard();
                     self.machine.handle(now, NodeEvent::PeerDown { last_heard })
                 }
@@ -548,10 +611,11 @@ pub struct PairView {
     pub claimed: bool,
 }
 
-/// What the peer sent last: its note, and a grant it passed on.
+/// What the peer sent last: its note, a grant it passed on, whether it polls.
 pub(crate) type PeerInboxes = (
     watch::Receiver<Option<PeerNote>>,
     watch::Receiver<Option<(PairGrant, Vec<GrantProof>)>>,
+    watch::Receiver<bool>,
 );
 
 /// Sends the master each report of this node, the latest first, in order, until the link
@@ -568,6 +632,24 @@ async fn send_reports(link: Link, mut reports: watch::Receiver<Option<NodeReport
         }
         tokio::select! {
             changed = reports.changed() => if changed.is_err() { return },
+            _ = link.closed() => return,
+        }
+    }
+}
+
+/// Sends the master this node's collector-array slot, and each change, until the link
+/// closes.
+async fn send_slots(link: Link, mut slots: watch::Receiver<Option<(u64, u64)>>) {
+    loop {
+        let slot = *slots.borrow_and_update();
+        if let Err(err) = link
+            .request(Request::ArraySlot { slot }, REPORT_TIMEOUT)
+            .await
+        {
+            tracing::debug!("array slot not taken: {err}");
+        }
+        tokio::select! {
+            changed = slots.changed() => if changed.is_err() { return },
             _ = link.closed() => return,
         }
     }
@@ -761,6 +843,7 @@ async fn serve_peer(
             Incoming::Notice(Notice::PeerGrant { grant, proofs }, _) => {
                 control.peer_grant(grant, proofs)
             }
+            Incoming::Notice(Notice::PeerPolling { polling }, _) => control.peer_polling(polling),
             Incoming::Notice(
                 Notice::StatusChanged {
                     module_id,

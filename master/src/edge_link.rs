@@ -99,7 +99,10 @@ pub async fn serve_edge(
                 }
                 continue;
             }
-            Incoming::Notice(Notice::PeerNote(_) | Notice::PeerGrant { .. }, _) => {
+            Incoming::Notice(
+                Notice::PeerNote(_) | Notice::PeerGrant { .. } | Notice::PeerPolling { .. },
+                _,
+            ) => {
                 metrics.refused(&edge_id, "notice");
                 tracing::debug!(edge = %edge_id, "a note meant for a pair's peer, sent to the master, is ignored");
                 continue;
@@ -193,6 +196,16 @@ pub async fn serve_edge(
                     format!(
                         "edge {edge_id} is not a node of a site pair: it reports with ControlReport"
                     ),
+                )),
+            },
+            Request::ArraySlot { slot } => match &node {
+                Some(node) => {
+                    registry.set_array_slot(node, slot);
+                    Ok(Response::Ack)
+                }
+                None => Err(RemoteError::new(
+                    ErrorCode::BadRequest,
+                    format!("edge {edge_id} is not a node of a site pair: it has no array slot"),
                 )),
             },
             Request::Hello { api_url } => match checked_api_url(&api_url) {

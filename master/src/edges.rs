@@ -29,6 +29,8 @@ struct EdgeEntry {
     location: Option<String>,
     /// A site pair's location: the node its witness granted the modules last.
     holder: Option<String>,
+    /// A site pair's node: its collector-array slot as it reported it last.
+    array_slot: Option<(u64, u64)>,
 }
 
 impl EdgeEntry {
@@ -42,6 +44,7 @@ impl EdgeEntry {
             api_url: None,
             location,
             holder: None,
+            array_slot: None,
         }
     }
 
@@ -212,6 +215,7 @@ impl EdgeRegistry {
                 entry.last_seen_ms = Some(link.last_seen_unix_ms());
                 entry.link = None;
                 entry.connected_since_ms = None;
+                entry.array_slot = None;
                 tracing::warn!(edge = %edge_id, "edge offline: {reason}");
                 Some(last_heard)
             }
@@ -270,6 +274,13 @@ impl EdgeRegistry {
             {
                 link.close(why.to_string());
             }
+        }
+    }
+
+    /// A site pair's node's collector-array slot, as it reported it.
+    pub fn set_array_slot(&self, node: &str, slot: Option<(u64, u64)>) {
+        if let Some(entry) = self.lock().get_mut(node) {
+            entry.array_slot = slot;
         }
     }
 
@@ -382,32 +393,22 @@ impl EdgeRegistry {
 }
 
 /// A site pair's nodes as `GET /api/v1/edges` shows them: each one's link, its role
-/// (`holder` or `standby`) and its collector-array slot (`[rank, of]` among the nodes
-/// online, in the order of `nodes`; none while offline).
+/// (`holder` or `standby`) and its collector-array slot (`[rank, of]` among the nodes that
+/// poll, as the node reported it; none while offline, or not polling).
 fn node_views(
     edges: &HashMap<String, EdgeEntry>,
     record: &EdgeRecord,
     holder: Option<&str>,
 ) -> Value {
-    let online: Vec<&String> = record
-        .nodes
-        .iter()
-        .filter(|n| {
-            edges
-                .get(n.as_str())
-                .is_some_and(|e| e.live_link().is_some())
-        })
-        .collect();
     let views = record.nodes.iter().map(|node| {
         let entry = edges.get(node.as_str());
         let link = entry.and_then(EdgeEntry::live_link);
         let last_seen = link
             .map(|l| l.last_seen_unix_ms())
             .or(entry.and_then(|e| e.last_seen_ms));
-        let slot = online
-            .iter()
-            .position(|n| *n == node)
-            .map(|r| serde_json::json!([r, online.len()]));
+        let slot = link
+            .and(entry.and_then(|e| e.array_slot))
+            .map(|(rank, of)| serde_json::json!([rank, of]));
         serde_json::json!({
             "id": node,
             "online": link.is_some(),

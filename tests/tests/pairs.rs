@@ -517,6 +517,13 @@ modules = ["meter"]
 
 const POLL_MS: u64 = 1000;
 
+/// Each node's collector-array slot, as the master shows it.
+async fn array_slots(site: &PairSite) -> Option<Vec<Value>> {
+    let location = site.location().await;
+    let nodes = location["nodes"].as_array()?.clone();
+    Some(nodes.iter().map(|n| n["array_slot"].clone()).collect())
+}
+
 /// The meter's polls (its input-register reads, one a poll) from `since` on, as (ms since
 /// `since`, peer).
 fn polls(meter: &Sim, since: std::time::SystemTime) -> Vec<(u64, String)> {
@@ -546,12 +553,22 @@ fn longest_gap(polls: &[(u64, String)]) -> u64 {
 #[tokio::test]
 async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_and_a_return() {
     let meter = Sim::modbus();
+    let device: std::net::SocketAddr = meter.addr.parse().unwrap();
+    // Each node reaches the meter on a path of its own.
+    let mut paths = vec![
+        FaultProxy::start(0, device).await,
+        FaultProxy::start(0, device).await,
+    ];
+    let routes = paths
+        .iter()
+        .map(|path| format!("[device_routes]\n\"{device}\" = \"{}\"\n", path.addr()))
+        .collect();
     let spec = PairSpec {
         edge_settings: format!("pair_timeout_ms = {PAIR_TIMEOUT_MS}\ntimeout_ms = 20000"),
         site_extra: array_site(meter.port()),
         heartbeat_ms: HEARTBEAT_MS,
         files: Vec::new(),
-        node_extra: Vec::new(),
+        node_extra: routes,
         masters: 1,
     };
     let mut site = PairSite::start(spec).await;
@@ -563,6 +580,11 @@ async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_an
             .map(|(_, peer)| peer)
             .collect();
         (peers.len() == 2).then_some(())
+    })
+    .await;
+    // The master shows each node's turn, as the nodes report them.
+    wait_for("both nodes' slots", Duration::from_secs(10), || async {
+        (array_slots(&site).await? == [json!([0, 2]), json!([1, 2])]).then_some(())
     })
     .await;
     // Settled (the connects' own polls are over): they alternate, an interval apart.
@@ -613,6 +635,11 @@ async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_an
     );
     let peers: std::collections::HashSet<&String> = alone.iter().map(|(_, p)| p).collect();
     assert_eq!(peers.len(), 1, "{alone:?}");
+    assert_eq!(
+        array_slots(&site).await.unwrap(),
+        [json!([0, 1]), Value::Null],
+        "the survivor alone"
+    );
 
     // Back: they take turns again.
     site.nodes[1].restart();
@@ -639,6 +666,25 @@ async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_an
     // No gap longer than two intervals anywhere.
     let all = polls(&meter, start);
     assert!(longest_gap(&all) <= 2 * POLL_MS, "{all:?}");
+
+    // The standby's path to the meter goes: it takes no turn, and the holder reads every
+    // interval (rather than half the reads going missing).
+    let standby_path = paths.remove(1);
+    standby_path.reset();
+    drop(standby_path);
+    wait_for("the standby out of the array", Duration::from_secs(10), || async {
+        (array_slots(&site).await? == [json!([0, 1]), Value::Null]).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+    let from = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(4 * POLL_MS)).await;
+    let holder_alone = polls(&meter, from);
+    assert!(
+        holder_alone.len() >= 3,
+        "every interval from the holder: {holder_alone:?}"
+    );
+    assert!(longest_gap(&holder_alone) <= POLL_MS + 300, "{holder_alone:?}");
 }
 
 /// The master that witnesses the pair: the one whose row in `GET /api/v1/masters` lists

@@ -56,7 +56,8 @@ pub fn link_need(model: &Model, edge: &str, body: &Request) -> LinkNeed {
         | Request::Hello { .. }
         | Request::FetchBlobs { .. }
         | Request::AuditEvents { .. }
-        | Request::NodeReport(_) => LinkNeed::Own,
+        | Request::NodeReport(_)
+        | Request::ArraySlot { .. } => LinkNeed::Own,
         Request::PairGrant { .. } => LinkNeed::Never("a pair grant"),
         Request::ControlDecision { .. } => LinkNeed::Never("a control decision"),
         Request::MasterReady => LinkNeed::Never("a master-ready notice"),

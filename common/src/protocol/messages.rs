@@ -288,6 +288,13 @@ pub enum Request {
     /// A site pair's node to master: where it stands (on every link, and on every
     /// change). Answer: [`Response::Ack`].
     NodeReport(crate::control::pair::NodeReport),
+    /// A site pair's node to master: its turn in its location's collector arrays, as
+    /// `(rank, of)` among the nodes polling (none: it does not poll). Answer:
+    /// [`Response::Ack`].
+    ArraySlot {
+        /// The slot.
+        slot: Option<(u64, u64)>,
+    },
 }
 
 /// Answers.
@@ -380,5 +387,12 @@ pub enum Notice {
         grant: crate::control::pair::PairGrant,
         /// Its proof for each node of the location.
         proofs: Vec<crate::control::pair::GrantProof>,
+    },
+    /// A site pair's node to its peer: whether it polls its location's collector arrays
+    /// (its modules of `shared_polling` drivers run and reach their devices), so that the
+    /// peer counts it among the array's live nodes only then.
+    PeerPolling {
+        /// Whether it polls.
+        polling: bool,
     },
 }
