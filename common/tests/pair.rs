@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, VecDeque};
 use proptest::prelude::*;
 use tether_common::control::pair::{
     Isolation, NodeAction, NodeEvent, NodeReport, NodeSide, PairGrant, PairHolder, PairSettings,
-    WitnessAction, WitnessEvent, WitnessSide,
+    PeerNote, PeerReport, WitnessAction, WitnessEvent, WitnessSide,
 };
 use tether_common::control::{Epoch, Mono, NodeId};
 
@@ -39,11 +39,10 @@ const A: usize = 0;
 const B: usize = 1;
 /// Links: each node's to the master, and theirs to each other.
 const AM: usize = 0;
-const BM: usize = 1;
 const AB: usize = 2;
 
 fn node_id(i: usize) -> NodeId {
-    NodeId::new(["site-1a", "site-1b"][i])
+    NodeId::new(["site-1a", "site-1b", "site-1c"][i])
 }
 
 fn first_grant() -> PairGrant {
@@ -80,10 +79,11 @@ enum Delivery {
         up: bool,
         last_heard: u64,
     },
-    /// A grant to a node; whether a master sent it (else the peer passed it on).
-    GrantTo(usize, PairGrant, bool),
-    NoteTo(usize, tether_common::control::pair::PeerNote),
-    ReportFrom(usize, tether_common::control::pair::NodeReport),
+    /// A grant to a node, from a master (`None`) or passed on by a peer.
+    GrantTo(usize, PairGrant, Option<usize>),
+    /// A note to a node, from a peer.
+    NoteTo(usize, usize, PeerNote),
+    ReportFrom(usize, NodeReport),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -99,94 +99,122 @@ enum Op {
     Flap(usize, u64),
 }
 
+/// The links of a location of `n` nodes: each node's to the master (link i for node i),
+/// then one between each two nodes (for two nodes: A-master, B-master, A-B).
+fn link_count(n: usize) -> usize {
+    n + n * (n - 1) / 2
+}
+
+/// The link between nodes `i` and `j`.
+fn peer_link(n: usize, i: usize, j: usize) -> usize {
+    let (i, j) = (i.min(j), i.max(j));
+    let mut link = n;
+    for a in 0..n {
+        for b in a + 1..n {
+            if (a, b) == (i, j) {
+                return link;
+            }
+            link += 1;
+        }
+    }
+    unreachable!("no link between {i} and {j}")
+}
+
 struct World {
+    n: usize,
     now: u64,
     settings: PairSettings,
     rng: Rng,
-    nodes: [Option<NodeSide>; 2],
-    stored: [PairGrant; 2],
+    nodes: Vec<Option<NodeSide>>,
+    stored: Vec<PairGrant>,
     witness: Option<WitnessSide>,
     witness_stored: PairGrant,
-    /// Incarnations, so that what was on its way to a killed side is dropped.
-    generation: [u64; 3],
-    cut: [bool; 3],
+    /// Incarnations (each node's, then the master's), so that what was on its way to a
+    /// killed side is dropped.
+    generation: Vec<u64>,
+    cut: Vec<bool>,
     /// Whether each link was physically up, as of the last change.
-    was_up: [bool; 3],
+    was_up: Vec<bool>,
     /// When each link last went physically down, and whether it is down now.
-    down_since: [Option<u64>; 3],
+    down_since: Vec<Option<u64>>,
     /// When each link last came back (for the grace after a heal).
-    up_since: [u64; 3],
+    up_since: Vec<u64>,
     queue: VecDeque<(u64, u64, Side, Delivery)>,
     /// Whether each end of each link has noticed it up (frames flow to it then).
-    noticed: [[bool; 2]; 3],
+    noticed: Vec<[bool; 2]>,
     /// The last heartbeat each link carried.
-    beat: [u64; 3],
+    beat: Vec<u64>,
     issued: BTreeSet<Epoch>,
-    devices: [u32; 2],
-}
-
-fn ends(link: usize) -> (Side, Side) {
-    match link {
-        AM => (Side::Node(A), Side::Master),
-        BM => (Side::Node(B), Side::Master),
-        _ => (Side::Node(A), Side::Node(B)),
-    }
-}
-
-fn gen_index(side: Side) -> usize {
-    match side {
-        Side::Node(i) => i,
-        Side::Master => 2,
-    }
+    devices: Vec<u32>,
 }
 
 impl World {
-    fn new(settings: PairSettings, seed: u64) -> World {
+    fn new(n: usize, settings: PairSettings, seed: u64) -> World {
         let now = 0;
+        let links = link_count(n);
+        let ids: Vec<NodeId> = (0..n).map(node_id).collect();
         let mut world = World {
+            n,
             now,
             settings,
             rng: Rng(seed | 1),
-            nodes: [
-                Some(NodeSide::new(
-                    node_id(A),
-                    settings,
-                    first_grant(),
-                    Mono(now),
-                )),
-                Some(NodeSide::new(
-                    node_id(B),
-                    settings,
-                    first_grant(),
-                    Mono(now),
-                )),
-            ],
-            stored: [first_grant(), first_grant()],
-            witness: Some(WitnessSide::new(
-                vec![node_id(A), node_id(B)],
-                settings,
-                first_grant(),
-                Mono(now),
-            )),
+            nodes: (0..n)
+                .map(|i| {
+                    Some(NodeSide::new(
+                        node_id(i),
+                        ids.clone(),
+                        settings,
+                        first_grant(),
+                        Mono(now),
+                    ))
+                })
+                .collect(),
+            stored: vec![first_grant(); n],
+            witness: Some(WitnessSide::new(ids, settings, first_grant(), Mono(now))),
             witness_stored: first_grant(),
-            generation: [0; 3],
-            cut: [false; 3],
-            was_up: [false; 3],
-            down_since: [Some(0); 3],
-            up_since: [0; 3],
+            generation: vec![0; n + 1],
+            cut: vec![false; links],
+            was_up: vec![false; links],
+            down_since: vec![Some(0); links],
+            up_since: vec![0; links],
             queue: VecDeque::new(),
-            noticed: [[false; 2]; 3],
-            beat: [0; 3],
+            noticed: vec![[false; 2]; links],
+            beat: vec![0; links],
             issued: BTreeSet::new(),
-            devices: [3, 3],
+            devices: vec![3; n],
         };
-        for i in [A, B] {
+        for i in 0..n {
             if let Some(node) = &mut world.nodes[i] {
                 let _ = node.handle(Mono(now), NodeEvent::Devices(world.devices[i]));
             }
         }
         world.links_changed();
         world
+    }
+
+    fn ids(&self) -> Vec<NodeId> {
+        (0..self.n).map(node_id).collect()
+    }
+
+    fn ends(&self, link: usize) -> (Side, Side) {
+        if link < self.n {
+            return (Side::Node(link), Side::Master);
+        }
+        for a in 0..self.n {
+            for b in a + 1..self.n {
+                if peer_link(self.n, a, b) == link {
+                    return (Side::Node(a), Side::Node(b));
+                }
+            }
+        }
+        unreachable!("no link {link}")
+    }
+
+    fn gen_index(&self, side: Side) -> usize {
+        match side {
+            Side::Node(i) => i,
+            Side::Master => self.n,
+        }
     }
 
     fn alive(&self, side: Side) -> bool {
@@ -197,7 +225,7 @@ impl World {
     }
 
     fn physically_up(&self, link: usize) -> bool {
-        let (a, b) = ends(link);
+        let (a, b) = self.ends(link);
         !self.cut[link] && self.alive(a) && self.alive(b)
     }
 
@@ -209,13 +237,13 @@ impl World {
 
     /// Schedules each end's noticing of every link whose physical state changed.
     fn links_changed(&mut self) {
-        for link in 0..3 {
+        for link in 0..link_count(self.n) {
             let up = self.physically_up(link);
             if up == self.was_up[link] {
                 continue;
             }
             self.was_up[link] = up;
-            let (a, b) = ends(link);
+            let (a, b) = self.ends(link);
             if up {
                 self.down_since[link] = None;
                 self.up_since[link] = self.now;
@@ -258,16 +286,16 @@ impl World {
     }
 
     fn schedule(&mut self, delay: u64, to: Side, delivery: Delivery) {
-        let generation = self.generation[gen_index(to)];
+        let generation = self.generation[self.gen_index(to)];
         self.queue
             .push_back((self.now + delay, generation, to, delivery));
     }
 
-    fn send_grant(&mut self, to: usize, grant: PairGrant, from_master: bool) {
+    fn send_grant(&mut self, to: usize, grant: PairGrant, from_peer: Option<usize>) {
         self.schedule(
             LATENCY_MS,
             Side::Node(to),
-            Delivery::GrantTo(to, grant, from_master),
+            Delivery::GrantTo(to, grant, from_peer),
         );
     }
 
@@ -278,17 +306,21 @@ impl World {
                     self.schedule(LATENCY_MS, Side::Master, Delivery::ReportFrom(i, report));
                 }
                 NodeAction::TellPeer(note) => {
-                    self.schedule(LATENCY_MS, Side::Node(1 - i), Delivery::NoteTo(1 - i, note));
+                    for j in (0..self.n).filter(|j| *j != i) {
+                        self.schedule(LATENCY_MS, Side::Node(j), Delivery::NoteTo(j, i, note));
+                    }
                 }
                 _ => {}
             }
         }
-        // A node stores a grant it took, and passes it on to its peer.
+        // A node stores a grant it took, and passes it on to its peers.
         let Some(node) = &self.nodes[i] else { return };
         let grant = node.grant().clone();
         if grant != before {
             self.stored[i] = grant.clone();
-            self.send_grant(1 - i, grant, false);
+            for j in (0..self.n).filter(|j| *j != i) {
+                self.send_grant(j, grant.clone(), Some(i));
+            }
         }
     }
 
@@ -308,15 +340,15 @@ impl World {
                 }
                 self.issued.insert(grant.epoch);
                 self.witness_stored = grant.clone();
-                for i in [A, B] {
-                    self.send_grant(i, grant.clone(), true);
+                for i in 0..self.n {
+                    self.send_grant(i, grant.clone(), None);
                 }
             }
         }
         Ok(())
     }
 
-    fn deliver(&mut self, to: Side, delivery: Delivery) -> Result<(), String> {
+    fn deliver(&mut self, delivery: Delivery) -> Result<(), String> {
         let now = Mono(self.now);
         match delivery {
             Delivery::Noticed {
@@ -329,8 +361,8 @@ impl World {
                 if self.physically_up(link) != up {
                     return Ok(());
                 }
-                let (first, _) = ends(link);
-                let index = usize::from(gen_index(end) != gen_index(first));
+                let (first, second) = self.ends(link);
+                let index = usize::from(self.gen_index(end) != self.gen_index(first));
                 // A link this end never had up (it flapped before being noticed) is not
                 // noticed going down either: no frame ever came over it.
                 if !up && !self.noticed[link][index] {
@@ -339,7 +371,7 @@ impl World {
                 self.noticed[link][index] = up;
                 match end {
                     Side::Master => {
-                        let node = node_id(if link == AM { A } else { B });
+                        let node = node_id(link);
                         let event = match up {
                             true => WitnessEvent::Up(node),
                             false => WitnessEvent::Down(node, Mono(last_heard)),
@@ -352,17 +384,23 @@ impl World {
                         self.witness_actions(actions)?;
                         // A node linking gets the grant.
                         if up {
-                            self.send_grant(if link == AM { A } else { B }, grant, true);
+                            self.send_grant(link, grant, None);
                         }
                     }
                     Side::Node(i) => {
-                        let event = match (link == AB, up) {
-                            (false, true) => NodeEvent::MasterUp,
-                            (false, false) => NodeEvent::MasterDown {
+                        // The other end, for a link between nodes.
+                        let other = match (first, second) {
+                            (Side::Node(a), Side::Node(b)) => Some(if a == i { b } else { a }),
+                            _ => None,
+                        };
+                        let event = match (other, up) {
+                            (None, true) => NodeEvent::MasterUp,
+                            (None, false) => NodeEvent::MasterDown {
                                 last_heard: Mono(last_heard),
                             },
-                            (true, true) => NodeEvent::PeerUp,
-                            (true, false) => NodeEvent::PeerDown {
+                            (Some(peer), true) => NodeEvent::PeerUp(node_id(peer)),
+                            (Some(peer), false) => NodeEvent::PeerDown {
+                                peer: node_id(peer),
                                 last_heard: Mono(last_heard),
                             },
                         };
@@ -373,18 +411,17 @@ impl World {
                         let actions = node.handle(now, event);
                         let grant = node.grant().clone();
                         self.node_actions(i, before, actions);
-                        if link == AB && up {
-                            self.send_grant(1 - i, grant, false);
+                        if let (Some(peer), true) = (other, up) {
+                            self.send_grant(peer, grant, Some(i));
                         }
                     }
                 }
             }
-            Delivery::GrantTo(i, grant, from_master) => {
+            Delivery::GrantTo(i, grant, from_peer) => {
                 // Over the link it was sent on, if that link is still up.
-                let link = match (from_master, i) {
-                    (true, A) => AM,
-                    (true, _) => BM,
-                    (false, _) => AB,
+                let link = match from_peer {
+                    None => i,
+                    Some(peer) => peer_link(self.n, i, peer),
                 };
                 if !self.carries(link) {
                     return Ok(());
@@ -393,22 +430,23 @@ impl World {
                     return Ok(());
                 };
                 let before = node.grant().clone();
+                let from_master = from_peer.is_none();
                 let actions = node.handle(now, NodeEvent::Granted { grant, from_master });
                 self.node_actions(i, before, actions);
             }
-            Delivery::NoteTo(i, note) => {
-                if !self.carries(AB) {
+            Delivery::NoteTo(i, from, note) => {
+                if !self.carries(peer_link(self.n, i, from)) {
                     return Ok(());
                 }
                 let Some(node) = &mut self.nodes[i] else {
                     return Ok(());
                 };
                 let before = node.grant().clone();
-                let actions = node.handle(now, NodeEvent::PeerNote(note));
+                let actions = node.handle(now, NodeEvent::PeerNote(node_id(from), note));
                 self.node_actions(i, before, actions);
             }
             Delivery::ReportFrom(i, report) => {
-                if !self.carries(if i == A { AM } else { BM }) {
+                if !self.carries(i) {
                     return Ok(());
                 }
                 let Some(witness) = &mut self.witness else {
@@ -418,7 +456,6 @@ impl World {
                 self.witness_actions(actions)?;
             }
         }
-        let _ = to;
         Ok(())
     }
 
@@ -426,19 +463,21 @@ impl World {
         self.now += STEP_MS;
         // Heartbeats: a node hears a frame on each link it has noticed up, while the link
         // is up, once a heartbeat.
-        for link in 0..3 {
+        for link in 0..link_count(self.n) {
             if !self.physically_up(link) || self.now - self.beat[link] < HEARTBEAT_MS {
                 continue;
             }
             self.beat[link] = self.now;
-            let (first, second) = ends(link);
+            let (first, second) = self.ends(link);
             for (index, end) in [first, second].into_iter().enumerate() {
                 let Side::Node(i) = end else { continue };
                 if !self.noticed[link][index] {
                     continue;
                 }
-                let event = match link {
-                    AB => NodeEvent::PeerHeard,
+                let event = match (first, second) {
+                    (Side::Node(a), Side::Node(b)) => {
+                        NodeEvent::PeerHeard(node_id(if a == i { b } else { a }))
+                    }
                     _ => NodeEvent::MasterHeard,
                 };
                 if let Some(node) = &mut self.nodes[i] {
@@ -458,13 +497,13 @@ impl World {
                 .map(|(i, _)| i);
             let Some(index) = due else { break };
             let (_, generation, to, delivery) = self.queue.remove(index).unwrap();
-            if generation != self.generation[gen_index(to)] || !self.alive(to) {
+            if generation != self.generation[self.gen_index(to)] || !self.alive(to) {
                 continue;
             }
-            self.deliver(to, delivery)?;
+            self.deliver(delivery)?;
         }
         let now = Mono(self.now);
-        for i in [A, B] {
+        for i in 0..self.n {
             if let Some(node) = &mut self.nodes[i] {
                 let before = node.grant().clone();
                 let actions = node.poll(now);
@@ -483,33 +522,44 @@ impl World {
         self.down_since[link].is_some() || self.now.saturating_sub(self.up_since[link]) <= GRACE_MS
     }
 
+    /// Whether node `i` is (or was, within the grace) cut off from every peer and the
+    /// master: the one case where the location lets a node run beside another.
+    fn isolated(&self, i: usize) -> bool {
+        self.recently_down(i)
+            && (0..self.n)
+                .filter(|j| *j != i)
+                .all(|j| self.recently_down(peer_link(self.n, i, j)))
+    }
+
     fn check(&self) -> Result<(), String> {
         let running = |i: usize| self.nodes[i].as_ref().is_some_and(|n| n.is_running());
         let master_runs = self.witness.as_ref().is_some_and(|w| w.is_running());
-        if running(A) && running(B) {
-            let apart = self.recently_down(AB);
-            let allowed = apart
-                && match (
-                    self.settings.isolation,
-                    self.settings.unwitnessed_takeover_ms,
-                ) {
-                    (_, Some(_)) if self.recently_down(AM) && self.recently_down(BM) => true,
-                    (Isolation::Continue, _) => self.recently_down(AM) || self.recently_down(BM),
-                    (Isolation::Stop, _) => false,
-                };
-            if !allowed {
-                return Err(format!(
-                    "at {} ms both nodes run: cut {:?}, down since {:?}, grants {:?} / {:?}",
-                    self.now,
-                    self.cut,
-                    self.down_since,
-                    self.nodes[A].as_ref().map(|n| n.grant().clone()),
-                    self.nodes[B].as_ref().map(|n| n.grant().clone()),
-                ));
+        for i in 0..self.n {
+            for j in i + 1..self.n {
+                if !(running(i) && running(j)) {
+                    continue;
+                }
+                let allowed = self.recently_down(peer_link(self.n, i, j))
+                    && match self.settings.isolation {
+                        Isolation::Continue => self.isolated(i) || self.isolated(j),
+                        Isolation::Stop => false,
+                    };
+                if !allowed {
+                    return Err(format!(
+                        "at {} ms nodes {i} and {j} run: cut {:?}, down since {:?}, grants {:?}",
+                        self.now,
+                        self.cut,
+                        self.down_since,
+                        self.nodes
+                            .iter()
+                            .map(|n| n.as_ref().map(|n| n.grant().clone()))
+                            .collect::<Vec<_>>(),
+                    ));
+                }
             }
         }
-        for (i, link) in [(A, AM), (B, BM)] {
-            if master_runs && running(i) && !self.recently_down(link) {
+        for i in 0..self.n {
+            if master_runs && running(i) && !self.recently_down(i) {
                 return Err(format!(
                     "at {} ms the master and node {i} run while linked: down since {:?}",
                     self.now, self.down_since
@@ -527,10 +577,17 @@ impl World {
                 }
                 return Ok(());
             }
-            Op::Cut(link) => self.cut[link] = true,
-            Op::Heal(link) => self.cut[link] = false,
+            Op::Cut(link) => {
+                let links = self.cut.len();
+                self.cut[link % links] = true;
+            }
+            Op::Heal(link) => {
+                let links = self.cut.len();
+                self.cut[link % links] = false;
+            }
             Op::Kill(side) => {
-                self.generation[gen_index(side)] += 1;
+                let index = self.gen_index(side);
+                self.generation[index] += 1;
                 match side {
                     Side::Node(i) => self.nodes[i] = None,
                     Side::Master => self.witness = None,
@@ -540,18 +597,24 @@ impl World {
                 if self.alive(side) {
                     return Ok(());
                 }
-                self.generation[gen_index(side)] += 1;
+                let index = self.gen_index(side);
+                self.generation[index] += 1;
                 let now = Mono(self.now);
                 match side {
                     Side::Node(i) => {
-                        let mut node =
-                            NodeSide::new(node_id(i), self.settings, self.stored[i].clone(), now);
+                        let mut node = NodeSide::new(
+                            node_id(i),
+                            self.ids(),
+                            self.settings,
+                            self.stored[i].clone(),
+                            now,
+                        );
                         let _ = node.handle(now, NodeEvent::Devices(self.devices[i]));
                         self.nodes[i] = Some(node);
                     }
                     Side::Master => {
                         self.witness = Some(WitnessSide::new(
-                            vec![node_id(A), node_id(B)],
+                            self.ids(),
                             self.settings,
                             self.witness_stored.clone(),
                             now,
@@ -568,6 +631,7 @@ impl World {
                 }
             }
             Op::Flap(link, ms) => {
+                let link = link % self.cut.len();
                 self.apply(Op::Heal(link))?;
                 self.apply(Op::Advance(ms))?;
                 self.cut[link] = true;
@@ -584,21 +648,21 @@ impl World {
     }
 
     /// Everything healed and started, and time for the dust to settle: one runs, the
-    /// one the witness names, and both nodes hold its grant.
+    /// one the witness names, and every node holds its grant.
     fn settle(&mut self) -> Result<(), String> {
-        for link in 0..3 {
+        for link in 0..link_count(self.n) {
             self.apply(Op::Heal(link))?;
         }
-        for side in [Side::Node(A), Side::Node(B), Side::Master] {
-            self.apply(Op::Start(side))?;
+        for i in 0..self.n {
+            self.apply(Op::Start(Side::Node(i)))?;
         }
+        self.apply(Op::Start(Side::Master))?;
         self.apply(Op::Advance(
             self.settings.timeout_ms + self.settings.pair_timeout_ms + 5_000,
         ))?;
         let witness = self.witness.as_ref().unwrap();
         let grant = witness.grant().clone();
-        let runners: Vec<String> = [A, B]
-            .into_iter()
+        let runners: Vec<String> = (0..self.n)
             .filter(|i| self.nodes[*i].as_ref().unwrap().is_running())
             .map(|i| node_id(i).to_string())
             .chain(witness.is_running().then(|| "master".to_string()))
@@ -613,7 +677,7 @@ impl World {
                 "after healing {runners:?} run; the grant names {expected}"
             ));
         }
-        for i in [A, B] {
+        for i in 0..self.n {
             let held = self.nodes[i].as_ref().unwrap().grant();
             if *held != grant {
                 return Err(format!("node {i} holds {held:?}, the witness {grant:?}"));
@@ -623,20 +687,24 @@ impl World {
     }
 }
 
-fn side() -> impl Strategy<Value = Side> {
-    prop_oneof![Just(Side::Node(A)), Just(Side::Node(B)), Just(Side::Master)]
+fn side(n: usize) -> impl Strategy<Value = Side> {
+    prop_oneof![
+        n as u32 => (0..n).prop_map(Side::Node),
+        1 => Just(Side::Master),
+    ]
 }
 
-fn op() -> impl Strategy<Value = Op> {
+fn op(n: usize) -> impl Strategy<Value = Op> {
+    let links = link_count(n);
     prop_oneof![
         4 => (1u64..12_000).prop_map(Op::Advance),
-        2 => (0usize..3).prop_map(Op::Cut),
-        2 => (0usize..3).prop_map(Op::Heal),
-        1 => side().prop_map(Op::Kill),
-        1 => side().prop_map(Op::Start),
-        1 => ((0usize..2), (0u32..4)).prop_map(|(i, d)| Op::Devices(i, d)),
+        2 => (0..links).prop_map(Op::Cut),
+        2 => (0..links).prop_map(Op::Heal),
+        1 => side(n).prop_map(Op::Kill),
+        1 => side(n).prop_map(Op::Start),
+        1 => ((0..n), (0u32..4)).prop_map(|(i, d)| Op::Devices(i, d)),
         1 => Just(Op::Restore),
-        1 => ((0usize..3), (10u64..300)).prop_map(|(link, ms)| Op::Flap(link, ms)),
+        1 => ((0..links), (10u64..300)).prop_map(|(link, ms)| Op::Flap(link, ms)),
     ]
 }
 
@@ -667,9 +735,9 @@ proptest! {
     fn a_pair_and_its_witness_never_run_twice_beyond_what_the_location_allows(
         settings in settings(),
         seed in any::<u64>(),
-        ops in proptest::collection::vec(op(), 1..40),
+        ops in proptest::collection::vec(op(2), 1..40),
     ) {
-        let mut world = World::new(settings, seed);
+        let mut world = World::new(2, settings, seed);
         for op in ops {
             if let Err(why) = world.apply(op) {
                 prop_assert!(false, "{why}");
@@ -699,7 +767,7 @@ fn fixed(isolation: Isolation) -> PairSettings {
 #[test]
 fn the_holder_cut_off_from_both_stops_before_the_standby_is_granted() {
     let settings = fixed(Isolation::Stop);
-    let mut world = World::new(settings, 7);
+    let mut world = World::new(2, settings, 7);
     world.apply(Op::Advance(3_000)).unwrap();
     let runs = |w: &World, i: usize| w.nodes[i].as_ref().unwrap().is_running();
     assert!(runs(&world, A) && !runs(&world, B), "A, preferred, holds");
@@ -743,7 +811,7 @@ fn the_holder_cut_off_from_both_stops_before_the_standby_is_granted() {
 #[test]
 fn a_holder_that_reaches_fewer_devices_than_its_peer_hands_over_once() {
     let settings = fixed(Isolation::Continue);
-    let mut world = World::new(settings, 11);
+    let mut world = World::new(2, settings, 11);
     world.apply(Op::Advance(3_000)).unwrap();
     let runs = |w: &World, i: usize| w.nodes[i].as_ref().unwrap().is_running();
     assert!(runs(&world, A));
@@ -795,7 +863,7 @@ fn the_standby_holds_within_the_pair_timeout_and_a_second_of_the_holders_death()
     let mut slowest = 0;
     for seed in 1..20 {
         let settings = fixed(Isolation::Stop);
-        let mut world = World::new(settings, seed);
+        let mut world = World::new(2, settings, seed);
         world.apply(Op::Advance(3_000)).unwrap();
         world.apply(Op::Kill(Side::Node(A))).unwrap();
         let killed = world.now;
@@ -831,12 +899,15 @@ fn a_witness_behind_its_nodes_issues_above_their_epoch() {
     // The holder (A) has never linked; B has not heard it for the pair timeout.
     let report = NodeReport {
         epoch: Epoch(41),
-        hears_peer: false,
-        peer_silent_ms: 6_000,
+        peers: vec![PeerReport {
+            node: node_id(A),
+            hears: false,
+            silent_ms: 6_000,
+            note: None,
+        }],
         devices: 0,
         running: false,
         claimed: false,
-        peer_note: None,
     };
     let mut actions = witness.handle(Mono(6_000), WitnessEvent::Report(node_id(B), report));
     actions.extend(witness.poll(Mono(6_000)));

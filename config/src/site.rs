@@ -248,10 +248,13 @@ pub fn check_pair(
             false => Ok(()),
         };
     }
-    if nodes.len() > 8 {
+    if nodes.len() != 2 {
         return Err((
             "nodes".into(),
-            format!("at most 8 nodes, not {}", nodes.len()),
+            format!(
+                "two nodes, a site pair (locations of more nodes are not supported yet), not {}",
+                nodes.len()
+            ),
         ));
     }
     for (i, node) in nodes.iter().enumerate() {
@@ -669,5 +672,39 @@ modules = ["proj-101"]
             .to_string();
         assert!(err.contains("key `edges[0].time_zone`"), "{err}");
         assert!(err.contains("Europe/Atlantis"), "{err}");
+    }
+
+    #[test]
+    fn a_pair_is_two_nodes_with_ids_of_their_own_and_settings_that_hold() {
+        let pair = |extra: &str| {
+            GOOD.replace(
+                "restore_window = {",
+                &format!("{extra}\nrestore_window = {{"),
+            )
+        };
+        let site = load(&pair(
+            "nodes = [\"site-1a\", \"site-1b\"]\nisolation = \"stop\"",
+        ))
+        .unwrap();
+        assert_eq!(site.edges[0].nodes, ["site-1a", "site-1b"]);
+        for (extra, key) in [
+            (
+                "nodes = [\"site-1a\", \"site-1b\", \"site-1c\"]",
+                "edges[0].nodes",
+            ),
+            ("nodes = [\"site-1a\", \"site-1a\"]", "edges[0].nodes[1]"),
+            ("pair_timeout_ms = 5000", "edges[0].nodes"),
+            (
+                "nodes = [\"site-1a\", \"site-1b\"]\nisolation = \"stop\"\nunwitnessed_takeover_ms = 9000",
+                "edges[0].unwitnessed_takeover_ms",
+            ),
+            (
+                "nodes = [\"site-1a\", \"site-1b\"]\npair_timeout_ms = 1000",
+                "edges[0].pair_timeout_ms",
+            ),
+        ] {
+            let err = load(&pair(extra)).unwrap_err().to_string();
+            assert!(err.contains(&format!("key `{key}`")), "{extra}: {err}");
+        }
     }
 }

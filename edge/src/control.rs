@@ -185,7 +185,7 @@ impl EdgeControl {
     /// module runs until the master decides, or the master is found unreachable.
     pub fn start(
         edge_id: &str,
-        node: Option<(NodeId, Secret)>,
+        node: Option<(NodeId, NodeId, Secret)>,
         replica: Arc<Replica>,
         runtime: Runtime,
         timing: EdgeTiming,
@@ -229,11 +229,11 @@ impl EdgeControl {
         Ok(control)
     }
 
-    /// A site pair's node: its task over the grant it stored last; `secret` is its own,
-    /// which proves its grants.
+    /// A site pair's node (with its peer): its task over the grant it stored last;
+    /// `secret` is its own, which proves its grants.
     fn start_node(
         edge_id: &str,
-        (node, secret): (NodeId, Secret),
+        (node, peer, secret): (NodeId, NodeId, Secret),
         replica: Arc<Replica>,
         runtime: Runtime,
         timing: EdgeTiming,
@@ -249,7 +249,7 @@ impl EdgeControl {
         let (polling, peer_polling) = tokio::sync::watch::channel(false);
         let task = crate::pair::NodeTask::new(
             EdgeId::new(edge_id),
-            (node, secret),
+            (node, peer, secret),
             replica.clone(),
             runtime,
             view.clone(),

@@ -44,6 +44,8 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 pub(crate) struct NodeTask {
     location: EdgeId,
     node: NodeId,
+    /// Its peer (a pair's other node).
+    peer_id: NodeId,
     /// This node's own secret: a grant is taken only with its proof under it.
     secret: Secret,
     machine: NodeSide,
@@ -82,7 +84,7 @@ pub(crate) struct NodeTask {
 impl NodeTask {
     pub(crate) fn new(
         location: EdgeId,
-        (node, secret): (NodeId, Secret),
+        (node, peer, secret): (NodeId, NodeId, Secret),
         replica: Arc<Replica>,
         runtime: Runtime,
         view: Arc<RwLock<ControlView>>,
@@ -99,7 +101,14 @@ impl NodeTask {
         let settings = settings(record, location.as_str(), heartbeat_ms);
         runtime.set_grant(&location, stored.control_state());
         Ok(NodeTask {
-            machine: NodeSide::new(node.clone(), settings, stored.clone(), clock::mono_now()),
+            machine: NodeSide::new(
+                node.clone(),
+                vec![peer.clone()],
+                settings,
+                stored.clone(),
+                clock::mono_now(),
+            ),
+            peer_id: peer,
             location,
             node,
             secret,
@@ -149,7 +158,7 @@ impl NodeTask {
                         && self.note_taken != Some(note)
                     {
                         self.note_taken = Some(note);
-                        let actions = self.machine.handle(clock::mono_now(), NodeEvent::PeerNote(note));
+                        let actions = self.machine.handle(clock::mono_now(), NodeEvent::PeerNote(self.peer_id.clone(), note));
                         self.carry_out(actions).await;
                     }
                 }
@@ -310,7 +319,10 @@ impl NodeTask {
             let heard = link.last_heard();
             if self.peer_heard != Some(heard) {
                 self.peer_heard = Some(heard);
-                actions.extend(self.machine.handle(now, NodeEvent::PeerHeard));
+                actions.extend(
+                    self.machine
+                        .handle(now, NodeEvent::PeerHeard(self.peer_id.clone())),
+                );
             }
         }
         actions
@@ -353,6 +365,13 @@ impl NodeTask {
             Command::ReplicaChanged => {
                 let (model, _) = self.replica.snapshot();
                 let record = model.edges.get(self.location.as_str());
+                if let Some(record) = record
+                    && !(record.nodes.contains(&self.node.to_string())
+                        && record.nodes.contains(&self.peer_id.to_string()))
+                {
+                    // The witness reads this node's reports about its peer by id.
+                    tracing::error!(edge = %self.location, node = %self.node, peer = %self.peer_id, nodes = ?record.nodes, "[pair] node_id and peer_id must both be nodes of the location's record");
+                }
                 self.machine.set_settings(settings(
                     record,
                     self.location.as_str(),
@@ -382,14 +401,17 @@ impl NodeTask {
                 self.told_polling = None;
                 // The holder's status, for the standby's warm modules.
                 tokio::spawn(stream_status(link, self.runtime.clone(), self.view.clone()));
-                self.machine.handle(now, NodeEvent::PeerUp)
+                self.machine
+                    .handle(now, NodeEvent::PeerUp(self.peer_id.clone()))
             }
             Command::Peer(PeerEvent::Down(link)) => match &self.peer {
                 Some(current) if current.same_link(&link) => {
                     self.peer = None;
                     self.peer_polling = false;
                     let last_heard = link.last_heard();
-                    self.machine.handle(now, NodeEvent::PeerDown { last_heard })
+                    let peer = self.peer_id.clone();
+                    self.machine
+                        .handle(now, NodeEvent::PeerDown { peer, last_heard })
                 }
                 _ => Vec::new(),
             },

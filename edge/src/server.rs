@@ -192,9 +192,13 @@ async fn serve(
     // The replica alone is enough to run: if the master cannot be reached, control
     // starts the modules from it after one more attempt.
     // A pair's node proves the witness's grants with its own secret.
-    let node = match node {
-        Some(node) => Some((node, Secret::load(&config.secret_file)?)),
-        None => None,
+    let node = match (node, &config.pair) {
+        (Some(node), Some(pair)) => Some((
+            node,
+            NodeId::new(pair.peer_id.clone()),
+            Secret::load(&config.secret_file)?,
+        )),
+        _ => None,
     };
     let control = EdgeControl::start(
         &config.edge_id,

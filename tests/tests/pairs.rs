@@ -672,9 +672,11 @@ async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_an
     let standby_path = paths.remove(1);
     standby_path.reset();
     drop(standby_path);
-    wait_for("the standby out of the array", Duration::from_secs(10), || async {
-        (array_slots(&site).await? == [json!([0, 1]), Value::Null]).then_some(())
-    })
+    wait_for(
+        "the standby out of the array",
+        Duration::from_secs(10),
+        || async { (array_slots(&site).await? == [json!([0, 1]), Value::Null]).then_some(()) },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
     let from = std::time::SystemTime::now();
@@ -684,7 +686,10 @@ async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_an
         holder_alone.len() >= 3,
         "every interval from the holder: {holder_alone:?}"
     );
-    assert!(longest_gap(&holder_alone) <= POLL_MS + 300, "{holder_alone:?}");
+    assert!(
+        longest_gap(&holder_alone) <= POLL_MS + 300,
+        "{holder_alone:?}"
+    );
 }
 
 /// The master that witnesses the pair: the one whose row in `GET /api/v1/masters` lists

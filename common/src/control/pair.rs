@@ -177,19 +177,35 @@ pub const MAX_GRANT_PROOFS: usize = 8;
 pub struct NodeReport {
     /// The grant it holds to.
     pub epoch: Epoch,
-    /// Whether its link to its peer is up.
-    pub hears_peer: bool,
-    /// How long it has not heard its peer (0 while it does).
-    pub peer_silent_ms: u64,
+    /// What it hears of each of its peers.
+    pub peers: Vec<PeerReport>,
     /// How many of the location's devices it reaches.
     pub devices: u32,
     /// Whether it runs the modules.
     pub running: bool,
     /// Whether it runs them on a claim of its own, made without a witness.
     pub claimed: bool,
-    /// Its peer's last note, while their link is up (a holder that cannot reach the
-    /// witness still tells it, through its peer, that it stopped).
-    pub peer_note: Option<PeerNote>,
+}
+
+impl NodeReport {
+    /// What it says of `node`.
+    pub fn about(&self, node: &NodeId) -> Option<&PeerReport> {
+        self.peers.iter().find(|peer| peer.node == *node)
+    }
+}
+
+/// What a node tells the witness of one of its peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReport {
+    /// The peer.
+    pub node: NodeId,
+    /// Whether their link is up.
+    pub hears: bool,
+    /// How long it has not heard the peer (0 while it does).
+    pub silent_ms: u64,
+    /// The peer's last note, while their link is up (a holder that cannot reach the
+    /// witness still tells it, through a peer, that it stopped).
+    pub note: Option<PeerNote>,
 }
 
 /// What a node tells its peer, on their link, whenever it changes: the grant it holds to
@@ -232,17 +248,19 @@ pub enum NodeEvent {
         /// The last frame from a master.
         last_heard: Mono,
     },
-    /// Its link to its peer came up.
-    PeerUp,
-    /// Its link to its peer was found down.
+    /// Its link to a peer came up.
+    PeerUp(NodeId),
+    /// Its link to a peer was found down.
     PeerDown {
+        /// The peer.
+        peer: NodeId,
         /// The last frame from the peer.
         last_heard: Mono,
     },
     /// A frame from a master (a heartbeat, anything): the master link is alive.
     MasterHeard,
-    /// A frame from the peer.
-    PeerHeard,
+    /// A frame from a peer.
+    PeerHeard(NodeId),
     /// A grant, from a master (`from_master`) or passed on by the peer.
     Granted {
         /// The grant.
@@ -253,8 +271,8 @@ pub enum NodeEvent {
     },
     /// How many of the location's devices it reaches now.
     Devices(u32),
-    /// Its peer's note.
-    PeerNote(PeerNote),
+    /// A peer's note.
+    PeerNote(NodeId, PeerNote),
 }
 
 /// What a node's shell must do, in order.
@@ -285,9 +303,8 @@ pub struct NodeSide {
     /// Taken without a witness (`unwitnessed_takeover_ms`), until a grant says otherwise.
     claimed: bool,
     master: Heard,
-    peer: Heard,
-    /// The peer's last note, while its link is up.
-    peer_note: Option<PeerNote>,
+    /// Its peers (the location's other nodes): their links and last notes.
+    peers: Vec<Peer>,
     devices: u32,
     running: bool,
     started: Mono,
@@ -301,17 +318,46 @@ pub struct NodeSide {
     booting: bool,
 }
 
+/// One of a node's peers, as it hears it.
+#[derive(Debug, Clone)]
+struct Peer {
+    id: NodeId,
+    heard: Heard,
+    /// Its last note, while its link is up.
+    note: Option<PeerNote>,
+}
+
+impl Peer {
+    fn new(id: NodeId) -> Self {
+        Peer {
+            id,
+            heard: Heard::default(),
+            note: None,
+        }
+    }
+}
+
 impl NodeSide {
-    /// A node starting with `persisted`, the last grant it stored, at `now`.
-    pub fn new(me: NodeId, settings: PairSettings, persisted: PairGrant, now: Mono) -> Self {
+    /// A node of a location whose other nodes are `peers`, starting with `persisted`, the
+    /// last grant it stored, at `now`.
+    pub fn new(
+        me: NodeId,
+        peers: Vec<NodeId>,
+        settings: PairSettings,
+        persisted: PairGrant,
+        now: Mono,
+    ) -> Self {
         NodeSide {
+            peers: peers
+                .into_iter()
+                .filter(|peer| *peer != me)
+                .map(Peer::new)
+                .collect(),
             me,
             settings,
             grant: persisted,
             claimed: false,
             master: Heard::default(),
-            peer: Heard::default(),
-            peer_note: None,
             devices: 0,
             running: false,
             started: now,
@@ -329,6 +375,23 @@ impl NodeSide {
     /// The location's settings changed (its record was edited).
     pub fn set_settings(&mut self, settings: PairSettings) {
         self.settings = settings;
+    }
+
+    /// The location's other nodes changed: those it knew keep what it heard of them.
+    pub fn set_peers(&mut self, peers: Vec<NodeId>) {
+        let mut known = std::mem::take(&mut self.peers);
+        self.peers = peers
+            .into_iter()
+            .filter(|peer| *peer != self.me)
+            .map(|id| match known.iter().position(|p| p.id == id) {
+                Some(i) => known.swap_remove(i),
+                None => Peer::new(id),
+            })
+            .collect();
+    }
+
+    fn peer_mut(&mut self, id: &NodeId) -> Option<&mut Peer> {
+        self.peers.iter_mut().find(|peer| peer.id == *id)
     }
 
     /// The grant it holds to.
@@ -353,11 +416,18 @@ impl NodeSide {
     pub fn report(&self, now: Mono) -> NodeReport {
         NodeReport {
             epoch: self.grant.epoch,
-            hears_peer: self.peer.up,
+            peers: self
+                .peers
+                .iter()
+                .map(|peer| PeerReport {
+                    node: peer.id.clone(),
+                    hears: peer.heard.up,
+                    silent_ms: peer.heard.silent_ms(now, self.started),
+                    note: peer.note,
+                })
+                .collect(),
             running: self.running,
             claimed: self.claimed,
-            peer_note: self.peer_note,
-            peer_silent_ms: self.peer.silent_ms(now, self.started),
             devices: self.devices,
         }
     }
@@ -379,33 +449,51 @@ impl NodeSide {
                     last: Some(last_heard),
                 };
             }
-            NodeEvent::PeerUp => {
-                self.peer = Heard {
+            NodeEvent::PeerUp(id) => {
+                let Some(peer) = self.peer_mut(&id) else {
+                    return actions;
+                };
+                peer.heard = Heard {
                     up: true,
                     last: Some(now),
                 };
                 actions.push(NodeAction::Report(self.report(now)));
                 actions.push(NodeAction::TellPeer(self.note()));
             }
-            NodeEvent::PeerDown { last_heard } => {
-                self.peer = Heard {
+            NodeEvent::PeerDown { peer, last_heard } => {
+                let Some(peer) = self.peer_mut(&peer) else {
+                    return actions;
+                };
+                peer.heard = Heard {
                     up: false,
                     last: Some(last_heard),
                 };
-                self.peer_note = None;
+                peer.note = None;
                 actions.push(NodeAction::Report(self.report(now)));
             }
-            NodeEvent::PeerNote(note) => {
-                self.peer_note = Some(note);
-                self.peer.last = Some(now);
+            NodeEvent::PeerNote(id, note) => {
+                let Some(peer) = self.peer_mut(&id) else {
+                    return actions;
+                };
+                peer.note = Some(note);
+                peer.heard.last = Some(now);
                 // The witness hears of it too (a release acknowledged through the peer).
                 actions.push(NodeAction::Report(self.report(now)));
             }
             NodeEvent::MasterHeard => self.master.last = Some(now),
-            NodeEvent::PeerHeard => self.peer.last = Some(now),
+            NodeEvent::PeerHeard(id) => {
+                if let Some(peer) = self.peer_mut(&id) {
+                    peer.heard.last = Some(now);
+                }
+            }
             NodeEvent::Granted { grant, from_master } => {
-                self.awaiting_grant = false;
-                self.booting = false;
+                // The wait ends on the witness's word, or on a newer grant a peer passes
+                // on: not on a peer's echo of the grant this node holds (a peer that
+                // learned it from this very node, while a third holds a newer one).
+                if from_master || self.grant.superseded_by(&grant) {
+                    self.awaiting_grant = false;
+                    self.booting = false;
+                }
                 if from_master && grant.holder == PairHolder::Node(self.me.clone()) {
                     self.witnessed = Some(grant.epoch);
                 }
@@ -457,28 +545,32 @@ impl NodeSide {
         }
         let named = self.grant.holder == PairHolder::Node(self.me.clone());
         let master_silent = self.master.silent_ms(now, self.started);
-        let peer_silent = self.peer.silent_ms(now, self.started);
+        let started = self.started;
+        let silent = |peer: &Peer| peer.heard.silent_ms(now, started);
+        // The peer heard last (none: silent for ever).
+        let peers_silent = self.peers.iter().map(silent).min().unwrap_or(u64::MAX);
         if !named
             && !self.claimed
             && let Some(after) = self.settings.unwitnessed_takeover_ms
             && master_silent >= after
-            && peer_silent >= after
+            && peers_silent >= after
         {
             // No witness and no holder heard for that long: take it (VOLTTRON's simple
             // mode), under the last grant's epoch, which the next grant outranks.
             self.claimed = true;
         }
-        // A claim ends as soon as the holder is heard running again (through the peer).
+        // A claim ends as soon as the holder is heard running again (through a peer).
         if self.claimed
-            && self
-                .peer_note
-                .is_some_and(|note| note.running && note.epoch >= self.grant.epoch)
+            && self.peers.iter().any(|peer| {
+                peer.note
+                    .is_some_and(|note| note.running && note.epoch >= self.grant.epoch)
+            })
         {
             self.claimed = false;
         }
         let holds = named || self.claimed;
         let isolated_stop = self.settings.isolation == Isolation::Stop
-            && master_silent.min(peer_silent) >= stop_after_ms(&self.settings);
+            && master_silent.min(peers_silent) >= stop_after_ms(&self.settings);
         if isolated_stop && holds {
             // Heard again, it runs only once a grant says it still holds.
             self.awaiting_grant = true;
@@ -489,12 +581,16 @@ impl NodeSide {
         // A grant from the witness itself clears the start too while the peer is not
         // linked; while it is, its note decides (it has heard of this grant and does not
         // run), so that two grants crossing on their way never start both.
+        // With several peers, each of them clears it so.
+        let witnessed = self.witnessed == Some(self.grant.epoch);
         let peer_clear = self.claimed
-            || (self.witnessed == Some(self.grant.epoch) && !self.peer.up)
-            || peer_silent >= self.settings.pair_timeout_ms
-            || self
-                .peer_note
-                .is_some_and(|note| !note.running && note.epoch >= self.grant.epoch);
+            || self.peers.iter().all(|peer| {
+                (witnessed && !peer.heard.up)
+                    || silent(peer) >= self.settings.pair_timeout_ms
+                    || peer
+                        .note
+                        .is_some_and(|note| !note.running && note.epoch >= self.grant.epoch)
+            });
         let run = holds && !isolated_stop && !self.awaiting_grant && (self.running || peer_clear);
         if run && !self.running {
             self.running = true;
@@ -506,7 +602,7 @@ impl NodeSide {
             self.running = false;
             actions.push(NodeAction::Stop {
                 reason: if holds {
-                    "cut off from its peer and every master (isolation = \"stop\")"
+                    "cut off from its peers and every master (isolation = \"stop\")"
                 } else {
                     "another holder was granted the modules"
                 },
@@ -751,15 +847,16 @@ impl WitnessSide {
             return;
         }
         // A standby that has not heard the holder for the pair timeout, while the holder
-        // has been off the master as long: it is granted the modules.
-        let witnessed = (0..self.nodes.len()).filter(|s| *s != h).find(|s| {
-            let view = &self.views[*s];
-            view.link.up
-                && view.report.as_ref().is_some_and(|(report, at)| {
-                    !report.hears_peer && report.peer_silent_ms + now.since(*at) >= timeout
-                })
-        });
+        // has been off the master as long, and no other linked node hears it (one that
+        // does vouches for it: it runs, cut off from the master alone): the first such
+        // standby is granted the modules.
+        let standbys: Vec<usize> = (0..self.nodes.len())
+            .filter(|s| *s != h && self.views[*s].link.up)
+            .collect();
+        let nobody_hears = standbys.iter().all(|s| self.unheard(*s, h, now));
+        let witnessed = standbys.iter().copied().find(|s| self.unheard(*s, h, now));
         if holder_off >= timeout
+            && nobody_hears
             && let Some(s) = witnessed
         {
             self.issue(PairHolder::Node(self.nodes[s].clone()), actions);
@@ -801,9 +898,18 @@ impl WitnessSide {
         }
     }
 
+    /// Whether node `s` reported that it has not heard node `o` for the pair timeout.
+    fn unheard(&self, s: usize, o: usize, now: Mono) -> bool {
+        self.views[s].report.as_ref().is_some_and(|(report, at)| {
+            report.about(&self.nodes[o]).is_some_and(|peer| {
+                !peer.hears && peer.silent_ms + now.since(*at) >= self.settings.pair_timeout_ms
+            })
+        })
+    }
+
     /// A move to `to`: granted once every other node has said it took the release (so it
     /// stopped), or has been gone long enough to be failed over (off the master and
-    /// unheard by `to` for the pair timeout).
+    /// unheard by every linked node for the pair timeout).
     fn decide_move(&mut self, now: Mono, to: &NodeId, actions: &mut Vec<WitnessAction>) {
         let Some(t) = self.index(to) else {
             return;
@@ -820,14 +926,16 @@ impl WitnessSide {
                     .is_some_and(|(report, _)| report.epoch >= epoch);
             let gone = !view.link.up
                 && view.link.silent_ms(now, self.started) >= timeout
-                && to_report.as_ref().is_some_and(|(report, at)| {
-                    !report.hears_peer && report.peer_silent_ms + now.since(*at) >= timeout
-                });
-            // Acknowledged through the peer: `to` heard it say it stopped under the move.
+                && self.views[t].link.up
+                && (0..self.nodes.len())
+                    .filter(|p| *p != o && self.views[*p].link.up)
+                    .all(|p| self.unheard(p, o, now));
+            // Acknowledged through a peer: `to` heard it say it stopped under the move.
             let through_peer = to_report.as_ref().is_some_and(|(report, _)| {
-                report
-                    .peer_note
-                    .is_some_and(|note| !note.running && note.epoch >= epoch)
+                report.about(&self.nodes[o]).is_some_and(|peer| {
+                    peer.note
+                        .is_some_and(|note| !note.running && note.epoch >= epoch)
+                })
             });
             acked || gone || through_peer
         });
