@@ -846,17 +846,16 @@ impl WitnessSide {
             self.issue(next, actions);
             return;
         }
-        // A standby that has not heard the holder for the pair timeout, while the holder
-        // has been off the master as long, and no other linked node hears it (one that
-        // does vouches for it: it runs, cut off from the master alone): the first such
-        // standby is granted the modules.
-        let standbys: Vec<usize> = (0..self.nodes.len())
-            .filter(|s| *s != h && self.views[*s].link.up)
-            .collect();
-        let nobody_hears = standbys.iter().all(|s| self.unheard(*s, h, now));
-        let witnessed = standbys.iter().copied().find(|s| self.unheard(*s, h, now));
+        // The holder off the master for the pair timeout, and every other node linked and
+        // reporting that it has not heard the holder for as long: the first of them is
+        // granted the modules. A node that hears the holder vouches for it (it runs, cut
+        // off from the master alone), and one off the master might: either holds it.
+        let others: Vec<usize> = (0..self.nodes.len()).filter(|s| *s != h).collect();
+        let nobody_hears = others
+            .iter()
+            .all(|s| self.views[*s].link.up && self.unheard(*s, h, now));
+        let witnessed = others.first().copied().filter(|_| nobody_hears);
         if holder_off >= timeout
-            && nobody_hears
             && let Some(s) = witnessed
         {
             self.issue(PairHolder::Node(self.nodes[s].clone()), actions);
@@ -926,10 +925,9 @@ impl WitnessSide {
                     .is_some_and(|(report, _)| report.epoch >= epoch);
             let gone = !view.link.up
                 && view.link.silent_ms(now, self.started) >= timeout
-                && self.views[t].link.up
                 && (0..self.nodes.len())
-                    .filter(|p| *p != o && self.views[*p].link.up)
-                    .all(|p| self.unheard(p, o, now));
+                    .filter(|p| *p != o)
+                    .all(|p| self.views[p].link.up && self.unheard(p, o, now));
             // Acknowledged through a peer: `to` heard it say it stopped under the move.
             let through_peer = to_report.as_ref().is_some_and(|(report, _)| {
                 report.about(&self.nodes[o]).is_some_and(|peer| {
