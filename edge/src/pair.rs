@@ -152,12 +152,12 @@ impl NodeTask {
                     if changed.is_err() {
                         return;
                     }
-                    let note = *notes.borrow_and_update();
+                    let note = notes.borrow_and_update().clone();
                     // The same note again (a link come back) changes nothing.
                     if let Some(note) = note
-                        && self.note_taken != Some(note)
+                        && self.note_taken.as_ref() != Some(&note)
                     {
-                        self.note_taken = Some(note);
+                        self.note_taken = Some(note.clone());
                         let actions = self.machine.handle(clock::mono_now(), NodeEvent::PeerNote(self.peer_id.clone(), note));
                         self.carry_out(actions).await;
                     }

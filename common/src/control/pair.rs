@@ -212,12 +212,17 @@ pub struct PeerReport {
 /// and whether it runs. A node named by a grant starts only once its peer has said it
 /// does not run under that grant or a newer one, or has not been heard for the pair
 /// timeout (so a handover between two nodes that hear each other is break before make).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerNote {
     /// The epoch of the grant it holds to.
     pub epoch: Epoch,
     /// Whether it runs the modules.
     pub running: bool,
+    /// The peers it hears running, with the epoch each runs under: a node that hears
+    /// only this one learns through it that a holder runs (a claim made without a
+    /// witness ends then).
+    #[serde(default)]
+    pub heard_running: Vec<(NodeId, Epoch)>,
 }
 
 /// When a link was last heard, and whether it is up.
@@ -409,7 +414,19 @@ impl NodeSide {
         PeerNote {
             epoch: self.grant.epoch,
             running: self.running,
+            heard_running: self.heard_running(),
         }
+    }
+
+    /// The peers it hears running (their notes, while their links are up).
+    fn heard_running(&self) -> Vec<(NodeId, Epoch)> {
+        self.peers
+            .iter()
+            .filter_map(|peer| {
+                let note = peer.note.as_ref()?;
+                note.running.then(|| (peer.id.clone(), note.epoch))
+            })
+            .collect()
     }
 
     /// Its report for the witness.
@@ -423,7 +440,7 @@ impl NodeSide {
                     node: peer.id.clone(),
                     hears: peer.heard.up,
                     silent_ms: peer.heard.silent_ms(now, self.started),
-                    note: peer.note,
+                    note: peer.note.clone(),
                 })
                 .collect(),
             running: self.running,
@@ -472,6 +489,7 @@ impl NodeSide {
                 actions.push(NodeAction::Report(self.report(now)));
             }
             NodeEvent::PeerNote(id, note) => {
+                let before = self.heard_running();
                 let Some(peer) = self.peer_mut(&id) else {
                     return actions;
                 };
@@ -479,6 +497,10 @@ impl NodeSide {
                 peer.heard.last = Some(now);
                 // The witness hears of it too (a release acknowledged through the peer).
                 actions.push(NodeAction::Report(self.report(now)));
+                // And the other peers, when whom it hears running changed.
+                if self.heard_running() != before && self.peers.len() > 1 {
+                    actions.push(NodeAction::TellPeer(self.note()));
+                }
             }
             NodeEvent::MasterHeard => self.master.last = Some(now),
             NodeEvent::PeerHeard(id) => {
@@ -559,11 +581,18 @@ impl NodeSide {
             // mode), under the last grant's epoch, which the next grant outranks.
             self.claimed = true;
         }
-        // A claim ends as soon as the holder is heard running again (through a peer).
+        // A claim ends as soon as the holder is heard running again: itself, or through a
+        // peer that hears it.
+        let epoch = self.grant.epoch;
         if self.claimed
             && self.peers.iter().any(|peer| {
-                peer.note
-                    .is_some_and(|note| note.running && note.epoch >= self.grant.epoch)
+                peer.note.as_ref().is_some_and(|note| {
+                    (note.running && note.epoch >= epoch)
+                        || note
+                            .heard_running
+                            .iter()
+                            .any(|(node, e)| *node != self.me && *e >= epoch)
+                })
             })
         {
             self.claimed = false;
@@ -589,6 +618,7 @@ impl NodeSide {
                     || silent(peer) >= self.settings.pair_timeout_ms
                     || peer
                         .note
+                        .as_ref()
                         .is_some_and(|note| !note.running && note.epoch >= self.grant.epoch)
             });
         let run = holds && !isolated_stop && !self.awaiting_grant && (self.running || peer_clear);
@@ -932,6 +962,7 @@ impl WitnessSide {
             let through_peer = to_report.as_ref().is_some_and(|(report, _)| {
                 report.about(&self.nodes[o]).is_some_and(|peer| {
                     peer.note
+                        .as_ref()
                         .is_some_and(|note| !note.running && note.epoch >= epoch)
                 })
             });
