@@ -277,18 +277,7 @@ impl NodeTask {
     async fn tell_polling(&mut self) {
         let polling = {
             let (model, _) = self.replica.snapshot();
-            let arrays: Vec<&String> = model
-                .modules
-                .values()
-                .filter(|m| m.edge.as_ref() == Some(&self.location))
-                .filter(|m| {
-                    model
-                        .drivers
-                        .get(&m.driver)
-                        .is_some_and(|d| d.shared_polling)
-                })
-                .map(|m| &m.id)
-                .collect();
+            let arrays = array_modules(&model, &self.location);
             !arrays.is_empty()
                 && arrays
                     .iter()
@@ -562,18 +551,7 @@ impl NodeTask {
                 Running::All
             }
             false => {
-                let polling = model
-                    .modules
-                    .values()
-                    .filter(|m| m.edge.as_ref() == Some(&self.location))
-                    .filter(|m| {
-                        model
-                            .drivers
-                            .get(&m.driver)
-                            .is_some_and(|d| d.shared_polling)
-                    })
-                    .map(|m| m.id.clone())
-                    .collect();
+                let polling = array_modules(&model, &self.location).into_iter().collect();
                 self.runtime.set_poll_only(polling);
                 Running::Polling
             }
@@ -631,6 +609,22 @@ pub struct PairView {
     pub peer_online: bool,
     /// Whether it runs on a claim made without a witness.
     pub claimed: bool,
+}
+
+/// The ids of `location`'s modules of collector-array (`shared_polling`) drivers.
+fn array_modules(model: &tether_common::model::Model, location: &EdgeId) -> Vec<String> {
+    model
+        .modules
+        .values()
+        .filter(|m| m.edge.as_ref() == Some(location))
+        .filter(|m| {
+            model
+                .drivers
+                .get(&m.driver)
+                .is_some_and(|d| d.shared_polling)
+        })
+        .map(|m| m.id.clone())
+        .collect()
 }
 
 /// What the peer sent last: its note, a grant it passed on, whether it polls.
