@@ -958,3 +958,37 @@ fn a_witness_behind_its_nodes_issues_above_their_epoch() {
         "{actions:?}"
     );
 }
+
+/// A pair whose master is away for good, under "stop": both nodes restarted (a power cut),
+/// or the holder cut off from both and then its peer link back, the named holder runs again
+/// on its peer's word (the rooms are not left dark with both nodes healthy).
+#[test]
+fn a_pair_whose_master_is_gone_runs_again_once_its_nodes_hear_each_other() {
+    let runs = |w: &World, i: usize| w.nodes[i].as_ref().is_some_and(|n| n.is_running());
+    // Both restarted with the master links down.
+    let mut world = World::new(2, fixed(Isolation::Stop), 5);
+    world.apply(Op::Advance(3_000)).unwrap();
+    assert!(runs(&world, A));
+    world.apply(Op::Cut(AM)).unwrap();
+    world.apply(Op::Cut(1)).unwrap();
+    world.apply(Op::Kill(Side::Node(A))).unwrap();
+    world.apply(Op::Kill(Side::Node(B))).unwrap();
+    world.apply(Op::Start(Side::Node(A))).unwrap();
+    world.apply(Op::Start(Side::Node(B))).unwrap();
+    world.apply(Op::Advance(15_000)).unwrap();
+    assert!(runs(&world, A) && !runs(&world, B), "A, named, runs again");
+    // The holder cut off from both (it stops), then its peer link back, the master not.
+    let mut world = World::new(2, fixed(Isolation::Stop), 9);
+    world.apply(Op::Advance(3_000)).unwrap();
+    world.apply(Op::Cut(AM)).unwrap();
+    world.apply(Op::Cut(1)).unwrap();
+    world.apply(Op::Cut(AB)).unwrap();
+    world.apply(Op::Advance(6_000)).unwrap();
+    assert!(!runs(&world, A), "cut off from both under stop, A stopped");
+    world.apply(Op::Heal(AB)).unwrap();
+    world.apply(Op::Advance(5_000)).unwrap();
+    assert!(
+        runs(&world, A) && !runs(&world, B),
+        "A runs again on B's word"
+    );
+}

@@ -39,6 +39,8 @@ use crate::replica::Replica;
 const POLL: Duration = Duration::from_millis(100);
 /// How long the master may take to take a report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Ticks between two tellings of whether this node polls (a second).
+const POLLING_RETELL_TICKS: u32 = 10;
 
 /// One node's control.
 pub(crate) struct NodeTask {
@@ -52,8 +54,9 @@ pub(crate) struct NodeTask {
     /// The grant stored last, and the witness's proofs of it (passed on to the peer).
     stored: PairGrant,
     proofs: Vec<GrantProof>,
-    /// The last grant passed on to the peer (a grant goes to the peer when it changes).
-    relayed: PairGrant,
+    /// The last grant passed on to the peer on its current link (a grant goes to the
+    /// peer when it changes, and on every new link, as the rules' simulation has it).
+    relayed: Option<PairGrant>,
     /// The peer's last note the machine took.
     note_taken: Option<PeerNote>,
     /// The latest report, for the link to the master (one sender a link, in order).
@@ -65,6 +68,8 @@ pub(crate) struct NodeTask {
     polling: bool,
     peer_polling: bool,
     told_polling: Option<bool>,
+    /// Ticks since this node last told its peer whether it polls.
+    polling_ticks: u32,
     replica: Arc<Replica>,
     runtime: Runtime,
     store: Arc<Store>,
@@ -99,6 +104,7 @@ impl NodeTask {
             None => PairGrant::initial(&nodes),
         };
         let settings = settings(record, location.as_str(), heartbeat_ms);
+        let proofs = store.pair_proofs(location.as_str())?;
         runtime.set_grant(&location, stored.control_state());
         Ok(NodeTask {
             machine: NodeSide::new(
@@ -112,15 +118,16 @@ impl NodeTask {
             location,
             node,
             secret,
-            relayed: stored.clone(),
+            relayed: None,
+            proofs,
             stored,
-            proofs: Vec::new(),
             note_taken: None,
             report: watch::channel(None).0,
             slot: watch::channel(None).0,
             polling: false,
             peer_polling: false,
             told_polling: None,
+            polling_ticks: 0,
             replica,
             runtime,
             store,
@@ -233,8 +240,7 @@ impl NodeTask {
             self.isolated_since = None;
         }
         if self.machine.grant().superseded_by(&grant) {
-            self.store_grant(&grant).await?;
-            self.proofs = proofs;
+            self.store_grant(&grant, proofs).await?;
         }
         let actions = self
             .machine
@@ -278,14 +284,20 @@ impl NodeTask {
         let polling = {
             let (model, _) = self.replica.snapshot();
             let arrays = array_modules(&model, &self.location);
+            // Each runs here, and reaches its device if it has one.
+            let running = self.runtime.running();
             !arrays.is_empty()
-                && arrays
-                    .iter()
-                    .all(|id| self.runtime.device_connected(id) == Some(true))
+                && arrays.iter().all(|id| {
+                    running.contains(id) && self.runtime.device_connected(id) != Some(false)
+                })
         };
         self.polling = polling;
+        // Told on every change, and again every second: a notice that crossed a link
+        // replaced meanwhile is made good within a second.
+        self.polling_ticks = (self.polling_ticks + 1) % POLLING_RETELL_TICKS;
+        let due = self.told_polling != Some(polling) || self.polling_ticks == 0;
         if let Some(link) = &self.peer
-            && self.told_polling != Some(polling)
+            && due
             && link.notify(Notice::PeerPolling { polling }).await.is_ok()
         {
             self.told_polling = Some(polling);
@@ -388,6 +400,7 @@ impl NodeTask {
                 self.peer_heard = None;
                 self.note_taken = None;
                 self.told_polling = None;
+                self.relayed = None;
                 // The holder's status, for the standby's warm modules.
                 tokio::spawn(stream_status(link, self.runtime.clone(), self.view.clone()));
                 self.machine
@@ -409,13 +422,20 @@ impl NodeTask {
         self.carry_out(actions).await;
     }
 
-    /// Stores a grant newer than the one stored (before the machine takes it).
-    async fn store_grant(&mut self, grant: &PairGrant) -> Result<(), String> {
+    /// Stores a grant newer than the one stored, with the witness's proofs of it (before
+    /// the machine takes it).
+    async fn store_grant(
+        &mut self,
+        grant: &PairGrant,
+        proofs: Vec<GrantProof>,
+    ) -> Result<(), String> {
         let store = self.store.clone();
         let location = self.location.to_string();
-        let to_store = grant.clone();
-        let stored =
-            tokio::task::spawn_blocking(move || store.set_pair_grant(&location, &to_store)).await;
+        let (to_store, proven) = (grant.clone(), proofs.clone());
+        let stored = tokio::task::spawn_blocking(move || {
+            store.set_proven_pair_grant(&location, &to_store, &proven)
+        })
+        .await;
         match stored {
             Ok(Ok(())) => {
                 // Calls this node sends on carry the grant it holds (the holder's fence
@@ -423,6 +443,7 @@ impl NodeTask {
                 self.runtime
                     .set_grant(&self.location, grant.control_state());
                 self.stored = grant.clone();
+                self.proofs = proofs;
                 Ok(())
             }
             Ok(Err(err)) => Err(format!("the pair grant could not be stored: {err}")),
@@ -487,7 +508,7 @@ impl NodeTask {
                         // against it), with the witness's proofs: the peer may not reach
                         // the witness.
                         let grant = self.machine.grant().clone();
-                        let sent = match grant != self.relayed {
+                        let sent = match self.relayed.as_ref() != Some(&grant) {
                             true => {
                                 let passed_on = Notice::PeerGrant {
                                     grant: grant.clone(),
@@ -499,7 +520,7 @@ impl NodeTask {
                         };
                         let sent = match sent {
                             Ok(()) => {
-                                self.relayed = grant;
+                                self.relayed = Some(grant);
                                 link.notify(Notice::PeerNote(note)).await
                             }
                             Err(err) => Err(err),
@@ -662,7 +683,9 @@ async fn send_slots(link: Link, mut slots: watch::Receiver<Option<(u64, u64)>>) 
             .request(Request::ArraySlot { slot }, REPORT_TIMEOUT)
             .await
         {
-            tracing::debug!("array slot not taken: {err}");
+            tracing::debug!("array slot not taken (sent again): {err}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            slots.mark_changed();
         }
         tokio::select! {
             changed = slots.changed() => if changed.is_err() { return },

@@ -221,7 +221,6 @@ pub struct PeerNote {
     /// The peers it hears running, with the epoch each runs under: a node that hears
     /// only this one learns through it that a holder runs (a claim made without a
     /// witness ends then).
-    #[serde(default)]
     pub heard_running: Vec<(NodeId, Epoch)>,
 }
 
@@ -315,9 +314,10 @@ pub struct NodeSide {
     started: Mono,
     /// The epoch of a grant naming this node that a master itself sent it.
     witnessed: Option<Epoch>,
-    /// Until it has heard a grant from a master or its peer a node runs nothing: at its
-    /// start (for a boot wait at most) its stored grant may be stale, and so may it be
-    /// after it stopped, cut off from both, under `isolation = "stop"`.
+    /// Until it has heard a grant from a master (or from its peer, in a pair; a newer one
+    /// from a peer, with several) a node runs nothing: at its start (for a boot wait at
+    /// most) its stored grant may be stale, and so may it be after it stopped, cut off
+    /// from both, under `isolation = "stop"`.
     awaiting_grant: bool,
     /// Whether the wait is the boot's (it ends after the pair timeout even unheard).
     booting: bool,
@@ -509,10 +509,12 @@ impl NodeSide {
                 }
             }
             NodeEvent::Granted { grant, from_master } => {
-                // The wait ends on the witness's word, or on a newer grant a peer passes
-                // on: not on a peer's echo of the grant this node holds (a peer that
-                // learned it from this very node, while a third holds a newer one).
-                if from_master || self.grant.superseded_by(&grant) {
+                // The wait ends on the witness's word, or on a grant a peer passes on. With
+                // several peers, only a newer one: not a peer's echo of the grant this node
+                // holds (learned from this very node, while a third holds a newer one).
+                // With one, its peer's grant says what the location holds (else a pair
+                // whose master is away would stay dark, both nodes healthy).
+                if from_master || self.peers.len() == 1 || self.grant.superseded_by(&grant) {
                     self.awaiting_grant = false;
                     self.booting = false;
                 }

@@ -19,8 +19,9 @@ pub use messages::{
     ModuleRef, Notice, RepositoryAction, Request, Response, StreamItem,
 };
 
-/// The protocol version both sides must speak; checked in the handshake.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// The protocol version both sides must speak; checked in the handshake. 6: site pairs
+/// (node reports, pair grants with proofs, peer notes, array slots).
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Frame bound while a peer is not yet authenticated: handshake messages are tiny, so an
 /// anonymous peer can make us buffer no more than this.

@@ -19,6 +19,9 @@ const CONTROL: TableDefinition<&str, &[u8]> = TableDefinition::new("control");
 /// A site pair's grant, per location: on the master the witness's last issue, on a node
 /// the last it took.
 const PAIR_GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("pair_grants");
+/// On a node: the witness's proofs of the grant it stored (passed on to its peer with it,
+/// also after a restart).
+const PAIR_PROOFS: TableDefinition<&str, &[u8]> = TableDefinition::new("pair_proofs");
 
 /// Why a grant was not issued. Either way it must not be acted on.
 #[derive(Debug, thiserror::Error)]
@@ -389,6 +392,45 @@ impl Store {
         postcard::from_bytes(bytes.value())
             .map(Some)
             .map_err(|err| self.corrupt(format!("pair grant of {location} does not decode: {err}")))
+    }
+
+    /// The witness's proofs of the pair grant a node stored for `location`.
+    pub fn pair_proofs(
+        &self,
+        location: &str,
+    ) -> Result<Vec<crate::control::pair::GrantProof>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = match txn.open_table(PAIR_PROOFS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(err) => return Err(self.db_error(err)),
+        };
+        let Some(bytes) = table.get(location).map_err(|e| self.db_error(e))? else {
+            return Ok(Vec::new());
+        };
+        postcard::from_bytes(bytes.value())
+            .map_err(|err| self.corrupt(format!("pair proofs of {location} do not decode: {err}")))
+    }
+
+    /// Stores, on a node, a pair grant for `location` with the witness's proofs of it, in
+    /// one transaction.
+    pub fn set_proven_pair_grant(
+        &self,
+        location: &str,
+        grant: &crate::control::pair::PairGrant,
+        proofs: &[crate::control::pair::GrantProof],
+    ) -> Result<(), StoreError> {
+        let grant = postcard::to_stdvec(grant)
+            .map_err(|err| self.corrupt(format!("pair grant does not encode: {err}")))?;
+        let proofs = postcard::to_stdvec(proofs)
+            .map_err(|err| self.corrupt(format!("pair proofs do not encode: {err}")))?;
+        self.write_txn(|txn| {
+            txn.open_table(PAIR_GRANTS)?
+                .insert(location, grant.as_slice())?;
+            txn.open_table(PAIR_PROOFS)?
+                .insert(location, proofs.as_slice())?;
+            Ok(())
+        })
     }
 
     /// Stores a site pair's grant for `location`, durably.
