@@ -508,7 +508,10 @@ impl NodeTask {
                         // against it), with the witness's proofs: the peer may not reach
                         // the witness.
                         let grant = self.machine.grant().clone();
-                        let sent = match self.relayed.as_ref() != Some(&grant) {
+                        // A grant without the witness's proofs (none taken since this
+                        // node's first start) would only be refused.
+                        let due = self.relayed.as_ref() != Some(&grant) && !self.proofs.is_empty();
+                        let sent = match due {
                             true => {
                                 let passed_on = Notice::PeerGrant {
                                     grant: grant.clone(),
