@@ -73,6 +73,8 @@ pub(super) struct Witness {
     sent: Option<PairGrant>,
     /// Whether the location's modules run here (the master holds them, its claim stored).
     running_here: bool,
+    /// When it last wrote the location's link key again.
+    relinked: Option<std::time::Instant>,
 }
 
 impl Witness {
@@ -88,6 +90,7 @@ impl Witness {
             newest: HashMap::new(),
             sent: None,
             running_here: false,
+            relinked: None,
         }
     }
 
@@ -170,12 +173,13 @@ impl Witness {
     /// Among several masters: witnesses the pair while this master is the one to, and
     /// follows the stored grant otherwise.
     async fn cluster_changed(&mut self, inputs: &mut watch::Receiver<Arc<ClusterInputs>>) {
-        let (should, stored) = {
+        let (should, stored, keyed_here) = {
             let now = inputs.borrow_and_update();
             let picked = rendezvous_pick(self.location.as_str(), &now.live) == Some(&now.me);
             (
                 picked && now.lease.allows(Now::system().mono),
                 now.pair_grants.get(&self.location).cloned(),
+                now.links.get(self.location.as_str()) == Some(&now.me),
             )
         };
         match (self.machine.is_some(), should) {
@@ -192,7 +196,23 @@ impl Witness {
                     self.sent = Some(stored);
                 }
             }
-            (true, true) => {}
+            // The location's link key names another master (one that witnessed for a
+            // moment as the masters joined wrote it last, or withdrew it): written again,
+            // once a second at most, so the others send calls here.
+            (true, true) => {
+                if !keyed_here
+                    && self
+                        .relinked
+                        .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+                    && let Some(cluster) = &self.shared.cluster
+                {
+                    self.relinked = Some(std::time::Instant::now());
+                    let edge = EdgeId::new(self.location.as_str());
+                    if let Err(err) = cluster.claims.clone().link(edge, 0).await {
+                        tracing::warn!(edge = %self.location, "cannot write the pair's link key again: {err}");
+                    }
+                }
+            }
         }
     }
 
