@@ -523,13 +523,23 @@ impl World {
         self.down_since[link].is_some() || self.now.saturating_sub(self.up_since[link]) <= GRACE_MS
     }
 
-    /// Whether node `i` is (or was, within the grace) cut off from every peer and the
-    /// master: the one case where the location lets a node run beside another.
+    /// Whether node `i` is (or was, within the grace) on an island without a master: it
+    /// and the nodes it reaches over links between nodes are all cut off from the master
+    /// (for a pair: `i` cut off from its peer and the master). The one case where the
+    /// location lets a node run beside another.
     fn isolated(&self, i: usize) -> bool {
-        self.recently_down(i)
-            && (0..self.n)
-                .filter(|j| *j != i)
-                .all(|j| self.recently_down(peer_link(self.n, i, j)))
+        let mut island = vec![i];
+        let mut next = 0;
+        while next < island.len() {
+            let a = island[next];
+            for b in 0..self.n {
+                if !island.contains(&b) && !self.recently_down(peer_link(self.n, a, b)) {
+                    island.push(b);
+                }
+            }
+            next += 1;
+        }
+        island.iter().all(|a| self.recently_down(*a))
     }
 
     fn check(&self) -> Result<(), String> {
@@ -757,14 +767,12 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
-    /// Three nodes, six links, without unwitnessed takeovers: the rules hold for a
-    /// location of more than two nodes too (the servers run pairs only: a peer link joins
-    /// two nodes). Not yet with them: a claim made cut off from everyone stays while the
-    /// claimant hears only a peer that neither runs nor hears the holder, though that
-    /// peer hears the master (the master does not pass on who runs).
+    /// Three nodes, six links: the rules hold for a location of more than two nodes too,
+    /// unwitnessed takeovers included (a claimant that hears only a peer that neither
+    /// runs nor hears the holder learns the witness's decision through it).
     #[test]
     fn three_nodes_and_their_witness_never_run_twice_beyond_what_the_location_allows(
-        settings in settings().prop_filter("witnessed only", |s| s.unwitnessed_takeover_ms.is_none()),
+        settings in settings(),
         seed in any::<u64>(),
         ops in proptest::collection::vec(op(3), 1..40),
     ) {
@@ -991,4 +999,33 @@ fn a_pair_whose_master_is_gone_runs_again_once_its_nodes_hear_each_other() {
         runs(&world, A) && !runs(&world, B),
         "A runs again on B's word"
     );
+}
+
+/// Three nodes, two of them killed one after the other: under `"continue"` the third runs
+/// the rooms once the second has been gone for the location's timeout (it cannot vouch
+/// for a holder any more); under `"stop"` it waits, since a node it cannot hear might
+/// share an island with a holder that still runs.
+#[test]
+fn three_nodes_two_gone_the_third_runs_under_continue_and_waits_under_stop() {
+    const C: usize = 2;
+    for isolation in [Isolation::Continue, Isolation::Stop] {
+        let settings = fixed(isolation);
+        let mut world = World::new(3, settings, 7);
+        world.apply(Op::Advance(3_000)).unwrap();
+        assert!(world.nodes[A].as_ref().unwrap().is_running());
+        world.apply(Op::Kill(Side::Node(A))).unwrap();
+        world.apply(Op::Kill(Side::Node(B))).unwrap();
+        world
+            .apply(Op::Advance(
+                settings.timeout_ms + settings.pair_timeout_ms + 2_000,
+            ))
+            .unwrap();
+        let third = world.nodes[C].as_ref().unwrap();
+        match isolation {
+            Isolation::Continue => assert!(third.is_running(), "the survivor runs the rooms"),
+            Isolation::Stop => assert!(!third.is_running(), "the survivor waits"),
+        }
+        // Back: the location settles on one holder.
+        world.settle().unwrap();
+    }
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::load::{
     base_dir, check_api_url, check_id, check_link_settings, check_range, load_file, resolve,
 };
-use crate::{ConfigError, Limits, defaults};
+use crate::{ConfigError, Limits, MAX_NODES, defaults};
 
 /// An edge's configuration, paths resolved against the file's folder.
 #[derive(Debug, Clone, Deserialize)]
@@ -68,29 +68,65 @@ pub struct EdgeConfig {
     pub device_routes: std::collections::BTreeMap<String, String>,
 }
 
-/// A site pair's node: its id, and how it reaches its peer. One node of the pair listens
-/// for the other (`peer_listen`), the other connects to it (`peer`); the link between
-/// them is the edge link's TLS, secret handshake and heartbeats, authenticated with the
-/// location's secret, which both nodes hold.
+/// A site pair's node: its id, and how it reaches its peers. Between two nodes one
+/// listens (`peer_listen`), the other connects to it; a pair names its one peer with
+/// `peer_id` (and `peer`, `peer_name` on the connecting node), a location of more nodes
+/// lists each peer in `[[pair.peers]]`. Every link between nodes is the edge link's TLS,
+/// secret handshake and heartbeats, authenticated with the location's secret, which all
+/// its nodes hold.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgePair {
     /// This node's id: one of the location's `nodes`. Its link to the master
     /// authenticates as this id, with `secret_file` and `tls.cert` (which names it).
     pub node_id: String,
-    /// The other node's id.
-    pub peer_id: String,
-    /// Where this node listens for its peer (with its API certificate).
+    /// A pair's other node (or `peers`).
+    #[serde(default)]
+    pub peer_id: Option<String>,
+    /// Where this node listens for the peers that connect to it (with its API
+    /// certificate).
     #[serde(default)]
     pub peer_listen: Option<SocketAddr>,
-    /// The peer's address, `host:port`, when this node connects to it.
+    /// A pair's peer's address, `host:port`, when this node connects to it.
     #[serde(default)]
     pub peer: Option<String>,
-    /// The name on the peer's API certificate (checked by TLS), when connecting.
+    /// The name on that peer's API certificate (checked by TLS), when connecting.
     #[serde(default)]
     pub peer_name: Option<String>,
-    /// The location's secret (hex), shared by its nodes for their link, mode 0600.
+    /// A location of more nodes: each of the others (or `peer_id` for a pair).
+    #[serde(default)]
+    pub peers: Vec<PairPeer>,
+    /// The location's secret (hex), shared by its nodes for their links, mode 0600.
     pub secret_file: PathBuf,
+}
+
+/// One of a node's peers, in `[[pair.peers]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairPeer {
+    /// Its node id.
+    pub id: String,
+    /// Its pair listener, `host:port`, when this node connects to it (none: it connects
+    /// to this node's `peer_listen`).
+    #[serde(default)]
+    pub addr: Option<String>,
+    /// The name on its API certificate (checked by TLS), when this node connects.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl EdgePair {
+    /// This node's peers, whichever way the file names them (checked at load).
+    pub fn peer_list(&self) -> Vec<PairPeer> {
+        match &self.peer_id {
+            Some(id) => vec![PairPeer {
+                id: id.clone(),
+                addr: self.peer.clone(),
+                name: self.peer_name.clone(),
+            }],
+            None => self.peers.clone(),
+        }
+    }
 }
 
 /// The edge's trust in the master (the CA) and its own client certificate.
@@ -278,42 +314,96 @@ fn split_host_port(address: &str) -> Option<(String, u16)> {
 impl EdgePair {
     fn validate(&self, file: &Path, edge_id: &str) -> Result<(), ConfigError> {
         check_id(file, "pair.node_id", &self.node_id)?;
-        check_id(file, "pair.peer_id", &self.peer_id)?;
-        if self.node_id == edge_id || self.peer_id == edge_id || self.node_id == self.peer_id {
+        if self.node_id == edge_id {
             return Err(ConfigError::invalid(
                 file,
                 "pair.node_id",
-                "this node's id, other than the location's (edge_id) and the peer's",
+                "this node's id, other than the location's (edge_id)",
             ));
         }
-        match (&self.peer_listen, &self.peer) {
-            (Some(_), Some(_)) | (None, None) => Err(ConfigError::invalid(
-                file,
-                "pair.peer",
-                "either peer (host:port this node connects to) or peer_listen (where it listens for its peer), one of the two",
-            )),
-            (None, Some(peer)) => {
-                let port_ok = peer.rsplit_once(':').is_some_and(|(host, port)| {
-                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-                });
-                if !port_ok {
+        match (&self.peer_id, self.peers.is_empty()) {
+            (Some(_), false) | (None, true) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    "pair.peer_id",
+                    "the pair's other node (peer_id), or each other node of the location in [[pair.peers]], one of the two",
+                ));
+            }
+            (Some(_), true) => {
+                if self.peer_listen.is_some() == self.peer.is_some() {
                     return Err(ConfigError::invalid(
                         file,
                         "pair.peer",
-                        format!("host:port of the peer's pair listener, not {peer:?}"),
+                        "either peer (host:port this node connects to) or peer_listen (where it listens for its peer), one of the two",
                     ));
                 }
-                if self.peer_name.as_deref().is_none_or(str::is_empty) {
+                if self.peer.is_none() && self.peer_name.is_some() {
                     return Err(ConfigError::invalid(
                         file,
                         "pair.peer_name",
-                        "the name on the peer's API certificate",
+                        "none where this node listens (peer_listen)",
                     ));
                 }
-                Ok(())
             }
-            (Some(_), None) => Ok(()),
+            (None, false) => {
+                if self.peer.is_some() || self.peer_name.is_some() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        "pair.peer",
+                        "none beside [[pair.peers]] (each names its own addr and name)",
+                    ));
+                }
+            }
         }
+        let (key, addr_key, name_key) = match self.peer_id {
+            Some(_) => ("pair.peer_id", "pair.peer", "pair.peer_name"),
+            None => ("pair.peers.id", "pair.peers.addr", "pair.peers.name"),
+        };
+        let peers = self.peer_list();
+        if peers.len() + 1 > MAX_NODES {
+            return Err(ConfigError::invalid(
+                file,
+                "pair.peers",
+                format!("at most {} peers (a location has at most {MAX_NODES} nodes)", MAX_NODES - 1),
+            ));
+        }
+        for (i, peer) in peers.iter().enumerate() {
+            check_id(file, key, &peer.id)?;
+            if peer.id == self.node_id || peer.id == edge_id || peers[..i].iter().any(|p| p.id == peer.id) {
+                return Err(ConfigError::invalid(
+                    file,
+                    key,
+                    format!("another node of the location, once each: not {:?} (node_id {:?}, edge_id {edge_id:?})", peer.id, self.node_id),
+                ));
+            }
+            match &peer.addr {
+                None if self.peer_listen.is_none() => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        "pair.peer_listen",
+                        format!("where this node listens for {} (which connects to it), or its {addr_key}", peer.id),
+                    ));
+                }
+                None => {}
+                Some(addr) => {
+                    if split_host_port(addr).is_none() {
+                        return Err(ConfigError::invalid(
+                            file,
+                            addr_key,
+                            format!("host:port of {}'s pair listener, not {addr:?}", peer.id),
+                        ));
+                    }
+                    if peer.name.as_deref().is_none_or(str::is_empty) {
+                        return Err(ConfigError::invalid(
+                            file,
+                            name_key,
+                            format!("the name on {}'s API certificate", peer.id),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -419,6 +509,38 @@ ca = "ca.pem"
         let same = listen.replace("\"site-1b\"", "\"site-1a\"");
         let err = load(&same).unwrap_err().to_string();
         assert!(err.contains("key `pair.node_id`"), "{err}");
+    }
+
+    #[test]
+    fn a_node_of_more_lists_each_peer_and_how_it_is_reached() {
+        let mesh = format!(
+            "{GOOD}[pair]\nnode_id = \"site-1b\"\npeer_listen = \"127.0.0.1:17502\"\nsecret_file = \"site-1.secret\"\n\
+             [[pair.peers]]\nid = \"site-1a\"\naddr = \"127.0.0.1:17501\"\nname = \"site-1a\"\n\
+             [[pair.peers]]\nid = \"site-1c\"\n"
+        );
+        let pair = load(&mesh).unwrap().pair.unwrap();
+        let peers = pair.peer_list();
+        assert_eq!(
+            peers.iter().map(|p| (p.id.as_str(), p.addr.is_some())).collect::<Vec<_>>(),
+            [("site-1a", true), ("site-1c", false)]
+        );
+        for (from, to, key) in [
+            // A peer that connects here needs a listener.
+            ("peer_listen = \"127.0.0.1:17502\"\n", "", "pair.peer_listen"),
+            // One that is connected to needs its certificate's name.
+            ("name = \"site-1a\"\n", "", "pair.peers.name"),
+            ("addr = \"127.0.0.1:17501\"", "addr = \"17501\"", "pair.peers.addr"),
+            ("id = \"site-1c\"", "id = \"site-1a\"", "pair.peers.id"),
+            ("id = \"site-1c\"", "id = \"site-1b\"", "pair.peers.id"),
+            // Both forms at once.
+            ("node_id = \"site-1b\"\n", "node_id = \"site-1b\"\npeer_id = \"site-1c\"\n", "pair.peer_id"),
+        ] {
+            let err = load(&mesh.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(err.contains(&format!("key `{key}`")), "{from} -> {to}: {err}");
+        }
+        let none = mesh[..mesh.find("[[pair.peers]]").unwrap()].to_string();
+        let err = load(&none).unwrap_err().to_string();
+        assert!(err.contains("key `pair.peer_id`"), "{err}");
     }
 
     #[test]

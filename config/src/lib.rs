@@ -25,7 +25,7 @@ pub use load::load_file;
 pub use master::{MasterConfig, MasterTls};
 pub use site::{
     Driver, DriverKind, Isolation, Module, Repository, RestoreWindow, SiteEdge, SiteFile, Standby,
-    System, Transport, check_pair, parse_time_zone,
+    MAX_NODES, System, Transport, check_pair, parse_time_zone,
 };
 
 /// The defaults DESIGN.md asks to keep, in one place.

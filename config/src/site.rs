@@ -225,6 +225,9 @@ pub enum Isolation {
     Stop,
 }
 
+/// The most nodes a location has (each grant carries a proof for every one).
+pub const MAX_NODES: usize = 8;
+
 /// Checks a location's pair keys (the site file's and the model's rules); the error
 /// names the key (without its table) and what was expected.
 pub fn check_pair(
@@ -248,11 +251,11 @@ pub fn check_pair(
             false => Ok(()),
         };
     }
-    if nodes.len() != 2 {
+    if !(2..=MAX_NODES).contains(&nodes.len()) {
         return Err((
             "nodes".into(),
             format!(
-                "two nodes, a site pair (locations of more nodes are not supported yet), not {}",
+                "two to {MAX_NODES} nodes (a site pair, or more), not {}",
                 nodes.len()
             ),
         ));
@@ -675,7 +678,7 @@ modules = ["proj-101"]
     }
 
     #[test]
-    fn a_pair_is_two_nodes_with_ids_of_their_own_and_settings_that_hold() {
+    fn a_location_has_two_to_eight_nodes_with_ids_of_their_own_and_settings_that_hold() {
         let pair = |extra: &str| {
             GOOD.replace(
                 "restore_window = {",
@@ -687,11 +690,13 @@ modules = ["proj-101"]
         ))
         .unwrap();
         assert_eq!(site.edges[0].nodes, ["site-1a", "site-1b"]);
+        let three = load(&pair("nodes = [\"site-1a\", \"site-1b\", \"site-1c\"]")).unwrap();
+        assert_eq!(three.edges[0].nodes.len(), 3);
+        let nine: Vec<String> = (0..9).map(|i| format!("\"n{i}\"")).collect();
+        let nine = format!("nodes = [{}]", nine.join(", "));
         for (extra, key) in [
-            (
-                "nodes = [\"site-1a\", \"site-1b\", \"site-1c\"]",
-                "edges[0].nodes",
-            ),
+            ("nodes = [\"site-1a\"]", "edges[0].nodes"),
+            (nine.as_str(), "edges[0].nodes"),
             ("nodes = [\"site-1a\", \"site-1a\"]", "edges[0].nodes[1]"),
             ("pair_timeout_ms = 5000", "edges[0].nodes"),
             (

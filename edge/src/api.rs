@@ -76,7 +76,9 @@ impl EdgeOverview {
                         "id": pair.node,
                         "role": if pair.holder.as_ref() == Some(&pair.node) { "holder" } else { "standby" },
                         "holder": pair.holder,
-                        "peer_online": pair.peer_online,
+                        // A pair: its one peer; more nodes: every peer linked.
+                        "peer_online": pair.peers_online.len() == pair.peers,
+                        "peers_online": pair.peers_online,
                         "claimed": pair.claimed,
                     }),
                 );

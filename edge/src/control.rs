@@ -100,23 +100,14 @@ pub enum PeerEvent {
     Down(Link),
 }
 
-/// What a site pair's peer sent last: a peer that sends faster than the node takes it in
-/// fills nothing (each note and grant replaces the one before).
-pub(crate) struct PeerInbox {
-    pub(crate) note: tokio::sync::watch::Sender<Option<PeerNote>>,
-    pub(crate) grant: tokio::sync::watch::Sender<Option<(PairGrant, Vec<GrantProof>)>>,
-    /// Whether the peer polls its collector arrays.
-    pub(crate) polling: tokio::sync::watch::Sender<bool>,
-}
-
 /// A handle on the control task.
 #[derive(Clone)]
 pub struct EdgeControl {
     commands: mpsc::UnboundedSender<Command>,
     view: Arc<RwLock<ControlView>>,
     store: Arc<Store>,
-    /// A site pair's node: what its peer sent.
-    inbox: Option<Arc<PeerInbox>>,
+    /// A site pair's node: what its peers sent.
+    mail: Option<Arc<crate::pair::PeerMail>>,
 }
 
 /// Which of its location's modules an edge runs.
@@ -185,7 +176,7 @@ impl EdgeControl {
     /// module runs until the master decides, or the master is found unreachable.
     pub fn start(
         edge_id: &str,
-        node: Option<(NodeId, NodeId, Secret)>,
+        node: Option<(NodeId, Vec<NodeId>, Secret)>,
         replica: Arc<Replica>,
         runtime: Runtime,
         timing: EdgeTiming,
@@ -221,7 +212,7 @@ impl EdgeControl {
             commands,
             view,
             store,
-            inbox: None,
+            mail: None,
         };
         // Load the replica's systems (no module runs yet), so the API can answer for them.
         let _ = control.commands.send(Command::ReplicaChanged);
@@ -229,11 +220,11 @@ impl EdgeControl {
         Ok(control)
     }
 
-    /// A site pair's node (with its peer): its task over the grant it stored last;
+    /// A site pair's node (with its peers): its task over the grant it stored last;
     /// `secret` is its own, which proves its grants.
     fn start_node(
         edge_id: &str,
-        (node, peer, secret): (NodeId, NodeId, Secret),
+        (node, peers, secret): (NodeId, Vec<NodeId>, Secret),
         replica: Arc<Replica>,
         runtime: Runtime,
         timing: EdgeTiming,
@@ -244,53 +235,45 @@ impl EdgeControl {
             ..ControlView::default()
         }));
         let (commands, receiver) = mpsc::unbounded_channel();
-        let (note, notes) = tokio::sync::watch::channel(None);
-        let (grant, grants) = tokio::sync::watch::channel(None);
-        let (polling, peer_polling) = tokio::sync::watch::channel(false);
+        let mail = Arc::new(crate::pair::PeerMail::new(&peers));
         let task = crate::pair::NodeTask::new(
             EdgeId::new(edge_id),
-            (node, peer, secret),
+            (node, peers, secret),
             replica.clone(),
             runtime,
             view.clone(),
             timing.heartbeat_ms,
         )?;
-        tokio::spawn(task.run(receiver, (notes, grants, peer_polling)));
+        tokio::spawn(task.run(receiver, mail.clone()));
         let control = EdgeControl {
             commands,
             view,
             store,
-            inbox: Some(Arc::new(PeerInbox {
-                note,
-                grant,
-                polling,
-            })),
+            mail: Some(mail),
         };
         let _ = control.commands.send(Command::ReplicaChanged);
         tokio::spawn(follow_replica(replica, control.clone()));
         Ok(control)
     }
 
-    /// The peer's note.
-    pub fn peer_note(&self, note: PeerNote) {
-        if let Some(inbox) = &self.inbox {
-            inbox.note.send_replace(Some(note));
+    /// A peer's note.
+    pub fn peer_note(&self, from: &str, note: PeerNote) {
+        if let Some(mail) = &self.mail {
+            mail.note(from, note);
         }
     }
 
-    /// Whether the peer polls its collector arrays (false again when its link goes).
-    pub fn peer_polling(&self, polling: bool) {
-        if let Some(inbox) = &self.inbox {
-            inbox.polling.send_replace(polling);
+    /// Whether a peer polls its collector arrays (false again when its link goes).
+    pub fn peer_polling(&self, from: &str, polling: bool) {
+        if let Some(mail) = &self.mail {
+            mail.polling(from, polling);
         }
     }
 
-    /// A grant the peer passed on, with the witness's proofs (the latest replaces one
-    /// not yet taken in: the node refuses an older grant anyway, and a forged one with a
-    /// high epoch must not hold the place of the real ones that follow).
-    pub fn peer_grant(&self, grant: PairGrant, proofs: Vec<GrantProof>) {
-        if let Some(inbox) = &self.inbox {
-            inbox.grant.send_replace(Some((grant, proofs)));
+    /// A grant a peer passed on, with the witness's proofs.
+    pub fn peer_grant(&self, from: &str, grant: PairGrant, proofs: Vec<GrantProof>) {
+        if let Some(mail) = &self.mail {
+            mail.grant(from, grant, proofs);
         }
     }
 

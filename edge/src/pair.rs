@@ -12,7 +12,8 @@
 //! the location's secret, heartbeats. Over it the holder also streams its modules' status,
 //! which the standby keeps for the modules it keeps warm, so a takeover starts from it.
 
-use std::sync::{Arc, RwLock};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tether_common::control::clock::wall_now_ms;
@@ -42,42 +43,49 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Ticks between two tellings of whether this node polls (a second).
 const POLLING_RETELL_TICKS: u32 = 10;
 
+/// What a node knows of one of its peers, on their current link.
+#[derive(Default)]
+struct PeerState {
+    link: Option<Link>,
+    /// The last frame fed to the machine.
+    heard: Option<Mono>,
+    /// The peer's last note the machine took.
+    note_taken: Option<PeerNote>,
+    /// The last grant passed on to the peer on this link (a grant goes to a peer when it
+    /// changes, and on every new link, as the rules' simulation has it).
+    relayed: Option<PairGrant>,
+    /// Whether the peer polls its location's collector arrays, and what it was told
+    /// last of this node's polling (none: nothing yet on this link).
+    polling: bool,
+    told_polling: Option<bool>,
+}
+
 /// One node's control.
 pub(crate) struct NodeTask {
     location: EdgeId,
     node: NodeId,
-    /// Its peer (a pair's other node).
-    peer_id: NodeId,
+    /// Its peers (a pair's other node, or each other node of the location), by id.
+    peers: BTreeMap<NodeId, PeerState>,
     /// This node's own secret: a grant is taken only with its proof under it.
     secret: Secret,
     machine: NodeSide,
-    /// The grant stored last, and the witness's proofs of it (passed on to the peer).
+    /// The grant stored last, and the witness's proofs of it (passed on to the peers).
     stored: PairGrant,
     proofs: Vec<GrantProof>,
-    /// The last grant passed on to the peer on its current link (a grant goes to the
-    /// peer when it changes, and on every new link, as the rules' simulation has it).
-    relayed: Option<PairGrant>,
-    /// The peer's last note the machine took.
-    note_taken: Option<PeerNote>,
     /// The latest report, for the link to the master (one sender a link, in order).
     report: watch::Sender<Option<NodeReport>>,
     /// This node's collector-array slot, for the link to the master.
     slot: watch::Sender<Option<(u64, u64)>>,
-    /// Whether this node polls its location's collector arrays, whether its peer does,
-    /// and what the peer was told last (none: nothing yet on this link).
+    /// Whether this node polls its location's collector arrays.
     polling: bool,
-    peer_polling: bool,
-    told_polling: Option<bool>,
-    /// Ticks since this node last told its peer whether it polls.
+    /// Ticks since this node last told its peers whether it polls.
     polling_ticks: u32,
     replica: Arc<Replica>,
     runtime: Runtime,
     store: Arc<Store>,
     master: Option<Link>,
-    peer: Option<Link>,
-    /// The last frames fed to the machine, per link.
+    /// The last frame from the master fed to the machine.
     master_heard: Option<Mono>,
-    peer_heard: Option<Mono>,
     view: Arc<RwLock<ControlView>>,
     heartbeat_ms: u64,
     /// Since when it has run the modules cut off from its peer and every master (wall
@@ -89,7 +97,7 @@ pub(crate) struct NodeTask {
 impl NodeTask {
     pub(crate) fn new(
         location: EdgeId,
-        (node, peer, secret): (NodeId, NodeId, Secret),
+        (node, peers, secret): (NodeId, Vec<NodeId>, Secret),
         replica: Arc<Replica>,
         runtime: Runtime,
         view: Arc<RwLock<ControlView>>,
@@ -109,32 +117,29 @@ impl NodeTask {
         Ok(NodeTask {
             machine: NodeSide::new(
                 node.clone(),
-                vec![peer.clone()],
+                peers.clone(),
                 settings,
                 stored.clone(),
                 clock::mono_now(),
             ),
-            peer_id: peer,
+            peers: peers
+                .into_iter()
+                .map(|peer| (peer, PeerState::default()))
+                .collect(),
             location,
             node,
             secret,
-            relayed: None,
             proofs,
             stored,
-            note_taken: None,
             report: watch::channel(None).0,
             slot: watch::channel(None).0,
             polling: false,
-            peer_polling: false,
-            told_polling: None,
             polling_ticks: 0,
             replica,
             runtime,
             store,
             master: None,
-            peer: None,
             master_heard: None,
-            peer_heard: None,
             view,
             heartbeat_ms,
             isolated_since: None,
@@ -144,7 +149,7 @@ impl NodeTask {
     pub(crate) async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
-        (mut notes, mut grants, mut peer_polling): PeerInboxes,
+        mail: Arc<PeerMail>,
     ) {
         tracing::info!(edge = %self.location, node = %self.node, grant = ?self.stored, "site pair node: waiting for its witness's grant");
         let mut tick = tokio::time::interval(POLL);
@@ -155,36 +160,10 @@ impl NodeTask {
                     Some(command) => self.command(command).await,
                     None => return,
                 },
-                changed = notes.changed() => {
-                    if changed.is_err() {
-                        return;
+                _ = mail.arrived.notified() => {
+                    for (peer, letters) in mail.take() {
+                        self.read_mail(peer, letters).await;
                     }
-                    let note = notes.borrow_and_update().clone();
-                    // The same note again (a link come back) changes nothing.
-                    if let Some(note) = note
-                        && self.note_taken.as_ref() != Some(&note)
-                    {
-                        self.note_taken = Some(note.clone());
-                        let actions = self.machine.handle(clock::mono_now(), NodeEvent::PeerNote(self.peer_id.clone(), note));
-                        self.carry_out(actions).await;
-                    }
-                }
-                changed = grants.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let passed_on = grants.borrow_and_update().clone();
-                    if let Some((grant, proofs)) = passed_on
-                        && let Err(err) = self.take_grant(grant, proofs, false).await
-                    {
-                        tracing::warn!("a grant passed on by the peer was not taken: {err}");
-                    }
-                }
-                changed = peer_polling.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    self.peer_polling = *peer_polling.borrow_and_update();
                 }
                 _ = tick.tick() => {
                     self.tell_polling().await;
@@ -193,7 +172,7 @@ impl NodeTask {
                     self.carry_out(actions).await;
                     if self.machine.is_running()
                         && self.master.is_none()
-                        && self.peer.is_none()
+                        && self.linked_peers().next().is_none()
                         && self.isolated_since.is_none()
                     {
                         tracing::warn!(edge = %self.location, node = %self.node, "site pair: this node runs the modules cut off from its peer and every master");
@@ -206,7 +185,40 @@ impl NodeTask {
         }
     }
 
-    /// Takes a grant, from the witness (`from_master`) or passed on by the peer: only with
+    /// What a peer sent since the last look: a grant it passed on first (its note is read
+    /// against it, as it sent them), then its note, then whether it polls.
+    async fn read_mail(&mut self, peer: NodeId, letters: PeerLetters) {
+        if let Some((grant, proofs)) = letters.grant
+            && let Err(err) = self.take_grant(grant, proofs, false).await
+        {
+            tracing::warn!(%peer, "a grant passed on by a peer was not taken: {err}");
+        }
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if let Some(polling) = letters.polling {
+            state.polling = polling;
+        }
+        // The same note again (a link come back) changes nothing.
+        if let Some(note) = letters.note
+            && state.note_taken.as_ref() != Some(&note)
+        {
+            state.note_taken = Some(note.clone());
+            let actions = self
+                .machine
+                .handle(clock::mono_now(), NodeEvent::PeerNote(peer, note));
+            self.carry_out(actions).await;
+        }
+    }
+
+    /// The peers whose links are up, with them.
+    fn linked_peers(&self) -> impl Iterator<Item = (&NodeId, &Link)> {
+        self.peers
+            .iter()
+            .filter_map(|(id, state)| Some((id, state.link.as_ref()?)))
+    }
+
+    /// Takes a grant, from the witness (`from_master`) or passed on by a peer: only with
     /// a valid proof of its own, and a newer one stored before the machine acts on it.
     async fn take_grant(
         &mut self,
@@ -250,7 +262,7 @@ impl NodeTask {
     }
 
     /// This node's turn in its location's collector arrays: its rank among the nodes that
-    /// poll (itself, and its peer while their link is up), in the location's order. A
+    /// poll (itself, and each peer while their link is up), in the location's order. A
     /// node whose array modules do not reach their devices takes no turn, so the other
     /// reads every interval rather than half the reads going missing.
     fn set_array_slot(&self) {
@@ -258,15 +270,17 @@ impl NodeTask {
         let Some(record) = model.edges.get(self.location.as_str()) else {
             return;
         };
-        let peer_polls = self.peer.is_some() && self.peer_polling;
         let live: Vec<NodeId> = record
             .nodes
             .iter()
-            .filter(|node| match node.as_str() == self.node.as_str() {
-                true => self.polling,
-                false => peer_polls,
-            })
             .map(NodeId::new)
+            .filter(|node| match *node == self.node {
+                true => self.polling,
+                false => self
+                    .peers
+                    .get(node)
+                    .is_some_and(|peer| peer.link.is_some() && peer.polling),
+            })
             .collect();
         let slot = tether_common::control::array::slot(&live, &self.node);
         self.runtime.set_array_slot(slot);
@@ -279,7 +293,7 @@ impl NodeTask {
     }
 
     /// Whether this node polls its collector arrays now: its modules of `shared_polling`
-    /// drivers run here and each reaches its device. The peer hears of every change.
+    /// drivers run here and each reaches its device. The peers hear of every change.
     async fn tell_polling(&mut self) {
         let polling = {
             let (model, _) = self.replica.snapshot();
@@ -295,12 +309,14 @@ impl NodeTask {
         // Told on every change, and again every second: a notice that crossed a link
         // replaced meanwhile is made good within a second.
         self.polling_ticks = (self.polling_ticks + 1) % POLLING_RETELL_TICKS;
-        let due = self.told_polling != Some(polling) || self.polling_ticks == 0;
-        if let Some(link) = &self.peer
-            && due
-            && link.notify(Notice::PeerPolling { polling }).await.is_ok()
-        {
-            self.told_polling = Some(polling);
+        let retell = self.polling_ticks == 0;
+        for state in self.peers.values_mut() {
+            if let Some(link) = &state.link
+                && (retell || state.told_polling != Some(polling))
+                && link.notify(Notice::PeerPolling { polling }).await.is_ok()
+            {
+                state.told_polling = Some(polling);
+            }
         }
     }
 
@@ -316,14 +332,13 @@ impl NodeTask {
                 actions.extend(self.machine.handle(now, NodeEvent::MasterHeard));
             }
         }
-        if let Some(link) = &self.peer {
-            let heard = link.last_heard();
-            if self.peer_heard != Some(heard) {
-                self.peer_heard = Some(heard);
-                actions.extend(
-                    self.machine
-                        .handle(now, NodeEvent::PeerHeard(self.peer_id.clone())),
-                );
+        for (id, state) in &mut self.peers {
+            if let Some(link) = &state.link {
+                let heard = link.last_heard();
+                if state.heard != Some(heard) {
+                    state.heard = Some(heard);
+                    actions.extend(self.machine.handle(now, NodeEvent::PeerHeard(id.clone())));
+                }
             }
         }
         actions
@@ -366,12 +381,17 @@ impl NodeTask {
             Command::ReplicaChanged => {
                 let (model, _) = self.replica.snapshot();
                 let record = model.edges.get(self.location.as_str());
-                if let Some(record) = record
-                    && !(record.nodes.contains(&self.node.to_string())
-                        && record.nodes.contains(&self.peer_id.to_string()))
-                {
-                    // The witness reads this node's reports about its peer by id.
-                    tracing::error!(edge = %self.location, node = %self.node, peer = %self.peer_id, nodes = ?record.nodes, "[pair] node_id and peer_id must both be nodes of the location's record");
+                if let Some(record) = record {
+                    let mut named: Vec<&str> = self.peers.keys().map(NodeId::as_str).collect();
+                    named.push(self.node.as_str());
+                    named.sort_unstable();
+                    let mut nodes: Vec<&str> = record.nodes.iter().map(String::as_str).collect();
+                    nodes.sort_unstable();
+                    if named != nodes {
+                        // The witness reads this node's reports about its peers by id, and
+                        // grants a standby only when every other node reports on the holder.
+                        tracing::error!(edge = %self.location, node = %self.node, peers = ?self.peers.keys().collect::<Vec<_>>(), nodes = ?record.nodes, "[pair] node_id and its peers must be the location's nodes, each of them");
+                    }
                 }
                 self.machine.set_settings(settings(
                     record,
@@ -394,29 +414,36 @@ impl NodeTask {
                 return;
             }
             Command::Peer(PeerEvent::Up(link)) => {
-                if let Some(old) = self.peer.replace(link.clone()) {
+                let id = NodeId::new(link.peer());
+                let Some(state) = self.peers.get_mut(&id) else {
+                    // (the listener admits configured peers only)
+                    link.close("not a peer of this node");
+                    return;
+                };
+                if let Some(old) = state.link.replace(link.clone()) {
                     old.close("replaced by a newer link from the peer");
                 }
-                self.peer_heard = None;
-                self.note_taken = None;
-                self.told_polling = None;
-                self.relayed = None;
+                *state = PeerState {
+                    link: Some(link.clone()),
+                    ..PeerState::default()
+                };
                 // The holder's status, for the standby's warm modules.
                 tokio::spawn(stream_status(link, self.runtime.clone(), self.view.clone()));
-                self.machine
-                    .handle(now, NodeEvent::PeerUp(self.peer_id.clone()))
+                self.machine.handle(now, NodeEvent::PeerUp(id))
             }
-            Command::Peer(PeerEvent::Down(link)) => match &self.peer {
-                Some(current) if current.same_link(&link) => {
-                    self.peer = None;
-                    self.peer_polling = false;
-                    let last_heard = link.last_heard();
-                    let peer = self.peer_id.clone();
-                    self.machine
-                        .handle(now, NodeEvent::PeerDown { peer, last_heard })
+            Command::Peer(PeerEvent::Down(link)) => {
+                let id = NodeId::new(link.peer());
+                match self.peers.get_mut(&id) {
+                    Some(state) if state.link.as_ref().is_some_and(|l| l.same_link(&link)) => {
+                        state.link = None;
+                        state.polling = false;
+                        let last_heard = link.last_heard();
+                        self.machine
+                            .handle(now, NodeEvent::PeerDown { peer: id, last_heard })
+                    }
+                    _ => Vec::new(),
                 }
-                _ => Vec::new(),
-            },
+            }
             Command::Devices(reached) => self.machine.handle(now, NodeEvent::Devices(reached)),
         };
         self.carry_out(actions).await;
@@ -503,14 +530,17 @@ impl NodeTask {
                     self.report.send_replace(Some(report));
                 }
                 NodeAction::TellPeer(note) => {
-                    if let Some(link) = &self.peer {
-                        // A grant taken since the last goes first (the note is read
-                        // against it), with the witness's proofs: the peer may not reach
-                        // the witness.
-                        let grant = self.machine.grant().clone();
+                    // A grant taken since the last goes first (the note is read against
+                    // it), with the witness's proofs: a peer may not reach the witness.
+                    let grant = self.machine.grant().clone();
+                    for (id, state) in &mut self.peers {
+                        let Some(link) = &state.link else {
+                            continue;
+                        };
                         // A grant without the witness's proofs (none taken since this
                         // node's first start) would only be refused.
-                        let due = self.relayed.as_ref() != Some(&grant) && !self.proofs.is_empty();
+                        let due =
+                            state.relayed.as_ref() != Some(&grant) && !self.proofs.is_empty();
                         let sent = match due {
                             true => {
                                 let passed_on = Notice::PeerGrant {
@@ -523,13 +553,13 @@ impl NodeTask {
                         };
                         let sent = match sent {
                             Ok(()) => {
-                                self.relayed = Some(grant);
-                                link.notify(Notice::PeerNote(note)).await
+                                state.relayed = Some(grant.clone());
+                                link.notify(Notice::PeerNote(note.clone())).await
                             }
                             Err(err) => Err(err),
                         };
                         if let Err(err) = sent {
-                            tracing::debug!("note to the peer not sent: {err}");
+                            tracing::debug!(peer = %id, "note to the peer not sent: {err}");
                         }
                     }
                 }
@@ -615,7 +645,8 @@ impl NodeTask {
             pair: Some(PairView {
                 node: self.node.clone(),
                 holder: self.machine.grant().node().cloned(),
-                peer_online: self.peer.is_some(),
+                peers_online: self.linked_peers().map(|(id, _)| id.clone()).collect(),
+                peers: self.peers.len(),
                 claimed: self.machine.claimed(),
             }),
         };
@@ -629,8 +660,10 @@ pub struct PairView {
     pub node: NodeId,
     /// The node its grant names (none: the master, or a move in progress).
     pub holder: Option<NodeId>,
-    /// Whether its link to its peer is up.
-    pub peer_online: bool,
+    /// Its peers whose links are up.
+    pub peers_online: Vec<NodeId>,
+    /// How many peers it has.
+    pub peers: usize,
     /// Whether it runs on a claim made without a witness.
     pub claimed: bool,
 }
@@ -651,12 +684,72 @@ fn array_modules(model: &tether_common::model::Model, location: &EdgeId) -> Vec<
         .collect()
 }
 
-/// What the peer sent last: its note, a grant it passed on, whether it polls.
-pub(crate) type PeerInboxes = (
-    watch::Receiver<Option<PeerNote>>,
-    watch::Receiver<Option<(PairGrant, Vec<GrantProof>)>>,
-    watch::Receiver<bool>,
-);
+/// What each peer sent last and the node has not taken in yet: its note, a grant it
+/// passed on, whether it polls. A peer that sends faster than the node takes it in fills
+/// nothing (each replaces the one before), and only the node's own peers have a place.
+pub(crate) struct PeerMail {
+    letters: Mutex<BTreeMap<NodeId, PeerLetters>>,
+    /// Rung on every letter (a ring while the node is busy is kept for its next look).
+    arrived: tokio::sync::Notify,
+}
+
+/// One peer's letters.
+#[derive(Default)]
+pub(crate) struct PeerLetters {
+    note: Option<PeerNote>,
+    grant: Option<(PairGrant, Vec<GrantProof>)>,
+    polling: Option<bool>,
+}
+
+impl PeerMail {
+    pub(crate) fn new(peers: &[NodeId]) -> PeerMail {
+        PeerMail {
+            letters: Mutex::new(
+                peers
+                    .iter()
+                    .map(|peer| (peer.clone(), PeerLetters::default()))
+                    .collect(),
+            ),
+            arrived: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn put(&self, from: &str, write: impl FnOnce(&mut PeerLetters)) {
+        let mut letters = self.letters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = letters.get_mut(&NodeId::new(from)) {
+            write(slot);
+            drop(letters);
+            self.arrived.notify_one();
+        }
+    }
+
+    /// A peer's note.
+    pub(crate) fn note(&self, from: &str, note: PeerNote) {
+        self.put(from, |slot| slot.note = Some(note));
+    }
+
+    /// A grant a peer passed on, with the witness's proofs (the latest replaces one not
+    /// yet taken in: the node refuses an older grant anyway, and a forged one with a high
+    /// epoch must not hold the place of the real ones that follow).
+    pub(crate) fn grant(&self, from: &str, grant: PairGrant, proofs: Vec<GrantProof>) {
+        self.put(from, |slot| slot.grant = Some((grant, proofs)));
+    }
+
+    /// Whether a peer polls its collector arrays.
+    pub(crate) fn polling(&self, from: &str, polling: bool) {
+        self.put(from, |slot| slot.polling = Some(polling));
+    }
+
+    /// Every peer's letters not yet taken in.
+    fn take(&self) -> Vec<(NodeId, PeerLetters)> {
+        let mut letters = self.letters.lock().unwrap_or_else(|p| p.into_inner());
+        letters
+            .iter_mut()
+            .filter(|(_, slot)| slot.note.is_some() || slot.grant.is_some() || slot.polling.is_some())
+            .map(|(peer, slot)| (peer.clone(), std::mem::take(slot)))
+            .collect()
+    }
+}
 
 /// Sends the master each report of this node, the latest first, in order, until the link
 /// closes: a report is the node's whole state, so one that is overtaken is not sent.
@@ -793,34 +886,39 @@ pub(crate) async fn count_devices(
     }
 }
 
-/// The peer's secret, for the listening node: the location's, for the peer's id only.
+/// The peers' secret, for the listening node: the location's, for the ids of the peers
+/// that connect to it only.
 struct PeerSecret {
-    peer: NodeId,
+    peers: Vec<NodeId>,
     secret: Secret,
 }
 
 impl EdgeSecrets for PeerSecret {
     fn secret(&self, id: &str) -> Option<Secret> {
-        (id == self.peer.as_str()).then(|| self.secret.clone())
+        self.peers
+            .iter()
+            .any(|peer| peer.as_str() == id)
+            .then(|| self.secret.clone())
     }
 }
 
-/// How a node reaches its peer.
+/// How a node reaches some of its peers.
 pub(crate) enum PeerLink {
-    /// It listens (with its API certificate, asking for the peer's link certificate).
+    /// It listens for these (with its API certificate, asking for each one's link
+    /// certificate, which names it).
     Listen {
         listener: tokio::net::TcpListener,
         tls: Arc<rustls::ServerConfig>,
-        peer: NodeId,
+        peers: Vec<NodeId>,
         secret: Secret,
         config: ListenerConfig,
     },
-    /// It connects.
+    /// It connects to one.
     Connect(tether_common::link::ConnectorConfig),
 }
 
-/// Keeps the link to the peer until `shutdown`, telling `control` of it, and serves what
-/// the peer sends.
+/// Keeps links to peers until `shutdown`, telling `control` of them, and serves what the
+/// peers send.
 pub(crate) async fn run_peer_link(
     how: PeerLink,
     control: EdgeControl,
@@ -831,12 +929,12 @@ pub(crate) async fn run_peer_link(
         PeerLink::Listen {
             listener,
             tls,
-            peer,
+            peers,
             secret,
             config,
         } => {
             let (accepted_tx, mut accepted) = mpsc::channel::<AuthenticatedEdge>(4);
-            let secrets = Arc::new(PeerSecret { peer, secret });
+            let secrets = Arc::new(PeerSecret { peers, secret });
             tokio::spawn(tether_common::link::run_listener(
                 listener,
                 tls,
@@ -868,7 +966,7 @@ pub(crate) async fn run_peer_link(
     }
 }
 
-/// Serves one link from the peer until it closes: its notes and passed-on grants to
+/// Serves one link from a peer until it closes: its notes and passed-on grants to
 /// control, its modules' status to the warm standby; requests are refused (the peer asks
 /// the master, not its peer, for calls).
 async fn serve_peer(
@@ -881,11 +979,13 @@ async fn serve_peer(
     control.peer_event(PeerEvent::Up(link.clone()));
     while let Some(item) = incoming.recv().await {
         match item {
-            Incoming::Notice(Notice::PeerNote(note), _) => control.peer_note(note),
+            Incoming::Notice(Notice::PeerNote(note), _) => control.peer_note(link.peer(), note),
             Incoming::Notice(Notice::PeerGrant { grant, proofs }, _) => {
-                control.peer_grant(grant, proofs)
+                control.peer_grant(link.peer(), grant, proofs)
             }
-            Incoming::Notice(Notice::PeerPolling { polling }, _) => control.peer_polling(polling),
+            Incoming::Notice(Notice::PeerPolling { polling }, _) => {
+                control.peer_polling(link.peer(), polling)
+            }
             Incoming::Notice(
                 Notice::StatusChanged {
                     module_id,

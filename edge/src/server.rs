@@ -78,7 +78,7 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     };
     let api_tls = tls::server_config(&config.tls.api_cert, &config.tls.api_key, None)?;
     let peer = match &config.pair {
-        Some(pair) => Some(peer_link(&config, pair, &connector)?),
+        Some(pair) => Some(peer_links(&config, pair, &connector)?),
         None => None,
     };
     // Everything is checked; only now write to the data folder.
@@ -101,10 +101,11 @@ pub fn run(config_path: &Path, stop: StopOn) -> anyhow::Result<()> {
     ))
 }
 
-/// How a site pair's node reaches its peer, from its `[pair]` table: it listens (with its
-/// API certificate, asking for a client certificate of the CA) or connects (with its link
+/// How a site pair's node reaches its peers, from its `[pair]` table: it listens for
+/// those that connect to it (with its API certificate, asking for a client certificate
+/// of the CA, which names the peer), and connects to the others (with its link
 /// certificate), authenticating with the location's secret either way.
-fn peer_link(
+fn peer_links(
     config: &EdgeConfig,
     pair: &tether_config::EdgePair,
     connector: &ConnectorConfig,
@@ -116,38 +117,55 @@ fn peer_link(
         )
     })?;
     let link = crate::pair::peer_link_config(config.heartbeat_ms, config.max_frame_bytes as usize);
-    Ok(match (&pair.peer_listen, &pair.peer) {
-        (Some(addr), _) => PeerSetup::Listen {
-            addr: *addr,
+    let peers = pair.peer_list();
+    let listened_for: Vec<NodeId> = peers
+        .iter()
+        .filter(|peer| peer.addr.is_none())
+        .map(|peer| NodeId::new(peer.id.clone()))
+        .collect();
+    let listen = match pair.peer_listen {
+        Some(addr) if !listened_for.is_empty() => Some(PeerListen {
+            addr,
             tls: tls::link_server_config(
                 &config.tls.api_cert,
                 &config.tls.api_key,
                 Some(&config.tls.ca),
             )?,
-            peer: NodeId::new(pair.peer_id.clone()),
-            secret,
-            link,
-        },
-        (None, peer) => PeerSetup::Connect(ConnectorConfig {
-            master_addrs: peer.iter().cloned().collect(),
-            server_name: tls::server_name(pair.peer_name.as_deref().unwrap_or_default())?,
-            secret,
-            link,
-            ..connector.clone()
+            peers: listened_for,
+            secret: secret.clone(),
+            link: link.clone(),
         }),
-    })
+        _ => None,
+    };
+    let mut connect = Vec::new();
+    for peer in &peers {
+        if let Some(addr) = &peer.addr {
+            connect.push(ConnectorConfig {
+                master_addrs: vec![addr.clone()],
+                server_name: tls::server_name(peer.name.as_deref().unwrap_or_default())?,
+                secret: secret.clone(),
+                link: link.clone(),
+                ..connector.clone()
+            });
+        }
+    }
+    Ok(PeerSetup { listen, connect })
 }
 
-/// A site pair's peer link, checked before anything is written.
-enum PeerSetup {
-    Listen {
-        addr: std::net::SocketAddr,
-        tls: Arc<rustls::ServerConfig>,
-        peer: NodeId,
-        secret: Secret,
-        link: tether_common::link::LinkConfig,
-    },
-    Connect(ConnectorConfig),
+/// A site pair's peer links, checked before anything is written.
+struct PeerSetup {
+    /// Where it listens for the peers that connect to it.
+    listen: Option<PeerListen>,
+    /// One connector a peer it connects to.
+    connect: Vec<ConnectorConfig>,
+}
+
+struct PeerListen {
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    peers: Vec<NodeId>,
+    secret: Secret,
+    link: tether_common::link::LinkConfig,
 }
 
 async fn serve(
@@ -195,7 +213,10 @@ async fn serve(
     let node = match (node, &config.pair) {
         (Some(node), Some(pair)) => Some((
             node,
-            NodeId::new(pair.peer_id.clone()),
+            pair.peer_list()
+                .into_iter()
+                .map(|peer| NodeId::new(peer.id))
+                .collect(),
             Secret::load(&config.secret_file)?,
         )),
         _ => None,
@@ -258,34 +279,29 @@ async fn serve(
         ));
     }
     if let Some(peer) = peer {
-        let how = match peer {
-            PeerSetup::Listen {
-                addr,
-                tls,
-                peer,
-                secret,
-                link,
-            } => {
-                let listener =
-                    tether_common::admission::bind_listener(addr).with_context(|| {
-                        format!("cannot listen for the pair's peer on {addr} (pair.peer_listen)")
-                    })?;
-                crate::pair::PeerLink::Listen {
-                    listener,
-                    tls,
-                    peer,
-                    secret,
-                    config: peer_listener_config(&config, link),
-                }
-            }
-            PeerSetup::Connect(connector) => crate::pair::PeerLink::Connect(connector),
-        };
-        tokio::spawn(crate::pair::run_peer_link(
-            how,
-            control.clone(),
-            runtime.clone(),
-            shutdown.clone(),
-        ));
+        let mut links = Vec::new();
+        if let Some(listen) = peer.listen {
+            let addr = listen.addr;
+            let listener = tether_common::admission::bind_listener(addr).with_context(|| {
+                format!("cannot listen for the pair's peers on {addr} (pair.peer_listen)")
+            })?;
+            links.push(crate::pair::PeerLink::Listen {
+                listener,
+                tls: listen.tls,
+                config: peer_listener_config(&config, listen.link, listen.peers.len()),
+                peers: listen.peers,
+                secret: listen.secret,
+            });
+        }
+        links.extend(peer.connect.into_iter().map(crate::pair::PeerLink::Connect));
+        for how in links {
+            tokio::spawn(crate::pair::run_peer_link(
+                how,
+                control.clone(),
+                runtime.clone(),
+                shutdown.clone(),
+            ));
+        }
     }
     let (events_tx, events_rx) = mpsc::channel(16);
     tokio::spawn(maintain_link(connector, events_tx, shutdown.clone()));
@@ -318,10 +334,11 @@ async fn serve(
     Ok(())
 }
 
-/// The peer listener's settings: one peer, so a few handshakes at once.
+/// The peer listener's settings: a few peers, so a few handshakes at once.
 fn peer_listener_config(
     config: &EdgeConfig,
     link: tether_common::link::LinkConfig,
+    peers: usize,
 ) -> tether_common::link::ListenerConfig {
     tether_common::link::ListenerConfig {
         handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
@@ -330,7 +347,8 @@ fn peer_listener_config(
             max_pending: 8,
             max_per_address: 4,
         },
-        max_links: 2,
+        // A link a peer, and its replacement while the old one is found gone.
+        max_links: 2 * peers,
         gauges: None,
         link,
     }

@@ -1,7 +1,7 @@
 //! A site pair as real processes: a master, and one location (`site-1`) of two nodes
-//! (`site-1a`, which listens for its peer, and `site-1b`, which connects), with a fault
-//! proxy on each node's link to the master and one on the link between the nodes, so a
-//! test can cut any of the three.
+//! (`site-1a`, which listens for its peer, and `site-1b`, which connects), or three
+//! (each node listening for those after it), with a fault proxy on each node's link to
+//! the master and one on each link between two nodes, so a test can cut any of them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,8 +15,8 @@ use crate::{free_port, wait_for};
 
 /// The location.
 pub const LOCATION: &str = "site-1";
-/// Its nodes, the first preferred.
-pub const NODES: [&str; 2] = ["site-1a", "site-1b"];
+/// Its nodes, the first preferred (a pair: the first two).
+pub const NODES: [&str; 3] = ["site-1a", "site-1b", "site-1c"];
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -35,6 +35,9 @@ pub struct PairSpec {
     /// Masters: one alone (each node's link to it behind a fault proxy), or several on a
     /// local etcd (`m1`, `m2` ...; each node lists them all, without proxies).
     pub masters: usize,
+    /// Nodes: two (a pair, whose files name the peer with `peer_id`) or three (each
+    /// lists its peers in `[[pair.peers]]`).
+    pub nodes: usize,
 }
 
 impl Default for PairSpec {
@@ -46,6 +49,7 @@ impl Default for PairSpec {
             files: Vec::new(),
             node_extra: Vec::new(),
             masters: 1,
+            nodes: 2,
         }
     }
 }
@@ -62,10 +66,10 @@ pub struct PairSite {
     pub nodes: Vec<Server>,
     /// The proxy on each node's link to the master, in [`NODES`] order (one master).
     pub master_links: Vec<FaultProxy>,
-    /// The proxy on the link between the nodes.
-    pub peer_link: FaultProxy,
-    /// Where site-1a listens for its peer (behind [`peer_link`](Self::peer_link)).
-    pub peer_addr: SocketAddr,
+    /// The proxy on each link between two nodes `(i, j)`, `i < j`: `j` connects to `i`.
+    peer_links: Vec<((usize, usize), FaultProxy)>,
+    /// Where each node listens for the peers after it (behind their proxies).
+    peer_listen_addrs: Vec<SocketAddr>,
     /// Each node's API address.
     pub node_api_addrs: Vec<SocketAddr>,
     /// The temporary folder, last: removed after the processes are killed.
@@ -78,8 +82,9 @@ impl PairSite {
     pub async fn start(spec: PairSpec) -> PairSite {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().to_path_buf();
+        let node_ids = &NODES[..spec.nodes];
         let ids: Vec<String> = std::iter::once(LOCATION)
-            .chain(NODES)
+            .chain(node_ids.iter().copied())
             .map(str::to_string)
             .collect();
         run_certs(&root.join("certs"), &ids);
@@ -89,7 +94,11 @@ impl PairSite {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, content).unwrap();
         }
-        let nodes = NODES.map(|n| format!("\"{n}\"")).join(", ");
+        let nodes = node_ids
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         std::fs::write(
             root.join("site.toml"),
             format!(
@@ -143,11 +152,24 @@ impl PairSite {
             api_addrs.push(api_addr);
             link_addrs.push(link_addr);
         }
-        let peer_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let peer_link = FaultProxy::start(0, peer_addr).await;
+        let peer_listen_addrs: Vec<SocketAddr> = node_ids
+            .iter()
+            .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+            .collect();
+        let mut peer_links = Vec::new();
+        for i in 0..spec.nodes {
+            for j in i + 1..spec.nodes {
+                let proxy = FaultProxy::start(0, peer_listen_addrs[i]).await;
+                peer_links.push(((i, j), proxy));
+            }
+        }
+        let proxy_between = |i: usize, j: usize| {
+            let found = peer_links.iter().find(|(ends, _)| *ends == (i, j));
+            found.expect("a peer link").1.addr()
+        };
         let mut master_links = Vec::new();
         let mut node_api_addrs = Vec::new();
-        for (i, node) in NODES.iter().enumerate() {
+        for (i, node) in node_ids.iter().enumerate() {
             let masters_key = match link_addrs.as_slice() {
                 [one] => {
                     let proxy = FaultProxy::start(0, *one).await;
@@ -164,13 +186,34 @@ impl PairSite {
                 ),
             };
             let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let peer = match i {
-                0 => format!("peer_listen = \"{peer_addr}\""),
-                _ => format!(
-                    "peer = \"{}\"\npeer_name = \"{}\"",
-                    peer_link.addr(),
-                    NODES[0]
-                ),
+            // A node listens for the nodes after it, and connects to those before it.
+            let listen = match i + 1 < spec.nodes {
+                true => format!("peer_listen = \"{}\"\n", peer_listen_addrs[i]),
+                false => String::new(),
+            };
+            let peers = match spec.nodes {
+                2 => match i {
+                    0 => format!("peer_id = \"{}\"\n{listen}", node_ids[1]),
+                    _ => format!(
+                        "peer_id = \"{}\"\npeer = \"{}\"\npeer_name = \"{}\"\n",
+                        node_ids[0],
+                        proxy_between(0, 1),
+                        node_ids[0]
+                    ),
+                },
+                _ => {
+                    let mut peers = listen;
+                    for (j, peer) in node_ids.iter().enumerate().filter(|(j, _)| *j != i) {
+                        peers += &format!("[[pair.peers]]\nid = \"{peer}\"\n");
+                        if j < i {
+                            peers += &format!(
+                                "addr = \"{}\"\nname = \"{peer}\"\n",
+                                proxy_between(j, i)
+                            );
+                        }
+                    }
+                    peers
+                }
             };
             std::fs::write(
                 root.join(format!("{node}.toml")),
@@ -178,11 +221,10 @@ impl PairSite {
                     "edge_id = \"{LOCATION}\"\ndata_dir = \"data/{node}\"\napi_listen = \"{api}\"\n\
                      {masters_key}\nmaster_name = \"localhost\"\nsecret_file = \"certs/{node}.secret\"\n\
                      heartbeat_ms = {}\nreconnect_ms = 500\n{}\n\
-                     [pair]\nnode_id = \"{node}\"\npeer_id = \"{}\"\n{peer}\nsecret_file = \"certs/{LOCATION}.secret\"\n\
-                     [tls]\ncert = \"certs/{node}.pem\"\nkey = \"certs/{node}.key\"\nca = \"certs/ca.pem\"\n",
+                     [tls]\ncert = \"certs/{node}.pem\"\nkey = \"certs/{node}.key\"\nca = \"certs/ca.pem\"\n\
+                     [pair]\nnode_id = \"{node}\"\nsecret_file = \"certs/{LOCATION}.secret\"\n{peers}",
                     spec.heartbeat_ms,
                     spec.node_extra.get(i).map(String::as_str).unwrap_or_default(),
-                    NODES[1 - i],
                 ),
             )
             .unwrap();
@@ -194,15 +236,15 @@ impl PairSite {
             etcd,
             nodes: Vec::new(),
             master_links,
-            peer_link,
-            peer_addr,
+            peer_links,
+            peer_listen_addrs,
             node_api_addrs,
             dir,
         };
         for i in 0..site.masters.len() {
             site.wait_master_up(i).await;
         }
-        for node in NODES {
+        for node in node_ids {
             let server = Server::start(
                 node,
                 &bin("tether-edge"),
@@ -215,6 +257,18 @@ impl PairSite {
             site.nodes.push(server);
         }
         site
+    }
+
+    /// The fault proxy on the link between nodes `i` and `j`.
+    pub fn peer_link(&self, i: usize, j: usize) -> &FaultProxy {
+        let ends = (i.min(j), i.max(j));
+        let found = self.peer_links.iter().find(|(between, _)| *between == ends);
+        &found.expect("a link between two of the nodes").1
+    }
+
+    /// Where node `i` listens for its peers (behind their proxies).
+    pub fn peer_listen_addr(&self, i: usize) -> SocketAddr {
+        self.peer_listen_addrs[i]
     }
 
     /// A path inside the folder.

@@ -83,6 +83,7 @@ async fn start_with(projector: &Sim, settings: &str, node_extra: Vec<String>) ->
         heartbeat_ms: HEARTBEAT_MS,
         files: vec![("repos/extra-drivers/note.rhai".into(), NOTE.into())],
         masters: 1,
+        nodes: 2,
     };
     let site = PairSite::start(spec).await;
     wait_executor(&site.master_api(), "edge:site-1a", Duration::from_secs(20)).await;
@@ -259,21 +260,21 @@ async fn one_link_cut_at_a_time_changes_nothing() {
     .await;
 
     // The peer link, both master links up: the witness sees the holder.
-    site.peer_link.cut();
+    site.peer_link(0, 1).cut();
     assert_unchanged(&site, &epoch, "peer link cut").await;
     wait_executor(&site.master_api(), "edge:site-1a", Duration::from_secs(5)).await;
-    site.peer_link.heal();
+    site.peer_link(0, 1).heal();
 }
 
 /// Cuts the holder off from both its peer and the master, until healed.
 fn cut_holder_off(site: &PairSite) {
     site.master_links[0].cut();
-    site.peer_link.cut();
+    site.peer_link(0, 1).cut();
 }
 
 fn heal(site: &PairSite) {
     site.master_links[0].heal();
-    site.peer_link.heal();
+    site.peer_link(0, 1).heal();
 }
 
 #[tokio::test]
@@ -570,6 +571,7 @@ async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_an
         files: Vec::new(),
         node_extra: routes,
         masters: 1,
+        nodes: 2,
     };
     let mut site = PairSite::start(spec).await;
     site.wait_holder(NODES[0], Duration::from_secs(20)).await;
@@ -794,9 +796,9 @@ async fn a_grant_passed_on_without_the_witness_proof_is_refused() {
     let certs = site.path("certs");
     // site-1b's identity and the location's secret: the peer link's own credentials. The
     // real site-1b's link is cut, so that its reconnects do not replace this one.
-    site.peer_link.cut();
+    site.peer_link(0, 1).cut();
     let connector = ConnectorConfig {
-        master_addrs: vec![site.peer_addr.to_string()],
+        master_addrs: vec![site.peer_listen_addr(0).to_string()],
         server_name: tls::server_name("site-1a").unwrap(),
         tls: tls::client_config(
             &certs.join("ca.pem"),

@@ -170,7 +170,7 @@ pub struct GrantProof {
 }
 
 /// The most proofs a grant carries (a location's nodes at most).
-pub const MAX_GRANT_PROOFS: usize = 8;
+pub const MAX_GRANT_PROOFS: usize = tether_config::MAX_NODES;
 
 /// What a node tells the witness of itself, on its link and whenever it changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +218,10 @@ pub struct PeerNote {
     pub epoch: Epoch,
     /// Whether it runs the modules.
     pub running: bool,
+    /// Whether it runs them on a claim of its own, made without a witness: a peer that
+    /// reaches the witness tells it so in its report, and the witness decides (a
+    /// claimant that hears only such a peer would otherwise keep its claim).
+    pub claimed: bool,
     /// The peers it hears running, with the epoch each runs under: a node that hears
     /// only this one learns through it that a holder runs (a claim made without a
     /// witness ends then).
@@ -414,6 +418,7 @@ impl NodeSide {
         PeerNote {
             epoch: self.grant.epoch,
             running: self.running,
+            claimed: self.claimed,
             heard_running: self.heard_running(),
         }
     }
@@ -793,16 +798,33 @@ impl WitnessSide {
         actions
     }
 
-    /// A linked node (other than `except`) that reports running on a claim of its own.
+    /// A node (other than `except`) that runs on a claim of its own: it says so on its
+    /// link, or a linked peer reports its note saying so. A claim a peer reports counts
+    /// only at this witness's epoch: one below it ends when the peer passes on the grant
+    /// it holds (on every new peer link), and the grant issued for a claim is above it,
+    /// so one decision is taken per claim.
     fn claimant(&self, except: Option<usize>) -> Option<usize> {
+        let epoch = self.grant.epoch;
         (0..self.nodes.len())
             .filter(|c| Some(*c) != except)
             .find(|c| {
-                self.views[*c].link.up
+                let direct = self.views[*c].link.up
                     && self.views[*c]
                         .report
                         .as_ref()
-                        .is_some_and(|(report, _)| report.claimed)
+                        .is_some_and(|(report, _)| report.claimed);
+                let relayed = self.views.iter().any(|view| {
+                    view.link.up
+                        && view.report.as_ref().is_some_and(|(report, _)| {
+                            report.about(&self.nodes[*c]).is_some_and(|peer| {
+                                peer.hears
+                                    && peer.note.as_ref().is_some_and(|note| {
+                                        note.running && note.claimed && note.epoch >= epoch
+                                    })
+                            })
+                        })
+                });
+                direct || relayed
             })
     }
 
@@ -860,17 +882,23 @@ impl WitnessSide {
             false => self.views[h].link.silent_ms(now, self.started),
         };
         // A node that runs on a claim of its own (taken without a witness) is decided for
-        // as soon as it is heard: it keeps the modules when the holder is gone; else the
-        // holder does (at once when it runs, else once the claimant has stopped).
+        // as soon as it is heard: it keeps the modules when the holder is gone (off the
+        // master for the pair timeout, and unheard by every other node, each linked); else
+        // the holder does (at once when it runs or may run unseen, else once the claimant
+        // has stopped).
         if let Some(c) = self.claimant(Some(h)) {
             let holder_runs = self.views[h].link.up
                 && self.views[h]
                     .report
                     .as_ref()
                     .is_some_and(|(report, _)| report.running);
-            let next = if holder_off >= timeout {
+            let holder_gone = holder_off >= timeout
+                && (0..self.nodes.len())
+                    .filter(|s| *s != h && *s != c)
+                    .all(|s| self.cannot_vouch(s, h, now));
+            let next = if holder_gone {
                 PairHolder::Node(self.nodes[c].clone())
-            } else if holder_runs {
+            } else if holder_runs || !self.views[h].link.up {
                 PairHolder::Node(holder.clone())
             } else {
                 PairHolder::Moving(holder.clone())
@@ -879,14 +907,17 @@ impl WitnessSide {
             return;
         }
         // The holder off the master for the pair timeout, and every other node linked and
-        // reporting that it has not heard the holder for as long: the first of them is
-        // granted the modules. A node that hears the holder vouches for it (it runs, cut
-        // off from the master alone), and one off the master might: either holds it.
+        // reporting that it has not heard the holder for as long (or gone, see
+        // [`Self::cannot_vouch`]): the first linked one is granted the modules. A node that
+        // hears the holder vouches for it (it runs, cut off from the master alone), and
+        // one off the master might: either holds it.
         let others: Vec<usize> = (0..self.nodes.len()).filter(|s| *s != h).collect();
-        let nobody_hears = others
+        let nobody_hears = others.iter().all(|s| self.cannot_vouch(*s, h, now));
+        let witnessed = others
             .iter()
-            .all(|s| self.views[*s].link.up && self.unheard(*s, h, now));
-        let witnessed = others.first().copied().filter(|_| nobody_hears);
+            .copied()
+            .find(|s| self.views[*s].link.up)
+            .filter(|_| nobody_hears);
         if holder_off >= timeout
             && let Some(s) = witnessed
         {
@@ -929,6 +960,26 @@ impl WitnessSide {
         }
     }
 
+    /// Whether node `s` cannot vouch that holder `h` runs: linked, it reports that it has
+    /// not heard `h` for the pair timeout. Unlinked, it might hear `h` (the two of them on
+    /// an island without a master, where `h` keeps running), so it vouches, except under
+    /// `isolation = "continue"` (where a holder cut off from every master may run beside
+    /// a granted node, the risk the location takes) once it has been off the master for
+    /// the location's `timeout_ms` and unheard by every linked node for the pair
+    /// timeout: else, in a location of three nodes, two of them gone would leave the
+    /// third dark.
+    fn cannot_vouch(&self, s: usize, h: usize, now: Mono) -> bool {
+        let view = &self.views[s];
+        if view.link.up {
+            return self.unheard(s, h, now);
+        }
+        self.settings.isolation == Isolation::Continue
+            && view.link.silent_ms(now, self.started) >= self.settings.timeout_ms
+            && (0..self.nodes.len())
+                .filter(|p| *p != s && self.views[*p].link.up)
+                .all(|p| self.unheard(p, s, now))
+    }
+
     /// Whether node `s` reported that it has not heard node `o` for the pair timeout.
     fn unheard(&self, s: usize, o: usize, now: Mono) -> bool {
         self.views[s].report.as_ref().is_some_and(|(report, at)| {
@@ -947,7 +998,6 @@ impl WitnessSide {
         };
         let timeout = self.settings.pair_timeout_ms;
         let epoch = self.grant.epoch;
-        let to_report = self.views[t].report.clone();
         let released = (0..self.nodes.len()).filter(|o| *o != t).all(|o| {
             let view = &self.views[o];
             let acked = view.link.up
@@ -960,13 +1010,17 @@ impl WitnessSide {
                 && (0..self.nodes.len())
                     .filter(|p| *p != o)
                     .all(|p| self.views[p].link.up && self.unheard(p, o, now));
-            // Acknowledged through a peer: `to` heard it say it stopped under the move.
-            let through_peer = to_report.as_ref().is_some_and(|(report, _)| {
-                report.about(&self.nodes[o]).is_some_and(|peer| {
-                    peer.note
-                        .as_ref()
-                        .is_some_and(|note| !note.running && note.epoch >= epoch)
-                })
+            // Acknowledged through a peer: a linked node (`to`, or another) heard it say
+            // it stopped under the move.
+            let through_peer = self.views.iter().any(|view| {
+                view.link.up
+                    && view.report.as_ref().is_some_and(|(report, _)| {
+                        report.about(&self.nodes[o]).is_some_and(|peer| {
+                            peer.note
+                                .as_ref()
+                                .is_some_and(|note| !note.running && note.epoch >= epoch)
+                        })
+                    })
             });
             acked || gone || through_peer
         });
