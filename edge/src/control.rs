@@ -94,10 +94,10 @@ pub(crate) enum Command {
 
 /// What happens on a site pair's link between its nodes.
 pub enum PeerEvent {
-    /// It came up.
-    Up(Link),
-    /// This link went down.
-    Down(Link),
+    /// It came up, to this peer.
+    Up(NodeId, Link),
+    /// This link to this peer went down.
+    Down(NodeId, Link),
 }
 
 /// A handle on the control task.
@@ -257,21 +257,21 @@ impl EdgeControl {
     }
 
     /// A peer's note.
-    pub fn peer_note(&self, from: &str, note: PeerNote) {
+    pub fn peer_note(&self, from: &NodeId, note: PeerNote) {
         if let Some(mail) = &self.mail {
             mail.note(from, note);
         }
     }
 
     /// Whether a peer polls its collector arrays (false again when its link goes).
-    pub fn peer_polling(&self, from: &str, polling: bool) {
+    pub fn peer_polling(&self, from: &NodeId, polling: bool) {
         if let Some(mail) = &self.mail {
             mail.polling(from, polling);
         }
     }
 
     /// A grant a peer passed on, with the witness's proofs.
-    pub fn peer_grant(&self, from: &str, grant: PairGrant, proofs: Vec<GrantProof>) {
+    pub fn peer_grant(&self, from: &NodeId, grant: PairGrant, proofs: Vec<GrantProof>) {
         if let Some(mail) = &self.mail {
             mail.grant(from, grant, proofs);
         }

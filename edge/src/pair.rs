@@ -413,8 +413,7 @@ impl NodeTask {
                 let _ = reply.send(taken);
                 return;
             }
-            Command::Peer(PeerEvent::Up(link)) => {
-                let id = NodeId::new(link.peer());
+            Command::Peer(PeerEvent::Up(id, link)) => {
                 let Some(state) = self.peers.get_mut(&id) else {
                     // (the listener admits configured peers only)
                     link.close("not a peer of this node");
@@ -431,8 +430,7 @@ impl NodeTask {
                 tokio::spawn(stream_status(link, self.runtime.clone(), self.view.clone()));
                 self.machine.handle(now, NodeEvent::PeerUp(id))
             }
-            Command::Peer(PeerEvent::Down(link)) => {
-                let id = NodeId::new(link.peer());
+            Command::Peer(PeerEvent::Down(id, link)) => {
                 match self.peers.get_mut(&id) {
                     Some(state) if state.link.as_ref().is_some_and(|l| l.same_link(&link)) => {
                         state.link = None;
@@ -714,9 +712,9 @@ impl PeerMail {
         }
     }
 
-    fn put(&self, from: &str, write: impl FnOnce(&mut PeerLetters)) {
+    fn put(&self, from: &NodeId, write: impl FnOnce(&mut PeerLetters)) {
         let mut letters = self.letters.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = letters.get_mut(&NodeId::new(from)) {
+        if let Some(slot) = letters.get_mut(from) {
             write(slot);
             drop(letters);
             self.arrived.notify_one();
@@ -724,19 +722,19 @@ impl PeerMail {
     }
 
     /// A peer's note.
-    pub(crate) fn note(&self, from: &str, note: PeerNote) {
+    pub(crate) fn note(&self, from: &NodeId, note: PeerNote) {
         self.put(from, |slot| slot.note = Some(note));
     }
 
     /// A grant a peer passed on, with the witness's proofs (the latest replaces one not
     /// yet taken in: the node refuses an older grant anyway, and a forged one with a high
     /// epoch must not hold the place of the real ones that follow).
-    pub(crate) fn grant(&self, from: &str, grant: PairGrant, proofs: Vec<GrantProof>) {
+    pub(crate) fn grant(&self, from: &NodeId, grant: PairGrant, proofs: Vec<GrantProof>) {
         self.put(from, |slot| slot.grant = Some((grant, proofs)));
     }
 
     /// Whether a peer polls its collector arrays.
-    pub(crate) fn polling(&self, from: &str, polling: bool) {
+    pub(crate) fn polling(&self, from: &NodeId, polling: bool) {
         self.put(from, |slot| slot.polling = Some(polling));
     }
 
@@ -913,8 +911,8 @@ pub(crate) enum PeerLink {
         secret: Secret,
         config: ListenerConfig,
     },
-    /// It connects to one.
-    Connect(tether_common::link::ConnectorConfig),
+    /// It connects to one (the link's far end is an address: the peer is this id).
+    Connect(NodeId, tether_common::link::ConnectorConfig),
 }
 
 /// Keeps links to peers until `shutdown`, telling `control` of them, and serves what the
@@ -944,22 +942,30 @@ pub(crate) async fn run_peer_link(
                 shutdown,
             ));
             while let Some(peer) = accepted.recv().await {
+                // Authenticated as this id (the handshake and its certificate).
+                let id = NodeId::new(peer.link.peer());
                 tokio::spawn(serve_peer(
-                    peer.link,
-                    peer.incoming,
+                    id,
+                    (peer.link, peer.incoming),
                     control.clone(),
                     runtime.clone(),
                 ));
             }
         }
-        PeerLink::Connect(connector) => {
+        PeerLink::Connect(id, connector) => {
             let (events_tx, mut events) = mpsc::channel(16);
             tokio::spawn(tether_common::link::maintain_link(
                 connector, events_tx, shutdown,
             ));
             while let Some(event) = events.recv().await {
                 if let LinkEvent::Up { link, incoming } = event {
-                    tokio::spawn(serve_peer(link, incoming, control.clone(), runtime.clone()));
+                    let served = serve_peer(
+                        id.clone(),
+                        (link, incoming),
+                        control.clone(),
+                        runtime.clone(),
+                    );
+                    tokio::spawn(served);
                 }
             }
         }
@@ -970,21 +976,21 @@ pub(crate) async fn run_peer_link(
 /// control, its modules' status to the warm standby; requests are refused (the peer asks
 /// the master, not its peer, for calls).
 async fn serve_peer(
-    link: Link,
-    mut incoming: mpsc::Receiver<Incoming>,
+    peer: NodeId,
+    (link, mut incoming): (Link, mpsc::Receiver<Incoming>),
     control: EdgeControl,
     runtime: Runtime,
 ) {
-    tracing::info!(peer = %link.peer(), "site pair: the link to the peer is up");
-    control.peer_event(PeerEvent::Up(link.clone()));
+    tracing::info!(%peer, "site pair: the link to the peer is up");
+    control.peer_event(PeerEvent::Up(peer.clone(), link.clone()));
     while let Some(item) = incoming.recv().await {
         match item {
-            Incoming::Notice(Notice::PeerNote(note), _) => control.peer_note(link.peer(), note),
+            Incoming::Notice(Notice::PeerNote(note), _) => control.peer_note(&peer, note),
             Incoming::Notice(Notice::PeerGrant { grant, proofs }, _) => {
-                control.peer_grant(link.peer(), grant, proofs)
+                control.peer_grant(&peer, grant, proofs)
             }
             Incoming::Notice(Notice::PeerPolling { polling }, _) => {
-                control.peer_polling(link.peer(), polling)
+                control.peer_polling(&peer, polling)
             }
             Incoming::Notice(
                 Notice::StatusChanged {
@@ -1015,8 +1021,8 @@ async fn serve_peer(
         }
     }
     link.closed().await;
-    tracing::warn!(peer = %link.peer(), "site pair: the link to the peer is down: {}", link.close_reason().unwrap_or_default());
-    control.peer_event(PeerEvent::Down(link));
+    tracing::warn!(%peer, "site pair: the link to the peer is down: {}", link.close_reason().unwrap_or_default());
+    control.peer_event(PeerEvent::Down(peer, link));
 }
 
 /// Link settings for the peer link: the edge link's.

@@ -140,13 +140,14 @@ fn peer_links(
     let mut connect = Vec::new();
     for peer in &peers {
         if let Some(addr) = &peer.addr {
-            connect.push(ConnectorConfig {
+            let connector = ConnectorConfig {
                 master_addrs: vec![addr.clone()],
                 server_name: tls::server_name(peer.name.as_deref().unwrap_or_default())?,
                 secret: secret.clone(),
                 link: link.clone(),
                 ..connector.clone()
-            });
+            };
+            connect.push((NodeId::new(peer.id.clone()), connector));
         }
     }
     Ok(PeerSetup { listen, connect })
@@ -157,7 +158,7 @@ struct PeerSetup {
     /// Where it listens for the peers that connect to it.
     listen: Option<PeerListen>,
     /// One connector a peer it connects to.
-    connect: Vec<ConnectorConfig>,
+    connect: Vec<(NodeId, ConnectorConfig)>,
 }
 
 struct PeerListen {
@@ -293,7 +294,11 @@ async fn serve(
                 secret: listen.secret,
             });
         }
-        links.extend(peer.connect.into_iter().map(crate::pair::PeerLink::Connect));
+        links.extend(
+            peer.connect
+                .into_iter()
+                .map(|(id, connector)| crate::pair::PeerLink::Connect(id, connector)),
+        );
         for how in links {
             tokio::spawn(crate::pair::run_peer_link(
                 how,

@@ -848,3 +848,178 @@ async fn a_grant_passed_on_without_the_witness_proof_is_refused() {
         "both refused"
     );
 }
+
+/// A location of three nodes (each linked to the other two, every link behind a fault
+/// proxy), under the default `isolation = "continue"` and a location timeout of 8 s.
+#[tokio::test]
+async fn a_location_of_three_nodes_fails_over_to_the_next_and_with_two_gone_to_the_third() {
+    const TIMEOUT_MS: u64 = 8000;
+    let projector = Sim::projector();
+    let spec = PairSpec {
+        edge_settings: format!(
+            "pair_timeout_ms = {PAIR_TIMEOUT_MS}\ntimeout_ms = {TIMEOUT_MS}\nstandby = \"warm\""
+        ),
+        site_extra: site(projector.port()),
+        heartbeat_ms: HEARTBEAT_MS,
+        files: vec![("repos/extra-drivers/note.rhai".into(), NOTE.into())],
+        nodes: 3,
+        ..PairSpec::default()
+    };
+    let mut site = PairSite::start(spec).await;
+    let master = site.master_api();
+    wait_executor(&master, "edge:site-1a", Duration::from_secs(20)).await;
+    site.wait_holder(NODES[0], Duration::from_secs(5)).await;
+    // Every node hears both of its peers.
+    for i in 0..3 {
+        wait_for("a node linked to both peers", Duration::from_secs(10), || async {
+            let view = site.node_view(i).await?;
+            (view["peers_online"].as_array()?.len() == 2 && view["peer_online"] == true)
+                .then_some(())
+        })
+        .await;
+    }
+    let roles = |location: Value| -> Vec<Value> {
+        location["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["role"].clone())
+            .collect()
+    };
+    assert_eq!(
+        roles(site.location().await),
+        [json!("holder"), json!("standby"), json!("standby")]
+    );
+    // One link between two nodes cut, then another: nothing changes (each still hears
+    // the holder or the master).
+    let epoch = site.location().await["epoch"].clone();
+    site.peer_link(0, 1).cut();
+    site.peer_link(1, 2).cut();
+    assert_unchanged(&site, &epoch, "two links between nodes cut").await;
+    site.peer_link(0, 1).heal();
+    site.peer_link(1, 2).heal();
+
+    // The holder SIGKILLed: the next node runs the rooms within the pair timeout and a
+    // second, and the third stays standby.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    site.nodes[0].kill();
+    let took = wait_executor(
+        &master,
+        "edge:site-1b",
+        Duration::from_millis(PAIR_TIMEOUT_MS + 1000),
+    )
+    .await;
+    eprintln!("three nodes: site-1b holds {} ms after site-1a's SIGKILL", took.as_millis());
+    site.wait_holder(NODES[1], Duration::from_secs(2)).await;
+    assert!(!controlling(&site, 2).await, "site-1c stands by");
+
+    // The second SIGKILLed too: site-1a cannot vouch for it once gone for the location's
+    // timeout, so the third runs the rooms then.
+    site.nodes[1].kill();
+    let took = wait_executor(
+        &master,
+        "edge:site-1c",
+        Duration::from_millis(TIMEOUT_MS + PAIR_TIMEOUT_MS + 2000),
+    )
+    .await;
+    eprintln!("three nodes: site-1c holds {} ms after site-1b's SIGKILL", took.as_millis());
+    site.wait_holder(NODES[2], Duration::from_secs(2)).await;
+    // One device session at a time throughout.
+    assert!(projector.open_sessions() <= 1, "{:?}", projector.events());
+
+    // Both back: they stand by, and the rooms stay on site-1c.
+    site.nodes[0].restart();
+    site.nodes[1].restart();
+    for i in 0..2 {
+        wait_for("a restarted node linked to both peers", Duration::from_secs(20), || async {
+            let view = site.node_view(i).await?;
+            (view["peers_online"].as_array()?.len() == 2).then_some(())
+        })
+        .await;
+    }
+    let epoch = site.location().await["epoch"].clone();
+    tokio::time::sleep(Duration::from_millis(PAIR_TIMEOUT_MS + 1500)).await;
+    let location = site.location().await;
+    assert_eq!(location["epoch"], epoch, "the two nodes back: {location}");
+    assert_eq!(
+        roles(location),
+        [json!("standby"), json!("standby"), json!("holder")]
+    );
+    assert!(!controlling(&site, 0).await && !controlling(&site, 1).await);
+    wait_executor(&master, "edge:site-1c", Duration::from_secs(2)).await;
+}
+
+/// A collector array of three nodes: the reads rotate over the three, an interval apart;
+/// one node killed, the other two alternate within an interval of the loss.
+#[tokio::test]
+async fn a_collector_array_of_three_nodes_takes_turns_and_reschedules_on_a_loss() {
+    let meter = Sim::modbus();
+    let device: std::net::SocketAddr = meter.addr.parse().unwrap();
+    // Each node reaches the meter on a path of its own (so the meter tells them apart).
+    let mut paths = Vec::new();
+    for _ in 0..3 {
+        paths.push(FaultProxy::start(0, device).await);
+    }
+    let routes = paths
+        .iter()
+        .map(|path| format!("[device_routes]\n\"{device}\" = \"{}\"\n", path.addr()))
+        .collect();
+    let spec = PairSpec {
+        edge_settings: format!("pair_timeout_ms = {PAIR_TIMEOUT_MS}\ntimeout_ms = 20000"),
+        site_extra: array_site(meter.port()),
+        heartbeat_ms: HEARTBEAT_MS,
+        node_extra: routes,
+        nodes: 3,
+        ..PairSpec::default()
+    };
+    let mut site = PairSite::start(spec).await;
+    site.wait_holder(NODES[0], Duration::from_secs(20)).await;
+    wait_for("the three nodes' slots", Duration::from_secs(20), || async {
+        (array_slots(&site).await? == [json!([0, 3]), json!([1, 3]), json!([2, 3])]).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(3 * POLL_MS)).await;
+    let start = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(9 * POLL_MS)).await;
+    let turns = polls(&meter, start);
+    eprintln!("three nodes: {turns:?}");
+    assert!(
+        (8..=10).contains(&turns.len()),
+        "once an interval in all: {turns:?}"
+    );
+    for three in turns.windows(3) {
+        let readers: std::collections::HashSet<&String> = three.iter().map(|(_, p)| p).collect();
+        assert_eq!(readers.len(), 3, "each in turn: {turns:?}");
+    }
+    for pair in turns.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            (POLL_MS / 2..=POLL_MS * 3 / 2).contains(&gap),
+            "an interval apart: {turns:?}"
+        );
+    }
+
+    // A standby killed: the other two alternate, within one interval of the loss.
+    site.nodes[2].kill();
+    let lost = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(6 * POLL_MS)).await;
+    let two = polls(&meter, lost);
+    eprintln!("two of three: {two:?}");
+    assert!(
+        two.first().is_some_and(|(at, _)| *at <= POLL_MS + 300),
+        "within one interval of the loss: {two:?}"
+    );
+    let settled: Vec<&(u64, String)> = two.iter().filter(|(at, _)| *at > POLL_MS + 300).collect();
+    assert!(settled.len() >= 3, "{two:?}");
+    for pair in settled.windows(2) {
+        assert_ne!(pair[0].1, pair[1].1, "the two alternate: {two:?}");
+    }
+    assert_eq!(
+        array_slots(&site).await.unwrap(),
+        [json!([0, 2]), json!([1, 2]), Value::Null],
+    );
+    // No gap longer than two intervals anywhere.
+    let all = polls(&meter, start);
+    assert!(longest_gap(&all) <= 2 * POLL_MS, "{all:?}");
+    drop(paths);
+}
