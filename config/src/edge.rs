@@ -364,16 +364,25 @@ impl EdgePair {
             return Err(ConfigError::invalid(
                 file,
                 "pair.peers",
-                format!("at most {} peers (a location has at most {MAX_NODES} nodes)", MAX_NODES - 1),
+                format!(
+                    "at most {} peers (a location has at most {MAX_NODES} nodes)",
+                    MAX_NODES - 1
+                ),
             ));
         }
         for (i, peer) in peers.iter().enumerate() {
             check_id(file, key, &peer.id)?;
-            if peer.id == self.node_id || peer.id == edge_id || peers[..i].iter().any(|p| p.id == peer.id) {
+            if peer.id == self.node_id
+                || peer.id == edge_id
+                || peers[..i].iter().any(|p| p.id == peer.id)
+            {
                 return Err(ConfigError::invalid(
                     file,
                     key,
-                    format!("another node of the location, once each: not {:?} (node_id {:?}, edge_id {edge_id:?})", peer.id, self.node_id),
+                    format!(
+                        "another node of the location, once each: not {:?} (node_id {:?}, edge_id {edge_id:?})",
+                        peer.id, self.node_id
+                    ),
                 ));
             }
             match &peer.addr {
@@ -381,7 +390,10 @@ impl EdgePair {
                     return Err(ConfigError::invalid(
                         file,
                         "pair.peer_listen",
-                        format!("where this node listens for {} (which connects to it), or its {addr_key}", peer.id),
+                        format!(
+                            "where this node listens for {} (which connects to it), or its {addr_key}",
+                            peer.id
+                        ),
                     ));
                 }
                 None => {}
@@ -521,22 +533,40 @@ ca = "ca.pem"
         let pair = load(&mesh).unwrap().pair.unwrap();
         let peers = pair.peer_list();
         assert_eq!(
-            peers.iter().map(|p| (p.id.as_str(), p.addr.is_some())).collect::<Vec<_>>(),
+            peers
+                .iter()
+                .map(|p| (p.id.as_str(), p.addr.is_some()))
+                .collect::<Vec<_>>(),
             [("site-1a", true), ("site-1c", false)]
         );
         for (from, to, key) in [
             // A peer that connects here needs a listener.
-            ("peer_listen = \"127.0.0.1:17502\"\n", "", "pair.peer_listen"),
+            (
+                "peer_listen = \"127.0.0.1:17502\"\n",
+                "",
+                "pair.peer_listen",
+            ),
             // One that is connected to needs its certificate's name.
             ("name = \"site-1a\"\n", "", "pair.peers.name"),
-            ("addr = \"127.0.0.1:17501\"", "addr = \"17501\"", "pair.peers.addr"),
+            (
+                "addr = \"127.0.0.1:17501\"",
+                "addr = \"17501\"",
+                "pair.peers.addr",
+            ),
             ("id = \"site-1c\"", "id = \"site-1a\"", "pair.peers.id"),
             ("id = \"site-1c\"", "id = \"site-1b\"", "pair.peers.id"),
             // Both forms at once.
-            ("node_id = \"site-1b\"\n", "node_id = \"site-1b\"\npeer_id = \"site-1c\"\n", "pair.peer_id"),
+            (
+                "node_id = \"site-1b\"\n",
+                "node_id = \"site-1b\"\npeer_id = \"site-1c\"\n",
+                "pair.peer_id",
+            ),
         ] {
             let err = load(&mesh.replacen(from, to, 1)).unwrap_err().to_string();
-            assert!(err.contains(&format!("key `{key}`")), "{from} -> {to}: {err}");
+            assert!(
+                err.contains(&format!("key `{key}`")),
+                "{from} -> {to}: {err}"
+            );
         }
         let none = mesh[..mesh.find("[[pair.peers]]").unwrap()].to_string();
         let err = load(&none).unwrap_err().to_string();

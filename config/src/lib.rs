@@ -24,8 +24,8 @@ pub use limits::{Limits, limit_defaults};
 pub use load::load_file;
 pub use master::{MasterConfig, MasterTls};
 pub use site::{
-    Driver, DriverKind, Isolation, Module, Repository, RestoreWindow, SiteEdge, SiteFile, Standby,
-    MAX_NODES, System, Transport, check_pair, parse_time_zone,
+    Driver, DriverKind, Isolation, MAX_NODES, Module, Repository, RestoreWindow, SiteEdge,
+    SiteFile, Standby, System, Transport, check_pair, parse_time_zone,
 };
 
 /// The defaults DESIGN.md asks to keep, in one place.

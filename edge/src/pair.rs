@@ -430,18 +430,21 @@ impl NodeTask {
                 tokio::spawn(stream_status(link, self.runtime.clone(), self.view.clone()));
                 self.machine.handle(now, NodeEvent::PeerUp(id))
             }
-            Command::Peer(PeerEvent::Down(id, link)) => {
-                match self.peers.get_mut(&id) {
-                    Some(state) if state.link.as_ref().is_some_and(|l| l.same_link(&link)) => {
-                        state.link = None;
-                        state.polling = false;
-                        let last_heard = link.last_heard();
-                        self.machine
-                            .handle(now, NodeEvent::PeerDown { peer: id, last_heard })
-                    }
-                    _ => Vec::new(),
+            Command::Peer(PeerEvent::Down(id, link)) => match self.peers.get_mut(&id) {
+                Some(state) if state.link.as_ref().is_some_and(|l| l.same_link(&link)) => {
+                    state.link = None;
+                    state.polling = false;
+                    let last_heard = link.last_heard();
+                    self.machine.handle(
+                        now,
+                        NodeEvent::PeerDown {
+                            peer: id,
+                            last_heard,
+                        },
+                    )
                 }
-            }
+                _ => Vec::new(),
+            },
             Command::Devices(reached) => self.machine.handle(now, NodeEvent::Devices(reached)),
         };
         self.carry_out(actions).await;
@@ -537,8 +540,7 @@ impl NodeTask {
                         };
                         // A grant without the witness's proofs (none taken since this
                         // node's first start) would only be refused.
-                        let due =
-                            state.relayed.as_ref() != Some(&grant) && !self.proofs.is_empty();
+                        let due = state.relayed.as_ref() != Some(&grant) && !self.proofs.is_empty();
                         let sent = match due {
                             true => {
                                 let passed_on = Notice::PeerGrant {
@@ -743,7 +745,9 @@ impl PeerMail {
         let mut letters = self.letters.lock().unwrap_or_else(|p| p.into_inner());
         letters
             .iter_mut()
-            .filter(|(_, slot)| slot.note.is_some() || slot.grant.is_some() || slot.polling.is_some())
+            .filter(|(_, slot)| {
+                slot.note.is_some() || slot.grant.is_some() || slot.polling.is_some()
+            })
             .map(|(peer, slot)| (peer.clone(), std::mem::take(slot)))
             .collect()
     }

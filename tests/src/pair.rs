@@ -157,9 +157,9 @@ impl PairSite {
             .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
             .collect();
         let mut peer_links = Vec::new();
-        for i in 0..spec.nodes {
+        for (i, listen) in peer_listen_addrs.iter().enumerate() {
             for j in i + 1..spec.nodes {
-                let proxy = FaultProxy::start(0, peer_listen_addrs[i]).await;
+                let proxy = FaultProxy::start(0, *listen).await;
                 peer_links.push(((i, j), proxy));
             }
         }
@@ -206,10 +206,8 @@ impl PairSite {
                     for (j, peer) in node_ids.iter().enumerate().filter(|(j, _)| *j != i) {
                         peers += &format!("[[pair.peers]]\nid = \"{peer}\"\n");
                         if j < i {
-                            peers += &format!(
-                                "addr = \"{}\"\nname = \"{peer}\"\n",
-                                proxy_between(j, i)
-                            );
+                            peers +=
+                                &format!("addr = \"{}\"\nname = \"{peer}\"\n", proxy_between(j, i));
                         }
                     }
                     peers

@@ -871,11 +871,15 @@ async fn a_location_of_three_nodes_fails_over_to_the_next_and_with_two_gone_to_t
     site.wait_holder(NODES[0], Duration::from_secs(5)).await;
     // Every node hears both of its peers.
     for i in 0..3 {
-        wait_for("a node linked to both peers", Duration::from_secs(10), || async {
-            let view = site.node_view(i).await?;
-            (view["peers_online"].as_array()?.len() == 2 && view["peer_online"] == true)
-                .then_some(())
-        })
+        wait_for(
+            "a node linked to both peers",
+            Duration::from_secs(10),
+            || async {
+                let view = site.node_view(i).await?;
+                (view["peers_online"].as_array()?.len() == 2 && view["peer_online"] == true)
+                    .then_some(())
+            },
+        )
         .await;
     }
     let roles = |location: Value| -> Vec<Value> {
@@ -909,7 +913,10 @@ async fn a_location_of_three_nodes_fails_over_to_the_next_and_with_two_gone_to_t
         Duration::from_millis(PAIR_TIMEOUT_MS + 1000),
     )
     .await;
-    eprintln!("three nodes: site-1b holds {} ms after site-1a's SIGKILL", took.as_millis());
+    eprintln!(
+        "three nodes: site-1b holds {} ms after site-1a's SIGKILL",
+        took.as_millis()
+    );
     site.wait_holder(NODES[1], Duration::from_secs(2)).await;
     assert!(!controlling(&site, 2).await, "site-1c stands by");
 
@@ -922,7 +929,10 @@ async fn a_location_of_three_nodes_fails_over_to_the_next_and_with_two_gone_to_t
         Duration::from_millis(TIMEOUT_MS + PAIR_TIMEOUT_MS + 2000),
     )
     .await;
-    eprintln!("three nodes: site-1c holds {} ms after site-1b's SIGKILL", took.as_millis());
+    eprintln!(
+        "three nodes: site-1c holds {} ms after site-1b's SIGKILL",
+        took.as_millis()
+    );
     site.wait_holder(NODES[2], Duration::from_secs(2)).await;
     // One device session at a time throughout.
     assert!(projector.open_sessions() <= 1, "{:?}", projector.events());
@@ -931,10 +941,14 @@ async fn a_location_of_three_nodes_fails_over_to_the_next_and_with_two_gone_to_t
     site.nodes[0].restart();
     site.nodes[1].restart();
     for i in 0..2 {
-        wait_for("a restarted node linked to both peers", Duration::from_secs(20), || async {
-            let view = site.node_view(i).await?;
-            (view["peers_online"].as_array()?.len() == 2).then_some(())
-        })
+        wait_for(
+            "a restarted node linked to both peers",
+            Duration::from_secs(20),
+            || async {
+                let view = site.node_view(i).await?;
+                (view["peers_online"].as_array()?.len() == 2).then_some(())
+            },
+        )
         .await;
     }
     let epoch = site.location().await["epoch"].clone();
@@ -974,9 +988,14 @@ async fn a_collector_array_of_three_nodes_takes_turns_and_reschedules_on_a_loss(
     };
     let mut site = PairSite::start(spec).await;
     site.wait_holder(NODES[0], Duration::from_secs(20)).await;
-    wait_for("the three nodes' slots", Duration::from_secs(20), || async {
-        (array_slots(&site).await? == [json!([0, 3]), json!([1, 3]), json!([2, 3])]).then_some(())
-    })
+    wait_for(
+        "the three nodes' slots",
+        Duration::from_secs(20),
+        || async {
+            (array_slots(&site).await? == [json!([0, 3]), json!([1, 3]), json!([2, 3])])
+                .then_some(())
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(3 * POLL_MS)).await;
     let start = std::time::SystemTime::now();
