@@ -1,5 +1,5 @@
-//! Site pairs: a location with two edge nodes, one holding its modules and one standing
-//! by, with the master as witness (DESIGN.md, "Site pairs and collector arrays"; the shape
+//! Site pairs: a location with two edge nodes (or more), one holding its modules and the
+//! others standing by, with the master as witness (DESIGN.md, "Site pairs and collector arrays"; the shape
 //! of VOLTTRON's failover agent, with a grant instead of a query). Two sans-I/O machines:
 //!
 //! - [`NodeSide`], on each node: runs the modules while a grant names it; as holder cut off
@@ -24,9 +24,9 @@
 //! been heard, or after the pair timeout. Why a holder with `isolation = "stop"` never
 //! overlaps a standby: see [`stop_after_ms`].
 //!
-//! Not wired into the servers yet: the nodes' links, their reports and the shells are the
-//! next step of the issue; this is the rule set they will carry out, and its property test
-//! (`common/tests/pair.rs`).
+//! The shells carry them out: `edge/src/pair.rs` on each node, `master/src/control/
+//! witness.rs` on the witness; the property test (`common/tests/pair.rs`) steps them
+//! together in simulated time, with two nodes and with three.
 
 use serde::{Deserialize, Serialize};
 
