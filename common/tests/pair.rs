@@ -1029,3 +1029,82 @@ fn three_nodes_two_gone_the_third_runs_under_continue_and_waits_under_stop() {
         world.settle().unwrap();
     }
 }
+
+/// A claim is decided once: the witness grants the holder (linked and running) a new
+/// epoch, and while the claimant's report still says it claimed under the older one, no
+/// further grant follows (each would be a compare-and-set and an audit record).
+#[test]
+fn a_claim_is_decided_with_one_grant() {
+    let mut witness = WitnessSide::new(
+        vec![node_id(A), node_id(B)],
+        fixed(Isolation::Continue),
+        first_grant(),
+        Mono(0),
+    );
+    witness.handle(Mono(0), WitnessEvent::Up(node_id(A)));
+    witness.handle(Mono(0), WitnessEvent::Up(node_id(B)));
+    let report = |running: bool, claimed: bool| NodeReport {
+        epoch: Epoch(0),
+        peers: Vec::new(),
+        devices: 0,
+        running,
+        claimed,
+    };
+    let mut actions = witness.handle(
+        Mono(10),
+        WitnessEvent::Report(node_id(A), report(true, false)),
+    );
+    actions.extend(witness.handle(
+        Mono(20),
+        WitnessEvent::Report(node_id(B), report(true, true)),
+    ));
+    for ms in (30..1_000).step_by(25) {
+        actions.extend(witness.poll(Mono(ms)));
+    }
+    let issued: Vec<&PairGrant> = actions
+        .iter()
+        .filter_map(|a| match a {
+            WitnessAction::Issue(grant) => Some(grant),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        issued,
+        [&PairGrant {
+            holder: PairHolder::Node(node_id(A)),
+            epoch: Epoch(1)
+        }],
+        "{actions:?}"
+    );
+}
+
+/// Three nodes under `"continue"`, all gone and the master holding the rooms; one comes
+/// back and an operator restores: it runs them, though the other two are still away
+/// (gone for the location's timeout, they cannot vouch for anything).
+#[test]
+fn a_restore_with_two_of_three_nodes_away_completes() {
+    let runs = |w: &World, i: usize| w.nodes[i].as_ref().is_some_and(|n| n.is_running());
+    let settings = fixed(Isolation::Continue);
+    let mut world = World::new(3, settings, 11);
+    world.apply(Op::Advance(3_000)).unwrap();
+    for i in 0..3 {
+        world.apply(Op::Kill(Side::Node(i))).unwrap();
+    }
+    world
+        .apply(Op::Advance(
+            settings.timeout_ms + settings.pair_timeout_ms + 2_000,
+        ))
+        .unwrap();
+    assert!(
+        world.witness.as_ref().unwrap().is_running(),
+        "the master holds"
+    );
+    world.apply(Op::Start(Side::Node(A))).unwrap();
+    world.apply(Op::Advance(3_000)).unwrap();
+    world.apply(Op::Restore).unwrap();
+    world
+        .apply(Op::Advance(settings.pair_timeout_ms + 2_000))
+        .unwrap();
+    assert!(runs(&world, A), "the restored node runs the rooms");
+    assert!(!world.witness.as_ref().unwrap().is_running());
+}

@@ -257,21 +257,21 @@ impl EdgeControl {
     }
 
     /// A peer's note.
-    pub fn peer_note(&self, from: &NodeId, note: PeerNote) {
+    pub fn peer_note(&self, from: (&NodeId, &Link), note: PeerNote) {
         if let Some(mail) = &self.mail {
             mail.note(from, note);
         }
     }
 
     /// Whether a peer polls its collector arrays (false again when its link goes).
-    pub fn peer_polling(&self, from: &NodeId, polling: bool) {
+    pub fn peer_polling(&self, from: (&NodeId, &Link), polling: bool) {
         if let Some(mail) = &self.mail {
             mail.polling(from, polling);
         }
     }
 
     /// A grant a peer passed on, with the witness's proofs.
-    pub fn peer_grant(&self, from: &NodeId, grant: PairGrant, proofs: Vec<GrantProof>) {
+    pub fn peer_grant(&self, from: (&NodeId, &Link), grant: PairGrant, proofs: Vec<GrantProof>) {
         if let Some(mail) = &self.mail {
             mail.grant(from, grant, proofs);
         }

@@ -51,13 +51,11 @@ struct PeerState {
     heard: Option<Mono>,
     /// The peer's last note the machine took.
     note_taken: Option<PeerNote>,
-    /// The last grant passed on to the peer on this link (a grant goes to a peer when it
-    /// changes, and on every new link, as the rules' simulation has it).
-    relayed: Option<PairGrant>,
-    /// Whether the peer polls its location's collector arrays, and what it was told
-    /// last of this node's polling (none: nothing yet on this link).
+    /// What this node tells the peer on this link, for its sender task (which waits for
+    /// room on the link, so the control task never does).
+    out: Option<watch::Sender<PeerOut>>,
+    /// Whether the peer polls its location's collector arrays.
     polling: bool,
-    told_polling: Option<bool>,
 }
 
 /// One node's control.
@@ -88,7 +86,7 @@ pub(crate) struct NodeTask {
     master_heard: Option<Mono>,
     view: Arc<RwLock<ControlView>>,
     heartbeat_ms: u64,
-    /// Since when it has run the modules cut off from its peer and every master (wall
+    /// Since when it has run the modules with no master linked (wall
     /// clock, for the audit), until a grant decides: under `isolation = "continue"` a
     /// standby may have been granted them meanwhile, and that overlap is reported.
     isolated_since: Option<(std::time::Instant, u64)>,
@@ -156,6 +154,9 @@ impl NodeTask {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // A peer's link is taken in (up, down) before the letters that came over
+                // it, which are read only while their link is the peer's current one.
+                biased;
                 command = commands.recv() => match command {
                     Some(command) => self.command(command).await,
                     None => return,
@@ -166,16 +167,18 @@ impl NodeTask {
                     }
                 }
                 _ = tick.tick() => {
-                    self.tell_polling().await;
+                    self.tell_polling();
                     let mut actions = self.feed_heard();
                     actions.extend(self.machine.poll(clock::mono_now()));
                     self.carry_out(actions).await;
+                    // Without a master, on its own or with peers (which may reach none
+                    // either): a node granted the modules meanwhile is the overlap
+                    // "continue" allows, reported when this node learns of the grant.
                     if self.machine.is_running()
                         && self.master.is_none()
-                        && self.linked_peers().next().is_none()
                         && self.isolated_since.is_none()
                     {
-                        tracing::warn!(edge = %self.location, node = %self.node, "site pair: this node runs the modules cut off from its peer and every master");
+                        tracing::warn!(edge = %self.location, node = %self.node, "site pair: this node runs the modules with no master linked");
                         self.isolated_since = Some((std::time::Instant::now(), wall_now_ms()));
                     }
                 }
@@ -188,6 +191,16 @@ impl NodeTask {
     /// What a peer sent since the last look: a grant it passed on first (its note is read
     /// against it, as it sent them), then its note, then whether it polls.
     async fn read_mail(&mut self, peer: NodeId, letters: PeerLetters) {
+        let current = self.peers.get(&peer).and_then(|state| state.link.as_ref());
+        let over_current = match (current, &letters.link) {
+            (Some(current), Some(link)) => current.same_link(link),
+            _ => false,
+        };
+        if !over_current {
+            // Sent over a link since gone or replaced: what the peer says on its current
+            // link counts (it tells it again on every new link).
+            return;
+        }
         if let Some((grant, proofs)) = letters.grant
             && let Err(err) = self.take_grant(grant, proofs, false).await
         {
@@ -294,7 +307,7 @@ impl NodeTask {
 
     /// Whether this node polls its collector arrays now: its modules of `shared_polling`
     /// drivers run here and each reaches its device. The peers hear of every change.
-    async fn tell_polling(&mut self) {
+    fn tell_polling(&mut self) {
         let polling = {
             let (model, _) = self.replica.snapshot();
             let arrays = array_modules(&model, &self.location);
@@ -310,13 +323,15 @@ impl NodeTask {
         // replaced meanwhile is made good within a second.
         self.polling_ticks = (self.polling_ticks + 1) % POLLING_RETELL_TICKS;
         let retell = self.polling_ticks == 0;
-        for state in self.peers.values_mut() {
-            if let Some(link) = &state.link
-                && (retell || state.told_polling != Some(polling))
-                && link.notify(Notice::PeerPolling { polling }).await.is_ok()
-            {
-                state.told_polling = Some(polling);
-            }
+        for out in self.peers.values().filter_map(|state| state.out.as_ref()) {
+            out.send_if_modified(|out| {
+                let due = retell || out.polling != Some(polling);
+                if due {
+                    out.polling = Some(polling);
+                    out.polling_told += 1;
+                }
+                due
+            });
         }
     }
 
@@ -422,8 +437,11 @@ impl NodeTask {
                 if let Some(old) = state.link.replace(link.clone()) {
                     old.close("replaced by a newer link from the peer");
                 }
+                let (out, told) = watch::channel(PeerOut::default());
+                tokio::spawn(send_to_peer(link.clone(), told));
                 *state = PeerState {
                     link: Some(link.clone()),
+                    out: Some(out),
                     ..PeerState::default()
                 };
                 // The holder's status, for the standby's warm modules.
@@ -433,6 +451,7 @@ impl NodeTask {
             Command::Peer(PeerEvent::Down(id, link)) => match self.peers.get_mut(&id) {
                 Some(state) if state.link.as_ref().is_some_and(|l| l.same_link(&link)) => {
                     state.link = None;
+                    state.out = None;
                     state.polling = false;
                     let last_heard = link.last_heard();
                     self.machine.handle(
@@ -512,7 +531,7 @@ impl NodeTask {
                         // was granted them meanwhile: two holders, for at most this long.
                         Some((since, wall)) if self.machine.grant().node() != Some(&self.node) => {
                             format!(
-                                "site pair: node {} stops the modules: {reason}; it ran them cut off from its peer and every master for {} ms from {} (isolation = \"continue\"), while node {} was granted them: two holders for at most that long",
+                                "site pair: node {} stops the modules: {reason}; it ran them with no master linked (cut off from its peers too, or with peers that reached none) for {} ms from {} (isolation = \"continue\"), while node {} was granted them: two holders for at most that long",
                                 self.node,
                                 since.elapsed().as_millis(),
                                 tether_common::api::rfc3339(wall),
@@ -532,35 +551,18 @@ impl NodeTask {
                 }
                 NodeAction::TellPeer(note) => {
                     // A grant taken since the last goes first (the note is read against
-                    // it), with the witness's proofs: a peer may not reach the witness.
+                    // it), with the witness's proofs: a peer may not reach the witness. A
+                    // grant without them (none taken since this node's first start)
+                    // would only be refused.
                     let grant = self.machine.grant().clone();
-                    for (id, state) in &mut self.peers {
-                        let Some(link) = &state.link else {
-                            continue;
-                        };
-                        // A grant without the witness's proofs (none taken since this
-                        // node's first start) would only be refused.
-                        let due = state.relayed.as_ref() != Some(&grant) && !self.proofs.is_empty();
-                        let sent = match due {
-                            true => {
-                                let passed_on = Notice::PeerGrant {
-                                    grant: grant.clone(),
-                                    proofs: self.proofs.clone(),
-                                };
-                                link.notify(passed_on).await
+                    let passed_on = (!self.proofs.is_empty()).then(|| (grant, self.proofs.clone()));
+                    for out in self.peers.values().filter_map(|state| state.out.as_ref()) {
+                        out.send_modify(|out| {
+                            if passed_on.is_some() {
+                                out.grant = passed_on.clone();
                             }
-                            false => Ok(()),
-                        };
-                        let sent = match sent {
-                            Ok(()) => {
-                                state.relayed = Some(grant.clone());
-                                link.notify(Notice::PeerNote(note.clone())).await
-                            }
-                            Err(err) => Err(err),
-                        };
-                        if let Err(err) = sent {
-                            tracing::debug!(peer = %id, "note to the peer not sent: {err}");
-                        }
+                            out.note = Some(note.clone());
+                        });
                     }
                 }
             }
@@ -693,9 +695,10 @@ pub(crate) struct PeerMail {
     arrived: tokio::sync::Notify,
 }
 
-/// One peer's letters.
+/// One peer's letters, and the link they came over.
 #[derive(Default)]
 pub(crate) struct PeerLetters {
+    link: Option<Link>,
     note: Option<PeerNote>,
     grant: Option<(PairGrant, Vec<GrantProof>)>,
     polling: Option<bool>,
@@ -714,9 +717,16 @@ impl PeerMail {
         }
     }
 
-    fn put(&self, from: &NodeId, write: impl FnOnce(&mut PeerLetters)) {
+    fn put(&self, (from, link): (&NodeId, &Link), write: impl FnOnce(&mut PeerLetters)) {
         let mut letters = self.letters.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(slot) = letters.get_mut(from) {
+            // Letters over an older link give way to those over a newer one.
+            if !slot.link.as_ref().is_some_and(|l| l.same_link(link)) {
+                *slot = PeerLetters {
+                    link: Some(link.clone()),
+                    ..PeerLetters::default()
+                };
+            }
             write(slot);
             drop(letters);
             self.arrived.notify_one();
@@ -724,19 +734,19 @@ impl PeerMail {
     }
 
     /// A peer's note.
-    pub(crate) fn note(&self, from: &NodeId, note: PeerNote) {
+    pub(crate) fn note(&self, from: (&NodeId, &Link), note: PeerNote) {
         self.put(from, |slot| slot.note = Some(note));
     }
 
     /// A grant a peer passed on, with the witness's proofs (the latest replaces one not
     /// yet taken in: the node refuses an older grant anyway, and a forged one with a high
     /// epoch must not hold the place of the real ones that follow).
-    pub(crate) fn grant(&self, from: &NodeId, grant: PairGrant, proofs: Vec<GrantProof>) {
+    pub(crate) fn grant(&self, from: (&NodeId, &Link), grant: PairGrant, proofs: Vec<GrantProof>) {
         self.put(from, |slot| slot.grant = Some((grant, proofs)));
     }
 
     /// Whether a peer polls its collector arrays.
-    pub(crate) fn polling(&self, from: &NodeId, polling: bool) {
+    pub(crate) fn polling(&self, from: (&NodeId, &Link), polling: bool) {
         self.put(from, |slot| slot.polling = Some(polling));
     }
 
@@ -748,8 +758,73 @@ impl PeerMail {
             .filter(|(_, slot)| {
                 slot.note.is_some() || slot.grant.is_some() || slot.polling.is_some()
             })
-            .map(|(peer, slot)| (peer.clone(), std::mem::take(slot)))
+            .map(|(peer, slot)| {
+                let link = slot.link.clone();
+                (
+                    peer.clone(),
+                    std::mem::replace(
+                        slot,
+                        PeerLetters {
+                            link,
+                            ..PeerLetters::default()
+                        },
+                    ),
+                )
+            })
             .collect()
+    }
+}
+
+/// What a node tells one peer on one link: the latest of each (a note or grant overtaken
+/// before it went out is not sent).
+#[derive(Debug, Clone, Default)]
+struct PeerOut {
+    /// The grant it holds, with the witness's proofs, to pass on.
+    grant: Option<(PairGrant, Vec<GrantProof>)>,
+    /// Its note.
+    note: Option<PeerNote>,
+    /// Whether it polls its collector arrays, and how often that was to be told (it is
+    /// told again every second).
+    polling: Option<bool>,
+    polling_told: u64,
+}
+
+/// Sends one peer what this node tells it, in order (a grant before the note read
+/// against it), until the link closes: the grant once on the link and again when it
+/// changes, the note on every change, the polling on every telling. Waiting for room
+/// on a link being cut holds up this task only.
+async fn send_to_peer(link: Link, mut out: watch::Receiver<PeerOut>) {
+    let mut sent = PeerOut::default();
+    loop {
+        let now = out.borrow_and_update().clone();
+        let grant = now
+            .grant
+            .clone()
+            .filter(|grant| sent.grant.as_ref() != Some(grant));
+        let note = now
+            .note
+            .clone()
+            .filter(|note| sent.note.as_ref() != Some(note));
+        let polling = now
+            .polling
+            .filter(|_| now.polling_told != sent.polling_told);
+        let mut notices = Vec::new();
+        if let Some((grant, proofs)) = grant {
+            notices.push(Notice::PeerGrant { grant, proofs });
+        }
+        notices.extend(note.map(Notice::PeerNote));
+        notices.extend(polling.map(|polling| Notice::PeerPolling { polling }));
+        for notice in notices {
+            if let Err(err) = link.notify(notice).await {
+                tracing::debug!(peer = %link.peer(), "not sent to the peer: {err}");
+                return;
+            }
+        }
+        sent = now;
+        tokio::select! {
+            changed = out.changed() => if changed.is_err() { return },
+            _ = link.closed() => return,
+        }
     }
 }
 
@@ -989,12 +1064,12 @@ async fn serve_peer(
     control.peer_event(PeerEvent::Up(peer.clone(), link.clone()));
     while let Some(item) = incoming.recv().await {
         match item {
-            Incoming::Notice(Notice::PeerNote(note), _) => control.peer_note(&peer, note),
+            Incoming::Notice(Notice::PeerNote(note), _) => control.peer_note((&peer, &link), note),
             Incoming::Notice(Notice::PeerGrant { grant, proofs }, _) => {
-                control.peer_grant(&peer, grant, proofs)
+                control.peer_grant((&peer, &link), grant, proofs)
             }
             Incoming::Notice(Notice::PeerPolling { polling }, _) => {
-                control.peer_polling(&peer, polling)
+                control.peer_polling((&peer, &link), polling)
             }
             Incoming::Notice(
                 Notice::StatusChanged {

@@ -229,7 +229,12 @@ async fn assert_unchanged(site: &PairSite, epoch: &Value, what: &str) {
     let location = site.location().await;
     assert_eq!(&location["epoch"], epoch, "{what}: {location}");
     assert!(controlling(site, 0).await, "{what}: the holder runs");
-    assert!(!controlling(site, 1).await, "{what}: the standby does not");
+    for standby in 1..site.nodes.len() {
+        assert!(
+            !controlling(site, standby).await,
+            "{what}: standby {standby} does not"
+        );
+    }
     let holder = site.node_api(0).await;
     let (status, body) = holder.exec("room", "Note", 1, "ping", json!([])).await;
     assert_eq!(
@@ -934,8 +939,6 @@ async fn a_location_of_three_nodes_fails_over_to_the_next_and_with_two_gone_to_t
         took.as_millis()
     );
     site.wait_holder(NODES[2], Duration::from_secs(2)).await;
-    // One device session at a time throughout.
-    assert!(projector.open_sessions() <= 1, "{:?}", projector.events());
 
     // Both back: they stand by, and the rooms stay on site-1c.
     site.nodes[0].restart();

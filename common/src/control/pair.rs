@@ -495,7 +495,8 @@ impl NodeSide {
             }
             NodeEvent::PeerNote(id, note) => {
                 let before = self.heard_running();
-                let Some(peer) = self.peer_mut(&id) else {
+                // A note from a link found down meanwhile is old news.
+                let Some(peer) = self.peer_mut(&id).filter(|peer| peer.heard.up) else {
                     return actions;
                 };
                 peer.note = Some(note);
@@ -799,10 +800,10 @@ impl WitnessSide {
     }
 
     /// A node (other than `except`) that runs on a claim of its own: it says so on its
-    /// link, or a linked peer reports its note saying so. A claim a peer reports counts
-    /// only at this witness's epoch: one below it ends when the peer passes on the grant
-    /// it holds (on every new peer link), and the grant issued for a claim is above it,
-    /// so one decision is taken per claim.
+    /// link, or a linked peer reports its note saying so. A claim counts only at this
+    /// witness's epoch: one below it ends when the claimant takes the grant this witness
+    /// holds (sent on every new link, and passed on by a peer on every new peer link),
+    /// and the grant issued for a claim is above it, so one decision is taken per claim.
     fn claimant(&self, except: Option<usize>) -> Option<usize> {
         let epoch = self.grant.epoch;
         (0..self.nodes.len())
@@ -812,7 +813,7 @@ impl WitnessSide {
                     && self.views[*c]
                         .report
                         .as_ref()
-                        .is_some_and(|(report, _)| report.claimed);
+                        .is_some_and(|(report, _)| report.claimed && report.epoch >= epoch);
                 let relayed = self.views.iter().any(|view| {
                     view.link.up
                         && view.report.as_ref().is_some_and(|(report, _)| {
@@ -1009,16 +1010,18 @@ impl WitnessSide {
                 && view.link.silent_ms(now, self.started) >= timeout
                 && (0..self.nodes.len())
                     .filter(|p| *p != o)
-                    .all(|p| self.views[p].link.up && self.unheard(p, o, now));
+                    .all(|p| self.cannot_vouch(p, o, now));
             // Acknowledged through a peer: a linked node (`to`, or another) heard it say
             // it stopped under the move.
             let through_peer = self.views.iter().any(|view| {
                 view.link.up
                     && view.report.as_ref().is_some_and(|(report, _)| {
                         report.about(&self.nodes[o]).is_some_and(|peer| {
-                            peer.note
-                                .as_ref()
-                                .is_some_and(|note| !note.running && note.epoch >= epoch)
+                            peer.hears
+                                && peer
+                                    .note
+                                    .as_ref()
+                                    .is_some_and(|note| !note.running && note.epoch >= epoch)
                         })
                     })
             });
