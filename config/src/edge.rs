@@ -520,6 +520,9 @@ ca = "ca.pem"
         assert!(err.contains("key `pair.peer_name`"), "{err}");
         let same = listen.replace("\"site-1b\"", "\"site-1a\"");
         let err = load(&same).unwrap_err().to_string();
+        assert!(err.contains("key `pair.peer_id`"), "{err}");
+        let location = listen.replace("node_id = \"site-1a\"", "node_id = \"site-1\"");
+        let err = load(&location).unwrap_err().to_string();
         assert!(err.contains("key `pair.node_id`"), "{err}");
     }
 
