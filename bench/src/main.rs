@@ -5,6 +5,7 @@
 //! `target/release/tether-bench all`.
 #![forbid(unsafe_code)]
 
+mod bare;
 mod failover;
 mod fanout;
 mod haproxy;
@@ -168,7 +169,17 @@ pub(crate) async fn echo_in(client: &ApiClient, system: &str) -> Result<Duration
     }
 }
 
-async fn latency(bench: &Bench, requests: usize) -> anyhow::Result<()> {
+/// The references beside Tether's paths: HAProxy in front of the edge (the peer of the
+/// master's hop), and the bare HTTPS endpoint (the floor of any exec), each with a client
+/// like the edge's.
+struct References {
+    _haproxy: haproxy::HaProxy,
+    via_haproxy: ApiClient,
+    _bare: bare::Bare,
+    bare: ApiClient,
+}
+
+async fn references(bench: &Bench) -> anyhow::Result<References> {
     let edge_port = bench
         .edge
         .base()
@@ -177,15 +188,30 @@ async fn latency(bench: &Bench, requests: usize) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no port in {}", bench.edge.base()))?;
     let proxy = haproxy::start(&bench.demo.dir, edge_port)?;
     let via_haproxy = bench.edge.at(&format!("https://localhost:{}", proxy.port));
-    tether_tests::wait_for("HAProxy to pass calls", Duration::from_secs(20), || {
-        let client = via_haproxy.clone();
-        async move { echo(&client).await.ok() }
+    let floor = bare::start(&bench.demo.dir.join("certs")).await?;
+    let bare = bench.edge.at(&format!("https://localhost:{}", floor.port));
+    for client in [&via_haproxy, &bare] {
+        tether_tests::wait_for("a reference to answer", Duration::from_secs(20), || {
+            let client = client.clone();
+            async move { echo(&client).await.ok() }
+        })
+        .await;
+    }
+    Ok(References {
+        _haproxy: proxy,
+        via_haproxy,
+        _bare: floor,
+        bare,
     })
-    .await;
+}
+
+async fn latency(bench: &Bench, requests: usize) -> anyhow::Result<()> {
+    let refs = references(bench).await?;
     let paths = [
         ("edge, direct (reference)", &bench.edge),
         ("through the master", &bench.demo.api),
-        ("through HAProxy (peer)", &via_haproxy),
+        ("through HAProxy (peer)", &refs.via_haproxy),
+        ("bare HTTPS endpoint (floor)", &refs.bare),
     ];
     let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(requests); paths.len()];
     for round in 0..requests + 200 {
@@ -199,18 +225,27 @@ async fn latency(bench: &Bench, requests: usize) -> anyhow::Result<()> {
     }
     let series: Vec<Series> = samples.into_iter().map(Series::new).collect();
     let reference = &series[0];
+    let floor = &series[3];
     println!("## latency: exec of a logic module's method, {requests} calls per path\n");
-    println!("| path | p50 ms | p99 ms | p50 ratio | p99 ratio |\n|---|---|---|---|---|");
+    println!(
+        "| path | p50 ms | p99 ms | p50 ratio | p99 ratio | p50 / floor |\n|---|---|---|---|---|---|"
+    );
     for ((name, _), series) in paths.iter().zip(&series) {
         println!(
-            "| {name} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} |",
             ms(series.p50()),
             ms(series.p99()),
             ratio(series.p50(), reference.p50()),
             ratio(series.p99(), reference.p99()),
+            ratio(series.p50(), floor.p50()),
         );
     }
-    println!();
+    let hop = |s: &Series| s.p50().as_secs_f64() * 1e6 - reference.p50().as_secs_f64() * 1e6;
+    println!(
+        "\nThe hop's cost at p50 (over the edge's own answer): the master {:+.0} µs, HAProxy {:+.0} µs.\n",
+        hop(&series[1]),
+        hop(&series[2]),
+    );
     Ok(())
 }
 
@@ -251,6 +286,7 @@ pub(crate) async fn load(
 }
 
 async fn throughput(bench: &Bench, seconds: u64) -> anyhow::Result<()> {
+    let refs = references(bench).await?;
     println!("## throughput: exec per second, {seconds} s per row\n");
     println!(
         "| concurrency | path | exec/s | p50 ms | p99 ms | failed | exec/s ratio |\n|---|---|---|---|---|---|---|"
@@ -260,6 +296,8 @@ async fn throughput(bench: &Bench, seconds: u64) -> anyhow::Result<()> {
         for (name, client) in [
             ("edge, direct (reference)", &bench.edge),
             ("through the master", &bench.demo.api),
+            ("through HAProxy (peer)", &refs.via_haproxy),
+            ("bare HTTPS endpoint (floor)", &refs.bare),
         ] {
             let (took, failed) = load(client, "bench", concurrency, seconds).await;
             let rate = took.len() as f64 / seconds as f64;
