@@ -1,16 +1,20 @@
-//! The floor of any exec: a bare HTTPS JSON endpoint in the bench itself, axum on rustls,
-//! served the way Tether serves its API (the same TLS settings and HTTP server, the
-//! demo's master certificate), answering the exec call's path with its argument. What an
-//! exec costs above it is Tether's own work: authentication, resolving the module, its
-//! queue, the script, the link.
+//! The floor of any exec: a bare HTTPS JSON endpoint in the bench itself, axum on rustls
+//! (Tether's TLS settings, the demo's master certificate, hyper's HTTP/1.1 and HTTP/2
+//! server, keep-alive), answering the exec call's path with its argument, and nothing
+//! else: no admission limits, deadlines or authentication. What an exec costs above it is
+//! Tether's own work: those, resolving the module, its queue, the script, the link.
 
 use std::path::Path;
 
 use axum::Json;
 use axum::Router;
 use axum::routing::post;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// A running endpoint, stopped on drop.
@@ -40,16 +44,43 @@ pub async fn start(certs: &Path) -> anyhow::Result<Bare> {
         "/api/v1/systems/{system}/modules/{name}/{index}/exec",
         post(exec),
     );
-    let limits = tether_common::api::ApiLimits::from_config(&tether_config::Limits::default());
     let stop = CancellationToken::new();
-    tokio::spawn(tether_common::api::serve_https(
+    tokio::spawn(serve(
         listener,
-        tls,
+        TlsAcceptor::from(tls),
         router,
-        limits,
         stop.clone(),
     ));
     Ok(Bare { port, stop })
+}
+
+/// Accepts until `stop`, each connection on a task of its own.
+async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: Router,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(stream).await else {
+                return;
+            };
+            let service = TowerToHyperService::new(router);
+            let _ = Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
 }
 
 /// The exec call's answer: its first argument, as an echo module's method returns it.
