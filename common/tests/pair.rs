@@ -921,6 +921,17 @@ fn the_standby_holds_within_the_pair_timeout_and_a_second_of_the_holders_death()
     eprintln!("the standby held at most {slowest} ms after the holder's death");
 }
 
+/// The grants among a witness's actions.
+fn issued(actions: &[WitnessAction]) -> Vec<&PairGrant> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            WitnessAction::Issue(grant) => Some(grant),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A witness whose store lost grants (a restored backup) hears a node hold a newer epoch:
 /// its next grant goes above it, so the nodes take it rather than refuse it as old.
 #[test]
@@ -950,13 +961,7 @@ fn a_witness_behind_its_nodes_issues_above_their_epoch() {
     };
     let mut actions = witness.handle(Mono(6_000), WitnessEvent::Report(node_id(B), report));
     actions.extend(witness.poll(Mono(6_000)));
-    let issued: Vec<&PairGrant> = actions
-        .iter()
-        .filter_map(|a| match a {
-            WitnessAction::Issue(grant) => Some(grant),
-            _ => None,
-        })
-        .collect();
+    let issued = issued(&actions);
     assert_eq!(
         issued,
         [&PairGrant {
@@ -1061,13 +1066,7 @@ fn a_claim_is_decided_with_one_grant() {
     for ms in (30..1_000).step_by(25) {
         actions.extend(witness.poll(Mono(ms)));
     }
-    let issued: Vec<&PairGrant> = actions
-        .iter()
-        .filter_map(|a| match a {
-            WitnessAction::Issue(grant) => Some(grant),
-            _ => None,
-        })
-        .collect();
+    let issued = issued(&actions);
     assert_eq!(
         issued,
         [&PairGrant {

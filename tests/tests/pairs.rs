@@ -103,6 +103,21 @@ async fn wait_executor(api: &ApiClient, who: &str, limit: Duration) -> Duration 
     start.elapsed()
 }
 
+/// SIGKILLs node `killed` and waits until node `next` runs the rooms (the master's call
+/// runs there, and the master names it the holder), within `limit` of the kill.
+async fn kill_and_wait_holder(site: &mut PairSite, killed: usize, next: usize, limit: Duration) {
+    site.nodes[killed].kill();
+    let executor = format!("edge:{}", NODES[next]);
+    let took = wait_executor(&site.master_api(), &executor, limit).await;
+    eprintln!(
+        "{} holds {} ms after {}'s SIGKILL",
+        NODES[next],
+        took.as_millis(),
+        NODES[killed]
+    );
+    site.wait_holder(NODES[next], Duration::from_secs(2)).await;
+}
+
 /// The peer of the device session opened last.
 fn session_peer(sim: &Sim) -> String {
     let connects = sim.events_of("connect");
@@ -164,18 +179,13 @@ async fn a_holder_killed_is_replaced_by_its_standby_within_the_pair_timeout_from
     // The status change reaches the standby over the peer link.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    site.nodes[0].kill();
-    let took = wait_executor(
-        &master,
-        "edge:site-1b",
+    kill_and_wait_holder(
+        &mut site,
+        0,
+        1,
         Duration::from_millis(PAIR_TIMEOUT_MS + 1000),
     )
     .await;
-    eprintln!(
-        "standby holds {} ms after the holder's SIGKILL",
-        took.as_millis()
-    );
-    site.wait_holder(NODES[1], Duration::from_secs(2)).await;
     // It started from the holder's status, synced before the kill.
     let status = master.status("room", "Note", 1).await;
     assert_eq!(status["note"], "kept by sync", "{status}");
@@ -911,34 +921,24 @@ async fn a_location_of_three_nodes_fails_over_to_the_next_and_with_two_gone_to_t
     // The holder SIGKILLed: the next node runs the rooms within the pair timeout and a
     // second, and the third stays standby.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    site.nodes[0].kill();
-    let took = wait_executor(
-        &master,
-        "edge:site-1b",
+    kill_and_wait_holder(
+        &mut site,
+        0,
+        1,
         Duration::from_millis(PAIR_TIMEOUT_MS + 1000),
     )
     .await;
-    eprintln!(
-        "three nodes: site-1b holds {} ms after site-1a's SIGKILL",
-        took.as_millis()
-    );
-    site.wait_holder(NODES[1], Duration::from_secs(2)).await;
     assert!(!controlling(&site, 2).await, "site-1c stands by");
 
     // The second SIGKILLed too: site-1a cannot vouch for it once gone for the location's
     // timeout, so the third runs the rooms then.
-    site.nodes[1].kill();
-    let took = wait_executor(
-        &master,
-        "edge:site-1c",
+    kill_and_wait_holder(
+        &mut site,
+        1,
+        2,
         Duration::from_millis(TIMEOUT_MS + PAIR_TIMEOUT_MS + 2000),
     )
     .await;
-    eprintln!(
-        "three nodes: site-1c holds {} ms after site-1b's SIGKILL",
-        took.as_millis()
-    );
-    site.wait_holder(NODES[2], Duration::from_secs(2)).await;
 
     // Both back: they stand by, and the rooms stay on site-1c.
     site.nodes[0].restart();
