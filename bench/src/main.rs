@@ -249,23 +249,50 @@ async fn latency(bench: &Bench, requests: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Connections a load opens at once while it ramps up: fewer than the API admits
+/// unauthenticated from one address (`limits.pending_per_address`, 16), so that a burst of
+/// new connections is not counted as failed calls.
+const RAMP_AT_ONCE: usize = 8;
+
 /// Runs `concurrency` callers of system `system`'s echo for `seconds`; answers the calls'
-/// round trips, and the failures by answer (status and error code).
+/// round trips, and the failures by answer (status and error code). The callers start a
+/// few at a time, each calling from then on (so its connection stays busy and the next
+/// callers open their own); the window measured opens once every caller has had an answer.
 pub(crate) async fn load(
     client: &ApiClient,
     system: &'static str,
     concurrency: usize,
     seconds: u64,
 ) -> (Vec<Duration>, std::collections::BTreeMap<String, usize>) {
-    let until = Instant::now() + Duration::from_secs(seconds);
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let ramp = Arc::new(tokio::sync::Semaphore::new(RAMP_AT_ONCE));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (open, window) = tokio::sync::watch::channel::<Option<Instant>>(None);
+    let length = Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let client = client.clone();
+        let (ramp, answered, window) = (ramp.clone(), answered.clone(), window.clone());
         tasks.push(tokio::spawn(async move {
+            {
+                let _turn = ramp.acquire().await;
+                let _ = echo_in(&client, system).await;
+            }
+            answered.fetch_add(1, Ordering::SeqCst);
             let mut took = Vec::new();
             let mut failed = std::collections::BTreeMap::<String, usize>::new();
-            while Instant::now() < until {
-                match echo_in(&client, system).await {
+            loop {
+                let opened = *window.borrow();
+                if opened.is_some_and(|at| at.elapsed() >= length) {
+                    break;
+                }
+                let answer = echo_in(&client, system).await;
+                // Counted only when made inside the window.
+                if opened.is_none() {
+                    continue;
+                }
+                match answer {
                     Ok(d) => took.push(d),
                     Err(why) => *failed.entry(why).or_default() += 1,
                 }
@@ -273,6 +300,10 @@ pub(crate) async fn load(
             (took, failed)
         }));
     }
+    while answered.load(Ordering::SeqCst) < concurrency {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    open.send_replace(Some(Instant::now()));
     let (mut all, mut failures) = (Vec::new(), std::collections::BTreeMap::new());
     for task in tasks {
         if let Ok((took, failed)) = task.await {
