@@ -154,6 +154,9 @@ async fn an_edge_started_with_its_master_down_runs_its_modules_from_the_replica(
     let sim = Sim::projector();
     let mut cluster = start(sim.port(), "").await;
     wait_in_sync(&cluster, 0).await;
+    // The edge's device session is open before the kills, so its end marks the edge gone
+    // (a kill before the module connected left no session to end).
+    sim.next("connect");
     cluster.master.kill();
     cluster.edges[0].kill();
     sim.next("disconnect");
