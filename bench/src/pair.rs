@@ -236,31 +236,7 @@ pub async fn run(bench: &Bench, trials: usize, seconds: u64) -> anyhow::Result<(
 async fn array_of_three(seconds: u64) -> anyhow::Result<(Vec<(u64, String)>, Vec<(u64, String)>)> {
     use tether_tests::pair::{NODES, PairSite, PairSpec};
     let meter = tether_tests::sim::Sim::modbus();
-    let site = format!(
-        r#"
-[[repositories]]
-id = "core"
-path = "{core}"
-
-[[drivers]]
-id = "meter"
-repository = "core"
-file = "meter.rhai"
-transport = "modbus"
-shared_polling = true
-default_settings = {{ poll_ms = {POLL_MS} }}
-
-[[modules]]
-id = "meter"
-driver = "meter"
-name = "Meter"
-host = "127.0.0.1"
-port = {port}
-edge = "site-1"
-"#,
-        core = tether_tests::CORE,
-        port = meter.port(),
-    );
+    let site = tether_tests::pair::array_site(meter.port(), POLL_MS);
     let spec = PairSpec {
         edge_settings: "pair_timeout_ms = 4000\ntimeout_ms = 20000".into(),
         site_extra: site,

@@ -358,3 +358,39 @@ impl PairSite {
         .await;
     }
 }
+
+/// Site-file text for a collector array on the location: a Modbus meter at `meter`
+/// (127.0.0.1) whose driver declares `shared_polling`, polled every `poll_ms` in all, in
+/// system `plant`.
+pub fn array_site(meter: u16, poll_ms: u64) -> String {
+    format!(
+        r#"
+[[repositories]]
+id = "core"
+path = "{core}"
+
+[[drivers]]
+id = "meter"
+repository = "core"
+file = "meter.rhai"
+transport = "modbus"
+shared_polling = true
+default_settings = {{ poll_ms = {poll_ms} }}
+
+[[modules]]
+id = "meter"
+driver = "meter"
+name = "Meter"
+host = "127.0.0.1"
+port = {meter}
+edge = "{LOCATION}"
+
+[[systems]]
+id = "plant"
+name = "Plant"
+edge = "{LOCATION}"
+modules = ["meter"]
+"#,
+        core = crate::CORE,
+    )
+}

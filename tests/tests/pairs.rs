@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tether_tests::api::ApiClient;
-use tether_tests::pair::{LOCATION, NODES, PairSite, PairSpec};
+use tether_tests::pair::{LOCATION, NODES, PairSite, PairSpec, array_site};
 use tether_tests::proxy::FaultProxy;
 use tether_tests::sim::Sim;
 use tether_tests::{CORE, wait_for};
@@ -497,40 +497,6 @@ async fn a_device_the_holder_cannot_reach_but_its_standby_can_moves_the_modules_
     assert!(controlling(&site, 1).await && !controlling(&site, 0).await);
 }
 
-/// A collector array: a meter whose driver declares `shared_polling`, polled every
-/// `POLL_MS` in all.
-fn array_site(meter: u16) -> String {
-    format!(
-        r#"
-[[repositories]]
-id = "core"
-path = "{CORE}"
-
-[[drivers]]
-id = "meter"
-repository = "core"
-file = "meter.rhai"
-transport = "modbus"
-shared_polling = true
-default_settings = {{ poll_ms = {POLL_MS} }}
-
-[[modules]]
-id = "meter"
-driver = "meter"
-name = "Meter"
-host = "127.0.0.1"
-port = {meter}
-edge = "site-1"
-
-[[systems]]
-id = "plant"
-name = "Plant"
-edge = "site-1"
-modules = ["meter"]
-"#
-    )
-}
-
 const POLL_MS: u64 = 1000;
 
 /// Each node's collector-array slot, as the master shows it.
@@ -607,7 +573,7 @@ async fn a_collector_array_of_two_nodes_takes_turns_and_reschedules_on_a_loss_an
         .collect();
     let spec = PairSpec {
         edge_settings: format!("pair_timeout_ms = {PAIR_TIMEOUT_MS}\ntimeout_ms = 20000"),
-        site_extra: array_site(meter.port()),
+        site_extra: array_site(meter.port(), POLL_MS),
         heartbeat_ms: HEARTBEAT_MS,
         files: Vec::new(),
         node_extra: routes,
@@ -995,7 +961,7 @@ async fn a_collector_array_of_three_nodes_takes_turns_and_reschedules_on_a_loss(
         .collect();
     let spec = PairSpec {
         edge_settings: format!("pair_timeout_ms = {PAIR_TIMEOUT_MS}\ntimeout_ms = 20000"),
-        site_extra: array_site(meter.port()),
+        site_extra: array_site(meter.port(), POLL_MS),
         heartbeat_ms: HEARTBEAT_MS,
         node_extra: routes,
         nodes: 3,
