@@ -398,3 +398,62 @@ fn an_executor_reads_as_clients_see_it() {
     assert_eq!(Executor::Master(None).to_string(), "master");
     assert_eq!(Executor::Master(Some("m2".into())).to_string(), "master:m2");
 }
+
+/// The side that runs a module streams its status once when the link comes up, then only
+/// changes: a value that arrives before the standby knows the module (its model or its
+/// compile still on the way) must still be there when the standby takes over.
+#[tokio::test]
+async fn a_warm_standby_keeps_status_that_arrives_before_it_knows_the_module() {
+    let runtime = new_runtime(ScriptLimits::default(), "fn hello() { true }");
+    // Before any model: kept, early.
+    assert!(runtime.standby_status("m", "power", json!("on")));
+    assert!(runtime.warm_modules().is_empty());
+    // Once kept warm, the module holds it.
+    let model = model(9, "{}", 1);
+    runtime.keep_warm(&model, |_| true).await;
+    assert_eq!(runtime.warm_modules(), vec![("m".to_string(), 1)]);
+    // And a takeover starts from it.
+    runtime.reconcile(model.clone(), |_| true).await;
+    status_of(&runtime, "power", json!("on")).await;
+    runtime.stop_all().await;
+
+    // A takeover before the standby ever kept the module warm starts from it too.
+    let runtime = new_runtime(ScriptLimits::default(), "fn hello() { true }");
+    assert!(runtime.standby_status("m", "input", json!("hdmi2")));
+    runtime.reconcile(model.clone(), |_| true).await;
+    status_of(&runtime, "input", json!("hdmi2")).await;
+    runtime.stop_all().await;
+
+    // A module the model knows but this side does not keep warm: its early status goes.
+    let runtime = new_runtime(ScriptLimits::default(), "fn hello() { true }");
+    assert!(runtime.standby_status("m", "power", json!("on")));
+    runtime.keep_warm(&model, |_| false).await;
+    runtime.keep_warm(&model, |_| true).await;
+    assert_eq!(runtime.warm_modules(), vec![("m".to_string(), 0)]);
+}
+
+/// The status kept for modules not known yet is bounded in modules and in bytes: a hostile
+/// peer cannot fill memory with made-up module ids.
+#[test]
+fn status_kept_for_modules_not_known_yet_is_bounded() {
+    let runtime = Runtime::new(Executor::Edge("site-1".into()), ScriptLimits::default());
+    for i in 0..256 {
+        assert!(runtime.standby_status(&format!("made-up-{i}"), "k", json!(1)));
+    }
+    assert!(!runtime.standby_status("one-more", "k", json!(1)));
+    // A module already held takes more keys.
+    assert!(runtime.standby_status("made-up-0", "k2", json!(2)));
+
+    let runtime = Runtime::new(Executor::Edge("site-1".into()), ScriptLimits::default());
+    let big = json!("x".repeat(16 * 1024 - 2));
+    let mut kept = 0;
+    for i in 0..200 {
+        if runtime.standby_status(&format!("m{i}"), "k", big.clone()) {
+            kept += 1;
+        }
+    }
+    // 1 MiB at most, all modules together: 63 values of 16 KiB and their ids.
+    assert_eq!(kept, 63);
+    // Replacing a value does not count it twice.
+    assert!(runtime.standby_status("m0", "k", big.clone()));
+}

@@ -600,7 +600,15 @@ impl Control {
     /// edge cannot fill its queue.
     pub fn status(&self, edge: &str, module_id: &str, key: &str, value: Value, epoch: Epoch) {
         let current = self.state(edge);
-        if current.is_some_and(|s| s.owner == Owner::Edge && epoch >= s.epoch) {
+        // Only an edge kept warm: the runtime keeps values for modules it does not know
+        // yet (bounded), which an edge not kept warm would fill for nothing.
+        let warm = self
+            .model
+            .borrow()
+            .edges
+            .get(edge)
+            .is_some_and(|e| e.standby == Standby::Warm);
+        if warm && current.is_some_and(|s| s.owner == Owner::Edge && epoch >= s.epoch) {
             self.runtime.standby_status(module_id, key, value);
         }
     }

@@ -42,7 +42,7 @@ pub struct StatusMap {
     bytes: usize,
 }
 
-fn json_size(value: &Value) -> usize {
+pub(super) fn json_size(value: &Value) -> usize {
     value.to_string().len()
 }
 
@@ -105,6 +105,11 @@ impl StatusMap {
     /// The whole map, taken.
     pub fn into_map(self) -> Map<String, Value> {
         self.map
+    }
+
+    /// Its keys and values (as JSON) in bytes, as the caps count them.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// How many keys it holds.

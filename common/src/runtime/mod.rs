@@ -699,7 +699,10 @@ impl Runtime {
             .filter_map(|module| ModuleSpec::new(model, &code, module).ok())
             .map(|spec| self.routed(spec))
             .collect();
-        let to_compile = self.inner.standby.retain(&specs);
+        let to_compile = self
+            .inner
+            .standby
+            .retain(&specs, |id| model.modules.contains_key(id));
         if to_compile.is_empty() {
             return;
         }
@@ -720,8 +723,10 @@ impl Runtime {
         }
     }
 
-    /// A status value synced from the side that runs the module; kept only for a module
-    /// kept warm. Answers whether it was kept.
+    /// A status value synced from the side that runs the module: kept for a module kept
+    /// warm, and (bounded) for one this side does not know yet, until
+    /// [`keep_warm`](Self::keep_warm) learns whether to keep it warm. Answers whether it
+    /// was kept.
     pub fn standby_status(&self, module_id: &str, key: &str, value: Value) -> bool {
         self.inner.standby.set_status(module_id, key, value)
     }
