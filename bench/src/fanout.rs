@@ -194,6 +194,23 @@ impl Master {
     }
 }
 
+/// The heartbeat round trips the (first) master measured on its links: the master pings,
+/// an edge answers (among several masters, those of the edges linked to the first).
+async fn master_rtts(api: &ApiClient) -> anyhow::Result<Vec<Duration>> {
+    let (status, edges) = api.get("/api/v1/edges").await;
+    anyhow::ensure!(
+        status == 200,
+        "GET /api/v1/edges answered {status}: {edges}"
+    );
+    Ok(edges
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|edge| edge["rtt_ms"].as_f64())
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .collect())
+}
+
 /// Resident memory of the processes together, in bytes.
 fn rss_all(pids: &[u32]) -> anyhow::Result<u64> {
     pids.iter().map(|pid| rss(*pid)).sum()
@@ -347,7 +364,7 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
         .saturating_sub(cpu_before)
         .as_secs_f64()
         / 5.0;
-    let rtt = Series::new(swarm.rtts());
+    let rtt = Series::new(master_rtts(&master.api).await?);
 
     // Fan-out: the user record is rewritten; each edge's replica must take the change.
     let mut reach = Vec::new();

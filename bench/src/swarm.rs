@@ -44,7 +44,6 @@ struct EdgeState {
 /// The running swarm; dropping it closes every link.
 pub struct Swarm {
     pub events: mpsc::UnboundedReceiver<Event>,
-    links: Arc<Mutex<Vec<Option<Link>>>>,
     shutdown: CancellationToken,
 }
 
@@ -59,23 +58,12 @@ impl Swarm {
     pub fn start(connectors: Vec<ConnectorConfig>) -> Swarm {
         let (events_tx, events) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
-        let links = Arc::new(Mutex::new(vec![None; connectors.len()]));
         for (edge, connector) in connectors.into_iter().enumerate() {
             let (link_tx, link_rx) = mpsc::channel(4);
             tokio::spawn(maintain_link(connector, link_tx, shutdown.clone()));
-            tokio::spawn(follow(edge, link_rx, events_tx.clone(), links.clone()));
+            tokio::spawn(follow(edge, link_rx, events_tx.clone()));
         }
-        Swarm {
-            events,
-            links,
-            shutdown,
-        }
-    }
-
-    /// The heartbeat round trips of the links that are up.
-    pub fn rtts(&self) -> Vec<Duration> {
-        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        links.iter().flatten().filter_map(Link::rtt).collect()
+        Swarm { events, shutdown }
     }
 }
 
@@ -84,13 +72,11 @@ async fn follow(
     edge: usize,
     mut links: mpsc::Receiver<LinkEvent>,
     events: mpsc::UnboundedSender<Event>,
-    slots: Arc<Mutex<Vec<Option<Link>>>>,
 ) {
     let state = Arc::new(Mutex::new(EdgeState::default()));
     while let Some(event) = links.recv().await {
         match event {
             LinkEvent::Up { link, incoming } => {
-                slots.lock().unwrap_or_else(|p| p.into_inner())[edge] = Some(link.clone());
                 let peer = Peer {
                     edge,
                     link,
@@ -100,7 +86,6 @@ async fn follow(
                 tokio::spawn(peer.serve(incoming));
             }
             LinkEvent::Down { .. } => {
-                slots.lock().unwrap_or_else(|p| p.into_inner())[edge] = None;
                 let _ = events.send(Event::Down);
             }
             LinkEvent::AttemptFailed { .. } => {}

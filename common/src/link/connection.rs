@@ -39,6 +39,10 @@ pub struct LinkConfig {
     pub heartbeat: Duration,
     /// The link closes when nothing at all has arrived for this long.
     pub dead_after: Duration,
+    /// This side pings only once it has heard nothing for this long: any frame proves the
+    /// peer alive, so a busy link carries no heartbeats and an idle one only the side
+    /// that pings first needs (see [`answering`](Self::answering)).
+    pub ping_after: Duration,
     /// Largest frame either way.
     pub max_frame: usize,
     /// Frames waiting for the writer.
@@ -81,6 +85,9 @@ impl LinkConfig {
         LinkConfig {
             heartbeat,
             dead_after: heartbeat * 3,
+            // Checked every interval: a link silent for half of one is pinged, so an idle
+            // link is pinged every interval, as before the rule.
+            ping_after: heartbeat / 2,
             max_frame,
             out_queue: 4096,
             out_bytes: 16 << 20,
@@ -91,6 +98,18 @@ impl LinkConfig {
             stream_queue: 256,
             on_rtt: None,
         }
+    }
+
+    /// For the side that connects. Both ends of a link start their heartbeats at the
+    /// same moment, so with the same rule both would ping every interval. The accepting
+    /// side (a master, which shows each edge's round trip) pings; its pings prove it alive
+    /// here, and this side pings only after one and a half intervals of silence (a peer
+    /// whose pings are late, or that pings more slowly): an idle link carries half the
+    /// heartbeats. Each side still hears something within two and a half intervals and a
+    /// round trip, inside `dead_after`.
+    pub fn answering(mut self) -> Self {
+        self.ping_after = self.heartbeat * 3 / 2;
+        self
     }
 }
 
@@ -983,6 +1002,7 @@ impl Link {
     async fn heartbeat_loop(self) {
         let heartbeat = self.shared.config.heartbeat;
         let dead_after = self.shared.config.dead_after.as_micros() as u64;
+        let ping_after = self.shared.config.ping_after.as_micros() as u64;
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
@@ -1002,6 +1022,9 @@ impl Link {
                 tracing::warn!(peer = %self.shared.peer, "closing link: {reason}");
                 self.shutdown(reason);
                 return;
+            }
+            if silent_for < ping_after {
+                continue;
             }
             seq += 1;
             let _ = self.shared.out.try_send(&Envelope::Ping {
@@ -1063,5 +1086,61 @@ impl ResponseStream {
 impl Drop for ResponseStream {
     fn drop(&mut self) {
         self.link.forget(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ends of a link over an in-memory pipe, each counting the round trips it
+    /// measured (one per pong it got, so one per ping it sent and had answered).
+    fn linked(heartbeat: Duration) -> [(Link, mpsc::Receiver<Incoming>, Arc<AtomicUsize>); 2] {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        [(a, "a", false), (b, "b", true)].map(|(stream, name, answering)| {
+            let pongs = Arc::new(AtomicUsize::new(0));
+            let counted = pongs.clone();
+            let mut config = LinkConfig::with_heartbeat(heartbeat, 1 << 20);
+            if answering {
+                config = config.answering();
+            }
+            config.on_rtt = Some(RttObserver(Arc::new(move |_, _| {
+                counted.fetch_add(1, Ordering::Relaxed);
+            })));
+            let (link, incoming) = Link::start(stream, BytesMut::new(), name, config);
+            (link, incoming, pongs)
+        })
+    }
+
+    fn note() -> Notice {
+        Notice::PeerPolling { polling: true }
+    }
+
+    /// `a` accepts and pings, `b` connects and answers: a master and its edge.
+    #[tokio::test]
+    async fn a_link_busy_one_way_is_not_pinged_that_way_and_an_idle_one_half_as_often() {
+        let heartbeat = Duration::from_millis(20);
+        let [(a, mut a_in, a_pongs), (b, _b_in, b_pongs)] = linked(heartbeat);
+        tokio::spawn(async move { while a_in.recv().await.is_some() {} });
+        // `b` sends a notice every 5 ms for 50 intervals: `a` hears it all the time and
+        // never pings; `b` hears only the pongs to its own pings.
+        for _ in 0..200 {
+            b.notify(note()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!a.is_closed() && !b.is_closed(), "the link stays up");
+        assert_eq!(a_pongs.load(Ordering::Relaxed), 0, "a never pinged");
+        assert!(b_pongs.load(Ordering::Relaxed) > 0, "b pinged");
+
+        // Idle for 50 intervals: the link lives on, and the two ends send about one ping an
+        // interval between them (one each an interval, two in all, without the rule).
+        let before = a_pongs.load(Ordering::Relaxed) + b_pongs.load(Ordering::Relaxed);
+        tokio::time::sleep(heartbeat * 50).await;
+        assert!(!a.is_closed() && !b.is_closed(), "an idle link stays up");
+        let idle = a_pongs.load(Ordering::Relaxed) + b_pongs.load(Ordering::Relaxed) - before;
+        assert!(
+            (20..=70).contains(&idle),
+            "{idle} pings answered in 50 intervals"
+        );
     }
 }

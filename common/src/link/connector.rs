@@ -80,7 +80,7 @@ async fn connect_to(
             done.stream,
             done.leftover,
             addr.to_string(),
-            config.link.clone(),
+            config.link.clone().answering(),
         ))
     };
     match tokio::time::timeout(config.handshake_timeout, attempt).await {
