@@ -211,6 +211,37 @@ async fn master_rtts(api: &ApiClient) -> anyhow::Result<Vec<Duration>> {
         .collect())
 }
 
+/// CPU time of the masters and of this process (the simulated edges) from a start, as
+/// shares of one core.
+struct CpuShare {
+    pids: Vec<u32>,
+    masters: Duration,
+    swarm: Duration,
+    from: Instant,
+}
+
+impl CpuShare {
+    fn start(pids: &[u32]) -> anyhow::Result<Self> {
+        Ok(CpuShare {
+            pids: pids.to_vec(),
+            masters: cpu_time_all(pids)?,
+            swarm: cpu_time(std::process::id())?,
+            from: Instant::now(),
+        })
+    }
+
+    /// The masters' share and the swarm's.
+    fn shares(&self) -> anyhow::Result<(f64, f64)> {
+        let elapsed = self.from.elapsed().as_secs_f64().max(1e-3);
+        let masters = cpu_time_all(&self.pids)?.saturating_sub(self.masters);
+        let swarm = cpu_time(std::process::id())?.saturating_sub(self.swarm);
+        Ok((
+            masters.as_secs_f64() / elapsed,
+            swarm.as_secs_f64() / elapsed,
+        ))
+    }
+}
+
 /// Resident memory of the processes together, in bytes.
 fn rss_all(pids: &[u32]) -> anyhow::Result<u64> {
     pids.iter().map(|pid| rss(*pid)).sum()
@@ -286,12 +317,17 @@ async fn collect(
 }
 
 /// Drops the events that are already queued.
-fn drain(swarm: &mut Swarm, versions: &mut [u64]) {
+/// Answers how many links went down among the events dropped.
+fn drain(swarm: &mut Swarm, versions: &mut [u64]) -> usize {
+    let mut downs = 0;
     while let Ok(event) = swarm.events.try_recv() {
-        if let Event::Synced { edge, version, .. } = event {
-            versions[edge] = versions[edge].max(version);
+        match event {
+            Event::Synced { edge, version, .. } => versions[edge] = versions[edge].max(version),
+            Event::Down => downs += 1,
+            Event::Renegotiated { .. } => {}
         }
     }
+    downs
 }
 
 fn row(name: &str, series: &Series, reference: &Series) -> String {
@@ -312,6 +348,13 @@ struct Figures {
     changes: usize,
     idle_rss: u64,
     linked_rss: u64,
+    /// Share of one core the simulated edges (this process) used meanwhile.
+    swarm_idle_cpu: f64,
+    /// Links that went down while idle (none should).
+    idle_downs: usize,
+    /// Shares of one core the master(s) and the simulated edges used while the changes
+    /// went out: the swarm shares the machine's cores with the master.
+    fanout_cpu: (f64, f64),
     /// Share of one core the master used with every link up and nothing else to do.
     idle_cpu: f64,
     rtt: Series,
@@ -358,17 +401,16 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
     tokio::time::sleep(Duration::from_secs(5)).await;
     drain(&mut swarm, &mut versions);
     let linked_rss = rss_all(&pids)?;
-    let cpu_before = cpu_time_all(&pids)?;
+    let idle = CpuShare::start(&pids)?;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let idle_cpu = cpu_time_all(&pids)?
-        .saturating_sub(cpu_before)
-        .as_secs_f64()
-        / 5.0;
+    let (idle_cpu, swarm_idle_cpu) = idle.shares()?;
+    let idle_downs = drain(&mut swarm, &mut versions);
     let rtt = Series::new(master_rtts(&master.api).await?);
 
     // Fan-out: the user record is rewritten; each edge's replica must take the change.
     let mut reach = Vec::new();
     let mut all_reached = Vec::new();
+    let fanning = CpuShare::start(&pids)?;
     for change in 0..changes {
         drain(&mut swarm, &mut versions);
         let before = versions.clone();
@@ -394,6 +436,7 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
         all_reached.push(took.iter().copied().max().unwrap_or_default());
         reach.extend(took);
     }
+    let fanout_cpu = fanning.shares()?;
     let reach = Series::new(reach);
     let all_reached = Series::new(all_reached);
 
@@ -424,6 +467,9 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
         idle_rss,
         linked_rss,
         idle_cpu,
+        swarm_idle_cpu,
+        idle_downs,
+        fanout_cpu,
         rtt,
         connect,
         reach,
@@ -445,11 +491,18 @@ fn print(f: &Figures) {
     println!(
         "{whose}: {:.1} MiB with {edges} edge locations and no link, {:.1} MiB with \
          every link up: **{:.1} KiB per link**. CPU with every link up and idle \
-         (heartbeats only): {:.0} % of one core.\n",
+         (heartbeats only): {:.0} % of one core (the simulated edges, in the bench's \
+         process on the same cores: {:.0} %; links that went down meanwhile: {}). While \
+         the changes went out: the master {:.0} % and the simulated edges {:.0} % of one \
+         core.\n",
         f.idle_rss as f64 / 1048576.0,
         f.linked_rss as f64 / 1048576.0,
         f.linked_rss.saturating_sub(f.idle_rss) as f64 / 1024.0 / edges as f64,
         f.idle_cpu * 100.0,
+        f.swarm_idle_cpu * 100.0,
+        f.idle_downs,
+        f.fanout_cpu.0 * 100.0,
+        f.fanout_cpu.1 * 100.0,
     );
     println!(
         "| measure | p50 ms | p99 ms | max ms | p50 ratio | p99 ratio |\n|---|---|---|---|---|---|"
@@ -503,6 +556,7 @@ mod tests {
         assert_eq!(storm.count(), 20);
         assert_eq!(f.rtt.count(), 20, "every link measured its round trip");
         assert!(f.linked_rss > 0 && f.idle_rss > 0);
+        assert_eq!(f.idle_downs, 0, "no link went down while idle");
         // The edges come back no sooner than their reconnect period after the kill.
         assert!(restarted_after + storm.quantile(0.0) >= Duration::from_millis(2900));
     }
