@@ -72,11 +72,15 @@ impl RecentChanges {
     }
 
     /// The changes after `since` up to `version`, if memory still holds all of them.
+    /// Every edge asks on every change, so the start is found by bisection (the changes
+    /// are in version order) rather than by a scan of all those kept: with 10,000 edges
+    /// the scan was a seventh of the master's time while a change went out.
     fn since(&self, since: u64, version: u64) -> Option<Vec<ModelChange>> {
         (since >= self.complete_after).then(|| {
+            let start = self.changes.partition_point(|c| c.version <= since);
             self.changes
-                .iter()
-                .filter(|c| c.version > since && c.version <= version)
+                .range(start..)
+                .take_while(|c| c.version <= version)
                 .cloned()
                 .collect()
         })
