@@ -184,15 +184,14 @@ mod joined {
             .context("cannot join the cluster")?;
         // Once present (a process refused for a live master's id writes nothing), and
         // not on the lease: a master's token works on the others while it is down.
-        etcd.client()
-            .put(
-                etcd.key(&format!("admins/{}", cluster.master_id)),
-                admin_hash,
-                None,
-            )
-            .await
-            .map_err(|err| etcd.error("cannot share this master's admin token", err))
-            .context("cannot join the cluster")?;
+        etcd.put(
+            "cannot share this master's admin token",
+            etcd.key(&format!("admins/{}", cluster.master_id)),
+            admin_hash,
+            None,
+        )
+        .await
+        .context("cannot join the cluster")?;
         tracing::info!(master = %cluster.master_id, endpoints = %cluster.etcd.join(", "), "joined the cluster");
         let control = Arc::new(EtcdControl::new(etcd.clone(), &me, Some(presence.lease())));
         let mirror = follow(presence_etcd.clone());

@@ -98,20 +98,36 @@ impl Etcd {
 
     /// Waits until a member's `/health` says the cluster has a leader.
     pub async fn wait_healthy(&self, limit: Duration) {
+        self.wait_health_of("etcd to be healthy", self.endpoints(), limit)
+            .await;
+    }
+
+    /// Waits until member `index` itself answers healthy: it is back in the cluster and
+    /// serves a read through the quorum (etcd's `/health` runs one), not merely started.
+    pub async fn wait_member_healthy(&self, index: usize, limit: Duration) {
+        let what = format!("etcd member {index} to be back in the cluster");
+        let url = self.members[index].client_url.clone();
+        self.wait_health_of(&what, vec![url], limit).await;
+    }
+
+    /// Waits until one of `urls` answers `/health` with `true`.
+    async fn wait_health_of(&self, what: &str, urls: Vec<String>, limit: Duration) {
         // The HTTP client brings no TLS provider of its own (plain HTTP here, but it asks).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(1))
             .build()
             .unwrap();
-        let urls = self.endpoints();
-        wait_for("etcd to be healthy", limit, || {
+        wait_for(what, limit, || {
             let client = client.clone();
             let urls = urls.clone();
             async move {
                 for url in urls {
-                    let health = client.get(format!("{url}/health")).send().await.ok()?;
-                    let body: serde_json::Value = health.json().await.ok()?;
+                    // A member down (or still starting) is passed over for the next.
+                    let Ok(health) = client.get(format!("{url}/health")).send().await else {
+                        continue;
+                    };
+                    let body: serde_json::Value = health.json().await.unwrap_or_default();
                     if body["health"] == "true" {
                         return Some(());
                     }

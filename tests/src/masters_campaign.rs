@@ -193,8 +193,9 @@ pub async fn run(spec: CampaignSpec) {
     for number in 1..=spec.faults {
         let fault = inflict(&mut cluster, &mut rng).await;
         eprintln!(
-            "fault {number}/{}: {:?} of #{}{} for {} ms",
+            "fault {number}/{} at {}: {:?} of #{}{} for {} ms",
             spec.faults,
+            humantime::format_rfc3339_millis(fault.start),
             fault.kind,
             fault.target + 1,
             if fault.ran_hall {
@@ -305,6 +306,16 @@ async fn inflict(cluster: &mut Masters, rng: &mut StdRng) -> Fault {
             cluster.etcd.members[target].server.kill();
             tokio::time::sleep(length).await;
             cluster.etcd.members[target].server.restart();
+            // The fault lasts until the member is back in the cluster. Ended at its
+            // restart, the next fault could stop a second member while this one still
+            // starts: two of three down lose the quorum this campaign keeps, every edge
+            // link goes unkeyed, and an edge cut from the cluster that long is failed
+            // over while it runs its rooms (an overlap the design allows for a cut link,
+            // which this campaign does not inflict).
+            cluster
+                .etcd
+                .wait_member_healthy(target, Duration::from_secs(30))
+                .await;
         }
         Kind::KillEdge => {
             cluster.edges[target].kill();

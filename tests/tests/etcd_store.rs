@@ -1,7 +1,8 @@
 //! The cluster's shared store on a real etcd (started per test on free loopback ports):
 //! grants by compare-and-set between two connections racing, an unreachable etcd named,
 //! a master id used twice refused, a presence lease cut off from etcd that stops being
-//! held before etcd expires it, and one that survives a short loss of etcd.
+//! held before etcd expires it, one that survives a short loss of etcd, and no request
+//! lost to a member that is down while the others keep the quorum.
 #![cfg(feature = "cluster")]
 
 use std::collections::BTreeSet;
@@ -118,6 +119,40 @@ async fn grants_are_issued_by_compare_and_set_and_racing_masters_never_share_an_
         stored["e"].here,
         "a master's grant names the master that issued it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_down_fails_no_request_while_the_others_keep_the_quorum() {
+    let mut server = EtcdServer::start(3).await;
+    let grants = Arc::new(EtcdControl::new(
+        connect(&server.endpoints()).await,
+        &"m1".into(),
+        None,
+    ));
+    // Every connection made while all answer, then one member killed: the balanced
+    // channel keeps handing it requests, which fail to connect.
+    grants.clone().grants().await.unwrap();
+    server.members[1].server.kill();
+    server.wait_healthy(Duration::from_secs(20)).await;
+    let mut failed = Vec::new();
+    let mut held = ControlState::default();
+    for n in 1..=150u64 {
+        let next = grant(Owner::Master, n);
+        match grants.clone().issue("u".into(), held, next, true).await {
+            Ok(_) => held = next,
+            Err(err) => failed.push(format!("issue {n}: {err}")),
+        }
+        if let Err(err) = grants.clone().grants().await {
+            failed.push(format!("read {n}: {err}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 300 requests failed with two of three members up:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    assert_eq!(grants.grants().await.unwrap()["u"].grant, held);
 }
 
 #[tokio::test]

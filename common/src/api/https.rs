@@ -168,6 +168,9 @@ pub async fn serve_https(
             },
             _ = shutdown.cancelled() => return,
         };
+        // Answers go out as written: a small answer held back for an ACK the client
+        // delays would add its delay to a call.
+        let _ = tcp.set_nodelay(true);
         let pending = match admission.admit_tcp(&tcp, addr.ip()) {
             Ok(admitted) => admitted,
             Err(err) => {

@@ -75,10 +75,8 @@ impl SharedAudit for EtcdAudit {
                     ));
                 }
                 self.etcd
-                    .client()
-                    .txn(Txn::new().and_then(then))
-                    .await
-                    .map_err(|err| self.etcd.error("cannot share audit records", err))?;
+                    .txn("cannot share audit records", Txn::new().and_then(then))
+                    .await?;
             }
             Ok(())
         })

@@ -44,10 +44,12 @@ impl EtcdCode {
         let key = format!("{}{last:06}", self.blob_prefix(hash));
         let answer = self
             .etcd
-            .client()
-            .get(key, Some(etcd_client::GetOptions::new().with_count_only()))
-            .await
-            .map_err(|err| self.etcd.error("cannot read shared code", err))?;
+            .get(
+                "cannot read shared code",
+                key,
+                Some(etcd_client::GetOptions::new().with_count_only()),
+            )
+            .await?;
         Ok(answer.count() > 0)
     }
 }
@@ -73,23 +75,22 @@ impl SharedCode for EtcdCode {
                 };
                 for (n, chunk) in chunks.into_iter().enumerate() {
                     self.etcd
-                        .client()
-                        .put(format!("{prefix}{n:06}"), chunk, None)
-                        .await
-                        .map_err(|err| self.etcd.error("cannot share code", err))?;
+                        .put("cannot share code", format!("{prefix}{n:06}"), chunk, None)
+                        .await?;
                 }
             }
             // The files always encode: strings, numbers and byte arrays.
             let manifest = serde_json::to_vec(&code.files).unwrap_or_default();
             self.etcd
-                .client()
-                .txn(Txn::new().and_then([TxnOp::put(
-                    self.manifest_key(&repository, &commit),
-                    manifest,
-                    None,
-                )]))
-                .await
-                .map_err(|err| self.etcd.error("cannot share code", err))?;
+                .txn(
+                    "cannot share code",
+                    Txn::new().and_then([TxnOp::put(
+                        self.manifest_key(&repository, &commit),
+                        manifest,
+                        None,
+                    )]),
+                )
+                .await?;
             Ok(())
         })
     }
@@ -103,10 +104,8 @@ impl SharedCode for EtcdCode {
             let key = self.manifest_key(&repository, &commit);
             let answer = self
                 .etcd
-                .client()
-                .get(key.clone(), None)
-                .await
-                .map_err(|err| self.etcd.error("cannot read shared code", err))?;
+                .get("cannot read shared code", key.clone(), None)
+                .await?;
             let Some(kv) = answer.kvs().first() else {
                 return Ok(None);
             };

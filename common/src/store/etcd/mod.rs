@@ -11,7 +11,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, KeyValue, PutOptions,
+    PutResponse, Txn, TxnOp, TxnResponse,
+};
 
 pub mod audit;
 pub mod code;
@@ -33,6 +36,12 @@ pub const DEFAULT_PREFIX: &str = "/tether/";
 
 /// Keys one read asks for at most (a large folder is read in pages at one revision).
 const PAGE: i64 = 500;
+
+/// Tries of a request that reached no member (see [`Etcd::retry_unsent`]), and the
+/// pauses between them: the first, doubled each time up to the last.
+const UNSENT_TRIES: u32 = 16;
+const UNSENT_FIRST_PAUSE: Duration = Duration::from_millis(5);
+const UNSENT_MAX_PAUSE: Duration = Duration::from_millis(50);
 /// The largest answer a read or a watch takes: a page of large log entries or of code
 /// chunks, or a lagging watch's batch, is more than gRPC's default of 4 MiB.
 pub(super) const READ_LIMIT: usize = 64 << 20;
@@ -96,10 +105,12 @@ impl Etcd {
             prefix: prefix.into(),
         };
         // The channel connects lazily: a read says whether anyone answers.
-        etcd.client()
-            .get(etcd.key("ping"), Some(GetOptions::new().with_count_only()))
-            .await
-            .map_err(|err| etcd.error("no answer", err))?;
+        etcd.get(
+            "no answer",
+            etcd.key("ping"),
+            Some(GetOptions::new().with_count_only()),
+        )
+        .await?;
         Ok(etcd)
     }
 
@@ -108,11 +119,93 @@ impl Etcd {
         self.client.clone()
     }
 
+    /// Runs `request` on the shared channel, and again when it reached no member.
+    ///
+    /// The channel balances over the members and connects to each one lazily. While a
+    /// member is down, the balancer still hands it requests now and then (etcd-client's
+    /// issue 39), and each fails at once with a connect error though the others keep
+    /// the quorum. Such a request was never sent, so trying it again, most likely on
+    /// another member, cannot apply it twice. Any other answer or error is returned as
+    /// it is: a request that may have reached etcd is not repeated here.
+    pub async fn retry_unsent<T, F>(
+        &self,
+        mut request: impl FnMut(Client) -> F,
+    ) -> Result<T, etcd_client::Error>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut pause = UNSENT_FIRST_PAUSE;
+        for _ in 1..UNSENT_TRIES {
+            match request(self.client()).await {
+                Err(err) if never_sent(&err) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(UNSENT_MAX_PAUSE);
+                }
+                answer => return answer,
+            }
+        }
+        request(self.client()).await
+    }
+
+    /// [`retry_unsent`](Self::retry_unsent), its error a store error saying `what` failed.
+    pub async fn call<T, F>(
+        &self,
+        what: &str,
+        request: impl FnMut(Client) -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.retry_unsent(request)
+            .await
+            .map_err(|err| self.error(what, err))
+    }
+
+    /// A read (see [`call`](Self::call)).
+    pub async fn get(
+        &self,
+        what: &str,
+        key: impl Into<Vec<u8>>,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse, StoreError> {
+        let key = key.into();
+        self.call(what, |mut client| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { client.get(key, options).await }
+        })
+        .await
+    }
+
+    /// A transaction (see [`call`](Self::call)).
+    pub async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
+        self.call(what, |mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        })
+        .await
+    }
+
+    /// A write of one key (see [`call`](Self::call)).
+    pub async fn put(
+        &self,
+        what: &str,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        options: Option<PutOptions>,
+    ) -> Result<PutResponse, StoreError> {
+        let (key, value) = (key.into(), value.into());
+        self.call(what, |mut client| {
+            let (key, value, options) = (key.clone(), value.clone(), options.clone());
+            async move { client.put(key, value, options).await }
+        })
+        .await
+    }
+
     /// How long ago `lease` was last renewed, in whole seconds as etcd counts them
     /// (`None`: etcd does not know it, or did not answer within a second).
     pub async fn lease_age_ms(&self, lease: i64) -> Option<u64> {
-        let mut client = self.client();
-        let asked = client.lease_time_to_live(lease, None);
+        let asked = self
+            .retry_unsent(|mut client| async move { client.lease_time_to_live(lease, None).await });
         let answer = tokio::time::timeout(Duration::from_secs(1), asked)
             .await
             .ok()?
@@ -142,12 +235,17 @@ impl Etcd {
                 options = options.with_revision(revision);
             }
             let mut answer = self
-                .client()
-                .kv_client()
-                .max_decoding_message_size(READ_LIMIT)
-                .get(from.clone(), Some(options))
-                .await
-                .map_err(|err| self.error("cannot read", err))?;
+                .call("cannot read", |client| {
+                    let (from, options) = (from.clone(), options.clone());
+                    async move {
+                        client
+                            .kv_client()
+                            .max_decoding_message_size(READ_LIMIT)
+                            .get(from, Some(options))
+                            .await
+                    }
+                })
+                .await?;
             if revision == 0 {
                 revision = answer.header().map(|h| h.revision()).unwrap_or_default();
             }
@@ -277,10 +375,8 @@ impl EtcdControl {
     async fn read(&self, unit: &str) -> Result<Read, StoreError> {
         let answer = self
             .etcd
-            .client()
-            .get(self.grant_key(unit), None)
-            .await
-            .map_err(|err| self.etcd.error("cannot read a grant", err))?;
+            .get("cannot read a grant", self.grant_key(unit), None)
+            .await?;
         match answer.kvs().first() {
             None => Ok((
                 StoredGrant {
@@ -297,10 +393,12 @@ impl EtcdControl {
         let prefix = self.grant_key("");
         let answer = self
             .etcd
-            .client()
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|err| self.etcd.error("cannot read the grants", err))?;
+            .get(
+                "cannot read the grants",
+                prefix.clone(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
         let mut grants = BTreeMap::new();
         for kv in answer.kvs() {
             let unit = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
@@ -389,12 +487,7 @@ impl EtcdControl {
 
     /// The master a link or claim key names, and the revision that wrote it.
     async fn owner_of(&self, key: &str) -> Result<(Option<String>, Option<i64>), StoreError> {
-        let answer = self
-            .etcd
-            .client()
-            .get(key, None)
-            .await
-            .map_err(|err| self.etcd.error("cannot read a key", err))?;
+        let answer = self.etcd.get("cannot read a key", key, None).await?;
         Ok(match answer.kvs().first() {
             Some(kv) => (
                 Some(String::from_utf8_lossy(kv.value()).into_owned()),
@@ -456,11 +549,9 @@ impl EtcdControl {
     /// Runs `txn`; answers whether its conditions held. `what` names it in an error.
     async fn commit(&self, txn: Txn, what: &str) -> Result<bool, StoreError> {
         self.etcd
-            .client()
-            .txn(txn)
+            .txn(what, txn)
             .await
             .map(|answer| answer.succeeded())
-            .map_err(|err| self.etcd.error(what, err))
     }
 
     /// Deletes `key` if it holds `value`.
@@ -554,10 +645,8 @@ impl EtcdControl {
     ) -> Result<(Option<PairGrant>, Option<i64>), StoreError> {
         let answer = self
             .etcd
-            .client()
-            .get(self.pair_key(location), None)
-            .await
-            .map_err(|err| self.etcd.error("cannot read a pair grant", err))?;
+            .get("cannot read a pair grant", self.pair_key(location), None)
+            .await?;
         match answer.kvs().first() {
             None => Ok((None, None)),
             Some(kv) => {
@@ -749,7 +838,6 @@ impl Presence {
         info: &serde_json::Value,
         ttl_ms: u64,
     ) -> Result<Presence, JoinError> {
-        let mut client = etcd.client();
         let ttl_s = ttl_ms.div_ceil(1000).max(1) as i64;
         let key = etcd.key(&format!("masters/{master_id}"));
         let value = serde_json::to_vec(info).unwrap_or_default();
@@ -760,10 +848,11 @@ impl Presence {
         let give_up = tokio::time::Instant::now() + Duration::from_millis(ttl_ms + 1000);
         let (lease, clock) = loop {
             let sent = mono_now();
-            let granted = client
-                .lease_grant(ttl_s, None)
-                .await
-                .map_err(|err| etcd.error("cannot grant a lease", err))?;
+            let granted = etcd
+                .call("cannot grant a lease", |mut client| async move {
+                    client.lease_grant(ttl_s, None).await
+                })
+                .await?;
             let lease = granted.id();
             let txn = Txn::new()
                 .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
@@ -772,16 +861,15 @@ impl Presence {
                     value.clone(),
                     Some(etcd_client::PutOptions::new().with_lease(lease)),
                 )]);
-            let answer = client
-                .txn(txn)
-                .await
-                .map_err(|err| etcd.error("cannot write the presence key", err))?;
+            let answer = etcd.txn("cannot write the presence key", txn).await?;
             if answer.succeeded() {
                 let mut clock = LeaseClock::new(ttl_s as u64 * 1000);
                 clock.renewed(sent, granted.ttl().max(0) as u64 * 1000);
                 break (lease, clock);
             }
-            let _ = client.lease_revoke(lease).await;
+            let _ = etcd
+                .retry_unsent(|mut client| async move { client.lease_revoke(lease).await })
+                .await;
             if tokio::time::Instant::now() >= give_up {
                 return Err(JoinError::DuplicateId(master_id.clone()));
             }
@@ -853,29 +941,28 @@ async fn keep_alive(
         }
         clocks = clock_pair();
         if stream.is_none() {
-            stream =
-                match tokio::time::timeout(answer_within, etcd.client().lease_keep_alive(lease))
-                    .await
-                {
-                    Ok(Ok(opened)) => Some(opened),
-                    Ok(Err(err)) if lease_gone(&err) => {
-                        tracing::error!(lease, "etcd says the presence lease is gone: {err}");
-                        clock.lost();
-                        publish.send_replace(clock.held_until());
-                        return;
-                    }
-                    Ok(Err(err)) => {
-                        tracing::warn!(lease, "presence keep-alive: {err}; trying again");
-                        None
-                    }
-                    Err(_) => {
-                        tracing::warn!(
-                            lease,
-                            "presence keep-alive: etcd does not answer; trying again"
-                        );
-                        None
-                    }
-                };
+            let opened =
+                etcd.retry_unsent(|mut client| async move { client.lease_keep_alive(lease).await });
+            stream = match tokio::time::timeout(answer_within, opened).await {
+                Ok(Ok(opened)) => Some(opened),
+                Ok(Err(err)) if lease_gone(&err) => {
+                    tracing::error!(lease, "etcd says the presence lease is gone: {err}");
+                    clock.lost();
+                    publish.send_replace(clock.held_until());
+                    return;
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(lease, "presence keep-alive: {err}; trying again");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        lease,
+                        "presence keep-alive: etcd does not answer; trying again"
+                    );
+                    None
+                }
+            };
         }
         let Some((keeper, answers)) = stream.as_mut() else {
             next_send = tokio::time::Instant::now() + RETRY_PAUSE;
@@ -922,6 +1009,25 @@ async fn keep_alive(
 /// The master a link key's value names (`MASTER#GENERATION`).
 fn link_master(value: &str) -> &str {
     value.split_once('#').map_or(value, |(master, _)| master)
+}
+
+/// Whether `err` says the request reached no member: the connection to the member the
+/// balancer picked could not be made (tonic marks that error, and answers UNAVAILABLE).
+fn never_sent(err: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = err else {
+        return false;
+    };
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if cause.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Whether etcd answered that the lease no longer exists (it expired).
@@ -1115,10 +1221,11 @@ async fn follow_once(
     let reads =
         MIRRORED.map(|folder| TxnOp::get(etcd.key(folder), Some(GetOptions::new().with_prefix())));
     let read = etcd
-        .client()
-        .txn(Txn::new().and_then(reads))
-        .await
-        .map_err(|err| etcd.error("cannot read the cluster's state", err))?;
+        .txn(
+            "cannot read the cluster's state",
+            Txn::new().and_then(reads),
+        )
+        .await?;
     let revision = read.header().map(|h| h.revision()).unwrap_or_default();
     let fresh: BTreeMap<String, Vec<u8>> = read
         .op_responses()
@@ -1153,12 +1260,17 @@ async fn follow_once(
         .with_prefix()
         .with_start_revision(revision + 1);
     let mut stream = etcd
-        .client()
-        .watch_client()
-        .max_decoding_message_size(READ_LIMIT)
-        .watch(prefix.clone(), Some(options))
-        .await
-        .map_err(|err| etcd.error("cannot watch the cluster's state", err))?;
+        .call("cannot watch the cluster's state", |client| {
+            let (prefix, options) = (prefix.clone(), options.clone());
+            async move {
+                client
+                    .watch_client()
+                    .max_decoding_message_size(READ_LIMIT)
+                    .watch(prefix, Some(options))
+                    .await
+            }
+        })
+        .await?;
     // Changes are published at most every MIRROR_EVERY: a burst of thousands (a mass
     // failover, a storm of links) costs one copy of the mirror per period, not per event.
     let mut dirty = false;

@@ -82,11 +82,7 @@ impl EtcdModel {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), fresh.to_string(), None)])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let answer = etcd
-            .client()
-            .txn(txn)
-            .await
-            .map_err(|err| etcd.error("cannot read the model id", err))?;
+        let answer = etcd.txn("cannot read the model id", txn).await?;
         let model_id = if answer.succeeded() {
             fresh
         } else {
@@ -114,13 +110,12 @@ impl EtcdModel {
     async fn number_at(&self, rest: &str, at: i64) -> Result<u64, StoreError> {
         let answer = self
             .etcd
-            .client()
             .get(
+                "cannot read the model",
                 self.etcd.key(rest),
                 Some(GetOptions::new().with_revision(at)),
             )
-            .await
-            .map_err(|err| self.etcd.error("cannot read the model", err))?;
+            .await?;
         Ok(answer.kvs().first().and_then(number).unwrap_or(0))
     }
 
@@ -180,12 +175,7 @@ impl EtcdModel {
             ));
         }
         let txn = Txn::new().when([unchanged]).and_then(then);
-        let answer = self
-            .etcd
-            .client()
-            .txn(txn)
-            .await
-            .map_err(|err| self.etcd.error("cannot commit a model write", err))?;
+        let answer = self.etcd.txn("cannot commit a model write", txn).await?;
         if answer.succeeded() {
             Ok(changes)
         } else {
@@ -375,12 +365,17 @@ impl EtcdModel {
         let options = etcd_client::WatchOptions::new().with_prefix();
         let mut stream = self
             .etcd
-            .client()
-            .watch_client()
-            .max_decoding_message_size(super::READ_LIMIT)
-            .watch(prefix.clone(), Some(options))
-            .await
-            .map_err(|err| self.etcd.error("cannot watch the model", err))?;
+            .call("cannot watch the model", |client| {
+                let (prefix, options) = (prefix.clone(), options.clone());
+                async move {
+                    client
+                        .watch_client()
+                        .max_decoding_message_size(super::READ_LIMIT)
+                        .watch(prefix, Some(options))
+                        .await
+                }
+            })
+            .await?;
         // Whatever landed before the watch began, the follower reads from the log.
         if feed.send(Fed::Resync).await.is_err() {
             return Ok(());
