@@ -341,6 +341,16 @@ fn row(name: &str, series: &Series, reference: &Series) -> String {
     )
 }
 
+/// The storm after the master's SIGKILL and restart.
+struct Storm {
+    /// From the kill to the new process.
+    restarted_after: Duration,
+    /// From the restart to each edge's renegotiation.
+    renegotiated: Series,
+    /// The master's and the swarm's CPU until the last edge renegotiated.
+    cpu: (f64, f64),
+}
+
 /// What one fan-out and storm run measured.
 struct Figures {
     edges: usize,
@@ -365,7 +375,9 @@ struct Figures {
     all_reached: Series,
     /// From the master's kill to its new process, and the edges' renegotiation after
     /// (one master only).
-    storm: Option<(Duration, Series)>,
+    storm: Option<Storm>,
+    /// The masters' and the swarm's CPU while every edge connected the first time.
+    connect_cpu: (f64, f64),
 }
 
 /// The fan-out and storm scenarios for `edges` simulated edges over `masters` masters;
@@ -373,6 +385,27 @@ struct Figures {
 /// under its edges) is measured with one master.
 pub async fn run(edges: usize, changes: usize, masters: usize) -> anyhow::Result<()> {
     print(&measure(edges, changes, masters).await?);
+    Ok(())
+}
+
+/// Waits out the idle window; with `TETHER_BENCH_PERF_IDLE=FILE`, records the masters
+/// (`perf record`) over exactly that window into FILE, so that a profile of idle links
+/// holds no handshakes of the connect before it.
+async fn idle_window(masters: &[u32], length: Duration) -> anyhow::Result<()> {
+    let Some(file) = std::env::var_os("TETHER_BENCH_PERF_IDLE") else {
+        tokio::time::sleep(length).await;
+        return Ok(());
+    };
+    let pids: Vec<String> = masters.iter().map(u32::to_string).collect();
+    let status = tokio::process::Command::new("perf")
+        .args(["record", "-F", "999", "-p", &pids.join(","), "-o"])
+        .arg(&file)
+        .args(["--", "sleep", &length.as_secs_f64().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot run perf (TETHER_BENCH_PERF_IDLE): {err}"))?;
+    anyhow::ensure!(status.success(), "perf record failed: {status}");
     Ok(())
 }
 
@@ -385,6 +418,7 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
 
     let connectors = master.connectors(edges)?;
     let started = Instant::now();
+    let connecting = CpuShare::start(&pids)?;
     let mut swarm = Swarm::start(connectors);
     let mut versions = vec![0u64; edges];
     let connect = Series::new(
@@ -397,12 +431,13 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
         )
         .await?,
     );
+    let connect_cpu = connecting.shares()?;
     // Steady state: every link up, heartbeats each second.
     tokio::time::sleep(Duration::from_secs(5)).await;
     drain(&mut swarm, &mut versions);
     let linked_rss = rss_all(&pids)?;
     let idle = CpuShare::start(&pids)?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    idle_window(&pids, Duration::from_secs(5)).await?;
     let (idle_cpu, swarm_idle_cpu) = idle.shares()?;
     let idle_downs = drain(&mut swarm, &mut versions);
     let rtt = Series::new(master_rtts(&master.api).await?);
@@ -448,6 +483,10 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
             let killed = Instant::now();
             server.restart();
             let restarted = Instant::now();
+            let pid = server
+                .pid()
+                .ok_or_else(|| anyhow::anyhow!("the master is not running"))?;
+            let cpu = CpuShare::start(&[pid])?;
             let storm = collect(
                 &mut swarm,
                 &mut versions,
@@ -456,7 +495,11 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
                 |event| matches!(event, Event::Renegotiated { .. }),
             )
             .await?;
-            Some((restarted.duration_since(killed), Series::new(storm)))
+            Some(Storm {
+                restarted_after: restarted.duration_since(killed),
+                renegotiated: Series::new(storm),
+                cpu: cpu.shares()?,
+            })
         }
         _ => None,
     };
@@ -475,6 +518,7 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
         reach,
         all_reached,
         storm,
+        connect_cpu,
     })
 }
 
@@ -523,19 +567,34 @@ fn print(f: &Figures) {
     );
     let name = "first connect: start to renegotiated (reference)";
     println!("{}", row(name, &f.connect, &f.connect));
-    let Some((restarted_after, storm)) = &f.storm else {
-        println!();
+    let Some(storm) = &f.storm else {
+        println!(
+            "\nWhile every edge connected the first time: the masters {:.0} % and the \
+             simulated edges {:.0} % of one core.\n",
+            f.connect_cpu.0 * 100.0,
+            f.connect_cpu.1 * 100.0
+        );
         return;
     };
     println!(
         "{}",
-        row("storm: master restart to renegotiated", storm, &f.connect)
+        row(
+            "storm: master restart to renegotiated",
+            &storm.renegotiated,
+            &f.connect
+        )
     );
     println!(
         "\nStorm: the master was started again {} ms after its SIGKILL; the last edge \
-         renegotiated {} ms after the kill.\n",
-        restarted_after.as_millis(),
-        (*restarted_after + storm.quantile(1.0)).as_millis()
+         renegotiated {} ms after the kill. CPU while every edge connected the first \
+         time: the master {:.0} % and the simulated edges {:.0} % of one core; in the \
+         storm: {:.0} % and {:.0} %.\n",
+        storm.restarted_after.as_millis(),
+        (storm.restarted_after + storm.renegotiated.quantile(1.0)).as_millis(),
+        f.connect_cpu.0 * 100.0,
+        f.connect_cpu.1 * 100.0,
+        storm.cpu.0 * 100.0,
+        storm.cpu.1 * 100.0
     );
 }
 
@@ -552,7 +611,11 @@ mod tests {
         assert_eq!(f.connect.count(), 20);
         assert_eq!(f.reach.count(), 20 * 3);
         assert_eq!(f.all_reached.count(), 3);
-        let (restarted_after, storm) = f.storm.expect("a storm with one master");
+        let Storm {
+            restarted_after,
+            renegotiated: storm,
+            ..
+        } = f.storm.expect("a storm with one master");
         assert_eq!(storm.count(), 20);
         assert_eq!(f.rtt.count(), 20, "every link measured its round trip");
         assert!(f.linked_rss > 0 && f.idle_rss > 0);

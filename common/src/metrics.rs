@@ -219,11 +219,11 @@ impl Metrics {
         self.grant_store_failures.with_label_values(&[edge]).inc();
     }
 
-    /// A heartbeat's round trip on `edge`'s link.
-    pub fn observe_rtt(&self, edge: &str, rtt: Duration) {
-        self.link_rtt
-            .with_label_values(&[edge])
-            .observe(rtt.as_secs_f64());
+    /// What takes each heartbeat's round trip on `edge`'s link (the labelled histogram
+    /// looked up once).
+    pub fn rtt_sink(&self, edge: &str) -> crate::link::RttSink {
+        let histogram = self.link_rtt.with_label_values(&[edge]);
+        Box::new(move |rtt| histogram.observe(rtt.as_secs_f64()))
     }
 
     /// A client's method call: who ran it (`master`, `edge:ID`, or `None` when it was
@@ -325,7 +325,7 @@ mod tests {
         };
         metrics.observe_exec(Some("edge:site-1"), true, Duration::from_millis(3));
         metrics.observe_exec(None, false, Duration::from_millis(1));
-        metrics.observe_rtt("site-1", Duration::from_micros(400));
+        metrics.rtt_sink("site-1")(Duration::from_micros(400));
         let text = metrics.render(&state);
         assert_eq!(sample(&text, "tether_link_up{edge=\"site-1\"}"), Some(1.0));
         assert_eq!(

@@ -205,9 +205,7 @@ async fn serve(
     runtime.set_device_routes(config.device_routes());
     // Round trips to the master, in the metrics under this edge's id.
     let (metrics, edge_id) = (runtime.metrics().clone(), config.edge_id.clone());
-    connector.link.on_rtt = Some(RttObserver(Arc::new(move |_, rtt| {
-        metrics.observe_rtt(&edge_id, rtt)
-    })));
+    connector.link.on_rtt = Some(RttObserver(Arc::new(move |_| metrics.rtt_sink(&edge_id))));
     // The replica alone is enough to run: if the master cannot be reached, control
     // starts the modules from it after one more attempt.
     // A pair's node proves the witness's grants with its own secret.

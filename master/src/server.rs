@@ -108,7 +108,7 @@ pub fn repositories_root(
 /// Each heartbeat's round trip into the metrics, under the edge's id (the link's peer).
 fn rtt_metrics(runtime: &Runtime) -> RttObserver {
     let metrics = runtime.metrics().clone();
-    RttObserver(Arc::new(move |edge, rtt| metrics.observe_rtt(edge, rtt)))
+    RttObserver(Arc::new(move |edge| metrics.rtt_sink(edge)))
 }
 
 /// Opens the model: the database in the data folder, or in a cluster the model in etcd

@@ -13,7 +13,7 @@ pub mod tls;
 
 pub use connection::{
     Incoming, IncomingRequest, Link, LinkConfig, LinkError, ObserveRtt, Responder, ResponseStream,
-    RttObserver, refuse_all,
+    RttObserver, RttSink, refuse_all,
 };
 pub use connector::{ConnectorConfig, LinkEvent, connect_once, maintain_link, reconnect_delay};
 pub use handshake::{

@@ -77,14 +77,36 @@ impl ReloadError {
 /// A request to load another version of the script; answered with the outcome.
 type Reload = (Arc<str>, oneshot::Sender<Result<(), String>>);
 
+/// What the module's task publishes for callers.
+struct Current {
+    /// The script it runs now (set when a reload succeeds, also one whose caller stopped
+    /// waiting).
+    source: std::sync::Mutex<Arc<str>>,
+    /// While a loaded script runs and no reload is under way: what a caller needs to run
+    /// a method itself (see [`ModuleInstance::run_now`]).
+    ready: std::sync::Mutex<Option<Ready>>,
+}
+
+impl Current {
+    fn set_ready(&self, ready: Option<Ready>) {
+        *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = ready;
+    }
+}
+
+/// The loaded script and the driver's permits (its concurrency).
+#[derive(Clone)]
+struct Ready {
+    script: Arc<Script>,
+    permits: Arc<Semaphore>,
+}
+
 /// A running module.
 pub(super) struct ModuleInstance {
     /// What it was started from (its script may since have been reloaded).
     pub(super) spec: ModuleSpec,
     pub(super) shared: Arc<ModuleShared>,
-    /// The script it runs now (the module's task sets it when a reload succeeds, also one
-    /// whose caller stopped waiting).
-    source: Arc<std::sync::Mutex<Arc<str>>>,
+    /// The script it runs now, and whether a call may run at once.
+    current: Arc<Current>,
     /// The last script it refused to load, not tried again.
     refused: std::sync::Mutex<Option<Arc<str>>>,
     /// The newest reload asked for (its number and script): an older one still waiting
@@ -120,10 +142,13 @@ impl ModuleInstance {
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE);
         let (reloads_tx, reloads_rx) = mpsc::channel(1);
         let cancel = CancellationToken::new();
-        let source = Arc::new(std::sync::Mutex::new(spec.source.clone()));
+        let current = Arc::new(Current {
+            source: std::sync::Mutex::new(spec.source.clone()),
+            ready: std::sync::Mutex::new(None),
+        });
         let task = tokio::spawn(run_after(
             after,
-            source.clone(),
+            current.clone(),
             spec.clone(),
             compiled,
             limits,
@@ -134,7 +159,7 @@ impl ModuleInstance {
             runtime,
         ));
         ModuleInstance {
-            source,
+            current,
             refused: std::sync::Mutex::default(),
             reloading: std::sync::Mutex::default(),
             reload_numbers: 0.into(),
@@ -166,15 +191,9 @@ impl ModuleInstance {
             deadline: Some(Instant::now() + timeout),
             reply: Some(reply),
         };
-        self.jobs.try_send(job).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => ExecError::Busy(format!(
-                "module {} has {QUEUE} requests waiting",
-                self.spec.id
-            )),
-            mpsc::error::TrySendError::Closed(_) => {
-                ExecError::Unavailable(format!("module {} is stopping", self.spec.id))
-            }
-        })?;
+        if let Err(job) = self.run_now(job) {
+            self.queue(job)?;
+        }
         // A little grace: the script's own deadline normally answers first.
         match tokio::time::timeout(timeout + Duration::from_millis(200), answer).await {
             Ok(Ok(result)) => result,
@@ -189,9 +208,52 @@ impl ModuleInstance {
         }
     }
 
+    /// Runs `job` on a blocking thread from here when it would be next anyway: nothing
+    /// queued, a loaded script, no reload under way and a permit free. This spares the
+    /// hand-off through the module's task (a wake-up of another thread on each call).
+    /// Otherwise gives the job back, for the queue.
+    fn run_now(&self, job: Job) -> Result<(), Job> {
+        if self.cancel.is_cancelled() || self.jobs.capacity() < self.jobs.max_capacity() {
+            return Err(job);
+        }
+        let ready = self
+            .current
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(Ready { script, permits }) = ready else {
+            return Err(job);
+        };
+        let Ok(permit) = permits.try_acquire_owned() else {
+            return Err(job);
+        };
+        let shared = self.shared.clone();
+        let timeout = Duration::from_millis(self.spec.timeout_ms);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            run_job(&script, &shared, job, timeout);
+        });
+        Ok(())
+    }
+
+    /// Queues `job` for the module's task.
+    fn queue(&self, job: Job) -> Result<(), ExecError> {
+        self.jobs.try_send(job).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => ExecError::Busy(format!(
+                "module {} has {QUEUE} requests waiting",
+                self.spec.id
+            )),
+            mpsc::error::TrySendError::Closed(_) => {
+                ExecError::Unavailable(format!("module {} is stopping", self.spec.id))
+            }
+        })
+    }
+
     /// The script it runs now.
     pub(super) fn source(&self) -> Arc<str> {
-        self.source
+        self.current
+            .source
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -299,7 +361,7 @@ impl ModuleInstance {
 #[allow(clippy::too_many_arguments)]
 async fn run_after(
     after: Option<super::Stopping>,
-    current: Arc<std::sync::Mutex<Arc<str>>>,
+    current: Arc<Current>,
     spec: ModuleSpec,
     compiled: Option<rhai::AST>,
     limits: ScriptLimits,
@@ -326,7 +388,7 @@ async fn run_after(
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
-    current: Arc<std::sync::Mutex<Arc<str>>>,
+    current: Arc<Current>,
     spec: ModuleSpec,
     compiled: Option<rhai::AST>,
     limits: ScriptLimits,
@@ -414,6 +476,13 @@ async fn run(
 
     let permits = Arc::new(Semaphore::new(spec.concurrency));
     let timeout = Duration::from_millis(spec.timeout_ms);
+    let ready = |script: &Arc<Script>| {
+        Some(Ready {
+            script: script.clone(),
+            permits: permits.clone(),
+        })
+    };
+    current.set_ready(ready(&script));
     loop {
         let job = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -421,9 +490,11 @@ async fn run(
                 let next = cancel.child_token();
                 let hash = hex::encode(crate::code::content_hash(source.as_bytes()));
                 shared.log(format!("reloading: new driver code {}", &hash[..12]));
+                // Calls made meanwhile queue, and run once the reload is over.
+                current.set_ready(None);
                 let outcome = match load(context_for(source.clone(), next.clone()), None, limits).await {
                     Ok(new) => {
-                        *current.lock().unwrap_or_else(|p| p.into_inner()) = source;
+                        *current.source.lock().unwrap_or_else(|p| p.into_inner()) = source;
                         version.cancel();
                         version = next;
                         script = Arc::new(new);
@@ -437,6 +508,7 @@ async fn run(
                         Err(error)
                     }
                 };
+                current.set_ready(ready(&script));
                 let _ = reply.send(outcome);
                 continue;
             }
@@ -475,6 +547,7 @@ async fn run(
             run_job(&script, &shared, job, timeout);
         });
     }
+    current.set_ready(None);
     transport_cancel.cancel();
     if let Some(task) = transport_task {
         let _ = task.await;
