@@ -389,8 +389,9 @@ fn fail_if_exited(processes: &mut [Process]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until every master has booted and both edges are online (each linked to one
-/// of them); fails, with the log's end, if a process exits first.
+/// Waits until every master has booted and every edge location is online with all its
+/// nodes (each linked to one of them); fails, with the log's end, if a process exits
+/// first.
 async fn wait_until_up(apis: &mut [Api], processes: &mut [Process]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -407,7 +408,7 @@ async fn wait_until_up(apis: &mut [Api], processes: &mut [Process]) -> anyhow::R
                 online.extend(
                     edges
                         .iter()
-                        .filter(|e| e["online"] == true)
+                        .filter(|e| e["online"] == true && all_nodes_online(e))
                         .filter_map(|e| e["id"].as_str().map(str::to_string)),
                 );
             }
@@ -420,6 +421,15 @@ async fn wait_until_up(apis: &mut [Api], processes: &mut [Process]) -> anyhow::R
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Whether every node of a site pair is linked (a location of one node has none listed).
+/// The location is online once either node is; the banner's call through the master
+/// needs the holder's link, which may come second.
+fn all_nodes_online(edge: &Value) -> bool {
+    edge["nodes"]
+        .as_array()
+        .is_none_or(|nodes| nodes.iter().all(|node| node["online"] == true))
 }
 
 /// Waits until every module of every room runs on its edge (an edge that is linked may
