@@ -61,6 +61,10 @@ pub struct EdgeRegistry {
     edges: Mutex<HashMap<String, EdgeEntry>>,
     /// The site pairs this master witnesses: only their nodes may link here.
     witnessed: Mutex<std::collections::HashSet<String>>,
+    /// Each site pair's holder as its witness set it last, kept apart from the entries:
+    /// the witness may decide before the model's records have made the location's entry
+    /// (at the master's start), and the entry made later takes it from here.
+    holders: Mutex<HashMap<String, Option<String>>>,
     /// Relative secret files are resolved against this folder (master.toml's).
     base_dir: PathBuf,
     next_generation: std::sync::atomic::AtomicU64,
@@ -85,6 +89,7 @@ impl EdgeRegistry {
         Arc::new(EdgeRegistry {
             edges: Mutex::new(HashMap::new()),
             witnessed: Mutex::default(),
+            holders: Mutex::default(),
             base_dir,
             next_generation: 1.into(),
         })
@@ -175,7 +180,14 @@ impl EdgeRegistry {
                     entry.record = record.clone();
                 }
                 None => {
-                    let entry = EdgeEntry::new(record, self.load_secret(record), None);
+                    let mut entry = EdgeEntry::new(record, self.load_secret(record), None);
+                    entry.holder = self
+                        .holders
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(id)
+                        .cloned()
+                        .flatten();
                     edges.insert(id.clone(), entry);
                 }
             }
@@ -297,8 +309,14 @@ impl EdgeRegistry {
     /// A site pair: the node its witness granted the location's modules (none: the
     /// master, or a move in progress).
     pub fn set_holder(&self, location: &str, node: Option<&str>) {
-        if let Some(entry) = self.lock().get_mut(location) {
-            entry.holder = node.map(str::to_string);
+        let mut edges = self.lock();
+        let holder = node.map(str::to_string);
+        self.holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(location.to_string(), holder.clone());
+        if let Some(entry) = edges.get_mut(location) {
+            entry.holder = holder;
         }
     }
 

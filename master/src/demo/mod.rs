@@ -389,9 +389,9 @@ fn fail_if_exited(processes: &mut [Process]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until every master has booted and every edge location is online with all its
-/// nodes (each linked to one of them); fails, with the log's end, if a process exits
-/// first.
+/// Waits until every master has booted and every edge location is online, a site pair
+/// with all its nodes and its holder known (each linked to one of them); fails, with the
+/// log's end, if a process exits first.
 async fn wait_until_up(apis: &mut [Api], processes: &mut [Process]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -408,7 +408,7 @@ async fn wait_until_up(apis: &mut [Api], processes: &mut [Process]) -> anyhow::R
                 online.extend(
                     edges
                         .iter()
-                        .filter(|e| e["online"] == true && all_nodes_online(e))
+                        .filter(|e| e["online"] == true && pair_ready(e))
                         .filter_map(|e| e["id"].as_str().map(str::to_string)),
                 );
             }
@@ -423,13 +423,15 @@ async fn wait_until_up(apis: &mut [Api], processes: &mut [Process]) -> anyhow::R
     }
 }
 
-/// Whether every node of a site pair is linked (a location of one node has none listed).
-/// The location is online once either node is; the banner's call through the master
-/// needs the holder's link, which may come second.
-fn all_nodes_online(edge: &Value) -> bool {
-    edge["nodes"]
-        .as_array()
-        .is_none_or(|nodes| nodes.iter().all(|node| node["online"] == true))
+/// Whether a site pair is ready for calls through the master: every node linked and the
+/// witness's holder known (a location of one node lists no nodes). The location shows
+/// online once either node is linked, and the master sends a call to the holder's link,
+/// so the banner's first call could otherwise find neither.
+fn pair_ready(edge: &Value) -> bool {
+    edge["nodes"].as_array().is_none_or(|nodes| {
+        nodes.iter().all(|node| node["online"] == true)
+            && nodes.iter().any(|node| node["role"] == "holder")
+    })
 }
 
 /// Waits until every module of every room runs on its edge (an edge that is linked may
