@@ -161,27 +161,6 @@ impl Etcd {
             .map_err(|err| self.error(what, err))
     }
 
-    /// A watch of every key under `prefix`, taking batches of up to [`READ_LIMIT`] (see
-    /// [`call`](Self::call)).
-    pub async fn watch_prefix(
-        &self,
-        what: &str,
-        prefix: &str,
-        options: etcd_client::WatchOptions,
-    ) -> Result<etcd_client::WatchStream, StoreError> {
-        self.call(what, |client| {
-            let (prefix, options) = (prefix.to_string(), options.clone().with_prefix());
-            async move {
-                client
-                    .watch_client()
-                    .max_decoding_message_size(READ_LIMIT)
-                    .watch(prefix, Some(options))
-                    .await
-            }
-        })
-        .await
-    }
-
     /// A read (see [`call`](Self::call)).
     pub async fn get(
         &self,
@@ -1281,7 +1260,16 @@ async fn follow_once(
         .with_prefix()
         .with_start_revision(revision + 1);
     let mut stream = etcd
-        .watch_prefix("cannot watch the cluster's state", &prefix, options)
+        .call("cannot watch the cluster's state", |client| {
+            let (prefix, options) = (prefix.clone(), options.clone());
+            async move {
+                client
+                    .watch_client()
+                    .max_decoding_message_size(READ_LIMIT)
+                    .watch(prefix, Some(options))
+                    .await
+            }
+        })
         .await?;
     // Changes are published at most every MIRROR_EVERY: a burst of thousands (a mass
     // failover, a storm of links) costs one copy of the mirror per period, not per event.

@@ -365,7 +365,16 @@ impl EtcdModel {
         let options = etcd_client::WatchOptions::new().with_prefix();
         let mut stream = self
             .etcd
-            .watch_prefix("cannot watch the model", &prefix, options)
+            .call("cannot watch the model", |client| {
+                let (prefix, options) = (prefix.clone(), options.clone());
+                async move {
+                    client
+                        .watch_client()
+                        .max_decoding_message_size(super::READ_LIMIT)
+                        .watch(prefix, Some(options))
+                        .await
+                }
+            })
             .await?;
         // Whatever landed before the watch began, the follower reads from the log.
         if feed.send(Fed::Resync).await.is_err() {
