@@ -302,7 +302,18 @@ async fn faulty_drivers_fault_alone_and_say_why() {
             .cloned()
             .unwrap()
     };
-    let (_, system) = edge.get("/api/v1/systems/room").await;
+    // The edge may (re)start its modules when the code repository arrives after the
+    // projector connected: the module is "starting" until its compile fails.
+    let system = wait_for(
+        "the syntax module to fault",
+        Duration::from_secs(10),
+        || async {
+            let (_, system) = edge.get("/api/v1/systems/room").await;
+            let state = member(&system, "syntax")["state"].clone();
+            (state != "starting").then_some(system)
+        },
+    )
+    .await;
     let syntax = member(&system, "syntax");
     assert_eq!(syntax["state"], "faulted", "{system}");
     assert!(
