@@ -459,3 +459,35 @@ impl EdgeSecrets for EdgeRegistry {
         entry.secret.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair_records() -> BTreeMap<String, EdgeRecord> {
+        let record: EdgeRecord = serde_json::from_value(serde_json::json!({
+            "id": "site-1",
+            "nodes": ["site-1a", "site-1b"],
+        }))
+        .unwrap();
+        BTreeMap::from([(record.id.clone(), record)])
+    }
+
+    #[test]
+    fn a_holder_set_before_the_records_made_the_location_is_kept() {
+        // At the master's start the witness may decide before the model's records reach
+        // the registry: the location's entry made later must take that holder.
+        let registry = EdgeRegistry::new(PathBuf::from("."));
+        registry.set_holder("site-1", Some("site-1b"));
+        assert_eq!(registry.holder("site-1"), None, "no entry yet");
+        registry.sync(&pair_records());
+        assert_eq!(registry.holder("site-1").as_deref(), Some("site-1b"));
+
+        // A later decision, and records synced again, change nothing else.
+        registry.set_holder("site-1", Some("site-1a"));
+        registry.sync(&pair_records());
+        assert_eq!(registry.holder("site-1").as_deref(), Some("site-1a"));
+        registry.set_holder("site-1", None);
+        assert_eq!(registry.holder("site-1"), None);
+    }
+}
