@@ -1,5 +1,7 @@
 //! The peer for the latency scenario: HAProxy (Debian's package, installed when missing)
-//! terminating TLS in front of an edge and opening TLS to it, as a generic proxy hop would.
+//! terminating TLS in front of an edge and opening TLS to it, as a generic proxy hop would;
+//! and the same HAProxy as a plain TCP relay, passing the bytes on without reading them: the
+//! least a hop through another process costs on the machine.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -77,7 +79,24 @@ pub fn start(dir: &Path, backend: u16) -> anyhow::Result<HaProxy> {
         crt = crt.display(),
         ca = certs.join("ca.pem").display(),
     );
-    let file = dir.join("haproxy.cfg");
+    run(dir, "haproxy.cfg", &config, port)
+}
+
+/// Starts HAProxy on a free port as a TCP relay in front of site-2's API on `backend`: the
+/// client's TLS goes through to the edge.
+pub fn start_relay(dir: &Path, backend: u16) -> anyhow::Result<HaProxy> {
+    ensure_installed()?;
+    let port = tether_tests::free_port();
+    let config = format!(
+        "global\n  maxconn 4096\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
+         frontend relay\n  bind 127.0.0.1:{port}\n  default_backend edge\n\n\
+         backend edge\n  server edge 127.0.0.1:{backend}\n",
+    );
+    run(dir, "haproxy-relay.cfg", &config, port)
+}
+
+fn run(dir: &Path, name: &str, config: &str, port: u16) -> anyhow::Result<HaProxy> {
+    let file = dir.join(name);
     std::fs::write(&file, config)?;
     let child = Command::new("haproxy")
         .arg("-db")

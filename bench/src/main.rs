@@ -113,7 +113,31 @@ async fn main() -> anyhow::Result<()> {
         "# tether-bench on {} CPUs\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
-    match cli.scenario {
+    // Interrupted, the scenario's future is dropped, and with it what it started (the
+    // demo, HAProxy, etcd): by returning here, not by dying with the signal.
+    tokio::select! {
+        result = run(cli.scenario) => result,
+        signal = interrupted() => anyhow::bail!("interrupted by {signal}; what the scenario started is stopped"),
+    }
+}
+
+/// Resolves with the signal's name on SIGINT or SIGTERM.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+async fn run(scenario: Scenario) -> anyhow::Result<()> {
+    match scenario {
         Scenario::Latency { requests } => latency(&Bench::start().await?, requests).await?,
         Scenario::Throughput { seconds } => throughput(&Bench::start().await?, seconds).await?,
         Scenario::Failover { trials } => failover::run(&Bench::start().await?, trials).await?,
@@ -175,6 +199,8 @@ pub(crate) async fn echo_in(client: &ApiClient, system: &str) -> Result<Duration
 struct References {
     _haproxy: haproxy::HaProxy,
     via_haproxy: ApiClient,
+    _relay: haproxy::HaProxy,
+    via_relay: ApiClient,
     _bare: bare::Bare,
     bare: ApiClient,
 }
@@ -188,9 +214,11 @@ async fn references(bench: &Bench) -> anyhow::Result<References> {
         .ok_or_else(|| anyhow::anyhow!("no port in {}", bench.edge.base()))?;
     let proxy = haproxy::start(&bench.demo.dir, edge_port)?;
     let via_haproxy = bench.edge.at(&format!("https://localhost:{}", proxy.port));
+    let relay = haproxy::start_relay(&bench.demo.dir, edge_port)?;
+    let via_relay = bench.edge.at(&format!("https://127.0.0.1:{}", relay.port));
     let floor = bare::start(&bench.demo.dir.join("certs")).await?;
     let bare = bench.edge.at(&format!("https://localhost:{}", floor.port));
-    for client in [&via_haproxy, &bare] {
+    for client in [&via_haproxy, &via_relay, &bare] {
         tether_tests::wait_for("a reference to answer", Duration::from_secs(20), || {
             let client = client.clone();
             async move { echo(&client).await.ok() }
@@ -200,6 +228,8 @@ async fn references(bench: &Bench) -> anyhow::Result<References> {
     Ok(References {
         _haproxy: proxy,
         via_haproxy,
+        _relay: relay,
+        via_relay,
         _bare: floor,
         bare,
     })
@@ -212,6 +242,10 @@ async fn latency(bench: &Bench, requests: usize) -> anyhow::Result<()> {
         ("through the master", &bench.demo.api),
         ("through HAProxy (peer)", &refs.via_haproxy),
         ("bare HTTPS endpoint (floor)", &refs.bare),
+        (
+            "through HAProxy as a TCP relay (a hop's least cost)",
+            &refs.via_relay,
+        ),
     ];
     let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(requests); paths.len()];
     for round in 0..requests + 200 {
@@ -242,9 +276,10 @@ async fn latency(bench: &Bench, requests: usize) -> anyhow::Result<()> {
     }
     let hop = |s: &Series| s.p50().as_secs_f64() * 1e6 - reference.p50().as_secs_f64() * 1e6;
     println!(
-        "\nThe hop's cost at p50 (over the edge's own answer): the master {:+.0} µs, HAProxy {:+.0} µs.\n",
+        "\nThe hop's cost at p50 (over the edge's own answer): the master {:+.0} µs, HAProxy {:+.0} µs, a TCP relay {:+.0} µs.\n",
         hop(&series[1]),
         hop(&series[2]),
+        hop(&series[4]),
     );
     Ok(())
 }
