@@ -10,7 +10,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -228,12 +228,8 @@ impl ModuleInstance {
         let Ok(permit) = permits.try_acquire_owned() else {
             return Err(job);
         };
-        let shared = self.shared.clone();
         let timeout = Duration::from_millis(self.spec.timeout_ms);
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            run_job(&script, &shared, job, timeout);
-        });
+        start_job(script, self.shared.clone(), job, timeout, permit);
         Ok(())
     }
 
@@ -540,12 +536,7 @@ async fn run(
                 Err(_) => break,
             },
         };
-        let script = script.clone();
-        let shared = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            run_job(&script, &shared, job, timeout);
-        });
+        start_job(script.clone(), shared.clone(), job, timeout, permit);
     }
     current.set_ready(None);
     transport_cancel.cancel();
@@ -577,6 +568,21 @@ async fn load(
 }
 
 /// Runs one job on this (blocking) thread and answers it.
+/// Runs `job` on a blocking thread, holding `permit` (its share of the driver's
+/// concurrency) until it is done.
+fn start_job(
+    script: Arc<Script>,
+    shared: Arc<ModuleShared>,
+    job: Job,
+    timeout: Duration,
+    permit: OwnedSemaphorePermit,
+) {
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        run_job(&script, &shared, job, timeout);
+    });
+}
+
 fn run_job(script: &Script, shared: &ModuleShared, job: Job, timeout: Duration) {
     let deadline = job.deadline.unwrap_or_else(|| Instant::now() + timeout);
     let result = match &job.kind {
