@@ -1,8 +1,9 @@
 //! The cluster's shared store on a real etcd (started per test on free loopback ports):
 //! grants by compare-and-set between two connections racing, an unreachable etcd named,
 //! a master id used twice refused, a presence lease cut off from etcd that stops being
-//! held before etcd expires it, one that survives a short loss of etcd, and no request
-//! lost to a member that is down while the others keep the quorum.
+//! held before etcd expires it, one that survives a short loss of etcd, no request lost
+//! to a member that is down while the others keep the quorum, and no model write lost to
+//! the leader's death.
 #![cfg(feature = "cluster")]
 
 use std::collections::BTreeSet;
@@ -366,4 +367,63 @@ async fn the_shared_log_never_answers_with_a_gap_and_large_writes_land_in_runs()
         loaded.record_versions[&(EntityKind::User, "u1249".into())],
         281
     );
+}
+
+/// The member that leads the cluster now, by etcd's own status of each member.
+async fn leader_index(server: &EtcdServer) -> usize {
+    let http = reqwest::Client::new();
+    for (index, member) in server.members.iter().enumerate() {
+        let status: serde_json::Value = http
+            .post(format!("{}/v3/maintenance/status", member.client_url))
+            .body("{}")
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status JSON");
+        if status["leader"] == status["header"]["member_id"] {
+            return index;
+        }
+    }
+    panic!("no member leads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_write_made_as_the_leader_dies_lands_once_a_new_one_is_elected() {
+    use tether_common::protocol::EntityKind;
+    use tether_common::store::ModelStore;
+    use tether_common::store::etcd::EtcdModel;
+
+    let mut server = EtcdServer::start(3).await;
+    let model = Arc::new(
+        EtcdModel::open(connect(&server.endpoints()).await)
+            .await
+            .unwrap(),
+    );
+    let user = |n: u64| {
+        (
+            EntityKind::User,
+            format!("u{n}"),
+            Some(format!(
+                r#"{{"id":"u{n}","name":"U","role":"viewer","token_hash":"x"}}"#
+            )),
+        )
+    };
+    model.clone().commit(0, vec![user(0)], 100).await.unwrap();
+    let leader = leader_index(&server).await;
+    server.members[leader].server.kill();
+    // Writes go on at once: the first meets the election.
+    for n in 1..=10u64 {
+        let written = model.clone().commit(n, vec![user(n)], 100).await;
+        assert!(
+            written.is_ok(),
+            "write {n} with the leader gone: {:?}",
+            written.err()
+        );
+    }
+    let changes = model.clone().changes_since(0).await.unwrap().unwrap();
+    let ids: Vec<String> = changes.iter().map(|c| c.id.clone()).collect();
+    let wanted: Vec<String> = (0..=10).map(|n| format!("u{n}")).collect();
+    assert_eq!(ids, wanted, "each write once, in order");
 }

@@ -9,6 +9,7 @@
 //! other plans again on the newer model and lands after it.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp};
 
@@ -159,7 +160,11 @@ impl EtcdModel {
         }
         // Changes always encode: strings and integers.
         let entry = serde_json::to_vec(&changes).unwrap_or_default();
-        then.push(TxnOp::put(self.etcd.key(&log_key(version)), entry, None));
+        then.push(TxnOp::put(
+            self.etcd.key(&log_key(version)),
+            entry.clone(),
+            None,
+        ));
         then.push(TxnOp::put(version_key, version.to_string(), None));
         let floor = version.saturating_sub(log_limit.max(1));
         if floor > 0 {
@@ -175,7 +180,30 @@ impl EtcdModel {
             ));
         }
         let txn = Txn::new().when([unchanged]).and_then(then);
-        let answer = self.etcd.txn("cannot commit a model write", txn).await?;
+        let what = "cannot commit a model write";
+        let answer = match self.etcd.txn(what, txn.clone()).await {
+            Ok(answer) => answer,
+            // No answer: the write may have landed (the leader died with it in hand, or
+            // the answer timed out during an election). Find out, rather than tell the
+            // writer it failed.
+            Err(err) => match self.landed(version, &entry).await {
+                Some(true) => {
+                    tracing::warn!(version, "a model write got no answer but landed: {err}");
+                    return Ok(changes);
+                }
+                // It did not land, and nothing else did: once more, still guarded by
+                // the base version, so it cannot land twice.
+                Some(false) if self.version_now().await.ok() == Some(base) => {
+                    tracing::warn!(
+                        version,
+                        "a model write got no answer and did not land; once more: {err}"
+                    );
+                    self.etcd.txn(what, txn).await?
+                }
+                Some(false) => return Err(CommitError::Behind { base }),
+                None => return Err(err.into()),
+            },
+        };
         if answer.succeeded() {
             Ok(changes)
         } else {
@@ -183,11 +211,45 @@ impl EtcdModel {
         }
     }
 
+    /// After a commit up to `version` got no answer: whether it landed, by its log entry
+    /// (`entry`, which names every change it made), asked again for up to `RESOLVE_FOR`
+    /// while etcd cannot answer (an election under way); none when it still cannot.
+    async fn landed(&self, version: u64, entry: &[u8]) -> Option<bool> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            if let Ok(answer) = self.landed_now(version, entry).await {
+                return answer;
+            }
+            if started.elapsed() + pause > RESOLVE_FOR {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn landed_now(&self, version: u64, entry: &[u8]) -> Result<Option<bool>, StoreError> {
+        let key = self.etcd.key(&log_key(version));
+        let stored = self.etcd.get("cannot read the model", key, None).await?;
+        Ok(match stored.kvs().first() {
+            Some(kv) => Some(kv.value() == entry),
+            // No entry at that version: the model has not reached it, so the commit did
+            // not land; or the log was trimmed past it since (many commits later), and
+            // whose commit it was cannot be told.
+            None => (self.version_now().await? < version).then_some(false),
+        })
+    }
+
     /// The model version stored now.
     async fn version_now(&self) -> Result<u64, StoreError> {
         self.number_at("model/version", 0).await
     }
 }
+
+/// How long a commit without an answer is looked for before its error is given to the
+/// writer: longer than an election of etcd's (about a second with its defaults).
+const RESOLVE_FOR: Duration = Duration::from_secs(5);
 
 /// A key's value as a number (the model's counters).
 fn number(kv: &KeyValue) -> Option<u64> {
