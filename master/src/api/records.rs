@@ -89,7 +89,9 @@ impl From<WriteError> for ApiError {
             WriteError::Unavailable(message) => ApiError::unavailable(message),
             WriteError::Store(err) => {
                 tracing::error!("model write failed: {err}");
-                ApiError::internal(format!("the write failed and was not applied: {err}"))
+                // Not "not applied": over etcd, a write without an answer may have
+                // landed, and the error then says that it cannot tell.
+                ApiError::internal(format!("the write failed: {err}"))
             }
         }
     }

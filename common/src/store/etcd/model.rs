@@ -201,7 +201,19 @@ impl EtcdModel {
                     self.etcd.txn(what, txn).await?
                 }
                 Some(false) => return Err(CommitError::Behind { base }),
-                None => return Err(err.into()),
+                None => {
+                    let what = match err {
+                        StoreError::Etcd { what, .. } => what,
+                        other => other.to_string(),
+                    };
+                    return Err(CommitError::Store(StoreError::Etcd {
+                        endpoints: self.etcd.endpoints.to_string(),
+                        what: format!(
+                            "a model write got no answer, and etcd could not tell within {} s whether it landed (read the record to see): {what}",
+                            RESOLVE_FOR.as_secs()
+                        ),
+                    }));
+                }
             },
         };
         if answer.succeeded() {
