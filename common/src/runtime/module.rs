@@ -567,7 +567,6 @@ async fn load(
     .unwrap_or_else(|panic| Err(format!("the script engine panicked: {panic}")))
 }
 
-/// Runs one job on this (blocking) thread and answers it.
 /// Runs `job` on a blocking thread, holding `permit` (its share of the driver's
 /// concurrency) until it is done.
 fn start_job(
@@ -583,6 +582,7 @@ fn start_job(
     });
 }
 
+/// Runs one job on this (blocking) thread and answers it.
 fn run_job(script: &Script, shared: &ModuleShared, job: Job, timeout: Duration) {
     let deadline = job.deadline.unwrap_or_else(|| Instant::now() + timeout);
     let result = match &job.kind {

@@ -180,41 +180,16 @@ impl EtcdModel {
             ));
         }
         let txn = Txn::new().when([unchanged]).and_then(then);
-        let what = "cannot commit a model write";
-        let answer = match self.etcd.txn(what, txn.clone()).await {
+        let answer = match self.etcd.txn(COMMIT, txn.clone()).await {
             Ok(answer) => answer,
             // No answer: the write may have landed (the leader died with it in hand, or
             // the answer timed out during an election). Find out, rather than tell the
             // writer it failed.
-            Err(err) => match self.landed(version, &entry).await {
-                Some(true) => {
-                    tracing::warn!(version, "a model write got no answer but landed: {err}");
-                    return Ok(changes);
-                }
-                // It did not land, and nothing else did: once more, still guarded by
-                // the base version, so it cannot land twice.
-                Some(false) if self.version_now().await.ok() == Some(base) => {
-                    tracing::warn!(
-                        version,
-                        "a model write got no answer and did not land; once more: {err}"
-                    );
-                    self.etcd.txn(what, txn).await?
-                }
-                Some(false) => return Err(CommitError::Behind { base }),
-                None => {
-                    let what = match err {
-                        StoreError::Etcd { what, .. } => what,
-                        other => other.to_string(),
-                    };
-                    return Err(CommitError::Store(StoreError::Etcd {
-                        endpoints: self.etcd.endpoints.to_string(),
-                        what: format!(
-                            "a model write got no answer, and etcd could not tell within {} s whether it landed (read the record to see): {what}",
-                            RESOLVE_FOR.as_secs()
-                        ),
-                    }));
-                }
-            },
+            Err(err) => {
+                return self
+                    .commit_unanswered(base, version, &entry, txn, changes, err)
+                    .await;
+            }
         };
         if answer.succeeded() {
             Ok(changes)
@@ -223,10 +198,55 @@ impl EtcdModel {
         }
     }
 
+    /// A commit at `base` up to `version` (`txn`, logging `entry`) got no answer (`err`):
+    /// answers as it landed, commits once more when it did not and nothing else did
+    /// (still guarded by `base`, so it cannot land twice), or says that it cannot tell.
+    async fn commit_unanswered(
+        &self,
+        base: u64,
+        version: u64,
+        entry: &[u8],
+        txn: Txn,
+        changes: Vec<ModelChange>,
+        err: StoreError,
+    ) -> Result<Vec<ModelChange>, CommitError> {
+        match self.landed(version, entry).await {
+            Some(Landed::Yes) => {
+                tracing::warn!(version, "a model write got no answer but landed: {err}");
+                Ok(changes)
+            }
+            Some(Landed::No { now }) if now == base => {
+                tracing::warn!(
+                    version,
+                    "a model write got no answer and did not land; once more: {err}"
+                );
+                if self.etcd.txn(COMMIT, txn).await?.succeeded() {
+                    Ok(changes)
+                } else {
+                    Err(CommitError::Behind { base })
+                }
+            }
+            Some(Landed::No { .. }) => Err(CommitError::Behind { base }),
+            None => {
+                let what = match err {
+                    StoreError::Etcd { what, .. } => what,
+                    other => other.to_string(),
+                };
+                Err(CommitError::Store(StoreError::Etcd {
+                    endpoints: self.etcd.endpoints.to_string(),
+                    what: format!(
+                        "a model write got no answer, and etcd could not tell within {} s whether it landed (read the record to see): {what}",
+                        RESOLVE_FOR.as_secs()
+                    ),
+                }))
+            }
+        }
+    }
+
     /// After a commit up to `version` got no answer: whether it landed, by its log entry
     /// (`entry`, which names every change it made), asked again for up to `RESOLVE_FOR`
     /// while etcd cannot answer (an election under way); none when it still cannot.
-    async fn landed(&self, version: u64, entry: &[u8]) -> Option<bool> {
+    async fn landed(&self, version: u64, entry: &[u8]) -> Option<Landed> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
@@ -241,15 +261,18 @@ impl EtcdModel {
         }
     }
 
-    async fn landed_now(&self, version: u64, entry: &[u8]) -> Result<Option<bool>, StoreError> {
+    async fn landed_now(&self, version: u64, entry: &[u8]) -> Result<Option<Landed>, StoreError> {
         let key = self.etcd.key(&log_key(version));
         let stored = self.etcd.get("cannot read the model", key, None).await?;
+        let now = self.version_now().await?;
         Ok(match stored.kvs().first() {
-            Some(kv) => Some(kv.value() == entry),
+            Some(kv) if kv.value() == entry => Some(Landed::Yes),
+            // Another commit took that version.
+            Some(_) => Some(Landed::No { now }),
             // No entry at that version: the model has not reached it, so the commit did
             // not land; or the log was trimmed past it since (many commits later), and
             // whose commit it was cannot be told.
-            None => (self.version_now().await? < version).then_some(false),
+            None => (now < version).then_some(Landed::No { now }),
         })
     }
 
@@ -257,6 +280,18 @@ impl EtcdModel {
     async fn version_now(&self) -> Result<u64, StoreError> {
         self.number_at("model/version", 0).await
     }
+}
+
+/// What a commit's error names.
+const COMMIT: &str = "cannot commit a model write";
+
+/// Whether a commit that got no answer landed.
+enum Landed {
+    Yes,
+    /// No; the model's version `now`.
+    No {
+        now: u64,
+    },
 }
 
 /// How long a commit without an answer is looked for before its error is given to the
