@@ -67,6 +67,61 @@ impl Cli {
     }
 }
 
+/// A running `tether watch`: its lines as they come, each waited for at most 10 s; killed
+/// when dropped, so a watch that never gets its value cannot hang the test.
+struct Watch {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Watch {
+    fn start(mut command: Command) -> Watch {
+        let mut child = command.spawn().expect("start tether watch");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Watch { child, lines }
+    }
+
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(10), self.lines.recv())
+            .await
+            .expect("tether watch printed its next line within 10 s")
+            .expect("tether watch ended before its next line")
+    }
+
+    async fn exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for tether watch") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tether watch did not stop after its --count"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -151,21 +206,17 @@ async fn the_command_line_client_covers_the_api() {
         text(&out.stdout)
     );
 
-    // Watch: the current value, then a change; it stops after --count.
-    let watch = cli
-        .command(&["watch", "room", "Note", "1", "note", "--count", "2"])
-        .spawn()
-        .expect("start tether watch");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Watch: the current value, then a change; it stops after --count. The change is made
+    // once the watch has printed the current value, so a slow start cannot miss it.
+    let mut watch =
+        Watch::start(cli.command(&["watch", "room", "Note", "1", "note", "--count", "2"]));
+    assert_eq!(watch.line().await, "note = \"hello\"");
     master
         .exec("room", "Note", 1, "remember", json!(["world"]))
         .await;
-    let out = tokio::task::spawn_blocking(move || watch.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "note = \"hello\"\nnote = \"world\"\n");
+    assert_eq!(watch.line().await, "note = \"world\"");
+    let status = watch.exit().await;
+    assert!(status.success(), "tether watch ended with {status}");
 
     // Debug: the module's log, from the edge where it runs.
     let out = cli.run(&["debug", "room", "Note", "1", "--count", "2"]);

@@ -156,6 +156,8 @@ async fn every_bad_handshake_is_refused_with_a_reason_and_the_good_link_carries_
     let n = cluster
         .master
         .count_in_log("handshake not finished within 1000 ms");
+    // Before either connects, so that both deadlines run from after it.
+    let start = Instant::now();
     let mut silent_tls = tls_to(
         cluster.link_addr,
         edge_tls(&cluster, &cluster.path("certs"), "site-1"),
@@ -163,7 +165,6 @@ async fn every_bad_handshake_is_refused_with_a_reason_and_the_good_link_carries_
     .await
     .unwrap();
     let mut silent_tcp = TcpStream::connect(cluster.link_addr).await.unwrap();
-    let start = Instant::now();
     let mut buf = [0u8; 512];
     // The TLS peer first gets the challenge, then the close.
     let mut tls_closed = false;

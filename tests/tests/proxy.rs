@@ -669,7 +669,8 @@ async fn each_role_gets_what_it_may_on_master_and_edge() {
 }
 
 /// Execs `(system, name, method, args)` (index 1) on `api`: 503 `unavailable` within
-/// 500 ms, its message naming `names`; prints the time.
+/// 1.5 s, its message naming `names`; prints the time. "At once" against the 30 s exec
+/// timeout a wait would run into; 1.5 s leaves room for a stalled CI machine.
 async fn assert_prompt_503(
     api: &ApiClient,
     (system, name, method, args): (&str, &str, &str, Value),
@@ -686,7 +687,7 @@ async fn assert_prompt_503(
     );
     assert!(body["message"].as_str().unwrap().contains(names), "{body}");
     eprintln!("503 from {who} after {} ms", took.as_millis());
-    assert!(took < Duration::from_millis(500), "503 took {took:?}");
+    assert!(took < Duration::from_millis(1500), "503 took {took:?}");
 }
 
 #[tokio::test]
