@@ -349,6 +349,8 @@ struct Storm {
     renegotiated: Series,
     /// The master's and the swarm's CPU until the last edge renegotiated.
     cpu: (f64, f64),
+    /// The edges' attempts that failed meanwhile: timed out, not connected, refused.
+    failed: [usize; 3],
 }
 
 /// What one fan-out and storm run measured.
@@ -378,6 +380,9 @@ struct Figures {
     storm: Option<Storm>,
     /// The masters' and the swarm's CPU while every edge connected the first time.
     connect_cpu: (f64, f64),
+    /// The edges' attempts that failed in the first connect: timed out, not connected,
+    /// refused.
+    connect_failed: [usize; 3],
 }
 
 /// The fan-out and storm scenarios for `edges` simulated edges over `masters` masters;
@@ -388,25 +393,48 @@ pub async fn run(edges: usize, changes: usize, masters: usize) -> anyhow::Result
     Ok(())
 }
 
-/// Waits out the idle window; with `TETHER_BENCH_PERF_IDLE=FILE`, records the masters
-/// (`perf record`) over exactly that window into FILE, so that a profile of idle links
-/// holds no handshakes of the connect before it.
-async fn idle_window(masters: &[u32], length: Duration) -> anyhow::Result<()> {
-    let Some(file) = std::env::var_os("TETHER_BENCH_PERF_IDLE") else {
-        tokio::time::sleep(length).await;
-        return Ok(());
-    };
-    let pids: Vec<String> = masters.iter().map(u32::to_string).collect();
-    let status = tokio::process::Command::new("perf")
-        .args(["record", "-F", "999", "-p", &pids.join(","), "-o"])
-        .arg(&file)
-        .args(["--", "sleep", &length.as_secs_f64().to_string()])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot run perf (TETHER_BENCH_PERF_IDLE): {err}"))?;
-    anyhow::ensure!(status.success(), "perf record failed: {status}");
-    Ok(())
+/// `perf record` of the masters over one window of the scenario, when the variable `var`
+/// names the file to write (`TETHER_BENCH_PERF_IDLE`, `TETHER_BENCH_PERF_FANOUT`): so that
+/// a profile of one phase holds nothing of the others.
+struct PhaseProfile(Option<tokio::process::Child>);
+
+impl PhaseProfile {
+    fn start(var: &str, masters: &[u32]) -> anyhow::Result<PhaseProfile> {
+        let Some(file) = std::env::var_os(var) else {
+            return Ok(PhaseProfile(None));
+        };
+        let pids: Vec<String> = masters.iter().map(u32::to_string).collect();
+        // `TETHER_BENCH_PERF_ARGS` replaces the sampling options (say, `-F 499
+        // --call-graph dwarf` for callers in a build without frame pointers).
+        let options = std::env::var("TETHER_BENCH_PERF_ARGS").unwrap_or("-F 999 -g".into());
+        let perf = tokio::process::Command::new("perf")
+            .arg("record")
+            .args(options.split_whitespace())
+            .args(["-p", &pids.join(","), "-o"])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|err| anyhow::anyhow!("cannot run perf ({var}): {err}"))?;
+        Ok(PhaseProfile(Some(perf)))
+    }
+
+    /// Ends the recording as Ctrl-C would, so that perf writes its file.
+    async fn finish(self) -> anyhow::Result<()> {
+        let Some(mut perf) = self.0 else {
+            return Ok(());
+        };
+        if let Some(pid) = perf.id() {
+            tokio::process::Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status()
+                .await?;
+        }
+        let status = perf.wait().await?;
+        anyhow::ensure!(status.success(), "perf record failed: {status}");
+        Ok(())
+    }
 }
 
 async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result<Figures> {
@@ -432,12 +460,15 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
         .await?,
     );
     let connect_cpu = connecting.shares()?;
+    let connect_failed = swarm.failed.snapshot();
     // Steady state: every link up, heartbeats each second.
     tokio::time::sleep(Duration::from_secs(5)).await;
     drain(&mut swarm, &mut versions);
     let linked_rss = rss_all(&pids)?;
     let idle = CpuShare::start(&pids)?;
-    idle_window(&pids, Duration::from_secs(5)).await?;
+    let profile = PhaseProfile::start("TETHER_BENCH_PERF_IDLE", &pids)?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    profile.finish().await?;
     let (idle_cpu, swarm_idle_cpu) = idle.shares()?;
     let idle_downs = drain(&mut swarm, &mut versions);
     let rtt = Series::new(master_rtts(&master.api).await?);
@@ -446,6 +477,7 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
     let mut reach = Vec::new();
     let mut all_reached = Vec::new();
     let fanning = CpuShare::start(&pids)?;
+    let profile = PhaseProfile::start("TETHER_BENCH_PERF_FANOUT", &pids)?;
     for change in 0..changes {
         drain(&mut swarm, &mut versions);
         let before = versions.clone();
@@ -472,6 +504,7 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
         reach.extend(took);
     }
     let fanout_cpu = fanning.shares()?;
+    profile.finish().await?;
     let reach = Series::new(reach);
     let all_reached = Series::new(all_reached);
 
@@ -479,6 +512,7 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
     let storm = match master.servers.as_mut_slice() {
         [server] => {
             drain(&mut swarm, &mut versions);
+            let failed_before = swarm.failed.snapshot();
             server.kill();
             let killed = Instant::now();
             server.restart();
@@ -495,10 +529,12 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
                 |event| matches!(event, Event::Renegotiated { .. }),
             )
             .await?;
+            let failed_after = swarm.failed.snapshot();
             Some(Storm {
                 restarted_after: restarted.duration_since(killed),
                 renegotiated: Series::new(storm),
                 cpu: cpu.shares()?,
+                failed: std::array::from_fn(|i| failed_after[i] - failed_before[i]),
             })
         }
         _ => None,
@@ -519,6 +555,7 @@ async fn measure(edges: usize, changes: usize, masters: usize) -> anyhow::Result
         all_reached,
         storm,
         connect_cpu,
+        connect_failed,
     })
 }
 
@@ -570,9 +607,10 @@ fn print(f: &Figures) {
     let Some(storm) = &f.storm else {
         println!(
             "\nWhile every edge connected the first time: the masters {:.0} % and the \
-             simulated edges {:.0} % of one core.\n",
+             simulated edges {:.0} % of one core; attempts that failed: {}.\n",
             f.connect_cpu.0 * 100.0,
-            f.connect_cpu.1 * 100.0
+            f.connect_cpu.1 * 100.0,
+            failures(f.connect_failed),
         );
         return;
     };
@@ -588,14 +626,25 @@ fn print(f: &Figures) {
         "\nStorm: the master was started again {} ms after its SIGKILL; the last edge \
          renegotiated {} ms after the kill. CPU while every edge connected the first \
          time: the master {:.0} % and the simulated edges {:.0} % of one core; in the \
-         storm: {:.0} % and {:.0} %.\n",
+         storm: {:.0} % and {:.0} %. Attempts that failed in the first connect: {}; in \
+         the storm: {}.\n",
         storm.restarted_after.as_millis(),
         (storm.restarted_after + storm.renegotiated.quantile(1.0)).as_millis(),
         f.connect_cpu.0 * 100.0,
         f.connect_cpu.1 * 100.0,
         storm.cpu.0 * 100.0,
-        storm.cpu.1 * 100.0
+        storm.cpu.1 * 100.0,
+        failures(f.connect_failed),
+        failures(storm.failed),
     );
+}
+
+/// Failed attempts as printed: the total, and by why.
+fn failures([timed_out, not_connected, refused]: [usize; 3]) -> String {
+    format!(
+        "{} ({timed_out} timed out, {not_connected} not connected, {refused} refused or cut)",
+        timed_out + not_connected + refused
+    )
 }
 
 #[cfg(test)]

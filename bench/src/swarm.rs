@@ -4,6 +4,7 @@
 //! the master sees is N edges. Every replica update and every finished renegotiation is
 //! reported with its time, for the fan-out and storm scenarios.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,9 +42,41 @@ struct EdgeState {
     epoch: tether_common::control::Epoch,
 }
 
+/// Attempts to link that failed, since the swarm started, by why: what tells a storm
+/// slowed by the master's work from one slowed by retries.
+#[derive(Debug, Default)]
+pub struct FailedAttempts {
+    /// No authenticated link within the handshake timeout.
+    pub timed_out: AtomicUsize,
+    /// The TCP connect failed (refused: the master not listening yet; reset).
+    pub not_connected: AtomicUsize,
+    /// The TLS handshake or the secret handshake failed or was cut.
+    pub refused: AtomicUsize,
+}
+
+impl FailedAttempts {
+    fn count(&self, reason: &str) {
+        let counter = if reason.contains("no authenticated link") {
+            &self.timed_out
+        } else if reason.contains("cannot connect") {
+            &self.not_connected
+        } else {
+            &self.refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts now: timed out, not connected, refused.
+    pub fn snapshot(&self) -> [usize; 3] {
+        [&self.timed_out, &self.not_connected, &self.refused].map(|c| c.load(Ordering::Relaxed))
+    }
+}
+
 /// The running swarm; dropping it closes every link.
 pub struct Swarm {
     pub events: mpsc::UnboundedReceiver<Event>,
+    /// Failed attempts of all its edges.
+    pub failed: Arc<FailedAttempts>,
     shutdown: CancellationToken,
 }
 
@@ -58,12 +91,17 @@ impl Swarm {
     pub fn start(connectors: Vec<ConnectorConfig>) -> Swarm {
         let (events_tx, events) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
+        let failed = Arc::new(FailedAttempts::default());
         for (edge, connector) in connectors.into_iter().enumerate() {
             let (link_tx, link_rx) = mpsc::channel(4);
             tokio::spawn(maintain_link(connector, link_tx, shutdown.clone()));
-            tokio::spawn(follow(edge, link_rx, events_tx.clone()));
+            tokio::spawn(follow(edge, link_rx, events_tx.clone(), failed.clone()));
         }
-        Swarm { events, shutdown }
+        Swarm {
+            events,
+            failed,
+            shutdown,
+        }
     }
 }
 
@@ -72,6 +110,7 @@ async fn follow(
     edge: usize,
     mut links: mpsc::Receiver<LinkEvent>,
     events: mpsc::UnboundedSender<Event>,
+    failed: Arc<FailedAttempts>,
 ) {
     let state = Arc::new(Mutex::new(EdgeState::default()));
     while let Some(event) = links.recv().await {
@@ -88,7 +127,7 @@ async fn follow(
             LinkEvent::Down { .. } => {
                 let _ = events.send(Event::Down);
             }
-            LinkEvent::AttemptFailed { .. } => {}
+            LinkEvent::AttemptFailed { reason } => failed.count(&reason),
         }
     }
 }

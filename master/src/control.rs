@@ -245,7 +245,7 @@ mod tests {
                 Some(r#"{"id":"e1","failover":true,"timeout_ms":60000}"#),
             )
             .unwrap();
-        control.model_changed(Arc::new(model));
+        control.model_changed(Arc::new(model), true);
         control.booted();
         assert_eq!(control.state("e1"), Some(ControlState::default()));
 
@@ -320,6 +320,10 @@ enum UnitCommand {
 /// becomes a pair, or changes its nodes, gets a new unit).
 struct UnitHandle {
     commands: mpsc::Sender<UnitCommand>,
+    /// Its location's record (none for a unit of no edge), told to the unit only when it
+    /// changes: a change elsewhere in the model wakes none of the thousands of units.
+    /// Dropped with the handle, which ends the unit's task.
+    record: watch::Sender<Option<EdgeRecord>>,
     nodes: Vec<String>,
     /// Its task: a unit made again for the location waits for it to end.
     task: tokio::task::JoinHandle<()>,
@@ -413,26 +417,41 @@ impl Control {
     /// The model changed: edges added, removed or edited, modules moved. Each new edge
     /// location's unit exists when this returns (so that none of its link's events can
     /// come first); the modules follow in the coordinating task.
-    pub fn model_changed(&self, model: Arc<Model>) {
+    /// `placement_changed` is false when no edge record, system or module changed since
+    /// the last call (a user, say): then no unit can be added, removed or remade and no
+    /// unit's record changed, and thousands of units are not looked at again.
+    pub fn model_changed(&self, model: Arc<Model>, placement_changed: bool) {
         self.model.send_replace(model.clone());
-        {
-            let mut units = self.units.write().unwrap_or_else(|p| p.into_inner());
-            // A removed edge's task ends when its queue's last sender goes.
-            // In a cluster the modules of no edge run in units of their own (a system),
-            // placed on one master: each is a unit with no link, failed over at once.
-            let local = match self.shared.cluster {
-                Some(_) => model.local_units(),
-                None => Default::default(),
-            };
+        if !placement_changed {
+            self.coordinate(Coordination::Model);
+            return;
+        }
+        let mut units = self.units.write().unwrap_or_else(|p| p.into_inner());
+        // In a cluster the modules of no edge run in units of their own (a system),
+        // placed on one master: each is a unit with no link, failed over at once.
+        let local = match self.shared.cluster {
+            Some(_) => model.local_units(),
+            None => Default::default(),
+        };
+        let keeps = |id: &UnitId, handle: &UnitHandle| match model.edges.get(id.as_str()) {
+            Some(record) => record.nodes == handle.nodes,
+            None => local.contains(id),
+        };
+        // Most changes (a user, a system, a schedule) neither add, remove nor remake a
+        // unit: then the table stays as it is.
+        let remade = units.iter().any(|(id, handle)| !keeps(id, handle))
+            || model
+                .edges
+                .keys()
+                .any(|id| !units.contains_key(id.as_str()))
+            || local.iter().any(|id| !units.contains_key(id));
+        if remade {
+            // A removed edge's task ends when its handle goes (its record's watch closes).
             // A unit replaced (its location became a pair, or one edge, or changed its
-            // nodes) ends, its queue's last sender gone, before its successor begins.
+            // nodes) ends before its successor begins.
             let mut retired_tasks: HashMap<UnitId, tokio::task::JoinHandle<()>> = HashMap::new();
             for (id, handle) in std::mem::take(&mut *units) {
-                let keep = match model.edges.get(id.as_str()) {
-                    Some(record) => record.nodes == handle.nodes,
-                    None => local.contains(&id),
-                };
-                if keep {
+                if keeps(&id, &handle) {
                     units.insert(id, handle);
                 } else {
                     retired_tasks.insert(id, handle.task);
@@ -444,46 +463,42 @@ impl Control {
                 }
                 let unit = UnitId::from(EdgeId::new(id.as_str()));
                 let after = retired_tasks.remove(&unit);
-                let (commands, task) = match record.is_pair() {
-                    false => self.start_unit(unit.clone(), settings(record), after),
+                let handle = match record.is_pair() {
+                    false => self.start_unit(unit.clone(), Some(record), after),
                     true => self.start_witness(record, after),
-                };
-                let handle = UnitHandle {
-                    commands,
-                    nodes: record.nodes.clone(),
-                    task,
                 };
                 units.insert(unit, handle);
             }
             for id in &local {
                 if !units.contains_key(id) {
-                    let (commands, task) =
-                        self.start_unit(id.clone(), LOCAL_UNIT, retired_tasks.remove(id));
-                    let handle = UnitHandle {
-                        commands,
-                        nodes: Vec::new(),
-                        task,
-                    };
+                    let handle = self.start_unit(id.clone(), None, retired_tasks.remove(id));
                     units.insert(id.clone(), handle);
                 }
             }
+            let kept: HashSet<String> = units.keys().map(|unit| unit.to_string()).collect();
+            self.shared
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|id| kept.contains(id));
+            self.states
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|id, _| kept.contains(id));
         }
-        let units: HashSet<String> = self
-            .units
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .map(|unit| unit.to_string())
-            .collect();
-        self.shared
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|id| units.contains(id));
-        self.states
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, _| units.contains(id));
+        // Each unit whose own record changed (its failover, timeout or restore window).
+        for (id, handle) in units.iter() {
+            if let Some(record) = model.edges.get(id.as_str()) {
+                handle.record.send_if_modified(|held| {
+                    let changed = held.as_ref() != Some(record);
+                    if changed {
+                        *held = Some(record.clone());
+                    }
+                    changed
+                });
+            }
+        }
+        drop(units);
         self.coordinate(Coordination::Model);
     }
 
@@ -492,9 +507,10 @@ impl Control {
     fn start_unit(
         &self,
         id: UnitId,
-        settings: EdgeSettings,
+        record: Option<&EdgeRecord>,
         after: Option<tokio::task::JoinHandle<()>>,
-    ) -> (mpsc::Sender<UnitCommand>, tokio::task::JoinHandle<()>) {
+    ) -> UnitHandle {
+        let settings = record.map_or(LOCAL_UNIT, settings);
         let persisted = self
             .shared
             .persisted
@@ -531,13 +547,19 @@ impl Control {
             relinked: None,
         };
         let booted = self.booted.subscribe();
+        let (record_tx, record_rx) = watch::channel(record.cloned());
         let task = tokio::spawn(async move {
             if let Some(previous) = after {
                 let _ = previous.await;
             }
-            unit.run(receiver, booted).await
+            unit.run(receiver, record_rx, booted).await
         });
-        (commands, task)
+        UnitHandle {
+            commands,
+            record: record_tx,
+            nodes: record.map(|r| r.nodes.clone()).unwrap_or_default(),
+            task,
+        }
     }
 
     /// Makes a site pair location's witness and its task (begun once the location's
@@ -546,11 +568,18 @@ impl Control {
         &self,
         record: &EdgeRecord,
         after: Option<tokio::task::JoinHandle<()>>,
-    ) -> (mpsc::Sender<UnitCommand>, tokio::task::JoinHandle<()>) {
+    ) -> UnitHandle {
         let (commands, receiver) = mpsc::channel(UNIT_QUEUE);
+        let (record_tx, record_rx) = watch::channel(Some(record.clone()));
         let witness = witness::Witness::new(self.shared.clone(), record);
-        let task = tokio::spawn(witness.run(receiver, self.booted.subscribe(), after));
-        (commands, task)
+        let booted = self.booted.subscribe();
+        let task = tokio::spawn(witness.run(receiver, record_rx, booted, after));
+        UnitHandle {
+            commands,
+            record: record_tx,
+            nodes: record.nodes.clone(),
+            task,
+        }
     }
 
     /// Something happened on site pair node `node`'s link of `generation`, for its
@@ -937,9 +966,9 @@ impl Unit {
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<UnitCommand>,
+        mut record: watch::Receiver<Option<EdgeRecord>>,
         mut booted: watch::Receiver<bool>,
     ) {
-        let mut model = self.shared.model.clone();
         let mut told_booted = false;
         let mut inputs = self.shared.cluster.as_ref().map(|c| c.inputs.clone());
         if let Some(inputs) = &mut inputs {
@@ -963,15 +992,15 @@ impl Unit {
                     Some(command) => self.command(command).await,
                     None => return,
                 },
-                changed = model.changed() => {
+                // Only the unit's own record changing wakes it (see `UnitHandle`); its
+                // watch closes when the coordinator drops the unit.
+                changed = record.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    let now = model.borrow_and_update().clone();
-                    match now.edges.get(self.unit.as_str()) {
-                        Some(record) => self.machine.set_settings(settings(record)),
-                        None if now.local_units().contains(&self.unit) => {}
-                        None => return,
+                    let now = record.borrow_and_update().as_ref().map(settings);
+                    if let Some(now) = now {
+                        self.machine.set_settings(now);
                     }
                 }
                 changed = booted.changed(), if !told_booted => {

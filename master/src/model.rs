@@ -76,13 +76,24 @@ impl RecentChanges {
     /// are in version order) rather than by a scan of all those kept: with 10,000 edges
     /// the scan was a seventh of the master's time while a change went out.
     fn since(&self, since: u64, version: u64) -> Option<Vec<ModelChange>> {
+        self.after(since, version)
+            .map(|changes| changes.cloned().collect())
+    }
+
+    /// Whether a change after `since`, up to `version`, was to a record of one of
+    /// `kinds`; `None` when memory no longer holds them all.
+    fn touch_any_of(&self, since: u64, version: u64, kinds: &[EntityKind]) -> Option<bool> {
+        self.after(since, version)
+            .map(|mut changes| changes.any(|c| kinds.contains(&c.kind)))
+    }
+
+    /// The changes after `since` up to `version`, if memory holds all of them.
+    fn after(&self, since: u64, version: u64) -> Option<impl Iterator<Item = &ModelChange>> {
         (since >= self.complete_after).then(|| {
             let start = self.changes.partition_point(|c| c.version <= since);
             self.changes
                 .range(start..)
-                .take_while(|c| c.version <= version)
-                .cloned()
-                .collect()
+                .take_while(move |c| c.version <= version)
         })
     }
 }
@@ -420,6 +431,17 @@ impl ModelService {
         }
     }
 
+    /// Whether a record of one of `kinds` changed after version `since`, up to `version`:
+    /// true also when that is no longer known (memory keeps the newest changes only), so
+    /// that a caller who skips work on `false` never skips it wrongly.
+    pub fn changed_any_of(&self, since: u64, version: u64, kinds: &[EntityKind]) -> bool {
+        self.recent
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .touch_any_of(since, version, kinds)
+            .unwrap_or(true)
+    }
+
     /// The batch that brings an edge's replica at `at` up to date.
     pub async fn batch_for(
         &self,
@@ -566,6 +588,28 @@ mod tests {
         // A replica that claims a future version gets nothing here; the batch makes it a
         // snapshot.
         assert_eq!(ids(recent.since(20, 13)), Some(vec![]));
+    }
+
+    #[test]
+    fn recent_changes_tell_which_kinds_changed_and_not_knowing_is_not_no() {
+        let mut recent = RecentChanges {
+            changes: VecDeque::new(),
+            complete_after: 10,
+        };
+        let mut module = change(12, "m");
+        module.kind = EntityKind::Module;
+        recent.push(&[change(11, "u")], 3);
+        recent.push(&[module], 3);
+        recent.push(&[change(13, "v")], 3);
+        let code = [EntityKind::Module, EntityKind::Driver];
+        assert_eq!(recent.touch_any_of(10, 11, &code), Some(false));
+        assert_eq!(recent.touch_any_of(11, 12, &code), Some(true));
+        assert_eq!(recent.touch_any_of(10, 13, &code), Some(true));
+        assert_eq!(recent.touch_any_of(12, 13, &code), Some(false));
+        // Memory keeps three changes: before version 10 is not known.
+        recent.push(&[change(14, "w")], 3);
+        assert_eq!(recent.touch_any_of(10, 14, &code), None);
+        assert_eq!(recent.touch_any_of(12, 14, &code), Some(false));
     }
 
     #[test]

@@ -13,9 +13,10 @@ use tether_common::link::{
     AuthenticatedEdge, ConnectionGauges, LinkConfig, ListenerConfig, RttObserver, run_listener, tls,
 };
 use tether_common::pki;
+use tether_common::protocol::EntityKind;
 use tether_common::runtime::{Executor, Runtime, ScriptLimits};
 use tether_config::{MasterConfig, SiteFile};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::Control;
@@ -265,11 +266,14 @@ async fn serve(
             }
         }));
     }
-    follow_model(&model, &registry, &control);
+    // Watched from before the first look, so that no write falls between the two.
+    let versions = model.watch_version();
+    let followed = follow_model(&model, &registry, &control);
     tokio::spawn(follow_model_changes(
         model.clone(),
         registry.clone(),
         control.clone(),
+        (versions, followed),
     ));
     // One check of tokens for the API and for the calls edges forward for users.
     let access = {
@@ -400,22 +404,36 @@ async fn serve(
 
 /// Applies the model to the edge registry and to control (which runs the modules of no
 /// edge, and those of the edges it controls).
-fn follow_model(model: &ModelService, registry: &EdgeRegistry, control: &Control) {
-    let (snapshot, _) = model.snapshot();
+fn follow_model(model: &ModelService, registry: &EdgeRegistry, control: &Control) -> u64 {
+    let (snapshot, version) = model.snapshot();
     // Control first: a new edge's unit exists before its link can be accepted.
-    control.model_changed(snapshot.clone());
+    control.model_changed(snapshot.clone(), true);
     registry.sync(&snapshot.edges);
+    version
 }
 
-/// Runs [`follow_model`] after every committed write.
+/// What the edges' registry and the control units follow: the edge records, and (for a
+/// cluster's units of no edge) where systems and modules are placed.
+const PLACEMENT_KINDS: [EntityKind; 3] = [EntityKind::Edge, EntityKind::System, EntityKind::Module];
+
+/// Follows every committed write after version `followed` (what [`follow_model`] saw;
+/// `version` watched since before it): the registry and the units only when a write
+/// touched what they follow, so that a change of a user does not make a master with
+/// thousands of edges look at each of them.
 async fn follow_model_changes(
     model: Arc<ModelService>,
     registry: Arc<EdgeRegistry>,
     control: Control,
+    (mut version, mut followed): (watch::Receiver<u64>, u64),
 ) {
-    let mut version = model.watch_version();
     while version.changed().await.is_ok() {
-        follow_model(&model, &registry, &control);
+        let (snapshot, now) = model.snapshot();
+        let placement_changed = model.changed_any_of(followed, now, &PLACEMENT_KINDS);
+        control.model_changed(snapshot.clone(), placement_changed);
+        if placement_changed {
+            registry.sync(&snapshot.edges);
+        }
+        followed = now;
     }
 }
 

@@ -291,6 +291,34 @@ async fn an_edge_killed_is_taken_over_and_restored_by_hand_and_by_window() {
     );
 }
 
+/// An edge's record edited at run time reaches its unit on the master (the unit is told
+/// its own record's changes, nothing else): failover switched off by the API, the edge
+/// killed, and the master does not take its modules, though with failover on it did so
+/// within `TIMEOUT_MS` + 1 s in the test above.
+#[tokio::test]
+async fn failover_switched_off_at_run_time_holds() {
+    let projector = Sim::projector();
+    let mut cluster = start(&projector, false, &settings(true, "cold")).await;
+    let master = cluster.master_api();
+    let (_, mut record) = master.get("/api/v1/edges/site-1").await;
+    record["failover"] = json!(false);
+    let (status, body) = master.put("/api/v1/edges/site-1", record).await;
+    assert_eq!(status, 200, "{body}");
+    // A change elsewhere in the model after it: the unit keeps what it was told.
+    let (status, body) = master
+        .post(
+            "/api/v1/users",
+            json!({"id": "ulla", "name": "Ulla", "role": "viewer"}),
+        )
+        .await;
+    assert!((200..300).contains(&status), "{body}");
+    cluster.edges[0].kill();
+    tokio::time::sleep(Duration::from_millis(TIMEOUT_MS + 2000)).await;
+    assert_eq!(control_of(&master).await.0, "edge", "no takeover");
+    let (status, body) = master.exec("room", "Note", 1, "ping", json!([])).await;
+    assert_eq!(status, 503, "{body}");
+}
+
 #[tokio::test]
 async fn an_invalid_window_is_refused() {
     let projector = Sim::projector();

@@ -97,6 +97,7 @@ impl Witness {
     pub(super) async fn run(
         mut self,
         mut commands: mpsc::Receiver<UnitCommand>,
+        mut record: watch::Receiver<Option<EdgeRecord>>,
         mut booted: watch::Receiver<bool>,
         after: Option<tokio::task::JoinHandle<()>>,
     ) {
@@ -105,7 +106,6 @@ impl Witness {
         if let Some(previous) = after {
             let _ = previous.await;
         }
-        let mut model = self.shared.model.clone();
         let mut inputs = self.shared.cluster.as_ref().map(|c| c.inputs.clone());
         match &mut inputs {
             Some(inputs) => self.cluster_changed(inputs).await,
@@ -118,20 +118,26 @@ impl Witness {
                     Some(command) => self.command(command).await,
                     None => break,
                 },
-                changed = model.changed() => {
+                // Only this location's record changing wakes it (see `UnitHandle`); its
+                // watch closes when the coordinator drops the witness.
+                changed = record.changed() => {
                     if changed.is_err() {
                         break;
                     }
-                    let now = model.borrow_and_update().clone();
-                    match now.edges.get(self.location.as_str()) {
-                        // Other nodes make another unit (the coordinator replaces this one).
-                        Some(record) if record.nodes == self.nodes => {
-                            self.settings = PairSettings::of(record);
+                    let settings = record
+                        .borrow_and_update()
+                        .as_ref()
+                        .filter(|now| now.nodes == self.nodes)
+                        .map(PairSettings::of);
+                    match settings {
+                        Some(settings) => {
+                            self.settings = settings;
                             if let Some(machine) = &mut self.machine {
-                                machine.set_settings(self.settings);
+                                machine.set_settings(settings);
                             }
                         }
-                        _ => break,
+                        // Other nodes make another unit (the coordinator replaces this one).
+                        None => break,
                     }
                 }
                 changed = async { inputs.as_mut().map(|i| i.changed()).unwrap().await }, if inputs.is_some() => {

@@ -28,52 +28,29 @@ pub async fn push_code(edge_id: EdgeId, link: Link, repos: Arc<Repositories>) {
     // What the edge acknowledged on this link, by repository.
     let mut acked: BTreeMap<String, String> = BTreeMap::new();
     let mut recorded: Option<Option<String>> = None;
+    // The code generation and model version the edge's repositories were last found at,
+    // and whether sending them failed then (so the retry sends them again).
+    let mut looked: Option<(u64, u64)> = None;
+    let mut failed = false;
     loop {
-        generation.borrow_and_update();
+        let code_at = *generation.borrow_and_update();
         version.borrow_and_update();
-        let (model, _) = repos.model().snapshot();
-        let code = repos.runtime().code();
-        let wanted: BTreeMap<String, String> = model
-            .slice_keys(&edge_id)
-            .into_iter()
-            .filter(|(kind, _)| *kind == EntityKind::Repository)
-            .filter_map(|(_, id)| code.repo(&id).map(|r| (id, r.commit.clone())))
-            .collect();
-        acked.retain(|id, _| wanted.contains_key(id));
-        let mut failed = false;
-        for (id, commit) in &wanted {
-            if acked.get(id) == Some(commit) {
-                continue;
-            }
-            let Some(repo) = code.repo(id) else { continue };
-            let action = if acked.contains_key(id) {
-                repos.last_action(id)
-            } else {
-                RepositoryAction::CatchUp
+        let (model, model_at) = repos.model().snapshot();
+        // A change that no repository's place in a slice depends on (a user, a schedule,
+        // an edge's settings) leaves the edge's repositories as they were: thousands of
+        // edges need not each work out their slice again for it.
+        let unchanged = looked.is_some_and(|(code_was, model_was)| {
+            code_was == code_at
+                && !repos
+                    .model()
+                    .changed_any_of(model_was, model_at, &SLICE_CODE_KINDS)
+        });
+        if failed || !unchanged {
+            looked = Some((code_at, model_at));
+            let Some(sent) = send_wanted(&edge_id, &link, &repos, &model, &mut acked).await else {
+                return;
             };
-            let request = Request::RepositoryUpdate {
-                repository: id.clone(),
-                commit: commit.clone(),
-                action,
-                files: repo.files.clone(),
-            };
-            match link.request(request, UPDATE_TIMEOUT).await {
-                Ok(Response::Ack) => {
-                    tracing::info!(edge = %edge_id, repository = %id, commit = short(commit), "the edge runs the commit");
-                    acked.insert(id.clone(), commit.clone());
-                }
-                Ok(other) => {
-                    tracing::error!(edge = %edge_id, "the edge answered a repository update with {other:?}");
-                    failed = true;
-                }
-                Err(err) => {
-                    if link.is_closed() {
-                        return;
-                    }
-                    tracing::warn!(edge = %edge_id, repository = %id, "repository update failed: {err}");
-                    failed = true;
-                }
-            }
+            failed = !sent;
         }
         let label = commit_label(&acked);
         if recorded.as_ref() != Some(&label) && (!failed || !acked.is_empty()) {
@@ -94,4 +71,70 @@ pub async fn push_code(edge_id: EdgeId, link: Link, repos: Arc<Repositories>) {
             _ = retry => {}
         }
     }
+}
+
+/// The kinds of record whose changes can move a repository into or out of a slice: a
+/// system's edge and modules, a module's edge and driver, a driver's repository, the
+/// repository itself ([`Model::slice_keys`](tether_common::model::Model::slice_keys)).
+const SLICE_CODE_KINDS: [EntityKind; 4] = [
+    EntityKind::System,
+    EntityKind::Module,
+    EntityKind::Driver,
+    EntityKind::Repository,
+];
+
+/// Sends the edge every repository of its slice in `model` at a commit it has not
+/// acknowledged on this link, and forgets those that left the slice. Answers whether
+/// every one was taken, or `None` when the link closed.
+async fn send_wanted(
+    edge_id: &EdgeId,
+    link: &Link,
+    repos: &Repositories,
+    model: &tether_common::model::Model,
+    acked: &mut BTreeMap<String, String>,
+) -> Option<bool> {
+    let code = repos.runtime().code();
+    let wanted: BTreeMap<String, String> = model
+        .slice_keys(edge_id)
+        .into_iter()
+        .filter(|(kind, _)| *kind == EntityKind::Repository)
+        .filter_map(|(_, id)| code.repo(&id).map(|r| (id, r.commit.clone())))
+        .collect();
+    acked.retain(|id, _| wanted.contains_key(id));
+    let mut failed = false;
+    for (id, commit) in &wanted {
+        if acked.get(id) == Some(commit) {
+            continue;
+        }
+        let Some(repo) = code.repo(id) else { continue };
+        let action = if acked.contains_key(id) {
+            repos.last_action(id)
+        } else {
+            RepositoryAction::CatchUp
+        };
+        let request = Request::RepositoryUpdate {
+            repository: id.clone(),
+            commit: commit.clone(),
+            action,
+            files: repo.files.clone(),
+        };
+        match link.request(request, UPDATE_TIMEOUT).await {
+            Ok(Response::Ack) => {
+                tracing::info!(edge = %edge_id, repository = %id, commit = short(commit), "the edge runs the commit");
+                acked.insert(id.clone(), commit.clone());
+            }
+            Ok(other) => {
+                tracing::error!(edge = %edge_id, "the edge answered a repository update with {other:?}");
+                failed = true;
+            }
+            Err(err) => {
+                if link.is_closed() {
+                    return None;
+                }
+                tracing::warn!(edge = %edge_id, repository = %id, "repository update failed: {err}");
+                failed = true;
+            }
+        }
+    }
+    Some(!failed)
 }
