@@ -423,6 +423,7 @@ impl Control {
     pub fn model_changed(&self, model: Arc<Model>, placement_changed: bool) {
         self.model.send_replace(model.clone());
         if !placement_changed {
+            self.forget_gone_units(&self.units.read().unwrap_or_else(|p| p.into_inner()));
             self.coordinate(Coordination::Model);
             return;
         }
@@ -475,17 +476,8 @@ impl Control {
                     units.insert(id.clone(), handle);
                 }
             }
-            let kept: HashSet<String> = units.keys().map(|unit| unit.to_string()).collect();
-            self.shared
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|id| kept.contains(id));
-            self.states
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|id, _| kept.contains(id));
         }
+        self.forget_gone_units(&units);
         // Each unit whose own record changed (its failover, timeout or restore window).
         for (id, handle) in units.iter() {
             if let Some(record) = model.edges.get(id.as_str()) {
@@ -500,6 +492,21 @@ impl Control {
         }
         drop(units);
         self.coordinate(Coordination::Model);
+    }
+
+    /// Forgets the states and the running marks of units no longer in `units`. On every
+    /// change, not only when units go: a unit retired while it was storing a grant may
+    /// publish its state after it left the table.
+    fn forget_gone_units(&self, units: &HashMap<UnitId, UnitHandle>) {
+        self.shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id| units.contains_key(id.as_str()));
+        self.states
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| units.contains_key(id.as_str()));
     }
 
     /// Makes an edge location's unit: its machine from the grant stored last, its task
@@ -996,6 +1003,15 @@ impl Unit {
                 // watch closes when the coordinator drops the unit.
                 changed = record.changed() => {
                     if changed.is_err() {
+                        // Retired: its location was deleted, or remade (a pair now, or
+                        // other nodes), and a new unit waits for this one to end. What is
+                        // queued is not acted on here; a restore waiting is told why.
+                        commands.close();
+                        while let Some(command) = commands.recv().await {
+                            if let UnitCommand::Restore(answer) = command {
+                                let _ = answer.send(Err(RestoreError::NotFound(self.unit.to_string())));
+                            }
+                        }
                         return;
                     }
                     let now = record.borrow_and_update().as_ref().map(settings);

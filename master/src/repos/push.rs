@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_common::code::{commit_label, short};
+use tether_common::code::{Code, commit_label, short};
 use tether_common::control::EdgeId;
 use tether_common::link::Link;
 use tether_common::protocol::{EntityKind, RepositoryAction, Request, Response};
@@ -28,26 +28,31 @@ pub async fn push_code(edge_id: EdgeId, link: Link, repos: Arc<Repositories>) {
     // What the edge acknowledged on this link, by repository.
     let mut acked: BTreeMap<String, String> = BTreeMap::new();
     let mut recorded: Option<Option<String>> = None;
-    // The code generation and model version the edge's repositories were last found at,
-    // and whether sending them failed then (so the retry sends them again).
-    let mut looked: Option<(u64, u64)> = None;
+    // The code and the model version the edge's repositories were last found in, and
+    // whether sending them failed then (so that the retry sends them again).
+    let mut looked: Option<(Arc<Code>, u64)> = None;
     let mut failed = false;
     loop {
-        let code_at = *generation.borrow_and_update();
+        generation.borrow_and_update();
         version.borrow_and_update();
+        let code = repos.runtime().code();
         let (model, model_at) = repos.model().snapshot();
         // A change that no repository's place in a slice depends on (a user, a schedule,
         // an edge's settings) leaves the edge's repositories as they were: thousands of
-        // edges need not each work out their slice again for it.
-        let unchanged = looked.is_some_and(|(code_was, model_was)| {
-            code_was == code_at
+        // edges need not each work out their slice again for it. The code is compared
+        // itself, not its generation: code installed whose generation did not move (its
+        // record's write failed) is still sent on the next change.
+        let unchanged = looked.as_ref().is_some_and(|(code_was, model_was)| {
+            Arc::ptr_eq(code_was, &code)
                 && !repos
                     .model()
-                    .changed_any_of(model_was, model_at, &SLICE_CODE_KINDS)
+                    .changed_any_of(*model_was, model_at, &SLICE_CODE_KINDS)
         });
+        // Looked at up to here either way: the next check starts from this version.
+        looked = Some((code.clone(), model_at));
         if failed || !unchanged {
-            looked = Some((code_at, model_at));
-            let Some(sent) = send_wanted(&edge_id, &link, &repos, &model, &mut acked).await else {
+            let Some(sent) = send_wanted(&edge_id, &link, &repos, &model, &code, &mut acked).await
+            else {
                 return;
             };
             failed = !sent;
@@ -91,9 +96,9 @@ async fn send_wanted(
     link: &Link,
     repos: &Repositories,
     model: &tether_common::model::Model,
+    code: &Code,
     acked: &mut BTreeMap<String, String>,
 ) -> Option<bool> {
-    let code = repos.runtime().code();
     let wanted: BTreeMap<String, String> = model
         .slice_keys(edge_id)
         .into_iter()
